@@ -1,0 +1,1 @@
+"""The Streamlit dashboard over the tuning database."""

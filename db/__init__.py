@@ -1,0 +1,1 @@
+"""Tuning database: SQLAlchemy schema and the store."""

@@ -1,0 +1,1 @@
+"""Triton kernels, one op per file; each registers its Template on import."""

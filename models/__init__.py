@@ -1,0 +1,1 @@
+"""Qwen3 model definitions built from tuneforge TP layers and kernels."""

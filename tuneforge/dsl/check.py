@@ -1,0 +1,78 @@
+"""The checker used by tests and by the tuner: run a config, compare with the torch reference."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from tuneforge.dsl.problem import Problem
+
+# Elementwise tolerance |out - ref| <= atol + rtol * |ref|, by the output's dtype.
+# bf16 keeps 8 mantissa bits (rounding alone is 2^-9 relative); fp16 keeps 11.
+TOLERANCE = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-4, 2e-4),
+    torch.float16: (2e-3, 4e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+@dataclass
+class CheckResult:
+    ok: bool
+    max_abs_err: float
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def compare(out: torch.Tensor, ref: torch.Tensor, dtype: Optional[torch.dtype] = None,
+            scale: float = 1.0) -> CheckResult:
+    """Compare ``out`` with a high-precision ``ref``; NaN anywhere in ``out`` fails (poisoned = unwritten).
+
+    ``scale`` widens the tolerance for ops whose error grows with a reduction length.
+    """
+    if out.shape != ref.shape:
+        return CheckResult(False, float("inf"), f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    atol, rtol = TOLERANCE[dtype or out.dtype]
+    atol, rtol = atol * scale, rtol * scale
+    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
+    nan = torch.isnan(o) & ~torch.isnan(r)
+    if nan.any():
+        idx = tuple(nan.nonzero()[0].tolist())
+        return CheckResult(False, float("nan"), f"{int(nan.sum())} elements NaN (unwritten?), first at {idx}")
+    err = (o - r).abs()
+    bad = err > atol + rtol * r.abs()
+    max_err = float(err.max()) if err.numel() else 0.0
+    if bad.any():
+        idx = tuple(bad.nonzero()[0].tolist())
+        return CheckResult(False, max_err, f"{int(bad.sum())}/{err.numel()} elements off, first at {idx}: "
+                                           f"{float(o[idx]):.6g} vs {float(r[idx]):.6g} (atol {atol:g}, rtol {rtol:g})")
+    return CheckResult(True, max_err)
+
+
+def split_out(inputs: dict) -> dict:
+    return {k: v for k, v in inputs.items() if k != "out"}
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    else:
+        t.fill_(-1)
+    return t
+
+
+def check(template, problem: Problem, config: dict, *, device="cpu", seed: int = 0, ctx=None,
+          inputs: Optional[dict] = None) -> CheckResult:
+    """Run ``config`` once on fresh (or given) inputs with a poisoned output; compare with the reference."""
+    if inputs is None:
+        inputs = template.make_inputs(problem, torch.device(device), seed, ctx)
+    poison(inputs["out"])
+    out = template.launch(**inputs, config=config)
+    if ctx is not None and hasattr(ctx, "synchronize"):
+        ctx.synchronize()
+    ref = template.reference(**split_out(inputs))
+    return compare(out, ref, out.dtype)

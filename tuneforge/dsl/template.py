@@ -1,0 +1,104 @@
+"""Templates: a parametrized kernel family for one op, and the registry that finds them by op name.
+
+Every ``kernels/<op>.py`` builds one ``Template`` and calls ``register``. The contract:
+
+- ``make_inputs(problem, device, seed, ctx)`` -> dict of tensors including ``out`` (preallocated;
+  the checker NaN-poisons it). ``ctx`` is ``None`` for single-rank ops and a ``tuneforge.world.Rank``-like
+  object (world + heap) for multi-rank ops. Inputs are deterministic in (problem, seed, rank), so
+  every rank can rebuild its peers' inputs for the reference.
+- ``launch(**inputs, config=...)`` writes ``out`` and returns it (the op's public launcher).
+- ``reference(**inputs_without_out)`` -> the expected output in fp32/fp64 math.
+- ``baseline(**inputs_without_out)`` -> what a torch user runs today (cuBLAS, NCCL, ...).
+- ``space(problem)`` -> ``Space``; ``default_config(problem, device_spec)`` -> dict.
+- ``constraints``: ``fn(config, problem, device_spec) -> str | None`` (a reason to reject).
+- ``work(problem)`` -> ``(flops, bytes)`` moved at the minimum, for % of speed of light.
+- ``cost(problem, config, device_spec)`` -> predicted seconds (``config=None``: the baseline),
+  the cost model's estimate used when measuring is impossible.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from tuneforge.dsl.problem import Problem
+from tuneforge.dsl.space import Space
+
+Constraint = Callable[[dict, Problem, Any], Optional[str]]
+
+
+@dataclass
+class Template:
+    op: str
+    space: Callable[[Problem], Space]
+    make_inputs: Callable[..., dict]
+    launch: Callable[..., Any]
+    reference: Callable[..., Any]
+    baseline: Callable[..., Any]
+    default_config: Callable[[Problem, Any], dict]
+    work: Callable[[Problem], tuple[float, float]]
+    cost: Optional[Callable[[Problem, Optional[dict], Any], float]] = None
+    constraints: Sequence[Constraint] = field(default_factory=tuple)
+    multi_rank: bool = False
+    doc: str = ""
+    module: str = ""
+
+    def __post_init__(self):
+        if not self.module:
+            self.module = inspect.getmodule(self.launch).__name__
+
+    def reject_reason(self, config: dict, problem: Problem, device) -> Optional[str]:
+        """The first constraint a config violates, or None. Runs before anything compiles."""
+        try:
+            self.space(problem).validate(config)
+        except ValueError as e:
+            return str(e)
+        for c in self.constraints:
+            why = c(config, problem, device)
+            if why:
+                return why
+        return None
+
+    @property
+    def source_hash(self) -> str:
+        """Hash of the op's source file: a stored winner whose hash differs is stale."""
+        src = inspect.getsource(importlib.import_module(self.module))
+        return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+_REGISTRY: dict[str, Template] = {}
+_loaded = False
+
+
+def register(template: Template) -> Template:
+    if template.op in _REGISTRY and _REGISTRY[template.op].module != template.module:
+        raise ValueError(f"op {template.op!r} registered twice ({_REGISTRY[template.op].module}, {template.module})")
+    _REGISTRY[template.op] = template
+    return template
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    import tuneforge.kernels as pkg
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
+    _loaded = True
+
+
+def get(op: str) -> Template:
+    if op not in _REGISTRY:
+        _load_all()
+    if op not in _REGISTRY:
+        raise KeyError(f"no template for op {op!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[op]
+
+
+def all_templates() -> dict[str, Template]:
+    _load_all()
+    return dict(_REGISTRY)

@@ -1,0 +1,110 @@
+"""Timing: warm-up, CUDA events (or a CUDA graph of many calls), median of many, rotated inputs
+and an L2 flush so caches do not flatter; and the speed-of-light figure a time is compared with."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_s: float
+    p20_s: float
+    p80_s: float
+    samples: int
+    method: str
+
+    @property
+    def median_ms(self) -> float:
+        return self.median_s * 1e3
+
+
+_flush_buf: dict = {}
+
+
+def _flush_l2(device) -> None:
+    buf = _flush_buf.get(device)
+    if buf is None:
+        # Twice the largest L2 of the targets (B300 126 MB) so every line is evicted.
+        buf = _flush_buf[device] = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+    buf.zero_()
+
+
+def _summary(samples: list[float], method: str) -> Timing:
+    s = sorted(samples)
+    q = lambda f: s[min(len(s) - 1, int(f * len(s)))]
+    return Timing(statistics.median(s), q(0.2), q(0.8), len(s), method)
+
+
+def time_calls(calls: Sequence[Callable[[], object]], *, warmup: int = 10, rep: int = 50,
+               flush_l2: bool = True, graph: bool = False, barrier: Callable[[], None] | None = None) -> Timing:
+    """Time ``calls`` (closures over different input sets, rotated so no set stays cached).
+
+    ``graph=True`` captures one pass over all calls in a CUDA graph and times replays (launch gaps
+    vanish, as in a served decode step); otherwise each call is timed alone with events, after an
+    L2 flush. ``barrier`` (multi-rank) is called before timing starts so all ranks start together.
+    Without a GPU, host time is reported (interpreter runs: meaningful only relative to each other).
+    """
+    calls = list(calls)
+    if not torch.cuda.is_available():
+        for c in calls[:1]:
+            c()
+        samples = []
+        for i in range(max(3, min(rep, 5))):
+            t = time.perf_counter()
+            calls[i % len(calls)]()
+            samples.append(time.perf_counter() - t)
+        return _summary(samples, "host-clock")
+    dev = torch.cuda.current_device()
+    for i in range(warmup):
+        calls[i % len(calls)]()
+    torch.cuda.synchronize()
+    if barrier is not None:
+        barrier()
+    if graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            for c in calls:   # warm inside the side stream, as capture requires
+                c()
+            stream.synchronize()
+            with torch.cuda.graph(g, stream=stream):
+                for c in calls:
+                    c()
+        torch.cuda.current_stream().wait_stream(stream)
+        g.replay()
+        torch.cuda.synchronize()
+        samples = []
+        for _ in range(max(5, rep // len(calls))):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            samples.append(a.elapsed_time(b) / 1e3 / len(calls))
+        return _summary(samples, "cuda-graph")
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+    for i in range(rep):
+        if flush_l2:
+            _flush_l2(dev)
+        starts[i].record()
+        calls[i % len(calls)]()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return _summary([s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)],
+                    "cuda-events" + ("+l2flush" if flush_l2 else ""))
+
+
+def speed_of_light(flops: float, nbytes: float, spec, dtype: str = "bf16") -> float:
+    """The floor in seconds: the larger of compute time at peak and memory time at HBM bandwidth."""
+    return max(flops / spec.peak_flops(dtype) if flops else 0.0, nbytes / spec.hbm_bytes_per_s)
+
+
+def percent_of_light(seconds: float, flops: float, nbytes: float, spec, dtype: str = "bf16") -> float:
+    return 100.0 * speed_of_light(flops, nbytes, spec, dtype) / seconds if seconds > 0 else 0.0
