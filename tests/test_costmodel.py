@@ -1,0 +1,112 @@
+"""The cost model's closed forms: they must rank configs the way hardware does for the effects they model."""
+import math
+from dataclasses import replace
+
+import pytest
+
+from tuneforge.dsl import Problem
+from tuneforge.tune import costmodel as cm
+from tuneforge.tune.devices import spec
+
+H100, MI308X = spec("H100"), spec("MI308X")
+
+
+def test_roofline_is_the_slower_of_compute_and_memory_plus_launch():
+    launch = H100.launch_us * 1e-6
+    compute_bound = cm.roofline(1e12, 1e3, H100, "bf16")
+    assert compute_bound == pytest.approx(1e12 / (989e12) + launch)
+    memory_bound = cm.roofline(1e3, 1e9, H100, "bf16")
+    assert memory_bound == pytest.approx(1e9 / (3350e9 * 0.90) + launch)
+    assert cm.roofline(1e12, 1e3, H100, "bf16", efficiency=0.5) > compute_bound
+
+
+def test_alpha_beta_matches_the_closed_forms():
+    n, w = 8 * 2**20, 8
+    alpha = H100.link_latency_us * 1e-6
+    bw = 450e9 * cm.LINK_EFFICIENCY
+    hbm = 3350e9 * 0.90
+    assert cm.alpha_beta(n, w, H100, "one_shot") == pytest.approx(alpha + (w - 1) * n / bw + w * n / hbm)
+    assert cm.alpha_beta(n, w, H100, "two_shot") == pytest.approx(2 * alpha + 2 * (w - 1) / w * n / bw + 2 * n / hbm)
+    assert cm.alpha_beta(n, 1, H100, "one_shot") == 0.0
+    # small messages: one-shot (one step) wins; large: two-shot (less traffic) wins
+    assert cm.alpha_beta(32 * 1024, w, H100, "one_shot") < cm.alpha_beta(32 * 1024, w, H100, "two_shot")
+    assert cm.alpha_beta(64 * 2**20, w, H100, "two_shot") < cm.alpha_beta(64 * 2**20, w, H100, "one_shot")
+    with pytest.raises(ValueError, match="unknown collective"):
+        cm.alpha_beta(n, w, H100, "butterfly")
+
+
+def test_mesh_topology_gains_bandwidth_with_peers_nvswitch_does_not():
+    n = 16 * 2**20
+    mesh = replace(MI308X, link_latency_us=0.0)
+    switch = replace(H100, link_latency_us=0.0, link_gbs=MI308X.link_gbs)
+    # one-shot moves (w-1) n: on a mesh each peer has its own link, so the link term stays flat
+    per_link_mesh = [cm.alpha_beta(n, w, mesh, "allgather") for w in (2, 4, 8)]
+    per_link_switch = [cm.alpha_beta(n, w, switch, "allgather") for w in (2, 4, 8)]
+    assert per_link_mesh[0] == pytest.approx(per_link_mesh[2])
+    assert per_link_switch[2] == pytest.approx(7 * per_link_switch[0])
+
+
+def test_overlap_hides_the_shorter_part_except_the_exposed_fraction():
+    sync = H100.link_latency_us * 1e-6
+    assert cm.overlap(10e-6, 4e-6, H100, 1.0) == pytest.approx(10e-6 + sync)
+    assert cm.overlap(10e-6, 4e-6, H100, 0.0) == pytest.approx(14e-6 + sync)
+    assert cm.overlap(10e-6, 4e-6, H100, 0.75) == pytest.approx(11e-6 + sync)
+    assert cm.overlap(10e-6, 0.0, H100, 0.5) == pytest.approx(10e-6)
+
+
+def test_gemm_wave_quantization_padding_and_small_m():
+    cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_stages=3, num_warps=4)
+    sms = H100.sms
+    # compute-bound shape with exactly one wave vs one tile more: the extra tile costs a whole wave
+    full = cm.gemm_config_time(128 * 12, 128 * sms // 12, 8192, cfg, H100)
+    one_more = cm.gemm_config_time(128 * 12, 128 * sms // 12 + 1, 8192, cfg, H100)
+    assert one_more > 1.5 * full
+    # padding: n=4096+64 wastes half a column of 128-wide tiles, 64-wide tiles waste nothing
+    n = 4096 + 64
+    narrow = cm.gemm_config_time(8192, n, 4096, {**cfg, "BLOCK_N": 64}, H100)
+    wide = cm.gemm_config_time(8192, n, 4096, cfg, H100)
+    assert narrow != wide
+    # decode (m=1, few output tiles): split-K adds programs in flight and wins
+    slim = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_stages=3, num_warps=4)
+    assert cm.gemm_config_time(1, 1024, 5120, {**slim, "SPLIT_K": 4}, H100) < cm.gemm_config_time(1, 1024, 5120, slim, H100)
+    # small M with 128-row tiles does 128x the padded math: never faster than 16-row tiles
+    assert cm.gemm_config_time(16, 8192, 8192, slim, H100) <= cm.gemm_config_time(16, 8192, 8192, {**slim, "BLOCK_M": 128}, H100)
+
+
+def test_predict_is_deterministic_distinguishes_configs_and_knows_the_baseline():
+    p = Problem.make("gemm", m=64, n=10240, k=5120)
+    configs = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_stages=3, num_warps=4) for bm in (16, 64, 128)
+               for bn in (64, 128, 256)]
+    times = [cm.predict(None, p, c, H100) for c in configs]
+    assert times == [cm.predict(None, p, c, H100) for c in configs]
+    assert len(set(times)) >= 6
+    base = cm.predict(None, p, None, H100)
+    assert base == cm.predict(None, p, {"baseline": True}, H100)
+    flops, nbytes = 2 * 64 * 10240 * 5120, (64 * 5120 + 10240 * 5120 + 64 * 10240) * 2
+    sol = max(flops / 989e12, nbytes / 3350e9)
+    assert all(t > sol for t in times + [base])
+
+
+@pytest.mark.parametrize("op,dims", [
+    ("rmsnorm", dict(m=16, n=5120)), ("silu_mul", dict(m=16, n=3200)),
+    ("rope_qk_norm", dict(m=16, heads=8, kv_heads=1, head_dim=128)),
+    ("shared_expert_gate", dict(m=16, n=2048)),
+    ("decode_attention", dict(m=16, heads=8, kv_heads=1, head_dim=128, ctx=4096)),
+    ("allreduce", dict(m=16, n=5120)), ("allgather", dict(m=16, n=5120)),
+    ("ag_gemm", dict(m=256, n=3200, k=5120)), ("gemm_rs", dict(m=256, n=5120, k=3200)),
+    ("tp_mlp", dict(m=16, hidden=5120, inter=3200)), ("tp_attn", dict(m=16, hidden=5120, qkv=1280, o_in=1024)),
+])
+def test_predict_covers_every_planned_op_without_a_template(op, dims):
+    p = Problem.make(op, world=8, **dims)
+    t = cm.predict(None, p, None, H100)
+    assert math.isfinite(t) and t > 0
+
+
+def test_tp_strategies_trade_places_with_message_size():
+    decode = Problem.make("tp_mlp", world=8, m=1, hidden=5120, inter=3200)
+    prefill = Problem.make("tp_mlp", world=8, m=8192, hidden=5120, inter=3200)
+    tile = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_stages=3, num_warps=8)
+    ar = {"strategy": "gemm_ar", **tile}
+    ag = {"strategy": "ag_rs", **tile}
+    assert cm.predict(None, decode, ar, H100) < cm.predict(None, decode, ag, H100)
+    assert cm.predict(None, prefill, ag, H100) < cm.predict(None, prefill, {**ar, "ar_strategy": "two_shot"}, H100)

@@ -1,0 +1,381 @@
+"""The cost model: predicted seconds for an op at a shape under a config, on a target device.
+
+Used where measuring is impossible (no GPU here, or ``--target`` is not the local device) and by
+templates' ``cost`` functions. Three pieces:
+
+- ``roofline``: compute at peak x efficiency vs. memory at the achievable HBM bandwidth, plus launch.
+- ``alpha_beta``: latency + bytes / bandwidth for the collective algorithms, by topology
+  (``nvswitch``: one GPU pushes ``link_gbs`` in total to all peers; ``mesh``: one link per peer).
+- ``overlap``: a fused compute+communication op hides the shorter part except an exposed fraction.
+
+``predict(template, problem, config, spec)`` combines them: a template's own ``cost`` wins; else
+op-aware models (GEMM tiles: wave quantization over ``spec.sms``, tile padding, small-M memory
+parallelism by Little's law; elementwise blocks; collectives; TP blocks). ``config=None`` is the
+baseline a torch user gets (cuBLAS-like tile choice, eager elementwise passes, NCCL-like
+collectives). Everything is closed-form arithmetic: deterministic and microseconds per call, so
+the tuner can call it for every trial.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional
+
+from tuneforge.dsl.problem import Problem
+
+# Bytes one SM must keep in flight to saturate HBM is bandwidth x latency (Little's law).
+HBM_LATENCY_S = 0.8e-6
+# Host-to-kernel and kernel tail overhead that NCCL adds per collective call (proxy, channel setup).
+NCCL_EXTRA_LATENCY_S = 6e-6
+# Fraction of a link's datasheet bandwidth that copy/reduce kernels reach.
+LINK_EFFICIENCY = 0.80
+# SMs a communication kernel needs to saturate NVLink / xGMI (fewer SMs give proportionally less).
+SMS_TO_SATURATE_LINKS = 16
+# Fraction of peak a well-shaped tensor-core tile reaches (cuBLAS-class kernels on large shapes).
+TILE_PEAK_FRACTION = 0.80
+# Tile arithmetic intensity (BM*BN/(BM+BN)) beyond which operand feeding stops limiting the tile.
+TILE_INTENSITY_SATURATION = 80.0
+# Passes over memory / kernel launches torch eager needs for the elementwise ops (baseline).
+EAGER = {  # op: (memory passes relative to the fused minimum, kernel launches)
+    "rmsnorm": (3.0, 5),
+    "silu_mul": (2.0, 2),
+    "rope_qk_norm": (4.0, 12),
+    "shared_expert_gate": (2.5, 3),
+}
+
+
+def _itemsize(dtype: str) -> int:
+    return {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+
+
+def _get(config: Optional[Mapping[str, Any]], default, *names):
+    """A config value by any of its usual spellings (templates name tile sizes differently)."""
+    if not config:
+        return default
+    lowered = {str(k).lower(): v for k, v in config.items()}
+    for n in names:
+        if n.lower() in lowered:
+            return lowered[n.lower()]
+    return default
+
+
+def roofline(flops: float, nbytes: float, spec, dtype: str = "bf16", efficiency: float = 1.0,
+             mem_efficiency: float = 1.0, launches: int = 1) -> float:
+    """Seconds for ``flops`` and ``nbytes`` of HBM traffic: the slower of compute and memory, plus launches.
+
+    ``efficiency`` scales the peak FLOP rate, ``mem_efficiency`` the achievable HBM bandwidth
+    (itself ``spec.measured_hbm_fraction`` of the datasheet figure).
+    """
+    compute = flops / (spec.peak_flops(dtype) * max(efficiency, 1e-6)) if flops else 0.0
+    memory = nbytes / (spec.hbm_bytes_per_s * spec.measured_hbm_fraction * max(mem_efficiency, 1e-6))
+    return max(compute, memory) + launches * spec.launch_us * 1e-6
+
+
+def _link_bytes_per_s(spec, world: int, all_peers: bool) -> float:
+    """Bandwidth one GPU gets: to all peers at once (``all_peers``) or along one ring neighbour."""
+    if all_peers:
+        return spec.peer_bytes_per_s(world) * LINK_EFFICIENCY
+    return spec.link_gbs * 1e9 * LINK_EFFICIENCY
+
+
+ALGOS = ("one_shot", "two_shot", "ring", "allgather", "reducescatter")
+
+
+def alpha_beta(nbytes_per_rank: float, world: int, spec, algo: str = "one_shot",
+               link_efficiency: float = 1.0) -> float:
+    """Seconds for a collective; ``nbytes_per_rank`` is the buffer each rank holds at the start
+    (all-reduce / reduce-scatter: the full tensor; all-gather: the rank's shard).
+
+    - one_shot: every rank reads the (w-1) peers' full buffers and reduces locally: 1 step.
+    - two_shot: reduce-scatter then all-gather, each (w-1)/w of the buffer: 2 steps.
+    - ring: 2(w-1) steps of n/w bytes each along one link (bandwidth-optimal, latency-heavy).
+    - allgather: one step receiving (w-1) shards; reducescatter: one step of (w-1)/w of the buffer.
+    ``link_efficiency`` scales bandwidth further (e.g. too few SMs given to communication).
+    """
+    if world <= 1 or nbytes_per_rank <= 0:
+        return 0.0
+    alpha = spec.link_latency_us * 1e-6
+    w, n = world, float(nbytes_per_rank)
+    bw_all = _link_bytes_per_s(spec, w, True) * link_efficiency
+    hbm = spec.hbm_bytes_per_s * spec.measured_hbm_fraction
+    if algo == "one_shot":
+        return alpha + (w - 1) * n / bw_all + w * n / hbm          # local reduce reads w buffers
+    if algo == "two_shot":
+        return 2 * alpha + 2 * (w - 1) / w * n / bw_all + 2 * n / hbm
+    if algo == "ring":
+        bw_one = _link_bytes_per_s(spec, w, False) * link_efficiency
+        return 2 * (w - 1) * alpha + 2 * (w - 1) / w * n / bw_one + 2 * n / hbm
+    if algo == "allgather":
+        return alpha + (w - 1) * n / bw_all
+    if algo == "reducescatter":
+        return alpha + (w - 1) / w * n / bw_all + n / hbm
+    raise ValueError(f"unknown collective algorithm {algo!r}; expected one of {ALGOS}")
+
+
+def overlap(compute_s: float, comm_s: float, spec, overlap_fraction: float = 0.9) -> float:
+    """A fused compute+communication op: the longer part runs in full, the shorter is hidden except
+    ``1 - overlap_fraction`` of it; one signal round-trip is paid to hand off between the two."""
+    f = min(max(overlap_fraction, 0.0), 1.0)
+    sync = spec.link_latency_us * 1e-6 if compute_s > 0 and comm_s > 0 else 0.0
+    return max(compute_s, comm_s) + (1.0 - f) * min(compute_s, comm_s) + sync
+
+
+# --- GEMM tiles -------------------------------------------------------------------------------
+
+# Tile shapes a cuBLAS-like heuristic picks from (BM, BN, BK, split_k); the baseline takes the best.
+_LIBRARY_TILES = ((128, 256, 64, 1), (256, 128, 64, 1), (128, 128, 64, 1), (64, 128, 64, 1),
+                  (64, 64, 64, 1), (64, 128, 128, 2), (64, 64, 128, 4), (64, 128, 64, 8))
+# The hand-tuned library beats a generic Triton config at the same tile by a little (better
+# epilogues, scheduling); a tuned Triton config wins by finding a better tile/split for the shape.
+_LIBRARY_EFFICIENCY = 0.95
+
+
+def gemm_time(m: int, n: int, k: int, spec, dtype: str = "bf16", *, block_m: int = 128, block_n: int = 128,
+              block_k: int = 64, split_k: int = 1, num_stages: int = 3, num_warps: int = 8,
+              group_m: int = 8, tma: bool = False, efficiency: float = 1.0) -> float:
+    """Seconds for y[m,n] = x[m,k] @ w[n,k].T with one tile configuration.
+
+    Compute: programs run in waves over the SMs (wave quantization); each tile does its padded
+    BM x BN x ceil(K/BK)*BK work (padding waste) at a rate set by the tile's arithmetic intensity,
+    pipelining depth and warp count. Memory: operands re-read per tile row/column (L2 reuse with
+    grouped order), and the bytes in flight by Little's law limit bandwidth when few programs run
+    (small M: few tiles, little parallelism unless split-K adds some).
+    """
+    size = _itemsize(dtype)
+    sms = spec.sms
+    tiles_m, tiles_n = math.ceil(m / block_m), math.ceil(n / block_n)
+    k_per_split = math.ceil(k / split_k)
+    k_padded = math.ceil(k_per_split / block_k) * block_k
+    programs = tiles_m * tiles_n * split_k
+    smem = num_stages * (block_m + block_n) * block_k * size
+    per_sm = max(1, min(4, spec.smem_per_block // max(smem, 1)))   # co-resident programs per SM
+    slots = sms * per_sm
+
+    intensity = block_m * block_n / (block_m + block_n)
+    tile_eff = TILE_PEAK_FRACTION * min(1.0, intensity / TILE_INTENSITY_SATURATION)
+    tile_eff *= {1: 0.55, 2: 0.8}.get(num_stages, 1.0)
+    ideal_warps = min(8, max(4, block_m * block_n // 4096))
+    tile_eff *= max(0.5, 1.0 - 0.12 * abs(math.log2(max(num_warps, 1) / ideal_warps)))
+    if tma and "tma" in spec.features:
+        tile_eff *= 1.08                                   # descriptor loads free registers/issue slots
+    tile_eff = min(tile_eff * efficiency, 0.95)
+    per_program_flops = 2.0 * block_m * block_n * k_padded
+    # programs sharing an SM share its peak, so an SM's busy time is its program count x tile time
+    per_sm_rate = spec.peak_flops(dtype) / sms * tile_eff
+    compute = math.ceil(programs / sms) * per_program_flops / per_sm_rate
+
+    # HBM traffic: grouped order keeps GROUP_M row tiles of A hot in L2 while the weight streams, so
+    # the weight is read once per group; A is re-read only when a group's rows overflow half the L2.
+    group = max(1, min(group_m, tiles_m))
+    a_reads = 1 if group * block_m * k * size <= spec.l2_mb * 2**20 / 2 else math.ceil(tiles_n / 8)
+    b_reads = math.ceil(tiles_m / group)
+    nbytes = (m * k * a_reads + n * k * b_reads) * size + m * n * size
+    if split_k > 1:
+        nbytes += 2 * split_k * m * n * 4                              # fp32 partials written + reduced
+    in_flight = min(programs, slots) * num_stages * (block_m + block_n) * block_k * size
+    need = spec.hbm_bytes_per_s * HBM_LATENCY_S
+    mem_eff = min(1.0, in_flight / need)
+    memory = nbytes / (spec.hbm_bytes_per_s * spec.measured_hbm_fraction * mem_eff)
+    launches = 2 if split_k > 1 else 1
+    return max(compute, memory) + launches * spec.launch_us * 1e-6
+
+
+def gemm_config_time(m: int, n: int, k: int, config: Optional[Mapping], spec, dtype: str = "bf16") -> float:
+    """``gemm_time`` for a template config (None: the cuBLAS-like baseline's best library tile)."""
+    if config is None or config.get("baseline"):
+        return min(gemm_time(m, n, k, spec, dtype, block_m=bm, block_n=bn, block_k=bk, split_k=s,
+                             num_stages=3 if bk == 64 else 2, num_warps=8 if bm * bn >= 128 * 128 else 4,
+                             tma="tma" in spec.features, efficiency=_LIBRARY_EFFICIENCY)
+                   for bm, bn, bk, s in _LIBRARY_TILES)
+    return gemm_time(
+        m, n, k, spec, dtype,
+        block_m=int(_get(config, 128, "BLOCK_M", "BM", "block_size_m")),
+        block_n=int(_get(config, 128, "BLOCK_N", "BN", "block_size_n")),
+        block_k=int(_get(config, 64, "BLOCK_K", "BK", "block_size_k")),
+        split_k=int(_get(config, 1, "SPLIT_K", "split_k", "splits")),
+        num_stages=int(_get(config, 3, "num_stages", "stages")),
+        num_warps=int(_get(config, 8, "num_warps", "warps")),
+        group_m=int(_get(config, 8, "GROUP_M", "GROUP_SIZE_M", "group")),
+        tma=bool(_get(config, False, "tma", "use_tma")))
+
+
+# --- elementwise / row ops ------------------------------------------------------------------------
+
+def elementwise_time(rows: int, cols: int, nbytes: float, spec, config: Optional[Mapping] = None,
+                     flops: float = 0.0, dtype: str = "bf16") -> float:
+    """A memory-bound row op over [rows, cols]: ``nbytes`` of minimum traffic moved by programs of
+    BLOCK_M rows x BLOCK_N columns. Masked lanes (BLOCK_N past ``cols``) waste issue slots, and
+    few/small programs leave HBM under-fed (Little's law)."""
+    size = _itemsize(dtype)
+    block_n = int(_get(config, 1 << max(0, (cols - 1).bit_length()), "BLOCK_N", "BLOCK", "BLOCK_SIZE", "block_d"))
+    block_m = int(_get(config, 1, "BLOCK_M", "ROWS", "rows_per_program"))
+    num_warps = int(_get(config, 4, "num_warps", "warps"))
+    col_tiles = math.ceil(cols / block_n)
+    lane_use = cols / (col_tiles * block_n)
+    programs = math.ceil(rows / block_m) * col_tiles
+    in_flight = min(programs, spec.sms * 8) * block_m * min(block_n, cols) * size * 2
+    mem_eff = min(1.0, in_flight / (spec.hbm_bytes_per_s * HBM_LATENCY_S)) * (0.6 + 0.4 * lane_use)
+    # a program with too few elements per thread under-issues loads; too many spill registers
+    per_thread = block_m * block_n / (32 * max(num_warps, 1))
+    mem_eff *= 1.0 if 4 <= per_thread <= 64 else 0.85
+    return roofline(flops, nbytes, spec, dtype, efficiency=0.5, mem_efficiency=mem_eff)
+
+
+# --- communication and TP blocks ----------------------------------------------------------------
+
+_STRATEGY_ALGO = {"one_shot": "one_shot", "two_shot": "two_shot", "push": "one_shot", "pull": "one_shot",
+                  "ring": "ring", "nccl": None}
+
+
+def comm_efficiency(config: Optional[Mapping]) -> float:
+    """Bandwidth fraction a communication kernel reaches with the SMs (CTAs) it was given."""
+    sms = _get(config, None, "comm_sms", "num_sms", "sms", "COMM_SMS", "num_ctas")
+    if sms is None:
+        return 1.0
+    return min(1.0, int(sms) / SMS_TO_SATURATE_LINKS)
+
+
+def nccl_allreduce_time(nbytes: float, world: int, spec) -> float:
+    """NCCL-like: ring for large messages, a tree/low-latency protocol for small, plus its call overhead."""
+    if world <= 1:
+        return 0.0
+    small = alpha_beta(nbytes, world, spec, "two_shot") * 1.3      # LL protocol: half the bandwidth-ish
+    large = alpha_beta(nbytes, world, spec, "ring")
+    return min(small, large) + NCCL_EXTRA_LATENCY_S + spec.launch_us * 1e-6
+
+
+def nccl_time(op: str, nbytes_per_rank: float, world: int, spec) -> float:
+    if world <= 1:
+        return 0.0
+    if op == "allreduce":
+        return nccl_allreduce_time(nbytes_per_rank, world, spec)
+    algo = {"allgather": "allgather", "reducescatter": "reducescatter"}[op]
+    return alpha_beta(nbytes_per_rank, world, spec, algo) + NCCL_EXTRA_LATENCY_S + spec.launch_us * 1e-6
+
+
+def allreduce_time(nbytes: float, world: int, spec, config: Optional[Mapping]) -> float:
+    if config is None or config.get("baseline") or _STRATEGY_ALGO.get(config.get("strategy")) is None:
+        return nccl_allreduce_time(nbytes, world, spec)
+    algo = _STRATEGY_ALGO[config["strategy"]]
+    chunks = int(_get(config, 1, "chunks", "num_chunks"))
+    # chunking pipelines reduce behind transfer but pays a signal per chunk
+    t = alpha_beta(nbytes, world, spec, algo, comm_efficiency(config))
+    t += (chunks - 1) * spec.link_latency_us * 1e-6 * 0.5
+    return t + spec.launch_us * 1e-6
+
+
+def pipelined_fraction(m: int, world: int, config: Optional[Mapping]) -> float:
+    """How much of a fused all-gather/reduce-scatter a GEMM can hide: the first chunk must arrive
+    before any tile starts (and the last tile's output leaves after the GEMM), so with c chunks at
+    best (c-1)/c is hidden; a decode step with one row has one chunk and hides nothing."""
+    block_m = int(_get(config, 128, "BLOCK_M", "BM", "block_size_m"))
+    chunks = max(1, min(world, math.ceil(m / block_m)))
+    return float(_get(config, 0.9, "overlap_fraction")) * (1.0 - 1.0 / chunks)
+
+
+def tp_block_time(op: str, problem: Problem, spec, config: Optional[Mapping]) -> float:
+    """A TP linear pair (first GEMM column-sharded, second row-sharded) under a strategy.
+
+    gemm_ar: replicated input, GEMM, op in between, GEMM, all-reduce of the output (separate kernels).
+    ag_rs: row-sharded input all-gathered while the first GEMM runs, second GEMM's output
+    reduce-scattered as tiles finish (both overlapped). Baseline: cuBLAS GEMMs + NCCL all-reduce.
+    """
+    s, w, dtype = problem.shape, problem.world, problem.dtype
+    size = _itemsize(dtype)
+    m, hidden = s["m"], s["hidden"]
+    if op == "tp_mlp":
+        n1, k2 = 2 * s["inter"], s["inter"]
+        between = elementwise_time(m, s["inter"], 3 * m * s["inter"] * size, spec, dtype=dtype)
+    else:
+        n1, k2 = s["qkv"], s["o_in"]
+        between = 0.0   # attention itself is timed by decode_attention / prefill, not here
+    act = m * hidden * size
+    strategy = None if config is None or config.get("baseline") else config.get("strategy", "gemm_ar")
+    if strategy is None:
+        return (gemm_config_time(m, n1, hidden, None, spec, dtype) + between
+                + gemm_config_time(m, hidden, k2, None, spec, dtype) + nccl_allreduce_time(act, w, spec))
+    sub = {k: v for k, v in config.items() if k != "strategy"}
+    g1 = gemm_config_time(m, n1, hidden, sub, spec, dtype)
+    g2 = gemm_config_time(m, hidden, k2, sub, spec, dtype)
+    if strategy == "gemm_ar":
+        return g1 + between + g2 + allreduce_time(act, w, spec, {"strategy": config.get("ar_strategy", "one_shot"),
+                                                                   **sub})
+    # ag_rs: each rank holds m/w rows; gathers them during GEMM1, scatters GEMM2's output
+    frac = pipelined_fraction(m, w, config)
+    ag = alpha_beta(act / w, w, spec, "allgather", comm_efficiency(config))
+    rs = alpha_beta(act, w, spec, "reducescatter", comm_efficiency(config))
+    return overlap(g1, ag, spec, frac) + between + overlap(g2, rs, spec, frac)
+
+
+# --- the entry point ---------------------------------------------------------------------------
+
+def _work_time(template, problem: Problem, spec, efficiency: float) -> float:
+    flops, nbytes = template.work(problem)
+    return roofline(flops, nbytes, spec, problem.dtype, efficiency=efficiency, mem_efficiency=efficiency)
+
+
+def _elementwise_bytes(problem: Problem) -> tuple[float, float]:
+    """Minimum traffic of the elementwise ops when no template says it (baseline-only problems)."""
+    s, size, op = problem.shape, _itemsize(problem.dtype), problem.op
+    m = s["m"]
+    if op == "rmsnorm":
+        return 5.0 * m * s["n"], (2 * m * s["n"] + s["n"]) * size
+    if op == "silu_mul":
+        return 5.0 * m * s["n"], 3 * m * s["n"] * size
+    if op == "shared_expert_gate":
+        return 4.0 * m * s["n"], (3 * m * s["n"] + m) * size
+    if op == "rope_qk_norm":
+        width = (s["heads"] + s["kv_heads"]) * s["head_dim"]
+        return 12.0 * m * width, (2 * m * width + 2 * s["head_dim"]) * size
+    raise KeyError(op)
+
+
+def predict(template, problem: Problem, config: Optional[Mapping], spec) -> float:
+    """Predicted seconds for ``problem`` under ``config`` on ``spec`` (``config`` None or
+    ``{"baseline": true}``: the torch baseline). ``template`` may be None for baseline-only ops."""
+    if config is not None and config.get("baseline"):
+        config = None
+    if template is not None and template.cost is not None:
+        return float(template.cost(problem, dict(config) if config is not None else None, spec))
+    op, s, dtype, w = problem.op, problem.shape, problem.dtype, problem.world
+    size = _itemsize(dtype)
+    if op == "gemm" or (op.startswith("moe_gemm") and "k" in s):
+        t = gemm_config_time(s["m"], s["n"], s["k"], config, spec, dtype)
+        return t * s.get("experts", 1) if op.startswith("moe_gemm") else t
+    if op in EAGER:
+        flops, nbytes = template.work(problem) if template is not None else _elementwise_bytes(problem)
+        cols = s.get("n") or (s.get("heads", 1) + s.get("kv_heads", 0)) * s.get("head_dim", 1)
+        if config is None:
+            passes, launches = EAGER[op]
+            return roofline(flops, nbytes * passes, spec, dtype, efficiency=0.3,
+                            mem_efficiency=0.85, launches=launches)
+        return elementwise_time(s["m"], cols, nbytes, spec, config, flops, dtype)
+    if op in ("allreduce", "allgather", "reducescatter"):
+        nbytes = s["m"] * s["n"] * size
+        if op == "allgather":
+            nbytes /= w                      # the shard each rank contributes
+        if op == "allreduce":
+            return allreduce_time(nbytes, w, spec, config)
+        if config is None:
+            return nccl_time(op, nbytes, w, spec)
+        return alpha_beta(nbytes, w, spec, op, comm_efficiency(config)) + spec.launch_us * 1e-6
+    if op in ("ag_gemm", "gemm_rs"):
+        m, n, k = s["m"], s["n"], s["k"]
+        if op == "ag_gemm":
+            comm_op, comm_bytes = "allgather", m * k * size / w
+        else:
+            comm_op, comm_bytes = "reducescatter", m * n * size
+        g = gemm_config_time(m, n, k, config, spec, dtype)
+        if config is None:
+            return g + nccl_time(comm_op, comm_bytes, w, spec)
+        c = alpha_beta(comm_bytes, w, spec, comm_op, comm_efficiency(config))
+        return overlap(g, c, spec, pipelined_fraction(m, w, config))
+    if op in ("tp_mlp", "tp_attn"):
+        return tp_block_time(op, problem, spec, config)
+    if op == "decode_attention":
+        b, ctx, hd = s["m"], s["ctx"], s["head_dim"]
+        kv_bytes = 2 * b * ctx * s["kv_heads"] * hd * size
+        flops = 4.0 * b * s["heads"] * ctx * hd
+        return roofline(flops, kv_bytes, spec, dtype, efficiency=0.4, mem_efficiency=0.8, launches=1)
+    if template is not None:                 # an op this module does not know: its declared work
+        return _work_time(template, problem, spec, 0.8 if config is None else 0.7)
+    raise KeyError(f"no cost model for op {op!r}")
