@@ -1,0 +1,460 @@
+"""The store: read and write tuning winners, with provenance, in any SQLAlchemy database.
+
+By default an SQLite file (``$XDG_DATA_HOME/tuneforge/tuneforge.db``), overridden by
+``$TUNEFORGE_DB`` or an explicit URL (a bare path means an SQLite file); a PostgreSQL URL lets a
+whole cluster share one database. SQLite runs in WAL mode with a busy timeout and every write
+takes the write lock up front (``BEGIN IMMEDIATE``) and is retried while the file is locked, so
+several tuner processes on one file lose nothing. Every write is one transaction.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event, exc, select
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session
+
+from tuneforge.db.environment import Environment
+from tuneforge.db.schema import (OPTUNA_TABLES, SCHEMA_VERSION, SCHEMA_VERSION_KEY, TABLE_PREFIX, Base,
+                                 EnvironmentRow, MetaRow, ModelProblemRow, ProblemRow, WinnerRow)
+from tuneforge.dsl.problem import DEFAULT_BUCKETS, Problem, bucket
+from tuneforge.errors import DatabaseError, InputError
+
+log = logging.getLogger("tuneforge.db")
+
+SQLITE_TIMEOUT_S = 60.0        # how long one SQLite statement waits for another process's lock
+WRITE_ATTEMPTS = 8             # a write still locked after the busy timeout is retried this often
+SOURCES = ("measured", "predicted")
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------------------- URLs
+
+def default_url() -> str:
+    """``$TUNEFORGE_DB``, else the SQLite file under ``$XDG_DATA_HOME`` (its folder is created)."""
+    env = os.environ.get("TUNEFORGE_DB")
+    if env:
+        return normalize_url(env)
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    folder = Path(data_home) / "tuneforge"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'tuneforge.db'}"
+
+
+def normalize_url(url: str) -> str:
+    """A SQLAlchemy URL; a bare path (no ``scheme://``) becomes an SQLite file URL."""
+    if "://" in url:
+        return url
+    return f"sqlite:///{Path(url).expanduser().resolve()}"
+
+
+def display_url(url: str) -> str:
+    """The URL with any password hidden, for printing."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except exc.ArgumentError:
+        return url
+
+
+def _first_line(e: BaseException) -> str:
+    orig = getattr(e, "orig", None) or e
+    text = str(orig).strip().splitlines()
+    return text[0] if text else type(orig).__name__
+
+
+# --------------------------------------------------------------------------------------- Winner
+
+@dataclass
+class Winner:
+    problem: Problem
+    env: Environment
+    config: dict
+    time_s: float
+    baseline_s: float
+    speedup: float
+    pct_sol: float
+    source: str                      # "measured" | "predicted"
+    template_hash: str
+    study_name: str
+    n_trials: int
+    created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise InputError(f"winner source must be one of {SOURCES}, got {self.source!r}")
+        if self.created_at.tzinfo is None:       # SQLite hands back naive datetimes; they are UTC
+            self.created_at = self.created_at.replace(tzinfo=timezone.utc)
+
+    @property
+    def strategy(self) -> Optional[str]:
+        return self.config.get("strategy")
+
+    @property
+    def key(self) -> str:
+        return self.problem.key
+
+    @property
+    def fingerprint(self) -> str:
+        return self.env.fingerprint
+
+
+# Flat columns of an exported winner (CSV / JSON); dicts and lists are JSON text in CSV.
+EXPORT_COLUMNS = ("problem_key", "op", "dims", "dtype", "world", "fingerprint",
+                  *Environment.__dataclass_fields__, "config", "time_s", "baseline_s", "speedup", "pct_sol",
+                  "source", "template_hash", "study_name", "n_trials", "created_at", "models")
+
+
+def _family(problem: Problem) -> str:
+    dims = ",".join(f"{k}={'*' if k == 'm' else v}" for k, v in problem.dims)
+    return f"{problem.op}|{dims}|{problem.dtype}|w{problem.world}"
+
+
+def _problem_row(p: Problem) -> dict:
+    return dict(key=p.key, op=p.op, dims=[[k, v] for k, v in p.dims], dtype=p.dtype, world=p.world,
+                m=p.shape.get("m"), family=_family(p))
+
+
+def _problem_from_row(r: ProblemRow) -> Problem:
+    return Problem(r.op, tuple((str(k), int(v)) for k, v in r.dims), r.dtype, r.world)
+
+
+def _env_from_row(r: EnvironmentRow) -> Environment:
+    return Environment.from_dict({k: getattr(r, k) for k in Environment.__dataclass_fields__})
+
+
+def _winner_from_rows(w: WinnerRow, p: ProblemRow, e: EnvironmentRow) -> Winner:
+    return Winner(_problem_from_row(p), _env_from_row(e), dict(w.config), w.time_s, w.baseline_s, w.speedup,
+                  w.pct_sol, w.source, w.template_hash, w.study_name, w.n_trials, w.created_at)
+
+
+def _env_difference(env: Environment, other: Environment) -> str:
+    diffs = [f"{k} {getattr(other, k)} (now {getattr(env, k)})" for k in Environment.__dataclass_fields__
+             if getattr(env, k) != getattr(other, k)]
+    return "recorded in another environment: " + ", ".join(diffs)
+
+
+# ---------------------------------------------------------------------------------------- Store
+
+class Store:
+    """The tuning database. ``create=False`` refuses to create a missing SQLite file."""
+
+    def __init__(self, url: Optional[str] = None, *, create: bool = True):
+        self.url = normalize_url(url) if url else default_url()
+        self.engine = self._make_engine(self.url, create)
+        # Writes take the write lock at BEGIN (SQLite); other dialects ignore the option.
+        self._writer = self.engine.execution_options(tf_write=True)
+        try:
+            self._write(self._check_schema)
+        except DatabaseError:
+            self.engine.dispose()
+            raise
+
+    # ------------------------------------------------------------------ opening, schema, retries
+    @staticmethod
+    def _make_engine(url: str, create: bool) -> Engine:
+        try:
+            parsed = make_url(url)
+        except exc.ArgumentError:
+            raise DatabaseError(f"not a database URL: {url!r} (expected e.g. sqlite:///path.db, "
+                                f"postgresql://host/db, or a file path)") from None
+        kwargs: dict = {}
+        if parsed.get_backend_name() == "sqlite":
+            path = parsed.database
+            if path and path != ":memory:":
+                if os.path.isdir(path):
+                    raise DatabaseError(f"cannot open tuneforge database {display_url(url)}: it is a directory")
+                if not os.path.exists(path):
+                    if not create:
+                        raise DatabaseError(f"no tuneforge database at {path}")
+                    if not os.path.isdir(os.path.dirname(path) or "."):
+                        raise DatabaseError(f"cannot create tuneforge database {path}: "
+                                            f"folder {os.path.dirname(path)} does not exist")
+            kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
+        elif parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() == "psycopg2" \
+                and "connect_timeout" not in parsed.query:
+            kwargs["connect_args"] = {"connect_timeout": 10}
+        try:
+            engine = sa.create_engine(parsed, **kwargs)
+        except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as e:
+            raise DatabaseError(f"cannot open tuneforge database {display_url(url)}: {_first_line(e)}") from None
+        if engine.dialect.name == "sqlite":
+            _sqlite_setup(engine)
+        return engine
+
+    def _check_schema(self, s: Session) -> None:
+        conn = s.connection()
+        if conn.dialect.name == "postgresql":    # one process creates the tables; the others wait
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7204318)")
+        tables = set(sa.inspect(conn).get_table_names())
+        ours = {t for t in tables if t.startswith(TABLE_PREFIX)}
+        where = display_url(self.url)
+        if "tf_meta" not in tables:
+            foreign = sorted(tables - ours - OPTUNA_TABLES)
+            if foreign:
+                raise DatabaseError(f"{where} is not a tuneforge database (it has other tables: "
+                                    f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})")
+            if ours:
+                raise DatabaseError(f"{where} is a damaged tuneforge database (tf_meta is missing)")
+            Base.metadata.create_all(conn)
+            s.add(MetaRow(key=SCHEMA_VERSION_KEY, value=str(SCHEMA_VERSION)))
+            return
+        raw = s.get(MetaRow, SCHEMA_VERSION_KEY)
+        try:
+            version = int(raw.value) if raw is not None else None
+        except ValueError:
+            version = None
+        if version is None:
+            raise DatabaseError(f"{where} is a damaged tuneforge database (no valid schema version in tf_meta)")
+        if version > SCHEMA_VERSION:
+            raise DatabaseError(f"{where} has schema version {version}, newer than this tuneforge "
+                                f"understands ({SCHEMA_VERSION}): upgrade tuneforge")
+        if version < SCHEMA_VERSION:   # no older schema has ever been released
+            raise DatabaseError(f"{where} has schema version {version}, older than any this tuneforge "
+                                f"can migrate ({SCHEMA_VERSION})")
+        missing = {t.name for t in Base.metadata.sorted_tables} - tables
+        if missing:
+            raise DatabaseError(f"{where} is a damaged tuneforge database (missing {', '.join(sorted(missing))})")
+
+    def _write(self, fn: Callable[[Session], T]) -> T:
+        """Run ``fn`` in one write transaction; retry while SQLite is locked or a concurrent writer
+        inserted the same row first (the retry then sees it)."""
+        delay = 0.05
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                with Session(self._writer, expire_on_commit=False) as s, s.begin():
+                    return fn(s)
+            except exc.OperationalError as e:
+                locked = "locked" in str(e.orig) or "busy" in str(e.orig)
+                if not locked or attempt == WRITE_ATTEMPTS - 1:
+                    raise self._error(e) from None
+            except exc.IntegrityError as e:
+                if attempt >= 2:
+                    raise self._error(e) from None
+            except exc.SQLAlchemyError as e:
+                raise self._error(e) from None
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        try:
+            with Session(self.engine) as s:
+                yield s
+        except exc.SQLAlchemyError as e:
+            raise self._error(e) from None
+
+    def _error(self, e: exc.SQLAlchemyError) -> DatabaseError:
+        what = _first_line(e)
+        if "file is not a database" in what:
+            return DatabaseError(f"{display_url(self.url)} is not an SQLite database (corrupt or another file)")
+        return DatabaseError(f"tuneforge database {display_url(self.url)}: {what}")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({display_url(self.url)!r})"
+
+    # ------------------------------------------------------------------------------ writing
+    def add_plan(self, model: str, tp: int, items: Sequence[tuple[Problem, str]]) -> None:
+        """Record that ``model`` at TP ``tp`` needs these problems, each in a role (``layer.mlp``)."""
+        def write(s: Session) -> None:
+            _insert_missing(s, ProblemRow, [_problem_row(p) for p, _ in items], "key")
+            known = set(s.execute(select(ModelProblemRow.problem_key, ModelProblemRow.role)
+                                  .where(ModelProblemRow.model == model, ModelProblemRow.tp == tp)).all())
+            fresh = {(p.key, role) for p, role in items} - known
+            s.add_all(ModelProblemRow(model=model, tp=int(tp), problem_key=k, role=r) for k, r in sorted(fresh))
+        self._write(write)
+
+    def record_winner(self, w: Winner) -> bool:
+        """Upsert on (problem key, environment fingerprint). With the same template hash the faster
+        record stays; with another hash the newer record replaces the older (stale) one.
+        Returns whether ``w`` was stored."""
+        return self._write(lambda s: _upsert_winner(s, w))
+
+    # ------------------------------------------------------------------------------ reading
+    def _select_winners(self):
+        return (select(WinnerRow, ProblemRow, EnvironmentRow)
+                .join(ProblemRow, WinnerRow.problem_key == ProblemRow.key)
+                .join(EnvironmentRow, WinnerRow.fingerprint == EnvironmentRow.fingerprint))
+
+    def winners(self, fingerprint: Optional[str] = None, model: Optional[str] = None, tp: Optional[int] = None,
+                op: Optional[str] = None, key: Optional[str] = None) -> list[Winner]:
+        """Every stored winner matching the given filters, ordered by op, problem, environment."""
+        q = self._select_winners()
+        if fingerprint:
+            q = q.where(WinnerRow.fingerprint == fingerprint)
+        if op:
+            q = q.where(ProblemRow.op == op)
+        if key:
+            q = q.where(ProblemRow.key == key)
+        if model is not None or tp is not None:
+            plan = select(ModelProblemRow.problem_key)
+            if model is not None:
+                plan = plan.where(ModelProblemRow.model == model)
+            if tp is not None:
+                plan = plan.where(ModelProblemRow.tp == int(tp))
+            q = q.where(ProblemRow.key.in_(plan))
+        q = q.order_by(ProblemRow.op, ProblemRow.family, ProblemRow.m, WinnerRow.fingerprint)
+        with self._read() as s:
+            return [_winner_from_rows(*row) for row in s.execute(q).all()]
+
+    def load_winners(self, env: Environment, template_hashes: Optional[dict[str, str]] = None
+                     ) -> tuple[dict[str, Winner], list[tuple[Winner, str]]]:
+        """The usable winners for ``env`` by problem key, and the stale ones with a reason: recorded
+        with another template hash (ops in ``template_hashes``), or in another environment of the
+        same GPU kind and world size (other versions, driver, interconnect) where ``env`` has none."""
+        usable: dict[str, Winner] = {}
+        stale: list[tuple[Winner, str]] = []
+        hashes = template_hashes or {}
+        for w in self.winners(fingerprint=env.fingerprint):
+            now = hashes.get(w.problem.op)
+            if now is not None and now != w.template_hash:
+                stale.append((w, f"template {w.problem.op} changed since tuning (hash {w.template_hash}, now {now})"))
+            else:
+                usable[w.key] = w
+        q = (self._select_winners()
+             .where(EnvironmentRow.gpu_name == env.gpu_name, EnvironmentRow.world_size == env.world_size,
+                    EnvironmentRow.predicted == env.predicted, WinnerRow.fingerprint != env.fingerprint))
+        with self._read() as s:
+            others = [_winner_from_rows(*row) for row in s.execute(q).all()]
+        for w in others:
+            if w.key not in usable:
+                stale.append((w, _env_difference(env, w.env)))
+        return usable, stale
+
+    def best(self, problem: Problem, env: Environment, template_hash: Optional[str] = None,
+             buckets: Optional[Sequence[int]] = DEFAULT_BUCKETS) -> Optional[Winner]:
+        """The winner that serves ``problem`` in ``env``: the exact shape if tuned, else the tuned
+        bucket (a tuned m in ``buckets``; all tuned m if ``buckets`` is None) that serves its token
+        count: the smallest tuned bucket >= m, else the largest. Records with another template hash
+        than ``template_hash`` are stale: logged, never returned."""
+        q = (self._select_winners().where(ProblemRow.family == _family(problem),
+                                          WinnerRow.fingerprint == env.fingerprint))
+        with self._read() as s:
+            candidates = [_winner_from_rows(*row) for row in s.execute(q).all()]
+        fresh = []
+        for w in candidates:
+            if template_hash is not None and w.template_hash != template_hash:
+                log.warning("stale winner for %s not used: template hash %s, now %s",
+                            w.key, w.template_hash, template_hash)
+            else:
+                fresh.append(w)
+        by_m = {w.problem.shape.get("m"): w for w in fresh}
+        m = problem.shape.get("m")
+        if m in by_m:
+            return by_m[m]
+        if m is None:
+            return None
+        tuned = [t for t in by_m if t is not None and (buckets is None or t in buckets)]
+        return by_m[bucket(m, tuned)] if tuned else None
+
+    def environments(self) -> list[Environment]:
+        with self._read() as s:
+            return [_env_from_row(r) for r in s.scalars(select(EnvironmentRow)
+                                                        .order_by(EnvironmentRow.gpu_name, EnvironmentRow.fingerprint))]
+
+    def models(self) -> list[tuple[str, int]]:
+        with self._read() as s:
+            return [(m, tp) for m, tp in s.execute(select(ModelProblemRow.model, ModelProblemRow.tp).distinct()
+                                                   .order_by(ModelProblemRow.model, ModelProblemRow.tp))]
+
+    def plan(self, model: str, tp: int) -> list[tuple[Problem, str]]:
+        """The (problem, role) pairs recorded for ``model`` at TP ``tp``."""
+        q = (select(ProblemRow, ModelProblemRow.role).join(ModelProblemRow, ModelProblemRow.problem_key == ProblemRow.key)
+             .where(ModelProblemRow.model == model, ModelProblemRow.tp == int(tp))
+             .order_by(ModelProblemRow.role, ProblemRow.family, ProblemRow.m))
+        with self._read() as s:
+            return [(_problem_from_row(p), role) for p, role in s.execute(q).all()]
+
+    # ------------------------------------------------------------------------------ Optuna
+    @staticmethod
+    def study_name(problem: Problem, env: Environment) -> str:
+        return f"{problem.key}@{env.fingerprint}"
+
+    def optuna_storage(self):
+        """An Optuna RDBStorage on this database (Optuna's own tables, same SQLite timeout)."""
+        import optuna
+        kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if self.engine.dialect.name == "sqlite" else {}
+        try:
+            return optuna.storages.RDBStorage(self.url, engine_kwargs=kwargs)
+        except exc.SQLAlchemyError as e:
+            raise self._error(e) from None
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+def _sqlite_setup(engine: Engine) -> None:
+    """WAL + busy timeout on every connection; transactions begun by us (``BEGIN IMMEDIATE`` for
+    writes, so two writers never deadlock on a read-to-write lock upgrade)."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None            # we emit BEGIN ourselves (see _on_begin)
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute(f"PRAGMA busy_timeout = {int(SQLITE_TIMEOUT_S * 1000)}")
+            cur.execute("PRAGMA journal_mode = WAL")
+            cur.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("tf_write") else "BEGIN")
+
+
+def _insert_missing(s: Session, model, rows: list[dict], key: str) -> None:
+    """Insert the rows whose ``key`` is not in the table yet (a concurrent insert makes the write retry)."""
+    if not rows:
+        return
+    unique = {r[key]: r for r in rows}
+    col = getattr(model, key)
+    have: set = set()
+    keys = list(unique)
+    for i in range(0, len(keys), 500):
+        have.update(s.scalars(select(col).where(col.in_(keys[i:i + 500]))))
+    new = [r for k, r in unique.items() if k not in have]
+    if new:
+        s.execute(sa.insert(model), new)
+
+
+def _upsert_winner(s: Session, w: Winner) -> bool:
+    for name, value in (("time_s", w.time_s), ("baseline_s", w.baseline_s)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise InputError(f"winner for {w.key}: {name} must be a positive finite number, got {value!r}")
+    _insert_missing(s, ProblemRow, [_problem_row(w.problem)], "key")
+    _insert_missing(s, EnvironmentRow, [{"fingerprint": w.fingerprint, **w.env.to_dict()}], "fingerprint")
+    row = s.scalars(select(WinnerRow).where(WinnerRow.problem_key == w.key, WinnerRow.fingerprint == w.fingerprint)
+                    .with_for_update()).one_or_none()
+    values = dict(config=json.loads(json.dumps(w.config)), time_s=float(w.time_s), baseline_s=float(w.baseline_s),
+                  speedup=float(w.speedup), pct_sol=float(w.pct_sol), source=w.source,
+                  template_hash=w.template_hash, study_name=w.study_name, n_trials=int(w.n_trials),
+                  created_at=w.created_at.astimezone(timezone.utc))
+    if row is None:
+        s.add(WinnerRow(problem_key=w.key, fingerprint=w.fingerprint, **values))
+        return True
+    stored_at = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=timezone.utc)
+    replace = (w.time_s < row.time_s) if row.template_hash == w.template_hash else (w.created_at > stored_at)
+    if replace:
+        for k, v in values.items():
+            setattr(row, k, v)
+    return replace
