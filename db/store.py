@@ -8,6 +8,7 @@ several tuner processes on one file lose nothing. Every write is one transaction
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -53,10 +54,14 @@ def default_url() -> str:
 
 
 def normalize_url(url: str) -> str:
-    """A SQLAlchemy URL; a bare path (no ``scheme://``) becomes an SQLite file URL."""
-    if "://" in url:
-        return url
-    return f"sqlite:///{Path(url).expanduser().resolve()}"
+    """A SQLAlchemy URL; a bare path (no ``scheme://``) becomes an SQLite file URL, and a plain
+    ``postgresql://`` uses psycopg2 where psycopg (3, SQLAlchemy's default) is not installed."""
+    if "://" not in url:
+        return f"sqlite:///{Path(url).expanduser().resolve()}"
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
 
 
 def display_url(url: str) -> str:
@@ -187,7 +192,8 @@ class Store:
         try:
             engine = sa.create_engine(parsed, **kwargs)
         except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as e:
-            raise DatabaseError(f"cannot open tuneforge database {display_url(url)}: {_first_line(e)}") from None
+            raise DatabaseError(f"cannot open tuneforge database {display_url(url)}: {_first_line(e)} "
+                                f"(unknown database kind, or its driver is not installed)") from None
         if engine.dialect.name == "sqlite":
             _sqlite_setup(engine)
         return engine
@@ -276,13 +282,7 @@ class Store:
     # ------------------------------------------------------------------------------ writing
     def add_plan(self, model: str, tp: int, items: Sequence[tuple[Problem, str]]) -> None:
         """Record that ``model`` at TP ``tp`` needs these problems, each in a role (``layer.mlp``)."""
-        def write(s: Session) -> None:
-            _insert_missing(s, ProblemRow, [_problem_row(p) for p, _ in items], "key")
-            known = set(s.execute(select(ModelProblemRow.problem_key, ModelProblemRow.role)
-                                  .where(ModelProblemRow.model == model, ModelProblemRow.tp == tp)).all())
-            fresh = {(p.key, role) for p, role in items} - known
-            s.add_all(ModelProblemRow(model=model, tp=int(tp), problem_key=k, role=r) for k, r in sorted(fresh))
-        self._write(write)
+        self._write(lambda s: _add_plan(s, model, tp, items))
 
     def record_winner(self, w: Winner) -> bool:
         """Upsert on (problem key, environment fingerprint). With the same template hash the faster
@@ -385,6 +385,80 @@ class Store:
         with self._read() as s:
             return [(_problem_from_row(p), role) for p, role in s.execute(q).all()]
 
+    # --------------------------------------------------------------------- sharing, pruning
+    def to_frame(self, winners: Optional[Iterable[Winner]] = None):
+        """The winners (default: all) as a pandas DataFrame with EXPORT_COLUMNS; ``models`` lists
+        the [model, tp, role] entries of each winner's problem."""
+        import pandas as pd
+        winners = self.winners() if winners is None else list(winners)
+        with self._read() as s:
+            plans: dict[str, list] = {}
+            for key, model, tp, role in s.execute(select(ModelProblemRow.problem_key, ModelProblemRow.model,
+                                                         ModelProblemRow.tp, ModelProblemRow.role)
+                                                  .order_by(ModelProblemRow.model, ModelProblemRow.tp,
+                                                            ModelProblemRow.role)):
+                plans.setdefault(key, []).append([model, tp, role])
+        rows = [dict(problem_key=w.key, op=w.problem.op, dims=[[k, v] for k, v in w.problem.dims],
+                     dtype=w.problem.dtype, world=w.problem.world, fingerprint=w.fingerprint, **w.env.to_dict(),
+                     config=w.config, time_s=w.time_s, baseline_s=w.baseline_s, speedup=w.speedup,
+                     pct_sol=w.pct_sol, source=w.source, template_hash=w.template_hash, study_name=w.study_name,
+                     n_trials=w.n_trials, created_at=w.created_at.isoformat(), models=plans.get(w.key, []))
+                for w in winners]
+        return pd.DataFrame(rows, columns=list(EXPORT_COLUMNS))
+
+    def export(self, path: str | os.PathLike, winners: Optional[Iterable[Winner]] = None) -> int:
+        """Write the winners (default: all) to ``path``: .csv or .json by extension. Returns the count."""
+        path = Path(path)
+        fmt = _file_format(path)
+        df = self.to_frame(winners)
+        try:
+            if fmt == "csv":
+                for col in ("dims", "config", "models"):
+                    df[col] = [json.dumps(v) for v in df[col]]
+                df.to_csv(path, index=False)
+            else:
+                df.to_json(path, orient="records", indent=1)
+        except OSError as e:
+            raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+        return len(df)
+
+    def import_(self, path: str | os.PathLike) -> int:
+        """Merge the winners of an exported .csv or .json file, all in one transaction (the
+        record_winner rule decides each conflict; plans are merged too). Returns how many were stored."""
+        rows = _read_export(Path(path))
+        def write(s: Session) -> int:
+            stored = 0
+            for w, models in rows:
+                stored += _upsert_winner(s, w)
+                for model, tp, role in models:
+                    _add_plan(s, model, tp, [(w.problem, role)])
+            return stored
+        return self._write(write)
+
+    def prune(self, template_hashes: Optional[dict[str, str]] = None, fingerprint: Optional[str] = None,
+              older_than: Optional[timedelta] = None, dry_run: bool = False) -> list[Winner]:
+        """Delete the winners that match every given criterion: recorded with another template hash
+        than ``template_hashes[op]`` (ops not listed are kept), in environment ``fingerprint``,
+        created more than ``older_than`` ago. Returns them; ``dry_run`` deletes nothing."""
+        if template_hashes is None and fingerprint is None and older_than is None:
+            raise InputError("prune needs a criterion: current template hashes, a fingerprint or an age")
+        cutoff = datetime.now(timezone.utc) - older_than if older_than is not None else None
+        doomed = [w for w in self.winners(fingerprint=fingerprint)
+                  if (template_hashes is None or template_hashes.get(w.problem.op, w.template_hash) != w.template_hash)
+                  and (cutoff is None or w.created_at < cutoff)]
+        if doomed and not dry_run:
+            def delete(s: Session) -> None:
+                for w in doomed:
+                    s.execute(sa.delete(WinnerRow).where(WinnerRow.problem_key == w.key,
+                                                         WinnerRow.fingerprint == w.fingerprint))
+                # environments and problems nothing refers to any more go too
+                s.execute(sa.delete(EnvironmentRow).where(
+                    EnvironmentRow.fingerprint.not_in(select(WinnerRow.fingerprint))))
+                s.execute(sa.delete(ProblemRow).where(ProblemRow.key.not_in(select(WinnerRow.problem_key)),
+                                                      ProblemRow.key.not_in(select(ModelProblemRow.problem_key))))
+            self._write(delete)
+        return doomed
+
     # ------------------------------------------------------------------------------ Optuna
     @staticmethod
     def study_name(problem: Problem, env: Environment) -> str:
@@ -435,6 +509,70 @@ def _insert_missing(s: Session, model, rows: list[dict], key: str) -> None:
     new = [r for k, r in unique.items() if k not in have]
     if new:
         s.execute(sa.insert(model), new)
+
+
+def _file_format(path: Path) -> str:
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in ("csv", "json"):
+        raise InputError(f"{path}: unknown file type {path.suffix or '(none)'!r}; use .csv or .json")
+    return fmt
+
+
+def _read_export(path: Path) -> list[tuple[Winner, list]]:
+    """Parse an exported file into winners and their [model, tp, role] lists (one-line InputError)."""
+    import pandas as pd
+    fmt = _file_format(path)
+    if not path.is_file():
+        raise InputError(f"no such file: {path}")
+    try:
+        if fmt == "csv":
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        else:
+            df = pd.read_json(path, orient="records", dtype=False, convert_dates=False)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not a tuneforge {fmt.upper()} export: {_first_line(e)}") from None
+    missing = [c for c in EXPORT_COLUMNS if c not in df.columns]
+    if len(df) and missing:
+        raise InputError(f"{path} is not a tuneforge export: missing columns {', '.join(missing)}")
+
+    def structured(v):
+        return json.loads(v) if isinstance(v, str) else v
+
+    def flag(v) -> bool:
+        if isinstance(v, str):
+            if v.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"predicted must be true/false, got {v!r}")
+            return v.lower() in ("true", "1")
+        return bool(v)
+
+    out = []
+    for i, r in enumerate(df.to_dict(orient="records"), start=1):
+        try:
+            problem = Problem(str(r["op"]), tuple((str(k), int(v)) for k, v in structured(r["dims"])),
+                              str(r["dtype"]), int(r["world"]))
+            env = Environment(str(r["gpu_name"]), int(r["sm_count"]), float(r["memory_gb"]), int(r["world_size"]),
+                              str(r["interconnect"]), str(r["torch_version"]), str(r["triton_version"]),
+                              str(r["driver_version"]), flag(r["predicted"]))
+            if problem.key != r["problem_key"]:
+                raise ValueError(f"problem_key {r['problem_key']!r} does not match its op/dims/dtype/world")
+            if env.fingerprint != r["fingerprint"]:
+                raise ValueError(f"fingerprint {r['fingerprint']} does not match its environment columns")
+            w = Winner(problem, env, dict(structured(r["config"])), float(r["time_s"]), float(r["baseline_s"]),
+                       float(r["speedup"]), float(r["pct_sol"]), str(r["source"]), str(r["template_hash"]),
+                       str(r["study_name"]), int(r["n_trials"]), datetime.fromisoformat(str(r["created_at"])))
+            models = [(str(m), int(tp), str(role)) for m, tp, role in structured(r["models"])]
+        except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
+            raise InputError(f"{path} record {i}: {_first_line(e)}") from None
+        out.append((w, models))
+    return out
+
+
+def _add_plan(s: Session, model: str, tp: int, items: Sequence[tuple[Problem, str]]) -> None:
+    _insert_missing(s, ProblemRow, [_problem_row(p) for p, _ in items], "key")
+    known = set(s.execute(select(ModelProblemRow.problem_key, ModelProblemRow.role)
+                          .where(ModelProblemRow.model == model, ModelProblemRow.tp == int(tp))).all())
+    fresh = {(p.key, role) for p, role in items} - known
+    s.add_all(ModelProblemRow(model=model, tp=int(tp), problem_key=k, role=r) for k, r in sorted(fresh))
 
 
 def _upsert_winner(s: Session, w: Winner) -> bool:
