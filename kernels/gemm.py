@@ -1,0 +1,406 @@
+"""GEMM: y[m, n] = x[m, k] @ w[n, k].T (w in nn.Linear layout), one persistent Triton kernel.
+
+Search space: tile sizes BLOCK_M/N/K, grouped tile order (GROUP_M), warps, pipeline stages, split-K
+(partials in an fp32 workspace, summed by a second small kernel), programs per SM of the persistent
+grid, and on Hopper-class devices TMA loads through host-side tensor descriptors.
+
+Building blocks for fused kernels (AllGather-GEMM, GEMM-ReduceScatter) -- call these instead of
+copying the loop:
+
+- ``grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)`` -> ``(pid_m, pid_n)``: grouped order.
+- ``gemm_tile(...)``: one fp32 ``[BLOCK_M, BLOCK_N]`` accumulator of ``x @ w.T`` over ``[k_begin, k_end)``
+  through pointer loads (any strides, masks on K, interpreter fp32 upcast).
+- ``gemm_tile_tma(...)``: the same through tensor descriptors (out-of-range rows/cols/k read as 0).
+- ``store_tile(...)``: masked store of an accumulator into a row-major ``[M, N]`` output.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import replace
+
+import torch
+import triton
+import triton.language as tl
+
+import tuneforge
+from tuneforge.dsl.problem import DTYPE_NAMES, Problem, canonical_config
+from tuneforge.dsl.space import Space, categorical, pow2
+from tuneforge.dsl.template import Template, register
+from tuneforge.errors import ConfigRejected, InputError
+from tuneforge.tune.costmodel import gemm_config_time
+from tuneforge.tune.devices import DEFAULT_TARGET, SPECS, DeviceSpec, local_device
+
+ELEM_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+# fp32 accumulator registers per thread a config may need (BM*BN / threads); beyond it ptxas spills.
+MAX_ACC_REGISTERS = 128
+# Split-K only pays where the M x N tiles cannot fill the device; past this many rows it only adds traffic.
+SPLIT_K_MAX_M = 512
+
+
+# --- device building blocks ---------------------------------------------------------------------
+
+@triton.jit
+def grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Linear tile index -> (pid_m, pid_n) in grouped order: GROUP_M row blocks walk the column
+    blocks together, so a weight tile fetched once serves GROUP_M row blocks from L2."""
+    tiles_per_group = GROUP_M * num_pid_n
+    first_m = (tile_id // tiles_per_group) * GROUP_M
+    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
+    in_group = tile_id % tiles_per_group
+    return first_m + in_group % rows_in_group, in_group // rows_in_group
+
+
+@triton.jit
+def gemm_tile(x_ptr, w_ptr, off_m, off_n, M, N, k_begin, k_end,
+              stride_xm, stride_xk, stride_wn, stride_wk,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              EVEN_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """fp32 accumulator [BLOCK_M, BLOCK_N] = x[off_m:, k_begin:k_end] @ w[off_n:, k_begin:k_end].T.
+
+    Rows >= M and columns >= N wrap around (valid addresses, meaningless values): the caller masks
+    them at the store. ``EVEN_K``: ``k_end - k_begin`` is a multiple of BLOCK_K (no K mask).
+    ``UPCAST``: compute the dot in fp32 (the interpreter's bf16 dot is wrong).
+    """
+    rows = ((off_m + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
+    cols = ((off_n + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + (k_begin + ks)[None, :] * stride_xk
+    w_ptrs = w_ptr + cols[None, :] * stride_wn + (k_begin + ks)[:, None] * stride_wk   # [BLOCK_K, BLOCK_N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(k_begin, k_end, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            in_k = k + ks < k_end
+            a = tl.load(x_ptrs, mask=in_k[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=in_k[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    return acc
+
+
+@triton.jit
+def gemm_tile_tma(x_desc, w_desc, off_m, off_n, k_begin, k_end,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
+    """``gemm_tile`` through tensor descriptors with block shapes [BLOCK_M, BLOCK_K] (x) and
+    [BLOCK_N, BLOCK_K] (w). Reads past the tensors' edges return 0; ``k_end`` must be K or a
+    multiple of BLOCK_K past ``k_begin``."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(k_begin, k_end, BLOCK_K):
+        a = x_desc.load([off_m, k])
+        b = w_desc.load([off_n, k])
+        acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def store_tile(y_ptr, acc, off_m, off_n, M, N, stride_ym,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store ``acc`` (cast to y's dtype) into y[off_m:off_m+BLOCK_M, off_n:off_n+BLOCK_N], masked to [M, N]."""
+    rows = off_m + tl.arange(0, BLOCK_M)
+    cols = off_n + tl.arange(0, BLOCK_N)
+    ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
+    tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "N", "K"])   # sizes only bound loops and masks: one compile for all
+def _gemm_kernel(x, w, y, partial, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
+                 split_k, num_programs,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):
+    """Persistent: program p handles tiles p, p + num_programs, ... of (split, pid_m, pid_n).
+    split_k == 1 stores y directly; otherwise each split stores its fp32 partial into ``partial``."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    tiles_mn = num_pid_m * num_pid_n
+    k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
+    for tile_id in tl.range(tl.program_id(0), tiles_mn * split_k, num_programs):
+        split = tile_id // tiles_mn
+        pid_m, pid_n = grouped_tile(tile_id - split * tiles_mn, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        k_begin = tl.multiple_of(split * k_per_split, BLOCK_K)
+        k_end = tl.minimum(k_begin + k_per_split, K)
+        if USE_TMA:
+            acc = gemm_tile_tma(x, w, off_m, off_n, k_begin, k_end, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+        else:
+            acc = gemm_tile(x, w, off_m, off_n, M, N, k_begin, k_end, stride_xm, stride_xk, stride_wn, stride_wk,
+                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, INPUT_PRECISION)
+        if split_k == 1:
+            store_tile(y, acc, off_m, off_n, M, N, stride_ym, BLOCK_M, BLOCK_N)
+        else:
+            store_tile(partial + split.to(tl.int64) * M * N, acc, off_m, off_n, M, N, N, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _splitk_reduce_kernel(partial, y, M, N, stride_ym, split_k, BLOCK: tl.constexpr):
+    """y = sum over splits of partial[split] (fp32), cast to y's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    ptrs = partial + offs
+    for _ in range(split_k):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += M * N
+    tl.store(y + (offs // N) * stride_ym + offs % N, acc.to(y.dtype.element_ty), mask=mask)
+
+
+# --- space, constraints, default config ----------------------------------------------------------
+
+def space(problem: Problem) -> Space:
+    return Space(
+        pow2("block_m", 16, 256), pow2("block_n", 16, 256), pow2("block_k", 16, 256),
+        categorical("group_m", [1, 4, 8, 16]),
+        categorical("num_warps", [4, 8]),
+        categorical("num_stages", [2, 3, 4, 5]),
+        categorical("split_k", [1, 2, 4, 8, 16]),
+        categorical("programs_per_sm", [1, 2, 4]),
+        categorical("tma", [False, True]),
+    )
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def tma_unavailable(config: dict, problem: Problem, spec: DeviceSpec) -> str | None:
+    if not config["tma"]:
+        return None
+    if tuneforge.INTERPRETED:
+        return "tma: not available under the Triton interpreter"
+    if "tma" not in spec.features:
+        return f"tma: {spec.name} has no TMA"
+    if problem["k"] * ELEM_SIZE[problem.dtype] % 16:
+        return f"tma: rows of k={problem['k']} {problem.dtype} elements are not 16-byte aligned"
+    return None
+
+
+def smem_overflow(config: dict, problem: Problem, spec: DeviceSpec) -> str | None:
+    need = config["num_stages"] * (config["block_m"] + config["block_n"]) * config["block_k"] * ELEM_SIZE[problem.dtype]
+    if need > spec.smem_per_block:
+        return f"shared memory: {need} bytes for the pipeline > {spec.smem_per_block} on {spec.name}"
+    return None
+
+
+def register_pressure(config: dict, problem: Problem, spec: DeviceSpec) -> str | None:
+    regs = config["block_m"] * config["block_n"] // (32 * config["num_warps"])
+    if regs > MAX_ACC_REGISTERS:
+        return f"registers: {regs} accumulator registers per thread > {MAX_ACC_REGISTERS}"
+    return None
+
+
+def split_k_insane(config: dict, problem: Problem, spec: DeviceSpec) -> str | None:
+    split, bk, k = config["split_k"], config["block_k"], problem["k"]
+    if split == 1:
+        return None
+    if problem["m"] > SPLIT_K_MAX_M:
+        return f"split_k: m={problem['m']} > {SPLIT_K_MAX_M} fills the device without splitting k"
+    k_per_split = -(-(-(-k // split)) // bk) * bk
+    if (split - 1) * k_per_split >= k:
+        return f"split_k: {split} splits of k={k} in blocks of {bk} leave a split empty"
+    return None
+
+
+def tile_exceeds_problem(config: dict, problem: Problem, spec: DeviceSpec) -> str | None:
+    for name, dim in (("block_m", "m"), ("block_n", "n"), ("block_k", "k")):
+        limit = max(16, _next_pow2(problem[dim]))
+        if config[name] > limit:
+            return f"{name}={config[name]} exceeds {dim}={problem[dim]} (at most {limit} is useful)"
+    return None
+
+
+# Constraints a launch must pass (the kernel could not run otherwise) ...
+LAUNCH_CONSTRAINTS = (tma_unavailable, smem_overflow)
+# ... and those that only keep the search away from configs that waste time.
+CONSTRAINTS = LAUNCH_CONSTRAINTS + (register_pressure, split_k_insane, tile_exceeds_problem)
+
+
+def _first_rejection(config: dict, problem: Problem, spec: DeviceSpec, constraints=CONSTRAINTS) -> str | None:
+    for c in constraints:
+        why = c(config, problem, spec)
+        if why:
+            return why
+    return None
+
+
+def default_config(problem: Problem, spec: DeviceSpec) -> dict:
+    """Heuristic config (measured on H100, bf16; see benchmarks/bench_gemm.py): decode-sized M streams
+    the weight with 16-row tiles, BK=128 and split-K until the tiles cover the SMs; mid M uses 64-row
+    tiles; large M 128x256x64, 3 stages, 8 warps, grouped order, TMA where the device has it.
+    Shrinks stages, then BLOCK_K, then BLOCK_N until every constraint passes (fp32, small-smem GPUs)."""
+    m, n, k = problem["m"], problem["n"], problem["k"]
+    if m <= 16:
+        cfg = dict(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
+    elif m <= 256:
+        cfg = dict(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3)
+    cfg.update(split_k=1, programs_per_sm=1, tma=False)
+    # clamp tiles to the problem
+    for name, dim in (("block_m", "m"), ("block_n", "n"), ("block_k", "k")):
+        cfg[name] = min(cfg[name], max(16, _next_pow2(problem[dim])))
+    cfg["tma"] = tma_unavailable({**cfg, "tma": True}, problem, spec) is None
+    if m <= 64:
+        tiles = -(-m // cfg["block_m"]) * -(-n // cfg["block_n"])
+        while (tiles * cfg["split_k"] < spec.sms and cfg["split_k"] < 16
+               and split_k_insane({**cfg, "split_k": 2 * cfg["split_k"]}, problem, spec) is None
+               and k // (2 * cfg["split_k"]) >= 4 * cfg["block_k"]):
+            cfg["split_k"] *= 2
+    for shrink in ("num_stages", "num_stages", "block_k", "num_stages", "block_n", "block_k", "block_m"):
+        if _first_rejection(cfg, problem, spec) is None:
+            break
+        floor = 2 if shrink == "num_stages" else 16
+        cfg[shrink] = max(floor, cfg[shrink] - 1 if shrink == "num_stages" else cfg[shrink] // 2)
+    return cfg
+
+
+# --- launcher ------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def launch_spec(device: torch.device) -> DeviceSpec:
+    """The spec the launcher plans with: the local GPU's; under the interpreter a stand-in with few
+    SMs (so the persistent loop runs several tiles per program) and no TMA."""
+    if device.type == "cuda" and not tuneforge.INTERPRETED:
+        with torch.cuda.device(device):
+            return local_device()
+    return replace(SPECS[DEFAULT_TARGET], name="interpreter", sms=4, features=frozenset())
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked_config(config_key: str, problem: Problem, device: torch.device) -> None:
+    """Raise ConfigRejected if the config is outside the space or cannot launch (cached: hot path)."""
+    config = json.loads(config_key)
+    spec = launch_spec(device)
+    try:
+        config = space(problem).validate(config)
+    except ValueError as e:
+        raise ConfigRejected(f"gemm config {config_key}: {e}") from None
+    why = _first_rejection(config, problem, spec, LAUNCH_CONSTRAINTS)
+    if why:
+        raise ConfigRejected(f"gemm config {config_key} cannot run {problem.key}: {why}")
+
+
+def _check_inputs(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None) -> None:
+    for name, t in (("x", x), ("w", w)):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"gemm: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise InputError(f"gemm: {name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPE_NAMES:
+            raise InputError(f"gemm: {name} dtype {t.dtype} is not one of float16, bfloat16, float32")
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise InputError(f"gemm: {name} needs unit stride along k, got strides {tuple(t.stride())} "
+                             f"(call .contiguous())")
+    if x.shape[1] != w.shape[1]:
+        raise InputError(f"gemm: x is [m, k]={tuple(x.shape)} but w is [n, k]={tuple(w.shape)} (nn.Linear layout): "
+                         f"k differs")
+    if w.dtype != x.dtype:
+        raise InputError(f"gemm: w dtype {w.dtype} differs from x dtype {x.dtype}")
+    if w.device != x.device:
+        raise InputError(f"gemm: w is on {w.device} but x is on {x.device}")
+    if out is not None:
+        want = (x.shape[0], w.shape[0])
+        if tuple(out.shape) != want:
+            raise InputError(f"gemm: out has shape {tuple(out.shape)}, expected {want}")
+        if out.dtype != x.dtype:
+            raise InputError(f"gemm: out dtype {out.dtype} differs from x dtype {x.dtype}")
+        if out.device != x.device:
+            raise InputError(f"gemm: out is on {out.device} but x is on {x.device}")
+        if out.shape[1] > 1 and out.stride(1) != 1:
+            raise InputError(f"gemm: out needs unit stride along n, got strides {tuple(out.stride())}")
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0 and (t.shape[0] <= 1 or t.stride(0) * t.element_size() % 16 == 0)
+
+
+def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, config: dict | None = None):
+    """y = x @ w.T for x [m, k] and w [n, k] (nn.Linear weight), fp16/bf16/fp32 (fp32: IEEE dot).
+
+    x and out may have any row stride (unit stride along the last dim). ``config`` None: the
+    default for this shape and device. A config asking for TMA falls back to pointer loads (same
+    tiles) when x's rows are not 16-byte aligned.
+    """
+    _check_inputs(x, w, out)
+    m, k = x.shape
+    n = w.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    problem = Problem.make("gemm", DTYPE_NAMES[x.dtype], m=m, n=n, k=k)
+    spec = launch_spec(x.device)
+    if config is None:
+        config = default_config(problem, spec)
+    else:
+        _checked_config(canonical_config(config), problem, x.device)
+    bm, bn, bk, split = config["block_m"], config["block_n"], config["block_k"], config["split_k"]
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn) * split
+    num_programs = min(tiles, spec.sms * config["programs_per_sm"])
+    use_tma = bool(config["tma"]) and _tma_ready(x) and _tma_ready(w)
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        xa = TensorDescriptor(x, [m, k], [x.stride(0), 1], [bm, bk])
+        wa = TensorDescriptor(w, [n, k], [w.stride(0), 1], [bn, bk])
+    else:
+        xa, wa = x, w
+    partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    interpreted = tuneforge.INTERPRETED
+    _gemm_kernel[(num_programs,)](
+        xa, wa, out, partial, m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0),
+        split, num_programs,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config["group_m"], USE_TMA=use_tma,
+        EVEN_K=k % bk == 0, UPCAST=interpreted and x.dtype != torch.float32,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 or interpreted else "tf32",
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if split > 1:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](partial, out, m, n, out.stride(0), split, BLOCK=block)
+    return out
+
+
+def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T in fp64."""
+    return x.double() @ w.double().T
+
+
+def baseline(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What a torch user runs: cuBLAS through nn.functional.linear."""
+    return torch.nn.functional.linear(x, w)
+
+
+def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
+    """x ~ N(0, 1), w ~ N(0, 1/k) so y ~ N(0, 1) at every k; ``out`` uninitialised."""
+    m, n, k = problem["m"], problem["n"], problem["k"]
+    dtype = problem.torch_dtype
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn((m, k), generator=g, device=device, dtype=torch.float32).to(dtype)
+    w = (torch.randn((n, k), generator=g, device=device, dtype=torch.float32) / max(k, 1) ** 0.5).to(dtype)
+    return {"x": x, "w": w, "out": torch.empty((m, n), dtype=dtype, device=device)}
+
+
+def work(problem: Problem) -> tuple[float, float]:
+    """2mnk flops; x, w read once and y written once."""
+    m, n, k = problem["m"], problem["n"], problem["k"]
+    return 2.0 * m * n * k, float((m * k + n * k + m * n) * ELEM_SIZE[problem.dtype])
+
+
+def cost(problem: Problem, config: dict | None, spec: DeviceSpec) -> float:
+    """The cost model's tile estimate (waves, padding, small-M bandwidth); None: cuBLAS-like baseline."""
+    return gemm_config_time(problem["m"], problem["n"], problem["k"], config, spec, problem.dtype)
+
+
+TEMPLATE = register(Template(
+    op="gemm", space=space, make_inputs=make_inputs, launch=gemm, reference=reference, baseline=baseline,
+    default_config=default_config, work=work, cost=cost, constraints=CONSTRAINTS,
+    doc="y = x @ w.T (nn.Linear): persistent grouped tiles, split-K, optional TMA loads"))
