@@ -1,0 +1,270 @@
+"""Qwen3 attention prologue on the fused qkv projection: per-head RMSNorm of q and k, then RoPE.
+
+Input ``qkv`` is [tokens, (heads + 2 * kv_heads) * head_dim] laid out q | k | v, as a fused
+q/k/v GEMM writes it. For every token and every q and k head, in fp32 math:
+
+1. ``q_norm`` / ``k_norm``: ``x * rsqrt(mean(x^2) + eps) * weight`` over ``head_dim``;
+2. rotary embedding, rotate-half convention of HF Qwen3 (``x * cos + rotate_half(x) * sin`` with
+   ``cos = cos(pos * inv_freq)`` repeated over both halves, ``inv_freq = 1 / theta^(2i / head_dim)``
+   computed exactly as transformers does, in fp32 on the CPU). ``positions`` is an int tensor
+   [tokens], so a decode batch may mix positions. Default RoPE only (no ``rope_scaling``).
+
+Output: ``out`` [tokens, (heads + kv_heads) * head_dim] = rotated q | rotated k, rounded once to the
+dtype. v is never read or written. ``out=None`` allocates; for in place, pass the q|k columns of
+``qkv`` itself, ``out=qkv[:, :(heads + kv_heads) * head_dim]`` (a strided view: any row stride is
+accepted), after which ``qkv`` holds rotated q | rotated k | v. A program handles ``HEADS`` heads of
+``ROWS`` tokens; ``head_dim`` need not be a power of two (even is required).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
+from tuneforge.errors import InputError
+from tuneforge.kernels.shared_expert_gate import (MAX_ELEMENTS_PER_THREAD, MAX_TILE_ELEMENTS, check_tensor,
+                                                  launch_spec, next_pow2)
+from tuneforge.tune.costmodel import elementwise_time, roofline
+
+OP = "rope_qk_norm"
+QWEN3_THETA = 1_000_000.0
+QWEN3_EPS = 1e-6
+
+
+@triton.jit
+def _rope_qk_norm_kernel(qkv_ptr, out_ptr, pos_ptr, inv_freq_ptr, q_w_ptr, k_w_ptr, m, heads, qk_heads,
+                         stride_qkv, stride_out, eps,
+                         HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, HEADS: tl.constexpr, ROWS: tl.constexpr):
+    half: tl.constexpr = HEAD_DIM // 2
+    head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
+    col = tl.arange(0, BLOCK_HALF)
+    col_ok = col < half
+    mask = (head < qk_heads)[:, None] & col_ok[None, :]
+    # the norm weight of each head: q_norm for the first `heads`, k_norm for the kv heads after them
+    is_q = (head < heads)[:, None]
+    w1 = tl.where(is_q, tl.load(q_w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :],
+                  tl.load(k_w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :])
+    w2 = tl.where(is_q, tl.load(q_w_ptr + half + col, mask=col_ok, other=0.0).to(tl.float32)[None, :],
+                  tl.load(k_w_ptr + half + col, mask=col_ok, other=0.0).to(tl.float32)[None, :])
+    inv_freq = tl.load(inv_freq_ptr + col, mask=col_ok, other=0.0)
+    offs = head[:, None] * HEAD_DIM + col[None, :]
+    for i in tl.static_range(ROWS):
+        row = tl.program_id(0) * ROWS + i
+        row_mask = mask & ((head * 0 + row) < m)[:, None]   # a tensor mask (the interpreter rejects scalar & tensor)
+        src = qkv_ptr + row.to(tl.int64) * stride_qkv + offs   # int64: offsets pass 2^31 on long prefills
+        x1 = tl.load(src, mask=row_mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + half, mask=row_mask, other=0.0).to(tl.float32)
+        rstd = tl.math.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HEAD_DIM + eps)
+        x1 = x1 * rstd[:, None] * w1
+        x2 = x2 * rstd[:, None] * w2
+        # the angle in fp32 exactly as transformers forms it: float(position) * inv_freq
+        angle = tl.load(pos_ptr + row, mask=row < m, other=0).to(tl.float32) * inv_freq
+        cos = tl.cos(angle)[None, :]
+        sin = tl.sin(angle)[None, :]
+        dst = out_ptr + row.to(tl.int64) * stride_out + offs
+        tl.store(dst, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=row_mask)
+        tl.store(dst + half, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+@functools.lru_cache(maxsize=64)
+def inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """transformers' default RoPE frequencies, bit for bit: fp32 ``1 / theta ** (arange(0, d, 2) / d)`` on
+    the CPU, then moved. Cached, so call once before CUDA-graph capture (the engine's warm-up does)."""
+    freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    return freq.to(device)
+
+
+def _check(qkv, positions, q_weight, k_weight, heads, kv_heads) -> tuple[int, int]:
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 2:
+        got = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise InputError(f"{OP}: qkv must be a 2-D [tokens, (heads + 2 * kv_heads) * head_dim] tensor, got {got}")
+    if not isinstance(q_weight, torch.Tensor) or q_weight.dim() != 1:
+        raise InputError(f"{OP}: q_weight must be a 1-D [head_dim] tensor")
+    head_dim = q_weight.shape[0]
+    if head_dim < 2 or head_dim % 2:
+        raise InputError(f"{OP}: head_dim (q_weight's length) must be even and >= 2 for rotate-half, got {head_dim}")
+    if int(heads) < 1 or int(kv_heads) < 1:
+        raise InputError(f"{OP}: heads and kv_heads must be >= 1, got heads={heads}, kv_heads={kv_heads}")
+    m, width = qkv.shape
+    if width != (heads + 2 * kv_heads) * head_dim:
+        raise InputError(f"{OP}: qkv has {width} columns, expected (heads {heads} + 2 * kv_heads {kv_heads}) * "
+                         f"head_dim {head_dim} = {(heads + 2 * kv_heads) * head_dim}")
+    check_tensor(OP, "qkv", qkv, (m, width), None, None)
+    check_tensor(OP, "q_weight", q_weight, (head_dim,), None, qkv.device)
+    check_tensor(OP, "k_weight", k_weight, (head_dim,), None, qkv.device)
+    if not isinstance(positions, torch.Tensor) or tuple(positions.shape) != (m,):
+        got = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
+        raise InputError(f"{OP}: positions must be a [{m}] int tensor (one position per token), got {got}")
+    if positions.dtype not in (torch.int32, torch.int64):
+        raise InputError(f"{OP}: positions has dtype {positions.dtype}, expected torch.int32 or torch.int64")
+    if positions.device != qkv.device:
+        raise InputError(f"{OP}: positions is on {positions.device} but qkv is on {qkv.device}")
+    return m, head_dim
+
+
+def rope_qk_norm(qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, *,
+                 heads: int, kv_heads: int, theta: float = QWEN3_THETA, eps: float = QWEN3_EPS,
+                 out: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
+    """Normalized, rotated q | k of ``qkv`` -> ``out`` [tokens, (heads + kv_heads) * head_dim].
+
+    In place: ``out=qkv[:, :(heads + kv_heads) * head_dim]``. ``q_weight``/``k_weight`` are the
+    [head_dim] q_norm/k_norm weights; ``positions`` the int32/int64 position of every token.
+    """
+    m, head_dim = _check(qkv, positions, q_weight, k_weight, heads, kv_heads)
+    qk_heads = heads + kv_heads
+    if not eps > 0 or not theta > 0:
+        raise InputError(f"{OP}: eps and theta must be > 0, got eps={eps}, theta={theta}")
+    if out is None:
+        out = torch.empty((m, qk_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
+    else:
+        check_tensor(OP, "out", out, (m, qk_heads * head_dim), qkv.dtype, qkv.device)
+    if m == 0:
+        return out
+    cfg = config or default(m, heads, kv_heads, head_dim, launch_spec())
+    grid = (triton.cdiv(m, cfg["ROWS"]), triton.cdiv(qk_heads, cfg["HEADS"]))
+    _rope_qk_norm_kernel[grid](qkv, out, positions, inv_freq(head_dim, float(theta), qkv.device), q_weight, k_weight,
+                               m, heads, qk_heads, qkv.stride(0), out.stride(0), float(eps),
+                               HEAD_DIM=head_dim, BLOCK_HALF=next_pow2(head_dim // 2),
+                               HEADS=cfg["HEADS"], ROWS=cfg["ROWS"], num_warps=cfg["num_warps"])
+    return out
+
+
+def _split_heads(qkv, heads, kv_heads, head_dim):
+    m = qkv.shape[0]
+    q = qkv[:, :heads * head_dim].reshape(m, heads, head_dim)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].reshape(m, kv_heads, head_dim)
+    return q, k
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def reference(qkv, positions, q_weight, k_weight, heads, kv_heads, theta=QWEN3_THETA, eps=QWEN3_EPS) -> torch.Tensor:
+    """fp32 math with transformers' fp32 angles: q_norm/k_norm, then apply_rotary_pos_emb."""
+    head_dim = q_weight.shape[0]
+    q, k = _split_heads(qkv.float(), heads, kv_heads, head_dim)
+    angle = positions.float()[:, None] * inv_freq(head_dim, float(theta), qkv.device)[None, :]
+    cos = torch.cat((angle, angle), dim=-1).cos()[:, None, :]
+    sin = torch.cat((angle, angle), dim=-1).sin()[:, None, :]
+
+    def norm_rope(x, w):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+        return x * cos + _rotate_half(x) * sin
+
+    return torch.cat((norm_rope(q, q_weight), norm_rope(k, k_weight)), dim=1).reshape(qkv.shape[0], -1)
+
+
+def baseline(qkv, positions, q_weight, k_weight, heads, kv_heads, theta=QWEN3_THETA, eps=QWEN3_EPS) -> torch.Tensor:
+    """What a torch Qwen3 runs: ``F.rms_norm`` per head, cos/sin in fp32 cast to the dtype, rotate-half
+    in the dtype, q and k concatenated into one [tokens, (heads + kv_heads) * head_dim] tensor."""
+    head_dim = q_weight.shape[0]
+    q, k = _split_heads(qkv, heads, kv_heads, head_dim)
+    angle = positions.float()[:, None] * inv_freq(head_dim, float(theta), qkv.device)[None, :]
+    emb = torch.cat((angle, angle), dim=-1)
+    cos, sin = emb.cos().to(qkv.dtype)[:, None, :], emb.sin().to(qkv.dtype)[:, None, :]
+    q = F.rms_norm(q, (head_dim,), q_weight.to(qkv.dtype), eps)
+    k = F.rms_norm(k, (head_dim,), k_weight.to(qkv.dtype), eps)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    return torch.cat((q, k), dim=1).reshape(qkv.shape[0], -1)
+
+
+# --- the template -------------------------------------------------------------------------------------
+
+def space(problem: Problem) -> Space:
+    qk_heads = problem["heads"] + problem["kv_heads"]
+    return Space(pow2("HEADS", 1, max(1, min(16, next_pow2(qk_heads)))),
+                 categorical("ROWS", (1, 2, 4)),
+                 categorical("num_warps", (1, 2, 4, 8)))
+
+
+def constraint(config: dict, problem: Problem, spec) -> Optional[str]:
+    # x1, x2 are [HEADS, head_dim / 2] fp32 tiles each
+    elements = config["HEADS"] * next_pow2(problem["head_dim"] // 2)
+    threads = config["num_warps"] * 32
+    if 2 * elements > MAX_TILE_ELEMENTS:
+        return f"{config['HEADS']} heads x head_dim {problem['head_dim']} > {MAX_TILE_ELEMENTS} elements (register spills)"
+    if config["num_warps"] > 1 and threads > elements:
+        return f"{config['num_warps']} warps ({threads} threads) for {elements}-element half-head tiles leave lanes idle"
+    if 2 * elements / threads > MAX_ELEMENTS_PER_THREAD:
+        return f"{2 * elements // threads} elements per thread > {MAX_ELEMENTS_PER_THREAD} (register spills)"
+    if config["ROWS"] > 1 and config["ROWS"] > next_pow2(problem["m"]):
+        return f"ROWS={config['ROWS']} exceeds the {problem['m']} tokens (idle rows)"
+    return None
+
+
+def default(m: int, heads: int, kv_heads: int, head_dim: int, spec) -> dict:
+    """~1024 elements (8 heads of 128) per program; fewer heads when few tokens leave SMs idle."""
+    sms = spec.sms if spec is not None else 132
+    qk_heads = heads + kv_heads
+    half = next_pow2(head_dim // 2)
+    heads_per = max(1, min(next_pow2(qk_heads), 16, 1024 // (2 * half)))
+    while heads_per > 1 and m * math.ceil(qk_heads / heads_per) < 2 * sms:
+        heads_per //= 2
+    num_warps = max(1, min(8, heads_per * half // 128))   # ~4 elements per thread per half tile
+    return {"HEADS": heads_per, "ROWS": 1, "num_warps": num_warps}
+
+
+def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
+    m, heads, kv_heads, head_dim = problem["m"], problem["heads"], problem["kv_heads"], problem["head_dim"]
+    dtype = problem.torch_dtype
+    g = torch.Generator(device=device).manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=torch.float32)
+    return {"qkv": rand(m, (heads + 2 * kv_heads) * head_dim).to(dtype),
+            # decode batches mix positions; large ones exercise fp32 angle rounding
+            "positions": torch.randint(0, 32768, (m,), generator=g, device=device, dtype=torch.int64),
+            "q_weight": (1.0 + 0.2 * rand(head_dim)).to(dtype), "k_weight": (1.0 + 0.2 * rand(head_dim)).to(dtype),
+            "heads": heads, "kv_heads": kv_heads, "theta": QWEN3_THETA, "eps": QWEN3_EPS,
+            "out": torch.empty(m, (heads + kv_heads) * head_dim, dtype=dtype, device=device)}
+
+
+def _qk_elements(problem: Problem) -> int:
+    return problem["m"] * (problem["heads"] + problem["kv_heads"]) * problem["head_dim"]
+
+
+def work(problem: Problem) -> tuple[float, float]:
+    """Read q and k, write them rotated; positions (int64) and the weights are noise."""
+    size = problem.torch_dtype.itemsize
+    elements = _qk_elements(problem)
+    return 12.0 * elements, float(2 * elements * size + 8 * problem["m"] + 2 * problem["head_dim"] * size)
+
+
+# Passes over the q|k bytes and kernel launches of the torch baseline: rms_norm q, k (read+write each,
+# plus a copy to make the strided head views contiguous), then per q and k: x*cos, rotate_half (neg +
+# cat), *sin, add; and the final cat. cos/sin of [tokens, head_dim] are noise.
+BASELINE_PASSES, BASELINE_LAUNCHES = 16, 20
+
+
+def cost(problem: Problem, config: Optional[dict], spec) -> float:
+    flops, nbytes = work(problem)
+    if config is None:
+        size = problem.torch_dtype.itemsize
+        return roofline(flops, BASELINE_PASSES * _qk_elements(problem) * size, spec, problem.dtype,
+                        launches=BASELINE_LAUNCHES)
+    cols = (problem["heads"] + problem["kv_heads"]) * problem["head_dim"]
+    tile = {"BLOCK_N": config["HEADS"] * problem["head_dim"], "ROWS": config["ROWS"], "num_warps": config["num_warps"]}
+    return elementwise_time(problem["m"], cols, nbytes, spec, tile, flops, problem.dtype)
+
+
+TEMPLATE = register(Template(
+    op=OP,
+    space=space,
+    make_inputs=make_inputs,
+    launch=rope_qk_norm,
+    reference=reference,
+    baseline=baseline,
+    default_config=lambda problem, spec: default(problem["m"], problem["heads"], problem["kv_heads"],
+                                                 problem["head_dim"], spec),
+    work=work,
+    cost=cost,
+    constraints=(constraint,),
+    doc=__doc__.split("\n")[0],
+))

@@ -1,0 +1,112 @@
+"""SwiGLU activation of a fused gate_up projection: ``y[m, n] = silu(x[:, :n]) * x[:, n:]``.
+
+``x`` is the [tokens, 2 * inter] output of the fused gate/up GEMM (gate columns first, as in
+Qwen3's ``act_fn(gate_proj(x)) * up_proj(x)``); ``y`` is [tokens, inter]. fp32 math inside, one
+rounding at the store. Torch runs two kernels (silu, multiply: 5 passes over [tokens, inter]); the
+fused kernel reads ``x`` once and writes ``y`` once. Rows may have any stride; columns must be contiguous.
+Tiling: the 2-D row tiles of ``shared_expert_gate`` (``ROWS`` x ``BLOCK_N`` of the output per program).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from tuneforge.dsl import Problem, Template, register
+from tuneforge.errors import InputError
+from tuneforge.kernels.shared_expert_gate import check_tensor, launch_spec, tile_constraints, tile_default, tile_space
+from tuneforge.tune.costmodel import elementwise_time, roofline
+
+OP = "silu_mul"
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, y_ptr, m, n, stride_x, stride_y, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < m)[:, None] & (cols < n)[None, :]
+    x_row = x_ptr + rows.to(tl.int64)[:, None] * stride_x   # int64: offsets pass 2^31 on long prefills
+    gate = tl.load(x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_row + n + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = gate * tl.sigmoid(gate) * up
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul(x: torch.Tensor, *, out: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
+    """``silu(x[:, :n]) * x[:, n:]`` for ``x`` [tokens, 2n] -> ``out`` [tokens, n] (allocated when None)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise InputError(f"{OP}: x must be a 2-D [tokens, 2 * inter] tensor (gate | up), got {got}")
+    m, width = x.shape
+    if width % 2:
+        raise InputError(f"{OP}: x's last dimension must be even (gate | up halves), got {width}")
+    n = width // 2
+    check_tensor(OP, "x", x, (m, width), None, None)
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        check_tensor(OP, "out", out, (m, n), x.dtype, x.device)
+    if m == 0 or n == 0:
+        return out
+    cfg = config or tile_default(m, n, launch_spec())
+    grid = (triton.cdiv(m, cfg["ROWS"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    _silu_mul_kernel[grid](x, out, m, n, x.stride(0), out.stride(0),
+                           BLOCK_N=cfg["BLOCK_N"], ROWS=cfg["ROWS"], num_warps=cfg["num_warps"])
+    return out
+
+
+def reference(x) -> torch.Tensor:
+    gate, up = x.float().chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def baseline(x) -> torch.Tensor:
+    """What Qwen3's MLP runs on a fused gate_up output: ``F.silu`` then a multiply (two kernels)."""
+    n = x.shape[-1] // 2
+    return F.silu(x[:, :n]) * x[:, n:]
+
+
+# --- the template -------------------------------------------------------------------------------------
+
+def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
+    m, n, dtype = problem["m"], problem["n"], problem.torch_dtype
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(m, 2 * n, generator=g, device=device, dtype=torch.float32).mul_(2.0).to(dtype)
+    return {"x": x, "out": torch.empty(m, n, dtype=dtype, device=device)}
+
+
+
+def work(problem: Problem) -> tuple[float, float]:
+    """Read gate and up, write y."""
+    m, n = problem["m"], problem["n"]
+    return 5.0 * m * n, float(3 * m * n * problem.torch_dtype.itemsize)
+
+
+def baseline_bytes(problem: Problem) -> float:
+    """silu (m*n in, m*n out) + multiply (2 m*n in, m*n out)."""
+    return float(5 * problem["m"] * problem["n"] * problem.torch_dtype.itemsize)
+
+
+def cost(problem: Problem, config: Optional[dict], spec) -> float:
+    flops, nbytes = work(problem)
+    if config is None:
+        return roofline(flops, baseline_bytes(problem), spec, problem.dtype, launches=2)
+    return elementwise_time(problem["m"], problem["n"], nbytes, spec, config, flops, problem.dtype)
+
+
+TEMPLATE = register(Template(
+    op=OP,
+    space=lambda problem: tile_space(problem["n"]),
+    make_inputs=make_inputs,
+    launch=silu_mul,
+    reference=reference,
+    baseline=baseline,
+    default_config=lambda problem, spec: tile_default(problem["m"], problem["n"], spec),
+    work=work,
+    cost=cost,
+    constraints=(tile_constraints,),
+    doc=__doc__.split("\n")[0],
+))
