@@ -231,12 +231,23 @@ def _first_rejection(config: dict, problem: Problem, spec: DeviceSpec, constrain
     return None
 
 
+def split_k_to_fill(config: dict, problem: Problem, spec: DeviceSpec) -> int:
+    """The smallest power-of-2 split that gives every SM a tile, keeping >= 4 K blocks per split."""
+    tiles = -(-problem["m"] // config["block_m"]) * -(-problem["n"] // config["block_n"])
+    split = 1
+    while (tiles * split < spec.sms and split < 16
+           and split_k_insane({**config, "split_k": 2 * split}, problem, spec) is None
+           and problem["k"] // (2 * split) >= 4 * config["block_k"]):
+        split *= 2
+    return split
+
+
 def default_config(problem: Problem, spec: DeviceSpec) -> dict:
     """Heuristic config (measured on H100, bf16; see benchmarks/bench_gemm.py): decode-sized M streams
     the weight with 16-row tiles, BK=128 and split-K until the tiles cover the SMs; mid M uses 64-row
     tiles; large M 128x256x64, 3 stages, 8 warps, grouped order, TMA where the device has it.
     Shrinks stages, then BLOCK_K, then BLOCK_N until every constraint passes (fp32, small-smem GPUs)."""
-    m, n, k = problem["m"], problem["n"], problem["k"]
+    m = problem["m"]
     if m <= 16:
         cfg = dict(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
     elif m <= 256:
@@ -249,11 +260,7 @@ def default_config(problem: Problem, spec: DeviceSpec) -> dict:
         cfg[name] = min(cfg[name], max(16, _next_pow2(problem[dim])))
     cfg["tma"] = tma_unavailable({**cfg, "tma": True}, problem, spec) is None
     if m <= 64:
-        tiles = -(-m // cfg["block_m"]) * -(-n // cfg["block_n"])
-        while (tiles * cfg["split_k"] < spec.sms and cfg["split_k"] < 16
-               and split_k_insane({**cfg, "split_k": 2 * cfg["split_k"]}, problem, spec) is None
-               and k // (2 * cfg["split_k"]) >= 4 * cfg["block_k"]):
-            cfg["split_k"] *= 2
+        cfg["split_k"] = split_k_to_fill(cfg, problem, spec)
     for shrink in ("num_stages", "num_stages", "block_k", "num_stages", "block_n", "block_k", "block_m"):
         if _first_rejection(cfg, problem, spec) is None:
             break
