@@ -53,9 +53,10 @@ def default_url() -> str:
     return f"sqlite:///{folder / 'tuneforge.db'}"
 
 
-def normalize_url(url: str) -> str:
+def normalize_url(url: str | os.PathLike) -> str:
     """A SQLAlchemy URL; a bare path (no ``scheme://``) becomes an SQLite file URL, and a plain
     ``postgresql://`` uses psycopg2 where psycopg (3, SQLAlchemy's default) is not installed."""
+    url = os.fspath(url)
     if "://" not in url:
         return f"sqlite:///{Path(url).expanduser().resolve()}"
     if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
@@ -154,7 +155,7 @@ def _env_difference(env: Environment, other: Environment) -> str:
 class Store:
     """The tuning database. ``create=False`` refuses to create a missing SQLite file."""
 
-    def __init__(self, url: Optional[str] = None, *, create: bool = True):
+    def __init__(self, url: Optional[str | os.PathLike] = None, *, create: bool = True):
         self.url = normalize_url(url) if url else default_url()
         self.engine = self._make_engine(self.url, create)
         # Writes take the write lock at BEGIN (SQLite); other dialects ignore the option.
@@ -417,7 +418,8 @@ class Store:
                     df[col] = [json.dumps(v) for v in df[col]]
                 df.to_csv(path, index=False)
             else:
-                df.to_json(path, orient="records", indent=1)
+                # json, not DataFrame.to_json: that rounds floats to 15 digits, and times must round-trip
+                path.write_text(json.dumps(df.to_dict(orient="records"), indent=1) + "\n")
         except OSError as e:
             raise InputError(f"cannot write {path}: {e.strerror or e}") from None
         return len(df)
@@ -528,7 +530,10 @@ def _read_export(path: Path) -> list[tuple[Winner, list]]:
         if fmt == "csv":
             df = pd.read_csv(path, dtype=str, keep_default_na=False)
         else:
-            df = pd.read_json(path, orient="records", dtype=False, convert_dates=False)
+            records = json.loads(path.read_text())
+            if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+                raise ValueError("expected a list of records")
+            df = pd.DataFrame.from_records(records)
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not a tuneforge {fmt.upper()} export: {_first_line(e)}") from None
     missing = [c for c in EXPORT_COLUMNS if c not in df.columns]
