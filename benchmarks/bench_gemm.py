@@ -134,26 +134,32 @@ def main(argv=None) -> int:
                 print(f"[{time.perf_counter() - start:6.1f}s] {layer:8s} tp{tp} m={m:<5d} n={n:<6d} k={k:<6d} "
                       f"triton {row['triton_us']:9.1f} us  cublas {row['cublas_us']:9.1f} us  "
                       f"ratio {row['ratio']:.3f}  {row['best_config']}", flush=True)
+        write_results("bench_gemm", rows, summarize(rows, time.perf_counter() - start, complete=False))
+    summary = summarize(rows, time.perf_counter() - start, complete=True)
     print_table(rows, ["layer", "tp", "m", "n", "k", "triton_us", "cublas_us", "ratio", "default_ratio",
                        "pct_sol", "cublas_pct_sol"])
-    ratios = [r["ratio"] for r in rows]
-    defaults = [r["default_ratio"] for r in rows if r["default_ratio"]]
-    summary = {
-        "geomean_ratio": geomean(ratios), "max_ratio": max(ratios),
-        "shapes_above_1.10": sum(r > 1.10 for r in ratios), "shapes": len(rows),
-        "geomean_default_ratio": geomean(defaults),
-        "geomean_pct_sol": geomean(r["pct_sol"] for r in rows),
-        "geomean_cublas_pct_sol": geomean(r["cublas_pct_sol"] for r in rows),
-        "dtype": "bf16", "seconds": time.perf_counter() - start,
-        "method": "median of time_calls (CUDA events, L2 flush, 2 rotated input sets); "
-                  "ratio = triton / cublas time, < 1 is faster",
-    }
     print(f"geomean ratio to cuBLAS {summary['geomean_ratio']:.3f} (default config {summary['geomean_default_ratio']:.3f}), "
           f"max {summary['max_ratio']:.3f}, {summary['shapes_above_1.10']}/{len(rows)} shapes above 1.10, "
           f"geomean {summary['geomean_pct_sol']:.1f}% of speed of light (cuBLAS {summary['geomean_cublas_pct_sol']:.1f}%), "
           f"{summary['seconds']:.0f} s")
     write_results("bench_gemm", rows, summary)
     return 0
+
+
+def summarize(rows: list[dict], seconds: float, complete: bool) -> dict:
+    """Ratios over all rows; ``complete`` False marks a file written part-way (after each TP degree)."""
+    ratios = [r["ratio"] for r in rows]
+    defaults = [r["default_ratio"] for r in rows if r["default_ratio"]]
+    return {
+        "geomean_ratio": geomean(ratios), "max_ratio": max(ratios),
+        "shapes_above_1.10": sum(r > 1.10 for r in ratios), "shapes": len(rows),
+        "geomean_default_ratio": geomean(defaults),
+        "geomean_pct_sol": geomean(r["pct_sol"] for r in rows),
+        "geomean_cublas_pct_sol": geomean(r["cublas_pct_sol"] for r in rows),
+        "dtype": "bf16", "seconds": seconds, "complete": complete,
+        "method": "median of time_calls (CUDA events, L2 flush, 2 rotated input sets); "
+                  "ratio = triton / cublas time, < 1 is faster",
+    }
 
 
 if __name__ == "__main__":
