@@ -1,0 +1,217 @@
+"""Qwen3 dense decoder (Qwen3-0.6B ... Qwen3-32B) as plain PyTorch modules, tensor-parallel by shape.
+
+Each rank holds only its shard (``Shard(rank, size)``): the fused q|k|v projection and the fused
+gate|up projection are column-parallel (a rank owns ``heads/tp`` query heads, ``kv_heads/tp`` KV heads
+and ``intermediate/tp`` MLP channels), o_proj and down_proj are row-parallel and their partial sums are
+all-reduced; the embedding is replicated and lm_head is split over the vocabulary (its logits
+all-gathered). Every op goes through ``ops`` (tuneforge.engine.dispatch.Ops), which runs the tuned
+Triton kernel or the torch baseline. Activations are token-major ``[tokens, features]``.
+
+Attention runs torch SDPA over the KV cache: a causal prefill from an empty cache, and decode steps
+over the first ``kv_len`` slots with a mask of each sequence's valid slots.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tuneforge.engine.kv_cache import KVCache
+from tuneforge.errors import InputError
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place in the tensor-parallel group (``group`` None: the default group)."""
+    rank: int = 0
+    size: int = 1
+    group: object = None
+
+    def part(self, total: int, what: str) -> int:
+        if total % self.size:
+            raise InputError(f"{what}={total} does not split over TP={self.size}")
+        return total // self.size
+
+
+@dataclass(frozen=True)
+class CheckpointTensor:
+    """Where one Hugging Face checkpoint tensor goes: its full shape, the dim this rank slices
+    (None: the whole tensor), where the slice starts, and the parameter view it is copied into
+    (whose size along ``split_dim`` is the slice's length)."""
+    name: str
+    shape: tuple[int, ...]
+    split_dim: Optional[int]
+    start: int
+    dest: torch.Tensor
+
+
+@dataclass
+class Step:
+    """What one forward pass needs besides the tokens: the cache rows and slots its tokens occupy
+    (``[batch, tokens]``, slot = position) and, for decode, the valid-slot mask ``[batch, 1, 1, kv_len]``."""
+    rows: torch.Tensor
+    positions: torch.Tensor
+    prefill: bool
+    kv_len: int
+    mask: Optional[torch.Tensor] = None
+
+
+def _param(*shape: int, dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def kv_heads_of(cfg, shard: Shard) -> tuple[int, int]:
+    """(KV heads per rank, the first one this rank holds): split over the ranks, or, with fewer KV
+    heads than ranks, one replicated head per rank (``tp / kv_heads`` ranks share each)."""
+    kv = cfg.num_key_value_heads
+    if kv >= shard.size:
+        per = shard.part(kv, "num_key_value_heads")
+        return per, shard.rank * per
+    if shard.size % kv:
+        raise InputError(f"TP={shard.size} is neither a divisor nor a multiple of num_key_value_heads={kv}")
+    return 1, shard.rank // (shard.size // kv)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, shard: Shard, dtype, device):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.heads = shard.part(cfg.num_attention_heads, "num_attention_heads")
+        self.kv_heads, self.first_kv_head = kv_heads_of(cfg, shard)
+        self.eps, self.theta = cfg.rms_norm_eps, cfg.rope_theta
+        self.qkv = _param((self.heads + 2 * self.kv_heads) * self.head_dim, cfg.hidden_size, dtype=dtype, device=device)
+        self.o = _param(cfg.hidden_size, self.heads * self.head_dim, dtype=dtype, device=device)
+        self.q_norm = _param(self.head_dim, dtype=dtype, device=device)
+        self.k_norm = _param(self.head_dim, dtype=dtype, device=device)
+
+    def forward(self, x, layer: int, step: Step, cache: KVCache, ops) -> torch.Tensor:
+        """x [tokens, hidden] -> this rank's partial o_proj output [tokens, hidden] (before the all-reduce)."""
+        b, t = step.positions.shape
+        d, hq, hkv = self.head_dim, self.heads, self.kv_heads
+        qkv = ops.gemm(x, self.qkv)
+        # q|k normed and rotated in place: qkv then holds q | k | v, and k | v is one cache write
+        ops.rope_qk_norm(qkv, step.positions.reshape(-1), self.q_norm, self.k_norm, heads=hq, kv_heads=hkv,
+                         theta=self.theta, eps=self.eps)
+        kv = qkv[:, hq * d:].view(b, t, 2, hkv, d)
+        cache.write(layer, step.rows, step.positions, kv)
+        q = qkv[:, :hq * d].view(b, t, hq, d).transpose(1, 2)            # [b, hq, t, d]
+        if step.prefill:   # the cache held nothing before: attend to this chunk's keys, causally
+            keys, values = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=hq != hkv)
+            out = out.transpose(1, 2).reshape(b * t, hq * d)
+        else:
+            # group the query heads of each KV head as rows, so no backend has to repeat K/V
+            keys, values = cache.keys_values(layer, b, step.kv_len)
+            out = F.scaled_dot_product_attention(q.reshape(b, hkv, (hq // hkv) * t, d), keys, values,
+                                                 attn_mask=step.mask)
+            out = out.reshape(b, hq, t, d).transpose(1, 2).reshape(b * t, hq * d)
+        return ops.gemm(out, self.o)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg, shard: Shard, dtype, device):
+        super().__init__()
+        self.inter = shard.part(cfg.intermediate_size, "intermediate_size")
+        self.gate_up = _param(2 * self.inter, cfg.hidden_size, dtype=dtype, device=device)
+        self.down = _param(cfg.hidden_size, self.inter, dtype=dtype, device=device)
+
+    def forward(self, x, ops) -> torch.Tensor:
+        """x [tokens, hidden] -> this rank's partial down_proj output (before the all-reduce)."""
+        return ops.gemm(ops.silu_mul(ops.gemm(x, self.gate_up)), self.down)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg, shard: Shard, dtype, device):
+        super().__init__()
+        self.input_norm = _param(cfg.hidden_size, dtype=dtype, device=device)
+        self.post_attention_norm = _param(cfg.hidden_size, dtype=dtype, device=device)
+        self.attn = Attention(cfg, shard, dtype, device)
+        self.mlp = MLP(cfg, shard, dtype, device)
+
+
+class Qwen3(nn.Module):
+    def __init__(self, cfg, shard: Shard = Shard(), dtype=torch.bfloat16, device="cpu"):
+        super().__init__()
+        for field in ("use_sliding_window", "attention_bias"):
+            if getattr(cfg, field, False):
+                raise InputError(f"Qwen3 with {field}=true is not supported")
+        if cfg.hidden_act != "silu":
+            raise InputError(f"Qwen3 with hidden_act={cfg.hidden_act!r} is not supported (silu only)")
+        self.cfg, self.shard, self.dtype = cfg, shard, dtype
+        self.eps = cfg.rms_norm_eps
+        self.vocab_part = shard.part(cfg.vocab_size, "vocab_size")
+        self.embed = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(Layer(cfg, shard, dtype, device) for _ in range(cfg.num_hidden_layers))
+        self.norm = _param(cfg.hidden_size, dtype=dtype, device=device)
+        self.lm_head = None if cfg.tie_word_embeddings else _param(self.vocab_part, cfg.hidden_size,
+                                                                   dtype=dtype, device=device)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """This rank's lm_head rows: its own, or its slice of the (tied) embedding."""
+        if self.lm_head is not None:
+            return self.lm_head
+        r = self.shard.rank * self.vocab_part
+        return self.embed[r:r + self.vocab_part]
+
+    def checkpoint_tensors(self) -> list[CheckpointTensor]:
+        """Every tensor of the Hugging Face checkpoint this rank needs and where it goes."""
+        c, out = self.cfg, []
+        h, d = c.hidden_size, c.head_dim
+
+        def add(name, shape, dest, split_dim=None, part=0):
+            # part: which slice of split_dim (slices are as long as dest is along it)
+            start = part * dest.shape[split_dim] if split_dim is not None else 0
+            out.append(CheckpointTensor(name, tuple(shape), split_dim, start, dest))
+
+        r = self.shard.rank
+        add("model.embed_tokens.weight", (c.vocab_size, h), self.embed)
+        for i, layer in enumerate(self.layers):
+            p, a, mlp = f"model.layers.{i}.", layer.attn, layer.mlp
+            q_rows, kv_rows = a.heads * d, a.kv_heads * d
+            kv_part = a.first_kv_head // a.kv_heads
+            add(p + "self_attn.q_proj.weight", (c.num_attention_heads * d, h), a.qkv[:q_rows], 0, r)
+            add(p + "self_attn.k_proj.weight", (c.num_key_value_heads * d, h), a.qkv[q_rows:q_rows + kv_rows], 0, kv_part)
+            add(p + "self_attn.v_proj.weight", (c.num_key_value_heads * d, h), a.qkv[q_rows + kv_rows:], 0, kv_part)
+            add(p + "self_attn.o_proj.weight", (h, c.num_attention_heads * d), a.o, 1, r)
+            add(p + "self_attn.q_norm.weight", (d,), a.q_norm)
+            add(p + "self_attn.k_norm.weight", (d,), a.k_norm)
+            add(p + "mlp.gate_proj.weight", (c.intermediate_size, h), mlp.gate_up[:mlp.inter], 0, r)
+            add(p + "mlp.up_proj.weight", (c.intermediate_size, h), mlp.gate_up[mlp.inter:], 0, r)
+            add(p + "mlp.down_proj.weight", (h, c.intermediate_size), mlp.down, 1, r)
+            add(p + "input_layernorm.weight", (h,), layer.input_norm)
+            add(p + "post_attention_layernorm.weight", (h,), layer.post_attention_norm)
+        add("model.norm.weight", (h,), self.norm)
+        if self.lm_head is not None:
+            add("lm_head.weight", (c.vocab_size, h), self.lm_head, 0, r)
+        return out
+
+    def streamed_weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads on this rank: every parameter but the embedding
+        table, of which a step reads only its tokens' rows (tied: lm_head reads its vocabulary part)."""
+        total = sum(p.numel() * p.element_size() for p in self.parameters())
+        embed = self.embed.numel() * self.embed.element_size()
+        head = self.head_weight.numel() * self.head_weight.element_size()
+        return total - embed + (head if self.lm_head is None else 0)
+
+    def forward(self, tokens: torch.Tensor, step: Step, cache: KVCache, ops,
+                logits_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [batch, t] -> logits [rows, vocab] (full vocabulary on every rank), for every token
+        or only the flat token indices ``logits_rows``."""
+        x = F.embedding(tokens.reshape(-1), self.embed)
+        residual = x
+        h = ops.rmsnorm(x, self.layers[0].input_norm, self.eps)
+        for i, layer in enumerate(self.layers):
+            # The TP seam: each block returns this rank's partial sum and ops.all_reduce completes
+            # it (gemm + all-reduce); communication-overlapped TP blocks replace these two lines.
+            attn = ops.all_reduce(layer.attn(h, i, step, cache, ops), self.shard)
+            h, residual = ops.add_rmsnorm(attn, residual, layer.post_attention_norm, self.eps)
+            mlp = ops.all_reduce(layer.mlp(h, ops), self.shard)
+            nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            h, residual = ops.add_rmsnorm(mlp, residual, nxt, self.eps)
+        if logits_rows is not None:
+            h = h.index_select(0, logits_rows)
+        return ops.all_gather_columns(ops.gemm(h, self.head_weight), self.shard)

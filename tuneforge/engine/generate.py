@@ -1,0 +1,228 @@
+"""Generation: prefill a batch of prompts, then decode token by token (CUDA graphs on a GPU).
+
+Padding: prompts are RIGHT-padded. Sequence ``b`` occupies cache row ``b`` and its token at position
+``p`` sits in slot ``p``, so prefill is a plain causal attention from slot 0 and each decode step
+writes slot ``length[b] + step`` of its own row, attending to slots ``<= position`` (pad slots past a
+short prompt are overwritten by its generated tokens before any query can see them).
+
+Decode runs one CUDA graph per (batch bucket, KV-length bucket): the batch is padded up to a
+power of two (dummy rows decode harmlessly in their own cache rows) and attention reads the first
+``kv_len`` slots, a power of two >= 256 (capped at the cache length). Graphs are captured on first
+use, after two eager warm-up steps, against static input buffers.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from tuneforge.dsl.problem import bucket
+from tuneforge.engine.kv_cache import KVCache
+from tuneforge.errors import InputError
+from tuneforge.models.qwen3 import Qwen3, Step
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MIN_KV_LEN = 256        # smallest decode KV-length bucket
+SLOT_ALIGN = 64         # the cache length is a multiple of this (aligned attention masks)
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]               # new tokens per prompt (up to, not including, an EOS)
+    finish: list[str]                     # "eos" | "length" per prompt
+    prefill_s: float
+    decode_s: float
+    decode_steps: int                     # batched decode steps after the prefill's first token
+    logits: list[torch.Tensor] = field(default_factory=list)   # [batch, vocab] per new token, if asked
+
+
+@dataclass
+class _Static:
+    """The fixed buffers one batch bucket's decode graphs read and write."""
+    tokens: torch.Tensor                  # [B, 1] int64
+    positions: torch.Tensor               # [B, 1] int64
+    rows: torch.Tensor                    # [B, 1] int64 (0..B-1)
+    graphs: dict = field(default_factory=dict)    # kv_len -> (CUDAGraph, logits)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]
+           ) -> torch.Tensor:
+    """Next tokens [batch] from logits [batch, vocab]: greedy when ``temperature`` is 0, else from
+    softmax(logits / temperature) restricted to the smallest set of top tokens whose mass reaches
+    ``top_p``. Sampling uses argmax(p / Exp(1)) (exact, and needs no host sync)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        beyond = sorted_p.cumsum(dim=-1) - sorted_p >= top_p      # the top token always stays
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(beyond, 0.0))
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+class Generator:
+    """Runs ``model`` with ``ops`` over a KV cache for up to ``max_batch`` sequences of ``max_len`` tokens."""
+
+    def __init__(self, model: Qwen3, ops, *, max_batch: int, max_len: int, graphs: Optional[bool] = None):
+        cfg = model.cfg
+        if max_len > cfg.max_position_embeddings:
+            raise InputError(f"max_len {max_len} exceeds the model's {cfg.max_position_embeddings} positions")
+        if max_batch < 1 or max_batch > BATCH_BUCKETS[-1]:
+            raise InputError(f"max_batch must be 1..{BATCH_BUCKETS[-1]}, got {max_batch}")
+        self.model, self.ops = model, ops
+        self.device = model.embed.device
+        self.max_batch, self.max_len = max_batch, max_len
+        slots = min(-(-max_len // SLOT_ALIGN) * SLOT_ALIGN, cfg.max_position_embeddings)
+        self.cache = KVCache(cfg.num_hidden_layers, bucket(max_batch, BATCH_BUCKETS), model.layers[0].attn.kv_heads,
+                             slots, cfg.head_dim, model.dtype, self.device)
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        if self.graphs and self.device.type != "cuda":
+            raise InputError("CUDA graphs need the model on a CUDA device")
+        self._slots = torch.arange(slots, device=self.device)
+        self._static: dict[int, _Static] = {}
+        self._pool = None
+
+    # --- forward passes ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Right-padded prompts [b, T] with ``lengths`` [b] from an empty cache -> logits [b, vocab] of
+        each prompt's last token (``all_logits``: [b, T, vocab] for every position)."""
+        b, t = tokens.shape
+        rows = torch.arange(b, device=self.device)[:, None].expand(b, t)
+        positions = torch.arange(t, device=self.device)[None, :].expand(b, t)
+        step = Step(rows=rows, positions=positions, prefill=True, kv_len=t)
+        last = None if all_logits else torch.arange(b, device=self.device) * t + lengths.to(self.device) - 1
+        logits = self.model(tokens, step, self.cache, self.ops, logits_rows=last)
+        return logits.view(b, t, -1) if all_logits else logits
+
+    def _decode_eager(self, st: _Static, kv_len: int) -> torch.Tensor:
+        b = st.tokens.shape[0]
+        mask = (self._slots[:kv_len] <= st.positions).view(b, 1, 1, kv_len)
+        step = Step(rows=st.rows, positions=st.positions, prefill=False, kv_len=kv_len, mask=mask)
+        return self.model(st.tokens, step, self.cache, self.ops)
+
+    def kv_len(self, needed: int) -> int:
+        """The KV-length bucket that covers ``needed`` slots."""
+        n = MIN_KV_LEN
+        while n < needed:
+            n *= 2
+        return min(n, self.cache.max_len)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, max_position: Optional[int] = None
+               ) -> torch.Tensor:
+        """One token per sequence: ``tokens`` [b] at ``positions`` [b] (each row's next slot) -> logits
+        [b, vocab]. ``max_position``: the largest of ``positions`` if the host knows it (else a sync)."""
+        b = tokens.shape[0]
+        big = bucket(b, BATCH_BUCKETS)
+        st = self._static.get(big)
+        if st is None:
+            z = torch.zeros((big, 1), dtype=torch.long, device=self.device)
+            st = self._static[big] = _Static(z, z.clone(), torch.arange(big, device=self.device)[:, None])
+        st.tokens[:b, 0].copy_(tokens)
+        st.positions[:b, 0].copy_(positions)
+        if b < big:                                   # dummy rows: slot 0 of their own cache rows
+            st.tokens[b:].zero_()
+            st.positions[b:].zero_()
+        kv_len = self.kv_len((int(positions.max()) if max_position is None else max_position) + 1)
+        if not self.graphs:
+            return self._decode_eager(st, kv_len)[:b]
+        if kv_len not in st.graphs:
+            st.graphs[kv_len] = self._capture(st, kv_len)
+        graph, logits = st.graphs[kv_len]
+        graph.replay()
+        return logits[:b]
+
+    def _capture(self, st: _Static, kv_len: int):
+        """Warm up (compiles kernels, settles dispatch) then capture one decode step. The warm-up steps
+        compute exactly the step about to be replayed, so their cache writes are the same values."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._decode_eager(st, kv_len)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._decode_eager(st, kv_len)
+        return graph, logits
+
+    # --- the loop ----------------------------------------------------------------------------
+    def check_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        if not prompts:
+            raise InputError("no prompts")
+        if len(prompts) > self.max_batch:
+            raise InputError(f"{len(prompts)} prompts exceed this engine's batch of {self.max_batch}")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        vocab = self.model.cfg.vocab_size
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise InputError(f"prompt {i} is empty")
+            if len(p) + max_new_tokens > self.max_len:
+                raise InputError(f"prompt {i} is too long: {len(p)} tokens + {max_new_tokens} new tokens "
+                                 f"exceed the context of {self.max_len} tokens")
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise InputError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
+                 top_p: float = 1.0, eos_ids: Sequence[int] = (), seed: int = 0,
+                 return_logits: bool = False) -> Generation:
+        """Up to ``max_new_tokens`` new tokens per prompt; a prompt stops at its first EOS token, and
+        the loop stops when every prompt has (checking needs a device sync, so only with ``eos_ids``)."""
+        self.check_prompts(prompts, max_new_tokens)
+        if not 0.0 < top_p <= 1.0:
+            raise InputError(f"top_p must be in (0, 1], got {top_p}")
+        dev = self.device
+        b = len(prompts)
+        lengths_host = [len(p) for p in prompts]
+        t = max(lengths_host)
+        tokens = torch.zeros((b, t), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = torch.tensor(list(p), dtype=torch.long)
+        tokens, lengths = tokens.to(dev), torch.tensor(lengths_host, device=dev)
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        eos = torch.tensor(list(eos_ids), dtype=torch.long, device=dev)
+
+        self._sync()
+        start = time.perf_counter()
+        logits = self.prefill(tokens, lengths)
+        nxt = sample(logits, temperature, top_p, gen)
+        self._sync()
+        prefill_s = time.perf_counter() - start
+
+        out, kept = [nxt], [logits.float()] if return_logits else []
+        done = torch.isin(nxt, eos) if len(eos_ids) else None
+        steps = 0
+        start = time.perf_counter()
+        while steps + 1 < max_new_tokens and not (done is not None and bool(done.all())):
+            # the token sampled last sits at position length + steps
+            logits = self.decode(nxt, lengths + steps, t + steps)
+            steps += 1
+            nxt = sample(logits, temperature, top_p, gen)
+            out.append(nxt)
+            if return_logits:
+                kept.append(logits.float().clone())
+            if done is not None:
+                done |= torch.isin(nxt, eos)
+        self._sync()
+        decode_s = time.perf_counter() - start
+
+        new = torch.stack(out, dim=1).tolist()
+        finish = []
+        for i, row in enumerate(new):
+            stop = next((j for j, tok in enumerate(row) if tok in set(eos_ids)), None)
+            finish.append("length" if stop is None else "eos")
+            new[i] = row if stop is None else row[:stop]
+        return Generation(new, finish, prefill_s, decode_s, steps, kept)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
