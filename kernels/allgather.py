@@ -1,0 +1,173 @@
+"""All-gather: every rank holds a share of the rows of ``[m, n]`` and gets all of it.
+
+Rank r holds rows ``row_split(m, world)[r]`` (the first ``m % world`` ranks one row more), so
+uneven splits work. One kernel, two variants (``variant`` in the space):
+
+- push: each rank writes its tiles into every peer's staging (remote stores), signals; after the
+  peers' signals it copies their tiles from its own staging into ``out``.
+- pull: each rank copies its tiles into its own staging, signals; after the peers' signals it
+  reads their tiles from their staging (remote loads) into ``out``.
+
+Program ``p`` moves tiles ``p, p + P, ...`` of every rank's share and signals slot ``p``, so
+program ``p`` only waits for program ``p`` of the peers (interpreter-safe, no cross-program
+waits). ``publish_tile`` and ``collect_shares`` are reused by the two-shot all-reduce.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tuneforge.dsl import Problem, Space, Template, categorical, register
+from tuneforge.dsl.comm import (check_tensor, epoch_begin, epoch_end, row_split, rows_of, signal_peers,
+                                tile_defaults, tile_params, translate, wait)
+from tuneforge.errors import InputError
+from tuneforge.tune import costmodel
+
+
+@triton.jit
+def publish_tile(v, area, o, mask, rank, world, bases, PUSH: tl.constexpr):
+    """Make tile ``v`` (element offsets ``o`` of the full tensor) readable by the peers: written into
+    every peer's ``area`` (push) or into this rank's own ``area`` (pull)."""
+    if PUSH:
+        for i in range(1, world):
+            tl.store(translate(area, rank, (rank + i) % world, bases) + o, v, mask=mask)
+    else:
+        tl.store(area + o, v, mask=mask)
+
+
+@triton.jit
+def collect_shares(out, area, m, n, rank, world, bases, flags, kind, epoch, state, max_spins,
+                   PUSH: tl.constexpr, BLOCK: tl.constexpr):
+    """Wait for each peer's signal ``kind`` (this program's slot), then copy that peer's rows of
+    ``area`` (its staging when pulling, mine when pushed) into ``out``."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    offs = tl.arange(0, BLOCK)
+    for i in range(1, world):
+        q = (rank + i) % world
+        wait(flags, kind, pid, epoch, q, world, state, max_spins)
+        row0, rows = rows_of(q, m, world)
+        start = row0 * n
+        length = rows * n
+        if PUSH:
+            src = area + start
+        else:
+            src = translate(area, rank, q, bases) + start
+        for t in range(pid, tl.cdiv(length, BLOCK), programs):
+            o = t * BLOCK + offs
+            mask = o < length
+            tl.store(out + start + o, tl.load(src + o, mask=mask), mask=mask)
+
+
+@triton.jit(do_not_specialize=["rank", "max_spins"])
+def _allgather_kernel(x, out, stage, slot_elems, m, n,
+                      bases, flags, state, rank, world, max_spins,
+                      PUSH: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    epoch = epoch_begin(state)
+    area = stage + (epoch % 2) * slot_elems          # [m, n] layout, this call's parity
+    offs = tl.arange(0, BLOCK)
+    row0, rows = rows_of(rank, m, world)
+    start = row0 * n
+    length = rows * n
+    for t in range(pid, tl.cdiv(length, BLOCK), programs):
+        o = t * BLOCK + offs
+        mask = o < length
+        v = tl.load(x + o, mask=mask)
+        tl.store(out + start + o, v, mask=mask)
+        publish_tile(v, area, start + o, mask, rank, world, bases, PUSH)
+    signal_peers(flags, 0, pid, epoch, rank, world, bases)
+    collect_shares(out, area, m, n, rank, world, bases, flags, 0, epoch, state, max_spins, PUSH, BLOCK)
+    epoch_end(state, epoch)
+
+
+def _share(problem: Problem) -> int:
+    """Elements of the largest rank share: what one program loop runs over."""
+    return -(-problem["m"] // problem.world) * problem["n"]
+
+
+def _default(problem: Problem, spec=None) -> dict:
+    return {"variant": "push", **tile_defaults(_share(problem), spec)}
+
+
+def allgather(x: torch.Tensor, *, ctx, m: int | None = None, out: torch.Tensor | None = None,
+              config: dict | None = None) -> torch.Tensor:
+    """Gather every rank's rows ``x`` ([rows of this rank, n]) into ``out`` ([m, n]) on every rank.
+    ``m`` (total rows) defaults to ``out.shape[0]``; collective (all ranks call it alike)."""
+    if m is None:
+        if out is None:
+            raise InputError("allgather needs the total row count: pass m= or out=")
+        m = out.shape[0]
+    if x.dim() != 2:
+        raise InputError(f"x must be 2-D [rows, n], got shape {tuple(x.shape)}")
+    n = x.shape[1]
+    rows = row_split(m, ctx.size)[ctx.rank][1]
+    check_tensor("x", x, (rows, n), ctx)
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    check_tensor("out", out, (m, n), ctx, x.dtype)
+    config = config or _default(Problem.make("allgather", "fp32", ctx.size, m=m, n=n))
+    ch = ctx.channel("allgather", m * n * x.element_size())
+    ch.launch(_allgather_kernel, (config["comm_sms"],), x, out, ch.staging(x.dtype),
+              ch.nbytes // x.element_size(), m, n, *ch.args(),
+              PUSH=config["variant"] == "push", BLOCK=config["BLOCK"], num_warps=config["num_warps"])
+    return out
+
+
+def reference(x: torch.Tensor, ctx, m: int) -> torch.Tensor:
+    return torch.cat([p.double() for p in ctx.world.all_gather(x)])
+
+
+def baseline(x: torch.Tensor, ctx, m: int) -> torch.Tensor:
+    """torch.distributed: all_gather_into_tensor, with shares padded to the largest when uneven."""
+    import torch.distributed as dist
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    split = row_split(m, ctx.size)
+    most = split[0][1]
+    if x.shape[0] == most and all(r == most for _, r in split):
+        out = torch.empty((m, x.shape[1]), dtype=x.dtype, device=x.device)
+        gather(out, x, group=ctx.world.group)
+        return out
+    padded = torch.zeros((most, x.shape[1]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    full = torch.empty((most * ctx.size, x.shape[1]), dtype=x.dtype, device=x.device)
+    gather(full, padded, group=ctx.world.group)
+    return torch.cat([full[r * most: r * most + rows] for r, (_, rows) in enumerate(split)])
+
+
+def make_inputs(problem: Problem, device, seed: int, ctx) -> dict:
+    if ctx is None or ctx.size != problem.world:
+        raise InputError(f"allgather {problem.key} needs a world of {problem.world} ranks (ctx)")
+    m, n = problem["m"], problem["n"]
+    rows = row_split(m, ctx.size)[ctx.rank][1]
+    g = torch.Generator().manual_seed(seed * 7919 + ctx.rank)
+    x = torch.randn(rows, n, generator=g).to(problem.torch_dtype).to(device)
+    out = torch.empty((m, n), dtype=problem.torch_dtype, device=device)
+    return {"x": x, "ctx": ctx, "m": m, "out": out}
+
+
+def space(problem: Problem) -> Space:
+    return Space(categorical("variant", ["push", "pull"]), *tile_params(_share(problem)))
+
+
+def work(problem: Problem) -> tuple[float, float]:
+    size = problem.torch_dtype.itemsize
+    return 0.0, 2.0 * problem["m"] * problem["n"] * size      # write all of out, read it once in
+
+
+def cost(problem: Problem, config: dict | None, spec) -> float:
+    shard = problem["m"] * problem["n"] * problem.torch_dtype.itemsize / problem.world
+    if config is None:
+        return costmodel.nccl_time("allgather", shard, problem.world, spec)
+    t = costmodel.alpha_beta(shard, problem.world, spec, "allgather", costmodel.comm_efficiency(config))
+    if config["variant"] == "push":      # received tiles are copied from staging to out
+        t += problem["m"] * problem["n"] * problem.torch_dtype.itemsize * 2 / spec.hbm_bytes_per_s
+    return t + spec.launch_us * 1e-6
+
+
+TEMPLATE = register(Template(
+    op="allgather", space=space, make_inputs=make_inputs, launch=allgather, reference=reference,
+    baseline=baseline, default_config=_default, work=work, cost=cost, multi_rank=True,
+    doc="all-gather of row shards (uneven splits allowed); push or pull through the symmetric heap"))

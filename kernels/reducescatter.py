@@ -1,0 +1,174 @@
+"""Reduce-scatter: every rank holds ``x[m, n]``; rank r gets the sum over ranks of its rows.
+
+Rank r owns rows ``row_split(m, world)[r]`` (uneven splits allowed). Sums run in fp32 in rank
+order 0..world-1, so results do not depend on arrival order. Two variants (``variant``):
+
+- push: each rank writes the rows owned by peer q into q's receive area (one area per sender,
+  ``ceil(m / world) * n`` elements each), signals; each owner sums its areas and its own rows.
+- pull: each rank copies the rows others own into its own staging, signals; each owner reads its
+  rows from every peer's staging (remote loads) and sums.
+
+``scatter_shares`` and ``reduce_tile`` are reused by the two-shot all-reduce.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tuneforge.dsl import Problem, Space, Template, categorical, register
+from tuneforge.dsl.comm import (check_tensor, epoch_begin, epoch_end, row_split, rows_of, signal_peers,
+                                tile_defaults, tile_params, translate, wait_peers)
+from tuneforge.errors import InputError
+from tuneforge.tune import costmodel
+
+
+@triton.jit
+def scatter_shares(x, area, m, n, rank, world, bases, PUSH: tl.constexpr, BLOCK: tl.constexpr):
+    """Phase 1: the rows of ``x`` each peer q owns go to q's receive area for this rank (push, at
+    ``rank * ceil(m / world) * n``) or to the same rows of this rank's staging (pull)."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    offs = tl.arange(0, BLOCK)
+    share = tl.cdiv(m, world) * n
+    for i in range(1, world):
+        q = (rank + i) % world
+        row0, rows = rows_of(q, m, world)
+        start = row0 * n
+        length = rows * n
+        if PUSH:
+            dst = translate(area, rank, q, bases) + rank * share
+        else:
+            dst = area + start
+        for t in range(pid, tl.cdiv(length, BLOCK), programs):
+            o = t * BLOCK + offs
+            mask = o < length
+            tl.store(dst + o, tl.load(x + start + o, mask=mask), mask=mask)
+
+
+@triton.jit
+def reduce_tile(x, area, o, mask, start, m, n, rank, world, bases, PUSH: tl.constexpr):
+    """Phase 2: fp32 sum over ranks (in rank order) of element offsets ``o`` of this rank's rows
+    (which start at element ``start`` of x)."""
+    share = tl.cdiv(m, world) * n
+    acc = tl.zeros(o.shape, dtype=tl.float32)
+    for src in range(0, world):
+        if src == rank:
+            v = tl.load(x + start + o, mask=mask, other=0.0)
+        elif PUSH:
+            v = tl.load(area + src * share + o, mask=mask, other=0.0)
+        else:
+            v = tl.load(translate(area, rank, src, bases) + start + o, mask=mask, other=0.0)
+        acc += v.to(tl.float32)
+    return acc
+
+
+@triton.jit(do_not_specialize=["rank", "max_spins"])
+def _reducescatter_kernel(x, out, stage, slot_elems, m, n,
+                          bases, flags, state, rank, world, max_spins,
+                          PUSH: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    epoch = epoch_begin(state)
+    area = stage + (epoch % 2) * slot_elems
+    scatter_shares(x, area, m, n, rank, world, bases, PUSH, BLOCK)
+    signal_peers(flags, 0, pid, epoch, rank, world, bases)
+    wait_peers(flags, 0, pid, epoch, rank, world, state, max_spins)
+    row0, rows = rows_of(rank, m, world)
+    length = rows * n
+    offs = tl.arange(0, BLOCK)
+    for t in range(pid, tl.cdiv(length, BLOCK), programs):
+        o = t * BLOCK + offs
+        mask = o < length
+        acc = reduce_tile(x, area, o, mask, row0 * n, m, n, rank, world, bases, PUSH)
+        tl.store(out + o, acc.to(out.dtype.element_ty), mask=mask)
+    epoch_end(state, epoch)
+
+
+def staging_elems(m: int, n: int, world: int) -> int:
+    """Per-parity staging both variants fit in: push's receive areas, pull's copy of x."""
+    return max(world * -(-m // world) * n, m * n)
+
+
+def _default(problem: Problem, spec=None) -> dict:
+    return {"variant": "push", **tile_defaults(problem["m"] * problem["n"] // problem.world, spec)}
+
+
+def reducescatter(x: torch.Tensor, *, ctx, out: torch.Tensor | None = None,
+                  config: dict | None = None) -> torch.Tensor:
+    """Sum ``x`` ([m, n], every rank) over ranks and return this rank's rows ([rows, n]) in ``out``."""
+    if x.dim() != 2:
+        raise InputError(f"x must be 2-D [m, n], got shape {tuple(x.shape)}")
+    m, n = x.shape
+    check_tensor("x", x, (m, n), ctx)
+    rows = row_split(m, ctx.size)[ctx.rank][1]
+    if out is None:
+        out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    check_tensor("out", out, (rows, n), ctx, x.dtype)
+    config = config or _default(Problem.make("reducescatter", "fp32", ctx.size, m=m, n=n))
+    ch = ctx.channel("reducescatter", staging_elems(m, n, ctx.size) * x.element_size())
+    ch.launch(_reducescatter_kernel, (config["comm_sms"],), x, out, ch.staging(x.dtype),
+              ch.nbytes // x.element_size(), m, n, *ch.args(),
+              PUSH=config["variant"] == "push", BLOCK=config["BLOCK"], num_warps=config["num_warps"])
+    return out
+
+
+def reference(x: torch.Tensor, ctx) -> torch.Tensor:
+    total = torch.stack([p.double() for p in ctx.world.all_gather(x)]).sum(0)
+    row0, rows = row_split(x.shape[0], ctx.size)[ctx.rank]
+    return total[row0:row0 + rows]
+
+
+def baseline(x: torch.Tensor, ctx) -> torch.Tensor:
+    """torch.distributed: reduce_scatter_tensor, with shares padded to the largest when uneven."""
+    import torch.distributed as dist
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    m, n = x.shape
+    split = row_split(m, ctx.size)
+    most = split[0][1]
+    if m == most * ctx.size:
+        out = torch.empty((most, n), dtype=x.dtype, device=x.device)
+        scatter(out, x, group=ctx.world.group)
+        return out
+    padded = torch.zeros((most * ctx.size, n), dtype=x.dtype, device=x.device)
+    for r, (row0, rows) in enumerate(split):
+        padded[r * most: r * most + rows] = x[row0:row0 + rows]
+    out = torch.empty((most, n), dtype=x.dtype, device=x.device)
+    scatter(out, padded, group=ctx.world.group)
+    return out[: split[ctx.rank][1]]
+
+
+def make_inputs(problem: Problem, device, seed: int, ctx) -> dict:
+    if ctx is None or ctx.size != problem.world:
+        raise InputError(f"reducescatter {problem.key} needs a world of {problem.world} ranks (ctx)")
+    m, n = problem["m"], problem["n"]
+    g = torch.Generator().manual_seed(seed * 7919 + ctx.rank)
+    x = torch.randn(m, n, generator=g).to(problem.torch_dtype).to(device)
+    out = torch.empty((row_split(m, ctx.size)[ctx.rank][1], n), dtype=problem.torch_dtype, device=device)
+    return {"x": x, "ctx": ctx, "out": out}
+
+
+def space(problem: Problem) -> Space:
+    return Space(categorical("variant", ["push", "pull"]),
+                 *tile_params(-(-problem["m"] // problem.world) * problem["n"]))
+
+
+def work(problem: Problem) -> tuple[float, float]:
+    m, n, w = problem["m"], problem["n"], problem.world
+    return float((w - 1) * m * n / w), (m * n + m * n / w) * problem.torch_dtype.itemsize
+
+
+def cost(problem: Problem, config: dict | None, spec) -> float:
+    nbytes = problem["m"] * problem["n"] * problem.torch_dtype.itemsize
+    if config is None:
+        return costmodel.nccl_time("reducescatter", nbytes, problem.world, spec)
+    t = costmodel.alpha_beta(nbytes, problem.world, spec, "reducescatter", costmodel.comm_efficiency(config))
+    if config["variant"] == "pull":      # the rows others own are staged locally first
+        t += 2 * nbytes * (problem.world - 1) / problem.world / spec.hbm_bytes_per_s
+    return t + spec.launch_us * 1e-6
+
+
+TEMPLATE = register(Template(
+    op="reducescatter", space=space, make_inputs=make_inputs, launch=reducescatter, reference=reference,
+    baseline=baseline, default_config=_default, work=work, cost=cost, multi_rank=True,
+    doc="reduce-scatter by rows (uneven splits allowed); push or pull through the symmetric heap"))
