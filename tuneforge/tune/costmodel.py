@@ -198,6 +198,21 @@ def gemm_config_time(m: int, n: int, k: int, config: Optional[Mapping], spec, dt
         tma=bool(_get(config, False, "tma", "use_tma")))
 
 
+def moe_gemm_time(m: int, n: int, k: int, experts: int, topk: int, config: Optional[Mapping], spec,
+                  dtype: str = "bf16") -> float:
+    """Grouped expert GEMM: m tokens x topk routes spread over the experts (uniform routing: the
+    expected number of distinct experts hit); each hit expert streams its whole weight. The
+    baseline (an eager loop over experts) launches one GEMM per hit expert; a grouped kernel launches once."""
+    routes = m * topk
+    active = experts * (1.0 - (1.0 - 1.0 / experts) ** routes)
+    rows = max(1, math.ceil(routes / active))
+    launch = spec.launch_us * 1e-6
+    per_expert = gemm_config_time(rows, n, k, config, spec, dtype) - launch
+    if config is None or config.get("baseline"):
+        return active * (per_expert + 3 * launch)          # index_select, linear, index_add per expert
+    return active * per_expert + launch
+
+
 # --- elementwise / row ops ------------------------------------------------------------------------
 
 def elementwise_time(rows: int, cols: int, nbytes: float, spec, config: Optional[Mapping] = None,
@@ -338,9 +353,10 @@ def predict(template, problem: Problem, config: Optional[Mapping], spec) -> floa
         return float(template.cost(problem, dict(config) if config is not None else None, spec))
     op, s, dtype, w = problem.op, problem.shape, problem.dtype, problem.world
     size = _itemsize(dtype)
-    if op == "gemm" or (op.startswith("moe_gemm") and "k" in s):
-        t = gemm_config_time(s["m"], s["n"], s["k"], config, spec, dtype)
-        return t * s.get("experts", 1) if op.startswith("moe_gemm") else t
+    if op == "gemm":
+        return gemm_config_time(s["m"], s["n"], s["k"], config, spec, dtype)
+    if op == "moe_gemm":
+        return moe_gemm_time(s["m"], s["n"], s["k"], s["experts"], s["topk"], config, spec, dtype)
     if op in EAGER:
         flops, nbytes = template.work(problem) if template is not None else _elementwise_bytes(problem)
         cols = s.get("n") or (s.get("heads", 1) + s.get("kv_heads", 0)) * s.get("head_dim", 1)

@@ -1,0 +1,102 @@
+"""`tuneforge tune --model Qwen3-32B [--tp 8] [--target H800] [--budget 10m] ...`: plan the model's
+problems, tune each (measured on this GPU, or predicted by the cost model for another target or
+without a GPU), store the winners, print the strategy table."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+from tuneforge.errors import InputError
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '20m', '1h30m', '45' (seconds) -> seconds."""
+    t = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        seconds = float(t)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)([smh])", t)
+        if not parts or "".join(a + b for a, b in parts) != t:
+            raise InputError(f"bad duration {text!r}: use e.g. 90s, 20m, 1h30m")
+        seconds = sum(float(a) * _UNITS[u] for a, u in parts)
+    if seconds <= 0:
+        raise InputError(f"duration must be positive, got {text!r}")
+    return seconds
+
+
+def parse_buckets(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise InputError(f"bad bucket list {text!r}: use comma-separated token counts, e.g. 1,8,64") from None
+    if any(v < 1 for v in values):
+        raise InputError(f"token buckets must be >= 1, got {text!r}")
+    return values
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("tune", help="tune a model's kernels and TP strategies, store the winners",
+                              description=__doc__)
+    p.add_argument("--model", required=True, help="built-in name (e.g. Qwen3-32B) or a HF config.json / its folder")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--target", help="device to tune for (H100, H200, H800, B200, MI300X, MI308X, ...); "
+                                    "default: this GPU, or H100 by the cost model without one")
+    p.add_argument("--backend", choices=("measure", "costmodel"),
+                   help="force measuring (needs the target's GPU here) or the cost model")
+    p.add_argument("--budget", type=parse_duration, help="total wall-clock budget, e.g. 20m, 1h, 90s")
+    p.add_argument("--trials", type=int, help="configs evaluated per problem (default 40 measured, 16 predicted)")
+    p.add_argument("--db", metavar="URL", help="database URL or SQLite path (default: $TUNEFORGE_DB or "
+                                               "~/.local/share/tuneforge/tuneforge.db)")
+    p.add_argument("--buckets", type=parse_buckets, help="decode token buckets (batch sizes), e.g. 1,8,64")
+    p.add_argument("--prefill-buckets", type=parse_buckets,
+                   help="prefill token buckets (chunk lengths), e.g. 512,2048; '' for none")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--summary-json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--no-verify", action="store_true", help="store winners without re-checking them")
+    p.add_argument("--quiet", action="store_true", help="no per-problem progress lines")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args) -> int:
+    from tuneforge.db.store import Store, default_url, display_url, normalize_url
+    from tuneforge.tune.plan import plan as make_plan
+    from tuneforge.tune.tuner import Tuner, TuneOptions, format_table
+
+    if args.tp < 1:
+        raise InputError(f"--tp must be >= 1, got {args.tp}")
+    if args.trials is not None and args.trials < 1:
+        raise InputError(f"--trials must be >= 1, got {args.trials}")
+    url = normalize_url(args.db) if args.db else default_url()
+    print(f"database: {display_url(url)}", flush=True)
+    plan = make_plan(args.model, args.tp, decode_buckets=args.buckets, prefill_buckets=args.prefill_buckets,
+                     dtype=args.dtype)
+    print(f"plan: {plan.summary()}", flush=True)
+    store = Store(url)
+    try:
+        options = TuneOptions(target=args.target, backend=args.backend, trials=args.trials, budget_s=args.budget,
+                              seed=args.seed, verify=not args.no_verify,
+                              progress=None if args.quiet else sys.stderr)
+        tuner = Tuner(store, options)
+        how = "measured on this GPU" if tuner.backend == "measure" else "predicted by the cost model"
+        print(f"target: {tuner.spec.name} x{plan.tp} ({how}), {tuner.trials} trials per problem"
+              + (f", budget {args.budget:.0f}s" if args.budget else ""), flush=True)
+        report = tuner.tune(plan)
+    finally:
+        store.close()
+    print(format_table(report))
+    d = report.to_dict()
+    print(f"{d['tuned']} problems tuned ({d['kernel_winners']} won by a kernel, the rest by the torch baseline), "
+          f"{d['baseline_only']} baseline-only, {len(report.rows) - d['tuned'] - d['baseline_only']} failed, "
+          f"in {report.elapsed_s:.1f}s; environment {report.fingerprint}")
+    if args.summary_json:
+        try:
+            with open(args.summary_json, "w") as f:
+                json.dump(d, f, indent=1)
+        except OSError as e:
+            raise InputError(f"cannot write {args.summary_json}: {e.strerror or e}") from None
+        print(f"wrote {args.summary_json}")
+    return 0 if all(r.status != "no-winner" for r in report.rows) else 1

@@ -1,0 +1,708 @@
+"""The tuner: one Optuna study per (problem, environment), winners verified and stored.
+
+For every planned problem with a template:
+
+1. The study ``store.study_name(problem, env)`` is opened in the tuning database (created if new,
+   resumed if a run was killed: only finished trials are ever written, so nothing half-done
+   survives and nothing finished is lost) and its trials replayed into a fast in-memory study
+   whose seeded TPE sampler proposes the next configs (the template's default config first; a
+   space no larger than the trial budget is enumerated instead).
+2. Each config is checked against the template's constraints before anything compiles (rejected:
+   a PRUNED trial with the reason in user attr ``reason``), then timed: measured on the local GPU
+   (output checked against the reference first; compile errors, OOM and wrong results are FAIL
+   trials with user attr ``error``, never the end of the run) or predicted by the cost model.
+3. The torch baseline is timed the same way and is always a candidate: the winner is the fastest
+   of trials and baseline, where everything within ``tie_tolerance`` of the best counts as a tie won
+   by the baseline, else by the canonically smallest config, so reruns agree.
+4. A kernel winner is verified against the reference before it is stored: on the GPU on fresh
+   inputs; without one, by running the real kernel under Triton's interpreter at a shrunken shape
+   (once per op and config).
+
+Budgets: ``trials`` per problem (evaluated configs; rejected ones come on top, up to a cap) and
+``budget_s`` in total, shared out over the problems still to tune. Multi-rank problems are measured
+only where this machine has a GPU per rank; otherwise (and for every problem under the cost model)
+their times are predicted and stored as source "predicted" in the target's predicted environment.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Optional, TextIO
+
+import optuna
+from optuna.trial import TrialState
+
+from tuneforge.db.environment import Environment
+from tuneforge.db.store import Store, Winner
+from tuneforge.dsl.check import compare, poison, split_out
+from tuneforge.dsl.problem import Problem, canonical_config
+from tuneforge.dsl.template import Template
+from tuneforge.errors import ConfigRejected, InputError
+from tuneforge.tune import costmodel
+from tuneforge.tune.devices import DEFAULT_TARGET, DeviceSpec, local_device, spec as lookup_spec
+from tuneforge.tune.measure import percent_of_light, time_calls
+from tuneforge.tune.plan import Plan, PlanItem
+
+BASELINE = {"baseline": True}
+DEFAULT_TRIALS = {"measure": 40, "costmodel": 16}
+REJECT_CAP = 4             # asks per problem stop at REJECT_CAP x trials (rejected configs are cheap)
+MIN_PROBLEM_S = 1.0        # a problem gets at least this share of a total budget
+FEATURE_FLAGS = ("tma", "use_tma", "warp_specialize")   # hardware paths the interpreter lacks
+KEEP_DIMS = ("head_dim",)          # never shrunk for interpreter verification
+SMALL_DIMS = (3, 8, 24, 64)        # sizes a dim is cut to for interpreter verification (odd ones mask)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass
+class TuneOptions:
+    target: Optional[str] = None          # a DeviceSpec name; None: the local GPU, else DEFAULT_TARGET
+    backend: Optional[str] = None         # "measure" | "costmodel" | None: measure where the target is local
+    trials: Optional[int] = None          # evaluated configs per problem (default by backend)
+    budget_s: Optional[float] = None      # wall-clock budget for the whole plan
+    seed: int = 0
+    tie_tolerance: float = 0.02
+    verify: bool = True
+    progress: Optional[TextIO] = field(default_factory=lambda: sys.stderr)
+
+
+@dataclass
+class Row:
+    """One line of the final table (and of the summary JSON)."""
+    problem: str
+    op: str
+    roles: list
+    status: str                     # tuned | baseline-only | no-winner
+    config: Optional[dict]
+    time_s: Optional[float]
+    baseline_s: Optional[float]
+    speedup: Optional[float]
+    pct_sol: Optional[float]
+    source: str                     # measured | predicted
+    n_trials: int = 0
+    new_trials: int = 0
+    study_name: str = ""
+    note: str = ""
+
+    @property
+    def winner(self) -> str:
+        if self.status == "baseline-only":
+            return "baseline (no template)"
+        if self.config is None:
+            return "-"
+        return describe_config(self.config)
+
+
+@dataclass
+class Report:
+    model: str
+    tp: int
+    target: str
+    backend: str
+    database: str
+    fingerprint: str
+    rows: list[Row]
+    elapsed_s: float
+    plan_size: int
+
+    def to_dict(self) -> dict:
+        tuned = [r for r in self.rows if r.status == "tuned"]
+        beat = [r for r in tuned if r.config and not r.config.get("baseline")]
+        return {"model": self.model, "tp": self.tp, "target": self.target, "backend": self.backend,
+                "database": self.database, "fingerprint": self.fingerprint, "elapsed_s": round(self.elapsed_s, 3),
+                "problems": self.plan_size, "tuned": len(tuned), "kernel_winners": len(beat),
+                "baseline_only": sum(r.status == "baseline-only" for r in self.rows),
+                "rows": [dict(problem=r.problem, op=r.op, roles=r.roles, status=r.status, winner=r.winner,
+                              config=r.config, time_s=r.time_s, baseline_s=r.baseline_s, speedup=r.speedup,
+                              pct_sol=r.pct_sol, source=r.source, n_trials=r.n_trials, new_trials=r.new_trials,
+                              study_name=r.study_name, note=r.note) for r in self.rows]}
+
+
+_ABBREV = {"block_m": "bm", "block_n": "bn", "block_k": "bk", "group_m": "g", "num_warps": "w",
+           "num_stages": "s", "split_k": "sk", "programs_per_sm": "pps", "rows": "rows", "block": "blk"}
+
+
+def describe_config(config: dict) -> str:
+    """Strategy first, then the other parameters in short form (``gemm_ar bm128 bn256 bk64 w8 s3``)."""
+    if config.get("baseline"):
+        return "baseline"
+    parts = [str(config["strategy"])] if "strategy" in config else []
+    for k, v in sorted(config.items()):
+        if k == "strategy":
+            continue
+        short = _ABBREV.get(k.lower(), k.lower())
+        if isinstance(v, bool):
+            if v:
+                parts.append(short)
+        else:
+            parts.append(f"{short}{v}" if isinstance(v, (int, float)) and short.isalpha() else f"{short}={v}")
+    return " ".join(parts)
+
+
+def _sort_key(config: dict) -> tuple:
+    """Canonical order of configs for tie-breaking: numbers compare as numbers (16 < 128)."""
+    def item(v):
+        if isinstance(v, bool):
+            return (0, int(v), "")
+        if isinstance(v, (int, float)):
+            return (0, v, "")
+        return (1, 0, str(v))
+    return tuple((k, item(v)) for k, v in sorted(config.items()))
+
+
+def choose(candidates: list[tuple[dict, float]], tie_tolerance: float) -> tuple[dict, float]:
+    """The winner among (config, seconds): within ``tie_tolerance`` of the fastest, the baseline if
+    it is there, else the canonically smallest config."""
+    best = min(t for _, t in candidates)
+    tied = [(c, t) for c, t in candidates if t <= best * (1.0 + tie_tolerance)]
+    for c, t in tied:
+        if c.get("baseline"):
+            return c, t
+    return min(tied, key=lambda ct: _sort_key(ct[0]))
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    text = lines[-1] if lines and type(e).__name__ == "CompilationError" else (lines[0] if lines else "")
+    return f"{type(e).__name__}: {text}"[:500]
+
+
+def _problem_seed(seed: int, problem: Problem) -> int:
+    return (seed * 1_000_003 + zlib.crc32(problem.key.encode())) % 2**31
+
+
+# --- writing finished trials -----------------------------------------------------------------
+
+def append_trials(storage, study_id: int, trials: list) -> None:
+    """Write finished FrozenTrials to an RDBStorage study in one transaction.
+
+    Optuna's ``Study.add_trials`` spends ~20 ms of ORM round trips per trial; tuning a model under
+    the cost model writes thousands. This writes the same rows Optuna's ``_create_new_trial`` does
+    (trial, value, params with their distributions, user attributes) through Optuna's own ORM
+    models, numbering the trials under the same study-row lock Optuna takes.
+    """
+    if not trials:
+        return
+    from optuna import distributions
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import func
+
+    with _create_scoped_session(storage.scoped_session) as session:
+        models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+        number = session.query(func.count(models.TrialModel.trial_id)).filter(
+            models.TrialModel.study_id == study_id).scalar()
+        for t in trials:
+            if not t.state.is_finished():
+                raise ValueError(f"trial {t.number} is {t.state.name}: only finished trials are written")
+            row = models.TrialModel(study_id=study_id, number=number, state=t.state,
+                                    datetime_start=t.datetime_start, datetime_complete=t.datetime_complete)
+            number += 1
+            if t.value is not None:
+                value, value_type = models.TrialValueModel.value_to_stored_repr(t.value)
+                row.values.append(models.TrialValueModel(objective=0, value=value, value_type=value_type))
+            for name, v in t.params.items():
+                dist = t.distributions[name]
+                row.params.append(models.TrialParamModel(
+                    param_name=name, param_value=dist.to_internal_repr(v),
+                    distribution_json=distributions.distribution_to_json(dist)))
+            for k, v in t.user_attrs.items():
+                row.user_attributes.append(models.TrialUserAttributeModel(key=k, value_json=json.dumps(v)))
+            session.add(row)
+
+
+# --- measuring on the local GPU --------------------------------------------------------------
+
+class WrongResult(Exception):
+    pass
+
+
+class GpuBench:
+    """Inputs, reference and timing of one single-rank problem on the local GPU."""
+
+    def __init__(self, template: Template, problem: Problem, spec: DeviceSpec, seed: int):
+        import torch
+        self.torch = torch
+        self.template, self.problem = template, problem
+        device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        first = template.make_inputs(problem, device, seed, None)
+        set_bytes = sum(t.numel() * t.element_size() for t in first.values() if isinstance(t, torch.Tensor))
+        # decode-sized problems are timed as the engine runs them (CUDA graph replays), with enough
+        # input sets rotated that the weights cannot stay in L2; larger ones one call at a time after
+        # an L2 flush
+        self.graph = problem.shape.get("m", 0) <= 256
+        l2 = spec.l2_mb * 2**20
+        free = torch.cuda.mem_get_info(device)[0]
+        want = math.ceil(2 * l2 / max(set_bytes, 1)) if self.graph else 1
+        sets = max(1, min(8, want, int(0.25 * free // max(set_bytes, 1))))
+        self.inputs = [first] + [template.make_inputs(problem, device, seed + i, None) for i in range(1, sets)]
+        self.reference = template.reference(**split_out(first))
+
+    def check(self, config: dict) -> None:
+        out = poison(self.inputs[0]["out"])
+        got = self.template.launch(**self.inputs[0], config=config)
+        self.torch.cuda.synchronize()
+        res = compare(got if got is not None else out, self.reference, out.dtype)
+        if not res.ok:
+            raise WrongResult(res.reason)
+
+    def _time(self, fn: Callable[[dict], Any]) -> float:
+        calls = [(lambda inp=inp: fn(inp)) for inp in self.inputs]
+        try:
+            return time_calls(calls, graph=self.graph).median_s
+        except RuntimeError as e:
+            if not self.graph or "graph" not in str(e).lower():
+                raise
+            self.torch.cuda.synchronize()
+            return time_calls(calls, graph=False).median_s      # not capturable: events + L2 flush
+
+    def time_config(self, config: dict) -> float:
+        self.check(config)
+        return self._time(lambda inp: self.template.launch(**inp, config=config))
+
+    def time_baseline(self) -> float:
+        return self._time(lambda inp: self.template.baseline(**split_out(inp)))
+
+    def verify(self, config: dict, seed: int) -> str:
+        inputs = self.template.make_inputs(self.problem, self.device, seed, None)
+        out = poison(inputs["out"])
+        got = self.template.launch(**inputs, config=config)
+        self.torch.cuda.synchronize()
+        res = compare(got if got is not None else out, self.template.reference(**split_out(inputs)), out.dtype)
+        return "" if res.ok else res.reason
+
+    def close(self) -> None:
+        self.inputs = self.reference = None
+        self.torch.cuda.empty_cache()
+
+
+# --- verifying predicted winners under the interpreter --------------------------------------------
+
+def _tile_scale(config: dict) -> int:
+    sizes = [v for k, v in config.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 16
+             and "warp" not in k.lower() and "stage" not in k.lower()]
+    return max(sizes, default=16)
+
+
+def shrink(template: Template, problem: Problem, config: dict, spec: DeviceSpec) -> Problem:
+    """A small version of ``problem`` the config still accepts: first every dim capped at a few of
+    the config's tiles, then each dim on its own cut further while the constraints still pass
+    (head_dim is kept: kernels specialise on it); the real problem if nothing smaller passes."""
+    scale = _tile_scale(config)
+    accepted = None
+    for factor in (1, 2, 4, 8):
+        dims = {k: v if k in KEEP_DIMS else min(v, factor * scale) for k, v in problem.dims}
+        if template.reject_reason(config, problem.with_dims(**dims), spec) is None:
+            accepted = dims
+            break
+    if accepted is None:
+        return problem
+    for name in accepted:
+        for small in SMALL_DIMS:
+            if name in KEEP_DIMS or small >= accepted[name]:
+                break
+            trial = {**accepted, name: small}
+            if template.reject_reason(config, problem.with_dims(**trial), spec) is None:
+                accepted = trial
+                break
+    return problem.with_dims(**accepted)
+
+
+class InterpreterVerifier:
+    """Runs a winner once under Triton's interpreter on a shrunken shape; cached per (op, config)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.cache: dict[tuple[str, str], str] = {}
+
+    def portable(self, config: dict) -> dict:
+        return {k: (False if k in FEATURE_FLAGS else v) for k, v in config.items()}
+
+    def verify(self, template: Template, problem: Problem, config: dict, spec: DeviceSpec) -> str:
+        """'' when the kernel matched its reference, else the reason."""
+        import torch
+        key = (template.op, canonical_config(config))
+        if key in self.cache:
+            return self.cache[key]
+        if problem.world > 1:
+            # multi-rank kernels need a world of processes; checked by their own test suites
+            self.cache[key] = ""
+            return ""
+        run = self.portable(config)
+        small = shrink(template, problem, run, spec)
+        try:
+            inputs = template.make_inputs(small, torch.device("cpu"), self.seed, None)
+            out = poison(inputs["out"])
+            got = template.launch(**inputs, config=run)
+            res = compare(got if got is not None else out, template.reference(**split_out(inputs)), out.dtype)
+            why = "" if res.ok else f"wrong result at {small.key}: {res.reason}"
+        except Exception as e:   # noqa: BLE001 - any failure disqualifies the config
+            why = f"failed at {small.key}: {_first_line(e)}"
+        self.cache[key] = why
+        return why
+
+
+# --- the tuner ---------------------------------------------------------------------------------
+
+def choose_backend(target: Optional[str], backend: Optional[str]) -> tuple[DeviceSpec, str]:
+    """(device spec, "measure" | "costmodel"): measure where the target is this machine's GPU."""
+    local = local_device()
+    if backend not in (None, "measure", "costmodel"):
+        raise InputError(f"unknown backend {backend!r}; expected measure or costmodel")
+    wanted = lookup_spec(target) if target else None
+    if backend == "measure":
+        if local is None:
+            raise InputError("--backend measure needs a GPU; this machine has none (use the cost model)")
+        if wanted is not None and wanted.name != local.name:
+            raise InputError(f"cannot measure on {wanted.name}: the local GPU is a {local.name}")
+        return local, "measure"
+    if backend is None and local is not None and (wanted is None or wanted.name == local.name):
+        return local, "measure"
+    return wanted or lookup_spec(DEFAULT_TARGET), "costmodel"
+
+
+class Tuner:
+    def __init__(self, store: Store, options: Optional[TuneOptions] = None):
+        self.store = store
+        self.options = options or TuneOptions()
+        self.spec, self.backend = choose_backend(self.options.target, self.options.backend)
+        self.trials = self.options.trials or DEFAULT_TRIALS[self.backend]
+        if self.trials < 1:
+            raise InputError(f"trials must be >= 1, got {self.trials}")
+        self.storage = store.optuna_storage()
+        self.verifier = InterpreterVerifier(self.options.seed)
+        self._envs: dict[tuple[int, bool], Environment] = {}
+
+    # ---------------------------------------------------------------------- environments
+    def env(self, world: int, measured: bool) -> Environment:
+        key = (world, measured)
+        if key not in self._envs:
+            self._envs[key] = Environment.local(world_size=world) if measured else \
+                Environment.predicted(self.spec, world)
+        return self._envs[key]
+
+    def measurable(self, problem: Problem) -> bool:
+        if self.backend != "measure":
+            return False
+        if problem.world == 1:
+            return True
+        import torch
+        return False if torch.cuda.device_count() < problem.world else _multirank_measure_available()
+
+    def _log(self, text: str) -> None:
+        if self.options.progress is not None:
+            print(text, file=self.options.progress, flush=True)
+
+    # ---------------------------------------------------------------------- the plan
+    def tune(self, plan: Plan) -> Report:
+        start = time.monotonic()
+        tp = plan.tp
+        run_env = self.env(tp, self.backend == "measure")
+        self.store.add_plan(plan.model, plan.tp, plan.pairs())
+        from tuneforge.dsl.template import _REGISTRY
+        rows: list[Row] = []
+        todo = plan.tunable
+        n = len(plan.items)
+        done_tunable = 0
+        for i, item in enumerate(plan.items, 1):
+            t0 = time.monotonic()
+            if item.baseline_only:
+                rows.append(self._baseline_only_row(item))
+            else:
+                deadline = None
+                if self.options.budget_s is not None:
+                    left = self.options.budget_s - (time.monotonic() - start)
+                    share = max(MIN_PROBLEM_S, left / max(1, len(todo) - done_tunable))
+                    deadline = time.monotonic() + share
+                rows.append(self.tune_problem(item, _REGISTRY[item.problem.op], tp, deadline))
+                done_tunable += 1
+            r = rows[-1]
+            self._log(f"[{i:>{len(str(n))}}/{n}] {r.problem:<58} {_progress_text(r)}  {time.monotonic() - t0:.1f}s")
+        return Report(plan.model, tp, self.spec.name, self.backend, self.store.url, run_env.fingerprint, rows,
+                      time.monotonic() - start, n)
+
+    def _baseline_only_row(self, item: PlanItem) -> Row:
+        try:
+            t = costmodel.predict(None, item.problem, None, self.spec)
+        except KeyError:
+            t = None
+        return Row(item.key, item.problem.op, list(item.roles), "baseline-only", None, t, t, 1.0 if t else None,
+                   None, "predicted", note=item.why)
+
+    # ---------------------------------------------------------------------- one problem
+    def tune_problem(self, item: PlanItem, template: Template, tp: int, deadline: Optional[float] = None) -> Row:
+        problem = item.problem
+        measured = self.measurable(problem)
+        env = self.env(tp, measured)
+        study_name = self.store.study_name(problem, env)
+        seed = _problem_seed(self.options.seed, problem)
+        stored = optuna.create_study(storage=self.storage, study_name=study_name, direction="minimize",
+                                     load_if_exists=True)
+        study_id = stored._study_id
+        history = [t for t in stored.get_trials(deepcopy=False) if t.state.is_finished()]
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(4, min(10, self.trials // 3)))
+        live = optuna.create_study(direction="minimize", sampler=sampler)
+        live.add_trials(history)
+        space = template.space(problem)
+        spec = self.spec
+        bench = None
+        note = ""
+        try:
+            if measured and problem.world == 1:
+                bench = GpuBench(template, problem, spec, self.options.seed)
+            evaluate = self._evaluator(template, problem, bench, measured)
+            new = self._search(live, space, template, problem, history, evaluate, deadline,
+                               stored_writer=lambda ts: append_trials(self.storage, study_id, ts),
+                               write_each=measured)
+            if measured and bench is not None:
+                baseline_s = bench.time_baseline()
+            elif measured:
+                baseline_s = _measure_multirank_baseline(template, problem)
+            else:
+                baseline_s = costmodel.predict(template, problem, None, spec)
+            stored.set_user_attr("baseline_s", baseline_s)
+            trials = live.get_trials(deepcopy=False)
+            winner, time_s, why = self._pick_verified(template, problem, trials, baseline_s, bench)
+            if why:
+                note = why
+        except Exception as e:   # noqa: BLE001 - a problem that cannot be tuned must not stop the plan
+            return Row(problem.key, problem.op, list(item.roles), "no-winner", None, None, None, None, None,
+                       "measured" if measured else "predicted", len(history), 0, study_name, _first_line(e))
+        finally:
+            if bench is not None:
+                bench.close()
+        flops, nbytes = template.work(problem)
+        pct = percent_of_light(time_s, flops, nbytes, spec, problem.dtype)
+        n_trials = len(trials)
+        source = "measured" if measured else "predicted"
+        w = Winner(problem=problem, env=env, config=winner, time_s=time_s, baseline_s=baseline_s,
+                   speedup=baseline_s / time_s, pct_sol=pct, source=source, template_hash=template.source_hash,
+                   study_name=study_name, n_trials=n_trials, created_at=datetime.now(timezone.utc))
+        self.store.record_winner(w)
+        return Row(problem.key, problem.op, list(item.roles), "tuned", winner, time_s, baseline_s, w.speedup, pct,
+                   source, n_trials, new, study_name, note)
+
+    def _evaluator(self, template: Template, problem: Problem, bench: Optional[GpuBench], measured: bool):
+        spec = self.spec
+        if not measured:
+            return lambda config: costmodel.predict(template, problem, config, spec)
+        if bench is not None:
+            return bench.time_config
+        return lambda config: _measure_multirank_config(template, problem, config)
+
+    def _search(self, live, space, template: Template, problem: Problem, history: list, evaluate,
+                deadline: Optional[float], stored_writer, write_each: bool) -> int:
+        """Ask, filter, evaluate and tell until ``self.trials`` configs were evaluated (counting the
+        stored history); returns how many new trials were written."""
+        evaluated = sum(t.state != TrialState.PRUNED for t in history)
+        if evaluated >= self.trials:
+            return 0
+        results: dict[str, tuple[TrialState, Optional[float], dict]] = {}
+        for t in history:
+            results.setdefault(canonical_config(t.params), (t.state, t.value, dict(t.user_attrs)))
+        configs = _enumerate_small(space, self.trials)
+        queue = configs if configs is not None else [template.default_config(problem, self.spec)]
+        for c in queue:
+            c = {k: v for k, v in c.items() if k in space.names}
+            if canonical_config(c) not in results:
+                live.enqueue_trial(c, skip_if_exists=True)
+        pending = []
+        written = 0
+        asks = 0
+        min_new = 1 if not history else 0
+        while evaluated < self.trials and asks < REJECT_CAP * self.trials:
+            if deadline is not None and time.monotonic() > deadline and written + len(pending) >= min_new:
+                break
+            asks += 1
+            trial = live.ask()
+            config = space.sample(trial)
+            key = canonical_config(config)
+            if key in results:                      # TPE proposes repeats in small spaces: reuse
+                state, value, attrs = results[key]
+                for k, v in attrs.items():
+                    trial.set_user_attr(k, v)
+                trial.set_user_attr("repeat", True)
+            else:
+                state, value, attrs = self._run_one(template, problem, config, evaluate)
+                for k, v in attrs.items():
+                    trial.set_user_attr(k, v)
+                results[key] = (state, value, attrs)
+            live.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+            if state != TrialState.PRUNED:
+                evaluated += 1
+            pending.append(live.get_trials(deepcopy=False)[trial.number])
+            if write_each or len(pending) >= 256:
+                stored_writer(pending)
+                written += len(pending)
+                pending = []
+        stored_writer(pending)
+        return written + len(pending)
+
+    def _run_one(self, template: Template, problem: Problem, config: dict, evaluate
+                 ) -> tuple[TrialState, Optional[float], dict]:
+        reason = template.reject_reason(config, problem, self.spec)
+        if reason:
+            return TrialState.PRUNED, None, {"reason": reason}
+        try:
+            value = float(evaluate(config))
+        except ConfigRejected as e:
+            return TrialState.PRUNED, None, {"reason": str(e)}
+        except WrongResult as e:
+            return TrialState.FAIL, None, {"error": f"wrong result: {e}"[:500]}
+        except Exception as e:   # noqa: BLE001 - compile errors, OOM, launch failures: a FAIL trial
+            if type(e).__name__ == "OutOfMemoryError":
+                import torch
+                torch.cuda.empty_cache()
+            return TrialState.FAIL, None, {"error": _first_line(e)}
+        if not math.isfinite(value) or value <= 0:
+            return TrialState.FAIL, None, {"error": f"non-positive or non-finite time {value!r}"}
+        return TrialState.COMPLETE, value, {}
+
+    def _pick_verified(self, template: Template, problem: Problem, trials: list, baseline_s: float,
+                       bench: Optional[GpuBench]) -> tuple[dict, float, str]:
+        """The winner by ``choose``, verified; a config that fails verification drops out and the
+        next pick is tried. Returns (config, seconds, note)."""
+        candidates: dict[str, tuple[dict, float]] = {}
+        for t in trials:
+            if t.state == TrialState.COMPLETE and t.value is not None:
+                key = canonical_config(t.params)
+                if key not in candidates or t.value < candidates[key][1]:
+                    candidates[key] = (dict(t.params), float(t.value))
+        pool = list(candidates.values()) + [(dict(BASELINE), baseline_s)]
+        notes = []
+        while True:
+            config, t = choose(pool, self.options.tie_tolerance)
+            if config.get("baseline") or not self.options.verify:
+                return config, t, "; ".join(notes)
+            if bench is not None:
+                why = bench.verify(config, self.options.seed + 1)
+            else:
+                why = self.verifier.verify(template, problem, config, self.spec)
+            if not why:
+                return config, t, "; ".join(notes)
+            notes.append(f"{describe_config(config)} failed verification: {why}")
+            pool = [(c, v) for c, v in pool if c is not config]
+
+
+def _enumerate_small(space, limit: int) -> Optional[list[dict]]:
+    """Every config of a space with at most ``limit`` configs, else None."""
+    out = []
+    for c in space.enumerate():
+        out.append(c)
+        if len(out) > limit:
+            return None
+    return out
+
+
+def _progress_text(r: Row) -> str:
+    if r.status == "baseline-only":
+        return "baseline-only (no template)"
+    if r.status != "tuned":
+        return f"NO WINNER: {r.note}"
+    return (f"{r.n_trials:>3} trials (+{r.new_trials:<3}) {describe_config(r.config):<40} "
+            f"{r.time_s * 1e6:9.2f}us vs baseline {r.baseline_s * 1e6:9.2f}us {r.speedup:5.2f}x {r.source}")
+
+
+# --- multi-rank measurement ------------------------------------------------------------------
+
+def _multirank_measure_available() -> bool:
+    """Lockstep multi-rank measuring needs the world module (tuneforge.world)."""
+    try:
+        import tuneforge.world  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _lockstep_worker(world, template_op: str, problem_key: str, configs: list, seed: int) -> list:
+    """Runs on every rank: the same configs in the same order, all ranks starting each timing
+    together; returns this rank's time per config (None where it failed, with the reason)."""
+    import torch
+    from tuneforge.dsl.template import get
+    template = get(template_op)
+    problem = Problem.from_key(problem_key)
+    ctx = world
+    inputs = template.make_inputs(problem, world.device, seed, ctx)
+    out = []
+    for config in configs:
+        try:
+            if config is None:
+                fn = lambda: template.baseline(**split_out(inputs))  # noqa: E731
+            else:
+                poison(inputs["out"])
+                got = template.launch(**inputs, config=config)
+                if hasattr(ctx, "synchronize"):
+                    ctx.synchronize()
+                res = compare(got, template.reference(**split_out(inputs)), got.dtype)
+                if not res.ok:
+                    out.append((None, f"wrong result on rank {world.rank}: {res.reason}"))
+                    world.barrier()
+                    continue
+                fn = lambda: template.launch(**inputs, config=config)  # noqa: E731
+            t = time_calls([fn], barrier=world.barrier).median_s
+            out.append((t, ""))
+        except Exception as e:   # noqa: BLE001
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            out.append((None, _first_line(e)))
+        world.barrier()
+    return out
+
+
+def _lockstep(template: Template, problem: Problem, configs: list) -> list[tuple[Optional[float], str]]:
+    """Every rank measures the same configs in lockstep; the slowest rank's time counts."""
+    from tuneforge.world import spawn
+    per_rank = spawn(_lockstep_worker, problem.world, template.op, problem.key, configs, 0, device="cuda",
+                     timeout=600.0)
+    merged = []
+    for results in zip(*per_rank):
+        errors = [why for t, why in results if t is None]
+        merged.append((None, errors[0]) if errors else (max(t for t, _ in results), ""))
+    return merged
+
+
+def _measure_multirank_config(template: Template, problem: Problem, config: dict) -> float:
+    (t, why), = _lockstep(template, problem, [config])
+    if t is None:
+        raise WrongResult(why) if why.startswith("wrong result") else RuntimeError(why)
+    return t
+
+
+def _measure_multirank_baseline(template: Template, problem: Problem) -> float:
+    (t, why), = _lockstep(template, problem, [None])
+    if t is None:
+        raise RuntimeError(f"baseline failed: {why}")
+    return t
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+def format_table(report: Report) -> str:
+    cols = ("problem", "role", "winner", "time", "baseline", "speedup", "%SOL", "source")
+    lines = []
+    for r in report.rows:
+        role = r.roles[0] + (f" +{len(r.roles) - 1}" if len(r.roles) > 1 else "")
+        lines.append((r.problem, role, r.winner,
+                      _us(r.time_s), _us(r.baseline_s),
+                      f"{r.speedup:.2f}x" if r.speedup else "-",
+                      f"{r.pct_sol:.0f}%" if r.pct_sol is not None else "-",
+                      r.source if r.status != "no-winner" else f"FAILED: {r.note}"))
+    widths = [max(len(c), *(len(line[i]) for line in lines)) if lines else len(c) for i, c in enumerate(cols)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
+    for line in lines:
+        out.append("  ".join(v.ljust(w) if i < 3 or i == 7 else v.rjust(w)
+                             for i, (v, w) in enumerate(zip(line, widths))).rstrip())
+    return "\n".join(out)
+
+
+def _us(t: Optional[float]) -> str:
+    return f"{t * 1e6:.2f}us" if t else "-"
+
+
+def tune(plan: Plan, store: Store, options: Optional[TuneOptions] = None) -> Report:
+    return Tuner(store, options).tune(plan)
