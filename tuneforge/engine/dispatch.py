@@ -120,8 +120,14 @@ class Ops:
         self.mode, self.table = mode, table
         self._chosen: dict[tuple, Optional[dict]] = {}
 
+    def describe(self) -> str:
+        if self.mode == "tuned":
+            return f"tuned ({len(self.table)} winners{' from ' + self.table.where if self.table.where else ''})"
+        return {"baseline": "torch baseline", "default": "Triton kernels, default configs"}[self.mode]
+
     def config(self, op: str, dtype: torch.dtype, world: int = 1, **dims: int) -> Optional[dict]:
-        """The config for one call, or None for the torch baseline (also when the winner is the baseline)."""
+        """The config for one call: a dict for the Triton kernel (``{}``: the launcher's own default),
+        or None for the torch baseline (also when the tuned winner is the baseline)."""
         key = (op, dtype, world, *dims.items())
         if key not in self._chosen:
             self._chosen[key] = self._choose(Problem.make(op, DTYPE_NAMES[dtype], world, **dims))
@@ -131,9 +137,7 @@ class Ops:
         if self.mode == "baseline":
             return None
         if self.mode == "default":
-            from tuneforge.dsl.template import get
-            from tuneforge.tune.devices import DEFAULT_TARGET, SPECS, local_device
-            return get(problem.op).default_config(problem, local_device() or SPECS[DEFAULT_TARGET])
+            return {}
         config = self.table.lookup(problem.op, problem)
         return None if config is None or config.get("baseline") else config
 
@@ -141,17 +145,17 @@ class Ops:
     def gemm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         from tuneforge.kernels import gemm as k
         cfg = self.config("gemm", x.dtype, m=x.shape[0], n=w.shape[0], k=w.shape[1])
-        return k.baseline(x, w) if cfg is None else k.gemm(x, w, config=cfg)
+        return k.baseline(x, w) if cfg is None else k.gemm(x, w, config=cfg or None)
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         from tuneforge.kernels import silu_mul as k
         cfg = self.config("silu_mul", x.dtype, m=x.shape[0], n=x.shape[1] // 2)
-        return k.baseline(x) if cfg is None else k.silu_mul(x, config=cfg)
+        return k.baseline(x) if cfg is None else k.silu_mul(x, config=cfg or None)
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         from tuneforge.kernels import rmsnorm as k
         cfg = self.config("rmsnorm", x.dtype, m=x.shape[0], n=x.shape[1])
-        return k.baseline(x, weight, eps=eps) if cfg is None else k.rmsnorm(x, weight, eps=eps, config=cfg)
+        return k.baseline(x, weight, eps=eps) if cfg is None else k.rmsnorm(x, weight, eps=eps, config=cfg or None)
 
     def add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +164,7 @@ class Ops:
         cfg = self.config("rmsnorm", x.dtype, m=x.shape[0], n=x.shape[1])
         if cfg is None:
             return k.baseline(x, weight, eps=eps, residual=residual), residual
-        return k.rmsnorm(x, weight, eps=eps, residual=residual, config=cfg), residual
+        return k.rmsnorm(x, weight, eps=eps, residual=residual, config=cfg or None), residual
 
     def rope_qk_norm(self, qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor,
                      k_weight: torch.Tensor, *, heads: int, kv_heads: int, theta: float, eps: float) -> None:
@@ -175,7 +179,7 @@ class Ops:
             qk.copy_(k.baseline(qkv, positions, q_weight, k_weight, heads, kv_heads, theta, eps))
         else:
             k.rope_qk_norm(qkv, positions, q_weight, k_weight, heads=heads, kv_heads=kv_heads, theta=theta,
-                           eps=eps, out=qk, config=cfg)
+                           eps=eps, out=qk, config=cfg or None)
 
     # --- tensor-parallel communication (torch.distributed; the TP blocks will replace it) --------
     @staticmethod
@@ -194,3 +198,26 @@ class Ops:
         parts = [torch.empty_like(x) for _ in range(shard.size)]
         dist.all_gather(parts, x.contiguous(), group=shard.group)
         return torch.cat(parts, dim=-1)
+
+
+def open_ops(mode: str, *, db: Optional[str], model: str, tp: int, allow_predicted: bool = False,
+             target: Optional[str] = None, buckets: Optional[Sequence[int]] = DEFAULT_BUCKETS) -> Ops:
+    """The engine's ops for ``mode``; ``tuned`` loads this environment's table from ``db`` (default: the
+    default database, where a missing file only means nothing is tuned). The environment is this GPU
+    measured at world size ``tp``, or without a GPU the cost model's ``target`` (default H100)."""
+    if mode != "tuned":
+        return Ops(mode)
+    import os
+    from tuneforge.db.store import Store, default_url, normalize_url
+    from tuneforge.tune.devices import DEFAULT_TARGET, spec
+    if torch.cuda.is_available() and target is None:
+        env = Environment.local(world_size=tp)
+    else:
+        env = Environment.predicted(spec(target or DEFAULT_TARGET), world_size=tp)
+    url = normalize_url(db) if db else default_url()
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
+    if not db and path and not os.path.exists(path):
+        return Ops("tuned", DispatchTable.unavailable(f"no tuning database at {path} (run tuneforge tune "
+                                                      f"--model {model} --tp {tp})", model, tp))
+    with Store(url, create=False) as store:
+        return Ops("tuned", DispatchTable.load(store, env, model, tp, buckets, allow_predicted=allow_predicted))

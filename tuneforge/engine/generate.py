@@ -226,3 +226,34 @@ class Generator:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+# --- measuring (tuneforge bench e2e, benchmarks/bench_e2e.py) -------------------------------------
+
+def hbm_bandwidth(device, nbytes: int = 2**30) -> Optional[float]:
+    """Bytes/s a large device-to-device copy reaches (read + write), median of many; None without a GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    from tuneforge.tune.measure import time_calls
+    with torch.cuda.device(device):
+        src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        t = time_calls([lambda: dst.copy_(src)], warmup=5, rep=30, flush_l2=False).median_s
+        del src, dst
+        torch.cuda.empty_cache()
+    return 2 * nbytes / t
+
+
+def time_generation(generator: Generator, bsz: int, ctx: int, gen: int, seed: int = 0) -> dict:
+    """Random prompts of ``ctx`` tokens, ``gen`` new tokens each, no EOS: one warm-up run (kernels
+    compile, decode graphs are captured), then the timed run."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, generator.model.cfg.vocab_size, (bsz, ctx), generator=g).tolist()
+    generator.generate(prompts, gen, seed=seed)
+    out = generator.generate(prompts, gen, seed=seed)
+    steps = out.decode_steps
+    return dict(bsz=bsz, ctx=ctx, gen=gen, prefill_ms=out.prefill_s * 1e3,
+                decode_ms_per_token=out.decode_s / steps * 1e3 if steps else float("nan"),
+                tokens_per_s=bsz * steps / out.decode_s if steps else float("nan"),
+                e2e_tokens_per_s=bsz * gen / (out.prefill_s + out.decode_s))

@@ -1,0 +1,170 @@
+"""Dispatch from a real SQLite tuning database: tuned records serve (nearest tuned bucket on m),
+missing / stale / predicted-without-permission records fall back to the torch baseline with exactly
+one warning line per op, and lookups never touch the database after loading."""
+import logging
+import os
+
+import pytest
+import torch
+
+from tuneforge.db.environment import Environment
+from tuneforge.db.store import Store, Winner
+from tuneforge.dsl import Problem, get
+from tuneforge.engine.dispatch import DispatchTable, Ops, open_ops
+from tuneforge.errors import InputError
+from tuneforge.tune.devices import spec
+
+H100 = Environment("NVIDIA H100 80GB HBM3", 132, 79.1, 1, "single-gpu", "2.11.0", "3.6.0", "12.8", False)
+
+
+def winner(problem: Problem, env: Environment, config: dict, template_hash: str | None = None) -> Winner:
+    return Winner(problem, env, config, time_s=1e-5, baseline_s=2e-5, speedup=2.0, pct_sol=80.0,
+                  source="predicted" if env.predicted else "measured",
+                  template_hash=template_hash or get(problem.op).source_hash,
+                  study_name=Store.study_name(problem, env), n_trials=10)
+
+
+def gemm_problem(m: int, n: int = 128, k: int = 64) -> Problem:
+    return Problem.make("gemm", "bf16", m=m, n=n, k=k)
+
+
+def cfg(block_m: int) -> dict:
+    return dict(block_m=block_m, block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=3, split_k=1,
+                programs_per_sm=1, tma=False)
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(str(tmp_path / "tf.db")) as s:
+        yield s
+
+
+def warnings_for(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "tuneforge.engine" and r.levelno == logging.WARNING]
+
+
+def test_tuned_record_serves_exact_and_nearest_bucket(store, caplog):
+    for m, bm in ((1, 16), (16, 32), (64, 64)):
+        store.record_winner(winner(gemm_problem(m), H100, cfg(bm)))
+    table = DispatchTable.load(store, H100, "Qwen3-32B", 1)
+    assert len(table) == 3
+    assert table.lookup("gemm", gemm_problem(1))["block_m"] == 16
+    assert table.lookup("gemm", gemm_problem(16))["block_m"] == 32
+    assert table.lookup("gemm", gemm_problem(5))["block_m"] == 32       # smallest tuned bucket >= 5
+    assert table.lookup("gemm", gemm_problem(33))["block_m"] == 64
+    assert table.lookup("gemm", gemm_problem(4096))["block_m"] == 64    # beyond every bucket: the largest
+    assert warnings_for(caplog) == []
+    # the same shape in another dtype, or another n, is another problem: not tuned
+    assert table.lookup("gemm", Problem.make("gemm", "fp16", m=16, n=128, k=64)) is None
+    assert table.lookup("gemm", gemm_problem(16, n=256)) is None
+
+
+def test_missing_records_fall_back_with_one_warning_per_op(store, caplog):
+    store.record_winner(winner(gemm_problem(16), H100, cfg(16)))
+    ops = Ops("tuned", DispatchTable.load(store, H100, "Qwen3-32B", 1))
+    caplog.set_level(logging.WARNING, "tuneforge.engine")
+    for m in (1, 2, 3, 500):
+        assert ops.config("gemm", torch.bfloat16, m=m, n=999, k=64) is None
+        assert ops.config("rmsnorm", torch.bfloat16, m=m, n=64) is None
+        assert ops.config("silu_mul", torch.bfloat16, m=m, n=64) is None
+    assert ops.config("gemm", torch.bfloat16, m=16, n=128, k=64) == cfg(16)
+    lines = warnings_for(caplog)
+    assert len(lines) == 3, lines
+    for op in ("gemm", "rmsnorm", "silu_mul"):
+        (line,) = [x for x in lines if x.startswith(f"dispatch: {op} ")]
+        assert "no record for" in line and f"{op}|m=1," in line and "tuneforge tune --model Qwen3-32B --tp 1" in line
+        assert "\n" not in line
+
+
+def test_stale_record_falls_back_and_says_why(store, caplog):
+    store.record_winner(winner(gemm_problem(16), H100, cfg(16), template_hash="0123456789abcdef"))
+    table = DispatchTable.load(store, H100, "Qwen3-32B", 1)
+    caplog.set_level(logging.WARNING, "tuneforge.engine")
+    assert table.lookup("gemm", gemm_problem(16)) is None
+    assert table.lookup("gemm", gemm_problem(1)) is None
+    (line,) = warnings_for(caplog)
+    assert "stale record for gemm|m=16,n=128,k=64|bf16|w1" in line and "changed since tuning" in line
+
+
+def test_record_from_other_versions_is_stale(store, caplog):
+    older = Environment(**{**H100.to_dict(), "torch_version": "2.9.0"})
+    store.record_winner(winner(gemm_problem(16), older, cfg(16)))
+    table = DispatchTable.load(store, H100, "Qwen3-32B", 1)
+    caplog.set_level(logging.WARNING, "tuneforge.engine")
+    assert table.lookup("gemm", gemm_problem(16)) is None
+    (line,) = warnings_for(caplog)
+    assert "stale record" in line and "torch_version 2.9.0" in line
+
+
+def test_baseline_winner_runs_the_baseline_silently(store, caplog):
+    store.record_winner(winner(gemm_problem(16), H100, {"baseline": True}))
+    ops = Ops("tuned", DispatchTable.load(store, H100, "Qwen3-32B", 1))
+    caplog.set_level(logging.WARNING, "tuneforge.engine")
+    assert ops.config("gemm", torch.bfloat16, m=16, n=128, k=64) is None
+    assert warnings_for(caplog) == []
+
+
+def test_predicted_winners_serve_only_when_allowed(store, caplog):
+    predicted = Environment.predicted(spec("H100"), 1)
+    store.record_winner(winner(gemm_problem(16), predicted, cfg(32)))
+    caplog.set_level(logging.WARNING, "tuneforge.engine")
+    refused = DispatchTable.load(store, predicted, "Qwen3-32B", 1)
+    assert refused.lookup("gemm", gemm_problem(16)) is None
+    (line,) = warnings_for(caplog)
+    assert "predictions" in line and "--allow-predicted" in line
+    allowed = DispatchTable.load(store, predicted, "Qwen3-32B", 1, allow_predicted=True)
+    assert allowed.lookup("gemm", gemm_problem(16)) == cfg(32)
+
+
+def test_lookups_never_touch_the_database(tmp_path):
+    path = tmp_path / "tf.db"
+    with Store(str(path)) as s:
+        s.record_winner(winner(gemm_problem(16), H100, cfg(16)))
+        table = DispatchTable.load(s, H100, "Qwen3-32B", 1)
+    for f in os.listdir(tmp_path):
+        os.remove(tmp_path / f)
+    assert table.lookup("gemm", gemm_problem(8)) == cfg(16)
+
+
+def test_open_ops_without_a_gpu_uses_the_target_prediction(tmp_path, caplog):
+    url = f"sqlite:///{tmp_path / 'tf.db'}"
+    with Store(url) as s:
+        s.record_winner(winner(gemm_problem(16), Environment.predicted(spec("H100"), 1), cfg(32)))
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the local measured environment is used")
+    assert open_ops("tuned", db=url, model="m", tp=1, allow_predicted=True).config(
+        "gemm", torch.bfloat16, m=16, n=128, k=64) == cfg(32)
+    caplog.set_level(logging.WARNING, "tuneforge.engine")
+    assert open_ops("tuned", db=url, model="m", tp=1).config("gemm", torch.bfloat16, m=16, n=128, k=64) is None
+    assert len(warnings_for(caplog)) == 1
+
+
+def test_bad_modes_and_mismatched_lookups_are_one_line_errors(store):
+    with pytest.raises(InputError, match="unknown dispatch mode 'fast'"):
+        Ops("fast")
+    with pytest.raises(InputError, match="needs a DispatchTable"):
+        Ops("tuned")
+    table = DispatchTable.load(store, H100, "Qwen3-32B", 1)
+    with pytest.raises(InputError, match="got a 'gemm' problem"):
+        table.lookup("rmsnorm", gemm_problem(1))
+
+
+@pytest.mark.parametrize("mode", ["baseline", "default"])
+def test_ops_agree_with_torch(mode):
+    """Each op through Ops matches plain torch, by the baseline or by the Triton kernel."""
+    ops = Ops(mode)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 32, generator=g)
+    w = torch.randn(48, 32, generator=g)
+    torch.testing.assert_close(ops.gemm(x, w), x @ w.T, rtol=1e-4, atol=1e-4)
+    gu = torch.randn(5, 64, generator=g)
+    torch.testing.assert_close(ops.silu_mul(gu), torch.nn.functional.silu(gu[:, :32]) * gu[:, 32:])
+    weight = torch.rand(32, generator=g) + 0.5
+    norm = lambda h: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+    torch.testing.assert_close(ops.rmsnorm(x, weight, 1e-6), norm(x), rtol=1e-5, atol=1e-5)
+    residual = torch.randn(5, 32, generator=g)
+    expect_sum = x + residual
+    y, summed = ops.add_rmsnorm(x, residual, weight, 1e-6)
+    assert summed is residual
+    torch.testing.assert_close(summed, expect_sum)
+    torch.testing.assert_close(y, norm(expect_sum), rtol=1e-5, atol=1e-5)
