@@ -161,7 +161,12 @@ class Store:
         # Writes take the write lock at BEGIN (SQLite); other dialects ignore the option.
         self._writer = self.engine.execution_options(tf_write=True)
         try:
-            self._write(self._check_schema)
+            with self._read() as s:        # a read first: opening an existing database writes nothing
+                ready = self._schema_ready(s)
+            if not ready:
+                if not create:
+                    raise DatabaseError(f"{display_url(self.url)} holds no tuneforge tables yet")
+                self._write(self._create_schema)
         except DatabaseError:
             self.engine.dispose()
             raise
@@ -199,11 +204,20 @@ class Store:
             _sqlite_setup(engine)
         return engine
 
-    def _check_schema(self, s: Session) -> None:
+    def _create_schema(self, s: Session) -> None:
+        """Create the tables in an empty database, once, however many processes open it at once."""
         conn = s.connection()
         if conn.dialect.name == "postgresql":    # one process creates the tables; the others wait
             conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7204318)")
-        tables = set(sa.inspect(conn).get_table_names())
+        if self._schema_ready(s):                # (SQLite: BEGIN IMMEDIATE serialized us the same way)
+            return
+        Base.metadata.create_all(conn)
+        s.add(MetaRow(key=SCHEMA_VERSION_KEY, value=str(SCHEMA_VERSION)))
+
+    def _schema_ready(self, s: Session) -> bool:
+        """True for a tuneforge database of this schema version, False for an empty one (Optuna's
+        tables allowed); a one-line DatabaseError for anything else."""
+        tables = set(sa.inspect(s.connection()).get_table_names())
         ours = {t for t in tables if t.startswith(TABLE_PREFIX)}
         where = display_url(self.url)
         if "tf_meta" not in tables:
@@ -213,9 +227,7 @@ class Store:
                                     f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})")
             if ours:
                 raise DatabaseError(f"{where} is a damaged tuneforge database (tf_meta is missing)")
-            Base.metadata.create_all(conn)
-            s.add(MetaRow(key=SCHEMA_VERSION_KEY, value=str(SCHEMA_VERSION)))
-            return
+            return False
         raw = s.get(MetaRow, SCHEMA_VERSION_KEY)
         try:
             version = int(raw.value) if raw is not None else None
@@ -232,6 +244,7 @@ class Store:
         missing = {t.name for t in Base.metadata.sorted_tables} - tables
         if missing:
             raise DatabaseError(f"{where} is a damaged tuneforge database (missing {', '.join(sorted(missing))})")
+        return True
 
     def _write(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in one write transaction; retry while SQLite is locked or a concurrent writer
