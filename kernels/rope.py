@@ -41,7 +41,7 @@ QWEN3_EPS = 1e-6
 def _rope_qk_norm_kernel(qkv_ptr, out_ptr, pos_ptr, inv_freq_ptr, q_w_ptr, k_w_ptr, m, heads, qk_heads,
                          stride_qkv, stride_out, eps,
                          HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, HEADS: tl.constexpr, ROWS: tl.constexpr):
-    half: tl.constexpr = HEAD_DIM // 2
+    half = HEAD_DIM // 2
     head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
     col = tl.arange(0, BLOCK_HALF)
     col_ok = col < half
