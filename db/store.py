@@ -593,15 +593,39 @@ def _add_plan(s: Session, model: str, tp: int, items: Sequence[tuple[Problem, st
     s.add_all(ModelProblemRow(model=model, tp=int(tp), problem_key=k, role=r) for k, r in sorted(fresh))
 
 
+def _scalar(o):
+    if hasattr(o, "item"):                   # numpy / torch scalars in a config
+        return o.item()
+    raise TypeError(f"{type(o).__name__} {o!r} is not JSON")
+
+
+def _validate(w: Winner) -> dict:
+    """The stored form of ``w``'s config; a one-line InputError for what the database cannot keep."""
+    for name in ("time_s", "baseline_s", "speedup", "pct_sol"):
+        value = getattr(w, name)
+        positive = name in ("time_s", "baseline_s")
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 or not positive)):
+            raise InputError(f"winner for {w.key}: {name} must be a {'positive ' if positive else ''}"
+                             f"finite number, got {value!r}")
+    env = w.env
+    typed = Environment(str(env.gpu_name), int(env.sm_count), float(env.memory_gb), int(env.world_size),
+                        str(env.interconnect), str(env.torch_version), str(env.triton_version),
+                        str(env.driver_version), bool(env.predicted))
+    if typed.fingerprint != env.fingerprint:  # e.g. memory_gb=80 (int): the stored copy would fingerprint apart
+        raise InputError(f"winner for {w.key}: environment fields have the wrong types ({env})")
+    try:
+        return json.loads(json.dumps(w.config, default=_scalar, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise InputError(f"winner for {w.key}: config {w.config!r} cannot be stored as JSON: {e}") from None
+
+
 def _upsert_winner(s: Session, w: Winner) -> bool:
-    for name, value in (("time_s", w.time_s), ("baseline_s", w.baseline_s)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise InputError(f"winner for {w.key}: {name} must be a positive finite number, got {value!r}")
+    config = _validate(w)
     _insert_missing(s, ProblemRow, [_problem_row(w.problem)], "key")
     _insert_missing(s, EnvironmentRow, [{"fingerprint": w.fingerprint, **w.env.to_dict()}], "fingerprint")
     row = s.scalars(select(WinnerRow).where(WinnerRow.problem_key == w.key, WinnerRow.fingerprint == w.fingerprint)
                     .with_for_update()).one_or_none()
-    values = dict(config=json.loads(json.dumps(w.config)), time_s=float(w.time_s), baseline_s=float(w.baseline_s),
+    values = dict(config=config, time_s=float(w.time_s), baseline_s=float(w.baseline_s),
                   speedup=float(w.speedup), pct_sol=float(w.pct_sol), source=w.source,
                   template_hash=w.template_hash, study_name=w.study_name, n_trials=int(w.n_trials),
                   created_at=w.created_at.astimezone(timezone.utc))

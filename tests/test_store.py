@@ -9,6 +9,7 @@ import uuid
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 
@@ -84,6 +85,7 @@ def test_winner_round_trip_and_plan(store):
               winner(problems[2], config={"strategy": "ag_rs", "BLOCK_M": 32}, env=H100_PREDICTED)]
     for w in stored:
         assert store.record_winner(w)
+    assert not store.record_winner(replace(stored[0], time_s=1.5e-5, config={"BLOCK_M": np.int64(32)}))
     store.add_plan("Qwen3-32B", 8, [(problems[0], "layer.mlp.down"), (problems[2], "layer.mlp")])
     store.add_plan("Qwen3-32B", 8, [(problems[0], "layer.mlp.down")])        # repeating a plan adds nothing
 
@@ -134,6 +136,12 @@ def test_upsert_replaces_a_record_of_another_template_by_the_newer_one(store):
 def test_write_errors_leave_nothing_behind(store):
     with pytest.raises(InputError, match="time_s"):
         store.record_winner(winner(gemm(8), time_s=float("nan")))
+    with pytest.raises(InputError, match="pct_sol"):
+        store.record_winner(replace(winner(gemm(8)), pct_sol=float("inf")))
+    with pytest.raises(InputError, match="JSON"):
+        store.record_winner(winner(gemm(8), config={"BLOCK_M": object()}))
+    with pytest.raises(InputError, match="wrong types"):
+        store.record_winner(winner(gemm(8), env=replace(H100, memory_gb=80)))
     with pytest.raises(InputError, match="source"):
         winner(gemm(8), source="guessed")
     assert store.winners() == [] and store.environments() == []
