@@ -25,6 +25,7 @@ their times are predicted and stored as source "predicted" in the target's predi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -54,7 +55,8 @@ REJECT_CAP = 4             # asks per problem stop at REJECT_CAP x trials (rejec
 MIN_PROBLEM_S = 1.0        # a problem gets at least this share of a total budget
 FEATURE_FLAGS = ("tma", "use_tma", "warp_specialize")   # hardware paths the interpreter lacks
 KEEP_DIMS = ("head_dim",)          # never shrunk for interpreter verification
-SMALL_DIMS = (3, 8, 24, 64)        # sizes a dim is cut to for interpreter verification (odd ones mask)
+SMALL_DIMS = (3, 8, 24, 64)
+VERIFY_WORLD = 2                   # ranks multi-rank winners are verified with under the interpreter        # sizes a dim is cut to for interpreter verification (odd ones mask)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -121,6 +123,23 @@ class Report:
                               config=r.config, time_s=r.time_s, baseline_s=r.baseline_s, speedup=r.speedup,
                               pct_sol=r.pct_sol, source=r.source, n_trials=r.n_trials, new_trials=r.new_trials,
                               study_name=r.study_name, note=r.note) for r in self.rows]}
+
+
+@dataclass
+class Searched:
+    """A searched problem waiting for its winner to be chosen, verified and stored."""
+    item: PlanItem
+    template: Template
+    problem: Problem
+    env: Environment
+    measured: bool
+    study_name: str
+    pool: list                       # (config, seconds), the baseline included
+    baseline_s: float
+    n_trials: int
+    new: int
+    bench: Optional["GpuBench"] = None
+    notes: list = field(default_factory=list)
 
 
 _ABBREV = {"block_m": "bm", "block_n": "bn", "block_k": "bk", "group_m": "g", "num_warps": "w",
@@ -330,10 +349,6 @@ class InterpreterVerifier:
         key = (template.op, canonical_config(config))
         if key in self.cache:
             return self.cache[key]
-        if problem.world > 1:
-            # multi-rank kernels need a world of processes; checked by their own test suites
-            self.cache[key] = ""
-            return ""
         run = self.portable(config)
         small = shrink(template, problem, run, spec)
         try:
@@ -406,7 +421,8 @@ class Tuner:
         run_env = self.env(tp, self.backend == "measure")
         self.store.add_plan(plan.model, plan.tp, plan.pairs())
         from tuneforge.dsl.template import _REGISTRY
-        rows: list[Row] = []
+        rows: list[Optional[Row]] = []
+        deferred: list[tuple[int, Searched]] = []       # multi-rank winners verified together at the end
         todo = plan.tunable
         n = len(plan.items)
         done_tunable = 0
@@ -420,10 +436,33 @@ class Tuner:
                     left = self.options.budget_s - (time.monotonic() - start)
                     share = max(MIN_PROBLEM_S, left / max(1, len(todo) - done_tunable))
                     deadline = time.monotonic() + share
-                rows.append(self.tune_problem(item, _REGISTRY[item.problem.op], tp, deadline))
                 done_tunable += 1
+                found = self.search_problem(item, _REGISTRY[item.problem.op], tp, deadline)
+                if isinstance(found, Row):
+                    rows.append(found)
+                elif found.problem.world > 1 and found.bench is None and self.options.verify:
+                    rows.append(None)
+                    deferred.append((len(rows) - 1, found))
+                    self._log(f"[{i:>{len(str(n))}}/{n}] {item.key:<58} {found.n_trials:>3} trials "
+                              f"(+{found.new:<3}) searched; verified with the other multi-rank winners at the end")
+                    continue
+                else:
+                    rows.append(self.finish(found, self._verify_single))
             r = rows[-1]
             self._log(f"[{i:>{len(str(n))}}/{n}] {r.problem:<58} {_progress_text(r)}  {time.monotonic() - t0:.1f}s")
+        if deferred:
+            t0 = time.monotonic()
+            verdicts = MultiRankVerifier(self.options.seed, self.spec)
+            for index, found in deferred:
+                rows[index] = self.finish(found, verdicts.lookup)
+            # each round verifies every winner still unverified in one world of processes
+            while verdicts.pending:
+                verdicts.run()
+                for index, found in deferred:
+                    rows[index] = self.finish(found, verdicts.lookup)
+            for index, _ in deferred:
+                self._log(f"[verified] {rows[index].problem:<58} {_progress_text(rows[index])}")
+            self._log(f"multi-rank winners verified under the interpreter in {time.monotonic() - t0:.1f}s")
         return Report(plan.model, tp, self.spec.name, self.backend, self.store.url, run_env.fingerprint, rows,
                       time.monotonic() - start, n)
 
@@ -437,56 +476,97 @@ class Tuner:
 
     # ---------------------------------------------------------------------- one problem
     def tune_problem(self, item: PlanItem, template: Template, tp: int, deadline: Optional[float] = None) -> Row:
+        """Search, verify and store one problem (multi-rank ones verified in their own world)."""
+        found = self.search_problem(item, template, tp, deadline)
+        if isinstance(found, Row):
+            return found
+        if found.problem.world > 1 and found.bench is None and self.options.verify:
+            verdicts = MultiRankVerifier(self.options.seed, self.spec)
+            row = self.finish(found, verdicts.lookup)
+            while verdicts.pending:
+                verdicts.run()
+                row = self.finish(found, verdicts.lookup)
+            return row
+        return self.finish(found, self._verify_single)
+
+    def search_problem(self, item: PlanItem, template: Template, tp: int, deadline: Optional[float] = None):
+        """Run the study; returns what ``finish`` needs (a Row if the problem could not be searched)."""
         problem = item.problem
         measured = self.measurable(problem)
         env = self.env(tp, measured)
         study_name = self.store.study_name(problem, env)
         seed = _problem_seed(self.options.seed, problem)
-        stored = optuna.create_study(storage=self.storage, study_name=study_name, direction="minimize",
-                                     load_if_exists=True)
-        study_id = stored._study_id
-        history = [t for t in stored.get_trials(deepcopy=False) if t.state.is_finished()]
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(4, min(10, self.trials // 3)))
-        live = optuna.create_study(direction="minimize", sampler=sampler)
-        live.add_trials(history)
-        space = template.space(problem)
-        spec = self.spec
         bench = None
-        note = ""
+        history: list = []
         try:
+            stored = optuna.create_study(storage=self.storage, study_name=study_name, direction="minimize",
+                                         load_if_exists=True)
+            study_id = stored._study_id
+            history = [t for t in stored.get_trials(deepcopy=False) if t.state.is_finished()]
+            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(4, min(10, self.trials // 3)))
+            live = optuna.create_study(direction="minimize", sampler=sampler)
+            live.add_trials(history)
             if measured and problem.world == 1:
-                bench = GpuBench(template, problem, spec, self.options.seed)
+                bench = GpuBench(template, problem, self.spec, self.options.seed)
             evaluate = self._evaluator(template, problem, bench, measured)
-            new = self._search(live, space, template, problem, history, evaluate, deadline,
+            new = self._search(live, template.space(problem), template, problem, history, evaluate, deadline,
                                stored_writer=lambda ts: append_trials(self.storage, study_id, ts),
                                write_each=measured)
-            if measured and bench is not None:
+            if bench is not None:
                 baseline_s = bench.time_baseline()
             elif measured:
                 baseline_s = _measure_multirank_baseline(template, problem)
             else:
-                baseline_s = costmodel.predict(template, problem, None, spec)
+                baseline_s = costmodel.predict(template, problem, None, self.spec)
             stored.set_user_attr("baseline_s", baseline_s)
-            trials = live.get_trials(deepcopy=False)
-            winner, time_s, why = self._pick_verified(template, problem, trials, baseline_s, bench)
-            if why:
-                note = why
         except Exception as e:   # noqa: BLE001 - a problem that cannot be tuned must not stop the plan
-            return Row(problem.key, problem.op, list(item.roles), "no-winner", None, None, None, None, None,
-                       "measured" if measured else "predicted", len(history), 0, study_name, _first_line(e))
-        finally:
             if bench is not None:
                 bench.close()
+            return Row(problem.key, problem.op, list(item.roles), "no-winner", None, None, None, None, None,
+                       "measured" if measured else "predicted", len(history), 0, study_name, _first_line(e))
+        candidates: dict[str, tuple[dict, float]] = {}
+        trials = live.get_trials(deepcopy=False)
+        for t in trials:
+            if t.state == TrialState.COMPLETE and t.value is not None:
+                key = canonical_config(t.params)
+                if key not in candidates or t.value < candidates[key][1]:
+                    candidates[key] = (dict(t.params), float(t.value))
+        pool = list(candidates.values()) + [(dict(BASELINE), baseline_s)]
+        return Searched(item, template, problem, env, measured, study_name, pool, baseline_s, len(trials), new, bench)
+
+    def _verify_single(self, found: "Searched", config: dict) -> Optional[str]:
+        if found.bench is not None:
+            return found.bench.verify(config, self.options.seed + 1)
+        return self.verifier.verify(found.template, found.problem, config, self.spec)
+
+    def finish(self, found: "Searched", verify: Callable[["Searched", dict], Optional[str]]) -> Optional[Row]:
+        """Choose the winner, verify it (``verify`` -> '' ok, a reason, or None: not known yet) and
+        store it. A config that fails drops out and the next pick is tried."""
+        item, problem, template = found.item, found.problem, found.template
+        while True:
+            config, time_s = choose(found.pool, self.options.tie_tolerance)
+            if config.get("baseline") or not self.options.verify:
+                break
+            why = verify(found, config)
+            if why is None:
+                return None                       # verdict pending (multi-rank batch)
+            if not why:
+                break
+            found.notes.append(f"{describe_config(config)} failed verification: {why}")
+            found.pool = [(c, v) for c, v in found.pool if c is not config]
+        if found.bench is not None:
+            found.bench.close()
+            found.bench = None
         flops, nbytes = template.work(problem)
-        pct = percent_of_light(time_s, flops, nbytes, spec, problem.dtype)
-        n_trials = len(trials)
-        source = "measured" if measured else "predicted"
-        w = Winner(problem=problem, env=env, config=winner, time_s=time_s, baseline_s=baseline_s,
-                   speedup=baseline_s / time_s, pct_sol=pct, source=source, template_hash=template.source_hash,
-                   study_name=study_name, n_trials=n_trials, created_at=datetime.now(timezone.utc))
+        pct = percent_of_light(time_s, flops, nbytes, self.spec, problem.dtype)
+        source = "measured" if found.measured else "predicted"
+        w = Winner(problem=problem, env=found.env, config=config, time_s=time_s, baseline_s=found.baseline_s,
+                   speedup=found.baseline_s / time_s, pct_sol=pct, source=source,
+                   template_hash=template.source_hash, study_name=found.study_name, n_trials=found.n_trials,
+                   created_at=datetime.now(timezone.utc))
         self.store.record_winner(w)
-        return Row(problem.key, problem.op, list(item.roles), "tuned", winner, time_s, baseline_s, w.speedup, pct,
-                   source, n_trials, new, study_name, note)
+        return Row(problem.key, problem.op, list(item.roles), "tuned", config, time_s, found.baseline_s, w.speedup,
+                   pct, source, found.n_trials, found.new, found.study_name, "; ".join(found.notes))
 
     def _evaluator(self, template: Template, problem: Problem, bench: Optional[GpuBench], measured: bool):
         spec = self.spec
@@ -564,31 +644,6 @@ class Tuner:
             return TrialState.FAIL, None, {"error": f"non-positive or non-finite time {value!r}"}
         return TrialState.COMPLETE, value, {}
 
-    def _pick_verified(self, template: Template, problem: Problem, trials: list, baseline_s: float,
-                       bench: Optional[GpuBench]) -> tuple[dict, float, str]:
-        """The winner by ``choose``, verified; a config that fails verification drops out and the
-        next pick is tried. Returns (config, seconds, note)."""
-        candidates: dict[str, tuple[dict, float]] = {}
-        for t in trials:
-            if t.state == TrialState.COMPLETE and t.value is not None:
-                key = canonical_config(t.params)
-                if key not in candidates or t.value < candidates[key][1]:
-                    candidates[key] = (dict(t.params), float(t.value))
-        pool = list(candidates.values()) + [(dict(BASELINE), baseline_s)]
-        notes = []
-        while True:
-            config, t = choose(pool, self.options.tie_tolerance)
-            if config.get("baseline") or not self.options.verify:
-                return config, t, "; ".join(notes)
-            if bench is not None:
-                why = bench.verify(config, self.options.seed + 1)
-            else:
-                why = self.verifier.verify(template, problem, config, self.spec)
-            if not why:
-                return config, t, "; ".join(notes)
-            notes.append(f"{describe_config(config)} failed verification: {why}")
-            pool = [(c, v) for c, v in pool if c is not config]
-
 
 def _enumerate_small(space, limit: int) -> Optional[list[dict]]:
     """Every config of a space with at most ``limit`` configs, else None."""
@@ -620,38 +675,51 @@ def _multirank_measure_available() -> bool:
     return True
 
 
+def heap_bytes(problem: Problem) -> int:
+    """Symmetric-heap size for a multi-rank problem: staging for a few copies of every rank's rows
+    at the widest dim, in fp32, plus signals."""
+    s = problem.shape
+    widest = max((v for k, v in s.items() if k != "m"), default=1)
+    return 16 * 2**20 + 4 * problem.world * s.get("m", 1) * widest * 4
+
+
 def _lockstep_worker(world, template_op: str, problem_key: str, configs: list, seed: int) -> list:
-    """Runs on every rank: the same configs in the same order, all ranks starting each timing
-    together; returns this rank's time per config (None where it failed, with the reason)."""
+    """Runs on every rank: the same configs in the same order, every timing started by a barrier;
+    returns this rank's (seconds or None, reason) per config (None config: the baseline)."""
     import torch
+    from tuneforge.dsl.heap import SymmetricHeap
     from tuneforge.dsl.template import get
     template = get(template_op)
     problem = Problem.from_key(problem_key)
-    ctx = world
-    inputs = template.make_inputs(problem, world.device, seed, ctx)
-    out = []
-    for config in configs:
-        try:
-            if config is None:
-                fn = lambda: template.baseline(**split_out(inputs))  # noqa: E731
-            else:
-                poison(inputs["out"])
-                got = template.launch(**inputs, config=config)
-                if hasattr(ctx, "synchronize"):
+    heap = SymmetricHeap(world, heap_bytes(problem))
+    ctx = heap.context()
+    try:
+        inputs = template.make_inputs(problem, ctx.device, seed, ctx)
+        reference = template.reference(**split_out(inputs))
+        out = []
+        for config in configs:
+            try:
+                if config is None:
+                    fn = lambda: template.baseline(**split_out(inputs))  # noqa: E731
+                else:
+                    poison(inputs["out"])
+                    got = template.launch(**inputs, config=config)
                     ctx.synchronize()
-                res = compare(got, template.reference(**split_out(inputs)), got.dtype)
-                if not res.ok:
-                    out.append((None, f"wrong result on rank {world.rank}: {res.reason}"))
-                    world.barrier()
-                    continue
-                fn = lambda: template.launch(**inputs, config=config)  # noqa: E731
-            t = time_calls([fn], barrier=world.barrier).median_s
-            out.append((t, ""))
-        except Exception as e:   # noqa: BLE001
-            torch.cuda.synchronize() if torch.cuda.is_available() else None
-            out.append((None, _first_line(e)))
-        world.barrier()
-    return out
+                    res = compare(got, reference, got.dtype)
+                    if not res.ok:
+                        out.append((None, f"wrong result on rank {world.rank}: {res.reason}"))
+                        world.barrier()
+                        continue
+                    fn = lambda: template.launch(**inputs, config=config)  # noqa: E731
+                out.append((time_calls([fn], barrier=world.barrier).median_s, ""))
+            except Exception as e:   # noqa: BLE001 - reported as a FAIL trial
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                out.append((None, _first_line(e)))
+            world.barrier()
+        return out
+    finally:
+        heap.close()
 
 
 def _lockstep(template: Template, problem: Problem, configs: list) -> list[tuple[Optional[float], str]]:
@@ -678,6 +746,69 @@ def _measure_multirank_baseline(template: Template, problem: Problem) -> float:
     if t is None:
         raise RuntimeError(f"baseline failed: {why}")
     return t
+
+
+class MultiRankVerifier:
+    """Verifies multi-rank winners under the interpreter: each at a shrunken shape in a world of
+    VERIFY_WORLD ranks (the real world size if the config needs it), all pending ones of a round in
+    one world of processes; verdicts cached per (op, config)."""
+
+    def __init__(self, seed: int, spec: DeviceSpec):
+        self.seed, self.spec = seed, spec
+        self.verdicts: dict[tuple[str, str], str] = {}
+        self.pending: dict[tuple[str, str], tuple[str, Problem, dict]] = {}
+
+    def lookup(self, found: "Searched", config: dict) -> Optional[str]:
+        key = (found.template.op, canonical_config(config))
+        if key in self.verdicts:
+            return self.verdicts[key]
+        if key not in self.pending:
+            run = {k: (False if k in FEATURE_FLAGS else v) for k, v in config.items()}
+            problem = found.problem
+            small_world = dataclasses.replace(problem, world=min(problem.world, VERIFY_WORLD))
+            if found.template.reject_reason(run, small_world, self.spec) is None:
+                problem = small_world
+            self.pending[key] = (found.template.op, shrink(found.template, problem, run, self.spec), run)
+        return None
+
+    def run(self) -> None:
+        from tuneforge.world import spawn
+        by_world: dict[int, list] = {}
+        for key, (op, problem, config) in self.pending.items():
+            by_world.setdefault(problem.world, []).append((key, op, problem.key, config))
+        for world, batch in sorted(by_world.items()):
+            try:
+                per_rank = spawn(_verify_worker, world, [b[1:] for b in batch], self.seed, timeout=600.0)
+                for i, (key, *_rest) in enumerate(batch):
+                    reasons = [r[i] for r in per_rank if r[i]]
+                    self.verdicts[key] = reasons[0] if reasons else ""
+            except Exception as e:   # noqa: BLE001 - the whole world failed: none of its configs is trusted
+                for key, *_rest in batch:
+                    self.verdicts[key] = f"world of {world} failed: {_first_line(e)}"
+        self.pending.clear()
+
+
+def _verify_worker(world, items: list, seed: int) -> list[str]:
+    """On every rank: each (op, problem key, config) checked against its reference; '' when it matched."""
+    from tuneforge.dsl.check import check
+    from tuneforge.dsl.heap import SymmetricHeap
+    from tuneforge.dsl.template import get
+    heap = SymmetricHeap(world, max(heap_bytes(Problem.from_key(key)) for _, key, _ in items))
+    ctx = heap.context()
+    out = []
+    try:
+        for op, key, config in items:
+            template, problem = get(op), Problem.from_key(key)
+            try:
+                inputs = template.make_inputs(problem, ctx.device, seed, ctx)
+                res = check(template, problem, config, ctx=ctx, inputs=inputs)
+                out.append("" if res.ok else f"wrong result at {key} on rank {world.rank}: {res.reason}")
+            except Exception as e:   # noqa: BLE001
+                out.append(f"failed at {key} on rank {world.rank}: {_first_line(e)}")
+            world.barrier()
+    finally:
+        heap.close()
+    return out
 
 
 # --- the table -----------------------------------------------------------------------------------
