@@ -1,0 +1,218 @@
+"""All-reduce, all-gather and reduce-scatter against torch references in real multi-process worlds:
+2 and 4 CPU ranks under Triton's interpreter (every op, strategy and variant; uneven row splits,
+a rank with no rows), a rank that never signals (every waiting rank gets SignalTimeout, the world
+ends), and on one GPU (``-m gpu``) 2 and 4 processes sharing it plus a CUDA-graph replay."""
+import time
+
+import pytest
+import torch
+
+from tuneforge.dsl import Problem, check, get
+from tuneforge.dsl.check import compare, split_out
+from tuneforge.errors import InputError, SignalTimeout
+from tuneforge.world import spawn
+
+OPS = ("allreduce", "allgather", "reducescatter")
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def _configs(op, problem, thorough):
+    """Default config, then every strategy x variant with small tiles / two programs and (if
+    thorough) with the largest tile / one program: each checked against the op's space."""
+    template = get(op)
+    space = template.space(problem)
+    choices = {p.name: p.choices for p in space.params}
+    strategies = choices.get("strategy", (None,))
+    configs = [template.default_config(problem, None)]
+    for strategy in strategies:
+        for variant in choices["variant"]:
+            base = {"variant": variant} if strategy is None else {"strategy": strategy, "variant": variant}
+            programs = choices["comm_sms"][min(1, len(choices["comm_sms"]) - 1)]
+            configs.append({**base, "BLOCK": choices["BLOCK"][0], "num_warps": 4, "comm_sms": programs})
+            if thorough:
+                configs.append({**base, "BLOCK": choices["BLOCK"][-1], "num_warps": 8, "comm_sms": 1})
+    for c in configs:
+        reason = template.reject_reason(c, problem, None)
+        assert reason is None, f"{op} {c}: {reason}"
+    return configs
+
+
+def _check_all(world, shapes, dtypes, thorough):
+    """On every rank: run each op/config on each shape and dtype, compare with the reference;
+    also the baselines, the bit-identical all-reduce across ranks, and input validation."""
+    from tuneforge.dsl.heap import SymmetricHeap
+    heap = SymmetricHeap(world, 8 << 20)
+    ctx = heap.context()
+    failures, outputs, checked = [], [], 0
+    for op in OPS:
+        template = get(op)
+        for i, (m, n) in enumerate(shapes):
+            for j, dtype in enumerate(dtypes):
+                problem = Problem.make(op, dtype, world.size, m=m, n=n)
+                configs = _configs(op, problem, thorough)
+                if not thorough:     # each config once, dtypes in rotation
+                    configs = [c for k, c in enumerate(configs) if (k + i) % len(dtypes) == j]
+                for config in configs:
+                    inputs = template.make_inputs(problem, ctx.device, 1 + i, ctx)
+                    result = check(template, problem, config, ctx=ctx, inputs=inputs)
+                    checked += 1
+                    if not result:
+                        failures.append(f"{problem.key} {config}: {result.reason}")
+                    if op == "allreduce":
+                        outputs.append(inputs["out"].cpu())
+                base = template.baseline(**split_out(inputs))
+                ok = compare(base, template.reference(**split_out(inputs)), base.dtype)
+                if not ok:
+                    failures.append(f"baseline {problem.key}: {ok.reason}")
+    x = torch.zeros(4, 8, device=ctx.device)
+    errors = []
+    for call in (lambda: get("allreduce").launch(x, ctx=ctx, out=torch.zeros(4, 9, device=ctx.device)),
+                 lambda: get("allreduce").launch(x.t(), ctx=ctx),
+                 lambda: get("allreduce").launch(x.to(torch.int32), ctx=ctx),
+                 lambda: get("allreduce").launch(x, ctx=ctx, out=x),
+                 lambda: get("allgather").launch(x, ctx=ctx, m=1)):
+        try:
+            call()
+            errors.append("no error")
+        except InputError as e:
+            errors.append(str(e))
+    epochs = {name: int(ch.state[0]) for name, ch in ctx.channels.items()}
+    heap.close()
+    return {"failures": failures, "checked": checked, "errors": errors, "epochs": epochs,
+            "allreduce_bytes": [o.view(torch.uint8).numpy().tobytes() for o in outputs]}
+
+
+def _assert_world_results(results):
+    for rank, r in enumerate(results):
+        assert not r["failures"], f"rank {rank}:\n" + "\n".join(r["failures"])
+        assert r["checked"] > 0
+        assert all(e != "no error" and "\n" not in e for e in r["errors"]), r["errors"]
+        assert r["epochs"] == results[0]["epochs"]       # every call advanced every rank's epoch
+    # tensor-parallel replicas must agree bit for bit
+    assert all(r["allreduce_bytes"] == results[0]["allreduce_bytes"] for r in results)
+
+
+# shapes: m not divisible by the world, m < world (a rank without rows), a multi-tile message
+CPU_SHAPES = [(7, 40), (3, 24)]
+
+
+def test_collectives_two_cpu_ranks():
+    results = spawn(_check_all, 2, CPU_SHAPES[:1], DTYPES, True, timeout=600)
+    _assert_world_results(results)
+
+
+def test_collectives_four_cpu_ranks():
+    results = spawn(_check_all, 4, CPU_SHAPES, DTYPES, False, timeout=600)
+    _assert_world_results(results)
+
+
+def _silent_rank(world, silent, catch):
+    """Every rank but ``silent`` runs an all-reduce; ``silent`` never launches it (never signals)."""
+    from tuneforge.dsl.heap import SymmetricHeap
+    heap = SymmetricHeap(world, 1 << 20)
+    ctx = heap.context()
+    ctx.channel("allreduce", 1 << 16).set_timeout(1.0)
+    x = torch.ones(5, 8, device=ctx.device)
+    config = {"strategy": "one_shot", "variant": "push", "BLOCK": 128, "num_warps": 4, "comm_sms": 2}
+    message, start = None, time.monotonic()
+    if world.rank != silent:
+        try:
+            get("allreduce").launch(x, ctx=ctx, config=config)
+            ctx.check()          # the host check (on a GPU, after the kernel ends)
+        except SignalTimeout as e:
+            if not catch:
+                raise
+            message = str(e)
+    elapsed = time.monotonic() - start
+    world.barrier()              # the silent rank keeps its heap mapped until the others are done
+    return message, elapsed
+
+
+def _assert_timeouts(results, silent, bound):
+    for rank, (message, elapsed) in enumerate(results):
+        if rank == silent:
+            assert message is None
+            continue
+        assert message is not None, f"rank {rank} got no SignalTimeout"
+        assert message.startswith(f"rank {rank}: 'allreduce' timed out")
+        assert f"from peer {silent}" in message and "signal 'data'" in message
+        assert elapsed < bound, f"rank {rank} took {elapsed:.1f}s to time out"
+
+
+def test_every_rank_waiting_on_a_silent_rank_gets_signal_timeout():
+    results = spawn(_silent_rank, 3, 2, True, timeout=300)
+    _assert_timeouts(results, silent=2, bound=30)
+
+
+def test_signal_timeout_ends_the_world_with_a_clear_error():
+    start = time.monotonic()
+    with pytest.raises(SignalTimeout, match=r"^rank 0: 'allreduce' timed out .* from peer 1 "):
+        spawn(_silent_rank, 2, 1, False, timeout=300, grace=2.0)
+    assert time.monotonic() - start < 120     # not the 300 s deadline: the failure ended the world
+
+
+# --- one GPU shared by several processes --------------------------------------------------------------
+
+GPU_SHAPES = [(37, 1536), (1, 4096), (3, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_collectives_processes_sharing_one_gpu(ranks):
+    results = spawn(_check_all, ranks, GPU_SHAPES, ("bf16", "fp32"), True, device="cuda",
+                    share_gpu=True, timeout=540)
+    _assert_world_results(results)
+
+
+def _graph_replay(world, replays):
+    """Capture two all-reduces in one CUDA graph; replay with new inputs, check every replay."""
+    from tuneforge.dsl.heap import SymmetricHeap
+    from tuneforge.kernels.allreduce import allreduce, reference
+    heap = SymmetricHeap(world, 32 << 20)
+    ctx = heap.context()
+    m, n = 33, 2048
+    x = torch.empty(m, n, dtype=torch.bfloat16, device=ctx.device)
+    outs = [torch.empty_like(x) for _ in range(2)]
+    configs = [{"strategy": "one_shot", "variant": "push", "BLOCK": 1024, "num_warps": 4, "comm_sms": 8},
+               {"strategy": "two_shot", "variant": "pull", "BLOCK": 2048, "num_warps": 8, "comm_sms": 4}]
+    for out, config in zip(outs, configs):          # warm (compile, load) before capture
+        allreduce(x, ctx=ctx, out=out, config=config)
+    ctx.synchronize()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph, stream=stream):
+            for out, config in zip(outs, configs):
+                allreduce(x, ctx=ctx, out=out, config=config)
+    torch.cuda.current_stream().wait_stream(stream)
+    ctx.synchronize()
+    failures = []
+    for r in range(replays):
+        g = torch.Generator().manual_seed(100 * r + world.rank)
+        x.copy_(torch.randn(m, n, generator=g).to(x.dtype))
+        for out in outs:
+            out.fill_(float("nan"))
+        graph.replay()
+        ctx.synchronize()
+        ref = reference(x, ctx)
+        for out, config in zip(outs, configs):
+            res = compare(out, ref, out.dtype)
+            if not res:
+                failures.append(f"replay {r} {config['strategy']}: {res.reason}")
+    epoch = int(ctx.channel("allreduce", 0).state[0])
+    heap.close()
+    return failures, epoch
+
+
+@pytest.mark.gpu
+def test_allreduce_cuda_graph_replay_on_one_gpu():
+    replays = 5
+    for failures, epoch in spawn(_graph_replay, 2, replays, device="cuda", share_gpu=True, timeout=300):
+        assert not failures, failures
+        assert epoch == 2 + 2 * replays      # the device-side epoch advanced inside every replay
+
+
+@pytest.mark.gpu
+def test_signal_timeout_on_one_gpu():
+    results = spawn(_silent_rank, 2, 1, True, device="cuda", share_gpu=True, timeout=300)
+    _assert_timeouts(results, silent=1, bound=60)
