@@ -16,7 +16,6 @@ copying the loop:
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import replace
 
 import torch
@@ -24,7 +23,7 @@ import triton
 import triton.language as tl
 
 import tuneforge
-from tuneforge.dsl.problem import DTYPE_NAMES, Problem, canonical_config
+from tuneforge.dsl.problem import DTYPE_NAMES, Problem
 from tuneforge.dsl.space import Space, categorical, pow2
 from tuneforge.dsl.template import Template, register
 from tuneforge.errors import ConfigRejected, InputError
@@ -110,7 +109,9 @@ def store_tile(y_ptr, acc, off_m, off_n, M, N, stride_ym,
     tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "N", "K"])   # sizes only bound loops and masks: one compile for all
+# M changes with every batch: not specialized, so one compile serves all token counts. N stays
+# specialized: its divisibility lets the masked epilogue store vectors instead of scalars.
+@triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(x, w, y, partial, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
                  split_k, num_programs,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -243,23 +244,26 @@ def split_k_to_fill(config: dict, problem: Problem, spec: DeviceSpec) -> int:
 
 
 def default_config(problem: Problem, spec: DeviceSpec) -> dict:
-    """Heuristic config (measured on H100, bf16; see benchmarks/bench_gemm.py): decode-sized M streams
-    the weight with 16-row tiles, BK=128 and split-K until the tiles cover the SMs; mid M uses 64-row
-    tiles; large M 128x256x64, 3 stages, 8 warps, grouped order, TMA where the device has it.
+    """Heuristic config (from bench_gemm on an H100, bf16): decode-sized M streams the weight with
+    16x128x128 tiles and pointer loads; up to 256 rows 64/128-row tiles with split-K until the tiles
+    cover the SMs; large M 128x256x64, 3 stages, 8 warps, grouped order; TMA where available (m > 16).
     Shrinks stages, then BLOCK_K, then BLOCK_N until every constraint passes (fp32, small-smem GPUs)."""
     m = problem["m"]
     if m <= 16:
-        cfg = dict(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
-    elif m <= 256:
+        cfg = dict(block_m=16, block_n=128, block_k=128, group_m=1, num_warps=4, num_stages=4)
+    elif m <= 64:
         cfg = dict(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
+    elif m <= 256:
+        cfg = dict(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4)
     else:
         cfg = dict(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3)
     cfg.update(split_k=1, programs_per_sm=1, tma=False)
     # clamp tiles to the problem
     for name, dim in (("block_m", "m"), ("block_n", "n"), ("block_k", "k")):
         cfg[name] = min(cfg[name], max(16, _next_pow2(problem[dim])))
-    cfg["tma"] = tma_unavailable({**cfg, "tma": True}, problem, spec) is None
-    if m <= 64:
+    # decode streams the weight: TMA gained nothing there and costs host time per launch
+    cfg["tma"] = m > 16 and tma_unavailable({**cfg, "tma": True}, problem, spec) is None
+    if m <= 256:
         cfg["split_k"] = split_k_to_fill(cfg, problem, spec)
     for shrink in ("num_stages", "num_stages", "block_k", "num_stages", "block_n", "block_k", "block_m"):
         if _first_rejection(cfg, problem, spec) is None:
@@ -282,17 +286,24 @@ def launch_spec(device: torch.device) -> DeviceSpec:
 
 
 @functools.lru_cache(maxsize=4096)
-def _checked_config(config_key: str, problem: Problem, device: torch.device) -> None:
-    """Raise ConfigRejected if the config is outside the space or cannot launch (cached: hot path)."""
-    config = json.loads(config_key)
+def _plan(config_items: tuple | None, m: int, n: int, k: int, dtype: torch.dtype, device: torch.device):
+    """(config, number of persistent programs) for one launch: the default config, or the given one
+    checked against the space and the launch constraints. Cached, so the hot path pays one lookup."""
+    problem = Problem.make("gemm", DTYPE_NAMES[dtype], m=m, n=n, k=k)
     spec = launch_spec(device)
-    try:
-        config = space(problem).validate(config)
-    except ValueError as e:
-        raise ConfigRejected(f"gemm config {config_key}: {e}") from None
-    why = _first_rejection(config, problem, spec, LAUNCH_CONSTRAINTS)
-    if why:
-        raise ConfigRejected(f"gemm config {config_key} cannot run {problem.key}: {why}")
+    if config_items is None:
+        config = default_config(problem, spec)
+    else:
+        config = dict(config_items)
+        try:
+            space(problem).validate(config)
+        except ValueError as e:
+            raise ConfigRejected(f"gemm config {config}: {e}") from None
+        why = _first_rejection(config, problem, spec, LAUNCH_CONSTRAINTS)
+        if why:
+            raise ConfigRejected(f"gemm config {config} cannot run {problem.key}: {why}")
+    tiles = triton.cdiv(m, config["block_m"]) * triton.cdiv(n, config["block_n"]) * config["split_k"]
+    return config, min(tiles, spec.sms * config["programs_per_sm"])
 
 
 def _check_inputs(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None) -> None:
@@ -345,15 +356,9 @@ def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, c
         return out
     if k == 0:
         return out.zero_()
-    problem = Problem.make("gemm", DTYPE_NAMES[x.dtype], m=m, n=n, k=k)
-    spec = launch_spec(x.device)
-    if config is None:
-        config = default_config(problem, spec)
-    else:
-        _checked_config(canonical_config(config), problem, x.device)
+    config, num_programs = _plan(None if config is None else tuple(sorted(config.items())),
+                                 m, n, k, x.dtype, x.device)
     bm, bn, bk, split = config["block_m"], config["block_n"], config["block_k"], config["split_k"]
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn) * split
-    num_programs = min(tiles, spec.sms * config["programs_per_sm"])
     use_tma = bool(config["tma"]) and _tma_ready(x) and _tma_ready(w)
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
