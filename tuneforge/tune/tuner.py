@@ -581,7 +581,8 @@ class Tuner:
         """Ask, filter, evaluate and tell until ``self.trials`` configs were evaluated (counting the
         stored history); returns how many new trials were written."""
         evaluated = sum(t.state != TrialState.PRUNED for t in history)
-        if evaluated >= self.trials:
+        asks = len(history)                 # the cap on asks counts the stored trials too
+        if evaluated >= self.trials or asks >= REJECT_CAP * self.trials:
             return 0
         results: dict[str, tuple[TrialState, Optional[float], dict]] = {}
         for t in history:
@@ -594,7 +595,6 @@ class Tuner:
                 live.enqueue_trial(c, skip_if_exists=True)
         pending = []
         written = 0
-        asks = 0
         min_new = 1 if not history else 0
         while evaluated < self.trials and asks < REJECT_CAP * self.trials:
             if deadline is not None and time.monotonic() > deadline and written + len(pending) >= min_new:

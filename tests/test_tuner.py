@@ -1,0 +1,198 @@
+"""The tuner on CPU: a real tuning loop over a tiny Qwen3 (cost-model times, winners verified by the
+real kernels under the interpreter) into a real SQLite database; FAIL and PRUNED trials; winners
+that fail verification are dropped; a run killed with SIGKILL resumes without losing a trial."""
+import dataclasses
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tuneforge.db.store import Store
+from tuneforge.dsl import Problem, canonical_config, get
+from tuneforge.models.configs import load_config
+from tuneforge.tune.plan import PlanItem, plan
+from tuneforge.tune.tuner import BASELINE, REJECT_CAP, Tuner, TuneOptions, choose, describe_config, format_table
+
+TINY = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_hidden_layers": 2,
+        "vocab_size": 256, "rms_norm_eps": 1e-6, "rope_theta": 1000000, "tie_word_embeddings": False,
+        "max_position_embeddings": 512}
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny-qwen3" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(TINY))
+    return path
+
+
+def _study_trials(store, name):
+    return optuna.load_study(study_name=name, storage=store.optuna_storage()).get_trials(deepcopy=False)
+
+
+def test_choose_prefers_the_baseline_in_a_tie_then_the_canonically_smallest_config():
+    a, b = {"block": 128, "w": 4}, {"block": 16, "w": 8}
+    assert choose([(a, 1.00), (b, 1.01), (dict(BASELINE), 1.5)], 0.02) == (b, 1.01)     # 16 < 128 numerically
+    assert choose([(a, 1.00), (dict(BASELINE), 1.015)], 0.02) == (dict(BASELINE), 1.015)
+    assert choose([(a, 1.00), (dict(BASELINE), 1.03)], 0.02) == (a, 1.00)
+    assert describe_config({"strategy": "two_shot", "block_m": 64, "tma": True, "num_warps": 4}) == \
+        "two_shot bm64 w4 tma"
+
+
+def test_cost_model_tuning_of_a_tiny_model_stores_verified_winners(tiny_config, tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'tune.db'}")
+    p = plan(tiny_config, 1, decode_buckets=[1, 8], prefill_buckets=[32])
+    tuner = Tuner(store, TuneOptions(target="H100", trials=6, progress=None))
+    assert tuner.backend == "costmodel" and tuner.spec.name == "H100"
+    report = tuner.tune(p)
+    assert {r.status for r in report.rows} == {"tuned", "baseline-only"}
+    tuned = [r for r in report.rows if r.status == "tuned"]
+    assert len(tuned) == len(p.tunable)
+    # gate_up_proj and lm_head are the same GEMM: one problem, one study, both roles
+    shared = next(r for r in tuned if r.problem == "gemm|m=8,n=256,k=64|bf16|w1")
+    assert shared.roles == ["layer.mlp.gate_up_proj", "lm_head"]
+
+    stored = {w.key: w for w in store.winners(model="tiny-qwen3", tp=1)}
+    assert set(stored) == {r.problem for r in tuned}
+    kernel_wins = 0
+    for r in tuned:
+        w = stored[r.problem]
+        assert w.source == "predicted" and w.env.predicted and w.env.gpu_name == "H100"
+        assert w.time_s <= w.baseline_s and w.config == r.config
+        assert w.template_hash == get(w.problem.op).source_hash
+        trials = _study_trials(store, w.study_name)
+        assert w.n_trials == len(trials) and all(t.state.is_finished() for t in trials)
+        evaluated = sum(t.state != TrialState.PRUNED for t in trials)
+        assert evaluated >= 6 or len(trials) >= REJECT_CAP * 6    # trials reached, or too many rejected
+        assert evaluated >= 1
+        for t in trials:
+            if t.state == TrialState.PRUNED:
+                assert t.user_attrs["reason"]
+        if not w.config.get("baseline"):
+            kernel_wins += 1
+            # verified by running the real kernel under the interpreter
+            assert tuner.verifier.cache[(w.problem.op, canonical_config(w.config))] == ""
+    assert kernel_wins >= 3
+    assert any(t.state == TrialState.PRUNED for r in tuned if r.op == "gemm" for t in _study_trials(store, r.study_name))
+    table = format_table(report)
+    assert table.splitlines()[0].split() == ["problem", "role", "winner", "time", "baseline", "speedup", "%SOL",
+                                             "source"]
+    assert "baseline (no template)" in table
+
+    # a rerun finds every study complete: no new trial, the same winners
+    again = Tuner(store, TuneOptions(target="H100", trials=6, progress=None)).tune(p)
+    assert [r.new_trials for r in again.rows if r.status == "tuned"] == [0] * len(tuned)
+    assert [r.config for r in again.rows] == [r.config for r in report.rows]
+    store.close()
+
+
+def _broken_launch(x, *, out=None, config=None):
+    """The real silu_mul, except that configs with ROWS == 1 write one wrong element."""
+    y = get("silu_mul").launch(x, out=out, config=config)
+    if config is not None and config["ROWS"] == 1:
+        y[0, 0] += 1.0
+    return y
+
+
+def _lying_cost(problem, config, spec):
+    """Predicts the broken configs fastest (so only verification can stop them) and fails num_warps=8."""
+    if config is not None and config["num_warps"] == 8:
+        raise RuntimeError("simulated compile error")
+    t = get("silu_mul").cost(problem, config, spec)
+    return t * 0.25 if config is not None and config["ROWS"] == 1 else t
+
+
+def test_fail_trials_never_stop_the_run_and_unverifiable_winners_are_dropped(tmp_path):
+    real = get("silu_mul")
+    broken = dataclasses.replace(real, launch=_broken_launch, cost=_lying_cost, module=real.module)
+    problem = Problem.make("silu_mul", m=8, n=48)
+    size = real.space(problem).size()
+    store = Store(f"sqlite:///{tmp_path / 'fail.db'}")
+    tuner = Tuner(store, TuneOptions(target="H100", trials=size, progress=None))
+    row = tuner.tune_problem(PlanItem(problem, ["test"]), broken, 1)
+    assert row.status == "tuned"
+    assert not row.config.get("baseline") and row.config["ROWS"] != 1 and row.config["num_warps"] != 8
+    assert "failed verification: wrong result" in row.note
+    trials = _study_trials(store, row.study_name)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed and all(t.user_attrs["error"] == "RuntimeError: simulated compile error" for t in failed)
+    assert all(t.params["num_warps"] == 8 for t in failed)
+    assert any(t.state == TrialState.COMPLETE and t.params["ROWS"] == 1 for t in trials)
+    assert store.winners(key=problem.key)[0].config == row.config
+    store.close()
+
+
+def _snapshot(db):
+    with sqlite3.connect(db) as c:
+        rows = c.execute("SELECT t.trial_id, t.study_id, t.number, t.state, v.value FROM trials t "
+                         "LEFT JOIN trial_values v ON v.trial_id = t.trial_id").fetchall()
+    return {r[0]: r[1:] for r in rows}
+
+
+def _trial_count(db):
+    try:
+        with sqlite3.connect(db, timeout=1) as c:
+            return c.execute("SELECT count(*) FROM trials").fetchone()[0]
+    except sqlite3.OperationalError:      # not created yet
+        return 0
+
+
+def test_a_killed_run_resumes_without_losing_a_trial(tiny_config, tmp_path):
+    db = tmp_path / "resume.db"
+    summary = tmp_path / "summary.json"
+    cmd = [sys.executable, "-m", "tuneforge.cli", "tune", "--model", str(tiny_config), "--db", str(db),
+           "--backend", "costmodel", "--trials", "40", "--buckets", "1,8", "--prefill-buckets", "32", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while _trial_count(db) == 0 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _snapshot(db)
+    assert before, "no trial was written before the kill"
+    store = Store(str(db))
+    models_before = len(store.winners())
+    store.close()
+
+    done = subprocess.run(cmd + ["--summary-json", str(summary)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = _snapshot(db)
+    # every trial written before the kill survives unchanged; counts per study only grow
+    assert all(after.get(tid) == row for tid, row in before.items())
+    for study in {r[0] for r in before.values()}:
+        assert sum(r[0] == study for r in after.values()) >= sum(r[0] == study for r in before.values())
+    assert all(r[2] in ("COMPLETE", "PRUNED", "FAIL") for r in after.values())
+    report = json.loads(summary.read_text())
+    tuned = [r for r in report["rows"] if r["status"] == "tuned"]
+    assert tuned and all(r["status"] in ("tuned", "baseline-only") for r in report["rows"])
+    store = Store(str(db))
+    assert len(store.winners()) == len(tuned) >= models_before
+    for r in tuned:
+        trials = _study_trials(store, r["study_name"])
+        evaluated = sum(t.state != TrialState.PRUNED for t in trials)
+        assert (evaluated >= 40 or len(trials) >= REJECT_CAP * 40) and r["n_trials"] == len(trials)
+    store.close()
+
+
+@pytest.mark.gpu
+def test_measured_tuning_on_the_gpu(tiny_config, tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'gpu.db'}")
+    p = plan(tiny_config, 1, decode_buckets=[8], prefill_buckets=[256])
+    tuner = Tuner(store, TuneOptions(trials=4, progress=None))
+    assert tuner.backend == "measure"
+    report = tuner.tune(p)
+    tuned = [r for r in report.rows if r.status == "tuned"]
+    assert len(tuned) == len(p.tunable)
+    for r in tuned:
+        assert r.source == "measured" and 0 < r.time_s <= r.baseline_s
+    assert all(w.source == "measured" and not w.env.predicted for w in store.winners())
+    store.close()
