@@ -1,0 +1,311 @@
+"""The tuneforge dashboard: a Streamlit app over the tuning database.
+
+Run it with ``tuneforge dashboard [--db URL]`` (or ``streamlit run dashboard/app.py`` with
+``$TUNEFORGE_DB`` set). Pages are chosen in the sidebar (the choice is kept in the URL as
+``?page=Strategy%20map``). Every chart and table says how its numbers were obtained: measured on which
+device, or predicted by the cost model for which target.
+"""
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from tuneforge.dashboard import data
+from tuneforge.errors import DatabaseError
+
+CACHE_S = 30          # how long a read of the database is reused before the next rerun reads again
+
+
+@st.cache_data(ttl=CACHE_S, show_spinner=False)
+def snapshot(url: str) -> data.Snapshot:
+    return data.load_snapshot(url)
+
+
+@st.cache_data(ttl=CACHE_S, show_spinner=False)
+def study(url: str, name: str) -> data.StudyData:
+    return data.load_study(url, name)
+
+
+def table(df: pd.DataFrame, **column_config) -> None:
+    st.dataframe(df, hide_index=True, column_config=column_config or None)
+
+
+SPEEDUP = st.column_config.NumberColumn("speedup", format="%.2fx")
+TIME_US = st.column_config.NumberColumn(format="%.2f µs")
+PCT = st.column_config.NumberColumn(format="%.1f%%")
+
+
+def provenance_lines(frame: pd.DataFrame) -> None:
+    """A caption per environment in ``frame``: how its numbers were obtained."""
+    for device, how in frame[["device", "provenance"]].drop_duplicates().itertuples(index=False):
+        st.caption(f"**{device}**: {how}")
+
+
+def pick(label: str, options: list, key: str) -> list:
+    return st.multiselect(label, options, default=[], key=key, placeholder="all")
+
+
+# -------------------------------------------------------------------------------------- pages
+
+def page_overview(snap: data.Snapshot) -> None:
+    st.header("Overview")
+    st.write("Per device and model: how many of the planned problems are tuned, and the geometric-mean "
+             "speedup of the winners over the torch baseline (a problem won by the baseline counts as 1.00x).")
+    over = data.overview(snap)
+    columns = st.columns(min(len(over), 4))
+    for i, r in enumerate(over.itertuples(index=False)):
+        columns[i % len(columns)].metric(f"{r.device} · {r.model} TP{r.tp}", f"{r.geomean_speedup:.2f}x",
+                                         help=f"geometric-mean speedup over the torch baseline, {r.provenance}",
+                                         border=True)
+    table(over, geomean_speedup=st.column_config.NumberColumn("geomean speedup", format="%.2fx"),
+          best_speedup=st.column_config.NumberColumn("best speedup", format="%.2fx"),
+          median_pct_sol=st.column_config.NumberColumn("median % of SOL", format="%.1f%%"))
+    provenance_lines(over)
+
+    by_op = (data.unique_problems(snap.winners).groupby(["device", "op"])["speedup"]
+             .agg(data.geomean).rename("geomean_speedup").reset_index())
+    chart = (alt.Chart(by_op, title="Geometric-mean speedup over the torch baseline, by op and device")
+             .mark_bar()
+             .encode(x=alt.X("op:N", title=None, axis=alt.Axis(labelAngle=0)), xOffset="device:N",
+                     y=alt.Y("geomean_speedup:Q", title="speedup (x)"),
+                     color=alt.Color("device:N", title="device (measured / predicted)"),
+                     tooltip=["device", "op", alt.Tooltip("geomean_speedup:Q", format=".2f")]))
+    st.altair_chart(chart + _one_x_rule("y"), width="stretch")
+
+
+def page_speedups(snap: data.Snapshot) -> None:
+    st.header("Speedups")
+    df = snap.winners
+    c = st.columns(5)
+    with c[0]:
+        devices = pick("device", sorted(df["device"].unique()), "f_device")
+    with c[1]:
+        models = pick("model", sorted(df["model"].unique()), "f_model")
+    with c[2]:
+        tps = pick("TP size", sorted(df["tp"].unique()), "f_tp")
+    with c[3]:
+        ops = pick("op", sorted(df["op"].unique()), "f_op")
+    with c[4]:
+        buckets = pick("token bucket (m)", sorted(df["tokens"].dropna().unique()), "f_tokens")
+    rows = data.filter_winners(df, device=devices, model=models, tp=tps, op=ops, tokens=buckets)
+    st.write(f"{rows['problem'].nunique()} problems, {len(rows)} rows (a problem two models share is listed for each).")
+    table(rows[["device", "source", "model", "tp", "roles", "op", "shape", "tokens", "config", "time_us",
+                "baseline_us", "speedup", "pct_sol", "n_trials", "problem"]],
+          speedup=SPEEDUP, time_us=st.column_config.NumberColumn("time", format="%.2f µs"),
+          baseline_us=st.column_config.NumberColumn("torch baseline", format="%.2f µs"),
+          pct_sol=st.column_config.NumberColumn("% of SOL", format="%.1f%%"))
+    for device, g in data.unique_problems(rows).groupby("device", sort=True):
+        how = g["provenance"].iloc[0]
+        g = g.assign(problem_shape=g["op"] + " " + g["shape"])
+        chart = (alt.Chart(g, title=alt.TitleParams(f"Speedup over the torch baseline: {device}",
+                                                    subtitle=how))
+                 .mark_bar()
+                 .encode(y=alt.Y("problem_shape:N", title=None, axis=alt.Axis(labelLimit=320)),
+                         yOffset="tokens:O",
+                         x=alt.X("speedup:Q", title="speedup over the torch baseline (x)"),
+                         color=alt.Color("tokens:O", title="tokens (m)", scale=alt.Scale(scheme="viridis")),
+                         tooltip=["problem", "config", alt.Tooltip("speedup:Q", format=".3f"),
+                                  alt.Tooltip("time_us:Q", format=".2f", title="time (µs)"),
+                                  alt.Tooltip("baseline_us:Q", format=".2f", title="baseline (µs)")])
+                 .properties(height=80 + 12 * len(g)))
+        st.altair_chart(chart + _one_x_rule("x"), width="stretch")
+
+
+def page_strategy(snap: data.Snapshot) -> None:
+    st.header("Strategy map")
+    st.write("The winning strategy of each tensor-parallel block (tp_mlp / tp_attn: gemm+allreduce vs "
+             "allgather-gemm + gemm-reducescatter) and of each all-reduce (one-shot vs two-shot; "
+             "`baseline` = torch / NCCL), by token count. Each cell shows the speedup over the torch baseline.")
+    strat = data.strategy_map(snap.winners)
+    if strat.empty:
+        st.info("No TP-block or all-reduce winners in this database: they are tuned at TP > 1, e.g. "
+                "`tuneforge tune --model Qwen3-32B --tp 8`.")
+        return
+    if not strat["op"].isin(data.TP_BLOCK_OPS).any():
+        st.caption("No tp_mlp / tp_attn winners yet (only all-reduces): their templates were not tuned.")
+    for device, g in strat.groupby("device", sort=True):
+        how = g["provenance"].iloc[0]
+        base = alt.Chart(g, title=alt.TitleParams(f"Chosen strategy: {device}", subtitle=how)).encode(
+            x=alt.X("tokens:O", title="tokens (m)", axis=alt.Axis(labelAngle=0)), y=alt.Y("block:N", title=None, axis=alt.Axis(labelLimit=320)))
+        cells = base.mark_rect(stroke="white").encode(
+            color=alt.Color("strategy:N", title="strategy", scale=alt.Scale(scheme="set2")),
+            tooltip=["problem", "strategy", "config", alt.Tooltip("speedup:Q", format=".3f"),
+                     alt.Tooltip("time_us:Q", format=".2f", title="time (µs)")])
+        text = base.mark_text(fontSize=13).encode(text="label:N")
+        st.altair_chart((cells + text).properties(height=150 + 50 * g["block"].nunique()), width="stretch")
+        table(g[["block", "tokens", "strategy", "speedup", "config", "time_us", "baseline_us"]],
+              speedup=SPEEDUP, time_us=st.column_config.NumberColumn("time", format="%.2f µs"),
+              baseline_us=st.column_config.NumberColumn("torch baseline", format="%.2f µs"))
+
+
+def page_trials(snap: data.Snapshot) -> None:
+    st.header("Trials")
+    if not snap.studies:
+        st.info("This database holds no Optuna studies.")
+        return
+    labels = {fp: e.label for fp, e in snap.environments.items()}
+    studies = pd.DataFrame({"name": snap.studies})
+    studies["problem"] = studies["name"].str.rpartition("@")[0]
+    studies["device"] = studies["name"].map(lambda n: labels.get(data.study_fingerprint(n), "unknown environment"))
+    studies["op"] = studies["problem"].str.split("|").str[0]
+    c = st.columns([1, 1, 3])
+    device = c[0].selectbox("device", sorted(studies["device"].unique()), key="t_device")
+    mine = studies[studies["device"] == device]
+    op = c[1].selectbox("op", sorted(mine["op"].unique()), key="t_op")
+    mine = mine[mine["op"] == op]
+    name = c[2].selectbox("study (problem)", list(mine["name"]), key="t_study",
+                          format_func=lambda n: n.rpartition("@")[0])
+    sd = study(snap.url, name)
+    env = snap.environments.get(data.study_fingerprint(name))
+    how = data.provenance(env) if env else "environment not in the database"
+    st.caption(f"Study `{name}`: trial times {how}.")
+    t = sd.trials
+    states = t["state"].value_counts()
+    m = st.columns(5)
+    m[0].metric("trials", len(t))
+    m[1].metric("complete", int(states.get("COMPLETE", 0)))
+    m[2].metric("rejected (pruned)", int(states.get("PRUNED", 0)))
+    m[3].metric("best", f"{t['value_us'].min():.2f} µs" if t["value_us"].notna().any() else "-")
+    m[4].metric("torch baseline", f"{sd.baseline_us:.2f} µs" if sd.baseline_us else "-")
+
+    done = t[t["value_us"].notna()]
+    points = alt.Chart(done).mark_circle(size=50, opacity=0.7).encode(
+        x=alt.X("number:Q", title="trial"), y=alt.Y("value_us:Q", title="time (µs)", scale=alt.Scale(zero=False)),
+        tooltip=["number", alt.Tooltip("value_us:Q", format=".3f", title="time (µs)")]
+        + [c for c in t.columns if c.startswith("params_")])
+    best = alt.Chart(t).mark_line(interpolate="step-after", color="#e45756").encode(x="number:Q", y="best_us:Q")
+    layers = [points, best]
+    if sd.baseline_us:
+        layers.append(alt.Chart(pd.DataFrame({"baseline": [sd.baseline_us]})).mark_rule(strokeDash=[6, 4])
+                      .encode(y="baseline:Q"))
+    st.altair_chart(alt.layer(*layers).properties(title=alt.TitleParams(
+        "Optimization history (dots: trials; red: best so far; dashed: torch baseline)", subtitle=how)),
+        width="stretch")
+
+    st.subheader("Parameter importances")
+    if sd.importances.empty:
+        st.info(sd.importance_note)
+    else:
+        chart = alt.Chart(sd.importances, title=alt.TitleParams(
+            "Parameter importances (Optuna PED-ANOVA over the trials)", subtitle=how)).mark_bar().encode(
+            x=alt.X("importance:Q"), y=alt.Y("param:N", sort="-x", title=None),
+            tooltip=["param", alt.Tooltip("importance:Q", format=".3f")])
+        st.altair_chart(chart, width="stretch")
+    with st.expander("All trials"):
+        table(t.drop(columns=["value"]), value_us=TIME_US, best_us=TIME_US)
+
+
+def page_devices(snap: data.Snapshot) -> None:
+    st.header("Devices side by side")
+    devs = snap.devices()
+    if len(devs) < 2:
+        st.info("Only one device in this database. Tune another target to compare, e.g. "
+                "`tuneforge tune --model Qwen3-32B --target H800 --tp 8`.")
+        return
+    # default: a measured device against a predicted one where both exist
+    order = list(devs.sort_values("source", kind="stable")["fingerprint"])
+    default_b = next((fp for fp in order[1:] if devs.set_index("fingerprint").loc[fp, "source"] == "predicted"),
+                     order[1])
+    label = dict(zip(devs["fingerprint"], devs["device"] + " · " + devs["fingerprint"]))
+    c = st.columns(2)
+    a = c[0].selectbox("device A", order, index=0, format_func=label.get, key="d_a")
+    b = c[1].selectbox("device B", order, index=order.index(default_b), format_func=label.get, key="d_b")
+    how = dict(zip(devs["fingerprint"], devs["provenance"]))
+    st.caption(f"**A**: {how[a]}  \n**B**: {how[b]}")
+    both = data.compare_devices(snap.winners, a, b)
+    if both.empty:
+        st.info("These two devices have no tuned problem in common (same op, shape, dtype and world size).")
+        return
+    m = st.columns(3)
+    m[0].metric("problems in common", len(both))
+    m[1].metric("geomean time ratio B / A", f"{data.geomean(both['time_ratio']):.3f}")
+    m[2].metric("geomean baseline ratio B / A", f"{data.geomean(both['baseline_ratio']):.3f}")
+    both = both.assign(problem_label=both["op"] + " " + both["shape"] + " m=" + both["tokens"].astype(str))
+    chart = (alt.Chart(both, title=alt.TitleParams(
+        f"Winner time on B / time on A (B = {label[b]}, A = {label[a]})",
+        subtitle=[f"A: {how[a]}", f"B: {how[b]}"]))
+        .mark_bar().encode(x=alt.X("problem_label:N", title=None, sort=None,
+                                   axis=alt.Axis(labelAngle=-40, labelLimit=260)),
+                           y=alt.Y("time_ratio:Q", title="time ratio B / A"), color="op:N",
+                           tooltip=["problem", "config_a", "config_b", alt.Tooltip("time_ratio:Q", format=".3f")]))
+    st.altair_chart(chart + _one_x_rule("y"), width="stretch")
+    table(both.drop(columns=["problem_label"]), time_us_a=st.column_config.NumberColumn("time A", format="%.2f µs"),
+          time_us_b=st.column_config.NumberColumn("time B", format="%.2f µs"),
+          baseline_us_a=st.column_config.NumberColumn("baseline A", format="%.2f µs"),
+          baseline_us_b=st.column_config.NumberColumn("baseline B", format="%.2f µs"),
+          speedup_a=st.column_config.NumberColumn("speedup A", format="%.2fx"),
+          speedup_b=st.column_config.NumberColumn("speedup B", format="%.2fx"),
+          time_ratio=st.column_config.NumberColumn("time B / A", format="%.3f"),
+          baseline_ratio=st.column_config.NumberColumn("baseline B / A", format="%.3f"))
+
+
+def page_roofline(snap: data.Snapshot) -> None:
+    st.header("Roofline")
+    st.write("Each winner's time as a percentage of the device's speed of light (the larger of its "
+             "compute-bound and memory/link-bound times from the device spec), next to the torch baseline's.")
+    roof = data.roofline(snap.winners)
+    for device, g in roof.groupby("device", sort=True):
+        how = g["provenance"].iloc[0]
+        long = pd.concat([g.assign(who="winner", pct=g["pct_sol"]),
+                          g.assign(who="torch baseline", pct=g["baseline_pct_sol"])])
+        chart = (alt.Chart(long, title=alt.TitleParams(f"% of speed of light: {device}", subtitle=how))
+                 .mark_point(size=70, filled=True)
+                 .encode(x=alt.X("tokens:Q", title="tokens (m)", scale=alt.Scale(type="log")),
+                         y=alt.Y("pct:Q", title="% of speed of light", scale=alt.Scale(domain=[0, 100])),
+                         color=alt.Color("op:N", scale=alt.Scale(scheme="tableau10")),
+                         shape=alt.Shape("who:N", title=None),
+                         tooltip=["problem", "who", "config", alt.Tooltip("pct:Q", format=".1f", title="% SOL")]))
+        st.altair_chart(chart, width="stretch")
+        table(g[["op", "shape", "tokens", "config", "pct_sol", "baseline_pct_sol", "speedup", "time_us"]],
+              pct_sol=st.column_config.NumberColumn("% of SOL", format="%.1f%%"),
+              baseline_pct_sol=st.column_config.NumberColumn("baseline % of SOL", format="%.1f%%"),
+              speedup=SPEEDUP, time_us=st.column_config.NumberColumn("time", format="%.2f µs"))
+
+
+def page_empty(snap: data.Snapshot) -> None:
+    st.header("No tuning results yet")
+    st.write(f"The database `{snap.display_url}` holds no tuned problems (or does not exist yet). "
+             "Fill it by tuning a model, for example:")
+    st.code(f"{data.FILL_COMMAND} --db {snap.display_url}", language="bash")
+    st.write("Without a GPU, or for another target, the winners are predicted by the cost model "
+             "(e.g. `--target H800 --tp 8`); on a GPU they are measured. Then reload this page.")
+
+
+def _one_x_rule(axis: str) -> alt.Chart:
+    """A dashed line at speedup / ratio 1.0."""
+    return alt.Chart(pd.DataFrame({axis: [1.0]})).mark_rule(strokeDash=[4, 4], color="gray").encode(
+        **{axis: f"{axis}:Q"})
+
+
+PAGES = {
+    "Overview": page_overview,
+    "Speedups": page_speedups,
+    "Strategy map": page_strategy,
+    "Trials": page_trials,
+    "Devices side by side": page_devices,
+    "Roofline": page_roofline,
+}
+
+
+def main() -> None:
+    st.set_page_config(page_title="tuneforge dashboard", layout="wide")
+    url = data.database_url()
+    st.sidebar.title("tuneforge")
+    page = st.sidebar.radio("Page", list(PAGES), key="page", bind="query-params")
+    st.sidebar.caption(f"Database: `{data.display_url(url)}`")
+    if st.sidebar.button("Reload from the database"):
+        st.cache_data.clear()
+    try:
+        snap = snapshot(url)
+    except DatabaseError as e:
+        st.header("tuneforge dashboard")
+        st.error(f"Cannot read the tuning database: {e}")
+        return
+    if snap.empty:
+        page_empty(snap)
+        return
+    PAGES[page](snap)
+
+
+main()

@@ -1,0 +1,315 @@
+"""The dashboard's queries: the tuning database as pandas frames.
+
+No Streamlit here, so the numbers the pages show can be computed (and tested) without a browser.
+The dashboard only reads: it never creates a database or a table. Every frame carries the
+``provenance`` of its numbers (measured on which device, or predicted by the cost model for which
+target), because every figure must say how it was obtained.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from tuneforge.db.environment import Environment
+from tuneforge.db.store import Store, default_url, display_url, normalize_url
+from tuneforge.errors import DatabaseError
+
+FILL_COMMAND = "tuneforge tune --model Qwen3-32B"
+TP_BLOCK_OPS = ("tp_mlp", "tp_attn")
+STRATEGY_OPS = TP_BLOCK_OPS + ("allreduce",)
+NO_PLAN = "(no plan)"           # a winner whose problem no recorded plan at its TP degree uses
+
+WINNER_COLUMNS = ["device", "fingerprint", "source", "provenance", "model", "tp", "roles", "op", "shape",
+                  "tokens", "dtype", "problem", "strategy", "config", "kernel_won", "time_us", "baseline_us",
+                  "speedup", "pct_sol", "baseline_pct_sol", "n_trials", "study_name", "created_at"]
+
+
+def database_url(url: Optional[str] = None) -> str:
+    """The URL the dashboard reads: ``url``, else ``$TUNEFORGE_DB``, else the default SQLite file."""
+    return normalize_url(url) if url else default_url()
+
+
+# ------------------------------------------------------------------------------- provenance
+
+def provenance(env: Environment) -> str:
+    """How a number of ``env`` was obtained, in words."""
+    if env.predicted:
+        return f"predicted by the cost model for {env.gpu_name} x{env.world_size} ({env.interconnect})"
+    return (f"measured on {env.gpu_name} x{env.world_size} ({env.interconnect}; torch {env.torch_version}, "
+            f"triton {env.triton_version}, driver {env.driver_version})")
+
+
+def describe_config(config: dict) -> str:
+    """A config in one short line: ``baseline``, or the strategy first and then ``name=value``."""
+    if config.get("baseline"):
+        return "baseline"
+    head = [str(config["strategy"])] if "strategy" in config else []
+    return " ".join(head + [f"{k}={v}" for k, v in sorted(config.items()) if k != "strategy"])
+
+
+def strategy_label(config: dict) -> str:
+    """What the strategy map shows for a winner: its strategy, or ``baseline`` (torch / NCCL)."""
+    if config.get("baseline"):
+        return "baseline"
+    return str(config.get("strategy", "kernel"))
+
+
+def geomean(values) -> float:
+    """Geometric mean of positive numbers (NaN for none)."""
+    values = [float(v) for v in values]
+    if not values:
+        return float("nan")
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+# --------------------------------------------------------------------------------- snapshot
+
+@dataclass
+class Snapshot:
+    """Everything the pages show, read at once. ``empty`` when there is nothing to show yet."""
+    url: str
+    winners: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=WINNER_COLUMNS))
+    environments: dict[str, Environment] = field(default_factory=dict)
+    planned: dict[tuple[str, int], int] = field(default_factory=dict)   # (model, tp) -> planned problems
+    studies: list[str] = field(default_factory=list)
+
+    @property
+    def display_url(self) -> str:
+        return display_url(self.url)
+
+    @property
+    def empty(self) -> bool:
+        return self.winners.empty
+
+    def devices(self) -> pd.DataFrame:
+        """One row per environment that has winners: label, fingerprint, provenance."""
+        rows = [dict(device=e.label, fingerprint=fp, source="predicted" if e.predicted else "measured",
+                     provenance=provenance(e)) for fp, e in self.environments.items()]
+        return pd.DataFrame(rows, columns=["device", "fingerprint", "source", "provenance"])
+
+
+def _sqlite_path(url: str) -> Optional[str]:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return parsed.database
+
+
+def _holds_no_tables(url: str) -> bool:
+    """True for a database that opens and has no tables at all (not yet filled)."""
+    engine = sa.create_engine(url)
+    try:
+        return not sa.inspect(engine).get_table_names()
+    except sa.exc.SQLAlchemyError:
+        return False
+    finally:
+        engine.dispose()
+
+
+def open_store(url: str) -> Optional[Store]:
+    """The store at ``url`` read-only, or None where there is no tuning database yet (a missing or
+    empty SQLite file, a database without tables); a corrupt or foreign database raises the
+    store's one-line DatabaseError."""
+    path = _sqlite_path(url)
+    if path is not None and (not os.path.exists(path) or (os.path.isfile(path) and os.path.getsize(path) == 0)):
+        return None
+    try:
+        return Store(url, create=False)
+    except DatabaseError:
+        if _holds_no_tables(url):
+            return None
+        raise
+
+
+def load_snapshot(url: str) -> Snapshot:
+    """Read the winners, environments, plans and study names of the database at ``url``."""
+    store = open_store(url)
+    if store is None:
+        return Snapshot(url)
+    try:
+        try:
+            frame = store.to_frame()
+            environments = {e.fingerprint: e for e in store.environments()}
+            planned = {(model, tp): len({p.key for p, _ in store.plan(model, tp)}) for model, tp in store.models()}
+            studies = _study_names(store)
+        except sa.exc.SQLAlchemyError as e:
+            raise DatabaseError(f"cannot read {display_url(url)}: {_first_line(e)}") from None
+    finally:
+        store.close()
+    return Snapshot(url, winners_frame(frame, environments), environments, planned, studies)
+
+
+def _first_line(e: BaseException) -> str:
+    orig = getattr(e, "orig", None) or e
+    lines = str(orig).strip().splitlines()
+    return lines[0] if lines else type(orig).__name__
+
+
+def _study_names(store: Store) -> list[str]:
+    import optuna
+    with store.engine.connect() as conn:
+        if "studies" not in sa.inspect(conn).get_table_names():
+            return []
+    return sorted(optuna.get_all_study_names(store.optuna_storage()))
+
+
+def _shape_text(dims) -> str:
+    """The problem's dims other than the token dim: ``n=1024,k=3072``."""
+    return ",".join(f"{k}={v}" for k, v in dims if k != "m")
+
+
+def winners_frame(export: pd.DataFrame, environments: dict[str, Environment]) -> pd.DataFrame:
+    """One row per (winner, model planned at the winner's TP degree) from ``Store.to_frame()``.
+
+    A winner's environment has the world size it was tuned at; the model plans at that TP degree
+    that hold its problem give its model and roles (a problem shared by two models counts for both).
+    """
+    rows = []
+    for r in export.to_dict(orient="records"):
+        env = environments[r["fingerprint"]]
+        config = dict(r["config"])
+        plans: dict[tuple[str, int], list[str]] = {}
+        for model, tp, role in r["models"]:
+            if int(tp) == env.world_size:
+                plans.setdefault((model, int(tp)), []).append(role)
+        tokens = dict((k, v) for k, v in r["dims"]).get("m")
+        common = dict(
+            device=env.label, fingerprint=env.fingerprint, source=r["source"], provenance=provenance(env),
+            op=r["op"], shape=_shape_text(r["dims"]), tokens=tokens, dtype=r["dtype"], problem=r["problem_key"],
+            strategy=strategy_label(config), config=describe_config(config), kernel_won=not config.get("baseline"),
+            time_us=r["time_s"] * 1e6, baseline_us=r["baseline_s"] * 1e6, speedup=r["speedup"],
+            pct_sol=r["pct_sol"],
+            # the work is the same for both, so % of light scales with the inverse time
+            baseline_pct_sol=r["pct_sol"] * r["time_s"] / r["baseline_s"],
+            n_trials=r["n_trials"], study_name=r["study_name"], created_at=r["created_at"])
+        for (model, tp), roles in (plans.items() or [((NO_PLAN, env.world_size), [])]):
+            rows.append(dict(common, model=model, tp=tp, roles=", ".join(roles)))
+    df = pd.DataFrame(rows, columns=WINNER_COLUMNS)
+    df["tokens"] = df["tokens"].astype("Int64")
+    return df.sort_values(["device", "model", "tp", "op", "shape", "tokens"], kind="stable").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------- pages
+
+def overview(snap: Snapshot) -> pd.DataFrame:
+    """Per environment and model: problems tuned (of those planned), kernel wins, geometric-mean
+    and best speedup over the torch baseline, and how the numbers were obtained."""
+    rows = []
+    for (fp, model, tp), g in snap.winners.groupby(["fingerprint", "model", "tp"], sort=False):
+        first = g.iloc[0]
+        rows.append(dict(device=first["device"], source=first["source"], model=model, tp=int(tp),
+                         tuned=int(g["problem"].nunique()), planned=snap.planned.get((model, int(tp))),
+                         kernel_wins=int(g["kernel_won"].sum()), geomean_speedup=geomean(g["speedup"]),
+                         best_speedup=float(g["speedup"].max()), median_pct_sol=float(g["pct_sol"].median()),
+                         fingerprint=fp, provenance=first["provenance"]))
+    cols = ["device", "source", "model", "tp", "tuned", "planned", "kernel_wins", "geomean_speedup",
+            "best_speedup", "median_pct_sol", "fingerprint", "provenance"]
+    out = pd.DataFrame(rows, columns=cols)
+    out["planned"] = out["planned"].astype("Int64")
+    return out
+
+
+def filter_winners(df: pd.DataFrame, **choices) -> pd.DataFrame:
+    """The rows whose column value is in each given list (``device=[...]``, ``op=[...]``, ...);
+    an empty or missing list keeps everything."""
+    mask = pd.Series(True, index=df.index)
+    for column, wanted in choices.items():
+        if wanted:
+            mask &= df[column].isin(list(wanted))
+    return df[mask]
+
+
+def unique_problems(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (environment, problem): a problem two models share is one winner."""
+    return df.drop_duplicates(["fingerprint", "problem"])
+
+
+def strategy_map(df: pd.DataFrame) -> pd.DataFrame:
+    """The chosen strategy of every TP block and all-reduce by token count, per environment."""
+    rows = unique_problems(df[df["op"].isin(STRATEGY_OPS)]).copy()
+    rows["block"] = rows["op"] + " " + rows["shape"]
+    rows["label"] = rows["speedup"].map(lambda s: f"{s:.2f}x")
+    return rows[["device", "fingerprint", "provenance", "op", "block", "tokens", "strategy", "config", "speedup",
+                 "label", "time_us", "baseline_us", "problem"]].reset_index(drop=True)
+
+
+def compare_devices(df: pd.DataFrame, fingerprint_a: str, fingerprint_b: str) -> pd.DataFrame:
+    """The problems both environments tuned, with both times and ``time_ratio`` = time on B / time on A."""
+    cols = ["problem", "op", "shape", "tokens", "time_us", "baseline_us", "speedup", "strategy", "config"]
+    a = unique_problems(df[df["fingerprint"] == fingerprint_a])[cols]
+    b = unique_problems(df[df["fingerprint"] == fingerprint_b])[cols]
+    both = a.merge(b, on=["problem", "op", "shape", "tokens"], suffixes=("_a", "_b"))
+    both["time_ratio"] = both["time_us_b"] / both["time_us_a"]
+    both["baseline_ratio"] = both["baseline_us_b"] / both["baseline_us_a"]
+    return both.sort_values(["op", "shape", "tokens"], kind="stable").reset_index(drop=True)
+
+
+def roofline(df: pd.DataFrame) -> pd.DataFrame:
+    """Each winner's (and its baseline's) % of the device's speed of light."""
+    rows = unique_problems(df)
+    return rows[["device", "fingerprint", "provenance", "op", "shape", "tokens", "problem", "config", "pct_sol",
+                 "baseline_pct_sol", "time_us", "speedup"]].sort_values(
+        ["device", "op", "shape", "tokens"], kind="stable").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------- trials
+
+def study_fingerprint(study_name: str) -> str:
+    """Studies are named ``<problem key>@<fingerprint>`` (Store.study_name)."""
+    return study_name.rpartition("@")[2]
+
+
+@dataclass
+class StudyData:
+    name: str
+    trials: pd.DataFrame          # number, state, value_us, best_us (running best), params_*, user_attrs_*
+    baseline_us: Optional[float]
+    importances: pd.DataFrame     # param, importance (empty when they cannot be computed)
+    importance_note: str          # why importances are missing, else ""
+
+
+def load_study(url: str, study_name: str) -> StudyData:
+    """A study's trial history and parameter importances, read from the tuning database."""
+    import optuna
+    store = open_store(url)
+    if store is None:
+        raise DatabaseError(f"no tuning database at {display_url(url)}")
+    try:
+        try:
+            study = optuna.load_study(study_name=study_name, storage=store.optuna_storage())
+        except KeyError:
+            raise DatabaseError(f"no study named {study_name!r} in {display_url(url)}") from None
+        trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs"))
+        baseline_s = study.user_attrs.get("baseline_s")
+        importances, note = _importances(study)
+    finally:
+        store.close()
+    if trials.empty:
+        trials = pd.DataFrame(columns=["number", "value", "state"])
+    trials["value_us"] = trials["value"].astype(float) * 1e6
+    complete = trials["state"] == "COMPLETE"
+    trials["best_us"] = trials["value_us"].where(complete).cummin().ffill()
+    return StudyData(study_name, trials, baseline_s * 1e6 if baseline_s else None, importances, note)
+
+
+def _importances(study) -> tuple[pd.DataFrame, str]:
+    import optuna
+    from optuna.trial import TrialState
+    cols = ["param", "importance"]
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return pd.DataFrame(columns=cols), f"{len(complete)} complete trial(s): importances need at least 2"
+    try:
+        # Optuna's default evaluator (PED-ANOVA): deterministic, and needs no scikit-learn
+        values = optuna.importance.get_param_importances(study)
+    except (ValueError, RuntimeError) as e:
+        return pd.DataFrame(columns=cols), f"importances unavailable: {_first_line(e)}"
+    if not values:
+        return pd.DataFrame(columns=cols), "no parameter varied across the complete trials"
+    return pd.DataFrame(list(values.items()), columns=cols), ""
