@@ -26,7 +26,7 @@ H100 = spec("H100")
 # op -> (a tiny problem with odd sizes, a real Qwen3 problem, the parameter whose smallest value makes
 # a program cover the least of a row: several column blocks / loop iterations / head groups)
 CASES = {
-    "shared_expert_gate": (dict(m=5, n=300), dict(m=4096, n=4096), "BLOCK_N"),
+    "shared_expert_gate": (dict(m=5, n=300), dict(m=4096, n=5120), "BLOCK_N"),
     "rmsnorm": (dict(m=5, n=300), dict(m=4096, n=5120), "BLOCK_N"),
     "silu_mul": (dict(m=3, n=200), dict(m=4096, n=3200), "BLOCK_N"),
     "rope_qk_norm": (dict(m=3, heads=5, kv_heads=2, head_dim=12), dict(m=4096, heads=64, kv_heads=8, head_dim=128),
