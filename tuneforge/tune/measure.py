@@ -24,6 +24,7 @@ class Timing:
 
 
 _flush_buf: dict = {}
+_HOST_GAP_CYCLES = 200_000   # ~100 us at GPU clocks: longer than a Python launcher takes
 
 
 def _flush_l2(device) -> None:
@@ -93,6 +94,8 @@ def time_calls(calls: Sequence[Callable[[], object]], *, warmup: int = 10, rep: 
     for i in range(rep):
         if flush_l2:
             _flush_l2(dev)
+        # Keep the GPU busy while the host enqueues the call, so host launch time is not counted.
+        torch.cuda._sleep(_HOST_GAP_CYCLES)
         starts[i].record()
         calls[i % len(calls)]()
         ends[i].record()
