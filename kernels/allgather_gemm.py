@@ -286,7 +286,7 @@ def comm_sms_fit(config: dict, problem: Problem, spec) -> str | None:
     return None
 
 
-def signal_slots(config: dict, problem: Problem, spec) -> str | None:
+def chunk_covers_share(config: dict, problem: Problem, spec) -> str | None:
     if config["signal"] == "chunk" and config["chunk_tiles"] * config["block_m"] >= -(-problem["m"] // problem.world):
         return f"signal=chunk with {config['chunk_tiles']} x {config['block_m']} rows covers a whole rank share"
     return None
@@ -506,7 +506,7 @@ def cost(problem: Problem, config: dict | None, spec) -> float:
 
 _gemm_launchable, _tiles_fit = tile_constraints("k")
 LAUNCH_CONSTRAINTS = (_gemm_launchable, comm_sms_fit)
-CONSTRAINTS = LAUNCH_CONSTRAINTS + (signal_slots, _tiles_fit)
+CONSTRAINTS = LAUNCH_CONSTRAINTS + (chunk_covers_share, _tiles_fit)
 
 TEMPLATE = register(Template(
     op="ag_gemm", space=space, make_inputs=make_inputs, launch=allgather_gemm, reference=reference,
