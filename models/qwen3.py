@@ -51,7 +51,8 @@ class CheckpointTensor:
 @dataclass
 class Step:
     """What one forward pass needs besides the tokens: the cache rows and slots its tokens occupy
-    (``[batch, tokens]``, slot = position) and, for decode, the valid-slot mask ``[batch, 1, 1, kv_len]``."""
+    (``[batch, tokens]``, slot = position). Prefill starts at slot 0 of an empty cache; decode has one
+    token per sequence and an additive mask ``[batch, 1, 1, kv_len]`` (0 on valid slots, -inf after)."""
     rows: torch.Tensor
     positions: torch.Tensor
     prefill: bool

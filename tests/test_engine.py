@@ -12,7 +12,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from tuneforge.db.environment import Environment
 from tuneforge.db.store import Store, Winner
@@ -32,8 +31,9 @@ PROMPTS = [[5, 3, 9, 1, 7], [42, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19]]   # 3
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def tiny_hf(tied: bool = False) -> Qwen3ForCausalLM:
+def tiny_hf(tied: bool = False):
     """Random weights scaled so activations stay O(1) and greedy tokens vary (HF's 0.02 init repeats one token)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM     # here: TP ranks import this module too
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(Qwen3Config(**TINY, tie_word_embeddings=tied)).eval()
     with torch.no_grad():
@@ -253,23 +253,30 @@ def test_sampling():
     torch.testing.assert_close(freq, torch.softmax(row[0] / 2.0, -1), atol=0.01, rtol=0)
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "tuneforge.cli", *args], capture_output=True, text=True, timeout=300)
-
-
 def test_cli_generate(checkpoint):
     path, hf = checkpoint
-    r = run_cli("generate", "--model", path, "--prompt", "5 3 9 1 7", "--prompt", "42,8", "--max-new-tokens", "6",
-                "--dispatch", "baseline", "--json")
+    r = subprocess.run([sys.executable, "-m", "tuneforge.cli", "generate", "--model", path, "--prompt", "5 3 9 1 7",
+                        "--prompt", "42,8", "--max-new-tokens", "6", "--dispatch", "baseline", "--json"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["tokens"] == [hf_greedy(hf, p, 6)[0] for p in PROMPTS[:2]]
     assert out["finish"] == ["length", "length"] and out["dispatch"] == "torch baseline"
-    for args, msg in ((("--model", path, "--prompt", "hello world"), "the model has no tokenizer"),
-                      (("--model", "Qwen3-999B", "--prompt", "1", "--random-weights"), "unknown model 'Qwen3-999B'")):
-        r = run_cli("generate", *args, "--dispatch", "baseline")
-        assert r.returncode == 2 and r.stderr.startswith(f"tuneforge: error: {msg}"), r.stderr
-        assert r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--model", "CKPT", "--prompt", "hello world"], "the model has no tokenizer, so a prompt must be token ids"),
+    (["--model", "Qwen3-999B", "--prompt", "1", "--random-weights"], "unknown model 'Qwen3-999B'"),
+    (["--model", "Qwen3-0.6B", "--prompt", "1"], "'Qwen3-0.6B' names a model but no checkpoint"),
+    (["--model", "CKPT", "--prompt", "1 2", "--max-new-tokens", "511"],
+     "prompt 0 is too long: 2 tokens + 511 new tokens exceed the context of 512 tokens"),
+])
+def test_cli_errors_are_one_line(checkpoint, capsys, argv, msg):
+    from tuneforge.cli import main
+    argv = ["generate", "--dispatch", "baseline"] + [checkpoint[0] if a == "CKPT" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tuneforge: error: {msg}") and err.count("\n") == 1, err
 
 
 @pytest.mark.gpu

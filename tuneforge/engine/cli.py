@@ -142,8 +142,8 @@ def _generate_rank(world, settings: dict, prompts: list[list[int]], sampling: di
     from tuneforge.engine.generate import Generator
     model, ops = build(settings, world)
     longest = max(len(p) for p in prompts)
-    gen = Generator(model, ops, max_batch=len(prompts), max_len=longest + sampling["max_new_tokens"],
-                    graphs=settings["graphs"])
+    max_len = min(longest + sampling["max_new_tokens"], model.cfg.max_position_embeddings)
+    gen = Generator(model, ops, max_batch=len(prompts), max_len=max_len, graphs=settings["graphs"])
     out = gen.generate(prompts, sampling["max_new_tokens"], temperature=sampling["temperature"],
                        top_p=sampling["top_p"], eos_ids=eos, seed=settings["seed"])
     return dict(tokens=out.tokens, finish=out.finish, prefill_s=out.prefill_s, decode_s=out.decode_s,

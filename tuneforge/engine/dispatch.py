@@ -76,6 +76,11 @@ class DispatchTable:
     def __len__(self) -> int:
         return sum(len(v) for v in self._configs.values())
 
+    @property
+    def fallbacks(self) -> list[str]:
+        """The ops that have run the torch baseline for want of a usable record so far."""
+        return sorted(self._warned)
+
     def lookup(self, op: str, problem: Problem) -> Optional[dict]:
         """The tuned config for ``problem`` (the exact token count if tuned, else the tuned bucket that
         serves it: the smallest >= m, else the largest), or None: run the torch baseline."""
@@ -122,7 +127,9 @@ class Ops:
 
     def describe(self) -> str:
         if self.mode == "tuned":
-            return f"tuned ({len(self.table)} winners{' from ' + self.table.where if self.table.where else ''})"
+            where = f" from {self.table.where}" if self.table.where else ""
+            missing = f"; torch baseline for {', '.join(self.table.fallbacks)}" if self.table.fallbacks else ""
+            return f"tuned ({len(self.table)} winners{where}{missing})"
         return {"baseline": "torch baseline", "default": "Triton kernels, default configs"}[self.mode]
 
     def config(self, op: str, dtype: torch.dtype, world: int = 1, **dims: int) -> Optional[dict]:

@@ -100,7 +100,10 @@ class Generator:
 
     def _decode_eager(self, st: _Static, kv_len: int) -> torch.Tensor:
         b = st.tokens.shape[0]
-        mask = (self._slots[:kv_len] <= st.positions).view(b, 1, 1, kv_len)
+        # an additive mask built once per step (a boolean one would be converted in every layer)
+        valid = self._slots[:kv_len] <= st.positions
+        mask = torch.zeros(valid.shape, dtype=self.model.dtype, device=self.device).masked_fill_(~valid, float("-inf"))
+        mask = mask.view(b, 1, 1, kv_len)
         step = Step(rows=st.rows, positions=st.positions, prefill=False, kv_len=kv_len, mask=mask)
         return self.model(st.tokens, step, self.cache, self.ops)
 
