@@ -3,6 +3,7 @@ problems, tune each (measured on this GPU, or predicted by the cost model for an
 without a GPU), store the winners, print the strategy table."""
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -37,6 +38,17 @@ def parse_buckets(text: str) -> tuple[int, ...]:
     return values
 
 
+def _argument(parse):
+    """An argparse type that reports our one-line message instead of 'invalid ... value'."""
+    def convert(text):
+        try:
+            return parse(text)
+        except InputError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("tune", help="tune a model's kernels and TP strategies, store the winners",
                               description=__doc__)
@@ -46,12 +58,12 @@ def register(subparsers) -> None:
                                     "default: this GPU, or H100 by the cost model without one")
     p.add_argument("--backend", choices=("measure", "costmodel"),
                    help="force measuring (needs the target's GPU here) or the cost model")
-    p.add_argument("--budget", type=parse_duration, help="total wall-clock budget, e.g. 20m, 1h, 90s")
+    p.add_argument("--budget", type=_argument(parse_duration), help="total wall-clock budget, e.g. 20m, 1h, 90s")
     p.add_argument("--trials", type=int, help="configs evaluated per problem (default 40 measured, 16 predicted)")
     p.add_argument("--db", metavar="URL", help="database URL or SQLite path (default: $TUNEFORGE_DB or "
                                                "~/.local/share/tuneforge/tuneforge.db)")
-    p.add_argument("--buckets", type=parse_buckets, help="decode token buckets (batch sizes), e.g. 1,8,64")
-    p.add_argument("--prefill-buckets", type=parse_buckets,
+    p.add_argument("--buckets", type=_argument(parse_buckets), help="decode token buckets (batch sizes), e.g. 1,8,64")
+    p.add_argument("--prefill-buckets", type=_argument(parse_buckets),
                    help="prefill token buckets (chunk lengths), e.g. 512,2048; '' for none")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--seed", type=int, default=0)
