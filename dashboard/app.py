@@ -65,7 +65,9 @@ def page_overview(snap: data.Snapshot) -> None:
 
     by_op = (data.unique_problems(snap.winners).groupby(["device", "op"])["speedup"]
              .agg(data.geomean).rename("geomean_speedup").reset_index())
-    chart = (alt.Chart(by_op, title="Geometric-mean speedup over the torch baseline, by op and device")
+    how = [f"{d}: {p}" for d, p in over[["device", "provenance"]].drop_duplicates().itertuples(index=False)]
+    chart = (alt.Chart(by_op, title=alt.TitleParams("Geometric-mean speedup over the torch baseline, by op and device",
+                                                    subtitle=how))
              .mark_bar()
              .encode(x=alt.X("op:N", title=None, axis=alt.Axis(labelAngle=0)), xOffset="device:N",
                      y=alt.Y("geomean_speedup:Q", title="speedup (x)"),

@@ -1,0 +1,292 @@
+"""The dashboard's pages (Streamlit AppTest) over a database filled by the real tuner.
+
+`tuneforge tune` runs twice in a subprocess (Qwen3-0.6B predicted by the cost model for one H100,
+and for eight H800s at TP 8, a few token buckets), then every page is rendered and the numbers it
+shows are compared with what the Store and Optuna read from the same database independently.
+"""
+from __future__ import annotations
+
+import json
+import math
+import socket
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pyarrow as pa
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from tuneforge.cli import main as tuneforge_main
+from tuneforge.dashboard import data
+from tuneforge.db.store import Store
+
+APP = Path(data.__file__).with_name("app.py")
+MODEL = "Qwen3-0.6B"
+TUNE_ARGS = ["--model", MODEL, "--buckets", "1,16", "--prefill-buckets", "512", "--trials", "8", "--no-verify",
+             "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def tuned_db(tmp_path_factory):
+    """A database filled by two real tuning runs (H100 x1 and H800 x8, both by the cost model)."""
+    path = tmp_path_factory.mktemp("dashboard_db") / "tuned.db"
+    url = f"sqlite:///{path}"
+    for extra in (["--target", "H100"], ["--target", "H800", "--tp", "8"]):
+        run = subprocess.run([sys.executable, "-m", "tuneforge.cli", "tune", *TUNE_ARGS, *extra, "--db", url],
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, f"tuneforge tune {' '.join(extra)} failed:\n{run.stdout}\n{run.stderr}"
+    store = Store(url, create=False)
+    envs = {e.gpu_name: e for e in store.environments()}
+    store.close()
+    assert set(envs) == {"H100", "H800"}, envs
+    return SimpleNamespace(url=url, path=path, h100=envs["H100"], h800=envs["H800"])
+
+
+@pytest.fixture
+def store(tuned_db):
+    s = Store(tuned_db.url, create=False)
+    yield s
+    s.close()
+
+
+def open_app(monkeypatch, url: str, page: str | None = None) -> AppTest:
+    monkeypatch.setenv("TUNEFORGE_DB", url)
+    st.cache_data.clear()
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.run()
+    if page is not None:
+        at.sidebar.radio(key="page").set_value(page).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def charts(at: AppTest) -> list[tuple[dict, dict]]:
+    """Each Altair chart on the page: (its Vega-Lite spec, its datasets by name as lists of records)."""
+    out = []
+    for el in at.get("vega_lite_chart"):
+        spec = json.loads(el.proto.spec)
+        frames = {d.name: pa.ipc.open_stream(d.data.data).read_pandas().to_dict(orient="records")
+                  for d in el.proto.datasets}
+        out.append((spec, frames))
+    return out
+
+
+def mark_data(spec: dict, frames: dict, mark: str) -> list[dict]:
+    """The records the chart draws with ``mark`` (its layer's data, else the chart's)."""
+    (name,) = {(layer.get("data") or spec["data"])["name"] for layer in spec.get("layer", [spec])
+               if (layer["mark"]["type"] if isinstance(layer["mark"], dict) else layer["mark"]) == mark}
+    return frames[name]
+
+
+def title_text(spec: dict) -> str:
+    title = spec.get("title") or next((layer.get("title") for layer in spec.get("layer", []) if "title" in layer), {})
+    if isinstance(title, str):
+        return title
+    sub = title.get("subtitle", "")
+    return " ".join([title.get("text", ""), *(sub if isinstance(sub, list) else [sub])])
+
+
+def assert_every_chart_says_how(at: AppTest) -> list[tuple[dict, list]]:
+    found = charts(at)
+    assert found, "the page shows no chart"
+    for spec, _ in found:
+        text = title_text(spec)
+        assert "predicted by the cost model for" in text or "measured on" in text, text
+    return found
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+# ------------------------------------------------------------------------------------- pages
+
+def test_overview_counts_and_geomean_match_the_database(monkeypatch, tuned_db, store):
+    at = open_app(monkeypatch, tuned_db.url)
+    assert [h.value for h in at.header] == ["Overview"]
+    metrics = {m.label: m.value for m in at.metric}
+    table = at.dataframe[0].value.set_index("fingerprint")
+    for env in (tuned_db.h100, tuned_db.h800):
+        tp = env.world_size
+        winners = store.winners(fingerprint=env.fingerprint, model=MODEL, tp=tp)
+        assert winners
+        assert metrics[f"{env.label} · {MODEL} TP{tp}"] == f"{geomean(w.speedup for w in winners):.2f}x"
+        row = table.loc[env.fingerprint]
+        assert row["tuned"] == len(winners)
+        assert row["planned"] == len({p.key for p, _ in store.plan(MODEL, tp)})
+        assert row["kernel_wins"] == sum(not w.config.get("baseline") for w in winners)
+        assert row["source"] == "predicted"
+        assert any(f"predicted by the cost model for {env.gpu_name} x{tp}" in c.value for c in at.caption)
+    ((spec, frames),) = assert_every_chart_says_how(at)
+    by_op = {(r["device"], r["op"]): r["geomean_speedup"] for r in mark_data(spec, frames, "bar")}
+    rmsnorm = [w.speedup for w in store.winners(fingerprint=tuned_db.h800.fingerprint, op="rmsnorm")]
+    assert by_op[(tuned_db.h800.label, "rmsnorm")] == pytest.approx(geomean(rmsnorm))
+
+
+def test_speedups_filter_table_and_bars(monkeypatch, tuned_db, store):
+    at = open_app(monkeypatch, tuned_db.url, "Speedups")
+    everything = at.dataframe[0].value
+    assert len(everything) == len(store.winners())      # each problem tuned in one plan per device here
+    at.multiselect(key="f_op").set_value(["allreduce"]).run()
+    at.multiselect(key="f_tokens").set_value([16]).run()
+    shown = at.dataframe[0].value
+    (expected,) = [w for w in store.winners(op="allreduce") if w.problem.shape["m"] == 16]
+    assert len(shown) == 1
+    row = shown.iloc[0]
+    assert row["problem"] == expected.key and row["device"] == tuned_db.h800.label and row["tp"] == 8
+    assert row["speedup"] == pytest.approx(expected.speedup)
+    assert row["time_us"] == pytest.approx(expected.time_s * 1e6)
+    assert row["baseline_us"] == pytest.approx(expected.baseline_s * 1e6)
+    ((spec, frames),) = assert_every_chart_says_how(at)
+    assert "H800 x8" in title_text(spec)
+    assert [(b["problem"], b["speedup"]) for b in mark_data(spec, frames, "bar")] == [(expected.key, pytest.approx(expected.speedup))]
+
+
+def test_strategy_map_shows_each_chosen_strategy(monkeypatch, tuned_db, store):
+    at = open_app(monkeypatch, tuned_db.url, "Strategy map")
+    assert [h.value for h in at.header] == ["Strategy map"]
+    expected = {(w.problem.op, w.problem.shape["m"]): (w.config.get("strategy", "baseline")
+                                                       if not w.config.get("baseline") else "baseline", w.speedup)
+                for op in data.STRATEGY_OPS for w in store.winners(op=op)}
+    assert any(op == "allreduce" for op, _ in expected)          # the TP8 run tuned the all-reduces
+    found = assert_every_chart_says_how(at)
+    cells = {}
+    for spec, frames in found:
+        assert "H800 x8" in title_text(spec)
+        marks = {layer["mark"]["type"] for layer in spec["layer"]}
+        assert marks == {"rect", "text"}
+        for r in mark_data(spec, frames, "rect"):
+            cells[(r["op"], r["tokens"])] = (r["strategy"], r["speedup"])
+            assert r["label"] == f"{r['speedup']:.2f}x"
+    assert cells.keys() == expected.keys()
+    for k, (strategy, speedup) in expected.items():
+        assert cells[k][0] == strategy and cells[k][1] == pytest.approx(speedup)
+
+
+def test_trials_history_and_importances_of_a_study(monkeypatch, tuned_db, store):
+    (winner,) = [w for w in store.winners(fingerprint=tuned_db.h800.fingerprint, op="allreduce")
+                 if w.problem.shape["m"] == 512]
+    at = open_app(monkeypatch, tuned_db.url, "Trials")
+    at.selectbox(key="t_device").set_value(tuned_db.h800.label).run()
+    at.selectbox(key="t_op").set_value("allreduce").run()
+    at.selectbox(key="t_study").set_value(winner.study_name).run()
+    assert not at.exception, at.exception
+    study = optuna.load_study(study_name=winner.study_name, storage=store.optuna_storage())
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["trials"] == str(len(trials))
+    assert metrics["complete"] == str(len(complete))
+    assert metrics["rejected (pruned)"] == str(sum(t.state == optuna.trial.TrialState.PRUNED for t in trials))
+    assert metrics["best"] == f"{min(t.value for t in complete) * 1e6:.2f} µs"
+    assert metrics["torch baseline"] == f"{study.user_attrs['baseline_s'] * 1e6:.2f} µs"
+    assert any("predicted by the cost model for H800 x8" in c.value for c in at.caption)
+    history, importances = assert_every_chart_says_how(at)
+    points = mark_data(*history, "circle")
+    assert sorted(p["value_us"] for p in points) == pytest.approx(sorted(t.value * 1e6 for t in complete))
+    params = {r["param"]: r["importance"] for r in mark_data(*importances, "bar")}
+    assert params and params.keys() <= {k for t in complete for k in t.params}
+    assert sum(params.values()) == pytest.approx(1.0)
+
+
+def test_devices_side_by_side_time_ratio(monkeypatch, tuned_db, store):
+    at = open_app(monkeypatch, tuned_db.url, "Devices side by side")
+    at.selectbox(key="d_a").set_value(tuned_db.h100.fingerprint).run()
+    at.selectbox(key="d_b").set_value(tuned_db.h800.fingerprint).run()
+    a = {w.key: w for w in store.winners(fingerprint=tuned_db.h100.fingerprint)}
+    b = {w.key: w for w in store.winners(fingerprint=tuned_db.h800.fingerprint)}
+    common = sorted(a.keys() & b.keys())
+    assert common, "the two runs share single-GPU problems (e.g. the rmsnorms)"
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["problems in common"] == str(len(common))
+    assert metrics["geomean time ratio B / A"] == f"{geomean(b[k].time_s / a[k].time_s for k in common):.3f}"
+    table = at.dataframe[0].value.set_index("problem")
+    for k in common:
+        assert table.loc[k, "time_ratio"] == pytest.approx(b[k].time_s / a[k].time_s)
+    ((spec, _),) = assert_every_chart_says_how(at)
+    assert "H100 x1" in title_text(spec) and "H800 x8" in title_text(spec)
+
+
+def test_roofline_shows_each_winners_percent_of_light(monkeypatch, tuned_db, store):
+    at = open_app(monkeypatch, tuned_db.url, "Roofline")
+    found = assert_every_chart_says_how(at)
+    # one chart and one table per device, in label order
+    assert [title_text(spec).split(": ")[1].split(" (")[0] for spec, _ in found] == ["H100 x1", "H800 x8"]
+    for env, table in zip((tuned_db.h100, tuned_db.h800), at.dataframe):
+        expected = {(w.problem.op, data._shape_text(w.problem.dims), w.problem.shape["m"]): w
+                    for w in store.winners(fingerprint=env.fingerprint)}
+        rows = table.value.to_dict(orient="records")
+        assert len(rows) == len(expected)
+        for r in rows:
+            w = expected[(r["op"], r["shape"], r["tokens"])]
+            assert r["pct_sol"] == pytest.approx(w.pct_sol)
+            assert r["baseline_pct_sol"] == pytest.approx(w.pct_sol * w.time_s / w.baseline_s)
+
+
+# --------------------------------------------------------------------------- no data, bad data
+
+def _no_tables(path: Path) -> None:
+    sqlite3.connect(path).close()      # an SQLite file without tables
+
+
+def _tables_no_winners(path: Path) -> None:
+    Store(f"sqlite:///{path}").close()
+
+
+@pytest.mark.parametrize("make", [None, lambda p: p.write_bytes(b""), _no_tables, _tables_no_winners],
+                         ids=["missing-file", "empty-file", "no-tables", "no-winners"])
+def test_empty_database_says_how_to_fill_it(monkeypatch, tmp_path, make):
+    path = tmp_path / "fresh.db"
+    if make is not None:
+        make(path)
+    at = open_app(monkeypatch, f"sqlite:///{path}")
+    assert [h.value for h in at.header] == ["No tuning results yet"]
+    assert data.FILL_COMMAND in at.code[0].value and str(path) in at.code[0].value
+    assert not at.error
+    assert path.exists() == (make is not None)          # the dashboard never creates a database
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x13\x37" * 4096, "not an SQLite database"),
+    (None, "not a tuneforge database"),
+], ids=["garbage", "foreign-tables"])
+def test_unreadable_database_is_one_clear_error(monkeypatch, tmp_path, content, message):
+    path = tmp_path / "bad.db"
+    if content is None:
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE users (id INTEGER)")
+    else:
+        path.write_bytes(content)
+    at = open_app(monkeypatch, f"sqlite:///{path}")
+    assert len(at.error) == 1 and message in at.error[0].value
+    assert not at.dataframe and not charts(at)
+
+
+# ---------------------------------------------------------------------------------- data, CLI
+
+def test_winners_take_model_and_roles_from_the_plan_at_their_tp(tuned_db, store):
+    snap = data.load_snapshot(tuned_db.url)
+    h800 = snap.winners[snap.winners["fingerprint"] == tuned_db.h800.fingerprint]
+    assert set(h800["tp"]) == {8} and set(h800["model"]) == {MODEL}
+    # the final norm and both layer norms are one problem: one row with all three roles
+    norm = h800[(h800["op"] == "rmsnorm") & (h800["tokens"] == 1)]
+    assert len(norm) == 1
+    assert set(norm.iloc[0]["roles"].split(", ")) == {r for p, r in store.plan(MODEL, 8)
+                                                      if p.key == norm.iloc[0]["problem"]}
+    assert sorted(snap.studies) == sorted(optuna.get_all_study_names(store.optuna_storage()))
+
+
+def test_cli_refuses_a_busy_port(tuned_db, capsys):
+    with socket.socket() as busy:
+        busy.bind(("localhost", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert tuneforge_main(["dashboard", "--db", tuned_db.url, "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tuneforge: error: port {port} on localhost is in use; pick another with --port"]
