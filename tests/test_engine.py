@@ -264,6 +264,36 @@ def test_cli_generate(checkpoint):
     assert out["finish"] == ["length", "length"] and out["dispatch"] == "torch baseline"
 
 
+def test_cli_generate_with_a_tokenizer(checkpoint, tmp_path, capsys):
+    """Text prompts go through the checkpoint's tokenizer (a word-level one: "w5" is token 5) and
+    generation stops at the tokenizer's EOS token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from tuneforge.cli import main
+    path, hf = checkpoint
+    expect = hf_greedy(hf, [5, 3, 9], 8)[0]
+    stop = next(j for j in range(2, 8) if expect[j] not in expect[:j])   # first occurrence at `stop`
+    ckpt = shutil.copytree(path, tmp_path / "with-tokenizer")
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token=f"w{expect[stop]}", unk_token="w0").save_pretrained(ckpt)
+    assert main(["generate", "--model", str(ckpt), "--prompt", "w5 w3 w9", "--max-new-tokens", "8",
+                 "--dispatch", "baseline", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == [expect[:stop]] and out["finish"] == ["eos"]
+    assert out["outputs"][0].split() == [f"w{t}" for t in expect[:stop]]
+
+
+def test_cli_bench_e2e(checkpoint, capsys):
+    from tuneforge.cli import main
+    assert main(["bench", "e2e", "--model", checkpoint[0], "--bsz", "2", "--ctx", "5", "--gen", "3",
+                 "--dispatch", "baseline"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("tuneforge (baseline dispatch, TP=1): bsz 2 ctx 5 gen 3: prefill ")
+    assert "ms/token" in line and "tokens/s" in line and "dispatch: torch baseline" in line
+    assert ("floor: n/a" in line) != torch.cuda.is_available()
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["--model", "CKPT", "--prompt", "hello world"], "the model has no tokenizer, so a prompt must be token ids"),
     (["--model", "Qwen3-999B", "--prompt", "1", "--random-weights"], "unknown model 'Qwen3-999B'"),
