@@ -196,3 +196,26 @@ def test_measured_tuning_on_the_gpu(tiny_config, tmp_path):
         assert r.source == "measured" and 0 < r.time_s <= r.baseline_s
     assert all(w.source == "measured" and not w.env.predicted for w in store.winners())
     store.close()
+
+
+def test_the_measuring_bench_checks_before_it_times(tmp_path):
+    """GpuBench's steps (reference check on poisoned output, timing, baseline, fresh-input verify) run
+    here on the CPU under the interpreter; on a GPU the same code times with CUDA events/graphs."""
+    from tuneforge.tune.devices import spec
+    from tuneforge.tune.tuner import GpuBench, Tuner
+    real = get("silu_mul")
+    broken = dataclasses.replace(real, launch=_broken_launch, module=real.module)
+    problem = Problem.make("silu_mul", m=5, n=48)
+    h100 = spec("H100")
+    good = {"BLOCK_N": 64, "ROWS": 2, "num_warps": 4}
+    bad = {"BLOCK_N": 64, "ROWS": 1, "num_warps": 4}
+    bench = GpuBench(broken, problem, h100, seed=0, device="cpu")
+    assert bench.time_config(good) > 0 and bench.time_baseline() > 0
+    assert bench.verify(good, seed=1) == ""
+    assert "elements off" in bench.verify(bad, seed=1)
+    state, value, attrs = Tuner._outcome(bench.time_config, bad)
+    assert state == TrialState.FAIL and value is None and attrs["error"].startswith("wrong result: 1/")
+    # a tile Triton cannot compile (arange of 48) is a FAIL trial with the compiler's reason
+    state, _, attrs = Tuner._outcome(bench.time_config, {"BLOCK_N": 48, "ROWS": 2, "num_warps": 4})
+    assert state == TrialState.FAIL and "power of 2" in attrs["error"]
+    bench.close()

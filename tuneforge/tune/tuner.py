@@ -51,6 +51,7 @@ from tuneforge.tune.plan import Plan, PlanItem
 
 BASELINE = {"baseline": True}
 DEFAULT_TRIALS = {"measure": 40, "costmodel": 16}
+MULTIRANK_BATCH = 8        # configs measured per world of ranks (starting a world costs seconds)
 REJECT_CAP = 4             # asks per problem stop at REJECT_CAP x trials (rejected configs are cheap)
 MIN_PROBLEM_S = 1.0        # a problem gets at least this share of a total budget
 FEATURE_FLAGS = ("tma", "use_tma", "warp_specialize")   # hardware paths the interpreter lacks
@@ -242,44 +243,54 @@ class WrongResult(Exception):
 
 
 class GpuBench:
-    """Inputs, reference and timing of one single-rank problem on the local GPU."""
+    """Inputs, reference and timing of one single-rank problem on the local GPU (``device`` cpu:
+    the same steps under the interpreter with host-clock times, for tests of this logic)."""
 
-    def __init__(self, template: Template, problem: Problem, spec: DeviceSpec, seed: int):
+    def __init__(self, template: Template, problem: Problem, spec: DeviceSpec, seed: int, device=None):
         import torch
         self.torch = torch
         self.template, self.problem = template, problem
-        device = torch.device("cuda", torch.cuda.current_device())
-        self.device = device
-        first = template.make_inputs(problem, device, seed, None)
+        self.device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        self.cuda = self.device.type == "cuda"
+        first = template.make_inputs(problem, self.device, seed, None)
         set_bytes = sum(t.numel() * t.element_size() for t in first.values() if isinstance(t, torch.Tensor))
         # decode-sized problems are timed as the engine runs them (CUDA graph replays), with enough
         # input sets rotated that the weights cannot stay in L2; larger ones one call at a time after
         # an L2 flush
-        self.graph = problem.shape.get("m", 0) <= 256
-        l2 = spec.l2_mb * 2**20
-        free = torch.cuda.mem_get_info(device)[0]
-        want = math.ceil(2 * l2 / max(set_bytes, 1)) if self.graph else 1
-        sets = max(1, min(8, want, int(0.25 * free // max(set_bytes, 1))))
-        self.inputs = [first] + [template.make_inputs(problem, device, seed + i, None) for i in range(1, sets)]
+        self.graph = self.cuda and problem.shape.get("m", 0) <= 256
+        sets = 1
+        if self.graph:
+            free = torch.cuda.mem_get_info(self.device)[0]
+            want = math.ceil(2 * spec.l2_mb * 2**20 / max(set_bytes, 1))
+            sets = max(1, min(8, want, int(0.25 * free // max(set_bytes, 1))))
+        self.inputs = [first] + [template.make_inputs(problem, self.device, seed + i, None) for i in range(1, sets)]
         self.reference = template.reference(**split_out(first))
 
+    def _sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+
+    def _run_checked(self, inputs: dict, reference, config: dict) -> str:
+        out = poison(inputs["out"])
+        got = self.template.launch(**inputs, config=config)
+        self._sync()
+        res = compare(got if got is not None else out, reference, out.dtype)
+        return "" if res.ok else res.reason
+
     def check(self, config: dict) -> None:
-        out = poison(self.inputs[0]["out"])
-        got = self.template.launch(**self.inputs[0], config=config)
-        self.torch.cuda.synchronize()
-        res = compare(got if got is not None else out, self.reference, out.dtype)
-        if not res.ok:
-            raise WrongResult(res.reason)
+        why = self._run_checked(self.inputs[0], self.reference, config)
+        if why:
+            raise WrongResult(why)
 
     def _time(self, fn: Callable[[dict], Any]) -> float:
         calls = [(lambda inp=inp: fn(inp)) for inp in self.inputs]
-        try:
-            return time_calls(calls, graph=self.graph).median_s
-        except RuntimeError as e:
-            if not self.graph or "graph" not in str(e).lower():
-                raise
-            self.torch.cuda.synchronize()
-            return time_calls(calls, graph=False).median_s      # not capturable: events + L2 flush
+        if self.graph:
+            try:
+                return time_calls(calls, graph=True).median_s
+            except RuntimeError:
+                # not capturable (or it failed): time it call by call; a real failure fails again there
+                self._sync()
+        return time_calls(calls, graph=False).median_s
 
     def time_config(self, config: dict) -> float:
         self.check(config)
@@ -289,16 +300,14 @@ class GpuBench:
         return self._time(lambda inp: self.template.baseline(**split_out(inp)))
 
     def verify(self, config: dict, seed: int) -> str:
+        """The config on fresh inputs (another seed) against the reference: '' when it matches."""
         inputs = self.template.make_inputs(self.problem, self.device, seed, None)
-        out = poison(inputs["out"])
-        got = self.template.launch(**inputs, config=config)
-        self.torch.cuda.synchronize()
-        res = compare(got if got is not None else out, self.template.reference(**split_out(inputs)), out.dtype)
-        return "" if res.ok else res.reason
+        return self._run_checked(inputs, self.template.reference(**split_out(inputs)), config)
 
     def close(self) -> None:
         self.inputs = self.reference = None
-        self.torch.cuda.empty_cache()
+        if self.cuda:
+            self.torch.cuda.empty_cache()
 
 
 # --- verifying predicted winners under the interpreter --------------------------------------------
@@ -503,25 +512,29 @@ class Tuner:
                                          load_if_exists=True)
             study_id = stored._study_id
             history = [t for t in stored.get_trials(deepcopy=False) if t.state.is_finished()]
-            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(4, min(10, self.trials // 3)))
+            # several configs in flight at once (multi-rank batches): TPE lies about the pending ones
+            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(4, min(10, self.trials // 3)),
+                                                 constant_liar=measured and problem.world > 1)
             live = optuna.create_study(direction="minimize", sampler=sampler)
             live.add_trials(history)
-            if measured and problem.world == 1:
-                bench = GpuBench(template, problem, self.spec, self.options.seed)
-            evaluate = self._evaluator(template, problem, bench, measured)
-            new = self._search(live, template.space(problem), template, problem, history, evaluate, deadline,
+            if measured:
+                bench = GpuBench(template, problem, self.spec, self.options.seed) if problem.world == 1 \
+                    else LockstepBench(template, problem, self.options.seed)
+            evaluate_many, batch = self._evaluator(template, problem, bench, measured)
+            new = self._search(live, template.space(problem), template, problem, history, evaluate_many, deadline,
                                stored_writer=lambda ts: append_trials(self.storage, study_id, ts),
-                               write_each=measured)
+                               write_each=measured, batch=batch)
             if bench is not None:
                 baseline_s = bench.time_baseline()
-            elif measured:
-                baseline_s = _measure_multirank_baseline(template, problem)
             else:
                 baseline_s = costmodel.predict(template, problem, None, self.spec)
             stored.set_user_attr("baseline_s", baseline_s)
         except Exception as e:   # noqa: BLE001 - a problem that cannot be tuned must not stop the plan
             if bench is not None:
                 bench.close()
+            elif measured and problem.world == 1:
+                import torch
+                torch.cuda.empty_cache()       # what a failed set-up (e.g. out of memory) left behind
             return Row(problem.key, problem.op, list(item.roles), "no-winner", None, None, None, None, None,
                        "measured" if measured else "predicted", len(history), 0, study_name, _first_line(e))
         candidates: dict[str, tuple[dict, float]] = {}
@@ -547,7 +560,10 @@ class Tuner:
             config, time_s = choose(found.pool, self.options.tie_tolerance)
             if config.get("baseline") or not self.options.verify:
                 break
-            why = verify(found, config)
+            try:
+                why = verify(found, config)
+            except Exception as e:   # noqa: BLE001 - a winner that cannot even run is not a winner
+                why = _first_line(e)
             if why is None:
                 return None                       # verdict pending (multi-rank batch)
             if not why:
@@ -568,21 +584,26 @@ class Tuner:
         return Row(problem.key, problem.op, list(item.roles), "tuned", config, time_s, found.baseline_s, w.speedup,
                    pct, source, found.n_trials, found.new, found.study_name, "; ".join(found.notes))
 
-    def _evaluator(self, template: Template, problem: Problem, bench: Optional[GpuBench], measured: bool):
+    def _evaluator(self, template: Template, problem: Problem, bench, measured: bool):
+        """(evaluate_many(configs) -> outcomes, batch size)."""
         spec = self.spec
         if not measured:
-            return lambda config: costmodel.predict(template, problem, config, spec)
-        if bench is not None:
-            return bench.time_config
-        return lambda config: _measure_multirank_config(template, problem, config)
+            one = lambda config: costmodel.predict(template, problem, config, spec)  # noqa: E731
+        elif isinstance(bench, GpuBench):
+            one = bench.time_config
+        else:
+            return bench.evaluate_many, MULTIRANK_BATCH
+        return (lambda configs: [self._outcome(one, c) for c in configs]), 1
 
-    def _search(self, live, space, template: Template, problem: Problem, history: list, evaluate,
-                deadline: Optional[float], stored_writer, write_each: bool) -> int:
+    def _search(self, live, space, template: Template, problem: Problem, history: list, evaluate_many,
+                deadline: Optional[float], stored_writer, write_each: bool, batch: int = 1) -> int:
         """Ask, filter, evaluate and tell until ``self.trials`` configs were evaluated (counting the
-        stored history); returns how many new trials were written."""
+        stored history); ``batch`` configs are evaluated together (one world of ranks per batch for
+        multi-rank measuring). Returns how many new trials were written."""
         evaluated = sum(t.state != TrialState.PRUNED for t in history)
         asks = len(history)                 # the cap on asks counts the stored trials too
-        if evaluated >= self.trials or asks >= REJECT_CAP * self.trials:
+        cap = REJECT_CAP * self.trials
+        if evaluated >= self.trials or asks >= cap:
             return 0
         results: dict[str, tuple[TrialState, Optional[float], dict]] = {}
         for t in history:
@@ -593,30 +614,47 @@ class Tuner:
             c = {k: v for k, v in c.items() if k in space.names}
             if canonical_config(c) not in results:
                 live.enqueue_trial(c, skip_if_exists=True)
-        pending = []
+        pending: list = []
         written = 0
         min_new = 1 if not history else 0
-        while evaluated < self.trials and asks < REJECT_CAP * self.trials:
+
+        def tell(trial, outcome, repeat=False):
+            nonlocal evaluated
+            state, value, attrs = outcome
+            for k, v in attrs.items():
+                trial.set_user_attr(k, v)
+            if repeat:
+                trial.set_user_attr("repeat", True)
+            live.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+            evaluated += state != TrialState.PRUNED
+            pending.append(live.get_trials(deepcopy=False)[trial.number])
+
+        while evaluated < self.trials and asks < cap:
             if deadline is not None and time.monotonic() > deadline and written + len(pending) >= min_new:
                 break
-            asks += 1
-            trial = live.ask()
-            config = space.sample(trial)
-            key = canonical_config(config)
-            if key in results:                      # TPE proposes repeats in small spaces: reuse
-                state, value, attrs = results[key]
-                for k, v in attrs.items():
-                    trial.set_user_attr(k, v)
-                trial.set_user_attr("repeat", True)
-            else:
-                state, value, attrs = self._run_one(template, problem, config, evaluate)
-                for k, v in attrs.items():
-                    trial.set_user_attr(k, v)
-                results[key] = (state, value, attrs)
-            live.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
-            if state != TrialState.PRUNED:
-                evaluated += 1
-            pending.append(live.get_trials(deepcopy=False)[trial.number])
+            fresh: dict[str, tuple] = {}            # key -> (config, [trials asking for it])
+            while len(fresh) < batch and asks < cap and evaluated + len(fresh) < self.trials:
+                asks += 1
+                trial = live.ask()
+                config = space.sample(trial)
+                key = canonical_config(config)
+                if key in results:                  # TPE proposes repeats in small spaces: reuse
+                    tell(trial, results[key], repeat=True)
+                elif key in fresh:
+                    fresh[key][1].append(trial)
+                else:
+                    reason = template.reject_reason(config, problem, self.spec)
+                    if reason:                      # rejected before anything compiles
+                        results[key] = (TrialState.PRUNED, None, {"reason": reason})
+                        tell(trial, results[key])
+                    else:
+                        fresh[key] = (config, [trial])
+            if fresh:
+                outcomes = evaluate_many([config for config, _ in fresh.values()])
+                for (key, (config, trials)), outcome in zip(fresh.items(), outcomes):
+                    results[key] = outcome
+                    for i, trial in enumerate(trials):
+                        tell(trial, outcome, repeat=i > 0)
             if write_each or len(pending) >= 256:
                 stored_writer(pending)
                 written += len(pending)
@@ -624,11 +662,10 @@ class Tuner:
         stored_writer(pending)
         return written + len(pending)
 
-    def _run_one(self, template: Template, problem: Problem, config: dict, evaluate
-                 ) -> tuple[TrialState, Optional[float], dict]:
-        reason = template.reject_reason(config, problem, self.spec)
-        if reason:
-            return TrialState.PRUNED, None, {"reason": reason}
+    @staticmethod
+    def _outcome(evaluate, config: dict) -> tuple[TrialState, Optional[float], dict]:
+        """Time one config: a COMPLETE trial, or PRUNED (the launcher rejected it) / FAIL (compile
+        error, OOM, wrong result, ...) with the reason."""
         try:
             value = float(evaluate(config))
         except ConfigRejected as e:
@@ -722,10 +759,10 @@ def _lockstep_worker(world, template_op: str, problem_key: str, configs: list, s
         heap.close()
 
 
-def _lockstep(template: Template, problem: Problem, configs: list) -> list[tuple[Optional[float], str]]:
+def _lockstep(template: Template, problem: Problem, configs: list, seed: int) -> list[tuple[Optional[float], str]]:
     """Every rank measures the same configs in lockstep; the slowest rank's time counts."""
     from tuneforge.world import spawn
-    per_rank = spawn(_lockstep_worker, problem.world, template.op, problem.key, configs, 0, device="cuda",
+    per_rank = spawn(_lockstep_worker, problem.world, template.op, problem.key, configs, seed, device="cuda",
                      timeout=600.0)
     merged = []
     for results in zip(*per_rank):
@@ -734,18 +771,53 @@ def _lockstep(template: Template, problem: Problem, configs: list) -> list[tuple
     return merged
 
 
-def _measure_multirank_config(template: Template, problem: Problem, config: dict) -> float:
-    (t, why), = _lockstep(template, problem, [config])
-    if t is None:
-        raise WrongResult(why) if why.startswith("wrong result") else RuntimeError(why)
-    return t
+class LockstepBench:
+    """A multi-rank problem measured on this machine's GPUs: each batch of configs runs in one world
+    of ranks in lockstep (the baseline with the first batch); the slowest rank's time counts."""
 
+    def __init__(self, template: Template, problem: Problem, seed: int):
+        self.template, self.problem, self.seed = template, problem, seed
+        self.baseline_s: Optional[float] = None
+        self.verified: dict[str, str] = {}
 
-def _measure_multirank_baseline(template: Template, problem: Problem) -> float:
-    (t, why), = _lockstep(template, problem, [None])
-    if t is None:
-        raise RuntimeError(f"baseline failed: {why}")
-    return t
+    def evaluate_many(self, configs: list) -> list:
+        ask = list(configs) + ([None] if self.baseline_s is None else [])
+        try:
+            results = _lockstep(self.template, self.problem, ask, self.seed)
+        except Exception as e:   # noqa: BLE001 - the world died: every config of the batch fails
+            results = [(None, _first_line(e))] * len(ask)
+        if self.baseline_s is None:
+            t, why = results.pop()
+            if t is None:
+                raise RuntimeError(f"baseline failed: {why}")
+            self.baseline_s = t
+        outcomes = []
+        for config, (t, why) in zip(configs, results):
+            if t is None:
+                outcomes.append((TrialState.FAIL, None, {"error": why[:500]}))
+            else:
+                self.verified[canonical_config(config)] = ""
+                outcomes.append((TrialState.COMPLETE, t, {}))
+        return outcomes
+
+    def time_baseline(self) -> float:
+        if self.baseline_s is None:
+            (t, why), = _lockstep(self.template, self.problem, [None], self.seed)
+            if t is None:
+                raise RuntimeError(f"baseline failed: {why}")
+            self.baseline_s = t
+        return self.baseline_s
+
+    def verify(self, config: dict, seed: int) -> str:
+        """Every measured config was checked against the reference on every rank before timing."""
+        key = canonical_config(config)
+        if key in self.verified:
+            return self.verified[key]
+        (t, why), = _lockstep(self.template, self.problem, [config], seed)
+        return why if t is None else ""
+
+    def close(self) -> None:
+        pass
 
 
 class MultiRankVerifier:
