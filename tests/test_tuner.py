@@ -219,3 +219,16 @@ def test_the_measuring_bench_checks_before_it_times(tmp_path):
     state, _, attrs = Tuner._outcome(bench.time_config, {"BLOCK_N": 48, "ROWS": 2, "num_warps": 4})
     assert state == TrialState.FAIL and "power of 2" in attrs["error"]
     bench.close()
+
+
+def test_lockstep_measuring_of_a_multi_rank_problem():
+    """Two ranks measure the same all-reduce configs and the baseline in lockstep (here: processes
+    under the interpreter); a config that cannot run fails on its own without ending the world."""
+    from tuneforge.tune.tuner import _lockstep
+    problem = Problem.make("allreduce", world=2, m=3, n=40)
+    good = {"strategy": "two_shot", "variant": "pull", "BLOCK": 128, "num_warps": 4, "comm_sms": 2}
+    bad = {**good, "BLOCK": 96}                          # not a power of 2: does not compile
+    results = _lockstep(get("allreduce"), problem, [good, bad, None], seed=0, device="cpu")
+    (t_good, why_good), (t_bad, why_bad), (t_base, why_base) = results
+    assert t_good > 0 and why_good == "" and t_base > 0 and why_base == ""
+    assert t_bad is None and why_bad

@@ -759,10 +759,12 @@ def _lockstep_worker(world, template_op: str, problem_key: str, configs: list, s
         heap.close()
 
 
-def _lockstep(template: Template, problem: Problem, configs: list, seed: int) -> list[tuple[Optional[float], str]]:
-    """Every rank measures the same configs in lockstep; the slowest rank's time counts."""
+def _lockstep(template: Template, problem: Problem, configs: list, seed: int,
+              device: str = "cuda") -> list[tuple[Optional[float], str]]:
+    """Every rank measures the same configs in lockstep; the slowest rank's time counts
+    (``device="cpu"``: the same under the interpreter, host-clock times, for tests)."""
     from tuneforge.world import spawn
-    per_rank = spawn(_lockstep_worker, problem.world, template.op, problem.key, configs, seed, device="cuda",
+    per_rank = spawn(_lockstep_worker, problem.world, template.op, problem.key, configs, seed, device=device,
                      timeout=600.0)
     merged = []
     for results in zip(*per_rank):
