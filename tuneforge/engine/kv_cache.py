@@ -23,10 +23,6 @@ class KVCache:
         self.k, self.v = self.kv[0], self.kv[1]
         self.batch, self.max_len = batch, max_len
 
-    @property
-    def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
-
     def write(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """Store new keys and values: ``kv[b, t, 2, kv_heads, head_dim]`` goes to cache row ``rows[b, t]``
         at slot ``slots[b, t]`` (index tensors, so the copy is capturable in a CUDA graph)."""
