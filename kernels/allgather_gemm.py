@@ -184,8 +184,8 @@ def _ag_gemm_kernel(x, x_desc, w, w_desc, out, stage, stage_desc, parity_rows, s
                     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, COPY: tl.constexpr):
     pid = tl.program_id(0)
     epoch = epoch_begin(state)
-    area_row0 = (epoch % 2) * parity_rows             # this launch's gather area: rows of ``stage``
-    area = stage + area_row0 * k
+    area_row0 = ((epoch % 2) * parity_rows).to(tl.int32)    # this launch's gather area: rows of ``stage``
+    area = stage + area_row0.to(tl.int64) * k
     if pid == 0:
         signal_peers(flags, STARTED, 0, epoch, rank, world, bases)
     if pid < num_comm:
@@ -266,10 +266,15 @@ def tile_space(problem_m: int, n: int, k: int) -> list:
             categorical("num_stages", [2, 3, 4]), categorical("tma", [False, True])]
 
 
-def comm_space() -> list:
-    return [categorical("variant", ["push", "pull"]), categorical("signal", list(SIGNALS)),
-            categorical("chunk_tiles", [2, 4, 8], when={"signal": ["chunk"]}),
-            categorical("order", ["next", "prev"]), categorical("comm_sms", [1, 2, 4, 8, 16, 32])]
+def comm_space(when: dict | None = None) -> list:
+    """The communication parameters of the fused kernels (``when``: the condition they live under)."""
+    when = dict(when or {})
+    return [categorical("variant", ["push", "pull"], when=when), categorical("signal", list(SIGNALS), when=when),
+            categorical("chunk_tiles", [2, 4, 8], when={**when, "signal": ["chunk"]}),
+            categorical("order", ["next", "prev"], when=when)]
+
+
+COMM_SMS = categorical("comm_sms", [1, 2, 4, 8, 16, 32])
 
 
 def tile_defaults(m: int, n: int, k: int, dtype: str, spec) -> dict:
@@ -292,28 +297,34 @@ def chunk_covers_share(config: dict, problem: Problem, spec) -> str | None:
     return None
 
 
-def tile_constraints(gemm_k_dim: str):
-    """gemm's launch constraints (TMA availability, shared memory) on the chunk GEMM, and tiles
-    that fit the problem."""
-    def as_gemm(config, problem):
-        return ({**config, "split_k": 1, "programs_per_sm": 1},
-                Problem.make("gemm", problem.dtype, m=max(1, -(-problem["m"] // problem.world)), n=problem["n"],
-                             k=problem[gemm_k_dim]))
+TILE_KEYS = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages", "tma")
+GEMM_FIT = (G.register_pressure, G.tile_exceeds_problem)
 
-    def gemm_launchable(config, problem, spec):
-        cfg, gp = as_gemm(config, problem)
-        for c in G.LAUNCH_CONSTRAINTS:
-            if spec is None and c is G.smem_overflow:
-                continue
-            why = c(cfg, gp, spec if spec is not None else G.launch_spec(torch.device("cpu")))
-            if why:
-                return why
-        return None
 
-    def tiles_fit(config, problem, spec):
-        cfg, gp = as_gemm(config, problem)
-        return G.tile_exceeds_problem(cfg, gp, spec) or G.register_pressure(cfg, gp, spec)
-    return [gemm_launchable, tiles_fit]
+def gemm_rejection(config: dict, dtype: str, m: int, n: int, k: int, spec, constraints) -> str | None:
+    """The first of gemm's ``constraints`` the tiles of ``config`` violate on an m x n x k GEMM
+    (spec None: no device to fit, the interpreter's rules)."""
+    cfg = {**{key: config[key] for key in TILE_KEYS}, "split_k": 1, "programs_per_sm": 1}
+    problem = Problem.make("gemm", dtype, m=max(1, m), n=n, k=k)
+    for c in constraints:
+        if spec is None and c is G.smem_overflow:
+            continue
+        why = c(cfg, problem, spec if spec is not None else G.launch_spec(torch.device("cpu")))
+        if why:
+            return why
+    return None
+
+
+def tile_constraints(k_dim: str):
+    """(launchable, fits): gemm's launch constraints and its fit constraints on one chunk's GEMM."""
+    def launchable(config, problem, spec):
+        return gemm_rejection(config, problem.dtype, cdiv(problem["m"], problem.world), problem["n"],
+                              problem[k_dim], spec, G.LAUNCH_CONSTRAINTS)
+
+    def fits(config, problem, spec):
+        return gemm_rejection(config, problem.dtype, cdiv(problem["m"], problem.world), problem["n"],
+                              problem[k_dim], spec, GEMM_FIT)
+    return launchable, fits
 
 
 def cdiv(a: int, b: int) -> int:
@@ -450,7 +461,7 @@ def make_inputs(problem: Problem, device, seed: int, ctx) -> dict:
 
 
 def space(problem: Problem) -> Space:
-    return Space(*tile_space(-(-problem["m"] // problem.world), problem["n"], problem["k"]), *comm_space())
+    return Space(*tile_space(cdiv(problem["m"], problem.world), problem["n"], problem["k"]), *comm_space(), COMM_SMS)
 
 
 def default_config(problem: Problem, spec=None) -> dict:
