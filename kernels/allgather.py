@@ -121,7 +121,14 @@ def reference(x: torch.Tensor, ctx, m: int) -> torch.Tensor:
 
 
 def baseline(x: torch.Tensor, ctx, m: int) -> torch.Tensor:
-    """torch.distributed: all_gather_into_tensor, with shares padded to the largest when uneven."""
+    """torch.distributed: all_gather_into_tensor, with shares padded to the largest when uneven
+    (ranks sharing one GPU use gloo, which gathers host copies)."""
+    if x.is_cuda and ctx.world.backend == "gloo":
+        return _gather_rows(x.cpu(), ctx, m).to(x.device)
+    return _gather_rows(x, ctx, m)
+
+
+def _gather_rows(x: torch.Tensor, ctx, m: int) -> torch.Tensor:
     import torch.distributed as dist
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     split = row_split(m, ctx.size)

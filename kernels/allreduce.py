@@ -141,11 +141,13 @@ def reference(x: torch.Tensor, ctx) -> torch.Tensor:
 
 
 def baseline(x: torch.Tensor, ctx) -> torch.Tensor:
-    """torch.distributed.all_reduce (NCCL across GPUs, gloo on CPU or one shared GPU)."""
+    """torch.distributed.all_reduce (NCCL across GPUs; gloo on CPU, and on host copies for ranks
+    sharing one GPU)."""
     import torch.distributed as dist
-    y = x.clone()
+    host = x.is_cuda and ctx.world.backend == "gloo"
+    y = x.cpu() if host else x.clone()
     dist.all_reduce(y, group=ctx.world.group)
-    return y
+    return y.to(x.device) if host else y
 
 
 def make_inputs(problem: Problem, device, seed: int, ctx) -> dict:

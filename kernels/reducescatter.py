@@ -120,7 +120,14 @@ def reference(x: torch.Tensor, ctx) -> torch.Tensor:
 
 
 def baseline(x: torch.Tensor, ctx) -> torch.Tensor:
-    """torch.distributed: reduce_scatter_tensor, with shares padded to the largest when uneven."""
+    """torch.distributed: reduce_scatter_tensor, with shares padded to the largest when uneven
+    (ranks sharing one GPU use gloo, which reduces host copies)."""
+    if x.is_cuda and ctx.world.backend == "gloo":
+        return _scatter_rows(x.cpu(), ctx).to(x.device)
+    return _scatter_rows(x, ctx)
+
+
+def _scatter_rows(x: torch.Tensor, ctx) -> torch.Tensor:
     import torch.distributed as dist
     scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     m, n = x.shape

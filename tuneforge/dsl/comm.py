@@ -237,8 +237,7 @@ class Channel:
         self.nbytes = 0
         self.data = None
         self.ensure(nbytes)
-        self.timeout = default_timeout() if timeout is None else float(timeout)
-        self.max_spins = max(1, int(self.timeout * polls_per_second(heap.device)))
+        self.set_timeout(default_timeout() if timeout is None else timeout)
         self.check_each_call = tuneforge.INTERPRETED     # cheap there: launches are synchronous
         self._warm: set = set()
         heap.barrier()        # zeroed flags everywhere before any peer can signal
@@ -250,8 +249,10 @@ class Channel:
             self.data = self.heap.empty((2 * self.nbytes,), torch.uint8)
 
     def set_timeout(self, seconds: float) -> None:
+        """Bound every wait of this channel's kernels to about ``seconds`` (collective by convention)."""
         self.timeout = float(seconds)
-        self.max_spins = max(1, int(seconds * polls_per_second(self.heap.device)))
+        # an int32 argument keeps one kernel specialization whatever the timeout
+        self.max_spins = max(1, min(2**31 - 1, int(seconds * polls_per_second(self.heap.device))))
 
     def staging(self, dtype: torch.dtype) -> torch.Tensor:
         return self.data.view(dtype)
@@ -263,7 +264,9 @@ class Channel:
         """Launch a kernel that waits on peers. The first launch of each variant (kernel, grid,
         constexprs, argument dtypes and sizes) is compiled and loaded first (a module loaded lazily
         while another kernel spins can deadlock), then all ranks meet at a host barrier so that no
-        rank spins on a peer that is still compiling. Ranks must launch the same variants alike."""
+        rank spins on a peer that is still compiling: that first launch is a host collective, so
+        every rank must launch the same variants in the same order (warm them all before a CUDA
+        graph capture or before ranks may diverge)."""
         if not tuneforge.INTERPRETED:
             key = (kernel, tuple(grid), tuple(sorted(meta.items())),
                    tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args[:-6]))
