@@ -14,6 +14,8 @@ import streamlit as st
 from tuneforge.dashboard import data
 from tuneforge.errors import DatabaseError
 
+STRATEGY_COLOURS = ["#66c2a5", "#fc8d62", "#8da0cb", "#e78ac3", "#a6d854", "#ffd92f", "#e5c494"]   # ColorBrewer Set2
+BASELINE_COLOUR = "#d9d9d9"
 CACHE_S = 30          # how long a read of the database is reused before the next rerun reads again
 
 
@@ -27,13 +29,27 @@ def study(url: str, name: str) -> data.StudyData:
     return data.load_study(url, name)
 
 
-def table(df: pd.DataFrame, **column_config) -> None:
-    st.dataframe(df, hide_index=True, column_config=column_config or None)
+def _number(label: str, fmt: str):
+    return st.column_config.NumberColumn(label, format=fmt)
 
 
-SPEEDUP = st.column_config.NumberColumn("speedup", format="%.2fx")
-TIME_US = st.column_config.NumberColumn(format="%.2f µs")
-PCT = st.column_config.NumberColumn(format="%.1f%%")
+# how every table labels and formats the columns it shows
+COLUMNS = {
+    "time_us": _number("time", "%.2f µs"), "baseline_us": _number("torch baseline", "%.2f µs"),
+    "speedup": _number("speedup", "%.2fx"), "pct_sol": _number("% of SOL", "%.1f%%"),
+    "baseline_pct_sol": _number("baseline % of SOL", "%.1f%%"),
+    "geomean_speedup": _number("geomean speedup", "%.2fx"), "best_speedup": _number("best speedup", "%.2fx"),
+    "median_pct_sol": _number("median % of SOL", "%.1f%%"), "kernel_wins": _number("kernel wins", "%d"),
+    "value_us": _number("time", "%.3f µs"), "best_us": _number("best so far", "%.3f µs"),
+    "time_us_a": _number("time A", "%.2f µs"), "time_us_b": _number("time B", "%.2f µs"),
+    "baseline_us_a": _number("baseline A", "%.2f µs"), "baseline_us_b": _number("baseline B", "%.2f µs"),
+    "speedup_a": _number("speedup A", "%.2fx"), "speedup_b": _number("speedup B", "%.2fx"),
+    "time_ratio": _number("time B / A", "%.3f"), "baseline_ratio": _number("baseline B / A", "%.3f"),
+}
+
+
+def table(df: pd.DataFrame) -> None:
+    st.dataframe(df, hide_index=True, column_config={c: COLUMNS[c] for c in df.columns if c in COLUMNS})
 
 
 def provenance_lines(frame: pd.DataFrame) -> None:
@@ -51,16 +67,16 @@ def pick(label: str, options: list, key: str) -> list:
 def page_overview(snap: data.Snapshot) -> None:
     st.header("Overview")
     st.write("Per device and model: how many of the planned problems are tuned, and the geometric-mean "
-             "speedup of the winners over the torch baseline (a problem won by the baseline counts as 1.00x).")
+             "speedup of the winners over the torch baseline (a problem won by the baseline counts as 1.00x). "
+             "Planned problems without a template (e.g. decode attention) are served by the torch baseline "
+             "and not tuned.")
     over = data.overview(snap)
     columns = st.columns(min(len(over), 4))
     for i, r in enumerate(over.itertuples(index=False)):
         columns[i % len(columns)].metric(f"{r.device} · {r.model} TP{r.tp}", f"{r.geomean_speedup:.2f}x",
                                          help=f"geometric-mean speedup over the torch baseline, {r.provenance}",
                                          border=True)
-    table(over, geomean_speedup=st.column_config.NumberColumn("geomean speedup", format="%.2fx"),
-          best_speedup=st.column_config.NumberColumn("best speedup", format="%.2fx"),
-          median_pct_sol=st.column_config.NumberColumn("median % of SOL", format="%.1f%%"))
+    table(over)
     provenance_lines(over)
 
     by_op = (data.unique_problems(snap.winners).groupby(["device", "op"])["speedup"]
@@ -93,10 +109,7 @@ def page_speedups(snap: data.Snapshot) -> None:
     rows = data.filter_winners(df, device=devices, model=models, tp=tps, op=ops, tokens=buckets)
     st.write(f"{rows['problem'].nunique()} problems, {len(rows)} rows (a problem two models share is listed for each).")
     table(rows[["device", "source", "model", "tp", "roles", "op", "shape", "tokens", "config", "time_us",
-                "baseline_us", "speedup", "pct_sol", "n_trials", "problem"]],
-          speedup=SPEEDUP, time_us=st.column_config.NumberColumn("time", format="%.2f µs"),
-          baseline_us=st.column_config.NumberColumn("torch baseline", format="%.2f µs"),
-          pct_sol=st.column_config.NumberColumn("% of SOL", format="%.1f%%"))
+                "baseline_us", "speedup", "pct_sol", "n_trials", "problem"]])
     for device, g in data.unique_problems(rows).groupby("device", sort=True):
         how = g["provenance"].iloc[0]
         g = g.assign(problem_shape=g["op"] + " " + g["shape"])
@@ -126,19 +139,22 @@ def page_strategy(snap: data.Snapshot) -> None:
         return
     if not strat["op"].isin(data.TP_BLOCK_OPS).any():
         st.caption("No tp_mlp / tp_attn winners yet (only all-reduces): their templates were not tuned.")
+    # one colour per strategy on every device's map; the torch baseline in grey
+    names = sorted(strat["strategy"].unique())
+    palette = iter(STRATEGY_COLOURS * len(names))
+    colours = alt.Scale(domain=names, range=[BASELINE_COLOUR if n == "baseline" else next(palette) for n in names])
     for device, g in strat.groupby("device", sort=True):
         how = g["provenance"].iloc[0]
         base = alt.Chart(g, title=alt.TitleParams(f"Chosen strategy: {device}", subtitle=how)).encode(
-            x=alt.X("tokens:O", title="tokens (m)", axis=alt.Axis(labelAngle=0)), y=alt.Y("block:N", title=None, axis=alt.Axis(labelLimit=320)))
+            x=alt.X("tokens:O", title="tokens (m)", axis=alt.Axis(labelAngle=0)),
+            y=alt.Y("block:N", title=None, axis=alt.Axis(labelLimit=320)))
         cells = base.mark_rect(stroke="white").encode(
-            color=alt.Color("strategy:N", title="strategy", scale=alt.Scale(scheme="set2")),
+            color=alt.Color("strategy:N", title="strategy", scale=colours),
             tooltip=["problem", "strategy", "config", alt.Tooltip("speedup:Q", format=".3f"),
                      alt.Tooltip("time_us:Q", format=".2f", title="time (µs)")])
         text = base.mark_text(fontSize=13).encode(text="label:N")
         st.altair_chart((cells + text).properties(height=150 + 50 * g["block"].nunique()), width="stretch")
-        table(g[["block", "tokens", "strategy", "speedup", "config", "time_us", "baseline_us"]],
-              speedup=SPEEDUP, time_us=st.column_config.NumberColumn("time", format="%.2f µs"),
-              baseline_us=st.column_config.NumberColumn("torch baseline", format="%.2f µs"))
+        table(g[["block", "tokens", "strategy", "speedup", "config", "time_us", "baseline_us"]])
 
 
 def page_trials(snap: data.Snapshot) -> None:
@@ -195,7 +211,7 @@ def page_trials(snap: data.Snapshot) -> None:
             tooltip=["param", alt.Tooltip("importance:Q", format=".3f")])
         st.altair_chart(chart, width="stretch")
     with st.expander("All trials"):
-        table(t.drop(columns=["value"]), value_us=TIME_US, best_us=TIME_US)
+        table(t.drop(columns=["value"]))
 
 
 def page_devices(snap: data.Snapshot) -> None:
@@ -232,14 +248,7 @@ def page_devices(snap: data.Snapshot) -> None:
                            y=alt.Y("time_ratio:Q", title="time ratio B / A"), color="op:N",
                            tooltip=["problem", "config_a", "config_b", alt.Tooltip("time_ratio:Q", format=".3f")]))
     st.altair_chart(chart + _one_x_rule("y"), width="stretch")
-    table(both.drop(columns=["problem_label"]), time_us_a=st.column_config.NumberColumn("time A", format="%.2f µs"),
-          time_us_b=st.column_config.NumberColumn("time B", format="%.2f µs"),
-          baseline_us_a=st.column_config.NumberColumn("baseline A", format="%.2f µs"),
-          baseline_us_b=st.column_config.NumberColumn("baseline B", format="%.2f µs"),
-          speedup_a=st.column_config.NumberColumn("speedup A", format="%.2fx"),
-          speedup_b=st.column_config.NumberColumn("speedup B", format="%.2fx"),
-          time_ratio=st.column_config.NumberColumn("time B / A", format="%.3f"),
-          baseline_ratio=st.column_config.NumberColumn("baseline B / A", format="%.3f"))
+    table(both.drop(columns=["problem_label"]))
 
 
 def page_roofline(snap: data.Snapshot) -> None:
@@ -259,10 +268,7 @@ def page_roofline(snap: data.Snapshot) -> None:
                          shape=alt.Shape("who:N", title=None),
                          tooltip=["problem", "who", "config", alt.Tooltip("pct:Q", format=".1f", title="% SOL")]))
         st.altair_chart(chart, width="stretch")
-        table(g[["op", "shape", "tokens", "config", "pct_sol", "baseline_pct_sol", "speedup", "time_us"]],
-              pct_sol=st.column_config.NumberColumn("% of SOL", format="%.1f%%"),
-              baseline_pct_sol=st.column_config.NumberColumn("baseline % of SOL", format="%.1f%%"),
-              speedup=SPEEDUP, time_us=st.column_config.NumberColumn("time", format="%.2f µs"))
+        table(g[["op", "shape", "tokens", "config", "pct_sol", "baseline_pct_sol", "speedup", "time_us"]])
 
 
 def page_empty(snap: data.Snapshot) -> None:

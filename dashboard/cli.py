@@ -6,6 +6,7 @@ Starts ``streamlit run`` on dashboard/app.py in a child process (the database UR
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -79,6 +80,8 @@ def cmd_dashboard(args) -> int:
     print(f"dashboard: http://{shown}:{port}  (Ctrl-C to stop)", flush=True)
     env = dict(os.environ, TUNEFORGE_DB=url)
     child = subprocess.Popen(streamlit_command(port, args.host), env=env)
+    # a SIGTERM to this process stops the server too (Ctrl-C reaches both through the terminal)
+    signal.signal(signal.SIGTERM, lambda *_: child.terminate())
     try:
         return child.wait()
     except KeyboardInterrupt:

@@ -54,10 +54,12 @@ def describe_config(config: dict) -> str:
 
 
 def strategy_label(config: dict) -> str:
-    """What the strategy map shows for a winner: its strategy, or ``baseline`` (torch / NCCL)."""
+    """What the strategy map shows for a winner: ``baseline`` (torch / NCCL), else its strategy
+    followed by any sub-strategy (``gemm_ar + one_shot``: a TP block's own all-reduce)."""
     if config.get("baseline"):
         return "baseline"
-    return str(config.get("strategy", "kernel"))
+    subs = [str(v) for k, v in sorted(config.items()) if k.endswith("_strategy")]
+    return " + ".join([str(config.get("strategy", "kernel")), *subs])
 
 
 def geomean(values) -> float:
@@ -102,8 +104,12 @@ def _sqlite_path(url: str) -> Optional[str]:
 
 
 def _holds_no_tables(url: str) -> bool:
-    """True for a database that opens and has no tables at all (not yet filled)."""
-    engine = sa.create_engine(url)
+    """True for a database that opens and has no tables at all (not yet filled). The engine comes
+    from the store, so a server's connect timeout is the store's."""
+    try:
+        engine = Store._make_engine(url, create=False)
+    except DatabaseError:
+        return False
     try:
         return not sa.inspect(engine).get_table_names()
     except sa.exc.SQLAlchemyError:

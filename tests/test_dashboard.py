@@ -145,16 +145,22 @@ def test_speedups_filter_table_and_bars(monkeypatch, tuned_db, store):
     assert row["baseline_us"] == pytest.approx(expected.baseline_s * 1e6)
     ((spec, frames),) = assert_every_chart_says_how(at)
     assert "H800 x8" in title_text(spec)
-    assert [(b["problem"], b["speedup"]) for b in mark_data(spec, frames, "bar")] == [(expected.key, pytest.approx(expected.speedup))]
+    bars = mark_data(spec, frames, "bar")
+    assert [(b["problem"], b["speedup"]) for b in bars] == [(expected.key, pytest.approx(expected.speedup))]
 
 
 def test_strategy_map_shows_each_chosen_strategy(monkeypatch, tuned_db, store):
     at = open_app(monkeypatch, tuned_db.url, "Strategy map")
     assert [h.value for h in at.header] == ["Strategy map"]
-    expected = {(w.problem.op, w.problem.shape["m"]): (w.config.get("strategy", "baseline")
-                                                       if not w.config.get("baseline") else "baseline", w.speedup)
+    def label(config):   # a TP block's gemm_ar strategy names its all-reduce's strategy too
+        if config.get("baseline"):
+            return "baseline"
+        sub = config.get("ar_strategy")
+        return config["strategy"] + (f" + {sub}" if sub else "")
+
+    expected = {(w.problem.op, w.problem.shape["m"]): (label(w.config), w.speedup)
                 for op in data.STRATEGY_OPS for w in store.winners(op=op)}
-    assert any(op == "allreduce" for op, _ in expected)          # the TP8 run tuned the all-reduces
+    assert {op for op, _ in expected} == set(data.STRATEGY_OPS)  # the TP8 run tuned blocks and all-reduces
     found = assert_every_chart_says_how(at)
     cells = {}
     for spec, frames in found:

@@ -91,7 +91,8 @@ class Chromium:
             self._buf += chunk
 
     def evaluate(self, expression: str):
-        return self.call("Runtime.evaluate", session=True, expression=expression, returnByValue=True)["result"].get("value")
+        reply = self.call("Runtime.evaluate", session=True, expression=expression, returnByValue=True)
+        return reply["result"].get("value")
 
     def render(self, url: str, expect: str, timeout: float = 90.0) -> str:
         """Load ``url`` and wait until its text shows ``expect``, the app is not running and the
@@ -110,7 +111,8 @@ class Chromium:
             elif expect in text and not running and time.monotonic() - since > 1.0:
                 return text
             time.sleep(0.25)
-        raise AssertionError(f"{url} did not settle showing {expect!r} in {timeout}s; it shows:\n{last[0][:2000] if last else ''}")
+        shown = last[0][:2000] if last else ""
+        raise AssertionError(f"{url} did not settle showing {expect!r} in {timeout}s; it shows:\n{shown}")
 
     def screenshot(self, path: Path) -> None:
         data = self.call("Page.captureScreenshot", session=True, format="png")["data"]
