@@ -240,7 +240,9 @@ class Channel:
         self.set_timeout(default_timeout() if timeout is None else timeout)
         self.check_each_call = tuneforge.INTERPRETED     # cheap there: launches are synchronous
         self._warm: set = set()
-        heap.barrier()        # zeroed flags everywhere before any peer can signal
+        if heap.device.type == "cuda":
+            torch.cuda.synchronize(heap.device)   # the zeroing has run before any peer may signal
+        heap.barrier()
 
     def ensure(self, nbytes: int) -> None:
         """Grow the staging to ``nbytes`` per parity (collective; old staging is abandoned)."""
