@@ -98,8 +98,8 @@ def space(problem: Problem) -> Space:
     return block_space(problem["m"], problem.world, _gemms(problem))
 
 
-def default_config(problem: Problem, spec=None) -> dict:
-    return block_default(problem, spec, _gemms(problem))
+def default_config(problem: Problem, spec=None, strategy: str = "gemm_ar") -> dict:
+    return block_default(problem, spec, _gemms(problem), strategy)
 
 
 def work(problem: Problem) -> tuple[float, float]:

@@ -89,14 +89,25 @@ def block_constraints(gemms_of):
     return (launchable,), (launchable, fits)
 
 
-def block_default(problem: Problem, spec, gemms: list[tuple[int, int]]) -> dict:
-    """gemm_ar with gemm's default tiles for the larger GEMM and the all-reduce's own defaults; the
-    ag_rs parameters are the fused kernels' defaults when the strategy is switched."""
-    cfg = AG.tile_defaults(problem["m"], min(n for n, _ in gemms), min(k for _, k in gemms), problem.dtype, spec)
-    ar = AR.TEMPLATE.default_config(Problem.make("allreduce", problem.dtype, problem.world, m=problem["m"],
-                                                 n=problem["hidden"]), spec)
-    cfg.update(strategy="gemm_ar", comm_sms=min(ar["comm_sms"], 32), ar_strategy=ar["strategy"],
-               ar_variant=ar["variant"])
+def block_default(problem: Problem, spec, gemms: list[tuple[int, int]], strategy: str = "gemm_ar") -> dict:
+    """gemm_ar: gemm's default tiles for the block's GEMMs and the all-reduce's own defaults; ag_rs:
+    tiles for one rank's share of the rows and the fused kernels' defaults."""
+    m, w, dtype = problem["m"], problem.world, problem.dtype
+    n, k = min(n for n, _ in gemms), min(k for _, k in gemms)
+    if strategy == "gemm_ar":
+        cfg = AG.tile_defaults(m, n, k, dtype, spec)
+        ar = AR.TEMPLATE.default_config(Problem.make("allreduce", dtype, w, m=m, n=problem["hidden"]), spec)
+        cfg.update(strategy="gemm_ar", comm_sms=min(ar["comm_sms"], 32), ar_strategy=ar["strategy"],
+                   ar_variant=ar["variant"])
+        return cfg
+    if strategy != "ag_rs":
+        raise InputError(f"unknown TP block strategy {strategy!r}; expected one of {STRATEGIES}")
+    (n1, k1), (n2, k2) = gemms
+    ag = AG.default_config(Problem.make("ag_gemm", dtype, w, m=m, n=n1, k=k1), spec)
+    rs = RS.default_config(Problem.make("gemm_rs", dtype, w, m=m, n=n2, k=k2), spec)
+    cfg = AG.tile_defaults(cdiv(m, w), n, k, dtype, spec)
+    cfg.update(strategy="ag_rs", comm_sms=max(ag["comm_sms"], rs["comm_sms"]), variant="push", signal=ag["signal"],
+               order="prev", reduce=rs["reduce"])
     return cfg
 
 
@@ -283,8 +294,8 @@ def space(problem: Problem) -> Space:
     return block_space(problem["m"], problem.world, _gemms(problem))
 
 
-def default_config(problem: Problem, spec=None) -> dict:
-    return block_default(problem, spec, _gemms(problem))
+def default_config(problem: Problem, spec=None, strategy: str = "gemm_ar") -> dict:
+    return block_default(problem, spec, _gemms(problem), strategy)
 
 
 def work(problem: Problem) -> tuple[float, float]:
