@@ -331,11 +331,22 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+_PLANS: dict = {}
+
+
 def plan_config(template: Template, problem: Problem, config: dict | None, device: torch.device,
                 launch_constraints) -> dict:
     """The config for one launch: the default, or ``config`` checked against the space and the
     constraints that make a launch impossible (one-line ConfigRejected). Under the interpreter
-    there is no device to fit (spec None)."""
+    there is no device to fit (spec None). Cached: the hot path pays one dict lookup."""
+    key = (template.op, problem, None if config is None else tuple(sorted(config.items())), device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _plan(template, problem, config, device, launch_constraints)
+    return plan
+
+
+def _plan(template, problem, config, device, launch_constraints) -> dict:
     spec = None if tuneforge.INTERPRETED else G.launch_spec(device)
     if config is None:
         return template.default_config(problem, spec)

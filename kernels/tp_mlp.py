@@ -137,6 +137,17 @@ def sub_configs(config: dict | None, world: int, m: int, hidden: int, dtype: tor
         raise ConfigRejected(f"TP block config {config}: missing parameter {e}") from None
 
 
+def heap_bytes(max_tokens: int, hidden: int, world: int, itemsize: int = 2) -> int:
+    """Symmetric-heap bytes the TP blocks need for up to ``max_tokens`` tokens per call: the
+    double-buffered staging of AG-GEMM (m x hidden), GEMM-RS (world x ceil(m / world) x hidden) and
+    the all-reduce of gemm_ar (world x m x hidden for one_shot push), plus signals. Channels grow
+    by reallocation on the heap (a bump allocator), so call the blocks at the largest token count
+    first (e.g. when warming CUDA graphs), or the smaller channels carved before stay abandoned."""
+    m = max(1, max_tokens)
+    per_parity = (m + world * cdiv(m, world) + world * m + 2 * m) * hidden * itemsize
+    return 2 * per_parity + (16 << 20)
+
+
 def strategy_of(config: dict | None) -> str:
     """The layout a block config runs in: ``gemm_ar`` (replicated rows) or ``ag_rs`` (row-sharded)."""
     return (config or {}).get("strategy", "gemm_ar")

@@ -59,9 +59,9 @@ def op_configs(op: str, problem: Problem, spec=None, samples: int = 2, seed: int
     return [c for c in configs if template.reject_reason(c, problem, spec) is None]
 
 
-def _check_world(world, shapes, dtypes, thorough):
-    """On every rank: each op, shape, dtype and config against the reference (dtypes rotate over the
-    configs unless ``thorough``), the baselines, input errors; returns what every rank saw."""
+def _check_world(world, shapes, dtypes, samples=2):
+    """On every rank: each op's configs against the reference, each config once over the (shape,
+    dtype) grid; the baselines, input errors; returns what every rank saw."""
     from tuneforge.dsl.heap import SymmetricHeap
     heap = SymmetricHeap(world, 8 << 20)
     ctx = heap.context()
@@ -71,10 +71,9 @@ def _check_world(world, shapes, dtypes, thorough):
         for i, (m, n, k) in enumerate(shapes):
             for j, dtype in enumerate(dtypes):
                 problem = Problem.make(op, dtype, world.size, m=m, n=n, k=k)
-                configs = op_configs(op, problem, seed=i)
-                if not thorough:      # each config once over the (shape, dtype) grid
-                    cell, cells = i * len(dtypes) + j, len(shapes) * len(dtypes)
-                    configs = [c for q, c in enumerate(configs) if q % cells == cell]
+                configs = op_configs(op, problem, samples=samples, seed=i)
+                cell, cells = i * len(dtypes) + j, len(shapes) * len(dtypes)
+                configs = [c for q, c in enumerate(configs) if q % cells == cell]
                 for config in configs:
                     inputs = template.make_inputs(problem, ctx.device, 1 + i, ctx)
                     result = check(template, problem, config, ctx=ctx, inputs=inputs)
@@ -141,13 +140,13 @@ def _assert_world(results, must_cover=True):
 
 def test_overlap_two_cpu_ranks():
     # m=70: shares of 35 rows = 3 blocks of 16 (chunk signals of 2 blocks); k=40: a partial K block
-    results = spawn(_check_world, 2, [(70, 24, 40)], DTYPES, False, timeout=900)
+    results = spawn(_check_world, 2, [(70, 24, 40)], DTYPES, timeout=900)
     _assert_world(results)
 
 
 def test_overlap_four_cpu_ranks():
     # m=37: uneven shares (10, 9, 9, 9); m=3: a rank without rows
-    results = spawn(_check_world, 4, [(37, 16, 32), (3, 24, 16)], ("bf16", "fp32"), False, timeout=900)
+    results = spawn(_check_world, 4, [(37, 16, 32), (3, 24, 16)], ("bf16", "fp32"), 0, timeout=900)
     _assert_world(results, must_cover=False)
 
 
@@ -245,7 +244,9 @@ def test_overlap_processes_sharing_one_gpu(ranks):
     results = spawn(_gpu_world, ranks, ("bf16", "fp32"), device="cuda", share_gpu=True, timeout=600)
     _assert_world(results, must_cover=False)
     covered = results[0]["covered"]
-    assert {c[4] for c in covered} == {False, True}                 # pointer loads and TMA both ran
+    from tuneforge.kernels.gemm import launch_spec
+    if "tma" in launch_spec(torch.device("cuda", 0)).features:
+        assert {c[4] for c in covered} == {False, True}             # pointer loads and TMA both ran
     assert {c[3] for c in covered if c[0] == "gemm_rs"} == {"fused", "consumer"}
 
 
