@@ -31,7 +31,7 @@ from tuneforge.dsl.comm import (EPOCH, check_tensor, epoch_begin, epoch_end, row
 from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import InputError
 from tuneforge.kernels import gemm as G
-from tuneforge.kernels.allgather_gemm import (FLAG_OVERHEAD_S, STARTED, cdiv, check_operands, chunk_covers_share,
+from tuneforge.kernels.allgather_gemm import (COMM_SMS, FLAG_OVERHEAD_S, STARTED, cdiv, check_operands, chunk_covers_share,
                                               chunk_source, comm_sms_fit,
                                               comm_space, compute_programs, default_comm_sms, descriptor,
                                               epoch_flags, fused_gemm_time, launch_comm, plan_config, release,
@@ -233,7 +233,7 @@ def make_inputs(problem: Problem, device, seed: int, ctx) -> dict:
 
 
 def space(problem: Problem) -> Space:
-    return Space(*tile_space(cdiv(problem["m"], problem.world), problem["n"], problem["k"]), *comm_space(),
+    return Space(*tile_space(cdiv(problem["m"], problem.world), problem["n"], problem["k"]), *comm_space(), COMM_SMS,
                  categorical("reduce", ["fused", "consumer"]))
 
 
