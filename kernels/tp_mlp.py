@@ -220,8 +220,13 @@ def summed_rows(partial: torch.Tensor, ctx) -> torch.Tensor:
 
 
 def all_reduced_rows(partial: torch.Tensor, ctx) -> torch.Tensor:
-    """torch.distributed.all_reduce (NCCL / gloo), this rank's rows."""
+    """torch.distributed.all_reduce (NCCL; gloo on host copies for ranks sharing one GPU), this
+    rank's rows."""
     import torch.distributed as dist
+    if partial.is_cuda and ctx.world.backend == "gloo":
+        host = partial.cpu()
+        dist.all_reduce(host, group=ctx.world.group)
+        return own_rows(host.to(partial.device), ctx)
     dist.all_reduce(partial, group=ctx.world.group)
     return own_rows(partial, ctx)
 
