@@ -56,7 +56,8 @@ def cases(tp: int) -> list[tuple[str, str, dict]]:
 
 def candidates(op: str, problem: Problem, spec) -> list[dict]:
     """The default config first, then a few neighbours (strategy, push/pull, signal granularity,
-    SMs given to communication, TMA), those the constraints accept."""
+    SMs given to communication, TMA, gather on a side stream / consumer reduction), those the
+    constraints accept."""
     t = get(op)
     if op in ("tp_mlp", "tp_attn"):
         ar, ag = t.default_config(problem, spec, "gemm_ar"), t.default_config(problem, spec, "ag_rs")
@@ -69,6 +70,8 @@ def candidates(op: str, problem: Problem, spec) -> list[dict]:
                    dict(d, tma=not d["tma"])]
         if op == "gemm_rs":
             configs.append(dict(d, reduce="consumer"))
+        else:
+            configs.append(dict(d, gather="side_stream"))
     out = []
     for c in configs:
         c = {k: v for k, v in c.items() if k != "chunk_tiles" or c.get("signal") == "chunk"}

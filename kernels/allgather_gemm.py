@@ -25,6 +25,7 @@ an area a peer is still reading (also when a rank owns no rows). ``wait_flag``, 
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -33,8 +34,8 @@ import triton.language as tl
 
 import tuneforge
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
-from tuneforge.dsl.comm import (ERR_EPOCH, ERR_FLAG, ERR_KIND, ERR_PEER, ERR_SEEN, ERR_SLOT, check_tensor,
-                                epoch_begin, epoch_end, row_split, rows_of, signal_peers, translate, wait_peers)
+from tuneforge.dsl.comm import (ARRIVALS, EPOCH, ERR_EPOCH, ERR_FLAG, ERR_KIND, ERR_PEER, ERR_SEEN, ERR_SLOT,
+                                check_tensor, epoch_begin, row_split, rows_of, signal_peers, translate, wait_peers)
 from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.kernels import gemm as G
@@ -95,7 +96,18 @@ def chunk_source(c, rank, world, PREV: tl.constexpr):
     return q
 
 
-# --- the kernel ------------------------------------------------------------------------------------
+@triton.jit
+def epoch_end_of(state, epoch, total_programs):
+    """``comm.epoch_end`` for a call made of several launches (a copy kernel on a side stream and the
+    GEMM): the last of ``total_programs`` programs, whichever launch it belongs to, publishes the epoch."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(state + ARRIVALS, 1, sem="acq_rel", scope="gpu")
+    if arrived == total_programs - 1:
+        tl.atomic_xchg(state + ARRIVALS, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(state + EPOCH, epoch, sem="release", scope="gpu")
+
+
+# --- the kernels -----------------------------------------------------------------------------------
 
 @triton.jit
 def _gather(x, area, seg_flags, max_segs, m, k, seg_rows, num_comm, epoch,
@@ -177,7 +189,7 @@ def _compute(x, x_desc, w, w_desc, out, area, area_desc, area_row0, seg_flags, m
 
 @triton.jit(do_not_specialize=["m", "rank", "max_spins"])
 def _ag_gemm_kernel(x, x_desc, w, w_desc, out, stage, stage_desc, parity_rows, seg_flags, max_segs, m, n, k,
-                    stride_xm, stride_wn, stride_om, seg_rows, num_comm,
+                    stride_xm, stride_wn, stride_om, seg_rows, num_comm, total_programs,
                     bases, flags, state, rank, world, max_spins,
                     PUSH: tl.constexpr, PREV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr,
@@ -199,7 +211,20 @@ def _ag_gemm_kernel(x, x_desc, w, w_desc, out, stage, stage_desc, parity_rows, s
         # no rank starts launch e+2 (rewriting the parity a peer may still read) before every
         # peer has started launch e+1, i.e. finished this one
         wait_peers(flags, STARTED, 0, epoch, rank, world, state, max_spins)
-    epoch_end(state, epoch)
+    epoch_end_of(state, epoch, total_programs)
+
+
+@triton.jit(do_not_specialize=["m", "rank", "max_spins"])
+def _gather_kernel(x, stage, parity_rows, seg_flags, max_segs, m, k, seg_rows, total_programs,
+                   bases, flags, state, rank, world, max_spins,
+                   PUSH: tl.constexpr, PREV: tl.constexpr, COPY: tl.constexpr):
+    """The gather alone (``gather="side_stream"``): runs on a side stream next to the GEMM kernel,
+    in the same epoch (neither launch publishes it before the other's programs are done)."""
+    epoch = epoch_begin(state)
+    area = stage + ((epoch % 2) * parity_rows).to(tl.int64) * k
+    _gather(x, area, seg_flags, max_segs, m, k, seg_rows, tl.num_programs(0), epoch, bases, state, rank, world,
+            max_spins, PUSH, PREV, COPY)
+    epoch_end_of(state, epoch, total_programs)
 
 
 # --- host helpers shared with gemm_reducescatter ------------------------------------------------------
@@ -275,6 +300,9 @@ def comm_space(when: dict | None = None) -> list:
 
 
 COMM_SMS = categorical("comm_sms", [1, 2, 4, 8, 16, 32])
+# who gathers: the kernel's first comm_sms programs, or a copy kernel of comm_sms programs on a side stream
+GATHERS = ("fused", "side_stream")
+GATHER = categorical("gather", GATHERS)
 
 
 def tile_defaults(m: int, n: int, k: int, dtype: str, spec) -> dict:
@@ -431,17 +459,43 @@ def allgather_gemm(x: torch.Tensor, w: torch.Tensor, *, ctx, m: int | None = Non
     else:
         stage_desc = x_desc = w_desc = stage
     tiles = cdiv(share, bm) * cdiv(n, bn) * world
-    grid = (config["comm_sms"] + compute_programs(tiles, config["comm_sms"], x.device),)
+    comm = config["comm_sms"]
+    compute = compute_programs(tiles, comm, x.device)
+    side = config["gather"] == "side_stream"
+    push, prev = config["variant"] == "push", config["order"] == "prev"
     interpreted = tuneforge.INTERPRETED
-    launch_comm(ch, _ag_gemm_kernel, grid,
+    if side:
+        # the copy kernel goes first (under the interpreter launches run one after another, and the
+        # GEMM waits for it); on a GPU it runs beside the GEMM on a side stream
+        stream = _side_stream(x.device)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            launch_comm(ch, _gather_kernel, (comm,), x, stage, parity_rows, seg_flags, max_segs, m, k, seg_rows,
+                        comm + compute, *ch.args(), PUSH=push, PREV=prev, COPY=COPY_BLOCK, num_warps=4)
+    launch_comm(ch, _ag_gemm_kernel, (compute if side else comm + compute,),
                 x, x_desc, w, w_desc, out, stage, stage_desc, parity_rows, seg_flags, max_segs, m, n, k,
-                x.stride(0), w.stride(0), out.stride(0), seg_rows, config["comm_sms"], *ch.args(),
-                PUSH=config["variant"] == "push", PREV=config["order"] == "prev", BLOCK_M=bm, BLOCK_N=bn,
+                x.stride(0), w.stride(0), out.stride(0), seg_rows, 0 if side else comm, comm + compute, *ch.args(),
+                PUSH=push, PREV=prev, BLOCK_M=bm, BLOCK_N=bn,
                 BLOCK_K=bk, GROUP_M=config["group_m"], USE_TMA=use_tma, EVEN_K=k % bk == 0,
                 UPCAST=interpreted and x.dtype != torch.float32,
                 INPUT_PRECISION="ieee" if x.dtype == torch.float32 or interpreted else "tf32",
                 COPY=COPY_BLOCK, num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if side and stream is not None:
+        torch.cuda.current_stream(x.device).wait_stream(stream)
     return out
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """This process's side stream for copy kernels on ``device`` (None off the GPU)."""
+    if device.type != "cuda" or tuneforge.INTERPRETED:
+        return None
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 def gathered_rows(x: torch.Tensor, ctx) -> torch.Tensor:
@@ -472,7 +526,8 @@ def make_inputs(problem: Problem, device, seed: int, ctx) -> dict:
 
 
 def space(problem: Problem) -> Space:
-    return Space(*tile_space(cdiv(problem["m"], problem.world), problem["n"], problem["k"]), *comm_space(), COMM_SMS)
+    return Space(*tile_space(cdiv(problem["m"], problem.world), problem["n"], problem["k"]), *comm_space(), COMM_SMS,
+                 GATHER)
 
 
 def default_config(problem: Problem, spec=None) -> dict:
@@ -481,7 +536,7 @@ def default_config(problem: Problem, spec=None) -> dict:
     m, w = problem["m"], problem.world
     cfg = tile_defaults(-(-m // w), problem["n"], problem["k"], problem.dtype, spec)
     cfg.update(variant="push", signal="tile" if cdiv(m, w) > cfg["block_m"] else "rank", order="prev",
-               comm_sms=default_comm_sms(m * problem["k"] * problem.torch_dtype.itemsize // w, spec))
+               comm_sms=default_comm_sms(m * problem["k"] * problem.torch_dtype.itemsize // w, spec), gather="fused")
     return cfg
 
 

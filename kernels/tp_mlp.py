@@ -8,7 +8,7 @@ Two strategies (``strategy``, a categorical parameter with its own conditional s
   every rank.
 - ``ag_rs``: the input is row-sharded (rank r holds ``row_split(m, world)[r]``); AllGather-GEMM
   (``kernels/allgather_gemm``), silu_mul, GEMM-ReduceScatter (``kernels/gemm_reducescatter``), both
-  overlapped (``variant``, ``signal``, ``chunk_tiles``, ``order``, ``reduce``, ``comm_sms``).
+  overlapped (``variant``, ``signal``, ``chunk_tiles``, ``order``, ``gather``, ``reduce``, ``comm_sms``).
   Returns this rank's rows [rows, hidden].
 
 The GEMM tiles (``block_m/n/k``, ``group_m``, ``num_warps``, ``num_stages``, ``tma``) are shared by
@@ -54,7 +54,8 @@ def block_space(m: int, world: int, gemms: list[tuple[int, int]]) -> Space:
                  *AG.tile_space(m, min(n for n, _ in gemms), min(k for _, k in gemms)), AG.COMM_SMS,
                  categorical("ar_strategy", ["one_shot", "two_shot"], when=GEMM_AR),
                  categorical("ar_variant", ["push", "pull"], when=GEMM_AR),
-                 *AG.comm_space(when=AG_RS), categorical("reduce", ["fused", "consumer"], when=AG_RS))
+                 *AG.comm_space(when=AG_RS), categorical("gather", AG.GATHERS, when=AG_RS),
+                 categorical("reduce", ["fused", "consumer"], when=AG_RS))
 
 
 def block_constraints(gemms_of):
@@ -107,7 +108,7 @@ def block_default(problem: Problem, spec, gemms: list[tuple[int, int]], strategy
     rs = RS.default_config(Problem.make("gemm_rs", dtype, w, m=m, n=n2, k=k2), spec)
     cfg = AG.tile_defaults(cdiv(m, w), n, k, dtype, spec)
     cfg.update(strategy="ag_rs", comm_sms=max(ag["comm_sms"], rs["comm_sms"]), variant="push", signal=ag["signal"],
-               order="prev", reduce=rs["reduce"])
+               order="prev", gather=ag["gather"], reduce=rs["reduce"])
     return cfg
 
 
@@ -122,7 +123,7 @@ def _sub_configs(items: tuple, world: int, m: int, hidden: int, dtype: str) -> d
         return {"gemm": {**tiles, "split_k": 1, "programs_per_sm": 1}, "allreduce": ar}
     fused = {**tiles, **{key: config[key] for key in ("variant", "signal", "order", "comm_sms", "chunk_tiles")
                          if key in config}}
-    return {"ag_gemm": fused, "gemm_rs": {**fused, "reduce": config["reduce"]}}
+    return {"ag_gemm": {**fused, "gather": config["gather"]}, "gemm_rs": {**fused, "reduce": config["reduce"]}}
 
 
 def sub_configs(config: dict | None, world: int, m: int, hidden: int, dtype: torch.dtype) -> dict:

@@ -45,6 +45,8 @@ def op_configs(op: str, problem: Problem, spec=None, samples: int = 2, seed: int
             c["chunk_tiles"] = 2
         if op == "gemm_rs":
             c["reduce"] = reduce
+        else:      # the gather by a copy kernel on a side stream where the GEMM-RS reduces in a consumer
+            c["gather"] = "side_stream" if reduce == "consumer" else "fused"
         configs.append(c)
     rng, space, drawn = random.Random(seed), template.space(problem), 0
     for _ in range(200):
@@ -78,7 +80,8 @@ def _check_world(world, shapes, dtypes, samples=2):
                     inputs = template.make_inputs(problem, ctx.device, 1 + i, ctx)
                     result = check(template, problem, config, ctx=ctx, inputs=inputs)
                     checked += 1
-                    covered.add((op, config["variant"], config["signal"], config["order"], config.get("reduce")))
+                    covered.add((op, config["variant"], config["signal"], config["order"],
+                                 config.get("reduce", config.get("gather"))))
                     if not result:
                         failures.append(f"{problem.key} {config}: {result.reason}")
                 base = template.baseline(**split_out(inputs))
@@ -136,6 +139,7 @@ def _assert_world(results, must_cover=True):
                 for choice in choices:
                     assert any(c[0] == op and c[part] == choice for c in covered), (op, choice)
         assert {c[4] for c in covered if c[0] == "gemm_rs"} == {"fused", "consumer"}
+        assert {c[4] for c in covered if c[0] == "ag_gemm"} == {"fused", "side_stream"}
 
 
 def test_overlap_two_cpu_ranks():
@@ -229,7 +233,8 @@ def _gpu_world(world, dtypes):
                     inputs = template.make_inputs(problem, ctx.device, 1 + i, ctx)
                     result = check(template, problem, config, ctx=ctx, inputs=inputs)
                     checked += 1
-                    covered.add((op, config["variant"], config["signal"], config.get("reduce"), config["tma"]))
+                    covered.add((op, config["variant"], config["signal"], config.get("reduce", config.get("gather")),
+                                 config["tma"]))
                     if not result:
                         failures.append(f"{problem.key} {config}: {result.reason}")
     errors = _input_errors(ctx)
@@ -248,10 +253,12 @@ def test_overlap_processes_sharing_one_gpu(ranks):
     if "tma" in launch_spec(torch.device("cuda", 0)).features:
         assert {c[4] for c in covered} == {False, True}             # pointer loads and TMA both ran
     assert {c[3] for c in covered if c[0] == "gemm_rs"} == {"fused", "consumer"}
+    assert {c[3] for c in covered if c[0] == "ag_gemm"} == {"fused", "side_stream"}
 
 
 def _graph_replay(world, replays):
-    """Capture two AG-GEMMs (push and pull) in one CUDA graph; replay with new inputs, check each."""
+    """Capture two AG-GEMMs (push with the kernel's own comm programs + TMA; pull by a copy kernel on
+    a side stream) in one CUDA graph; replay with new inputs, check each."""
     from tuneforge.dsl.heap import SymmetricHeap
     from tuneforge.dsl.comm import row_split
     from tuneforge.kernels.allgather_gemm import allgather_gemm, reference
@@ -263,8 +270,8 @@ def _graph_replay(world, replays):
     w = (torch.randn(n, k, generator=torch.Generator().manual_seed(world.rank)) / k ** 0.5).to(x.dtype).to(x.device)
     outs = [torch.empty(m, n, dtype=x.dtype, device=x.device) for _ in range(2)]
     base = dict(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3, comm_sms=8)
-    configs = [dict(base, tma=True, variant="push", signal="tile", order="prev"),
-               dict(base, tma=False, variant="pull", signal="chunk", chunk_tiles=2, order="next")]
+    configs = [dict(base, tma=True, variant="push", signal="tile", order="prev", gather="fused"),
+               dict(base, tma=False, variant="pull", signal="chunk", chunk_tiles=2, order="next", gather="side_stream")]
     x.zero_()
     for out, config in zip(outs, configs):          # warm (compile, load, carve the heap) before capture
         allgather_gemm(x, w, ctx=ctx, m=m, out=out, config=config)

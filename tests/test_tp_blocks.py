@@ -25,8 +25,9 @@ TILES = dict(block_m=16, block_n=16, block_k=16, group_m=1, num_warps=4, num_sta
 STRATEGY_CONFIGS = [
     dict(strategy="gemm_ar", comm_sms=2, ar_strategy="two_shot", ar_variant="pull"),
     dict(strategy="gemm_ar", comm_sms=1, ar_strategy="one_shot", ar_variant="push"),
-    dict(strategy="ag_rs", comm_sms=1, variant="pull", signal="tile", order="next", reduce="consumer"),
-    dict(strategy="ag_rs", comm_sms=2, variant="push", signal="rank", order="prev", reduce="fused"),
+    dict(strategy="ag_rs", comm_sms=1, variant="pull", signal="tile", order="next", gather="side_stream",
+         reduce="consumer"),
+    dict(strategy="ag_rs", comm_sms=2, variant="push", signal="rank", order="prev", gather="fused", reduce="fused"),
 ]
 
 
