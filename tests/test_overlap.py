@@ -1,6 +1,6 @@
 """AllGather-GEMM and GEMM-ReduceScatter against torch references in real multi-process worlds:
 2 and 4 CPU ranks under Triton's interpreter (default config, every variant / signal granularity /
-chunk order / reduction placement, configs sampled from the space; fp32, fp16, bf16; m not
+chunk order / gather and reduction placement, configs sampled from the space; fp32, fp16, bf16; m not
 divisible by world x tile, a rank without rows), input errors, a silent rank (SignalTimeout), the
 cost model at the tuning plan's shapes; on one GPU (``-m gpu``) 2 and 4 processes sharing it at
 Qwen3-32B TP shapes, TMA on and off, and a CUDA-graph capture + replay of an AG-GEMM."""
