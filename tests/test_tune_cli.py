@@ -51,8 +51,9 @@ def test_foreign_targets_at_tp2_use_the_cost_model(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "target: MI308X x2 (predicted by the cost model)" in r.stdout
     rows = {row["problem"]: row for row in json.loads(summary.read_text())["rows"]}
-    assert rows["allreduce|m=1,n=64|bf16|w2"]["status"] == "tuned"        # searched, verified in a 2-rank world
-    assert rows["tp_mlp|m=1,hidden=64,inter=64|bf16|w2"]["status"] == "baseline-only"
+    # searched, and a kernel winner verified in a 2-rank world under the interpreter
+    for key in ("allreduce|m=1,n=64|bf16|w2", "tp_mlp|m=1,hidden=64,inter=64|bf16|w2"):
+        assert rows[key]["status"] == "tuned" and rows[key]["time_s"] <= rows[key]["baseline_s"]
 
 
 def _one_line_error(stderr: str, message: str) -> None:

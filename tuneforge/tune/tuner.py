@@ -57,7 +57,9 @@ MIN_PROBLEM_S = 1.0        # a problem gets at least this share of a total budge
 FEATURE_FLAGS = ("tma", "use_tma", "warp_specialize")   # hardware paths the interpreter lacks
 KEEP_DIMS = ("head_dim",)          # never shrunk for interpreter verification
 SMALL_DIMS = (3, 8, 24, 64)
-VERIFY_WORLD = 2                   # ranks multi-rank winners are verified with under the interpreter        # sizes a dim is cut to for interpreter verification (odd ones mask)
+VERIFY_WORLD = 2                   # ranks multi-rank winners are verified with under the interpreter
+VERIFY_PICKS = 2                   # multi-rank candidates per problem verified in the first world
+VERIFY_ROUNDS = 3                  # worlds started for multi-rank verification before giving up        # sizes a dim is cut to for interpreter verification (odd ones mask)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -461,14 +463,7 @@ class Tuner:
             self._log(f"[{i:>{len(str(n))}}/{n}] {r.problem:<58} {_progress_text(r)}  {time.monotonic() - t0:.1f}s")
         if deferred:
             t0 = time.monotonic()
-            verdicts = MultiRankVerifier(self.options.seed, self.spec)
-            for index, found in deferred:
-                rows[index] = self.finish(found, verdicts.lookup)
-            # each round verifies every winner still unverified in one world of processes
-            while verdicts.pending:
-                verdicts.run()
-                for index, found in deferred:
-                    rows[index] = self.finish(found, verdicts.lookup)
+            self._finish_multirank(rows, deferred)
             for index, _ in deferred:
                 self._log(f"[verified] {rows[index].problem:<58} {_progress_text(rows[index])}")
             self._log(f"multi-rank winners verified under the interpreter in {time.monotonic() - t0:.1f}s")
@@ -490,13 +485,29 @@ class Tuner:
         if isinstance(found, Row):
             return found
         if found.problem.world > 1 and found.bench is None and self.options.verify:
-            verdicts = MultiRankVerifier(self.options.seed, self.spec)
-            row = self.finish(found, verdicts.lookup)
-            while verdicts.pending:
-                verdicts.run()
-                row = self.finish(found, verdicts.lookup)
-            return row
+            rows: list[Optional[Row]] = [None]
+            self._finish_multirank(rows, [(0, found)])
+            return rows[0]
         return self.finish(found, self._verify_single)
+
+    def _finish_multirank(self, rows: list, deferred: list) -> None:
+        """Verify the multi-rank winners (and their likely runners-up, so a failure costs no new
+        world) in as few worlds of processes as possible, then store them into ``rows``."""
+        verdicts = MultiRankVerifier(self.options.seed, self.spec)
+        for _, found in deferred:
+            for config in self.picks(found.pool, VERIFY_PICKS):
+                verdicts.lookup(found, config)
+        for _ in range(VERIFY_ROUNDS):
+            verdicts.run()
+            for index, found in deferred:
+                if rows[index] is None:
+                    rows[index] = self.finish(found, verdicts.lookup)
+            if not verdicts.pending:
+                break
+        verdicts.give_up(f"not verified within {VERIFY_ROUNDS} worlds of processes")
+        for index, found in deferred:
+            if rows[index] is None:
+                rows[index] = self.finish(found, verdicts.lookup)
 
     def search_problem(self, item: PlanItem, template: Template, tp: int, deadline: Optional[float] = None):
         """Run the study; returns what ``finish`` needs (a Row if the problem could not be searched)."""
@@ -546,6 +557,17 @@ class Tuner:
                     candidates[key] = (dict(t.params), float(t.value))
         pool = list(candidates.values()) + [(dict(BASELINE), baseline_s)]
         return Searched(item, template, problem, env, measured, study_name, pool, baseline_s, len(trials), new, bench)
+
+    def picks(self, pool: list, k: int) -> list[dict]:
+        """The first ``k`` kernel configs ``choose`` would pick if each before it failed verification."""
+        pool, out = list(pool), []
+        while len(out) < k:
+            config, _ = choose(pool, self.options.tie_tolerance)
+            if config.get("baseline"):
+                break
+            out.append(config)
+            pool = [(c, v) for c, v in pool if c is not config]
+        return out
 
     def _verify_single(self, found: "Searched", config: dict) -> Optional[str]:
         if found.bench is not None:
@@ -831,11 +853,14 @@ class MultiRankVerifier:
         self.seed, self.spec = seed, spec
         self.verdicts: dict[tuple[str, str], str] = {}
         self.pending: dict[tuple[str, str], tuple[str, Problem, dict]] = {}
+        self.closed = ""                 # once set, the verdict of every config not yet verified
 
     def lookup(self, found: "Searched", config: dict) -> Optional[str]:
         key = (found.template.op, canonical_config(config))
         if key in self.verdicts:
             return self.verdicts[key]
+        if self.closed:
+            return self.closed
         if key not in self.pending:
             run = {k: (False if k in FEATURE_FLAGS else v) for k, v in config.items()}
             problem = found.problem
@@ -844,6 +869,13 @@ class MultiRankVerifier:
                 problem = small_world
             self.pending[key] = (found.template.op, shrink(found.template, problem, run, self.spec), run)
         return None
+
+    def give_up(self, why: str) -> None:
+        """Configs still pending get ``why`` as their verdict (they are not stored as winners)."""
+        for key in self.pending:
+            self.verdicts[key] = why
+        self.pending.clear()
+        self.closed = why
 
     def run(self) -> None:
         from tuneforge.world import spawn
