@@ -232,3 +232,17 @@ def test_lockstep_measuring_of_a_multi_rank_problem():
     (t_good, why_good), (t_bad, why_bad), (t_base, why_base) = results
     assert t_good > 0 and why_good == "" and t_base > 0 and why_base == ""
     assert t_bad is None and why_bad
+
+
+def test_an_exhausted_budget_still_tries_the_default_config_of_every_problem(tiny_config, tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'budget.db'}")
+    p = plan(tiny_config, 1, decode_buckets=[1], prefill_buckets=[])
+    tuner = Tuner(store, TuneOptions(target="H100", trials=50, problem_budget_s=1e-9, progress=None))
+    report = tuner.tune(p)
+    tuned = [r for r in report.rows if r.status == "tuned"]
+    assert len(tuned) == len(p.tunable)
+    for r in tuned:
+        trials = _study_trials(store, r.study_name)
+        default = get(r.op).default_config(Problem.from_key(r.problem), tuner.spec)
+        assert len(trials) == r.n_trials == 1 and trials[0].params == default
+    store.close()

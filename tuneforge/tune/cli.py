@@ -59,6 +59,8 @@ def register(subparsers) -> None:
     p.add_argument("--backend", choices=("measure", "costmodel"),
                    help="force measuring (needs the target's GPU here) or the cost model")
     p.add_argument("--budget", type=_argument(parse_duration), help="total wall-clock budget, e.g. 20m, 1h, 90s")
+    p.add_argument("--problem-budget", type=_argument(parse_duration),
+                   help="wall-clock budget for any one problem, e.g. 30s (at least one config is always tried)")
     p.add_argument("--trials", type=int, help="configs evaluated per problem (default 40 measured, 16 predicted)")
     p.add_argument("--db", metavar="URL", help="database URL or SQLite path (default: $TUNEFORGE_DB or "
                                                "~/.local/share/tuneforge/tuneforge.db)")
@@ -90,12 +92,14 @@ def cmd_tune(args) -> int:
     store = Store(url)
     try:
         options = TuneOptions(target=args.target, backend=args.backend, trials=args.trials, budget_s=args.budget,
+                              problem_budget_s=args.problem_budget,
                               seed=args.seed, verify=not args.no_verify,
                               progress=None if args.quiet else sys.stderr)
         tuner = Tuner(store, options)
         how = "measured on this GPU" if tuner.backend == "measure" else "predicted by the cost model"
         print(f"target: {tuner.spec.name} x{plan.tp} ({how}), {tuner.trials} trials per problem"
-              + (f", budget {args.budget:.0f}s" if args.budget else ""), flush=True)
+              + (f", budget {args.budget:.0f}s" if args.budget else "")
+              + (f", {args.problem_budget:.0f}s per problem" if args.problem_budget else ""), flush=True)
         report = tuner.tune(plan)
     finally:
         store.close()

@@ -70,6 +70,7 @@ class TuneOptions:
     backend: Optional[str] = None         # "measure" | "costmodel" | None: measure where the target is local
     trials: Optional[int] = None          # evaluated configs per problem (default by backend)
     budget_s: Optional[float] = None      # wall-clock budget for the whole plan
+    problem_budget_s: Optional[float] = None   # and for any one problem
     seed: int = 0
     tie_tolerance: float = 0.02
     verify: bool = True
@@ -447,6 +448,9 @@ class Tuner:
                     left = self.options.budget_s - (time.monotonic() - start)
                     share = max(MIN_PROBLEM_S, left / max(1, len(todo) - done_tunable))
                     deadline = time.monotonic() + share
+                if self.options.problem_budget_s is not None:
+                    own = time.monotonic() + self.options.problem_budget_s
+                    deadline = own if deadline is None else min(deadline, own)
                 done_tunable += 1
                 found = self.search_problem(item, _REGISTRY[item.problem.op], tp, deadline)
                 if isinstance(found, Row):
@@ -549,7 +553,7 @@ class Tuner:
             return Row(problem.key, problem.op, list(item.roles), "no-winner", None, None, None, None, None,
                        "measured" if measured else "predicted", len(history), 0, study_name, _first_line(e))
         candidates: dict[str, tuple[dict, float]] = {}
-        trials = live.get_trials(deepcopy=False)
+        trials = [t for t in live.get_trials(deepcopy=False) if t.state.is_finished()]   # not the queued ones
         for t in trials:
             if t.state == TrialState.COMPLETE and t.value is not None:
                 key = canonical_config(t.params)
