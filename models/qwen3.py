@@ -7,12 +7,18 @@ all-reduced; the embedding is replicated and lm_head is split over the vocabular
 all-gathered). Every op goes through ``ops`` (tuneforge.engine.dispatch.Ops), which runs the tuned
 Triton kernel or the torch baseline. Activations are token-major ``[tokens, features]``.
 
+At TP > 1 the linear pairs run as the TP blocks (``ops.tp_step`` decides per forward): gemm_ar
+keeps every token on every rank; ag_rs row-shards the residual stream (embedding, norms and
+residual adds on this rank's rows), the qkv projection gathers all tokens so attention is
+unchanged, o_proj and the MLP reduce-scatter back to this rank's rows, and the final rows are
+all-gathered before lm_head.
+
 Attention runs torch SDPA over the KV cache: a causal prefill from an empty cache, and decode steps
 over the first ``kv_len`` slots with a mask of each sequence's valid slots.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -25,10 +31,16 @@ from tuneforge.errors import InputError
 
 @dataclass(frozen=True)
 class Shard:
-    """This process's place in the tensor-parallel group (``group`` None: the default group)."""
+    """This process's place in the tensor-parallel group (``group`` None: the default group;
+    ``world``: the rank's tuneforge World, which the TP blocks' symmetric heap needs)."""
     rank: int = 0
     size: int = 1
     group: object = None
+    world: object = field(default=None, compare=False, repr=False)
+
+    @staticmethod
+    def of(world) -> "Shard":
+        return Shard(world.rank, world.size, world.group, world)
 
     def part(self, total: int, what: str) -> int:
         if total % self.size:
@@ -88,11 +100,12 @@ class Attention(nn.Module):
         self.q_norm = _param(self.head_dim, dtype=dtype, device=device)
         self.k_norm = _param(self.head_dim, dtype=dtype, device=device)
 
-    def forward(self, x, layer: int, step: Step, cache: KVCache, ops) -> torch.Tensor:
-        """x [tokens, hidden] -> this rank's partial o_proj output [tokens, hidden] (before the all-reduce)."""
+    def forward(self, x, layer: int, step: Step, cache: KVCache, ops, tp) -> torch.Tensor:
+        """x [tokens, hidden] (this rank's rows when ``tp.sharded``) -> the o_proj output summed over
+        ranks, in the same rows. The projections run as ``tp`` says; the core sees every token."""
         b, t = step.positions.shape
         d, hq, hkv = self.head_dim, self.heads, self.kv_heads
-        qkv = ops.gemm(x, self.qkv)
+        qkv = ops.qkv_proj(x, self.qkv, tp)
         # q|k normed and rotated in place: qkv then holds q | k | v, and k | v is one cache write
         ops.rope_qk_norm(qkv, step.positions.reshape(-1), self.q_norm, self.k_norm, heads=hq, kv_heads=hkv,
                          theta=self.theta, eps=self.eps)
@@ -109,7 +122,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q.reshape(b, hkv, (hq // hkv) * t, d), keys, values,
                                                  attn_mask=step.mask)
             out = out.reshape(b, hq, t, d).transpose(1, 2).reshape(b * t, hq * d)
-        return ops.gemm(out, self.o)
+        return ops.o_proj(out, self.o, tp)
 
 
 class MLP(nn.Module):
@@ -119,9 +132,9 @@ class MLP(nn.Module):
         self.gate_up = _param(2 * self.inter, cfg.hidden_size, dtype=dtype, device=device)
         self.down = _param(cfg.hidden_size, self.inter, dtype=dtype, device=device)
 
-    def forward(self, x, ops) -> torch.Tensor:
-        """x [tokens, hidden] -> this rank's partial down_proj output (before the all-reduce)."""
-        return ops.gemm(ops.silu_mul(ops.gemm(x, self.gate_up)), self.down)
+    def forward(self, x, ops, tp) -> torch.Tensor:
+        """x [tokens, hidden] -> down_proj output summed over ranks (rows as ``tp`` says)."""
+        return ops.mlp(x, self.gate_up, self.down, tp)
 
 
 class Layer(nn.Module):
@@ -202,17 +215,24 @@ class Qwen3(nn.Module):
                 logits_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [batch, t] -> logits [rows, vocab] (full vocabulary on every rank), for every token
         or only the flat token indices ``logits_rows``."""
-        x = F.embedding(tokens.reshape(-1), self.embed)
+        flat = tokens.reshape(-1)
+        a = self.layers[0].attn
+        tp = ops.tp_step(flat.shape[0], self.dtype, self.shard, hidden=self.cfg.hidden_size, qkv=a.qkv.shape[0],
+                         o_in=a.o.shape[1], inter=self.layers[0].mlp.inter)
+        if tp.sharded:      # ag_rs: the residual stream holds this rank's rows only
+            flat = flat[tp.row0:tp.row0 + tp.rows]
+        x = F.embedding(flat, self.embed)
         residual = x
         h = ops.rmsnorm(x, self.layers[0].input_norm, self.eps)
         for i, layer in enumerate(self.layers):
-            # The TP seam: each block returns this rank's partial sum and ops.all_reduce completes
-            # it (gemm + all-reduce); communication-overlapped TP blocks replace these two lines.
-            attn = ops.all_reduce(layer.attn(h, i, step, cache, ops), self.shard)
+            # The TP seam: each block returns its output summed over ranks (TP blocks, or gemm +
+            # all-reduce on the torch path), in the forward's layout.
+            attn = layer.attn(h, i, step, cache, ops, tp)
             h, residual = ops.add_rmsnorm(attn, residual, layer.post_attention_norm, self.eps)
-            mlp = ops.all_reduce(layer.mlp(h, ops), self.shard)
+            mlp = layer.mlp(h, ops, tp)
             nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
             h, residual = ops.add_rmsnorm(mlp, residual, nxt, self.eps)
+        h = ops.gather_rows(h, tp)
         if logits_rows is not None:
             h = h.index_select(0, logits_rows)
         return ops.all_gather_columns(ops.gemm(h, self.head_weight), self.shard)

@@ -85,7 +85,7 @@ def build(settings: dict, world=None):
     from tuneforge.engine.dispatch import open_ops
     from tuneforge.models.loading import load_model
     from tuneforge.models.qwen3 import Shard
-    shard = Shard(world.rank, world.size, world.group) if world is not None else Shard()
+    shard = Shard.of(world) if world is not None else Shard()
     device = world.device if world is not None else torch.device(settings["device"])
     model = load_model(settings["model"], shard=shard, dtype=DTYPES[settings["dtype"]], device=device,
                        random=settings["random"], seed=settings["seed"])

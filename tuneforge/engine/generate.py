@@ -9,6 +9,9 @@ Decode runs one CUDA graph per (batch bucket, KV-length bucket): the batch is pa
 power of two (dummy rows decode harmlessly in their own cache rows) and attention reads the first
 ``kv_len`` slots, a power of two >= 256 (capped at the cache length). Graphs are captured on first
 use, after two eager warm-up steps, against static input buffers.
+
+At TP > 1 every rank runs the same calls in the same order (the TP blocks' first call of each
+shape is collective), and the Generator opens the blocks' symmetric heap once (``Ops.open_tp``).
 """
 from __future__ import annotations
 
@@ -81,6 +84,10 @@ class Generator:
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise InputError("CUDA graphs need the model on a CUDA device")
+        if model.shard.size > 1:
+            # the TP blocks' heap, warmed at the largest forward: a full prefill, or a decode batch bucket
+            rows = bucket(max_batch, BATCH_BUCKETS)
+            ops.open_tp(model, max_tokens=max(max_batch * max_len, rows), logit_rows=rows)
         self._slots = torch.arange(slots, device=self.device)
         self._static: dict[int, _Static] = {}
         self._pool = None
