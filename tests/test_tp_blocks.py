@@ -12,9 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tuneforge
 from tuneforge.dsl import Problem, get, poison
-from tuneforge.dsl.check import compare, split_out
+from tuneforge.dsl.check import compare, interpreter_scale, split_out
 from tuneforge.errors import InputError
 from tuneforge.world import spawn
 
@@ -46,14 +45,12 @@ def block_configs(op: str, problem: Problem, spec=None, samples: int = 2, tiles:
 
 
 def check_block(template, config, ctx, inputs):
-    """``dsl.check`` with one difference: under the interpreter, where fp32 -> bf16 casts truncate
-    (round toward zero, measured) instead of rounding to nearest, a bf16 block -- three rounded
-    stages whose truncation errors add up -- gets 4x the bf16 tolerance."""
+    """``dsl.check`` with the interpreter's bf16 widening (``check.interpreter_scale``): a bf16 block
+    chains three rounded stages whose truncation errors add up."""
     poison(inputs["out"])
     out = template.launch(**inputs, config=config)
     ctx.synchronize()
-    scale = 4.0 if tuneforge.INTERPRETED and out.dtype == torch.bfloat16 else 1.0
-    return compare(out, template.reference(**split_out(inputs)), out.dtype, scale=scale)
+    return compare(out, template.reference(**split_out(inputs)), out.dtype, scale=interpreter_scale(out.dtype))
 
 
 def _check_world(world, ms, dtypes, spec_name=None):

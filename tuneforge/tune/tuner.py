@@ -40,7 +40,7 @@ from optuna.trial import TrialState
 
 from tuneforge.db.environment import Environment
 from tuneforge.db.store import Store, Winner
-from tuneforge.dsl.check import compare, poison, split_out
+from tuneforge.dsl.check import compare, interpreter_scale, poison, split_out
 from tuneforge.dsl.problem import Problem, canonical_config
 from tuneforge.dsl.template import Template
 from tuneforge.errors import ConfigRejected, InputError
@@ -367,7 +367,8 @@ class InterpreterVerifier:
             inputs = template.make_inputs(small, torch.device("cpu"), self.seed, None)
             out = poison(inputs["out"])
             got = template.launch(**inputs, config=run)
-            res = compare(got if got is not None else out, template.reference(**split_out(inputs)), out.dtype)
+            res = compare(got if got is not None else out, template.reference(**split_out(inputs)), out.dtype,
+                          scale=interpreter_scale(out.dtype))
             why = "" if res.ok else f"wrong result at {small.key}: {res.reason}"
         except Exception as e:   # noqa: BLE001 - any failure disqualifies the config
             why = f"failed at {small.key}: {_first_line(e)}"
@@ -768,7 +769,7 @@ def _lockstep_worker(world, template_op: str, problem_key: str, configs: list, s
                     poison(inputs["out"])
                     got = template.launch(**inputs, config=config)
                     ctx.synchronize()
-                    res = compare(got, reference, got.dtype)
+                    res = compare(got, reference, got.dtype, scale=interpreter_scale(got.dtype))
                     if not res.ok:
                         out.append((None, f"wrong result on rank {world.rank}: {res.reason}"))
                         world.barrier()
