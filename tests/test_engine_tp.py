@@ -144,6 +144,19 @@ def test_tp2_missing_tp_record_falls_back_with_one_warning(checkpoint, tmp_path)
         check_runs(hf, runs, [PROMPTS], steps)
 
 
+def test_cli_generate_tp2_default_dispatch_runs_the_blocks(checkpoint, capsys):
+    """`tuneforge generate --tp 2 --dispatch default`: every Triton kernel and the TP blocks at their
+    default configs (gemm_ar), without a database; the greedy tokens are transformers'."""
+    import json
+    from tuneforge.cli import main
+    path, hf = checkpoint
+    assert main(["generate", "--model", path, "--tp", "2", "--dispatch", "default", "--prompt", "5 3 9 1 7",
+                 "--prompt", "42 8", "--max-new-tokens", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == [hf_greedy(hf, p, 3)[0] for p in PROMPTS[:2]]
+    assert out["dispatch"] == "Triton kernels, default configs; TP blocks: m=10 gemm_ar, m=2 gemm_ar"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy", ["gemm_ar", "ag_rs"])
 def test_tp2_tuned_blocks_cuda_graphs_on_one_gpu(checkpoint, tmp_path, strategy):

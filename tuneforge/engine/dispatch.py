@@ -157,13 +157,24 @@ class Ops:
         self._steps: dict[tuple, TPStep] = {}
         self._heap = self._ctx = None     # the TP blocks' symmetric heap and its context (open_tp)
         self._tp_tokens = self._logit_rows = 0     # what the heap's channels are warmed for
+        self._retired: list = []
 
     def describe(self) -> str:
+        """The mode, and at TP > 1 how each forward shape ran its linear pairs: ag_rs, gemm_ar (the
+        blocks, replicated rows), torch (gemm + all-reduce) or gemm_ar+torch (one block each)."""
         if self.mode == "tuned":
             where = f" from {self.table.where}" if self.table.where else ""
             missing = f"; torch baseline for {', '.join(self.table.fallbacks)}" if self.table.fallbacks else ""
-            return f"tuned ({len(self.table)} winners{where}{missing})"
-        return {"baseline": "torch baseline", "default": "Triton kernels, default configs"}[self.mode]
+            text = f"tuned ({len(self.table)} winners{where}{missing})"
+        else:
+            text = {"baseline": "torch baseline", "default": "Triton kernels, default configs"}[self.mode]
+        steps = [s for s in self._steps.values() if s.shard.size > 1]
+        if steps:
+            def label(s):
+                return "ag_rs" if s.sharded else "+".join(sorted({"torch" if c is None else "gemm_ar"
+                                                                  for c in (s.attn, s.mlp)}))
+            text += "; TP blocks: " + ", ".join(f"m={s.m} {label(s)}" for s in steps)
+        return text
 
     def config(self, op: str, dtype: torch.dtype, world: int = 1, **dims: int) -> Optional[dict]:
         """The config for one call: a dict for the Triton kernel (``{}``: the launcher's own default),
@@ -244,6 +255,8 @@ class Ops:
         max_tokens, logit_rows = max(max_tokens, self._tp_tokens), max(logit_rows, self._logit_rows)
         hidden, size = model.cfg.hidden_size, model.dtype.itemsize
         gathered = max(max_tokens * hidden, logit_rows * model.cfg.vocab_size) * size   # the all-gathers
+        if self._heap is not None:      # decode graphs captured on it may still replay: keep it alive
+            self._retired.append(self._heap)
         self._heap = SymmetricHeap(shard.world, heap_bytes(max_tokens, hidden, shard.size, size) + 2 * gathered)
         self._ctx = self._heap.context()
         self._warm_up(model, max_tokens, logit_rows, "ag_rs" in strategies)
