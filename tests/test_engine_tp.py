@@ -154,7 +154,7 @@ def test_cli_generate_tp2_default_dispatch_runs_the_blocks(checkpoint, capsys):
                  "--prompt", "42 8", "--max-new-tokens", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["tokens"] == [hf_greedy(hf, p, 3)[0] for p in PROMPTS[:2]]
-    assert out["dispatch"] == "Triton kernels, default configs; TP blocks: m=10 gemm_ar, m=2 gemm_ar"
+    assert out["dispatch"] == "Triton kernels, default configs; TP: m=10 gemm_ar, m=2 gemm_ar"
 
 
 @pytest.mark.gpu

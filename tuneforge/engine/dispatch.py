@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
+import tuneforge
 from tuneforge.db.environment import Environment
 from tuneforge.dsl.problem import DEFAULT_BUCKETS, DTYPE_NAMES, Problem, bucket
 from tuneforge.errors import InputError
@@ -173,7 +174,7 @@ class Ops:
             def label(s):
                 return "ag_rs" if s.sharded else "+".join(sorted({"torch" if c is None else "gemm_ar"
                                                                   for c in (s.attn, s.mlp)}))
-            text += "; TP blocks: " + ", ".join(f"m={s.m} {label(s)}" for s in steps)
+            text += "; TP: " + ", ".join(f"m={s.m} {label(s)}" for s in steps)
         return text
 
     def config(self, op: str, dtype: torch.dtype, world: int = 1, **dims: int) -> Optional[dict]:
@@ -279,7 +280,6 @@ class Ops:
         from tuneforge.kernels import tp_mlp as TPM
         from tuneforge.kernels.allgather import allgather
         from tuneforge.kernels.gemm import launch_spec
-        import tuneforge
         ctx, mlp, tp = self._ctx, model.layers[0].mlp, model.shard.size
         x = torch.zeros((tokens, model.cfg.hidden_size), dtype=model.dtype, device=ctx.device)
         mine = row_split(tokens, tp)[ctx.rank]
