@@ -26,6 +26,7 @@ an area a peer is still reading (also when a rank owns no rows). ``wait_flag``, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 
 import torch
@@ -305,10 +306,25 @@ GATHERS = ("fused", "side_stream")
 GATHER = categorical("gather", GATHERS)
 
 
-def tile_defaults(m: int, n: int, k: int, dtype: str, spec) -> dict:
+# The fused AG-GEMM kernel compiles two pipelined K loops (the local chunk read from x, the gathered
+# chunks read from staging) and Triton gives each its own shared-memory buffers, so each may use half
+# (measured on an H100: tiles that fit gemm's budget once failed to launch here, 262208 > 232448 bytes).
+AG_PIPELINES = 2
+SMEM_RESERVE = 1024     # barriers and scratch beside the pipeline buffers
+
+
+def pipeline_spec(spec, pipelines: int):
+    """The device as each of ``pipelines`` pipelined loops of one kernel sees it (its share of shared memory)."""
+    if spec is None or pipelines == 1:
+        return spec
+    return dataclasses.replace(spec, smem_per_block=(spec.smem_per_block - SMEM_RESERVE) // pipelines)
+
+
+def tile_defaults(m: int, n: int, k: int, dtype: str, spec, pipelines: int = 1) -> dict:
     """The gemm template's default tiles for one chunk-sized GEMM (no split-K, one program per SM)."""
     gemm_cfg = G.default_config(Problem.make("gemm", dtype, m=max(1, m), n=n, k=k),
-                                spec if spec is not None else G.launch_spec(torch.device("cpu")))
+                                pipeline_spec(spec, pipelines) if spec is not None
+                                else G.launch_spec(torch.device("cpu")))
     return {key: gemm_cfg[key] for key in ("block_m", "block_n", "block_k", "group_m", "num_warps",
                                            "num_stages", "tma")}
 
@@ -329,10 +345,12 @@ TILE_KEYS = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stage
 GEMM_FIT = (G.register_pressure, G.tile_exceeds_problem)
 
 
-def gemm_rejection(config: dict, dtype: str, m: int, n: int, k: int, spec, constraints) -> str | None:
-    """The first of gemm's ``constraints`` the tiles of ``config`` violate on an m x n x k GEMM
-    (spec None: no device to fit, the interpreter's rules)."""
+def gemm_rejection(config: dict, dtype: str, m: int, n: int, k: int, spec, constraints,
+                   pipelines: int = 1) -> str | None:
+    """The first of gemm's ``constraints`` the tiles of ``config`` violate on an m x n x k GEMM inside
+    a kernel with ``pipelines`` pipelined K loops (spec None: no device to fit, the interpreter's rules)."""
     cfg = {**{key: config[key] for key in TILE_KEYS}, "split_k": 1, "programs_per_sm": 1}
+    spec = pipeline_spec(spec, pipelines)
     problem = Problem.make("gemm", dtype, m=max(1, m), n=n, k=k)
     for c in constraints:
         if spec is None and c is G.smem_overflow:
@@ -343,11 +361,11 @@ def gemm_rejection(config: dict, dtype: str, m: int, n: int, k: int, spec, const
     return None
 
 
-def tile_constraints(k_dim: str):
+def tile_constraints(k_dim: str, pipelines: int = 1):
     """(launchable, fits): gemm's launch constraints and its fit constraints on one chunk's GEMM."""
     def launchable(config, problem, spec):
         return gemm_rejection(config, problem.dtype, cdiv(problem["m"], problem.world), problem["n"],
-                              problem[k_dim], spec, G.LAUNCH_CONSTRAINTS)
+                              problem[k_dim], spec, G.LAUNCH_CONSTRAINTS, pipelines)
 
     def fits(config, problem, spec):
         return gemm_rejection(config, problem.dtype, cdiv(problem["m"], problem.world), problem["n"],
@@ -534,7 +552,7 @@ def default_config(problem: Problem, spec=None) -> dict:
     """gemm's tiles for one chunk; push; a signal per row block once chunks hold several blocks;
     4 programs (an eighth of the SMs at most) move the data."""
     m, w = problem["m"], problem.world
-    cfg = tile_defaults(-(-m // w), problem["n"], problem["k"], problem.dtype, spec)
+    cfg = tile_defaults(-(-m // w), problem["n"], problem["k"], problem.dtype, spec, AG_PIPELINES)
     cfg.update(variant="push", signal="tile" if cdiv(m, w) > cfg["block_m"] else "rank", order="prev",
                comm_sms=default_comm_sms(m * problem["k"] * problem.torch_dtype.itemsize // w, spec), gather="fused")
     return cfg
@@ -581,7 +599,7 @@ def cost(problem: Problem, config: dict | None, spec) -> float:
     return costmodel.overlap(g, comm, spec, 0.9 * (1 - 1 / steps)) + steps * FLAG_OVERHEAD_S / config["comm_sms"]
 
 
-_gemm_launchable, _tiles_fit = tile_constraints("k")
+_gemm_launchable, _tiles_fit = tile_constraints("k", AG_PIPELINES)
 LAUNCH_CONSTRAINTS = (_gemm_launchable, comm_sms_fit)
 CONSTRAINTS = LAUNCH_CONSTRAINTS + (chunk_covers_share, _tiles_fit)
 

@@ -245,7 +245,8 @@ def default_config(problem: Problem, spec: DeviceSpec) -> dict:
     """Heuristic config (from bench_gemm on an H100, bf16): decode-sized M streams the weight with
     16x128x128 tiles and pointer loads; up to 256 rows 64/128-row tiles with split-K until the tiles
     cover the SMs; large M 128x256x64, 3 stages, 8 warps, grouped order; TMA where available (m > 16).
-    Shrinks stages, then BLOCK_K, then BLOCK_N until every constraint passes (fp32, small-smem GPUs)."""
+    Where a constraint rejects it (fp32, small shared memory, fused kernels' share of it) shrinks
+    stages to 3, BLOCK_K to 32, stages to 2, then BLOCK_N, BLOCK_K, BLOCK_M until every constraint passes."""
     m = problem["m"]
     if m <= 16:
         cfg = dict(block_m=16, block_n=128, block_k=128, group_m=1, num_warps=4, num_stages=4)
@@ -263,11 +264,11 @@ def default_config(problem: Problem, spec: DeviceSpec) -> dict:
     cfg["tma"] = m > 16 and tma_unavailable({**cfg, "tma": True}, problem, spec) is None
     if m <= 256:
         cfg["split_k"] = split_k_to_fill(cfg, problem, spec)
-    for shrink in ("num_stages", "num_stages", "block_k", "num_stages", "block_n", "block_k", "block_m"):
-        if _first_rejection(cfg, problem, spec) is None:
-            break
-        floor = 2 if shrink == "num_stages" else 16
-        cfg[shrink] = max(floor, cfg[shrink] - 1 if shrink == "num_stages" else cfg[shrink] // 2)
+    # keep 3 stages (the pipeline depth that hides HBM latency) before giving up BLOCK_K
+    for shrink, floor in (("num_stages", 3), ("block_k", 32), ("num_stages", 2), ("block_n", 16),
+                          ("block_k", 16), ("block_m", 16)):
+        while _first_rejection(cfg, problem, spec) is not None and cfg[shrink] > floor:
+            cfg[shrink] = cfg[shrink] - 1 if shrink == "num_stages" else cfg[shrink] // 2
     return cfg
 
 

@@ -67,7 +67,9 @@ def block_constraints(gemms_of):
 
     def launchable(config, problem, spec):
         for n, k in gemms_of(problem):
-            why = gemm_rejection(config, problem.dtype, rows(config, problem), n, k, spec, G.LAUNCH_CONSTRAINTS)
+            pipelines = AG.AG_PIPELINES if config["strategy"] == "ag_rs" else 1
+            why = gemm_rejection(config, problem.dtype, rows(config, problem), n, k, spec, G.LAUNCH_CONSTRAINTS,
+                                 pipelines)
             if why:
                 return why
         if config["strategy"] == "ag_rs":    # the fused kernels' spaces cap the tiles at one share
@@ -106,7 +108,7 @@ def block_default(problem: Problem, spec, gemms: list[tuple[int, int]], strategy
     (n1, k1), (n2, k2) = gemms
     ag = AG.default_config(Problem.make("ag_gemm", dtype, w, m=m, n=n1, k=k1), spec)
     rs = RS.default_config(Problem.make("gemm_rs", dtype, w, m=m, n=n2, k=k2), spec)
-    cfg = AG.tile_defaults(cdiv(m, w), n, k, dtype, spec)
+    cfg = AG.tile_defaults(cdiv(m, w), n, k, dtype, spec, AG.AG_PIPELINES)
     cfg.update(strategy="ag_rs", comm_sms=max(ag["comm_sms"], rs["comm_sms"]), variant="push", signal=ag["signal"],
                order="prev", gather=ag["gather"], reduce=rs["reduce"])
     return cfg
