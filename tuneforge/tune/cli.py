@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
+from datetime import datetime, timezone
 
 from tuneforge.errors import InputError
 
@@ -109,6 +111,8 @@ def cmd_tune(args) -> int:
           f"{d['baseline_only']} baseline-only, {len(report.rows) - d['tuned'] - d['baseline_only']} failed, "
           f"in {report.elapsed_s:.1f}s; environment {report.fingerprint}")
     if args.summary_json:
+        d.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 command=" ".join(shlex.quote(a) for a in ["tuneforge"] + sys.argv[1:]))
         try:
             with open(args.summary_json, "w") as f:
                 json.dump(d, f, indent=1)

@@ -115,12 +115,14 @@ class Report:
     rows: list[Row]
     elapsed_s: float
     plan_size: int
+    environment: dict = field(default_factory=dict)   # the fingerprint's fields: GPU, versions, world size
 
     def to_dict(self) -> dict:
         tuned = [r for r in self.rows if r.status == "tuned"]
         beat = [r for r in tuned if r.config and not r.config.get("baseline")]
         return {"model": self.model, "tp": self.tp, "target": self.target, "backend": self.backend,
-                "database": self.database, "fingerprint": self.fingerprint, "elapsed_s": round(self.elapsed_s, 3),
+                "database": self.database, "fingerprint": self.fingerprint, "environment": self.environment,
+                "elapsed_s": round(self.elapsed_s, 3),
                 "problems": self.plan_size, "tuned": len(tuned), "kernel_winners": len(beat),
                 "baseline_only": sum(r.status == "baseline-only" for r in self.rows),
                 "rows": [dict(problem=r.problem, op=r.op, roles=r.roles, status=r.status, winner=r.winner,
@@ -473,7 +475,7 @@ class Tuner:
                 self._log(f"[verified] {rows[index].problem:<58} {_progress_text(rows[index])}")
             self._log(f"multi-rank winners verified under the interpreter in {time.monotonic() - t0:.1f}s")
         return Report(plan.model, tp, self.spec.name, self.backend, self.store.url, run_env.fingerprint, rows,
-                      time.monotonic() - start, n)
+                      time.monotonic() - start, n, run_env.to_dict())
 
     def _baseline_only_row(self, item: PlanItem) -> Row:
         try:
