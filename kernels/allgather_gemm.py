@@ -20,8 +20,9 @@ blocks (``chunk``) or per row block of BLOCK_M rows (``tile``). The tile math is
 
 Flags hold epochs (never cleared); the gather area is double-buffered by the epoch's parity and
 every rank's last program waits for every peer to have started this launch, so no rank can rewrite
-an area a peer is still reading (also when a rank owns no rows). ``wait_flag``, ``release``,
-``epoch_flags`` and ``launch_comm`` are shared with ``gemm_reducescatter``.
+an area a peer is still reading (also when a rank owns no rows). ``epoch_flags`` and ``launch_comm``
+are shared with ``gemm_reducescatter``; the flag verbs (``release``, ``wait_flag``, ``epoch_end_of``)
+are ``tuneforge.dsl.comm``'s.
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ import triton.language as tl
 
 import tuneforge
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
-from tuneforge.dsl.comm import (ARRIVALS, EPOCH, ERR_EPOCH, ERR_FLAG, ERR_KIND, ERR_PEER, ERR_SEEN, ERR_SLOT,
-                                check_tensor, epoch_begin, row_split, rows_of, signal_peers, translate, wait_peers)
+from tuneforge.dsl.comm import (check_tensor, epoch_begin, epoch_end_of, release, row_split, rows_of, signal_peers,
+                                translate, wait_flag, wait_peers)
 from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.kernels import gemm as G
@@ -50,33 +51,6 @@ FLAG_OVERHEAD_S = 0.3e-6
 
 
 # --- device helpers shared with gemm_reducescatter -------------------------------------------------
-
-@triton.jit
-def release(flag, epoch):
-    """Publish ``epoch`` at ``flag`` (local or translated) after all of this program's stores."""
-    tl.debug_barrier()
-    tl.atomic_xchg(flag, epoch, sem="release", scope="sys")
-
-
-@triton.jit
-def wait_flag(flag, epoch, state, max_spins, peer, kind, slot):
-    """Acquire: spin until ``flag`` holds ``epoch`` or later (bounded like ``comm.wait``; a timeout is
-    recorded in ``state`` naming ``peer``/``kind``/``slot`` and later waits of the launch return)."""
-    seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
-    failed = tl.load(state + ERR_FLAG, volatile=True)
-    spins = 0
-    while (seen < epoch) & (spins < max_spins) & (failed == 0):
-        seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
-        spins += 1
-    if seen < epoch:
-        if tl.atomic_xchg(state + ERR_FLAG, 1) == 0:
-            tl.store(state + ERR_PEER, peer)
-            tl.store(state + ERR_KIND, kind)
-            tl.store(state + ERR_SLOT, slot)
-            tl.store(state + ERR_EPOCH, epoch)
-            tl.store(state + ERR_SEEN, seen)
-    tl.debug_barrier()
-
 
 @triton.jit
 def copy_rows(src, dst, length, BLOCK: tl.constexpr):
@@ -95,17 +69,6 @@ def chunk_source(c, rank, world, PREV: tl.constexpr):
     else:
         q = (rank + c) % world
     return q
-
-
-@triton.jit
-def epoch_end_of(state, epoch, total_programs):
-    """``comm.epoch_end`` for a call made of several launches (a copy kernel on a side stream and the
-    GEMM): the last of ``total_programs`` programs, whichever launch it belongs to, publishes the epoch."""
-    tl.debug_barrier()
-    arrived = tl.atomic_add(state + ARRIVALS, 1, sem="acq_rel", scope="gpu")
-    if arrived == total_programs - 1:
-        tl.atomic_xchg(state + ARRIVALS, 0, sem="relaxed", scope="gpu")
-        tl.atomic_xchg(state + EPOCH, epoch, sem="release", scope="gpu")
 
 
 # --- the kernels -----------------------------------------------------------------------------------

@@ -26,17 +26,17 @@ import triton.language as tl
 
 import tuneforge
 from tuneforge.dsl import Problem, Space, Template, categorical, register
-from tuneforge.dsl.comm import (EPOCH, check_tensor, epoch_begin, epoch_end, row_split, rows_of, signal_peers,
-                                translate, wait_peers)
+from tuneforge.dsl.comm import (EPOCH, check_tensor, epoch_begin, epoch_end, release, row_split, rows_of,
+                                signal_peers, translate, wait_flag, wait_peers)
 from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import InputError
 from tuneforge.kernels import gemm as G
 from tuneforge.kernels.allgather_gemm import (COMM_SMS, FLAG_OVERHEAD_S, STARTED, cdiv, check_operands, chunk_covers_share,
                                               chunk_source, comm_sms_fit,
                                               comm_space, compute_programs, default_comm_sms, descriptor,
-                                              epoch_flags, fused_gemm_time, launch_comm, plan_config, release,
+                                              epoch_flags, fused_gemm_time, launch_comm, plan_config,
                                               seg_rows_of, signal_steps, tile_constraints, tile_defaults,
-                                              tile_space, wait_flag)
+                                              tile_space)
 from tuneforge.kernels.reducescatter import staging_elems
 from tuneforge.tune import costmodel
 

@@ -92,24 +92,34 @@ def flag_ptr(flags, kind, src, slot, world):
 
 
 @triton.jit
+def release(flag, epoch):
+    """Publish ``epoch`` at ``flag`` (a local or translated address) after all of this program's stores."""
+    tl.debug_barrier()          # all threads' stores precede the flag write
+    tl.atomic_xchg(flag, epoch, sem="release", scope="sys")
+
+
+@triton.jit
 def signal(flags, kind, slot, epoch, rank, peer, world, bases):
     """Release: everything this program wrote before is visible to ``peer`` once it sees ``epoch``."""
-    tl.debug_barrier()          # all threads' stores precede the flag write
-    tl.atomic_xchg(translate(flag_ptr(flags, kind, rank, slot, world), rank, peer, bases), epoch,
-                   sem="release", scope="sys")
+    release(translate(flag_ptr(flags, kind, rank, slot, world), rank, peer, bases), epoch)
 
 
 @triton.jit
 def wait(flags, kind, slot, epoch, peer, world, state, max_spins):
-    """Acquire: spin until ``peer`` signalled ``kind``/``slot`` at ``epoch`` or later. Returns True
-    when it did; after ``max_spins`` polls (or at once if an earlier wait of this launch already
-    timed out) records the timeout in ``state`` and returns False."""
-    ptr = flag_ptr(flags, kind, peer, slot, world)
-    seen = tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
+    """Acquire: spin until ``peer`` signalled ``kind``/``slot`` at ``epoch`` or later (see ``wait_flag``)."""
+    return wait_flag(flag_ptr(flags, kind, peer, slot, world), epoch, state, max_spins, peer, kind, slot)
+
+
+@triton.jit
+def wait_flag(flag, epoch, state, max_spins, peer, kind, slot):
+    """Acquire: spin until ``flag`` holds ``epoch`` or later. Returns True when it did; after
+    ``max_spins`` polls (or at once if an earlier wait of this launch already timed out) records the
+    timeout in ``state``, naming ``peer``/``kind``/``slot``, and returns False."""
+    seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
     failed = tl.load(state + ERR_FLAG, volatile=True)
     spins = 0
     while (seen < epoch) & (spins < max_spins) & (failed == 0):
-        seen = tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
+        seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
         spins += 1
     if seen < epoch:
         if tl.atomic_xchg(state + ERR_FLAG, 1) == 0:    # the first failure is the one reported
@@ -154,9 +164,16 @@ def epoch_begin(state):
 @triton.jit
 def epoch_end(state, epoch):
     """The last program of the launch to get here publishes ``epoch`` for the next launch."""
+    epoch_end_of(state, epoch, tl.num_programs(0))
+
+
+@triton.jit
+def epoch_end_of(state, epoch, total_programs):
+    """``epoch_end`` for a call made of several launches (e.g. a copy kernel on a side stream beside a
+    GEMM): the last of ``total_programs`` programs, whichever launch it belongs to, publishes the epoch."""
     tl.debug_barrier()
     arrived = tl.atomic_add(state + ARRIVALS, 1, sem="acq_rel", scope="gpu")
-    if arrived == tl.num_programs(0) - 1:
+    if arrived == total_programs - 1:
         tl.atomic_xchg(state + ARRIVALS, 0, sem="relaxed", scope="gpu")
         tl.atomic_xchg(state + EPOCH, epoch, sem="release", scope="gpu")
 
