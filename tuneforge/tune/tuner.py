@@ -58,7 +58,7 @@ FEATURE_FLAGS = ("tma", "use_tma", "warp_specialize")   # hardware paths the int
 KEEP_DIMS = ("head_dim",)          # never shrunk for interpreter verification
 SMALL_DIMS = (3, 8, 24, 64)
 VERIFY_WORLD = 2                   # ranks multi-rank winners are verified with under the interpreter
-VERIFY_PICKS = 2                   # multi-rank candidates per problem verified in the first world
+VERIFY_PICKS = 1                   # multi-rank candidates per problem verified in the first world (a failure queues the next)
 VERIFY_ROUNDS = 3                  # worlds started for multi-rank verification before giving up        # sizes a dim is cut to for interpreter verification (odd ones mask)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
