@@ -33,6 +33,20 @@ QWEN3_EPS = 1e-6
 
 
 @triton.jit
+def _load_h(x_ptr, res_ptr, res_out_ptr, r, cols, mask, stride_x, stride_res, stride_res_out,
+            HAS_RESIDUAL: tl.constexpr):
+    """One tile of the normalized input in fp32: x, or x + residual rounded as stored to residual_out
+    (so y is computed from exactly what the residual stream keeps)."""
+    h = tl.load(x_ptr + r * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        h += tl.load(res_ptr + r * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h_stored = h.to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + r * stride_res_out + cols[None, :], h_stored, mask=mask)
+        h = h_stored.to(tl.float32)
+    return h
+
+
+@triton.jit
 def _rmsnorm_kernel(x_ptr, res_ptr, res_out_ptr, w_ptr, y_ptr, m, n,
                     stride_x, stride_res, stride_res_out, stride_y, eps,
                     HAS_RESIDUAL: tl.constexpr, SINGLE_PASS: tl.constexpr,
@@ -43,12 +57,7 @@ def _rmsnorm_kernel(x_ptr, res_ptr, res_out_ptr, w_ptr, y_ptr, m, n,
     if SINGLE_PASS:
         cols = tl.arange(0, BLOCK_N)
         mask = row_ok[:, None] & (cols < n)[None, :]
-        h = tl.load(x_ptr + r * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            h += tl.load(res_ptr + r * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            h_stored = h.to(res_out_ptr.dtype.element_ty)
-            tl.store(res_out_ptr + r * stride_res_out + cols[None, :], h_stored, mask=mask)
-            h = h_stored.to(tl.float32)
+        h = _load_h(x_ptr, res_ptr, res_out_ptr, r, cols, mask, stride_x, stride_res, stride_res_out, HAS_RESIDUAL)
         rstd = tl.math.rsqrt(tl.sum(h * h, axis=1) / n + eps)
         w = tl.load(w_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)
         y = h * rstd[:, None] * w[None, :]
@@ -58,12 +67,7 @@ def _rmsnorm_kernel(x_ptr, res_ptr, res_out_ptr, w_ptr, y_ptr, m, n,
         for start in range(0, n, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = row_ok[:, None] & (cols < n)[None, :]
-            h = tl.load(x_ptr + r * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                h += tl.load(res_ptr + r * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                h_stored = h.to(res_out_ptr.dtype.element_ty)
-                tl.store(res_out_ptr + r * stride_res_out + cols[None, :], h_stored, mask=mask)
-                h = h_stored.to(tl.float32)
+            h = _load_h(x_ptr, res_ptr, res_out_ptr, r, cols, mask, stride_x, stride_res, stride_res_out, HAS_RESIDUAL)
             sum_sq += h * h
         rstd = tl.math.rsqrt(tl.sum(sum_sq, axis=1) / n + eps)
         # the second pass re-reads h from residual_out (residual may be overwritten by now):

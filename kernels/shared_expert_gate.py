@@ -192,11 +192,15 @@ def baseline_bytes(problem: Problem) -> float:
     return float((5 * m * n + 3 * m) * size)
 
 
-def cost(problem: Problem, config: Optional[dict], spec) -> float:
-    flops, nbytes = work(problem)
-    if config is None:
-        return roofline(flops, baseline_bytes(problem), spec, problem.dtype, launches=3)
-    return elementwise_time(problem["m"], problem["n"], nbytes, spec, config, flops, problem.dtype)
+def row_tile_cost(work, baseline_bytes, baseline_launches: int):
+    """The cost-model entry of a one-pass row-tile op: the fused kernel's tile-aware time, or the
+    torch baseline's ``baseline_launches`` kernels moving ``baseline_bytes`` (config None)."""
+    def cost(problem: Problem, config: Optional[dict], spec) -> float:
+        flops, nbytes = work(problem)
+        if config is None:
+            return roofline(flops, baseline_bytes(problem), spec, problem.dtype, launches=baseline_launches)
+        return elementwise_time(problem["m"], problem["n"], nbytes, spec, config, flops, problem.dtype)
+    return cost
 
 
 TEMPLATE = register(Template(
@@ -208,7 +212,7 @@ TEMPLATE = register(Template(
     baseline=baseline,
     default_config=lambda problem, spec: tile_default(problem["m"], problem["n"], spec),
     work=work,
-    cost=cost,
+    cost=row_tile_cost(work, baseline_bytes, baseline_launches=3),
     constraints=(tile_constraints,),
     doc=__doc__.split("\n")[0],
 ))

@@ -17,8 +17,8 @@ import triton.language as tl
 
 from tuneforge.dsl import Problem, Template, register
 from tuneforge.errors import InputError
-from tuneforge.kernels.shared_expert_gate import check_tensor, launch_spec, tile_constraints, tile_default, tile_space
-from tuneforge.tune.costmodel import elementwise_time, roofline
+from tuneforge.kernels.shared_expert_gate import (check_tensor, launch_spec, row_tile_cost, tile_constraints, tile_default,
+                                                  tile_space)
 
 OP = "silu_mul"
 
@@ -90,13 +90,6 @@ def baseline_bytes(problem: Problem) -> float:
     return float(5 * problem["m"] * problem["n"] * problem.torch_dtype.itemsize)
 
 
-def cost(problem: Problem, config: Optional[dict], spec) -> float:
-    flops, nbytes = work(problem)
-    if config is None:
-        return roofline(flops, baseline_bytes(problem), spec, problem.dtype, launches=2)
-    return elementwise_time(problem["m"], problem["n"], nbytes, spec, config, flops, problem.dtype)
-
-
 TEMPLATE = register(Template(
     op=OP,
     space=lambda problem: tile_space(problem["n"]),
@@ -106,7 +99,7 @@ TEMPLATE = register(Template(
     baseline=baseline,
     default_config=lambda problem, spec: tile_default(problem["m"], problem["n"], spec),
     work=work,
-    cost=cost,
+    cost=row_tile_cost(work, baseline_bytes, baseline_launches=2),
     constraints=(tile_constraints,),
     doc=__doc__.split("\n")[0],
 ))
