@@ -44,22 +44,27 @@ REPLAYS = 20     # timed replays of the graph over all input sets (the median is
 
 
 def candidates(problem: Problem, spec) -> list[dict]:
-    """A small list per token class (the default first); split-K filled to cover the SMs where it helps."""
+    """A small list per token class (the default first): whole tiles (split-K filled to cover the SMs
+    where it helps) with and without TMA, and stream-K on the same tiles with 1 and 2 programs per SM."""
     m = problem["m"]
-    base = dict(group_m=1 if m <= 16 else 8, split_k=1, programs_per_sm=1, tma=True)
+    base = dict(group_m=1 if m <= 16 else 8, programs_per_sm=1, tma=True)
     if m <= 16:
-        tiles = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 3, 4)]
+        tiles = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 3, 4), (16, 32, 256, 4, 4)]
     elif m <= 256:
         tiles = [(64, 128, 64, 4, 4), (128, 128, 64, 4, 8), (64, 256, 64, 3, 8), (64, 128, 128, 3, 4)]
     else:
         tiles = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8)]
     configs = [G.default_config(problem, spec)]
     for bm, bn, bk, stages, warps in tiles:
+        shape = dict(base, block_m=bm, block_n=bn, block_k=bk, num_stages=stages, num_warps=warps)
         for tma in (True, False):
-            cfg = dict(base, block_m=bm, block_n=bn, block_k=bk, num_stages=stages, num_warps=warps, tma=tma)
+            cfg = dict(shape, schedule="tiles", split_k=1, tma=tma)
             if m <= 256:
                 cfg["split_k"] = G.split_k_to_fill(cfg, problem, spec)
             configs.append(cfg)
+        if m <= G.SPLIT_K_MAX_M:
+            for pps in (1, 2):
+                configs.append(dict(shape, schedule="stream", programs_per_sm=pps, tma=m > 16))
     unique = []
     for c in configs:
         if c not in unique and G.TEMPLATE.reject_reason(c, problem, spec) is None:

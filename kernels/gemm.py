@@ -1,8 +1,10 @@
 """GEMM: y[m, n] = x[m, k] @ w[n, k].T (w in nn.Linear layout), one persistent Triton kernel.
 
-Search space: tile sizes BLOCK_M/N/K, grouped tile order (GROUP_M), warps, pipeline stages, split-K
-(partials in an fp32 workspace, summed by a second small kernel), programs per SM of the persistent
-grid, and on Hopper-class devices TMA loads through host-side tensor descriptors.
+Search space: tile sizes BLOCK_M/N/K, grouped tile order (GROUP_M), warps, pipeline stages, the
+schedule of the persistent grid (``tiles``: whole tiles, optionally split-K; ``stream``: stream-K, the
+tiles' K iterations cut into even shares per program so no wave runs part-empty), programs per SM, and
+on Hopper-class devices TMA loads through host-side tensor descriptors. Split tiles are summed in the
+same launch: the last program to finish a slice adds the others' fp32 slices (``finish_tile``).
 
 Building blocks for fused kernels (AllGather-GEMM, GEMM-ReduceScatter) -- call these instead of
 copying the loop:
@@ -35,6 +37,7 @@ ELEM_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 MAX_ACC_REGISTERS = 128
 # Split-K only pays where the M x N tiles cannot fill the device; past this many rows it only adds traffic.
 SPLIT_K_MAX_M = 512
+SCHEDULES = ("tiles", "stream")
 
 
 # --- device building blocks ---------------------------------------------------------------------
@@ -109,49 +112,110 @@ def store_tile(y_ptr, acc, off_m, off_n, M, N, stride_ym,
     tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
-# M changes with every batch: not specialized, so one compile serves all token counts. N stays
-# specialized: its divisibility lets the masked epilogue store vectors instead of scalars.
-@triton.jit(do_not_specialize=["M"])
-def _gemm_kernel(x, w, y, partial, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
-                 split_k, num_programs,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                 USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr):
-    """Persistent: program p handles tiles p, p + num_programs, ... of (split, pid_m, pid_n).
-    split_k == 1 stores y directly; otherwise each split stores its fp32 partial into ``partial``."""
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    tiles_mn = num_pid_m * num_pid_n
-    k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
-    for tile_id in tl.range(tl.program_id(0), tiles_mn * split_k, num_programs):
-        split = tile_id // tiles_mn
-        pid_m, pid_n = grouped_tile(tile_id - split * tiles_mn, num_pid_m, num_pid_n, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        k_begin = tl.multiple_of(split * k_per_split, BLOCK_K)
-        k_end = tl.minimum(k_begin + k_per_split, K)
-        if USE_TMA:
-            acc = gemm_tile_tma(x, w, off_m, off_n, k_begin, k_end, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
-        else:
-            acc = gemm_tile(x, w, off_m, off_n, M, N, k_begin, k_end, stride_xm, stride_xk, stride_wn, stride_wk,
-                            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, INPUT_PRECISION)
-        if split_k == 1:
-            store_tile(y, acc, off_m, off_n, M, N, stride_ym, BLOCK_M, BLOCK_N)
-        else:
-            store_tile(partial + split.to(tl.int64) * M * N, acc, off_m, off_n, M, N, N, BLOCK_M, BLOCK_N)
+@triton.jit
+def finish_tile(acc, y, counts, tile, mine, first, rest, rest_stride, contributors, off_m, off_n, M, N,
+                stride_ym, stride_ws, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store a tile that ``contributors`` programs computed in K slices, in one launch: each stores its
+    fp32 slice at ``mine`` and counts itself in at ``counts[tile]``; the last to arrive sums the slices
+    (``first``, then ``rest + j * rest_stride``; row stride ``stride_ws``), stores y and re-arms the
+    counter for the next launch (nothing waits, so programs need not be co-resident)."""
+    if contributors == 1:
+        store_tile(y, acc, off_m, off_n, M, N, stride_ym, BLOCK_M, BLOCK_N)
+    else:
+        rows = off_m + tl.arange(0, BLOCK_M)
+        cols = off_n + tl.arange(0, BLOCK_N)
+        mask = (rows < M)[:, None] & (cols < N)[None, :]
+        offs = tl.arange(0, BLOCK_M)[:, None] * stride_ws + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(mine + offs, acc, mask=mask)
+        tl.debug_barrier()          # every thread's slice is written before the release below
+        if tl.atomic_add(counts + tile, 1, sem="acq_rel", scope="gpu") == contributors - 1:
+            tl.atomic_xchg(counts + tile, 0, sem="relaxed", scope="gpu")
+            total = tl.load(first + offs, mask=mask, other=0.0, cache_modifier=".cg")   # L2: peers' writes
+            for j in range(0, contributors - 1):
+                total += tl.load(rest + j * rest_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            store_tile(y, total, off_m, off_n, M, N, stride_ym, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def _splitk_reduce_kernel(partial, y, M, N, stride_ym, split_k, BLOCK: tl.constexpr):
-    """y = sum over splits of partial[split] (fp32), cast to y's dtype."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < M * N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    ptrs = partial + offs
-    for _ in range(split_k):
-        acc += tl.load(ptrs, mask=mask, other=0.0)
-        ptrs += M * N
-    tl.store(y + (offs // N) * stride_ym + offs % N, acc.to(y.dtype.element_ty), mask=mask)
+def _stream_owner(it, per, extra):
+    """The program whose even share of the K iterations holds iteration ``it`` (shares: ``per`` + 1
+    iterations for the first ``extra`` programs, ``per`` for the rest)."""
+    edge = extra * (per + 1)
+    return tl.where(it < edge, it // (per + 1), extra + (it - edge) // tl.maximum(per, 1))
+
+
+@triton.jit
+def _mn_tile(x, w, tile, num_pid_m, num_pid_n, M, N, K, k_begin, k_end, stride_xm, stride_xk, stride_wn, stride_wk,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+             USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """(accumulator over [k_begin, k_end), off_m, off_n) of output tile ``tile`` in grouped order."""
+    pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    if USE_TMA:
+        acc = gemm_tile_tma(x, w, off_m, off_n, k_begin, k_end, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    else:
+        acc = gemm_tile(x, w, off_m, off_n, M, N, k_begin, k_end, stride_xm, stride_xk, stride_wn, stride_wk,
+                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, INPUT_PRECISION)
+    return acc, off_m, off_n
+
+
+# M changes with every batch: not specialized, so one compile serves all token counts. N stays
+# specialized: its divisibility lets the masked epilogue store vectors instead of scalars.
+@triton.jit(do_not_specialize=["M"])
+def _gemm_kernel(x, w, y, partial, counts, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
+                 split_k, num_programs,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 STREAM: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):
+    """Persistent. ``tiles`` schedule: program p takes units p, p + num_programs, ... of (split, tile);
+    the splits of a tile meet in ``partial`` ([split_k, M, N] fp32). ``stream`` schedule (stream-K):
+    the tiles' K iterations, laid end to end, are cut into num_programs even shares, so no wave is
+    left part-empty; a program's slices of the tiles it shares go to ``partial`` ([programs, 2,
+    BLOCK_M, BLOCK_N] fp32: slot 0 its first tile's slice, slot 1 its last one's)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    tiles_mn = num_pid_m * num_pid_n
+    pid = tl.program_id(0)
+    if STREAM:
+        k_iters = tl.cdiv(K, BLOCK_K)
+        total = tiles_mn * k_iters
+        per = total // num_programs
+        extra = total % num_programs
+        start = pid * per + tl.minimum(pid, extra)
+        end = start + per + (pid < extra).to(tl.int32)
+        slot_bytes = BLOCK_M * BLOCK_N
+        it = start
+        while it < end:
+            tile = it // k_iters
+            k0 = it - tile * k_iters
+            k1 = tl.minimum(k_iters, k0 + end - it)
+            acc, off_m, off_n = _mn_tile(x, w, tile, num_pid_m, num_pid_n, M, N, K, k0 * BLOCK_K,
+                                         tl.minimum(k1 * BLOCK_K, K), stride_xm, stride_xk, stride_wn, stride_wk,
+                                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, USE_TMA, EVEN_K, UPCAST,
+                                         INPUT_PRECISION)
+            first = _stream_owner(tile * k_iters, per, extra)
+            last = _stream_owner(tile * k_iters + k_iters - 1, per, extra)
+            # the first contributor's slice is its last tile's (slot 1); the others start inside the tile (slot 0)
+            mine = partial + (2 * pid + (pid == first).to(tl.int32)).to(tl.int64) * slot_bytes
+            finish_tile(acc, y, counts, tile, mine, partial + (2 * first + 1).to(tl.int64) * slot_bytes,
+                        partial + (2 * first + 2).to(tl.int64) * slot_bytes, 2 * slot_bytes, last - first + 1,
+                        off_m, off_n, M, N, stride_ym, BLOCK_N, BLOCK_M, BLOCK_N)
+            it += k1 - k0
+    else:
+        k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
+        plane = M.to(tl.int64) * N
+        for unit in tl.range(pid, tiles_mn * split_k, num_programs):
+            split = unit // tiles_mn
+            tile = unit - split * tiles_mn
+            k_begin = tl.multiple_of(split * k_per_split, BLOCK_K)
+            acc, off_m, off_n = _mn_tile(x, w, tile, num_pid_m, num_pid_n, M, N, K, k_begin,
+                                         tl.minimum(k_begin + k_per_split, K), stride_xm, stride_xk, stride_wn,
+                                         stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, USE_TMA, EVEN_K, UPCAST,
+                                         INPUT_PRECISION)
+            at = partial + off_m.to(tl.int64) * N + off_n
+            finish_tile(acc, y, counts, tile, at + split * plane, at, at + plane, plane, split_k,
+                        off_m, off_n, M, N, stride_ym, N, BLOCK_M, BLOCK_N)
 
 
 # --- space, constraints, default config ----------------------------------------------------------
@@ -162,7 +226,8 @@ def space(problem: Problem) -> Space:
         categorical("group_m", [1, 4, 8, 16]),
         categorical("num_warps", [4, 8]),
         categorical("num_stages", [2, 3, 4, 5]),
-        categorical("split_k", [1, 2, 4, 8, 16]),
+        categorical("schedule", SCHEDULES),
+        categorical("split_k", [1, 2, 3, 4, 6, 8, 16], when={"schedule": ("tiles",)}),
         categorical("programs_per_sm", [1, 2, 4]),
         categorical("tma", [False, True]),
     )
@@ -197,7 +262,11 @@ def register_pressure(config: dict, problem: Problem, spec: DeviceSpec) -> str |
 
 
 def split_k_insane(config: dict, problem: Problem, spec: DeviceSpec) -> str | None:
-    split, bk, k = config["split_k"], config["block_k"], problem["k"]
+    if config.get("schedule") == "stream":
+        if problem["m"] > SPLIT_K_MAX_M:
+            return f"schedule: m={problem['m']} > {SPLIT_K_MAX_M} fills the device in whole tiles (stream-K only adds slices)"
+        return None
+    split, bk, k = config.get("split_k", 1), config["block_k"], problem["k"]
     if split == 1:
         return None
     if problem["m"] > SPLIT_K_MAX_M:
@@ -242,27 +311,33 @@ def split_k_to_fill(config: dict, problem: Problem, spec: DeviceSpec) -> int:
 
 
 def default_config(problem: Problem, spec: DeviceSpec) -> dict:
-    """Heuristic config (from bench_gemm on an H100, bf16): decode-sized M streams the weight with
-    16x128x128 tiles and pointer loads; up to 256 rows 64/128-row tiles with split-K until the tiles
-    cover the SMs; large M 128x256x64, 3 stages, 8 warps, grouped order; TMA where available (m > 16).
-    Where a constraint rejects it (fp32, small shared memory, fused kernels' share of it) shrinks
-    stages to 3, BLOCK_K to 32, stages to 2, then BLOCK_N, BLOCK_K, BLOCK_M until every constraint passes."""
-    m = problem["m"]
+    """Heuristic config (from bench_gemm on an H100, bf16). Decode-sized M streams the weight with
+    16x64x256 tiles; up to 256 rows 128x128x64 tiles. Where the tiles cannot fill the SMs twice over,
+    stream-K shares their K iterations evenly (when each program still gets several, and always past
+    16 rows), else whole tiles split-K'd to cover the SMs. Large M: 128x256x64, 3 stages, 8 warps.
+    Grouped order and TMA where available (pointer loads for stream-K decode, which gained nothing
+    from TMA). Where a constraint rejects it (fp32, small shared memory, fused kernels' share of it)
+    shrinks stages to 3, BLOCK_K to 32, stages to 2, then BLOCK_N, BLOCK_K, BLOCK_M until every
+    constraint passes."""
+    m, n, k = problem["m"], problem["n"], problem["k"]
     if m <= 16:
-        cfg = dict(block_m=16, block_n=128, block_k=128, group_m=1, num_warps=4, num_stages=4)
-    elif m <= 64:
-        cfg = dict(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
+        cfg = dict(block_m=16, block_n=64, block_k=256, group_m=1, num_warps=4, num_stages=3)
     elif m <= 256:
         cfg = dict(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4)
     else:
         cfg = dict(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3)
-    cfg.update(split_k=1, programs_per_sm=1, tma=False)
     # clamp tiles to the problem
     for name, dim in (("block_m", "m"), ("block_n", "n"), ("block_k", "k")):
         cfg[name] = min(cfg[name], max(16, _next_pow2(problem[dim])))
-    # decode streams the weight: TMA gained nothing there and costs host time per launch
-    cfg["tma"] = m > 16 and tma_unavailable({**cfg, "tma": True}, problem, spec) is None
-    if m <= 256:
+    tiles = -(-m // cfg["block_m"]) * -(-n // cfg["block_n"])
+    iterations = tiles * -(-k // cfg["block_k"])
+    stream = m <= 256 and tiles < 2 * spec.sms and (m > 16 or iterations >= 6 * spec.sms)
+    tma = tma_unavailable({**cfg, "tma": True}, problem, spec) is None
+    cfg.update(schedule="tiles", split_k=1, programs_per_sm=1, tma=tma)
+    if stream:
+        del cfg["split_k"]
+        cfg.update(schedule="stream", tma=tma and m > 16)
+    elif m <= 256:
         cfg["split_k"] = split_k_to_fill(cfg, problem, spec)
     # keep 3 stages (the pipeline depth that hides HBM latency) before giving up BLOCK_K
     for shrink, floor in (("num_stages", 3), ("block_k", 32), ("num_stages", 2), ("block_n", 16),
@@ -286,14 +361,16 @@ def launch_spec(device: torch.device) -> DeviceSpec:
 
 @functools.lru_cache(maxsize=4096)
 def _plan(config_items: tuple | None, m: int, n: int, k: int, dtype: torch.dtype, device: torch.device):
-    """(config, number of persistent programs) for one launch: the default config, or the given one
-    checked against the space and the launch constraints. Cached, so the hot path pays one lookup."""
+    """(config, number of persistent programs, fp32 workspace elements) for one launch: the default
+    config, or the given one checked against the space and the launch constraints (a config from
+    before schedules existed is a ``tiles`` one). Cached, so the hot path pays one lookup."""
     problem = Problem.make("gemm", DTYPE_NAMES[dtype], m=m, n=n, k=k)
     spec = launch_spec(device)
     if config_items is None:
         config = default_config(problem, spec)
     else:
         config = dict(config_items)
+        config.setdefault("schedule", "tiles")
         try:
             space(problem).validate(config)
         except ValueError as e:
@@ -301,8 +378,36 @@ def _plan(config_items: tuple | None, m: int, n: int, k: int, dtype: torch.dtype
         why = _first_rejection(config, problem, spec, LAUNCH_CONSTRAINTS)
         if why:
             raise ConfigRejected(f"gemm config {config} cannot run {problem.key}: {why}")
-    tiles = triton.cdiv(m, config["block_m"]) * triton.cdiv(n, config["block_n"]) * config["split_k"]
-    return config, min(tiles, spec.sms * config["programs_per_sm"])
+    bm, bn = config["block_m"], config["block_n"]
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    if config["schedule"] == "stream":
+        programs = min(tiles * triton.cdiv(k, config["block_k"]), spec.sms * config["programs_per_sm"])
+        return config, programs, 2 * programs * bm * bn, tiles
+    split = config["split_k"]
+    programs = min(tiles * split, spec.sms * config["programs_per_sm"])
+    return config, programs, (split * m * n if split > 1 else 0), tiles
+
+
+_WORKSPACES: dict = {}
+# Workspaces replaced by larger ones stay allocated: a captured CUDA graph may still point at them.
+_RETIRED: list = []
+
+
+def workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 slices, int32 per-tile arrival counters, zero between launches) for split tiles, one
+    pair per device and stream (launches on one stream run in order, so they can share it)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    slices, counts = _WORKSPACES.get(key, (None, None))
+    if slices is None or slices.numel() < floats or counts.numel() < tiles:
+        if slices is not None:
+            _RETIRED.append((slices, counts))
+        floats = max(floats, 0 if slices is None else slices.numel())
+        tiles = max(tiles, 0 if counts is None else counts.numel())
+        slices = torch.empty(max(floats, 1), dtype=torch.float32, device=device)
+        counts = torch.zeros(max(tiles, 1), dtype=torch.int32, device=device)
+        _WORKSPACES[key] = (slices, counts)
+    return slices, counts
 
 
 def _check_inputs(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None) -> None:
@@ -355,9 +460,9 @@ def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, c
         return out
     if k == 0:
         return out.zero_()
-    config, num_programs = _plan(None if config is None else tuple(sorted(config.items())),
-                                 m, n, k, x.dtype, x.device)
-    bm, bn, bk, split = config["block_m"], config["block_n"], config["block_k"], config["split_k"]
+    config, num_programs, floats, tiles = _plan(None if config is None else tuple(sorted(config.items())),
+                                                m, n, k, x.dtype, x.device)
+    bm, bn, bk = config["block_m"], config["block_n"], config["block_k"]
     use_tma = bool(config["tma"]) and _tma_ready(x) and _tma_ready(w)
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -365,18 +470,15 @@ def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, c
         wa = TensorDescriptor(w, [n, k], [w.stride(0), 1], [bn, bk])
     else:
         xa, wa = x, w
-    partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    slices, counts = workspace(x.device, floats, tiles) if floats else (out, out)
     interpreted = tuneforge.INTERPRETED
     _gemm_kernel[(num_programs,)](
-        xa, wa, out, partial, m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0),
-        split, num_programs,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config["group_m"], USE_TMA=use_tma,
-        EVEN_K=k % bk == 0, UPCAST=interpreted and x.dtype != torch.float32,
+        xa, wa, out, slices, counts, m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0),
+        config.get("split_k", 1), num_programs,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config["group_m"], STREAM=config["schedule"] == "stream",
+        USE_TMA=use_tma, EVEN_K=k % bk == 0, UPCAST=interpreted and x.dtype != torch.float32,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 or interpreted else "tf32",
         num_warps=config["num_warps"], num_stages=config["num_stages"])
-    if split > 1:
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](partial, out, m, n, out.stride(0), split, BLOCK=block)
     return out
 
 

@@ -26,11 +26,12 @@ def _valid_configs(problem: Problem) -> list[dict]:
 
 def _sampled_configs(problem: Problem, count: int, seed: int = 0) -> list[dict]:
     """Configs drawn from the whole space that pass every constraint for the interpreter's spec,
-    always including at least one split-K config."""
+    always including a split-K and a stream-K config."""
     valid = _valid_configs(problem)
     rng = random.Random(seed)
-    picked = rng.sample(valid, count - 1)
-    picked.append(rng.choice([c for c in valid if c["split_k"] > 1]))
+    picked = rng.sample(valid, count - 2)
+    picked.append(rng.choice([c for c in valid if c.get("split_k", 1) > 1]))
+    picked.append(rng.choice([c for c in valid if c["schedule"] == "stream"]))
     return picked
 
 
@@ -55,12 +56,33 @@ def test_sampled_configs_match_reference(dtype):
         assert result, f"{config}: {result.reason}"
 
 
-@pytest.mark.parametrize("split_k,block_k", [(2, 16), (4, 16), (2, 32)])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("m,n,k,block_n,block_k,programs_per_sm", [
+    (1, 48, 200, 16, 16, 1),     # 3 tiles x 13 K blocks over 4 programs: every tile is shared
+    (37, 70, 96, 32, 32, 2),     # 6 tiles x 3 K blocks over 8 programs: shares end inside tiles
+    (3, 20, 40, 32, 16, 1),      # 1 tile of 3 K blocks (the last one short): 3 programs share it
+])
+def test_stream_k_matches_reference_over_repeated_launches(dtype, m, n, k, block_n, block_k, programs_per_sm):
+    """Stream-K: programs' even shares of the K iterations cut tiles anywhere; the last program to
+    finish a tile sums the slices and re-arms its counter, so back-to-back launches (sharing the
+    workspace) stay right."""
+    problem = Problem.make("gemm", dtype, m=m, n=n, k=k)
+    config = dict(block_m=16, block_n=block_n, block_k=block_k, group_m=4, num_warps=4, num_stages=2,
+                  schedule="stream", programs_per_sm=programs_per_sm, tma=False)
+    assert G.TEMPLATE.reject_reason(config, problem, G.launch_spec(CPU)) is None
+    for seed in range(3):
+        result = check(G.TEMPLATE, problem, config, seed=seed)
+        assert result, f"launch {seed}: {result.reason}"
+    _, counts = G.workspace(CPU, 0, 0)
+    assert int(counts.abs().sum()) == 0, "a tile counter was left armed"
+
+
+@pytest.mark.parametrize("split_k,block_k", [(2, 16), (3, 16), (4, 16), (2, 32)])
 def test_split_k_covers_uneven_k(split_k, block_k):
     # k=40: the last split is short (masked) or, for 2 x 32, [0, 32) + [32, 40)
     problem = Problem.make("gemm", "fp32", m=5, n=33, k=40)
     config = dict(block_m=16, block_n=32, block_k=block_k, group_m=4, num_warps=4, num_stages=2,
-                  split_k=split_k, programs_per_sm=1, tma=False)
+                  schedule="tiles", split_k=split_k, programs_per_sm=1, tma=False)
     result = check(G.TEMPLATE, problem, config)
     assert result, result.reason
 
@@ -110,7 +132,7 @@ def test_default_config_passes_constraints_everywhere(spec_name):
                 assert G.TEMPLATE.reject_reason(config, p, spec) is None, (p.key, spec_name, config)
 
 
-BASE = dict(block_m=64, block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=3, split_k=1,
+BASE = dict(block_m=64, block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=3, schedule="tiles", split_k=1,
             programs_per_sm=1, tma=False)
 
 
@@ -216,7 +238,7 @@ QWEN_SHAPES = [  # (m, n, k): qkv tp8 decode, o tp8, gate_up tp8 prefill, lm_hea
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k", QWEN_SHAPES)
-@pytest.mark.parametrize("variant", ["default", "pointer", "tma", "split_k"])
+@pytest.mark.parametrize("variant", ["default", "pointer", "tma", "split_k", "stream"])
 def test_gpu_qwen3_shapes(device, m, n, k, variant):
     problem = Problem.make("gemm", "bf16", m=m, n=n, k=k)
     spec = G.launch_spec(device)
@@ -229,6 +251,9 @@ def test_gpu_qwen3_shapes(device, m, n, k, variant):
         config["tma"] = True
     elif variant == "split_k":
         config.update(block_m=min(config["block_m"], 64), split_k=4 if m <= G.SPLIT_K_MAX_M else 1)
+    elif variant == "stream":
+        config = {k: v for k, v in config.items() if k != "split_k"}
+        config.update(schedule="stream", programs_per_sm=2)
     result = check(G.TEMPLATE, problem, config, device=device)
     assert result, f"{config}: {result.reason}"
 

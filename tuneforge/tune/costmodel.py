@@ -131,14 +131,16 @@ _LIBRARY_EFFICIENCY = 0.95
 
 def gemm_time(m: int, n: int, k: int, spec, dtype: str = "bf16", *, block_m: int = 128, block_n: int = 128,
               block_k: int = 64, split_k: int = 1, num_stages: int = 3, num_warps: int = 8,
-              group_m: int = 8, tma: bool = False, efficiency: float = 1.0) -> float:
+              group_m: int = 8, tma: bool = False, stream: bool = False, efficiency: float = 1.0) -> float:
     """Seconds for y[m,n] = x[m,k] @ w[n,k].T with one tile configuration.
 
     Compute: programs run in waves over the SMs (wave quantization); each tile does its padded
     BM x BN x ceil(K/BK)*BK work (padding waste) at a rate set by the tile's arithmetic intensity,
     pipelining depth and warp count. Memory: operands re-read per tile row/column (L2 reuse with
     grouped order), and the bytes in flight by Little's law limit bandwidth when few programs run
-    (small M: few tiles, little parallelism unless split-K adds some).
+    (small M: few tiles, little parallelism unless split-K adds some). ``stream`` (stream-K): the
+    tiles' K iterations are shared evenly by one program per SM (no wave quantization), and the
+    slices of the tiles programs share go through an fp32 workspace.
     """
     size = _itemsize(dtype)
     sms = spec.sms
@@ -161,7 +163,12 @@ def gemm_time(m: int, n: int, k: int, spec, dtype: str = "bf16", *, block_m: int
     per_program_flops = 2.0 * block_m * block_n * k_padded
     # programs sharing an SM share its peak, so an SM's busy time is its program count x tile time
     per_sm_rate = spec.peak_flops(dtype) / sms * tile_eff
-    compute = math.ceil(programs / sms) * per_program_flops / per_sm_rate
+    if stream:
+        k_iters = math.ceil(k / block_k)
+        programs = min(sms, tiles_m * tiles_n * k_iters)
+        compute = tiles_m * tiles_n * k_iters * 2.0 * block_m * block_n * block_k / (programs * per_sm_rate)
+    else:
+        compute = math.ceil(programs / sms) * per_program_flops / per_sm_rate
 
     # HBM traffic: grouped order keeps GROUP_M row tiles of A hot in L2 while the weight streams, so
     # the weight is read once per group; A is re-read only when a group's rows overflow half the L2.
@@ -169,14 +176,15 @@ def gemm_time(m: int, n: int, k: int, spec, dtype: str = "bf16", *, block_m: int
     a_reads = 1 if group * block_m * k * size <= spec.l2_mb * 2**20 / 2 else math.ceil(tiles_n / 8)
     b_reads = math.ceil(tiles_m / group)
     nbytes = (m * k * a_reads + n * k * b_reads) * size + m * n * size
-    if split_k > 1:
+    if stream:
+        nbytes += 2 * 2 * programs * min(m, block_m) * block_n * 4       # fp32 slices written + summed
+    elif split_k > 1:
         nbytes += 2 * split_k * m * n * 4                              # fp32 partials written + reduced
     in_flight = min(programs, slots) * num_stages * (block_m + block_n) * block_k * size
     need = spec.hbm_bytes_per_s * HBM_LATENCY_S
     mem_eff = min(1.0, in_flight / need)
     memory = nbytes / (spec.hbm_bytes_per_s * spec.measured_hbm_fraction * mem_eff)
-    launches = 2 if split_k > 1 else 1
-    return max(compute, memory) + launches * spec.launch_us * 1e-6
+    return max(compute, memory) + spec.launch_us * 1e-6
 
 
 def gemm_config_time(m: int, n: int, k: int, config: Optional[Mapping], spec, dtype: str = "bf16") -> float:
@@ -195,7 +203,8 @@ def gemm_config_time(m: int, n: int, k: int, config: Optional[Mapping], spec, dt
         num_stages=int(_get(config, 3, "num_stages", "stages")),
         num_warps=int(_get(config, 8, "num_warps", "warps")),
         group_m=int(_get(config, 8, "GROUP_M", "GROUP_SIZE_M", "group")),
-        tma=bool(_get(config, False, "tma", "use_tma")))
+        tma=bool(_get(config, False, "tma", "use_tma")),
+        stream=_get(config, "tiles", "schedule") == "stream")
 
 
 def moe_gemm_time(m: int, n: int, k: int, experts: int, topk: int, config: Optional[Mapping], spec,
