@@ -13,8 +13,8 @@ residual adds on this rank's rows), the qkv projection gathers all tokens so att
 unchanged, o_proj and the MLP reduce-scatter back to this rank's rows, and the final rows are
 all-gathered before lm_head.
 
-Attention runs torch SDPA over the KV cache: a causal prefill from an empty cache, and decode steps
-over the first ``kv_len`` slots with a mask of each sequence's valid slots.
+Attention: torch SDPA for a causal prefill from an empty cache; decode steps through ``ops.decode_attention``
+(the flash-decoding kernel, or SDPA with a mask of each sequence's valid slots) over the first ``kv_len`` slots.
 """
 from __future__ import annotations
 
@@ -111,17 +111,15 @@ class Attention(nn.Module):
                          theta=self.theta, eps=self.eps)
         kv = qkv[:, hq * d:].view(b, t, 2, hkv, d)
         cache.write(layer, step.rows, step.positions, kv)
-        q = qkv[:, :hq * d].view(b, t, hq, d).transpose(1, 2)            # [b, hq, t, d]
         if step.prefill:   # the cache held nothing before: attend to this chunk's keys, causally
+            q = qkv[:, :hq * d].view(b, t, hq, d).transpose(1, 2)        # [b, hq, t, d]
             keys, values = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=hq != hkv)
             out = out.transpose(1, 2).reshape(b * t, hq * d)
-        else:
-            # group the query heads of each KV head as rows, so no backend has to repeat K/V
+        else:             # one token per sequence
             keys, values = cache.keys_values(layer, b, step.kv_len)
-            out = F.scaled_dot_product_attention(q.reshape(b, hkv, (hq // hkv) * t, d), keys, values,
-                                                 attn_mask=step.mask)
-            out = out.reshape(b, hq, t, d).transpose(1, 2).reshape(b * t, hq * d)
+            out = ops.decode_attention(qkv[:, :hq * d].view(b, hq, d), keys, values, step.positions[:, 0],
+                                       step.mask).reshape(b, hq * d)
         return ops.o_proj(out, self.o, tp)
 
 

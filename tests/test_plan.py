@@ -6,6 +6,7 @@ import pytest
 
 from tuneforge.errors import InputError, UnknownModel
 from tuneforge.models.configs import known_models, load_config
+from tuneforge.dsl.problem import DECODE_CONTEXTS
 from tuneforge.tune.plan import DECODE_BUCKETS, PREFILL_BUCKETS, plan
 
 ALL_M = DECODE_BUCKETS + PREFILL_BUCKETS
@@ -35,8 +36,9 @@ def test_qwen3_32b_tp1_plan_has_every_shape_exactly_once():
         _expect(p, "rope_qk_norm", m=m, heads=64, kv_heads=8, head_dim=128)
     for m in DECODE_BUCKETS:
         _expect(p, "gemm", m=m, n=151936, k=5120)
-        _expect(p, "decode_attention", m=m, heads=64, kv_heads=8, head_dim=128, ctx=4096)
-    assert len(p) == 7 * len(ALL_M) + 2 * len(DECODE_BUCKETS) == 116
+        for ctx in DECODE_CONTEXTS:
+            _expect(p, "decode_attention", m=m, heads=64, kv_heads=8, head_dim=128, ctx=ctx)
+    assert len(p) == 7 * len(ALL_M) + (1 + len(DECODE_CONTEXTS)) * len(DECODE_BUCKETS)
     assert not {i.problem.op for i in p} & {"allreduce", "tp_attn", "tp_mlp", "moe_gemm"}
     assert len({i.key for i in p}) == len(p)
     assert len(p.pairs()) == sum(len(i.roles) for i in p)
@@ -56,8 +58,9 @@ def test_qwen3_32b_tp8_plan_shards_heads_mlp_and_vocab_and_adds_the_tp_choices()
         _expect(p, "tp_mlp", 8, m=m, hidden=5120, inter=3200)
     for m in DECODE_BUCKETS:
         _expect(p, "gemm", m=m, n=151936 // 8, k=5120)
-        _expect(p, "decode_attention", m=m, heads=8, kv_heads=1, head_dim=128, ctx=4096)
-    assert len(p) == 10 * len(ALL_M) + 2 * len(DECODE_BUCKETS) == 158
+        for ctx in DECODE_CONTEXTS:
+            _expect(p, "decode_attention", m=m, heads=8, kv_heads=1, head_dim=128, ctx=ctx)
+    assert len(p) == 10 * len(ALL_M) + (1 + len(DECODE_CONTEXTS)) * len(DECODE_BUCKETS)
 
 
 def test_kv_heads_are_replicated_when_fewer_than_ranks_and_bad_tp_is_refused():

@@ -53,7 +53,7 @@ def test_cost_model_tuning_of_a_tiny_model_stores_verified_winners(tiny_config, 
     tuner = Tuner(store, TuneOptions(target="H100", trials=6, progress=None))
     assert tuner.backend == "costmodel" and tuner.spec.name == "H100"
     report = tuner.tune(p)
-    assert {r.status for r in report.rows} == {"tuned", "baseline-only"}
+    assert {r.status for r in report.rows} <= {"tuned", "baseline-only"}
     tuned = [r for r in report.rows if r.status == "tuned"]
     assert len(tuned) == len(p.tunable)
     # gate_up_proj and lm_head are the same GEMM: one problem, one study, both roles
@@ -85,7 +85,7 @@ def test_cost_model_tuning_of_a_tiny_model_stores_verified_winners(tiny_config, 
     table = format_table(report)
     assert table.splitlines()[0].split() == ["problem", "role", "winner", "time", "baseline", "speedup", "%SOL",
                                              "source"]
-    assert "baseline (no template)" in table
+    assert ("baseline (no template)" in table) == bool(p.baseline_only)
 
     # a rerun finds every study complete: no new trial, the same winners
     again = Tuner(store, TuneOptions(target="H100", trials=6, progress=None)).tune(p)

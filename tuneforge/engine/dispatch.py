@@ -28,13 +28,13 @@ import torch
 
 import tuneforge
 from tuneforge.db.environment import Environment
-from tuneforge.dsl.problem import DEFAULT_BUCKETS, DTYPE_NAMES, Problem, bucket
+from tuneforge.dsl.problem import DECODE_CONTEXTS, DEFAULT_BUCKETS, DTYPE_NAMES, Problem, bucket
 from tuneforge.errors import InputError
 
 log = logging.getLogger("tuneforge.engine")
 
-# The ops the engine dispatches (attention is torch SDPA; decode_attention is baseline-only).
-ENGINE_OPS = ("gemm", "rmsnorm", "silu_mul", "rope_qk_norm", "tp_attn", "tp_mlp")
+# The ops the engine dispatches (prefill attention is torch SDPA).
+ENGINE_OPS = ("gemm", "rmsnorm", "silu_mul", "rope_qk_norm", "decode_attention", "tp_attn", "tp_mlp")
 TP_OPS = ("tp_attn", "tp_mlp")
 MODES = ("tuned", "baseline", "default")
 
@@ -221,6 +221,19 @@ class Ops:
         if cfg is None:
             return k.baseline(x, weight, eps=eps, residual=residual), residual
         return k.rmsnorm(x, weight, eps=eps, residual=residual, config=cfg or None), residual
+
+    def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:
+        """One token per sequence: q [batch, heads, head_dim] over the cache views k, v [batch, kv_heads,
+        kv_len, head_dim]; keys [0, positions[b]] (the baseline reads them from the additive ``mask``).
+        Tuned per bucket of kv_len among ``DECODE_CONTEXTS``."""
+        from tuneforge.kernels import decode_attention as k_attn
+        b, heads, d = q.shape
+        cfg = self.config("decode_attention", q.dtype, m=b, heads=heads, kv_heads=k.shape[1], head_dim=d,
+                          ctx=bucket(k.shape[2], DECODE_CONTEXTS))
+        if cfg is None:
+            return k_attn.sdpa(q, k, v, mask)
+        return k_attn.decode_attention(q, k, v, positions, config=cfg or None)
 
     def rope_qk_norm(self, qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor,
                      k_weight: torch.Tensor, *, heads: int, kv_heads: int, theta: float, eps: float) -> None:

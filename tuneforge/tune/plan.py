@@ -16,13 +16,12 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from tuneforge.dsl.problem import DTYPES, Problem
+from tuneforge.dsl.problem import DECODE_CONTEXTS, DTYPES, Problem
 from tuneforge.errors import InputError
 from tuneforge.models.configs import ModelConfig, load_config
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFILL_BUCKETS = (512, 1024, 2048, 4096, 8192)
-DECODE_CONTEXTS = (4096,)        # KV-cache lengths decode attention is planned at
 
 
 @dataclass

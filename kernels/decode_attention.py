@@ -1,0 +1,271 @@
+"""Decode attention (flash-decoding): one new query token per sequence against its KV cache.
+
+``out[b, h] = softmax(q[b, h] . k[b, g(h), :len_b].T * d^-0.5) @ v[b, g(h), :len_b]`` with grouped-query
+heads (``g(h) = h // (heads / kv_heads)``) and ``len_b = positions[b] + 1`` (a token's cache slot is its
+position, sequences right-padded, so the valid keys of sequence b are slots ``[0, positions[b]]``).
+
+Grid: (sequence x KV head, split). A program takes the query heads that share one KV head as the rows
+of its tiles (so K and V are read once per KV head, not once per query head) and one ``chunk`` of the
+keys, and keeps an online softmax over ``BLOCK_N``-key tiles. Splitting the keys gives a short batch
+enough programs to fill the GPU; the splits of a (sequence, KV head) are combined in the same launch:
+each stores its (max, sum, accumulator) in fp32 and the last to finish rescales and sums them
+(``gemm``'s workspace and arrival counters, re-armed for the next launch). Splits past a sequence's
+length find no keys and contribute nothing.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+import tuneforge
+from tuneforge.dsl import Problem, Space, Template, categorical, register
+from tuneforge.dsl.problem import DTYPE_NAMES
+from tuneforge.errors import InputError
+from tuneforge.kernels import gemm as G
+from tuneforge.tune.costmodel import roofline
+
+OP = "decode_attention"
+LOG2E = 1.4426950408889634
+MIN_ROWS = 16          # tl.dot's smallest M: the query heads of a group are padded to it
+
+
+@triton.jit
+def _decode_attention_kernel(q, k, v, pos, out, part, counts, kv_heads, splits, chunk,
+                             stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+                             stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_pos, scale_log2,
+                             GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                             INPUT_PRECISION: tl.constexpr):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // kv_heads
+    h = bh - b * kv_heads
+    length = tl.load(pos + b * stride_pos).to(tl.int32) + 1
+    rows = tl.arange(0, BLOCK_G)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < GROUP
+    dim_ok = dims < HEAD_DIM
+    heads = h * GROUP + rows
+    q_tile = tl.load(q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    k_base = k + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = v + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    if UPCAST:
+        q_tile = q_tile.to(tl.float32)
+    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)     # running max, log2 domain
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    start = split * chunk
+    end = tl.minimum(start + chunk, length)
+    for n0 in tl.range(start, end, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_ok = keys < end
+        k_tile = tl.load(k_base + keys[None, :].to(tl.int64) * stride_kn + dims[:, None],
+                         mask=key_ok[None, :] & dim_ok[:, None], other=0.0)            # [BLOCK_D, BLOCK_N]
+        v_tile = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vn + dims[None, :],
+                         mask=key_ok[:, None] & dim_ok[None, :], other=0.0)            # [BLOCK_N, BLOCK_D]
+        if UPCAST:
+            k_tile = k_tile.to(tl.float32)
+            v_tile = v_tile.to(tl.float32)
+        s = tl.dot(q_tile, k_tile, input_precision=INPUT_PRECISION) * scale_log2
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    o_ptrs = out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
+    o_mask = row_ok[:, None] & dim_ok[None, :]
+    if splits == 1:
+        tl.store(o_ptrs, (acc / l_i[:, None]).to(out.dtype.element_ty), mask=o_mask)
+    else:
+        # per (sequence, KV head): splits x [m | l | acc] in fp32
+        slot_size = 2 * BLOCK_G + BLOCK_G * BLOCK_D
+        base = part + bh.to(tl.int64) * splits * slot_size
+        tile = rows[:, None] * BLOCK_D + dims[None, :]
+        mine = base + split * slot_size
+        tl.store(mine + rows, m_i)
+        tl.store(mine + BLOCK_G + rows, l_i)
+        tl.store(mine + 2 * BLOCK_G + tile, acc)
+        tl.debug_barrier()          # every thread's share is written before the release below
+        if tl.atomic_add(counts + bh, 1, sem="acq_rel", scope="gpu") == splits - 1:
+            tl.atomic_xchg(counts + bh, 0, sem="relaxed", scope="gpu")
+            m_all = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+            for j in range(0, splits):
+                m_all = tl.maximum(m_all, tl.load(base + j * slot_size + rows, cache_modifier=".cg"))
+            total = tl.zeros((BLOCK_G,), tl.float32)
+            result = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+            for j in range(0, splits):
+                # a split without keys holds m = -inf, l = 0: weight 0 (split 0 always has a key)
+                weight = tl.exp2(tl.load(base + j * slot_size + rows, cache_modifier=".cg") - m_all)
+                total += weight * tl.load(base + j * slot_size + BLOCK_G + rows, cache_modifier=".cg")
+                result += weight[:, None] * tl.load(base + j * slot_size + 2 * BLOCK_G + tile, cache_modifier=".cg")
+            tl.store(o_ptrs, (result / total[:, None]).to(out.dtype.element_ty), mask=o_mask)
+
+
+def _check(q, k, v, positions, out) -> tuple[int, int, int, int, int]:
+    """(batch, heads, kv_heads, head_dim, cache length) of valid operands, else a one-line InputError."""
+    for name, t, dims in (("q", q, 3), ("k", k, 4), ("v", v, 4)):
+        if not isinstance(t, torch.Tensor) or t.dim() != dims:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise InputError(f"{OP}: {name} must be a {dims}-D tensor, got {got}")
+        if t.dtype not in DTYPE_NAMES:
+            raise InputError(f"{OP}: {name} dtype {t.dtype} is not one of float16, bfloat16, float32")
+        if t.stride(-1) != 1:
+            raise InputError(f"{OP}: {name} needs unit stride along head_dim, got strides {tuple(t.stride())}")
+    b, heads, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise InputError(f"{OP}: q {tuple(q.shape)} = [batch, heads, head_dim] needs k and v "
+                         f"[batch, kv_heads, length, head_dim]; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    kv_heads, length = k.shape[1], k.shape[2]
+    if kv_heads == 0 or heads % kv_heads:
+        raise InputError(f"{OP}: heads={heads} is not a multiple of kv_heads={kv_heads}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise InputError(f"{OP}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if k.device != q.device or v.device != q.device:
+        raise InputError(f"{OP}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not isinstance(positions, torch.Tensor) or positions.shape != (b,) or positions.is_floating_point():
+        got = (tuple(positions.shape), positions.dtype) if isinstance(positions, torch.Tensor) else type(positions)
+        raise InputError(f"{OP}: positions must be an integer tensor [batch={b}], got {got}")
+    if positions.device != q.device:
+        raise InputError(f"{OP}: positions is on {positions.device}, q on {q.device}")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
+                            or out.stride(-1) != 1):
+        raise InputError(f"{OP}: out must be like q {tuple(q.shape)} {q.dtype} with unit last stride, "
+                         f"got {tuple(out.shape)} {out.dtype}")
+    return b, heads, kv_heads, d, length
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, *,
+                     out: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
+    """Attention of ``q`` [batch, heads, head_dim] (one token per sequence) over the cache views ``k``,
+    ``v`` [batch, kv_heads, length, head_dim] (any strides but the last), keys ``[0, positions[b]]``
+    of sequence b (``positions[b] < length``; not checked on the device). Returns ``out``."""
+    b, heads, kv_heads, d, length = _check(q, k, v, positions, out)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if b == 0:
+        return out
+    problem = Problem.make(OP, DTYPE_NAMES[q.dtype], m=b, heads=heads, kv_heads=kv_heads, head_dim=d, ctx=length)
+    cfg = config or default_config(problem, G.launch_spec(q.device))
+    group = heads // kv_heads
+    block_g, block_d = max(MIN_ROWS, triton.next_power_of_2(group)), triton.next_power_of_2(d)
+    chunk = cfg["chunk"]
+    splits = triton.cdiv(length, chunk)
+    part, counts = G.workspace(q.device, b * kv_heads * splits * (2 + block_d) * block_g, b * kv_heads) \
+        if splits > 1 else (out, out)
+    interpreted = tuneforge.INTERPRETED
+    _decode_attention_kernel[(b * kv_heads, splits)](
+        q, k, v, positions, out, part, counts, kv_heads, splits, chunk,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), positions.stride(0), LOG2E / math.sqrt(d),
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg["block_n"],
+        UPCAST=interpreted and q.dtype != torch.float32,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 or interpreted else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+def valid_slots_mask(positions: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask [batch, 1, 1, length] of the baseline: 0 on slots <= position, -inf after."""
+    slots = torch.arange(length, device=positions.device)
+    mask = torch.zeros((positions.shape[0], length), dtype=dtype, device=positions.device)
+    return mask.masked_fill_(slots[None, :] > positions[:, None], float("-inf")).view(-1, 1, 1, length)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """torch SDPA the engine's way: each KV head's query heads as rows (no backend repeats K/V)."""
+    b, heads, d = q.shape
+    kv_heads = k.shape[1]
+    out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, heads // kv_heads, d), k, v, attn_mask=mask)
+    return out.reshape(b, heads, d)
+
+
+def baseline(q, k, v, positions) -> torch.Tensor:
+    return sdpa(q, k, v, valid_slots_mask(positions, k.shape[2], q.dtype))
+
+
+def reference(q, k, v, positions) -> torch.Tensor:
+    """In fp64, per sequence over its valid keys."""
+    group = q.shape[1] // k.shape[1]
+    outs = []
+    for i, p in enumerate(positions.tolist()):
+        keys = k[i, :, :p + 1].double().repeat_interleave(group, 0)      # [heads, len, d]
+        values = v[i, :, :p + 1].double().repeat_interleave(group, 0)
+        scores = torch.einsum("hd,hnd->hn", q[i].double(), keys) / math.sqrt(q.shape[2])
+        outs.append(torch.einsum("hn,hnd->hd", scores.softmax(-1), values))
+    return torch.stack(outs)
+
+
+# --- the template -------------------------------------------------------------------------------------
+
+def space(problem: Problem) -> Space:
+    return Space(categorical("chunk", [64, 128, 256, 512, 1024, 2048]),
+                 categorical("block_n", [16, 32, 64, 128]),
+                 categorical("num_warps", [2, 4, 8]),
+                 categorical("num_stages", [1, 2, 3]))
+
+
+def default_config(problem: Problem, spec) -> dict:
+    """Enough splits that every SM gets a program (at most one per 64 keys), 64-key tiles."""
+    programs = problem["m"] * problem["kv_heads"]
+    ctx = problem["ctx"]
+    splits = max(1, min(-(-spec.sms // programs), -(-ctx // 64)))
+    chunk = max(64, min(2048, triton.next_power_of_2(-(-ctx // splits))))
+    return dict(chunk=chunk, block_n=64, num_warps=4, num_stages=2)
+
+
+def block_fits(config: dict, problem: Problem, spec) -> str | None:
+    if config["block_n"] > config["chunk"]:
+        return f"block_n={config['block_n']} > chunk={config['chunk']}"
+    if config["chunk"] > max(64, triton.next_power_of_2(problem["ctx"])):
+        return f"chunk={config['chunk']} exceeds ctx={problem['ctx']}"
+    return None
+
+
+def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
+    """A cache longer than ``ctx`` (its views are strided); sequences end in the last 8 slots of
+    ``ctx`` (the last at ctx - 1), so timings read about ``ctx`` keys per sequence."""
+    b, heads, kv, d, length = (problem[key] for key in ("m", "heads", "kv_heads", "head_dim", "ctx"))
+    dtype = problem.torch_dtype
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    cache = torch.randn(2, b, kv, length + 8, d, generator=g).to(dtype).to(device)
+    positions = length - 1 - torch.randint(0, min(8, length), (b,), generator=g)
+    positions[-1] = length - 1
+    q = torch.randn(b, heads, d, generator=g).to(dtype).to(device)
+    return {"q": q, "k": cache[0, :, :, :length], "v": cache[1, :, :, :length],
+            "positions": positions.to(device), "out": torch.empty_like(q)}
+
+
+def work(problem: Problem) -> tuple[float, float]:
+    """QK and PV flops; K and V read once per KV head, q and out once."""
+    b, heads, kv, d, ctx = (problem[key] for key in ("m", "heads", "kv_heads", "head_dim", "ctx"))
+    size = problem.torch_dtype.itemsize
+    return 4.0 * b * heads * ctx * d, float((2 * b * kv * ctx * d + 2 * b * heads * d) * size)
+
+
+def cost(problem: Problem, config: Optional[dict], spec) -> float:
+    """Roofline of the KV read; the baseline (SDPA with a mask) reaches less of it and pays a mask
+    read; splits pay for their fp32 partials."""
+    flops, nbytes = work(problem)
+    if config is None:
+        mask = problem["m"] * problem["ctx"] * problem.torch_dtype.itemsize
+        return roofline(flops, nbytes + mask, spec, problem.dtype, efficiency=0.4, mem_efficiency=0.6, launches=1)
+    programs = problem["m"] * problem["kv_heads"]
+    splits = -(-problem["ctx"] // config["chunk"])
+    partials = 2 * programs * splits * MIN_ROWS * (problem["head_dim"] + 2) * 4 if splits > 1 else 0
+    fill = min(1.0, programs * splits / spec.sms)
+    return roofline(flops, nbytes + partials, spec, problem.dtype, efficiency=0.4, mem_efficiency=0.85 * fill,
+                    launches=1)
+
+
+TEMPLATE = register(Template(
+    op=OP, space=space, make_inputs=make_inputs, launch=decode_attention, reference=reference,
+    baseline=baseline, default_config=default_config, work=work, cost=cost, constraints=(block_fits,),
+    doc=__doc__.split("\n")[0]))
