@@ -92,6 +92,13 @@ def bench_op(op: str, args, device, spec, copy_bps: float) -> list[dict]:
         row["speedup"] = row["torch_us"] / row["fused_us"]
         row["floor_us"] = nbytes / copy_bps * 1e6
         row["pct_floor"] = 100.0 * row["floor_us"] / row["fused_us"]
+        # a device copy moving the same bytes (half read, half written), timed the same way: what
+        # one pass over this much memory costs, ramp-up and tail included
+        copies = [(torch.empty(int(nbytes) // 2, dtype=torch.uint8, device=device),
+                   torch.empty(int(nbytes) // 2, dtype=torch.uint8, device=device)) for _ in range(sets)]
+        row["same_size_copy_us"] = timed([lambda c=c: c[1].copy_(c[0]) for c in copies], args.timing) * 1e6
+        row["pct_same_size_copy"] = 100.0 * row["same_size_copy_us"] / row["fused_us"]
+        del copies
         if spec is not None:
             row["pct_spec"] = 100.0 * nbytes / spec.hbm_bytes_per_s / (row["fused_us"] * 1e-6)
         if args.sweep:
@@ -147,7 +154,7 @@ def main(argv=None) -> int:
     for op in OPS if args.op == "all" else (args.op,):
         rows = bench_op(op, args, device, spec, copy_bps)
         columns = ["tokens", "MB", "fused_us", "torch_us"] + [f"{n}_us" for n in EXTRA_BASELINES.get(op, {})] \
-            + ["speedup", "floor_us", "pct_floor"] + (["pct_spec"] if spec else []) \
+            + ["speedup", "floor_us", "pct_floor", "same_size_copy_us", "pct_same_size_copy"] + (["pct_spec"] if spec else []) \
             + (["best_us", "best_speedup"] if args.sweep else []) + ["check"]
         print(f"\n{op} ({args.dtype}, timing: {args.timing})")
         print_table(rows, columns)

@@ -1,7 +1,7 @@
 """GEMM vs cuBLAS on Qwen3-32B's linear layers at TP 1/2/4/8 (bf16, y = x @ w.T).
 
-For every (layer, tp, tokens) shape: a short search over a small candidate list per token class
-(the default config first), each candidate checked against cuBLAS's output, the fastest re-timed
+For every (layer, tp, tokens) shape: a short search over the template's portfolio for the shape
+(``gemm.portfolio``: the default config first, the configs the tuner also tries first), each candidate checked against cuBLAS's output, the fastest re-timed
 together with cuBLAS (torch.nn.functional.linear) in the same run. Timing: a CUDA graph over
 enough rotated input sets to stream 3x the L2 per pass (tuneforge.tune.measure.time_calls with
 graph=True), so host launch gaps do not count (an engine replays graphs too) and no set finds its
@@ -43,35 +43,6 @@ MIN_INPUT_SETS, MAX_INPUT_SETS = 2, 32
 REPLAYS = 20     # timed replays of the graph over all input sets (the median is reported)
 
 
-def candidates(problem: Problem, spec) -> list[dict]:
-    """A small list per token class (the default first): whole tiles (split-K filled to cover the SMs
-    where it helps) with and without TMA, and stream-K on the same tiles with 1 and 2 programs per SM."""
-    m = problem["m"]
-    base = dict(group_m=1 if m <= 16 else 8, programs_per_sm=1, tma=True)
-    if m <= 16:
-        tiles = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 3, 4), (16, 32, 256, 4, 4)]
-    elif m <= 256:
-        tiles = [(64, 128, 64, 4, 4), (128, 128, 64, 4, 8), (64, 256, 64, 3, 8), (64, 128, 128, 3, 4)]
-    else:
-        tiles = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8)]
-    configs = [G.default_config(problem, spec)]
-    for bm, bn, bk, stages, warps in tiles:
-        shape = dict(base, block_m=bm, block_n=bn, block_k=bk, num_stages=stages, num_warps=warps)
-        for tma in (True, False):
-            cfg = dict(shape, schedule="tiles", split_k=1, tma=tma)
-            if m <= 256:
-                cfg["split_k"] = G.split_k_to_fill(cfg, problem, spec)
-            configs.append(cfg)
-        if m <= G.SPLIT_K_MAX_M:
-            for pps in (1, 2):
-                configs.append(dict(shape, schedule="stream", programs_per_sm=pps, tma=m > 16))
-    unique = []
-    for c in configs:
-        if c not in unique and G.TEMPLATE.reject_reason(c, problem, spec) is None:
-            unique.append(c)
-    return unique
-
-
 def input_sets(problem: Problem, spec, device) -> list[dict]:
     """Enough input sets that one pass over them streams 3x the L2: each call finds its operands
     in HBM, as in a model where every layer has its own weights."""
@@ -104,7 +75,7 @@ def bench_problem(layer: str, tp: int, problem: Problem, spec, device) -> dict:
         return torch.nn.functional.linear(s["x"], s["w"])
 
     tried = []
-    for cfg in candidates(problem, spec):
+    for cfg in G.portfolio(problem, spec):
         try:
             if not matches(G.gemm(x0, w0, out=torch.full_like(expected, float("nan")), config=cfg), expected):
                 tried.append({"config": cfg, "error": "wrong result"})

@@ -38,6 +38,7 @@ MAX_ACC_REGISTERS = 128
 # Split-K only pays where the M x N tiles cannot fill the device; past this many rows it only adds traffic.
 SPLIT_K_MAX_M = 512
 SCHEDULES = ("tiles", "stream")
+SPLITS = (1, 2, 3, 4, 6, 8, 16)
 
 
 # --- device building blocks ---------------------------------------------------------------------
@@ -227,7 +228,7 @@ def space(problem: Problem) -> Space:
         categorical("num_warps", [4, 8]),
         categorical("num_stages", [2, 3, 4, 5]),
         categorical("schedule", SCHEDULES),
-        categorical("split_k", [1, 2, 3, 4, 6, 8, 16], when={"schedule": ("tiles",)}),
+        categorical("split_k", SPLITS, when={"schedule": ("tiles",)}),
         categorical("programs_per_sm", [1, 2, 4]),
         categorical("tma", [False, True]),
     )
@@ -300,29 +301,39 @@ def _first_rejection(config: dict, problem: Problem, spec: DeviceSpec, constrain
 
 
 def split_k_to_fill(config: dict, problem: Problem, spec: DeviceSpec) -> int:
-    """The smallest power-of-2 split that gives every SM a tile, keeping >= 4 K blocks per split."""
+    """The split whose (tile, split) units fill the persistent grid's waves best (the smallest of
+    equals), keeping >= 4 K blocks per split; 1 when the tiles alone fill a wave."""
     tiles = -(-problem["m"] // config["block_m"]) * -(-problem["n"] // config["block_n"])
-    split = 1
-    while (tiles * split < spec.sms and split < 16
-           and split_k_insane({**config, "split_k": 2 * split}, problem, spec) is None
-           and problem["k"] // (2 * split) >= 4 * config["block_k"]):
-        split *= 2
-    return split
+    slots = spec.sms * config.get("programs_per_sm", 1)
+    if tiles >= slots:
+        return 1
+
+    def fill(split: int) -> float:
+        units = tiles * split
+        return units / (-(-units // slots) * slots)
+
+    usable = [s for s in SPLITS
+              if s == 1 or (split_k_insane({**config, "schedule": "tiles", "split_k": s}, problem, spec) is None
+                            and problem["k"] // s >= 4 * config["block_k"])]
+    return max(usable, key=lambda s: (round(fill(s), 2), -s))
 
 
 def default_config(problem: Problem, spec: DeviceSpec) -> dict:
     """Heuristic config (from bench_gemm on an H100, bf16). Decode-sized M streams the weight with
-    16x64x256 tiles; up to 256 rows 128x128x64 tiles. Where the tiles cannot fill the SMs twice over,
-    stream-K shares their K iterations evenly (when each program still gets several, and always past
-    16 rows), else whole tiles split-K'd to cover the SMs. Large M: 128x256x64, 3 stages, 8 warps.
-    Grouped order and TMA where available (pointer loads for stream-K decode, which gained nothing
-    from TMA). Where a constraint rejects it (fp32, small shared memory, fused kernels' share of it)
-    shrinks stages to 3, BLOCK_K to 32, stages to 2, then BLOCK_N, BLOCK_K, BLOCK_M until every
-    constraint passes."""
+    16x64x256 tiles, stream-K where the tiles cannot fill the SMs twice over and each program still
+    gets several K iterations (pointer loads: TMA gained nothing there), else whole tiles split-K'd to
+    fill the waves. Up to 256 rows: 64x128x128 tiles while they number at most one per SM (split-K'd
+    when they fill less than half), 128x128x64 up to two per SM, 128x256x64 beyond. Large M:
+    128x256x64, 3 stages, 8 warps. Grouped order and TMA where available. Where a constraint rejects
+    it (fp32, small shared memory, fused kernels' share of it) shrinks stages to 3, BLOCK_K to 32,
+    stages to 2, then BLOCK_N, BLOCK_K, BLOCK_M until every constraint passes."""
     m, n, k = problem["m"], problem["n"], problem["k"]
+    narrow_tiles = -(-m // 64) * -(-n // 128)
     if m <= 16:
         cfg = dict(block_m=16, block_n=64, block_k=256, group_m=1, num_warps=4, num_stages=3)
-    elif m <= 256:
+    elif m <= 256 and narrow_tiles <= spec.sms:
+        cfg = dict(block_m=64, block_n=128, block_k=128, group_m=8, num_warps=4, num_stages=3)
+    elif m <= 256 and narrow_tiles <= 2 * spec.sms:
         cfg = dict(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4)
     else:
         cfg = dict(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3)
@@ -331,13 +342,12 @@ def default_config(problem: Problem, spec: DeviceSpec) -> dict:
         cfg[name] = min(cfg[name], max(16, _next_pow2(problem[dim])))
     tiles = -(-m // cfg["block_m"]) * -(-n // cfg["block_n"])
     iterations = tiles * -(-k // cfg["block_k"])
-    stream = m <= 256 and tiles < 2 * spec.sms and (m > 16 or iterations >= 6 * spec.sms)
     tma = tma_unavailable({**cfg, "tma": True}, problem, spec) is None
     cfg.update(schedule="tiles", split_k=1, programs_per_sm=1, tma=tma)
-    if stream:
+    if m <= 16 and tiles < 2 * spec.sms and iterations >= 6 * spec.sms:
         del cfg["split_k"]
-        cfg.update(schedule="stream", tma=tma and m > 16)
-    elif m <= 256:
+        cfg.update(schedule="stream", tma=False)
+    elif m <= 16 or (m <= 256 and 2 * tiles < spec.sms):
         cfg["split_k"] = split_k_to_fill(cfg, problem, spec)
     # keep 3 stages (the pipeline depth that hides HBM latency) before giving up BLOCK_K
     for shrink, floor in (("num_stages", 3), ("block_k", 32), ("num_stages", 2), ("block_n", 16),
@@ -345,6 +355,41 @@ def default_config(problem: Problem, spec: DeviceSpec) -> dict:
         while _first_rejection(cfg, problem, spec) is not None and cfg[shrink] > floor:
             cfg[shrink] = cfg[shrink] - 1 if shrink == "num_stages" else cfg[shrink] // 2
     return cfg
+
+
+def portfolio(problem: Problem, spec: DeviceSpec) -> list[dict]:
+    """Configs worth trying first for this shape (the default first), per token class: whole tiles,
+    unsplit and split-K to fill the waves, with and without TMA; up to 256 tokens also stream-K on the
+    same tiles with 1 and 2 programs per SM (4 too for decode). The tuner enqueues them before its
+    sampler explores; bench_gemm's short search is exactly this list."""
+    m = problem["m"]
+    base = dict(group_m=1 if m <= 16 else 8, tma=True)
+    # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, programs per SM)
+    if m <= 16:
+        tiles = [(16, 64, 128, 4, 4, 1), (16, 128, 128, 4, 4, 1), (16, 64, 256, 3, 4, 1), (16, 32, 256, 4, 4, 1)]
+    elif m <= 256:
+        tiles = [(64, 128, 64, 4, 4, 1), (128, 128, 64, 4, 8, 1), (64, 256, 64, 3, 8, 1), (64, 128, 128, 3, 4, 1),
+                 (128, 64, 64, 4, 4, 1), (128, 256, 64, 3, 8, 1)]
+    else:   # more, smaller tiles (two programs per SM) where 128 x 256 tiles leave a wave part-empty
+        tiles = [(128, 256, 64, 3, 8, 1), (128, 128, 64, 4, 8, 1), (256, 128, 64, 3, 8, 1), (64, 256, 64, 3, 8, 1),
+                 (128, 128, 64, 3, 8, 2), (64, 128, 64, 4, 4, 2)]
+    configs = [default_config(problem, spec)]
+    for bm, bn, bk, stages, warps, pps in tiles:
+        bm, bn, bk = (min(b, max(16, _next_pow2(problem[d]))) for b, d in ((bm, "m"), (bn, "n"), (bk, "k")))
+        shape = dict(base, block_m=bm, block_n=bn, block_k=bk, num_stages=stages, num_warps=warps, programs_per_sm=pps)
+        for tma in (True, False):
+            cfg = dict(shape, schedule="tiles", split_k=1, tma=tma)
+            configs.append(cfg)
+            if m <= SPLIT_K_MAX_M:          # the split that fills the waves best, if any
+                configs.append(dict(cfg, split_k=split_k_to_fill(cfg, problem, spec)))
+        if m <= 256:
+            for stream_pps in (1, 2, 4) if m <= 16 else (1, 2):
+                configs.append(dict(shape, schedule="stream", programs_per_sm=stream_pps, tma=m > 16))
+    unique = []
+    for c in configs:
+        if c not in unique and TEMPLATE.reject_reason(c, problem, spec) is None:
+            unique.append(c)
+    return unique
 
 
 # --- launcher ------------------------------------------------------------------------------------
@@ -515,5 +560,5 @@ def cost(problem: Problem, config: dict | None, spec: DeviceSpec) -> float:
 
 TEMPLATE = register(Template(
     op="gemm", space=space, make_inputs=make_inputs, launch=gemm, reference=reference, baseline=baseline,
-    default_config=default_config, work=work, cost=cost, constraints=CONSTRAINTS,
-    doc="y = x @ w.T (nn.Linear): persistent grouped tiles, split-K, optional TMA loads"))
+    default_config=default_config, work=work, cost=cost, constraints=CONSTRAINTS, seeds=portfolio,
+    doc="y = x @ w.T (nn.Linear): persistent grouped tiles, split-K or stream-K, optional TMA loads"))

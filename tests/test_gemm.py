@@ -250,7 +250,7 @@ def test_gpu_qwen3_shapes(device, m, n, k, variant):
             pytest.skip(f"{spec.name} has no TMA")
         config["tma"] = True
     elif variant == "split_k":
-        config.update(block_m=min(config["block_m"], 64), split_k=4 if m <= G.SPLIT_K_MAX_M else 1)
+        config.update(block_m=min(config["block_m"], 64), schedule="tiles", split_k=4 if m <= G.SPLIT_K_MAX_M else 1)
     elif variant == "stream":
         config = {k: v for k, v in config.items() if k != "split_k"}
         config.update(schedule="stream", programs_per_sm=2)

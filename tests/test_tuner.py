@@ -47,10 +47,13 @@ def test_choose_prefers_the_baseline_in_a_tie_then_the_canonically_smallest_conf
         "two_shot bm64 w4 tma"
 
 
+TRIALS = 24     # past the GEMM portfolio (its seeds come first), so the sampler runs and gets pruned too
+
+
 def test_cost_model_tuning_of_a_tiny_model_stores_verified_winners(tiny_config, tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'tune.db'}")
     p = plan(tiny_config, 1, decode_buckets=[1, 8], prefill_buckets=[32])
-    tuner = Tuner(store, TuneOptions(target="H100", trials=6, progress=None))
+    tuner = Tuner(store, TuneOptions(target="H100", trials=TRIALS, progress=None))
     assert tuner.backend == "costmodel" and tuner.spec.name == "H100"
     report = tuner.tune(p)
     assert {r.status for r in report.rows} <= {"tuned", "baseline-only"}
@@ -59,6 +62,13 @@ def test_cost_model_tuning_of_a_tiny_model_stores_verified_winners(tiny_config, 
     # gate_up_proj and lm_head are the same GEMM: one problem, one study, both roles
     shared = next(r for r in tuned if r.problem == "gemm|m=8,n=256,k=64|bf16|w1")
     assert shared.roles == ["layer.mlp.gate_up_proj", "lm_head"]
+    # a GEMM study starts with the default, then the template's portfolio, before the sampler
+    gemm = get("gemm")
+    problem = next(i.problem for i in p if i.key == shared.problem)
+    seeds = gemm.seeds(problem, tuner.spec)
+    assert seeds[0] == gemm.default_config(problem, tuner.spec) and len(seeds) > 6
+    first = [t.params for t in sorted(_study_trials(store, shared.study_name), key=lambda t: t.number)[:6]]
+    assert first == seeds[:6]
 
     stored = {w.key: w for w in store.winners(model="tiny-qwen3", tp=1)}
     assert set(stored) == {r.problem for r in tuned}
@@ -71,7 +81,7 @@ def test_cost_model_tuning_of_a_tiny_model_stores_verified_winners(tiny_config, 
         trials = _study_trials(store, w.study_name)
         assert w.n_trials == len(trials) and all(t.state.is_finished() for t in trials)
         evaluated = sum(t.state != TrialState.PRUNED for t in trials)
-        assert evaluated >= 6 or len(trials) >= REJECT_CAP * 6    # trials reached, or too many rejected
+        assert evaluated >= TRIALS or len(trials) >= REJECT_CAP * TRIALS    # trials reached, or too many rejected
         assert evaluated >= 1
         for t in trials:
             if t.state == TrialState.PRUNED:
@@ -88,7 +98,7 @@ def test_cost_model_tuning_of_a_tiny_model_stores_verified_winners(tiny_config, 
     assert ("baseline (no template)" in table) == bool(p.baseline_only)
 
     # a rerun finds every study complete: no new trial, the same winners
-    again = Tuner(store, TuneOptions(target="H100", trials=6, progress=None)).tune(p)
+    again = Tuner(store, TuneOptions(target="H100", trials=TRIALS, progress=None)).tune(p)
     assert [r.new_trials for r in again.rows if r.status == "tuned"] == [0] * len(tuned)
     assert [r.config for r in again.rows] == [r.config for r in report.rows]
     store.close()

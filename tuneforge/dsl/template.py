@@ -45,6 +45,8 @@ class Template:
     multi_rank: bool = False
     doc: str = ""
     module: str = ""
+    # configs the tuner tries first, after the default (a curated portfolio; None: the default only)
+    seeds: Optional[Callable[[Problem, Any], list]] = None
 
     def __post_init__(self):
         if not self.module:

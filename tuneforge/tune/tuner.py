@@ -638,10 +638,15 @@ class Tuner:
         for t in history:
             results.setdefault(canonical_config(t.params), (t.state, t.value, dict(t.user_attrs)))
         configs = _enumerate_small(space, self.trials)
-        queue = configs if configs is not None else [template.default_config(problem, self.spec)]
-        for c in queue:
+        if configs is None:       # the default, then the template's portfolio, then the sampler
+            configs = [template.default_config(problem, self.spec)]
+            configs += template.seeds(problem, self.spec) if template.seeds else []
+        queued = set(results)
+        for c in configs:
             c = {k: v for k, v in c.items() if k in space.names}
-            if canonical_config(c) not in results:
+            key = canonical_config(c)
+            if key not in queued and len(queued) - len(results) < self.trials - evaluated:
+                queued.add(key)
                 live.enqueue_trial(c, skip_if_exists=True)
         pending: list = []
         written = 0
