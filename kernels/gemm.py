@@ -360,8 +360,8 @@ def default_config(problem: Problem, spec: DeviceSpec) -> dict:
 def portfolio(problem: Problem, spec: DeviceSpec) -> list[dict]:
     """Configs worth trying first for this shape (the default first), per token class: whole tiles,
     unsplit and split-K to fill the waves, with and without TMA; up to 256 tokens also stream-K on the
-    same tiles with 1 and 2 programs per SM (4 too for decode). The tuner enqueues them before its
-    sampler explores; bench_gemm's short search is exactly this list."""
+    same tiles with 1 and 2 programs per SM (4 too for decode), listed first for decode. The tuner
+    enqueues them before its sampler explores; bench_gemm's short search is exactly this list."""
     m = problem["m"]
     base = dict(group_m=1 if m <= 16 else 8, tma=True)
     # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, programs per SM)
@@ -373,18 +373,20 @@ def portfolio(problem: Problem, spec: DeviceSpec) -> list[dict]:
     else:   # more, smaller tiles (two programs per SM) where 128 x 256 tiles leave a wave part-empty
         tiles = [(128, 256, 64, 3, 8, 1), (128, 128, 64, 4, 8, 1), (256, 128, 64, 3, 8, 1), (64, 256, 64, 3, 8, 1),
                  (128, 128, 64, 3, 8, 2), (64, 128, 64, 4, 4, 2)]
-    configs = [default_config(problem, spec)]
+    whole, stream = [], []
     for bm, bn, bk, stages, warps, pps in tiles:
         bm, bn, bk = (min(b, max(16, _next_pow2(problem[d]))) for b, d in ((bm, "m"), (bn, "n"), (bk, "k")))
         shape = dict(base, block_m=bm, block_n=bn, block_k=bk, num_stages=stages, num_warps=warps, programs_per_sm=pps)
         for tma in (True, False):
             cfg = dict(shape, schedule="tiles", split_k=1, tma=tma)
-            configs.append(cfg)
+            whole.append(cfg)
             if m <= SPLIT_K_MAX_M:          # the split that fills the waves best, if any
-                configs.append(dict(cfg, split_k=split_k_to_fill(cfg, problem, spec)))
+                whole.append(dict(cfg, split_k=split_k_to_fill(cfg, problem, spec)))
         if m <= 256:
             for stream_pps in (1, 2, 4) if m <= 16 else (1, 2):
-                configs.append(dict(shape, schedule="stream", programs_per_sm=stream_pps, tma=m > 16))
+                stream.append(dict(shape, schedule="stream", programs_per_sm=stream_pps, tma=m > 16))
+    # the family that won most often on the H100 first (a short tuning budget reaches only the head)
+    configs = [default_config(problem, spec)] + (stream + whole if m <= 16 else whole + stream)
     unique = []
     for c in configs:
         if c not in unique and TEMPLATE.reject_reason(c, problem, spec) is None:
