@@ -168,3 +168,26 @@ def test_ops_agree_with_torch(mode):
     assert summed is residual
     torch.testing.assert_close(summed, expect_sum)
     torch.testing.assert_close(y, norm(expect_sum), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_is_served_by_the_bucket_of_its_cache_length(store):
+    """Records tuned at the planned KV lengths serve a decode step by the bucket of its cache view's
+    length (256 serves up to 256 slots, 4096 serves longer ones); the kernel then runs with that
+    config and matches the baseline (SDPA with the engine's mask)."""
+    from tuneforge.kernels import decode_attention as DA
+    short, long = dict(chunk=64, block_n=16, num_warps=4, num_stages=1), dict(chunk=128, block_n=32, num_warps=4,
+                                                                              num_stages=2)
+    for ctx, config in ((256, short), (4096, long)):
+        problem = Problem.make("decode_attention", "fp32", m=2, heads=4, kv_heads=2, head_dim=16, ctx=ctx)
+        store.record_winner(winner(problem, H100, config))
+    ops = Ops("tuned", DispatchTable.load(store, H100, "Qwen3-32B", 1))
+    g = torch.Generator().manual_seed(0)
+    for length, config in ((200, short), (256, short), (1024, long)):
+        q = torch.randn(2, 4, 16, generator=g)
+        k, v = torch.randn(2, 2, 2, length, 16, generator=g)
+        positions = torch.tensor([length // 3, length - 1])
+        assert ops.config("decode_attention", q.dtype, m=2, heads=4, kv_heads=2, head_dim=16,
+                          ctx=256 if length <= 256 else 4096) == config
+        mask = DA.valid_slots_mask(positions, length, q.dtype)
+        torch.testing.assert_close(ops.decode_attention(q, k, v, positions, mask), DA.sdpa(q, k, v, mask),
+                                   atol=1e-5, rtol=1e-5)
