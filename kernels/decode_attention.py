@@ -27,6 +27,7 @@ from tuneforge.dsl import Problem, Space, Template, categorical, register
 from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import InputError
 from tuneforge.kernels import gemm as G
+from tuneforge.kernels.shared_expert_gate import check_tensor
 from tuneforge.tune.costmodel import roofline
 
 OP = "decode_attention"
@@ -93,9 +94,7 @@ def _decode_attention_kernel(q, k, v, pos, out, part, counts, kv_heads, splits, 
         tl.store(mine + rows, m_i)
         tl.store(mine + BLOCK_G + rows, l_i)
         tl.store(mine + 2 * BLOCK_G + tile, acc)
-        tl.debug_barrier()          # every thread's share is written before the release below
-        if tl.atomic_add(counts + bh, 1, sem="acq_rel", scope="gpu") == splits - 1:
-            tl.atomic_xchg(counts + bh, 0, sem="relaxed", scope="gpu")
+        if G.last_to_arrive(counts, bh, splits):
             m_all = tl.full((BLOCK_G,), float("-inf"), tl.float32)
             for j in range(0, splits):
                 m_all = tl.maximum(m_all, tl.load(base + j * slot_size + rows, cache_modifier=".cg"))
@@ -111,34 +110,24 @@ def _decode_attention_kernel(q, k, v, pos, out, part, counts, kv_heads, splits, 
 
 def _check(q, k, v, positions, out) -> tuple[int, int, int, int, int]:
     """(batch, heads, kv_heads, head_dim, cache length) of valid operands, else a one-line InputError."""
-    for name, t, dims in (("q", q, 3), ("k", k, 4), ("v", v, 4)):
+    for name, t, dims in (("q", q, 3), ("k", k, 4)):
         if not isinstance(t, torch.Tensor) or t.dim() != dims:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise InputError(f"{OP}: {name} must be a {dims}-D tensor, got {got}")
-        if t.dtype not in DTYPE_NAMES:
-            raise InputError(f"{OP}: {name} dtype {t.dtype} is not one of float16, bfloat16, float32")
-        if t.stride(-1) != 1:
-            raise InputError(f"{OP}: {name} needs unit stride along head_dim, got strides {tuple(t.stride())}")
     b, heads, d = q.shape
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
-        raise InputError(f"{OP}: q {tuple(q.shape)} = [batch, heads, head_dim] needs k and v "
-                         f"[batch, kv_heads, length, head_dim]; got k {tuple(k.shape)}, v {tuple(v.shape)}")
     kv_heads, length = k.shape[1], k.shape[2]
     if kv_heads == 0 or heads % kv_heads:
         raise InputError(f"{OP}: heads={heads} is not a multiple of kv_heads={kv_heads}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise InputError(f"{OP}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if k.device != q.device or v.device != q.device:
-        raise InputError(f"{OP}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_tensor(OP, "q", q, (b, heads, d), None, None)
+    for name, t in (("k", k), ("v", v)):       # [batch, kv_heads, length, head_dim] like q
+        check_tensor(OP, name, t, (b, kv_heads, length, d), q.dtype, q.device)
     if not isinstance(positions, torch.Tensor) or positions.shape != (b,) or positions.is_floating_point():
         got = (tuple(positions.shape), positions.dtype) if isinstance(positions, torch.Tensor) else type(positions)
         raise InputError(f"{OP}: positions must be an integer tensor [batch={b}], got {got}")
     if positions.device != q.device:
         raise InputError(f"{OP}: positions is on {positions.device}, q on {q.device}")
-    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
-                            or out.stride(-1) != 1):
-        raise InputError(f"{OP}: out must be like q {tuple(q.shape)} {q.dtype} with unit last stride, "
-                         f"got {tuple(out.shape)} {out.dtype}")
+    if out is not None:
+        check_tensor(OP, "out", out, (b, heads, d), q.dtype, q.device)
     return b, heads, kv_heads, d, length
 
 

@@ -114,12 +114,23 @@ def store_tile(y_ptr, acc, off_m, off_n, M, N, stride_ym,
 
 
 @triton.jit
+def last_to_arrive(counts, index, contributors):
+    """Call after this program's stores: count it in at ``counts[index]``. True for the last of
+    ``contributors`` (it sees every earlier program's stores), which re-arms the counter for the next
+    launch. Nothing waits, so the programs need not be co-resident."""
+    tl.debug_barrier()          # every thread's stores are issued before the release below
+    last = tl.atomic_add(counts + index, 1, sem="acq_rel", scope="gpu") == contributors - 1
+    if last:
+        tl.atomic_xchg(counts + index, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
 def finish_tile(acc, y, counts, tile, mine, first, rest, rest_stride, contributors, off_m, off_n, M, N,
                 stride_ym, stride_ws, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Store a tile that ``contributors`` programs computed in K slices, in one launch: each stores its
     fp32 slice at ``mine`` and counts itself in at ``counts[tile]``; the last to arrive sums the slices
-    (``first``, then ``rest + j * rest_stride``; row stride ``stride_ws``), stores y and re-arms the
-    counter for the next launch (nothing waits, so programs need not be co-resident)."""
+    (``first``, then ``rest + j * rest_stride``; row stride ``stride_ws``) and stores y."""
     if contributors == 1:
         store_tile(y, acc, off_m, off_n, M, N, stride_ym, BLOCK_M, BLOCK_N)
     else:
@@ -128,9 +139,7 @@ def finish_tile(acc, y, counts, tile, mine, first, rest, rest_stride, contributo
         mask = (rows < M)[:, None] & (cols < N)[None, :]
         offs = tl.arange(0, BLOCK_M)[:, None] * stride_ws + tl.arange(0, BLOCK_N)[None, :]
         tl.store(mine + offs, acc, mask=mask)
-        tl.debug_barrier()          # every thread's slice is written before the release below
-        if tl.atomic_add(counts + tile, 1, sem="acq_rel", scope="gpu") == contributors - 1:
-            tl.atomic_xchg(counts + tile, 0, sem="relaxed", scope="gpu")
+        if last_to_arrive(counts, tile, contributors):
             total = tl.load(first + offs, mask=mask, other=0.0, cache_modifier=".cg")   # L2: peers' writes
             for j in range(0, contributors - 1):
                 total += tl.load(rest + j * rest_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
