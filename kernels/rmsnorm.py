@@ -25,8 +25,9 @@ import triton.language as tl
 
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.errors import InputError
-from tuneforge.kernels.shared_expert_gate import check_tensor, launch_spec, next_pow2, tile_constraints
-from tuneforge.tune.costmodel import elementwise_time, roofline
+from tuneforge.kernels.shared_expert_gate import (check_tensor, launch_spec, next_pow2, row_tile_cost,
+                                                  tile_constraints)
+from tuneforge.tune.costmodel import elementwise_time
 
 OP = "rmsnorm"
 QWEN3_EPS = 1e-6
@@ -178,13 +179,14 @@ def baseline_bytes(problem: Problem) -> float:
     return float((5 * m * n + n) * size)
 
 
+_one_pass_cost = row_tile_cost(work, baseline_bytes, baseline_launches=2)
+
+
 def cost(problem: Problem, config: Optional[dict], spec) -> float:
-    flops, nbytes = work(problem)
-    if config is None:
-        return roofline(flops, baseline_bytes(problem), spec, problem.dtype, launches=2)
+    """``row_tile_cost``'s estimate, plus the second pass of rows wider than one tile."""
+    t = _one_pass_cost(problem, config, spec)
     m, n = problem["m"], problem["n"]
-    t = elementwise_time(m, n, nbytes, spec, config, flops, problem.dtype)
-    if config["BLOCK_N"] < n:   # two passes: the second re-reads the row (from L2 at best)
+    if config is not None and config["BLOCK_N"] < n:   # the second pass re-reads the row (from L2 at best)
         t += elementwise_time(m, n, m * n * problem.torch_dtype.itemsize, spec, config, 0.0, problem.dtype) \
              - spec.launch_us * 1e-6
     return t
