@@ -25,8 +25,8 @@ import triton.language as tl
 
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.errors import InputError
-from tuneforge.kernels.shared_expert_gate import (check_tensor, launch_spec, next_pow2, row_tile_cost,
-                                                  tile_constraints)
+from tuneforge.kernels.shared_expert_gate import (check_tensor, launch_spec, next_pow2, output_tensor,
+                                                  row_tile_cost, tile_constraints)
 from tuneforge.tune.costmodel import elementwise_time
 
 OP = "rmsnorm"
@@ -108,10 +108,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = QWEN3_EPS, *,
         check_tensor(OP, "residual_out", residual_out, (m, n), x.dtype, x.device)
     if not eps > 0:
         raise InputError(f"{OP}: eps must be > 0, got {eps}")
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    else:
-        check_tensor(OP, "out", out, (m, n), x.dtype, x.device)
+    out = output_tensor(OP, out, (m, n), x)
     if m == 0 or n == 0:
         return out
     cfg = config or default(m, n, launch_spec())

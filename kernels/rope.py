@@ -29,7 +29,7 @@ import triton.language as tl
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.errors import InputError
 from tuneforge.kernels.shared_expert_gate import (MAX_ELEMENTS_PER_THREAD, MAX_TILE_ELEMENTS, check_tensor,
-                                                  launch_spec, next_pow2)
+                                                  launch_spec, next_pow2, output_tensor)
 from tuneforge.tune.costmodel import elementwise_time, roofline
 
 OP = "rope_qk_norm"
@@ -120,10 +120,7 @@ def rope_qk_norm(qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Ten
     qk_heads = heads + kv_heads
     if not eps > 0 or not theta > 0:
         raise InputError(f"{OP}: eps and theta must be > 0, got eps={eps}, theta={theta}")
-    if out is None:
-        out = torch.empty((m, qk_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
-    else:
-        check_tensor(OP, "out", out, (m, qk_heads * head_dim), qkv.dtype, qkv.device)
+    out = output_tensor(OP, out, (m, qk_heads * head_dim), qkv)
     if m == 0:
         return out
     cfg = config or default(m, heads, kv_heads, head_dim, launch_spec())

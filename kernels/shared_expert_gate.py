@@ -108,6 +108,15 @@ def check_tensor(op: str, name: str, t, shape: tuple, dtype: Optional[torch.dtyp
                          f"got strides {tuple(t.stride())}")
 
 
+
+def output_tensor(op: str, out: Optional[torch.Tensor], shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """``out`` checked to be ``shape`` with ``like``'s dtype and device (``check_tensor``), or a new such
+    tensor when None."""
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    check_tensor(op, "out", out, shape, like.dtype, like.device)
+    return out
+
 # --- the op -----------------------------------------------------------------------------------------
 
 @triton.jit
@@ -145,10 +154,7 @@ def shared_expert_gate(final: torch.Tensor, gate_logits: torch.Tensor, shared_ou
                        out: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
     """``out = final + sigmoid(gate_logits) * shared_out`` (fp32 math); ``out=final`` works in place."""
     m, n = _check_inputs(final, gate_logits, shared_out)
-    if out is None:
-        out = torch.empty((m, n), dtype=final.dtype, device=final.device)
-    else:
-        check_tensor(OP, "out", out, (m, n), final.dtype, final.device)
+    out = output_tensor(OP, out, (m, n), final)
     if m == 0 or n == 0:
         return out
     cfg = config or tile_default(m, n, launch_spec())

@@ -17,8 +17,8 @@ import triton.language as tl
 
 from tuneforge.dsl import Problem, Template, register
 from tuneforge.errors import InputError
-from tuneforge.kernels.shared_expert_gate import (check_tensor, launch_spec, row_tile_cost, tile_constraints, tile_default,
-                                                  tile_space)
+from tuneforge.kernels.shared_expert_gate import (check_tensor, launch_spec, output_tensor, row_tile_cost,
+                                                  tile_constraints, tile_default, tile_space)
 
 OP = "silu_mul"
 
@@ -45,10 +45,7 @@ def silu_mul(x: torch.Tensor, *, out: Optional[torch.Tensor] = None, config: Opt
         raise InputError(f"{OP}: x's last dimension must be even (gate | up halves), got {width}")
     n = width // 2
     check_tensor(OP, "x", x, (m, width), None, None)
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    else:
-        check_tensor(OP, "out", out, (m, n), x.dtype, x.device)
+    out = output_tensor(OP, out, (m, n), x)
     if m == 0 or n == 0:
         return out
     cfg = config or tile_default(m, n, launch_spec())
