@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 import triton
@@ -37,7 +38,9 @@ ELEM_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 MAX_ACC_REGISTERS = 128
 # Split-K only pays where the M x N tiles cannot fill the device; past this many rows it only adds traffic.
 SPLIT_K_MAX_M = 512
-SCHEDULES = ("tiles", "stream")
+# tiles: whole tiles (optionally split-K); stream: stream-K over all tiles; hybrid: whole tiles for
+# the full waves, the tiles of the last, part-empty one split-K'd to fill it.
+SCHEDULES = ("tiles", "stream", "hybrid")
 SPLITS = (1, 2, 3, 4, 6, 8, 16)
 
 
@@ -174,58 +177,70 @@ def _mn_tile(x, w, tile, num_pid_m, num_pid_n, M, N, K, k_begin, k_end, stride_x
 # specialized: its divisibility lets the masked epilogue store vectors instead of scalars.
 @triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(x, w, y, partial, counts, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
-                 split_k, num_programs,
+                 split_k, num_programs, whole_tiles,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                  STREAM: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
                  INPUT_PRECISION: tl.constexpr):
-    """Persistent. ``tiles`` schedule: program p takes units p, p + num_programs, ... of (split, tile);
-    the splits of a tile meet in ``partial`` ([split_k, M, N] fp32). ``stream`` schedule (stream-K):
-    the tiles' K iterations, laid end to end, are cut into num_programs even shares, so no wave is
-    left part-empty; a program's slices of the tiles it shares go to ``partial`` ([programs, 2,
-    BLOCK_M, BLOCK_N] fp32: slot 0 its first tile's slice, slot 1 its last one's)."""
+    """Persistent. The first ``whole_tiles`` tiles go whole, program p taking tiles p, p + num_programs,
+    ...; the rest are computed in K slices that meet in the fp32 workspace ``partial``. ``STREAM``
+    (stream-K): the rest's K iterations, laid end to end, are cut into num_programs even shares, so no
+    wave is left part-empty (slices: [programs, 2, BLOCK_M, BLOCK_N], slot 0 a program's first
+    tile's, slot 1 its last one's). Else each tile left is cut into ``split_k`` even K ranges (slices:
+    [split_k, tiles left, BLOCK_M, BLOCK_N]). Schedules: ``tiles`` (all whole, or all split),
+    ``stream`` (none whole), ``hybrid`` (the full waves whole, the last wave's tiles split to fill it)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     tiles_mn = num_pid_m * num_pid_n
     pid = tl.program_id(0)
+    # whole tiles (the tiles schedule unsplit; hybrid: the full waves), one per program per wave
+    for tile in tl.range(pid, whole_tiles, num_programs):
+        acc, off_m, off_n = _mn_tile(x, w, tile, num_pid_m, num_pid_n, M, N, K, 0, K, stride_xm, stride_xk,
+                                     stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, USE_TMA, EVEN_K,
+                                     UPCAST, INPUT_PRECISION)
+        store_tile(y, acc, off_m, off_n, M, N, stride_ym, BLOCK_M, BLOCK_N)
+    rest = tiles_mn - whole_tiles      # the tiles left are computed in K slices
+    slab = BLOCK_M * BLOCK_N           # one fp32 slice in the workspace (row stride BLOCK_N)
     if STREAM:
         k_iters = tl.cdiv(K, BLOCK_K)
-        total = tiles_mn * k_iters
+        total = rest * k_iters
         per = total // num_programs
         extra = total % num_programs
         start = pid * per + tl.minimum(pid, extra)
         end = start + per + (pid < extra).to(tl.int32)
-        slot_bytes = BLOCK_M * BLOCK_N
         it = start
         while it < end:
-            tile = it // k_iters
-            k0 = it - tile * k_iters
+            shared = it // k_iters
+            tile = whole_tiles + shared
+            k0 = it - shared * k_iters
             k1 = tl.minimum(k_iters, k0 + end - it)
             acc, off_m, off_n = _mn_tile(x, w, tile, num_pid_m, num_pid_n, M, N, K, k0 * BLOCK_K,
                                          tl.minimum(k1 * BLOCK_K, K), stride_xm, stride_xk, stride_wn, stride_wk,
                                          BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, USE_TMA, EVEN_K, UPCAST,
                                          INPUT_PRECISION)
-            first = _stream_owner(tile * k_iters, per, extra)
-            last = _stream_owner(tile * k_iters + k_iters - 1, per, extra)
+            first = _stream_owner(shared * k_iters, per, extra)
+            last = _stream_owner(shared * k_iters + k_iters - 1, per, extra)
             # the first contributor's slice is its last tile's (slot 1); the others start inside the tile (slot 0)
-            mine = partial + (2 * pid + (pid == first).to(tl.int32)).to(tl.int64) * slot_bytes
-            finish_tile(acc, y, counts, tile, mine, partial + (2 * first + 1).to(tl.int64) * slot_bytes,
-                        partial + (2 * first + 2).to(tl.int64) * slot_bytes, 2 * slot_bytes, last - first + 1,
+            mine = partial + (2 * pid + (pid == first).to(tl.int32)).to(tl.int64) * slab
+            finish_tile(acc, y, counts, tile, mine, partial + (2 * first + 1).to(tl.int64) * slab,
+                        partial + (2 * first + 2).to(tl.int64) * slab, 2 * slab, last - first + 1,
                         off_m, off_n, M, N, stride_ym, BLOCK_N, BLOCK_M, BLOCK_N)
             it += k1 - k0
     else:
+        # split-major units: the slices of one split run side by side at the same k, so tiles that
+        # share a weight column read it from L2 once
         k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
-        plane = M.to(tl.int64) * N
-        for unit in tl.range(pid, tiles_mn * split_k, num_programs):
-            split = unit // tiles_mn
-            tile = unit - split * tiles_mn
+        for unit in tl.range(pid, rest * split_k, num_programs):
+            split = unit // rest
+            r = unit - split * rest
             k_begin = tl.multiple_of(split * k_per_split, BLOCK_K)
-            acc, off_m, off_n = _mn_tile(x, w, tile, num_pid_m, num_pid_n, M, N, K, k_begin,
+            acc, off_m, off_n = _mn_tile(x, w, whole_tiles + r, num_pid_m, num_pid_n, M, N, K, k_begin,
                                          tl.minimum(k_begin + k_per_split, K), stride_xm, stride_xk, stride_wn,
                                          stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, USE_TMA, EVEN_K, UPCAST,
                                          INPUT_PRECISION)
-            at = partial + off_m.to(tl.int64) * N + off_n
-            finish_tile(acc, y, counts, tile, at + split * plane, at, at + plane, plane, split_k,
-                        off_m, off_n, M, N, stride_ym, N, BLOCK_M, BLOCK_N)
+            at = partial + r.to(tl.int64) * slab
+            plane = rest.to(tl.int64) * slab
+            finish_tile(acc, y, counts, whole_tiles + r, at + split * plane, at, at + plane, plane, split_k,
+                        off_m, off_n, M, N, stride_ym, BLOCK_N, BLOCK_M, BLOCK_N)
 
 
 # --- space, constraints, default config ----------------------------------------------------------
@@ -276,6 +291,14 @@ def split_k_insane(config: dict, problem: Problem, spec: DeviceSpec) -> str | No
         if problem["m"] > SPLIT_K_MAX_M:
             return f"schedule: m={problem['m']} > {SPLIT_K_MAX_M} fills the device in whole tiles (stream-K only adds slices)"
         return None
+    if config.get("schedule") == "hybrid":
+        tiles = -(-problem["m"] // config["block_m"]) * -(-problem["n"] // config["block_n"])
+        slots = spec.sms * config.get("programs_per_sm", 1)
+        if tiles <= slots:
+            return f"schedule: hybrid with {tiles} tiles <= {slots} programs has no whole wave (that is stream)"
+        if tiles % slots == 0:
+            return f"schedule: hybrid with {tiles} tiles fills {tiles // slots} waves exactly (that is tiles)"
+        return None
     split, bk, k = config.get("split_k", 1), config["block_k"], problem["k"]
     if split == 1:
         return None
@@ -309,9 +332,14 @@ def _first_rejection(config: dict, problem: Problem, spec: DeviceSpec, constrain
     return None
 
 
+# A split fills the waves well enough at this fraction; more slices only add fp32 traffic.
+SPLIT_FILL_ENOUGH = 0.85
+
+
 def split_k_to_fill(config: dict, problem: Problem, spec: DeviceSpec) -> int:
-    """The split whose (tile, split) units fill the persistent grid's waves best (the smallest of
-    equals), keeping >= 4 K blocks per split; 1 when the tiles alone fill a wave."""
+    """The smallest split whose (tile, split) units fill the persistent grid's waves to
+    SPLIT_FILL_ENOUGH, else the one that fills them best, keeping >= 4 K blocks per split; 1 when
+    the tiles alone fill a wave."""
     tiles = -(-problem["m"] // config["block_m"]) * -(-problem["n"] // config["block_n"])
     slots = spec.sms * config.get("programs_per_sm", 1)
     if tiles >= slots:
@@ -324,40 +352,45 @@ def split_k_to_fill(config: dict, problem: Problem, spec: DeviceSpec) -> int:
     usable = [s for s in SPLITS
               if s == 1 or (split_k_insane({**config, "schedule": "tiles", "split_k": s}, problem, spec) is None
                             and problem["k"] // s >= 4 * config["block_k"])]
-    return max(usable, key=lambda s: (round(fill(s), 2), -s))
+    enough = [s for s in usable if fill(s) >= SPLIT_FILL_ENOUGH]
+    return min(enough) if enough else max(usable, key=lambda s: (round(fill(s), 2), -s))
 
 
 def default_config(problem: Problem, spec: DeviceSpec) -> dict:
-    """Heuristic config (from bench_gemm on an H100, bf16). Decode-sized M streams the weight with
-    16x64x256 tiles, stream-K where the tiles cannot fill the SMs twice over and each program still
-    gets several K iterations (pointer loads: TMA gained nothing there), else whole tiles split-K'd to
-    fill the waves. Up to 256 rows: 64x128x128 tiles while they number at most one per SM (split-K'd
-    when they fill less than half), 128x128x64 up to two per SM, 128x256x64 beyond. Large M:
-    128x256x64, 3 stages, 8 warps. Grouped order and TMA where available. Where a constraint rejects
-    it (fp32, small shared memory, fused kernels' share of it) shrinks stages to 3, BLOCK_K to 32,
-    stages to 2, then BLOCK_N, BLOCK_K, BLOCK_M until every constraint passes."""
+    """Heuristic config (from bench_gemm's searches on an H100, bf16). Decode-sized M streams the
+    weight with 16x64x256 tiles, stream-K where the tiles cannot fill the SMs twice over and each
+    program still gets several K iterations (pointer loads: TMA gained nothing there), else whole
+    tiles split-K'd to fill the waves. Up to 256 rows: 64x64x128 tiles, two programs per SM, split-K'd
+    when they fill less than half the slots. Up to 1024 rows: 128x128x64, two per SM. Beyond:
+    128x256x64, 3 stages, 8 warps, hybrid (the last wave's tiles split) when the tiles make more
+    than one but fewer than four waves. Grouped order and TMA where available. Where a constraint
+    rejects it (fp32, small shared memory, fused kernels' share of it) shrinks stages to 3, BLOCK_K
+    to 32, stages to 2, then BLOCK_N, BLOCK_K, BLOCK_M until every constraint passes."""
     m, n, k = problem["m"], problem["n"], problem["k"]
-    narrow_tiles = -(-m // 64) * -(-n // 128)
     if m <= 16:
-        cfg = dict(block_m=16, block_n=64, block_k=256, group_m=1, num_warps=4, num_stages=3)
-    elif m <= 256 and narrow_tiles <= spec.sms:
-        cfg = dict(block_m=64, block_n=128, block_k=128, group_m=8, num_warps=4, num_stages=3)
-    elif m <= 256 and narrow_tiles <= 2 * spec.sms:
-        cfg = dict(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4)
+        cfg = dict(block_m=16, block_n=64, block_k=256, group_m=1, num_warps=4, num_stages=3, programs_per_sm=1)
+    elif m <= 256:
+        cfg = dict(block_m=64, block_n=64, block_k=128, group_m=8, num_warps=4, num_stages=3, programs_per_sm=2)
+    elif m <= 1024:
+        cfg = dict(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, programs_per_sm=2)
     else:
-        cfg = dict(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3)
+        cfg = dict(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3, programs_per_sm=1)
     # clamp tiles to the problem
     for name, dim in (("block_m", "m"), ("block_n", "n"), ("block_k", "k")):
         cfg[name] = min(cfg[name], max(16, _next_pow2(problem[dim])))
     tiles = -(-m // cfg["block_m"]) * -(-n // cfg["block_n"])
+    slots = spec.sms * cfg["programs_per_sm"]
     iterations = tiles * -(-k // cfg["block_k"])
     tma = tma_unavailable({**cfg, "tma": True}, problem, spec) is None
-    cfg.update(schedule="tiles", split_k=1, programs_per_sm=1, tma=tma)
+    cfg.update(schedule="tiles", split_k=1, tma=tma)
     if m <= 16 and tiles < 2 * spec.sms and iterations >= 6 * spec.sms:
         del cfg["split_k"]
         cfg.update(schedule="stream", tma=False)
-    elif m <= 16 or (m <= 256 and 2 * tiles < spec.sms):
+    elif m <= 16 or (m <= 256 and 2 * tiles < slots):
         cfg["split_k"] = split_k_to_fill(cfg, problem, spec)
+    elif m > 1024 and slots < tiles < 4 * slots and tiles % slots:
+        del cfg["split_k"]
+        cfg["schedule"] = "hybrid"
     # keep 3 stages (the pipeline depth that hides HBM latency) before giving up BLOCK_K
     for shrink, floor in (("num_stages", 3), ("block_k", 32), ("num_stages", 2), ("block_n", 16),
                           ("block_k", 16), ("block_m", 16)):
@@ -368,8 +401,9 @@ def default_config(problem: Problem, spec: DeviceSpec) -> dict:
 
 def portfolio(problem: Problem, spec: DeviceSpec) -> list[dict]:
     """Configs worth trying first for this shape (the default first), per token class: whole tiles,
-    unsplit and split-K to fill the waves, with and without TMA; up to 256 tokens also stream-K on the
-    same tiles with 1 and 2 programs per SM (4 too for decode), listed first for decode. The tuner
+    unsplit and split-K to fill the waves, with and without TMA, and past decode sizes the hybrid
+    (whole waves, stream-K for the last); up to 512 tokens also stream-K on the same tiles (1 program
+    per SM; up to 256 tokens 2 too, and 4 for decode), listed first for decode. The tuner
     enqueues them before its sampler explores; bench_gemm's short search is exactly this list."""
     m = problem["m"]
     base = dict(group_m=1 if m <= 16 else 8, tma=True)
@@ -377,11 +411,11 @@ def portfolio(problem: Problem, spec: DeviceSpec) -> list[dict]:
     if m <= 16:
         tiles = [(16, 64, 128, 4, 4, 1), (16, 128, 128, 4, 4, 1), (16, 64, 256, 3, 4, 1), (16, 32, 256, 4, 4, 1)]
     elif m <= 256:
-        tiles = [(64, 128, 64, 4, 4, 1), (128, 128, 64, 4, 8, 1), (64, 256, 64, 3, 8, 1), (64, 128, 128, 3, 4, 1),
-                 (128, 64, 64, 4, 4, 1), (128, 256, 64, 3, 8, 1)]
+        tiles = [(64, 64, 128, 3, 4, 2), (128, 64, 64, 4, 4, 2), (64, 128, 128, 3, 4, 1), (128, 128, 64, 4, 8, 1),
+                 (64, 128, 64, 4, 4, 1), (64, 256, 64, 3, 8, 1), (128, 64, 64, 4, 4, 1), (128, 256, 64, 3, 8, 1)]
     else:   # more, smaller tiles (two programs per SM) where 128 x 256 tiles leave a wave part-empty
-        tiles = [(128, 256, 64, 3, 8, 1), (128, 128, 64, 4, 8, 1), (256, 128, 64, 3, 8, 1), (64, 256, 64, 3, 8, 1),
-                 (128, 128, 64, 3, 8, 2), (64, 128, 64, 4, 4, 2)]
+        tiles = [(128, 128, 64, 3, 8, 2), (128, 256, 64, 3, 8, 1), (128, 128, 64, 4, 8, 1), (256, 128, 64, 3, 8, 1),
+                 (64, 256, 64, 3, 8, 1), (64, 128, 64, 4, 4, 2)]
     whole, stream = [], []
     for bm, bn, bk, stages, warps, pps in tiles:
         bm, bn, bk = (min(b, max(16, _next_pow2(problem[d]))) for b, d in ((bm, "m"), (bn, "n"), (bk, "k")))
@@ -391,9 +425,11 @@ def portfolio(problem: Problem, spec: DeviceSpec) -> list[dict]:
             whole.append(cfg)
             if m <= SPLIT_K_MAX_M:          # the split that fills the waves best, if any
                 whole.append(dict(cfg, split_k=split_k_to_fill(cfg, problem, spec)))
-        if m <= 256:
-            for stream_pps in (1, 2, 4) if m <= 16 else (1, 2):
+        if m <= SPLIT_K_MAX_M:
+            for stream_pps in (1, 2, 4) if m <= 16 else (1, 2) if m <= 256 else (1,):
                 stream.append(dict(shape, schedule="stream", programs_per_sm=stream_pps, tma=m > 16))
+        if m > 16:                          # whole waves, then stream-K over the part-empty last one
+            whole.append(dict(shape, schedule="hybrid", tma=True))
     # the family that won most often on the H100 first (a short tuning budget reaches only the head)
     configs = [default_config(problem, spec)] + (stream + whole if m <= 16 else whole + stream)
     unique = []
@@ -415,9 +451,18 @@ def launch_spec(device: torch.device) -> DeviceSpec:
     return replace(SPECS[DEFAULT_TARGET], name="interpreter", sms=4, features=frozenset())
 
 
+class LaunchPlan(NamedTuple):
+    config: dict
+    programs: int        # persistent programs launched
+    whole_tiles: int     # tiles computed whole before the sliced ones
+    split_k: int         # K slices per sliced tile (split schedules)
+    floats: int          # fp32 workspace elements for the slices
+    tiles: int           # output tiles (one arrival counter each)
+
+
 @functools.lru_cache(maxsize=4096)
 def _plan(config_items: tuple | None, m: int, n: int, k: int, dtype: torch.dtype, device: torch.device):
-    """(config, number of persistent programs, fp32 workspace elements) for one launch: the default
+    """The ``LaunchPlan`` of one launch: the default
     config, or the given one checked against the space and the launch constraints (a config from
     before schedules existed is a ``tiles`` one). Cached, so the hot path pays one lookup."""
     problem = Problem.make("gemm", DTYPE_NAMES[dtype], m=m, n=n, k=k)
@@ -434,14 +479,26 @@ def _plan(config_items: tuple | None, m: int, n: int, k: int, dtype: torch.dtype
         why = _first_rejection(config, problem, spec, LAUNCH_CONSTRAINTS)
         if why:
             raise ConfigRejected(f"gemm config {config} cannot run {problem.key}: {why}")
-    bm, bn = config["block_m"], config["block_n"]
+    bm, bn, slots = config["block_m"], config["block_n"], spec.sms * config["programs_per_sm"]
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    k_iters = triton.cdiv(k, config["block_k"])
     if config["schedule"] == "stream":
-        programs = min(tiles * triton.cdiv(k, config["block_k"]), spec.sms * config["programs_per_sm"])
-        return config, programs, 2 * programs * bm * bn, tiles
-    split = config["split_k"]
-    programs = min(tiles * split, spec.sms * config["programs_per_sm"])
-    return config, programs, (split * m * n if split > 1 else 0), tiles
+        programs = min(tiles * k_iters, slots)
+        return LaunchPlan(config, programs, 0, 1, 2 * programs * bm * bn, tiles)
+    if config["schedule"] == "hybrid":
+        whole = tiles // slots * slots
+        split = hybrid_split(tiles - whole, slots, k_iters)
+    else:
+        split = config["split_k"]
+        whole = tiles if split == 1 else 0
+    programs = min(whole + (tiles - whole) * split, slots)
+    return LaunchPlan(config, programs, whole, split, (split * (tiles - whole) * bm * bn if split > 1 else 0), tiles)
+
+
+def hybrid_split(rest: int, slots: int, k_iters: int) -> int:
+    """The hybrid schedule's split of the ``rest`` tiles past the full waves: as many as fill one
+    wave of ``slots`` programs, keeping >= 2 K blocks per split."""
+    return max(1, min(slots // rest, k_iters // 2)) if rest else 1
 
 
 _WORKSPACES: dict = {}
@@ -516,8 +573,8 @@ def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, c
         return out
     if k == 0:
         return out.zero_()
-    config, num_programs, floats, tiles = _plan(None if config is None else tuple(sorted(config.items())),
-                                                m, n, k, x.dtype, x.device)
+    plan = _plan(None if config is None else tuple(sorted(config.items())), m, n, k, x.dtype, x.device)
+    config = plan.config
     bm, bn, bk = config["block_m"], config["block_n"], config["block_k"]
     use_tma = bool(config["tma"]) and _tma_ready(x) and _tma_ready(w)
     if use_tma:
@@ -526,11 +583,11 @@ def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, c
         wa = TensorDescriptor(w, [n, k], [w.stride(0), 1], [bn, bk])
     else:
         xa, wa = x, w
-    slices, counts = workspace(x.device, floats, tiles) if floats else (out, out)
+    slices, counts = workspace(x.device, plan.floats, plan.tiles) if plan.floats else (out, out)
     interpreted = tuneforge.INTERPRETED
-    _gemm_kernel[(num_programs,)](
+    _gemm_kernel[(plan.programs,)](
         xa, wa, out, slices, counts, m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0),
-        config.get("split_k", 1), num_programs,
+        plan.split_k, plan.programs, plan.whole_tiles,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config["group_m"], STREAM=config["schedule"] == "stream",
         USE_TMA=use_tma, EVEN_K=k % bk == 0, UPCAST=interpreted and x.dtype != torch.float32,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 or interpreted else "tf32",

@@ -26,12 +26,12 @@ def _valid_configs(problem: Problem) -> list[dict]:
 
 def _sampled_configs(problem: Problem, count: int, seed: int = 0) -> list[dict]:
     """Configs drawn from the whole space that pass every constraint for the interpreter's spec,
-    always including a split-K and a stream-K config."""
+    always including a split-K, a stream-K and a hybrid config."""
     valid = _valid_configs(problem)
     rng = random.Random(seed)
-    picked = rng.sample(valid, count - 2)
+    picked = rng.sample(valid, count - 3)
     picked.append(rng.choice([c for c in valid if c.get("split_k", 1) > 1]))
-    picked.append(rng.choice([c for c in valid if c["schedule"] == "stream"]))
+    picked += [rng.choice([c for c in valid if c["schedule"] == s]) for s in ("stream", "hybrid")]
     return picked
 
 
@@ -57,18 +57,22 @@ def test_sampled_configs_match_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("m,n,k,block_n,block_k,programs_per_sm", [
-    (1, 48, 200, 16, 16, 1),     # 3 tiles x 13 K blocks over 4 programs: every tile is shared
-    (37, 70, 96, 32, 32, 2),     # 6 tiles x 3 K blocks over 8 programs: shares end inside tiles
-    (3, 20, 40, 32, 16, 1),      # 1 tile of 3 K blocks (the last one short): 3 programs share it
+@pytest.mark.parametrize("schedule,m,n,k,block_n,block_k,programs_per_sm", [
+    ("stream", 1, 48, 200, 16, 16, 1),    # 3 tiles x 13 K blocks over 4 programs: every tile is shared
+    ("stream", 37, 70, 96, 32, 32, 2),    # 6 tiles x 3 K blocks over 8 programs: shares end inside tiles
+    ("stream", 3, 20, 40, 32, 16, 1),     # 1 tile of 3 K blocks (the last one short): 3 programs share it
+    ("hybrid", 33, 70, 200, 32, 16, 1),   # 9 tiles over 4 programs: 8 whole, 1 split 4 ways (k 64/64/64/8)
+    ("hybrid", 50, 70, 200, 16, 16, 2),   # 20 tiles over 8 programs: 16 whole, 4 split 2 ways (k 112/88)
+    ("hybrid", 37, 70, 40, 16, 16, 1),    # 15 tiles over 4 programs: 12 whole, 3 left whole (too few to split)
 ])
-def test_stream_k_matches_reference_over_repeated_launches(dtype, m, n, k, block_n, block_k, programs_per_sm):
-    """Stream-K: programs' even shares of the K iterations cut tiles anywhere; the last program to
-    finish a tile sums the slices and re-arms its counter, so back-to-back launches (sharing the
-    workspace) stay right."""
+def test_stream_k_matches_reference_over_repeated_launches(dtype, schedule, m, n, k, block_n, block_k,
+                                                           programs_per_sm):
+    """Stream-K: programs' even shares of the K iterations cut tiles anywhere; hybrid: whole tiles for
+    the full waves, the last wave's tiles split-K'd. The last program to finish a tile sums the
+    slices and re-arms its counter, so back-to-back launches (sharing the workspace) stay right."""
     problem = Problem.make("gemm", dtype, m=m, n=n, k=k)
     config = dict(block_m=16, block_n=block_n, block_k=block_k, group_m=4, num_warps=4, num_stages=2,
-                  schedule="stream", programs_per_sm=programs_per_sm, tma=False)
+                  schedule=schedule, programs_per_sm=programs_per_sm, tma=False)
     assert G.TEMPLATE.reject_reason(config, problem, G.launch_spec(CPU)) is None
     for seed in range(3):
         result = check(G.TEMPLATE, problem, config, seed=seed)
@@ -238,7 +242,7 @@ QWEN_SHAPES = [  # (m, n, k): qkv tp8 decode, o tp8, gate_up tp8 prefill, lm_hea
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k", QWEN_SHAPES)
-@pytest.mark.parametrize("variant", ["default", "pointer", "tma", "split_k", "stream"])
+@pytest.mark.parametrize("variant", ["default", "pointer", "tma", "split_k", "stream", "hybrid"])
 def test_gpu_qwen3_shapes(device, m, n, k, variant):
     problem = Problem.make("gemm", "bf16", m=m, n=n, k=k)
     spec = G.launch_spec(device)
@@ -251,9 +255,9 @@ def test_gpu_qwen3_shapes(device, m, n, k, variant):
         config["tma"] = True
     elif variant == "split_k":
         config.update(block_m=min(config["block_m"], 64), schedule="tiles", split_k=4 if m <= G.SPLIT_K_MAX_M else 1)
-    elif variant == "stream":
+    elif variant in ("stream", "hybrid"):
         config = {k: v for k, v in config.items() if k != "split_k"}
-        config.update(schedule="stream", programs_per_sm=2)
+        config.update(schedule=variant, programs_per_sm=2)
     result = check(G.TEMPLATE, problem, config, device=device)
     assert result, f"{config}: {result.reason}"
 

@@ -131,16 +131,17 @@ _LIBRARY_EFFICIENCY = 0.95
 
 def gemm_time(m: int, n: int, k: int, spec, dtype: str = "bf16", *, block_m: int = 128, block_n: int = 128,
               block_k: int = 64, split_k: int = 1, num_stages: int = 3, num_warps: int = 8,
-              group_m: int = 8, tma: bool = False, stream: bool = False, efficiency: float = 1.0) -> float:
+              group_m: int = 8, tma: bool = False, schedule: str = "tiles", efficiency: float = 1.0) -> float:
     """Seconds for y[m,n] = x[m,k] @ w[n,k].T with one tile configuration.
 
     Compute: programs run in waves over the SMs (wave quantization); each tile does its padded
     BM x BN x ceil(K/BK)*BK work (padding waste) at a rate set by the tile's arithmetic intensity,
     pipelining depth and warp count. Memory: operands re-read per tile row/column (L2 reuse with
     grouped order), and the bytes in flight by Little's law limit bandwidth when few programs run
-    (small M: few tiles, little parallelism unless split-K adds some). ``stream`` (stream-K): the
-    tiles' K iterations are shared evenly by one program per SM (no wave quantization), and the
-    slices of the tiles programs share go through an fp32 workspace.
+    (small M: few tiles, little parallelism unless split-K adds some). ``schedule`` "stream"
+    (stream-K): the tiles' K iterations are shared evenly by one program per SM (no wave
+    quantization), and the slices of the tiles programs share go through an fp32 workspace;
+    "hybrid": whole tiles for the full waves, the rest split-K'd to fill one more wave.
     """
     size = _itemsize(dtype)
     sms = spec.sms
@@ -163,10 +164,19 @@ def gemm_time(m: int, n: int, k: int, spec, dtype: str = "bf16", *, block_m: int
     per_program_flops = 2.0 * block_m * block_n * k_padded
     # programs sharing an SM share its peak, so an SM's busy time is its program count x tile time
     per_sm_rate = spec.peak_flops(dtype) / sms * tile_eff
-    if stream:
-        k_iters = math.ceil(k / block_k)
+    sliced_bytes = 2 * split_k * m * n * 4 if split_k > 1 else 0       # fp32 partials written + reduced
+    k_iters = math.ceil(k / block_k)
+    if schedule == "stream":
         programs = min(sms, tiles_m * tiles_n * k_iters)
         compute = tiles_m * tiles_n * k_iters * 2.0 * block_m * block_n * block_k / (programs * per_sm_rate)
+        sliced_bytes = 2 * 2 * programs * min(m, block_m) * block_n * 4
+    elif schedule == "hybrid":      # full waves whole, the rest split to fill one more wave
+        tiles = tiles_m * tiles_n
+        rest = tiles % sms
+        split = max(1, min(sms // rest, k_iters // 2)) if rest else 1
+        compute = (tiles // sms + (math.ceil(rest * split / sms) / split if rest else 0)) \
+            * 2.0 * block_m * block_n * k_iters * block_k / per_sm_rate
+        sliced_bytes = 2 * split * rest * block_m * block_n * 4 if split > 1 else 0
     else:
         compute = math.ceil(programs / sms) * per_program_flops / per_sm_rate
 
@@ -176,10 +186,7 @@ def gemm_time(m: int, n: int, k: int, spec, dtype: str = "bf16", *, block_m: int
     a_reads = 1 if group * block_m * k * size <= spec.l2_mb * 2**20 / 2 else math.ceil(tiles_n / 8)
     b_reads = math.ceil(tiles_m / group)
     nbytes = (m * k * a_reads + n * k * b_reads) * size + m * n * size
-    if stream:
-        nbytes += 2 * 2 * programs * min(m, block_m) * block_n * 4       # fp32 slices written + summed
-    elif split_k > 1:
-        nbytes += 2 * split_k * m * n * 4                              # fp32 partials written + reduced
+    nbytes += sliced_bytes
     in_flight = min(programs, slots) * num_stages * (block_m + block_n) * block_k * size
     need = spec.hbm_bytes_per_s * HBM_LATENCY_S
     mem_eff = min(1.0, in_flight / need)
@@ -204,7 +211,7 @@ def gemm_config_time(m: int, n: int, k: int, config: Optional[Mapping], spec, dt
         num_warps=int(_get(config, 8, "num_warps", "warps")),
         group_m=int(_get(config, 8, "GROUP_M", "GROUP_SIZE_M", "group")),
         tma=bool(_get(config, False, "tma", "use_tma")),
-        stream=_get(config, "tiles", "schedule") == "stream")
+        schedule=_get(config, "tiles", "schedule"))
 
 
 def moe_gemm_time(m: int, n: int, k: int, experts: int, topk: int, config: Optional[Mapping], spec,

@@ -67,28 +67,7 @@ def time_calls(calls: Sequence[Callable[[], object]], *, warmup: int = 10, rep: 
     if barrier is not None:
         barrier()
     if graph:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(stream):
-            for c in calls:   # warm inside the side stream, as capture requires
-                c()
-            stream.synchronize()
-            with torch.cuda.graph(g, stream=stream):
-                for c in calls:
-                    c()
-        torch.cuda.current_stream().wait_stream(stream)
-        g.replay()
-        torch.cuda.synchronize()
-        samples = []
-        for _ in range(max(5, rep // len(calls))):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            samples.append(a.elapsed_time(b) / 1e3 / len(calls))
-        return _summary(samples, "cuda-graph")
+        return _replay_times([_capture(calls)], [len(calls)], max(5, rep // len(calls)))[0]
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
     for i in range(rep):
@@ -102,6 +81,52 @@ def time_calls(calls: Sequence[Callable[[], object]], *, warmup: int = 10, rep: 
     torch.cuda.synchronize()
     return _summary([s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)],
                     "cuda-events" + ("+l2flush" if flush_l2 else ""))
+
+
+def _capture(calls: Sequence[Callable[[], object]]) -> torch.cuda.CUDAGraph:
+    """One CUDA graph of one pass over ``calls`` (warmed in the capture stream, as capture requires)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        for c in calls:
+            c()
+        stream.synchronize()
+        with torch.cuda.graph(g, stream=stream):
+            for c in calls:
+                c()
+    torch.cuda.current_stream().wait_stream(stream)
+    g.replay()
+    torch.cuda.synchronize()
+    return g
+
+
+def _replay_times(graphs: Sequence[torch.cuda.CUDAGraph], calls_per_graph: Sequence[int], rounds: int) -> list[Timing]:
+    """Per-call time of each graph over ``rounds`` rounds that replay every graph once, in turn."""
+    samples = [[] for _ in graphs]
+    for _ in range(rounds):
+        for g, n, out in zip(graphs, calls_per_graph, samples):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b) / 1e3 / n)
+    return [_summary(s, "cuda-graph") for s in samples]
+
+
+def time_interleaved(candidates: Sequence[Sequence[Callable[[], object]]], *, rounds: int = 20,
+                     warmup: int = 10) -> list[Timing]:
+    """Time several candidates (each a list of calls over rotated input sets, captured as one CUDA
+    graph) with their replays interleaved A, B, C, A, B, C, ...: drift in clocks and power (an H100
+    slows down as a long GEMM run heats it) then reaches all of them alike, so their ratios are fair
+    where back-to-back runs can differ by 10 %. Needs a GPU."""
+    graphs = []
+    for calls in candidates:
+        for i in range(warmup):
+            calls[i % len(calls)]()
+        graphs.append(_capture(calls))
+    return _replay_times(graphs, [len(c) for c in candidates], rounds)
 
 
 def speed_of_light(flops: float, nbytes: float, spec, dtype: str = "bf16") -> float:
