@@ -1,5 +1,6 @@
 """Test set-up: CPU runs use Triton's interpreter (set before any kernel module imports triton);
 `@pytest.mark.gpu` tests run only where a CUDA GPU is present (`pytest -m gpu`)."""
+import json
 import os
 
 import tuneforge  # noqa: F401  sets TRITON_INTERPRET=1 on GPU-less machines
@@ -20,3 +21,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return torch.device("cuda" if HAS_GPU else "cpu")
+
+
+# A Qwen3 small enough for the interpreter: tuning and planning tests read it as a config.json.
+TINY_QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 64,
+              "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+              "num_hidden_layers": 2, "vocab_size": 256, "rms_norm_eps": 1e-6, "rope_theta": 1000000,
+              "tie_word_embeddings": False, "max_position_embeddings": 512}
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """Path of tiny-qwen3/config.json (the model's name is its folder's)."""
+    path = tmp_path / "tiny-qwen3" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(TINY_QWEN3))
+    return path

@@ -181,15 +181,8 @@ def _graph_replay(world, replays):
                {"strategy": "two_shot", "variant": "pull", "BLOCK": 2048, "num_warps": 8, "comm_sms": 4}]
     for out, config in zip(outs, configs):          # warm (compile, load) before capture
         allreduce(x, ctx=ctx, out=out, config=config)
-    ctx.synchronize()
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph, stream=stream):
-            for out, config in zip(outs, configs):
-                allreduce(x, ctx=ctx, out=out, config=config)
-    torch.cuda.current_stream().wait_stream(stream)
-    ctx.synchronize()
+    graph = ctx.capture(lambda: [allreduce(x, ctx=ctx, out=out, config=config)
+                                 for out, config in zip(outs, configs)])
     failures = []
     for r in range(replays):
         g = torch.Generator().manual_seed(100 * r + world.rank)

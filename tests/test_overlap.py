@@ -275,15 +275,8 @@ def _graph_replay(world, replays):
     x.zero_()
     for out, config in zip(outs, configs):          # warm (compile, load, carve the heap) before capture
         allgather_gemm(x, w, ctx=ctx, m=m, out=out, config=config)
-    ctx.synchronize()
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph, stream=stream):
-            for out, config in zip(outs, configs):
-                allgather_gemm(x, w, ctx=ctx, m=m, out=out, config=config)
-    torch.cuda.current_stream().wait_stream(stream)
-    ctx.synchronize()
+    graph = ctx.capture(lambda: [allgather_gemm(x, w, ctx=ctx, m=m, out=out, config=config)
+                                 for out, config in zip(outs, configs)])
     failures = []
     for r in range(replays):
         g = torch.Generator().manual_seed(100 * r + world.rank)

@@ -7,46 +7,35 @@ import sys
 
 import pytest
 
-TINY = {"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16, "num_hidden_layers": 2, "vocab_size": 256}
-
 
 def _tune(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "tuneforge.cli", "tune", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def tiny(tmp_path):
-    path = tmp_path / "tiny" / "config.json"
-    path.parent.mkdir()
-    path.write_text(json.dumps(TINY))
-    return path
-
-
-def test_tune_prints_database_plan_progress_table_and_writes_the_summary(tiny, tmp_path):
+def test_tune_prints_database_plan_progress_table_and_writes_the_summary(tiny_config, tmp_path):
     db, summary = tmp_path / "t.db", tmp_path / "summary.json"
-    r = _tune("--model", tiny, "--db", db, "--trials", "3", "--buckets", "4", "--prefill-buckets", "",
+    r = _tune("--model", tiny_config, "--db", db, "--trials", "3", "--buckets", "4", "--prefill-buckets", "",
               "--summary-json", summary)
     assert r.returncode == 0, r.stderr
     out = r.stdout.splitlines()
     assert out[0] == f"database: sqlite:///{db}"
-    assert out[1].startswith("plan: tiny TP1 bf16: ") and "decode m=4" in out[1]
+    assert out[1].startswith("plan: tiny-qwen3 TP1 bf16: ") and "decode m=4" in out[1]
     assert out[2].startswith("target: H100 x1 (predicted by the cost model), 3 trials per problem")
     assert out[3].split() == ["problem", "role", "winner", "time", "baseline", "speedup", "%SOL", "source"]
     assert "gemm|m=4,n=128,k=64|bf16|w1" in r.stdout and "predicted" in r.stdout
     assert "[1/" in r.stderr and "trials" in r.stderr
     report = json.loads(summary.read_text())
-    assert report["model"] == "tiny" and report["target"] == "H100" and report["backend"] == "costmodel"
+    assert report["model"] == "tiny-qwen3" and report["target"] == "H100" and report["backend"] == "costmodel"
     assert report["tuned"] == len([x for x in report["rows"] if x["status"] == "tuned"]) > 0
     for row in report["rows"]:
         if row["status"] == "tuned":
             assert row["time_s"] <= row["baseline_s"] and row["source"] == "predicted"
 
 
-def test_foreign_targets_at_tp2_use_the_cost_model(tiny, tmp_path):
+def test_foreign_targets_at_tp2_use_the_cost_model(tiny_config, tmp_path):
     summary = tmp_path / "s.json"
-    r = _tune("--model", tiny, "--db", tmp_path / "t.db", "--tp", "2", "--target", "MI308X", "--trials", "2",
+    r = _tune("--model", tiny_config, "--db", tmp_path / "t.db", "--tp", "2", "--target", "MI308X", "--trials", "2",
               "--buckets", "1", "--prefill-buckets", "", "--quiet", "--summary-json", summary)
     assert r.returncode == 0, r.stderr
     assert "target: MI308X x2 (predicted by the cost model)" in r.stdout
@@ -61,16 +50,16 @@ def _one_line_error(stderr: str, message: str) -> None:
     assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
 
 
-def test_bad_model_and_bad_database_are_one_line_errors(tiny, tmp_path):
+def test_bad_model_and_bad_database_are_one_line_errors(tiny_config, tmp_path):
     r = _tune("--model", "Qwen3-33B", "--db", tmp_path / "t.db")
     assert r.returncode == 2
     _one_line_error(r.stderr, "tuneforge: error: unknown model 'Qwen3-33B'; known: Qwen3-0.6B")
-    r = _tune("--model", tiny, "--db", "nosuchdriver://x/y", "--buckets", "1", "--prefill-buckets", "")
+    r = _tune("--model", tiny_config, "--db", "nosuchdriver://x/y", "--buckets", "1", "--prefill-buckets", "")
     assert r.returncode == 2
     _one_line_error(r.stderr, "tuneforge: error: cannot open tuneforge database")
     bad = tmp_path / "corrupt.db"
     bad.write_bytes(b"this is not an sqlite file" * 100)
-    r = _tune("--model", tiny, "--db", bad, "--buckets", "1", "--prefill-buckets", "")
+    r = _tune("--model", tiny_config, "--db", bad, "--buckets", "1", "--prefill-buckets", "")
     assert r.returncode == 2
     _one_line_error(r.stderr, "tuneforge: error: ")
     assert "not an SQLite database" in r.stderr or "not a database" in r.stderr

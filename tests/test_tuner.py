@@ -20,20 +20,6 @@ from tuneforge.models.configs import load_config
 from tuneforge.tune.plan import PlanItem, plan
 from tuneforge.tune.tuner import BASELINE, REJECT_CAP, Tuner, TuneOptions, choose, describe_config, format_table
 
-TINY = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_hidden_layers": 2,
-        "vocab_size": 256, "rms_norm_eps": 1e-6, "rope_theta": 1000000, "tie_word_embeddings": False,
-        "max_position_embeddings": 512}
-
-
-@pytest.fixture
-def tiny_config(tmp_path):
-    path = tmp_path / "tiny-qwen3" / "config.json"
-    path.parent.mkdir()
-    path.write_text(json.dumps(TINY))
-    return path
-
-
 def _study_trials(store, name):
     return optuna.load_study(study_name=name, storage=store.optuna_storage()).get_trials(deepcopy=False)
 

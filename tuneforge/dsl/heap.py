@@ -17,9 +17,12 @@ SPMD code does), which keeps offsets symmetric. ``scope()`` frees what was alloc
 
 ``heap.context()`` gives the ``ctx`` that multi-rank templates receive: ``rank``, ``size``,
 ``device``, ``world``, ``heap``, ``channel(name, nbytes)`` (signals + staging for one op, see
-``tuneforge.dsl.comm.Channel``) and ``synchronize()`` (device sync, signal-timeout check, barrier).
+``tuneforge.dsl.comm.Channel``), ``synchronize()`` (device sync, signal-timeout check, barrier) and
+``capture(launch)`` (a CUDA graph of warmed communication launches, every rank synchronized around it).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import contextlib
 import os
@@ -236,3 +239,16 @@ class Context:
             torch.cuda.synchronize(self.device)
         self.check()
         self.world.barrier()
+
+    def capture(self, launch: Callable[[], object]) -> torch.cuda.CUDAGraph:
+        """A CUDA graph of ``launch`` (communication kernels on this context, already warmed:
+        compiled, heap carved), captured on a side stream; every rank is synchronized before and
+        after, so no rank captures while a peer still runs eager launches on the same signals."""
+        self.synchronize()
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            launch()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.synchronize()
+        return graph

@@ -1,0 +1,105 @@
+"""Where a split GEMM's time goes: ``finish_tile`` (kernels/gemm.py) rebuilt in variants and timed,
+replays interleaved, next to cuBLAS and the same tiles unsplit.
+
+- ``current``: each split stores its fp32 slice, the last to arrive sums the slices and stores y;
+- ``slices_only``: the slices are stored, nobody sums them (y wrong by construction: a timing probe);
+- ``no_slices``: the split's compute alone, y from the last arrival's own slice (wrong: a probe).
+
+The variants are the kernel's source with ``finish_tile``'s body replaced (the script stops with a
+clear message if that body has changed). Writes benchmarks/results/bench_split_cost-<device>-<date>.json.
+
+    python benchmarks/bench_split_cost.py
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import print_table, write_results  # noqa: E402
+from tuneforge.dsl import Problem  # noqa: E402
+from tuneforge.kernels import gemm as G  # noqa: E402
+from tuneforge.tune.measure import time_interleaved  # noqa: E402
+
+SUM_SLICES = """        tl.store(mine + offs, acc, mask=mask)
+        if last_to_arrive(counts, tile, contributors):
+            total = tl.load(first + offs, mask=mask, other=0.0, cache_modifier=".cg")   # L2: peers' writes
+            for j in range(0, contributors - 1):
+                total += tl.load(rest + j * rest_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            store_tile(y, total, off_m, off_n, M, N, stride_ym, BLOCK_M, BLOCK_N)"""
+VARIANTS = {
+    "current": SUM_SLICES,
+    "slices_only": """        tl.store(mine + offs, acc, mask=mask)
+        if last_to_arrive(counts, tile, contributors):
+            store_tile(y, acc, off_m, off_n, M, N, stride_ym, BLOCK_M, BLOCK_N)""",
+    "no_slices": """        if last_to_arrive(counts, tile, contributors):
+            store_tile(y, acc, off_m, off_n, M, N, stride_ym, BLOCK_M, BLOCK_N)""",
+}
+PROBES = ("slices_only", "no_slices")
+TILE = dict(group_m=8, tma=True, block_k=64, programs_per_sm=1)
+CASES = [  # (m, n, k), config: the split configs the mid-size searches tried
+    ((128, 5120, 5120), dict(TILE, block_m=128, block_n=128, num_warps=8, num_stages=4, schedule="tiles", split_k=3)),
+    ((128, 5120, 5120), dict(TILE, block_m=128, block_n=64, num_warps=4, num_stages=4, schedule="tiles", split_k=3,
+                             programs_per_sm=2)),
+    ((512, 5120, 5120), dict(TILE, block_m=128, block_n=256, num_warps=8, num_stages=3, schedule="tiles", split_k=3)),
+    ((512, 5120, 5120), dict(TILE, block_m=128, block_n=128, num_warps=8, num_stages=4, schedule="hybrid")),
+    ((512, 5120, 25600), dict(TILE, block_m=128, block_n=256, num_warps=8, num_stages=3, schedule="tiles", split_k=2)),
+]
+
+
+def variant_modules() -> dict:
+    source = open(G.__file__).read().replace("TEMPLATE = register(Template(", "TEMPLATE = (Template(")
+    if SUM_SLICES not in source:
+        sys.exit("bench_split_cost: finish_tile's body in kernels/gemm.py changed; update SUM_SLICES and the variants")
+    modules = {}
+    for name, body in VARIANTS.items():
+        path = os.path.join(tempfile.mkdtemp(), f"gemm_{name}.py")   # triton.jit reads the source file
+        with open(path, "w") as f:
+            f.write(source.replace(SUM_SLICES, body))
+        spec = importlib.util.spec_from_file_location(f"gemm_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        modules[name] = module
+    return modules
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("bench_split_cost needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    modules = variant_modules()
+    rows = []
+    for (m, n, k), config in CASES:
+        problem = Problem.make("gemm", "bf16", m=m, n=n, k=k)
+        sets = [G.make_inputs(problem, device, seed=s) for s in range(max(2, math.ceil(150e6 / ((m * k + n * k) * 2))))]
+        unsplit = {key: v for key, v in config.items() if key != "split_k"} | {"schedule": "tiles", "split_k": 1}
+        runs = {"cublas": lambda s: torch.nn.functional.linear(s["x"], s["w"]),
+                "unsplit": lambda s: G.gemm(s["x"], s["w"], out=s["out"], config=unsplit)}
+        runs |= {name: (lambda s, mod=mod: mod.gemm(s["x"], s["w"], out=s["out"], config=config))
+                 for name, mod in modules.items()}
+        expected = torch.nn.functional.linear(sets[0]["x"], sets[0]["w"]).float()
+        for name in ("unsplit", "current"):
+            err = float((runs[name](sets[0]).float() - expected).abs().max())
+            if err > 0.1:
+                sys.exit(f"bench_split_cost: {name} is wrong on {m}x{n}x{k} (max error {err})")
+        times = time_interleaved([[lambda s=s, fn=fn: fn(s) for s in sets] for fn in runs.values()], rounds=20)
+        row = {"m": m, "n": n, "k": k, "tile": f"{config['block_m']}x{config['block_n']}",
+               "schedule": config["schedule"] + (f" sk{config['split_k']}" if "split_k" in config else ""),
+               **{f"{name}_us": t.median_s * 1e6 for name, t in zip(runs, times)}, "config": config}
+        rows.append(row)
+        print({key: round(v, 1) if isinstance(v, float) else v for key, v in row.items() if key != "config"}, flush=True)
+    print_table(rows, ["m", "n", "k", "tile", "schedule", "cublas_us", "unsplit_us"] + [f"{v}_us" for v in VARIANTS])
+    write_results("bench_split_cost", rows, {"probes_wrong_by_construction": list(PROBES),
+                                             "method": "time_interleaved, 20 rounds over rotated input sets (>= 150 MB)"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
