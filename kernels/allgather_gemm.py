@@ -287,7 +287,7 @@ def tile_defaults(m: int, n: int, k: int, dtype: str, spec, pipelines: int = 1) 
     """The gemm template's default tiles for one chunk-sized GEMM (no split-K, one program per SM)."""
     gemm_cfg = G.default_config(Problem.make("gemm", dtype, m=max(1, m), n=n, k=k),
                                 pipeline_spec(spec, pipelines) if spec is not None
-                                else G.launch_spec(torch.device("cpu")))
+                                else G.launch_spec(torch.device("cpu")), programs_per_sm=1)
     return {key: gemm_cfg[key] for key in ("block_m", "block_n", "block_k", "group_m", "num_warps",
                                            "num_stages", "tma")}
 
@@ -312,7 +312,8 @@ def gemm_rejection(config: dict, dtype: str, m: int, n: int, k: int, spec, const
                    pipelines: int = 1) -> str | None:
     """The first of gemm's ``constraints`` the tiles of ``config`` violate on an m x n x k GEMM inside
     a kernel with ``pipelines`` pipelined K loops (spec None: no device to fit, the interpreter's rules)."""
-    cfg = {**{key: config[key] for key in TILE_KEYS}, "schedule": "tiles", "split_k": 1, "programs_per_sm": 1}
+    cfg = {**{key: config[key] for key in TILE_KEYS}, "schedule": "tiles", "split_k": 1, "programs_per_sm": 1,
+                "flatten": False}
     spec = pipeline_spec(spec, pipelines)
     problem = Problem.make("gemm", dtype, m=max(1, m), n=n, k=k)
     for c in constraints:

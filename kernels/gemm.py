@@ -179,8 +179,8 @@ def _mn_tile(x, w, tile, num_pid_m, num_pid_n, M, N, K, k_begin, k_end, stride_x
 def _gemm_kernel(x, w, y, partial, counts, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
                  split_k, num_programs, whole_tiles,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                 STREAM: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr):
+                 STREAM: tl.constexpr, FLATTEN: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr,
+                 UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Persistent. The first ``whole_tiles`` tiles go whole, program p taking tiles p, p + num_programs,
     ...; the rest are computed in K slices that meet in the fp32 workspace ``partial``. ``STREAM``
     (stream-K): the rest's K iterations, laid end to end, are cut into num_programs even shares, so no
@@ -193,7 +193,8 @@ def _gemm_kernel(x, w, y, partial, counts, M, N, K, stride_xm, stride_xk, stride
     tiles_mn = num_pid_m * num_pid_n
     pid = tl.program_id(0)
     # whole tiles (the tiles schedule unsplit; hybrid: the full waves), one per program per wave
-    for tile in tl.range(pid, whole_tiles, num_programs):
+    # FLATTEN: the compiler pipelines across tiles, so a tile's loads start under the last one's epilogue
+    for tile in tl.range(pid, whole_tiles, num_programs, flatten=FLATTEN):
         acc, off_m, off_n = _mn_tile(x, w, tile, num_pid_m, num_pid_n, M, N, K, 0, K, stride_xm, stride_xk,
                                      stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, USE_TMA, EVEN_K,
                                      UPCAST, INPUT_PRECISION)
@@ -255,6 +256,7 @@ def space(problem: Problem) -> Space:
         categorical("split_k", SPLITS, when={"schedule": ("tiles",)}),
         categorical("programs_per_sm", [1, 2, 4]),
         categorical("tma", [False, True]),
+        categorical("flatten", [False, True]),
     )
 
 
@@ -310,6 +312,13 @@ def split_k_insane(config: dict, problem: Problem, spec: DeviceSpec) -> str | No
     return None
 
 
+def flatten_crowds_sm(config: dict, problem: Problem, spec: DeviceSpec) -> str | None:
+    # measured on an H100: the flattened loop's extra buffers stop two programs sharing an SM (1.5x slower)
+    if config.get("flatten") and config.get("programs_per_sm", 1) > 1:
+        return f"flatten: the flattened loop's buffers leave room for one program per SM, not {config['programs_per_sm']}"
+    return None
+
+
 def tile_exceeds_problem(config: dict, problem: Problem, spec: DeviceSpec) -> str | None:
     for name, dim in (("block_m", "m"), ("block_n", "n"), ("block_k", "k")):
         limit = max(16, _next_pow2(problem[dim]))
@@ -321,7 +330,7 @@ def tile_exceeds_problem(config: dict, problem: Problem, spec: DeviceSpec) -> st
 # Constraints a launch must pass (the kernel could not run otherwise) ...
 LAUNCH_CONSTRAINTS = (tma_unavailable, smem_overflow)
 # ... and those that only keep the search away from configs that waste time.
-CONSTRAINTS = LAUNCH_CONSTRAINTS + (register_pressure, split_k_insane, tile_exceeds_problem)
+CONSTRAINTS = LAUNCH_CONSTRAINTS + (register_pressure, split_k_insane, flatten_crowds_sm, tile_exceeds_problem)
 
 
 def _first_rejection(config: dict, problem: Problem, spec: DeviceSpec, constraints=CONSTRAINTS) -> str | None:
@@ -356,7 +365,7 @@ def split_k_to_fill(config: dict, problem: Problem, spec: DeviceSpec) -> int:
     return min(enough) if enough else max(usable, key=lambda s: (round(fill(s), 2), -s))
 
 
-def default_config(problem: Problem, spec: DeviceSpec) -> dict:
+def default_config(problem: Problem, spec: DeviceSpec, programs_per_sm: int | None = None) -> dict:
     """Heuristic config (from bench_gemm's searches on an H100, bf16). Decode-sized M streams the
     weight with 16x64x256 tiles, stream-K where the tiles cannot fill the SMs twice over and each
     program still gets several K iterations (pointer loads: TMA gained nothing there), else whole
@@ -365,13 +374,18 @@ def default_config(problem: Problem, spec: DeviceSpec) -> dict:
     128x256x64, 3 stages, 8 warps, hybrid (the last wave's tiles split) when the tiles make more
     than one but fewer than four waves. Grouped order and TMA where available. Where a constraint
     rejects it (fp32, small shared memory, fused kernels' share of it) shrinks stages to 3, BLOCK_K
-    to 32, stages to 2, then BLOCK_N, BLOCK_K, BLOCK_M until every constraint passes."""
+    to 32, stages to 2, then BLOCK_N, BLOCK_K, BLOCK_M until every constraint passes.
+    ``programs_per_sm=1`` (fused kernels' persistent GEMMs): tiles for one program per SM, 64x128x128
+    up to 256 rows and 128x256x64 beyond."""
+    one_per_sm = programs_per_sm == 1
     m, n, k = problem["m"], problem["n"], problem["k"]
     if m <= 16:
         cfg = dict(block_m=16, block_n=64, block_k=256, group_m=1, num_warps=4, num_stages=3, programs_per_sm=1)
+    elif m <= 256 and one_per_sm:
+        cfg = dict(block_m=64, block_n=128, block_k=128, group_m=8, num_warps=4, num_stages=3, programs_per_sm=1)
     elif m <= 256:
         cfg = dict(block_m=64, block_n=64, block_k=128, group_m=8, num_warps=4, num_stages=3, programs_per_sm=2)
-    elif m <= 1024:
+    elif m <= 1024 and not one_per_sm:
         cfg = dict(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, programs_per_sm=2)
     else:
         cfg = dict(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3, programs_per_sm=1)
@@ -382,7 +396,8 @@ def default_config(problem: Problem, spec: DeviceSpec) -> dict:
     slots = spec.sms * cfg["programs_per_sm"]
     iterations = tiles * -(-k // cfg["block_k"])
     tma = tma_unavailable({**cfg, "tma": True}, problem, spec) is None
-    cfg.update(schedule="tiles", split_k=1, tma=tma)
+    # flattening pipelines across a program's tiles: it pays where each program has several
+    cfg.update(schedule="tiles", split_k=1, tma=tma, flatten=m > 1024)
     if m <= 16 and tiles < 2 * spec.sms and iterations >= 6 * spec.sms:
         del cfg["split_k"]
         cfg.update(schedule="stream", tma=False)
@@ -421,15 +436,17 @@ def portfolio(problem: Problem, spec: DeviceSpec) -> list[dict]:
         bm, bn, bk = (min(b, max(16, _next_pow2(problem[d]))) for b, d in ((bm, "m"), (bn, "n"), (bk, "k")))
         shape = dict(base, block_m=bm, block_n=bn, block_k=bk, num_stages=stages, num_warps=warps, programs_per_sm=pps)
         for tma in (True, False):
-            cfg = dict(shape, schedule="tiles", split_k=1, tma=tma)
+            cfg = dict(shape, schedule="tiles", split_k=1, tma=tma, flatten=False)
             whole.append(cfg)
+            if m > SPLIT_K_MAX_M and pps == 1:
+                whole.append(dict(cfg, flatten=True))
             if m <= SPLIT_K_MAX_M:          # the split that fills the waves best, if any
                 whole.append(dict(cfg, split_k=split_k_to_fill(cfg, problem, spec)))
         if m <= SPLIT_K_MAX_M:
             for stream_pps in (1, 2, 4) if m <= 16 else (1, 2) if m <= 256 else (1,):
-                stream.append(dict(shape, schedule="stream", programs_per_sm=stream_pps, tma=m > 16))
-        if m > 16:                          # whole waves, then stream-K over the part-empty last one
-            whole.append(dict(shape, schedule="hybrid", tma=True))
+                stream.append(dict(shape, schedule="stream", programs_per_sm=stream_pps, tma=m > 16, flatten=False))
+        if m > 16:                          # whole waves, then the part-empty last one split
+            whole.append(dict(shape, schedule="hybrid", tma=True, flatten=m > SPLIT_K_MAX_M and pps == 1))
     # the family that won most often on the H100 first (a short tuning budget reaches only the head)
     configs = [default_config(problem, spec)] + (stream + whole if m <= 16 else whole + stream)
     unique = []
@@ -472,6 +489,7 @@ def _plan(config_items: tuple | None, m: int, n: int, k: int, dtype: torch.dtype
     else:
         config = dict(config_items)
         config.setdefault("schedule", "tiles")
+        config.setdefault("flatten", False)
         try:
             space(problem).validate(config)
         except ValueError as e:
@@ -588,7 +606,7 @@ def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, c
     _gemm_kernel[(plan.programs,)](
         xa, wa, out, slices, counts, m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0),
         plan.split_k, plan.programs, plan.whole_tiles,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config["group_m"], STREAM=config["schedule"] == "stream",
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config["group_m"], STREAM=config["schedule"] == "stream", FLATTEN=config["flatten"],
         USE_TMA=use_tma, EVEN_K=k % bk == 0, UPCAST=interpreted and x.dtype != torch.float32,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 or interpreted else "tf32",
         num_warps=config["num_warps"], num_stages=config["num_stages"])

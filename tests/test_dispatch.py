@@ -30,7 +30,7 @@ def gemm_problem(m: int, n: int = 128, k: int = 64) -> Problem:
 
 def cfg(block_m: int) -> dict:
     return dict(block_m=block_m, block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=3, schedule="tiles", split_k=1,
-                programs_per_sm=1, tma=False)
+                programs_per_sm=1, tma=False, flatten=False)
 
 
 @pytest.fixture

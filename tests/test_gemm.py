@@ -72,7 +72,8 @@ def test_stream_k_matches_reference_over_repeated_launches(dtype, schedule, m, n
     slices and re-arms its counter, so back-to-back launches (sharing the workspace) stay right."""
     problem = Problem.make("gemm", dtype, m=m, n=n, k=k)
     config = dict(block_m=16, block_n=block_n, block_k=block_k, group_m=4, num_warps=4, num_stages=2,
-                  schedule=schedule, programs_per_sm=programs_per_sm, tma=False)
+                  schedule=schedule, programs_per_sm=programs_per_sm, tma=False,
+                  flatten=schedule == "hybrid" and programs_per_sm == 1)
     assert G.TEMPLATE.reject_reason(config, problem, G.launch_spec(CPU)) is None
     for seed in range(3):
         result = check(G.TEMPLATE, problem, config, seed=seed)
@@ -86,7 +87,7 @@ def test_split_k_covers_uneven_k(split_k, block_k):
     # k=40: the last split is short (masked) or, for 2 x 32, [0, 32) + [32, 40)
     problem = Problem.make("gemm", "fp32", m=5, n=33, k=40)
     config = dict(block_m=16, block_n=32, block_k=block_k, group_m=4, num_warps=4, num_stages=2,
-                  schedule="tiles", split_k=split_k, programs_per_sm=1, tma=False)
+                  schedule="tiles", split_k=split_k, programs_per_sm=1, tma=False, flatten=False)
     result = check(G.TEMPLATE, problem, config)
     assert result, result.reason
 
@@ -137,7 +138,7 @@ def test_default_config_passes_constraints_everywhere(spec_name):
 
 
 BASE = dict(block_m=64, block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=3, schedule="tiles", split_k=1,
-            programs_per_sm=1, tma=False)
+            programs_per_sm=1, tma=False, flatten=False)
 
 
 @pytest.mark.parametrize("change,problem_dims,spec_name,reason", [
@@ -242,7 +243,7 @@ QWEN_SHAPES = [  # (m, n, k): qkv tp8 decode, o tp8, gate_up tp8 prefill, lm_hea
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k", QWEN_SHAPES)
-@pytest.mark.parametrize("variant", ["default", "pointer", "tma", "split_k", "stream", "hybrid"])
+@pytest.mark.parametrize("variant", ["default", "pointer", "tma", "split_k", "stream", "hybrid", "flatten"])
 def test_gpu_qwen3_shapes(device, m, n, k, variant):
     problem = Problem.make("gemm", "bf16", m=m, n=n, k=k)
     spec = G.launch_spec(device)
@@ -257,7 +258,9 @@ def test_gpu_qwen3_shapes(device, m, n, k, variant):
         config.update(block_m=min(config["block_m"], 64), schedule="tiles", split_k=4 if m <= G.SPLIT_K_MAX_M else 1)
     elif variant in ("stream", "hybrid"):
         config = {k: v for k, v in config.items() if k != "split_k"}
-        config.update(schedule=variant, programs_per_sm=2)
+        config.update(schedule=variant, programs_per_sm=2, flatten=False)
+    elif variant == "flatten":
+        config.update(programs_per_sm=1, flatten=True)
     result = check(G.TEMPLATE, problem, config, device=device)
     assert result, f"{config}: {result.reason}"
 
