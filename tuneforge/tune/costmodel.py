@@ -182,25 +182,30 @@ def gemm_time(m: int, n: int, k: int, spec, dtype: str = "bf16", *, block_m: int
 
     # HBM traffic: grouped order keeps GROUP_M row tiles of A hot in L2 while the weight streams, so
     # the weight is read once per group; A is re-read only when a group's rows overflow half the L2.
-    group = max(1, min(group_m, tiles_m))
+    # Stream-K runs the row tiles of a weight column at different k, so each reads it from HBM.
+    group = 1 if schedule == "stream" else max(1, min(group_m, tiles_m))
     a_reads = 1 if group * block_m * k * size <= spec.l2_mb * 2**20 / 2 else math.ceil(tiles_n / 8)
     b_reads = math.ceil(tiles_m / group)
     nbytes = (m * k * a_reads + n * k * b_reads) * size + m * n * size
-    nbytes += sliced_bytes
     in_flight = min(programs, slots) * num_stages * (block_m + block_n) * block_k * size
     need = spec.hbm_bytes_per_s * HBM_LATENCY_S
     mem_eff = min(1.0, in_flight / need)
-    memory = nbytes / (spec.hbm_bytes_per_s * spec.measured_hbm_fraction * mem_eff)
-    return max(compute, memory) + spec.launch_us * 1e-6
+    hbm = spec.hbm_bytes_per_s * spec.measured_hbm_fraction
+    # the slices are stored after a program's K loop and summed after the last one's: not overlapped
+    # with the streaming (bench_split_cost: 7-34 % of a split GEMM's time on an H100)
+    fixup = sliced_bytes / hbm
+    return max(compute, nbytes / (hbm * mem_eff)) + fixup + spec.launch_us * 1e-6
 
 
 def gemm_config_time(m: int, n: int, k: int, config: Optional[Mapping], spec, dtype: str = "bf16") -> float:
     """``gemm_time`` for a template config (None: the cuBLAS-like baseline's best library tile)."""
     if config is None or config.get("baseline"):
+        # the library's kernels include stream-K-like decompositions of a part-empty last wave
         return min(gemm_time(m, n, k, spec, dtype, block_m=bm, block_n=bn, block_k=bk, split_k=s,
                              num_stages=3 if bk == 64 else 2, num_warps=8 if bm * bn >= 128 * 128 else 4,
-                             tma="tma" in spec.features, efficiency=_LIBRARY_EFFICIENCY)
-                   for bm, bn, bk, s in _LIBRARY_TILES)
+                             tma="tma" in spec.features, efficiency=_LIBRARY_EFFICIENCY, schedule=schedule)
+                   for bm, bn, bk, s in _LIBRARY_TILES for schedule in ("tiles", "hybrid")
+                   if s == 1 or schedule == "tiles")
     return gemm_time(
         m, n, k, spec, dtype,
         block_m=int(_get(config, 128, "BLOCK_M", "BM", "block_size_m")),
