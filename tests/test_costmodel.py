@@ -110,3 +110,32 @@ def test_tp_strategies_trade_places_with_message_size():
     ag = {"strategy": "ag_rs", **tile}
     assert cm.predict(None, decode, ar, H100) < cm.predict(None, decode, ag, H100)
     assert cm.predict(None, prefill, ag, H100) < cm.predict(None, prefill, {**ar, "ar_strategy": "two_shot"}, H100)
+
+
+def _geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def test_gemm_model_against_the_committed_h100_measurements():
+    """Every config bench_gemm timed on an H100 (benchmarks/results, ~3000 points over 100 shapes):
+    predicted vs measured times stay within a factor 1.25 on geometric average, the model's
+    favourite config per shape is within 5 % of the measured best, and cuBLAS within 1.2x."""
+    import glob
+    import json
+    import os
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
+    (path,) = sorted(glob.glob(os.path.join(root, "bench_gemm-NVIDIA_H100*.json")))[-1:]
+    rows = json.load(open(path))["rows"]
+    errors, pick_loss, baseline = [], [], []
+    for r in rows:
+        timed = [t for t in r["candidates"] if "us" in t]
+        predicted = [(cm.gemm_config_time(r["m"], r["n"], r["k"], t["config"], H100) * 1e6, t["us"]) for t in timed]
+        errors += [max(p / t, t / p) for p, t in predicted]
+        pick_loss.append(min(predicted)[1] / min(t for _, t in predicted))
+        p = cm.gemm_config_time(r["m"], r["n"], r["k"], None, H100) * 1e6
+        baseline.append(max(p / r["cublas_us"], r["cublas_us"] / p))
+    assert len(rows) >= 100 and len(errors) > 1000
+    assert _geomean(errors) < 1.25
+    assert _geomean(pick_loss) < 1.05
+    assert _geomean(baseline) < 1.2
