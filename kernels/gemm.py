@@ -158,11 +158,10 @@ def _stream_owner(it, per, extra):
 
 
 @triton.jit
-def _mn_tile(x, w, tile, num_pid_m, num_pid_n, M, N, K, k_begin, k_end, stride_xm, stride_xk, stride_wn, stride_wk,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+def _mn_tile(x, w, pid_m, pid_n, M, N, K, k_begin, k_end, stride_xm, stride_xk, stride_wn, stride_wk,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
              USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """(accumulator over [k_begin, k_end), off_m, off_n) of output tile ``tile`` in grouped order."""
-    pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+    """(accumulator over [k_begin, k_end), off_m, off_n) of output tile (pid_m, pid_n)."""
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
     if USE_TMA:
@@ -183,7 +182,8 @@ def _gemm_kernel(x, w, y, partial, counts, M, N, K, stride_xm, stride_xk, stride
                  UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Persistent. The first ``whole_tiles`` tiles go whole, program p taking tiles p, p + num_programs,
     ...; the rest are computed in K slices that meet in the fp32 workspace ``partial``. ``STREAM``
-    (stream-K): the rest's K iterations, laid end to end, are cut into num_programs even shares, so no
+    (stream-K, no whole tiles): the K iterations of the weight's columns, laid end to end, are cut
+    into even shares, one per set of programs that computes a column's row tiles side by side, so no
     wave is left part-empty (slices: [programs, 2, BLOCK_M, BLOCK_N], slot 0 a program's first
     tile's, slot 1 its last one's). Else each tile left is cut into ``split_k`` even K ranges (slices:
     [split_k, tiles left, BLOCK_M, BLOCK_N]). Schedules: ``tiles`` (all whole, or all split),
@@ -195,36 +195,48 @@ def _gemm_kernel(x, w, y, partial, counts, M, N, K, stride_xm, stride_xk, stride
     # whole tiles (the tiles schedule unsplit; hybrid: the full waves), one per program per wave
     # FLATTEN: the compiler pipelines across tiles, so a tile's loads start under the last one's epilogue
     for tile in tl.range(pid, whole_tiles, num_programs, flatten=FLATTEN):
-        acc, off_m, off_n = _mn_tile(x, w, tile, num_pid_m, num_pid_n, M, N, K, 0, K, stride_xm, stride_xk,
-                                     stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, USE_TMA, EVEN_K,
-                                     UPCAST, INPUT_PRECISION)
+        pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        acc, off_m, off_n = _mn_tile(x, w, pid_m, pid_n, M, N, K, 0, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                                     BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION)
         store_tile(y, acc, off_m, off_n, M, N, stride_ym, BLOCK_M, BLOCK_N)
     rest = tiles_mn - whole_tiles      # the tiles left are computed in K slices
     slab = BLOCK_M * BLOCK_N           # one fp32 slice in the workspace (row stride BLOCK_N)
     if STREAM:
+        # The row tiles of a weight column run in lockstep: program p is lane p % lanes (a row tile)
+        # of set p // lanes, and the sets share the columns' K iterations evenly, so the row tiles of
+        # a column read its weight at the same k, once from HBM. (Fewer programs than row tiles: one
+        # lane, the tiles in grouped order.)
+        lanes = tl.where(num_pid_m <= num_programs, num_pid_m, 1)
+        lane = pid % lanes
+        set_id = pid // lanes
+        sets = num_programs // lanes
         k_iters = tl.cdiv(K, BLOCK_K)
-        total = rest * k_iters
-        per = total // num_programs
-        extra = total % num_programs
-        start = pid * per + tl.minimum(pid, extra)
-        end = start + per + (pid < extra).to(tl.int32)
+        total = tiles_mn // lanes * k_iters
+        per = total // sets
+        extra = total % sets
+        start = set_id * per + tl.minimum(set_id, extra)
+        end = tl.where(set_id < sets, start + per + (set_id < extra).to(tl.int32), start)
         it = start
         while it < end:
-            shared = it // k_iters
-            tile = whole_tiles + shared
-            k0 = it - shared * k_iters
+            col = it // k_iters
+            k0 = it - col * k_iters
             k1 = tl.minimum(k_iters, k0 + end - it)
-            acc, off_m, off_n = _mn_tile(x, w, tile, num_pid_m, num_pid_n, M, N, K, k0 * BLOCK_K,
-                                         tl.minimum(k1 * BLOCK_K, K), stride_xm, stride_xk, stride_wn, stride_wk,
-                                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, USE_TMA, EVEN_K, UPCAST,
-                                         INPUT_PRECISION)
-            first = _stream_owner(shared * k_iters, per, extra)
-            last = _stream_owner(shared * k_iters + k_iters - 1, per, extra)
-            # the first contributor's slice is its last tile's (slot 1); the others start inside the tile (slot 0)
-            mine = partial + (2 * pid + (pid == first).to(tl.int32)).to(tl.int64) * slab
-            finish_tile(acc, y, counts, tile, mine, partial + (2 * first + 1).to(tl.int64) * slab,
-                        partial + (2 * first + 2).to(tl.int64) * slab, 2 * slab, last - first + 1,
-                        off_m, off_n, M, N, stride_ym, BLOCK_N, BLOCK_M, BLOCK_N)
+            if lanes == 1:
+                pid_m, pid_n = grouped_tile(col, num_pid_m, num_pid_n, GROUP_M)
+            else:
+                pid_m, pid_n = lane, col
+            acc, off_m, off_n = _mn_tile(x, w, pid_m, pid_n, M, N, K, k0 * BLOCK_K, tl.minimum(k1 * BLOCK_K, K),
+                                         stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K,
+                                         USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION)
+            first = _stream_owner(col * k_iters, per, extra)
+            last = _stream_owner(col * k_iters + k_iters - 1, per, extra)
+            # a set's slots in this lane: 0 the slice of its first column, 1 that of its last; the first
+            # contributor's slice of this tile is its last column's, the others start inside the tile
+            mine = partial + (2 * pid + (set_id == first).to(tl.int32)).to(tl.int64) * slab
+            finish_tile(acc, y, counts, col * lanes + lane, mine,
+                        partial + (2 * (first * lanes + lane) + 1).to(tl.int64) * slab,
+                        partial + (2 * ((first + 1) * lanes + lane)).to(tl.int64) * slab, 2 * lanes * slab,
+                        last - first + 1, off_m, off_n, M, N, stride_ym, BLOCK_N, BLOCK_M, BLOCK_N)
             it += k1 - k0
     else:
         # split-major units: the slices of one split run side by side at the same k, so tiles that
@@ -234,10 +246,10 @@ def _gemm_kernel(x, w, y, partial, counts, M, N, K, stride_xm, stride_xk, stride
             split = unit // rest
             r = unit - split * rest
             k_begin = tl.multiple_of(split * k_per_split, BLOCK_K)
-            acc, off_m, off_n = _mn_tile(x, w, whole_tiles + r, num_pid_m, num_pid_n, M, N, K, k_begin,
-                                         tl.minimum(k_begin + k_per_split, K), stride_xm, stride_xk, stride_wn,
-                                         stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, USE_TMA, EVEN_K, UPCAST,
-                                         INPUT_PRECISION)
+            pid_m, pid_n = grouped_tile(whole_tiles + r, num_pid_m, num_pid_n, GROUP_M)
+            acc, off_m, off_n = _mn_tile(x, w, pid_m, pid_n, M, N, K, k_begin, tl.minimum(k_begin + k_per_split, K),
+                                         stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K,
+                                         USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION)
             at = partial + r.to(tl.int64) * slab
             plane = rest.to(tl.int64) * slab
             finish_tile(acc, y, counts, whole_tiles + r, at + split * plane, at, at + plane, plane, split_k,

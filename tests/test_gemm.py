@@ -59,8 +59,9 @@ def test_sampled_configs_match_reference(dtype):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("schedule,m,n,k,block_n,block_k,programs_per_sm", [
     ("stream", 1, 48, 200, 16, 16, 1),    # 3 tiles x 13 K blocks over 4 programs: every tile is shared
-    ("stream", 37, 70, 96, 32, 32, 2),    # 6 tiles x 3 K blocks over 8 programs: shares end inside tiles
+    ("stream", 37, 70, 96, 32, 32, 2),    # 3 row tiles in lockstep x 2 sets sharing 3 columns x 3 K blocks
     ("stream", 3, 20, 40, 32, 16, 1),     # 1 tile of 3 K blocks (the last one short): 3 programs share it
+    ("stream", 90, 40, 64, 32, 16, 1),    # 6 row tiles > 4 programs: no lockstep, tiles in grouped order
     ("hybrid", 33, 70, 200, 32, 16, 1),   # 9 tiles over 4 programs: 8 whole, 1 split 4 ways (k 64/64/64/8)
     ("hybrid", 50, 70, 200, 16, 16, 2),   # 20 tiles over 8 programs: 16 whole, 4 split 2 ways (k 112/88)
     ("hybrid", 37, 70, 40, 16, 16, 1),    # 15 tiles over 4 programs: 12 whole, 3 left whole (too few to split)

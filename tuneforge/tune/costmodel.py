@@ -182,8 +182,8 @@ def gemm_time(m: int, n: int, k: int, spec, dtype: str = "bf16", *, block_m: int
 
     # HBM traffic: grouped order keeps GROUP_M row tiles of A hot in L2 while the weight streams, so
     # the weight is read once per group; A is re-read only when a group's rows overflow half the L2.
-    # Stream-K runs the row tiles of a weight column at different k, so each reads it from HBM.
-    group = 1 if schedule == "stream" else max(1, min(group_m, tiles_m))
+    # (stream-K runs the row tiles of a weight column in lockstep, so it reuses the weight as tiles do)
+    group = tiles_m if schedule == "stream" else max(1, min(group_m, tiles_m))
     a_reads = 1 if group * block_m * k * size <= spec.l2_mb * 2**20 / 2 else math.ceil(tiles_n / 8)
     b_reads = math.ceil(tiles_m / group)
     nbytes = (m * k * a_reads + n * k * b_reads) * size + m * n * size
