@@ -312,8 +312,7 @@ def gemm_rejection(config: dict, dtype: str, m: int, n: int, k: int, spec, const
                    pipelines: int = 1) -> str | None:
     """The first of gemm's ``constraints`` the tiles of ``config`` violate on an m x n x k GEMM inside
     a kernel with ``pipelines`` pipelined K loops (spec None: no device to fit, the interpreter's rules)."""
-    cfg = {**{key: config[key] for key in TILE_KEYS}, "schedule": "tiles", "split_k": 1, "programs_per_sm": 1,
-                "flatten": False}
+    cfg = G.whole_tiles_config({key: config[key] for key in TILE_KEYS})
     spec = pipeline_spec(spec, pipelines)
     problem = Problem.make("gemm", dtype, m=max(1, m), n=n, k=k)
     for c in constraints:

@@ -2,9 +2,11 @@
 
 Search space: tile sizes BLOCK_M/N/K, grouped tile order (GROUP_M), warps, pipeline stages, the
 schedule of the persistent grid (``tiles``: whole tiles, optionally split-K; ``stream``: stream-K, the
-tiles' K iterations cut into even shares per program so no wave runs part-empty), programs per SM, and
-on Hopper-class devices TMA loads through host-side tensor descriptors. Split tiles are summed in the
-same launch: the last program to finish a slice adds the others' fp32 slices (``finish_tile``).
+K iterations cut into even shares per program so no wave runs part-empty; ``hybrid``: whole tiles
+for the full waves, the last wave's tiles split-K'd), programs per SM, a tile loop flattened so the
+compiler pipelines across tiles, and on Hopper-class devices TMA loads through host-side tensor
+descriptors. Split tiles are summed in the same launch: the last program to finish a slice adds the
+others' fp32 slices (``finish_tile``).
 
 Building blocks for fused kernels (AllGather-GEMM, GEMM-ReduceScatter) -- call these instead of
 copying the loop:
@@ -30,7 +32,7 @@ from tuneforge.dsl.problem import DTYPE_NAMES, Problem
 from tuneforge.dsl.space import Space, categorical, pow2
 from tuneforge.dsl.template import Template, register
 from tuneforge.errors import ConfigRejected, InputError
-from tuneforge.tune.costmodel import gemm_config_time
+from tuneforge.tune.costmodel import gemm_config_time, hybrid_split
 from tuneforge.tune.devices import DEFAULT_TARGET, SPECS, DeviceSpec, local_device
 
 ELEM_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -276,6 +278,16 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
 
+def whole_tiles_config(tiles: dict) -> dict:
+    """A full config for tiles a fused kernel's config chose: whole tiles, one program per SM, no
+    flattening (what the fused kernels' own persistent loops run)."""
+    return {**tiles, "schedule": "tiles", "split_k": 1, "programs_per_sm": 1, "flatten": False}
+
+
+def output_tiles(problem: Problem, block_m: int, block_n: int) -> int:
+    return -(-problem["m"] // block_m) * -(-problem["n"] // block_n)
+
+
 def tma_unavailable(config: dict, problem: Problem, spec: DeviceSpec) -> str | None:
     if not config["tma"]:
         return None
@@ -306,7 +318,7 @@ def split_k_insane(config: dict, problem: Problem, spec: DeviceSpec) -> str | No
             return f"schedule: m={problem['m']} > {SPLIT_K_MAX_M} fills the device in whole tiles (stream-K only adds slices)"
         return None
     if config.get("schedule") == "hybrid":
-        tiles = -(-problem["m"] // config["block_m"]) * -(-problem["n"] // config["block_n"])
+        tiles = output_tiles(problem, config["block_m"], config["block_n"])
         slots = spec.sms * config.get("programs_per_sm", 1)
         if tiles <= slots:
             return f"schedule: hybrid with {tiles} tiles <= {slots} programs has no whole wave (that is stream)"
@@ -361,7 +373,7 @@ def split_k_to_fill(config: dict, problem: Problem, spec: DeviceSpec) -> int:
     """The smallest split whose (tile, split) units fill the persistent grid's waves to
     SPLIT_FILL_ENOUGH, else the one that fills them best, keeping >= 4 K blocks per split; 1 when
     the tiles alone fill a wave."""
-    tiles = -(-problem["m"] // config["block_m"]) * -(-problem["n"] // config["block_n"])
+    tiles = output_tiles(problem, config["block_m"], config["block_n"])
     slots = spec.sms * config.get("programs_per_sm", 1)
     if tiles >= slots:
         return 1
@@ -390,7 +402,7 @@ def default_config(problem: Problem, spec: DeviceSpec, programs_per_sm: int | No
     ``programs_per_sm=1`` (fused kernels' persistent GEMMs): tiles for one program per SM, 64x128x128
     up to 256 rows and 128x256x64 beyond."""
     one_per_sm = programs_per_sm == 1
-    m, n, k = problem["m"], problem["n"], problem["k"]
+    m, k = problem["m"], problem["k"]
     if m <= 16:
         cfg = dict(block_m=16, block_n=64, block_k=256, group_m=1, num_warps=4, num_stages=3, programs_per_sm=1)
     elif m <= 256 and one_per_sm:
@@ -404,7 +416,7 @@ def default_config(problem: Problem, spec: DeviceSpec, programs_per_sm: int | No
     # clamp tiles to the problem
     for name, dim in (("block_m", "m"), ("block_n", "n"), ("block_k", "k")):
         cfg[name] = min(cfg[name], max(16, _next_pow2(problem[dim])))
-    tiles = -(-m // cfg["block_m"]) * -(-n // cfg["block_n"])
+    tiles = output_tiles(problem, cfg["block_m"], cfg["block_n"])
     slots = spec.sms * cfg["programs_per_sm"]
     iterations = tiles * -(-k // cfg["block_k"])
     tma = tma_unavailable({**cfg, "tma": True}, problem, spec) is None
@@ -428,8 +440,8 @@ def default_config(problem: Problem, spec: DeviceSpec, programs_per_sm: int | No
 
 def portfolio(problem: Problem, spec: DeviceSpec) -> list[dict]:
     """Configs worth trying first for this shape (the default first), per token class: whole tiles,
-    unsplit and split-K to fill the waves, with and without TMA, and past decode sizes the hybrid
-    (whole waves, stream-K for the last); up to 512 tokens also stream-K on the same tiles (1 program
+    unsplit and split-K to fill the waves, with and without TMA (flattened, past 512 tokens), and past
+    decode sizes the hybrid (whole waves, the last split); up to 512 tokens also stream-K on the same tiles (1 program
     per SM; up to 256 tokens 2 too, and 4 for decode), listed first for decode. The tuner
     enqueues them before its sampler explores; bench_gemm's short search is exactly this list."""
     m = problem["m"]
@@ -491,9 +503,9 @@ class LaunchPlan(NamedTuple):
 
 @functools.lru_cache(maxsize=4096)
 def _plan(config_items: tuple | None, m: int, n: int, k: int, dtype: torch.dtype, device: torch.device):
-    """The ``LaunchPlan`` of one launch: the default
-    config, or the given one checked against the space and the launch constraints (a config from
-    before schedules existed is a ``tiles`` one). Cached, so the hot path pays one lookup."""
+    """The ``LaunchPlan`` of one launch: the default config, or the given one checked against the
+    space and the launch constraints (a config from before schedules existed is an unflattened
+    ``tiles`` one). Cached, so the hot path pays one lookup."""
     problem = Problem.make("gemm", DTYPE_NAMES[dtype], m=m, n=n, k=k)
     spec = launch_spec(device)
     if config_items is None:
@@ -523,12 +535,6 @@ def _plan(config_items: tuple | None, m: int, n: int, k: int, dtype: torch.dtype
         whole = tiles if split == 1 else 0
     programs = min(whole + (tiles - whole) * split, slots)
     return LaunchPlan(config, programs, whole, split, (split * (tiles - whole) * bm * bn if split > 1 else 0), tiles)
-
-
-def hybrid_split(rest: int, slots: int, k_iters: int) -> int:
-    """The hybrid schedule's split of the ``rest`` tiles past the full waves: as many as fill one
-    wave of ``slots`` programs, keeping >= 2 K blocks per split."""
-    return max(1, min(slots // rest, k_iters // 2)) if rest else 1
 
 
 _WORKSPACES: dict = {}
@@ -618,7 +624,8 @@ def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, c
     _gemm_kernel[(plan.programs,)](
         xa, wa, out, slices, counts, m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0),
         plan.split_k, plan.programs, plan.whole_tiles,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config["group_m"], STREAM=config["schedule"] == "stream", FLATTEN=config["flatten"],
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config["group_m"], STREAM=config["schedule"] == "stream",
+        FLATTEN=config["flatten"],
         USE_TMA=use_tma, EVEN_K=k % bk == 0, UPCAST=interpreted and x.dtype != torch.float32,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 or interpreted else "tf32",
         num_warps=config["num_warps"], num_stages=config["num_stages"])

@@ -122,9 +122,7 @@ def _sub_configs(items: tuple, world: int, m: int, hidden: int, dtype: str) -> d
     if config["strategy"] == "gemm_ar":
         ar = AR.TEMPLATE.default_config(Problem.make("allreduce", dtype, world, m=m, n=hidden), None)
         ar.update(strategy=config["ar_strategy"], variant=config["ar_variant"], comm_sms=config["comm_sms"])
-        return {"gemm": {**tiles, "schedule": "tiles", "split_k": 1, "programs_per_sm": 1,
-                         "flatten": False},
-                "allreduce": ar}
+        return {"gemm": G.whole_tiles_config(tiles), "allreduce": ar}
     fused = {**tiles, **{key: config[key] for key in ("variant", "signal", "order", "comm_sms", "chunk_tiles")
                          if key in config}}
     return {"ag_gemm": {**fused, "gather": config["gather"]}, "gemm_rs": {**fused, "reduce": config["reduce"]}}
