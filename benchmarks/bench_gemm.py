@@ -106,7 +106,7 @@ def bench_problem(layer: str, tp: int, problem: Problem, spec, device, explore: 
         except Exception as e:   # a candidate that fails to compile (resources) is skipped, not fatal
             t["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     # the search's front runners and the default, re-timed with cuBLAS in interleaved replays:
-    # the reported ratios share the same clocks (back-to-back runs drift by up to 10 %)
+    # the reported ratios share the same clocks (back-to-back runs drifted by up to 20 %)
     finalists = sorted((t for t in tried if "us" in t), key=lambda t: t["us"])[:FINALISTS]
     if "us" in tried[0] and tried[0] not in finalists:
         finalists.append(tried[0])

@@ -22,11 +22,10 @@ SPMD code does), which keeps offsets symmetric. ``scope()`` frees what was alloc
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import contextlib
 import os
 import uuid
+from typing import Callable
 from typing import Optional
 
 import torch

@@ -101,7 +101,8 @@ def _capture(calls: Sequence[Callable[[], object]]) -> torch.cuda.CUDAGraph:
     return g
 
 
-def _replay_times(graphs: Sequence[torch.cuda.CUDAGraph], calls_per_graph: Sequence[int], rounds: int) -> list[Timing]:
+def _replay_times(graphs: Sequence[torch.cuda.CUDAGraph], calls_per_graph: Sequence[int],
+                  rounds: int) -> list[Timing]:
     """Per-call time of each graph over ``rounds`` rounds that replay every graph once, in turn."""
     samples = [[] for _ in graphs]
     for _ in range(rounds):
@@ -120,7 +121,7 @@ def time_interleaved(candidates: Sequence[Sequence[Callable[[], object]]], *, ro
     """Time several candidates (each a list of calls over rotated input sets, captured as one CUDA
     graph) with their replays interleaved A, B, C, A, B, C, ...: drift in clocks and power (an H100
     slows down as a long GEMM run heats it) then reaches all of them alike, so their ratios are fair
-    where back-to-back runs can differ by 10 %. Needs a GPU."""
+    where back-to-back runs of one config differed by up to 20 % on an H100. Needs a GPU."""
     graphs = []
     for calls in candidates:
         for i in range(warmup):
