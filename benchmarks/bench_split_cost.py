@@ -5,7 +5,7 @@ replays interleaved, next to cuBLAS and the same tiles unsplit.
 - ``slices_only``: the slices are stored, nobody sums them (y wrong by construction: a timing probe);
 - ``no_slices``: the split's compute alone, y from the last arrival's own slice (wrong: a probe);
 - ``own_in_registers``: as ``current``, but the last to arrive adds its own slice from registers
-  instead of reading it back (on an H100: 3-5 % faster on 128x128 tiles, 15 % slower on 128x256,
+  instead of reading it back (on an H100: 4-5 % faster on 128x128 tiles, 4-15 % slower on 128x256,
   whose accumulator then changes layout through shared memory).
 
 The variants are the kernel's source with ``finish_tile``'s body replaced (the script stops with a
