@@ -1,6 +1,7 @@
 """GEMM: y[m, n] = x[m, k] @ w[n, k].T (w in nn.Linear layout), one persistent Triton kernel.
 
-Search space: tile sizes BLOCK_M/N/K, grouped tile order (GROUP_M), warps, pipeline stages, the
+Search space: tile sizes BLOCK_M/N/K (BLOCK_N also a power of two plus a smaller one: 96, 160, 192,
+... as two accumulators, whole tiles only), grouped tile order (GROUP_M), warps, pipeline stages, the
 schedule of the persistent grid (``tiles``: whole tiles, optionally split-K; ``stream``: stream-K, the
 K iterations cut into even shares per program so no wave runs part-empty; ``hybrid``: whole tiles
 for the full waves, the last wave's tiles split-K'd), programs per SM, a tile loop flattened so the
@@ -15,6 +16,7 @@ copying the loop:
 - ``gemm_tile(...)``: one fp32 ``[BLOCK_M, BLOCK_N]`` accumulator of ``x @ w.T`` over ``[k_begin, k_end)``
   through pointer loads (any strides, masks on K, interpreter fp32 upcast).
 - ``gemm_tile_tma(...)``: the same through tensor descriptors (out-of-range rows/cols/k read as 0).
+- ``gemm_tile_wide(...)``: a whole tile BLOCK_N + BLOCK_N_LO wide, either way.
 - ``store_tile(...)``: masked store of an accumulator into a row-major ``[M, N]`` output.
 """
 from __future__ import annotations
@@ -44,6 +46,9 @@ SPLIT_K_MAX_M = 512
 # the full waves, the tiles of the last, part-empty one split-K'd to fill it.
 SCHEDULES = ("tiles", "stream", "hybrid")
 SPLITS = (1, 2, 3, 4, 6, 8, 16)
+# Tile widths: powers of two, and a power of two plus a smaller one (two accumulators, whole tiles
+# only) -- 512 x 5120 makes 80 tiles of 128 x 256 (61 % of an H100's 132 SMs) but 128 of 128 x 160.
+BLOCK_NS = (16, 32, 48, 64, 80, 96, 128, 160, 192, 256)
 
 
 # --- device building blocks ---------------------------------------------------------------------
@@ -106,6 +111,52 @@ def gemm_tile_tma(x_desc, w_desc, off_m, off_n, k_begin, k_end,
         b = w_desc.load([off_n, k])
         acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
     return acc
+
+
+@triton.jit
+def gemm_tile_wide(x, w, w_lo, off_m, off_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_LO: tl.constexpr, BLOCK_K: tl.constexpr,
+                   USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """A whole tile BLOCK_N + BLOCK_N_LO wide (128 + 64, 128 + 32, ...: widths a power of two cannot
+    express, which fill the SMs where power-of-two tiles leave a wave part-empty), as two
+    accumulators [BLOCK_M, BLOCK_N] at ``off_n`` and [BLOCK_M, BLOCK_N_LO] at ``off_n + BLOCK_N``
+    that share each k step's x block. TMA: ``w`` and ``w_lo`` are descriptors of w with block rows
+    BLOCK_N and BLOCK_N_LO; pointers: both are w. Edges as in ``gemm_tile`` / ``gemm_tile_tma``."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_lo = tl.zeros((BLOCK_M, BLOCK_N_LO), dtype=tl.float32)
+    if USE_TMA:
+        for k in tl.range(0, K, BLOCK_K):
+            a = x.load([off_m, k])
+            acc = tl.dot(a, w.load([off_n, k]).T, acc, input_precision=INPUT_PRECISION)
+            acc_lo = tl.dot(a, w_lo.load([off_n + BLOCK_N, k]).T, acc_lo, input_precision=INPUT_PRECISION)
+    else:
+        rows = ((off_m + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
+        cols = ((off_n + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+        cols_lo = ((off_n + BLOCK_N + tl.arange(0, BLOCK_N_LO)) % N).to(tl.int64)
+        ks = tl.arange(0, BLOCK_K)
+        x_ptrs = x + rows[:, None] * stride_xm + ks[None, :] * stride_xk
+        w_ptrs = w + cols[None, :] * stride_wn + ks[:, None] * stride_wk
+        w_lo_ptrs = w_lo + cols_lo[None, :] * stride_wn + ks[:, None] * stride_wk
+        for k in tl.range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(x_ptrs)
+                b = tl.load(w_ptrs)
+                b_lo = tl.load(w_lo_ptrs)
+            else:
+                in_k = k + ks < K
+                a = tl.load(x_ptrs, mask=in_k[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=in_k[:, None], other=0.0)
+                b_lo = tl.load(w_lo_ptrs, mask=in_k[:, None], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+                b_lo = b_lo.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc_lo = tl.dot(a, b_lo, acc_lo, input_precision=INPUT_PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+            w_lo_ptrs += BLOCK_K * stride_wk
+    return acc, acc_lo
 
 
 @triton.jit
@@ -177,9 +228,10 @@ def _mn_tile(x, w, pid_m, pid_n, M, N, K, k_begin, k_end, stride_xm, stride_xk, 
 # M changes with every batch: not specialized, so one compile serves all token counts. N stays
 # specialized: its divisibility lets the masked epilogue store vectors instead of scalars.
 @triton.jit(do_not_specialize=["M"])
-def _gemm_kernel(x, w, y, partial, counts, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
+def _gemm_kernel(x, w, w_lo, y, partial, counts, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
                  split_k, num_programs, whole_tiles,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_LO: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr,
                  STREAM: tl.constexpr, FLATTEN: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr,
                  UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Persistent. The first ``whole_tiles`` tiles go whole, program p taking tiles p, p + num_programs,
@@ -189,18 +241,28 @@ def _gemm_kernel(x, w, y, partial, counts, M, N, K, stride_xm, stride_xk, stride
     wave is left part-empty (slices: [programs, 2, BLOCK_M, BLOCK_N], slot 0 a program's first
     tile's, slot 1 its last one's). Else each tile left is cut into ``split_k`` even K ranges (slices:
     [split_k, tiles left, BLOCK_M, BLOCK_N]). Schedules: ``tiles`` (all whole, or all split),
-    ``stream`` (none whole), ``hybrid`` (the full waves whole, the last wave's tiles split to fill it)."""
+    ``stream`` (none whole), ``hybrid`` (the full waves whole, the last wave's tiles split to fill it).
+    ``BLOCK_N_LO`` > 0: tiles BLOCK_N + BLOCK_N_LO wide (``gemm_tile_wide``; the tiles schedule unsplit only)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_n = tl.cdiv(N, BLOCK_N + BLOCK_N_LO)
     tiles_mn = num_pid_m * num_pid_n
     pid = tl.program_id(0)
     # whole tiles (the tiles schedule unsplit; hybrid: the full waves), one per program per wave
     # FLATTEN: the compiler pipelines across tiles, so a tile's loads start under the last one's epilogue
     for tile in tl.range(pid, whole_tiles, num_programs, flatten=FLATTEN):
         pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
-        acc, off_m, off_n = _mn_tile(x, w, pid_m, pid_n, M, N, K, 0, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                                     BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION)
-        store_tile(y, acc, off_m, off_n, M, N, stride_ym, BLOCK_M, BLOCK_N)
+        if BLOCK_N_LO == 0:
+            acc, off_m, off_n = _mn_tile(x, w, pid_m, pid_n, M, N, K, 0, K, stride_xm, stride_xk, stride_wn,
+                                         stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION)
+            store_tile(y, acc, off_m, off_n, M, N, stride_ym, BLOCK_M, BLOCK_N)
+        else:
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * (BLOCK_N + BLOCK_N_LO)
+            acc, acc_lo = gemm_tile_wide(x, w, w_lo, off_m, off_n, M, N, K, stride_xm, stride_xk, stride_wn,
+                                         stride_wk, BLOCK_M, BLOCK_N, BLOCK_N_LO, BLOCK_K, USE_TMA, EVEN_K, UPCAST,
+                                         INPUT_PRECISION)
+            store_tile(y, acc, off_m, off_n, M, N, stride_ym, BLOCK_M, BLOCK_N)
+            store_tile(y, acc_lo, off_m, off_n + BLOCK_N, M, N, stride_ym, BLOCK_M, BLOCK_N_LO)
     rest = tiles_mn - whole_tiles      # the tiles left are computed in K slices
     slab = BLOCK_M * BLOCK_N           # one fp32 slice in the workspace (row stride BLOCK_N)
     if STREAM:
@@ -262,7 +324,7 @@ def _gemm_kernel(x, w, y, partial, counts, M, N, K, stride_xm, stride_xk, stride
 
 def space(problem: Problem) -> Space:
     return Space(
-        pow2("block_m", 16, 256), pow2("block_n", 16, 256), pow2("block_k", 16, 256),
+        pow2("block_m", 16, 256), categorical("block_n", BLOCK_NS), pow2("block_k", 16, 256),
         categorical("group_m", [1, 4, 8, 16]),
         categorical("num_warps", [4, 8]),
         categorical("num_stages", [2, 3, 4, 5]),
@@ -282,6 +344,12 @@ def whole_tiles_config(tiles: dict) -> dict:
     """A full config for tiles a fused kernel's config chose: whole tiles, one program per SM, no
     flattening (what the fused kernels' own persistent loops run)."""
     return {**tiles, "schedule": "tiles", "split_k": 1, "programs_per_sm": 1, "flatten": False}
+
+
+def split_width(block_n: int) -> tuple[int, int]:
+    """A tile width as (power of two, the rest): 192 -> (128, 64), 128 -> (128, 0)."""
+    high = 1 << (block_n.bit_length() - 1)
+    return high, block_n - high
 
 
 def output_tiles(problem: Problem, block_m: int, block_n: int) -> int:
@@ -336,6 +404,13 @@ def split_k_insane(config: dict, problem: Problem, spec: DeviceSpec) -> str | No
     return None
 
 
+def wide_tile_split(config: dict, problem: Problem, spec: DeviceSpec) -> str | None:
+    if split_width(config["block_n"])[1] and (config.get("schedule", "tiles") != "tiles" or config.get("split_k", 1) > 1):
+        return (f"block_n={config['block_n']}: tiles that are not a power of two wide run whole "
+                f"(schedule tiles, split_k 1)")
+    return None
+
+
 def flatten_crowds_sm(config: dict, problem: Problem, spec: DeviceSpec) -> str | None:
     # measured on an H100: the flattened loop's extra buffers stop two programs sharing an SM (1.5x slower)
     if config.get("flatten") and config.get("programs_per_sm", 1) > 1:
@@ -352,7 +427,7 @@ def tile_exceeds_problem(config: dict, problem: Problem, spec: DeviceSpec) -> st
 
 
 # Constraints a launch must pass (the kernel could not run otherwise) ...
-LAUNCH_CONSTRAINTS = (tma_unavailable, smem_overflow)
+LAUNCH_CONSTRAINTS = (tma_unavailable, smem_overflow, wide_tile_split)
 # ... and those that only keep the search away from configs that waste time.
 CONSTRAINTS = LAUNCH_CONSTRAINTS + (register_pressure, split_k_insane, flatten_crowds_sm, tile_exceeds_problem)
 
@@ -442,8 +517,9 @@ def portfolio(problem: Problem, spec: DeviceSpec) -> list[dict]:
     """Configs worth trying first for this shape (the default first), per token class: whole tiles,
     unsplit and split-K to fill the waves, with and without TMA (flattened, past 512 tokens), and past
     decode sizes the hybrid (whole waves, the last split); up to 512 tokens also stream-K on the same tiles (1 program
-    per SM; up to 256 tokens 2 too, and 4 for decode), listed first for decode. The tuner
-    enqueues them before its sampler explores; bench_gemm's short search is exactly this list."""
+    per SM; up to 256 tokens 2 too, and 4 for decode), listed first for decode; from 257 to 1024 tokens
+    also 128 x 96 / 160 / 192 whole tiles. The tuner enqueues them before its sampler explores;
+    bench_gemm's short search is exactly this list."""
     m = problem["m"]
     base = dict(group_m=1 if m <= 16 else 8, tma=True)
     # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, programs per SM)
@@ -456,6 +532,10 @@ def portfolio(problem: Problem, spec: DeviceSpec) -> list[dict]:
         tiles = [(128, 128, 64, 3, 8, 2), (128, 256, 64, 3, 8, 1), (128, 128, 64, 4, 8, 1), (256, 128, 64, 3, 8, 1),
                  (64, 256, 64, 3, 8, 1), (64, 128, 64, 4, 4, 2)]
     whole, stream = [], []
+    if 256 < m <= 1024:   # tiles a power of two plus a smaller one wide: the only sizes where they won (by 3-5 %)
+        for bn, stages, pps in ((96, 4, 2), (160, 3, 1), (192, 3, 1)):
+            whole.append(dict(base, block_m=128, block_n=bn, block_k=64, num_stages=stages, num_warps=8,
+                              programs_per_sm=pps, schedule="tiles", split_k=1, flatten=m > SPLIT_K_MAX_M and pps == 1))
     for bm, bn, bk, stages, warps, pps in tiles:
         bm, bn, bk = (min(b, max(16, _next_pow2(problem[d]))) for b, d in ((bm, "m"), (bn, "n"), (bk, "k")))
         shape = dict(base, block_m=bm, block_n=bn, block_k=bk, num_stages=stages, num_warps=warps, programs_per_sm=pps)
@@ -611,20 +691,22 @@ def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, c
         return out.zero_()
     plan = _plan(None if config is None else tuple(sorted(config.items())), m, n, k, x.dtype, x.device)
     config = plan.config
-    bm, bn, bk = config["block_m"], config["block_n"], config["block_k"]
+    bm, bk = config["block_m"], config["block_k"]
+    bn, bn_lo = split_width(config["block_n"])
     use_tma = bool(config["tma"]) and _tma_ready(x) and _tma_ready(w)
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         xa = TensorDescriptor(x, [m, k], [x.stride(0), 1], [bm, bk])
         wa = TensorDescriptor(w, [n, k], [w.stride(0), 1], [bn, bk])
+        wa_lo = TensorDescriptor(w, [n, k], [w.stride(0), 1], [bn_lo, bk]) if bn_lo else wa
     else:
-        xa, wa = x, w
+        xa, wa, wa_lo = x, w, w
     slices, counts = workspace(x.device, plan.floats, plan.tiles) if plan.floats else (out, out)
     interpreted = tuneforge.INTERPRETED
     _gemm_kernel[(plan.programs,)](
-        xa, wa, out, slices, counts, m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0),
+        xa, wa, wa_lo, out, slices, counts, m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0),
         plan.split_k, plan.programs, plan.whole_tiles,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config["group_m"], STREAM=config["schedule"] == "stream",
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_N_LO=bn_lo, BLOCK_K=bk, GROUP_M=config["group_m"], STREAM=config["schedule"] == "stream",
         FLATTEN=config["flatten"],
         USE_TMA=use_tma, EVEN_K=k % bk == 0, UPCAST=interpreted and x.dtype != torch.float32,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 or interpreted else "tf32",

@@ -83,6 +83,22 @@ def test_stream_k_matches_reference_over_repeated_launches(dtype, schedule, m, n
     assert int(counts.abs().sum()) == 0, "a tile counter was left armed"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,block_n,block_k", [
+    (37, 200, 96, 48, 32),     # 32 + 16 wide, 5 columns (the last cut at n), 3 row tiles
+    (16, 100, 40, 80, 16),     # 64 + 16, k not a block multiple
+    (33, 400, 130, 160, 32),   # 128 + 32, the high part of the last column only partly inside n
+    (20, 300, 64, 192, 64),    # 128 + 64: the last column's high part cut at n, its low part entirely outside
+])
+def test_wide_tiles_match_reference(dtype, m, n, k, block_n, block_k):
+    """Tiles a power of two plus a smaller one wide (two accumulators sharing each x block)."""
+    problem = Problem.make("gemm", dtype, m=m, n=n, k=k)
+    config = {**BASE, "block_m": 16, "block_n": block_n, "block_k": block_k, "num_stages": 2, "group_m": 4}
+    assert G.TEMPLATE.reject_reason(config, problem, G.launch_spec(CPU)) is None
+    result = check(G.TEMPLATE, problem, config, seed=m)
+    assert result, result.reason
+
+
 @pytest.mark.parametrize("split_k,block_k", [(2, 16), (3, 16), (4, 16), (2, 32)])
 def test_split_k_covers_uneven_k(split_k, block_k):
     # k=40: the last split is short (masked) or, for 2 x 32, [0, 32) + [32, 40)
@@ -153,6 +169,8 @@ BASE = dict(block_m=64, block_n=64, block_k=64, group_m=8, num_warps=4, num_stag
     (dict(split_k=2), dict(m=1024, n=64, k=4096), "H100", "split_k"),
     (dict(block_m=128), dict(m=16, n=4096, k=4096), "H100", "exceeds"),
     (dict(block_m=48), dict(m=64, n=64, k=64), "H100", "not one of"),
+    (dict(block_n=112), dict(m=64, n=256, k=64), "H100", "not one of"),
+    (dict(block_n=96, split_k=2), dict(m=64, n=256, k=4096), "H100", "run whole"),
 ])
 def test_constraints_reject_before_compiling(change, problem_dims, spec_name, reason):
     p = Problem.make("gemm", "bf16", **problem_dims)
@@ -244,7 +262,8 @@ QWEN_SHAPES = [  # (m, n, k): qkv tp8 decode, o tp8, gate_up tp8 prefill, lm_hea
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k", QWEN_SHAPES)
-@pytest.mark.parametrize("variant", ["default", "pointer", "tma", "split_k", "stream", "hybrid", "flatten"])
+@pytest.mark.parametrize("variant", ["default", "pointer", "tma", "split_k", "stream", "hybrid", "flatten", "wide",
+                                     "wide_pointer"])
 def test_gpu_qwen3_shapes(device, m, n, k, variant):
     problem = Problem.make("gemm", "bf16", m=m, n=n, k=k)
     spec = G.launch_spec(device)
@@ -262,6 +281,9 @@ def test_gpu_qwen3_shapes(device, m, n, k, variant):
         config.update(schedule=variant, programs_per_sm=2, flatten=False)
     elif variant == "flatten":
         config.update(programs_per_sm=1, flatten=True)
+    elif variant.startswith("wide"):   # 1.5x the default's width, at most 192 (128 + 64): 64 -> 96
+        config.update(block_n=min(192, config["block_n"] * 3 // 2), schedule="tiles", split_k=1, programs_per_sm=1,
+                      num_stages=min(config["num_stages"], 3), tma=config["tma"] and variant == "wide")
     result = check(G.TEMPLATE, problem, config, device=device)
     assert result, f"{config}: {result.reason}"
 
