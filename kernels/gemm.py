@@ -65,6 +65,21 @@ def grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _k_block(ptrs, k, ks, k_end, K_AXIS: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
+    """The operand block at ``ptrs`` whose axis ``K_AXIS`` runs over k + ks: zero at k >= k_end (no
+    mask when ``EVEN_K``), fp32 when ``UPCAST``."""
+    if EVEN_K:
+        block = tl.load(ptrs)
+    elif K_AXIS == 1:
+        block = tl.load(ptrs, mask=(k + ks < k_end)[None, :], other=0.0)
+    else:
+        block = tl.load(ptrs, mask=(k + ks < k_end)[:, None], other=0.0)
+    if UPCAST:
+        block = block.to(tl.float32)
+    return block
+
+
+@triton.jit
 def gemm_tile(x_ptr, w_ptr, off_m, off_n, M, N, k_begin, k_end,
               stride_xm, stride_xk, stride_wn, stride_wk,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -82,16 +97,8 @@ def gemm_tile(x_ptr, w_ptr, off_m, off_n, M, N, k_begin, k_end,
     w_ptrs = w_ptr + cols[None, :] * stride_wn + (k_begin + ks)[:, None] * stride_wk   # [BLOCK_K, BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in tl.range(k_begin, k_end, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(x_ptrs)
-            b = tl.load(w_ptrs)
-        else:
-            in_k = k + ks < k_end
-            a = tl.load(x_ptrs, mask=in_k[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=in_k[:, None], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+        a = _k_block(x_ptrs, k, ks, k_end, 1, EVEN_K, UPCAST)
+        b = _k_block(w_ptrs, k, ks, k_end, 0, EVEN_K, UPCAST)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
@@ -138,21 +145,10 @@ def gemm_tile_wide(x, w, w_lo, off_m, off_n, M, N, K, stride_xm, stride_xk, stri
         w_ptrs = w + cols[None, :] * stride_wn + ks[:, None] * stride_wk
         w_lo_ptrs = w_lo + cols_lo[None, :] * stride_wn + ks[:, None] * stride_wk
         for k in tl.range(0, K, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(x_ptrs)
-                b = tl.load(w_ptrs)
-                b_lo = tl.load(w_lo_ptrs)
-            else:
-                in_k = k + ks < K
-                a = tl.load(x_ptrs, mask=in_k[None, :], other=0.0)
-                b = tl.load(w_ptrs, mask=in_k[:, None], other=0.0)
-                b_lo = tl.load(w_lo_ptrs, mask=in_k[:, None], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-                b_lo = b_lo.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-            acc_lo = tl.dot(a, b_lo, acc_lo, input_precision=INPUT_PRECISION)
+            a = _k_block(x_ptrs, k, ks, K, 1, EVEN_K, UPCAST)
+            acc = tl.dot(a, _k_block(w_ptrs, k, ks, K, 0, EVEN_K, UPCAST), acc, input_precision=INPUT_PRECISION)
+            acc_lo = tl.dot(a, _k_block(w_lo_ptrs, k, ks, K, 0, EVEN_K, UPCAST), acc_lo,
+                            input_precision=INPUT_PRECISION)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
             w_lo_ptrs += BLOCK_K * stride_wk
