@@ -198,7 +198,7 @@ def gemm_time(m: int, n: int, k: int, spec, dtype: str = "bf16", *, block_m: int
     mem_eff = min(1.0, in_flight / need)
     hbm = spec.hbm_bytes_per_s * spec.measured_hbm_fraction
     # the slices are stored after a program's K loop and summed after the last one's: not overlapped
-    # with the streaming (bench_split_cost: 1-33 % of a split GEMM's time on an H100)
+    # with the streaming (bench_split_cost: 1-36 % of a split GEMM's time on an H100)
     fixup = sliced_bytes / hbm
     return max(compute, nbytes / (hbm * mem_eff)) + fixup + spec.launch_us * 1e-6
 
