@@ -1,18 +1,17 @@
-"""How the shared-expert gate's launch shapes its time: the kernel as it is and rebuilt in variants,
+"""How the shared-expert gate's tiling shapes its time: the kernel as it is and rebuilt in variants,
 replays interleaved, next to a device copy of the same bytes.
 
-- ``current``: row-major tiles (consecutive programs stream consecutive addresses), programmatic
-  dependent launch on Hopper+ (``wait_for_inputs`` / ``release_dependents``), the default config;
-- ``independent``: the same launched as an ordinary kernel (no dependent launch);
-- ``column_order``: tiles in column-major order (row tiles fastest, the order of the 2-D grid the
-  kernel had before);
-- ``eight_warps``: the default tile with 8 warps instead of its 4;
-- ``previous``: column order, ordinary launch, 8 warps: the kernel as it was on 2026-11-23.
+- ``current``: row-major tiles (consecutive programs stream consecutive addresses), the default config;
+- ``column_order``: tiles in column-major order (row tiles fastest: the order of the 2-D grid the
+  kernel had until 2026-11-24);
+- ``four_warps``: the default tile with at most 4 warps instead of its 8.
 
-The variants are ``kernels/shared_expert_gate.py``'s source with ``row_tile``'s body or the launcher's
-dependent-launch switch replaced (the script stops with a clear message if those lines changed).
-Floor: minimum bytes / a 1 GiB device copy's bandwidth, as in bench_gate.py. Writes
-benchmarks/results/bench_gate_launch-<device>-<date>.json.
+The column-order variant is ``kernels/shared_expert_gate.py``'s source with ``row_tile``'s body
+replaced (the script stops with a clear message if it changed). Floor: minimum bytes / a 1 GiB
+device copy's bandwidth, as in bench_gate.py. Writes
+benchmarks/results/bench_gate_launch-<device>-<date>.json. (A programmatic dependent launch,
+tried as a variant on 2026-11-24, gained nothing measurable:
+``bench_gate_launch-...-2026-11-24-with-dependent-launch.json``.)
 
     python benchmarks/bench_gate_launch.py
 """
@@ -37,14 +36,10 @@ ROW_MAJOR = """    rows = (tile // tiles_n) * ROWS + tl.arange(0, ROWS)
 COLUMN_MAJOR = """    tiles_m = tl.num_programs(0) // tiles_n
     rows = (tile % tiles_m) * ROWS + tl.arange(0, ROWS)
     cols = (tile // tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)"""
-DEPENDENT = "    dependent = dependent_launch(final.device)"
-INDEPENDENT = "    dependent = False"
-VARIANTS = {  # name: (source replacements, num_warps of the default tile or None)
+VARIANTS = {  # name: (source replacements, cap on the default tile's warps or None)
     "current": ([], None),
-    "independent": ([(DEPENDENT, INDEPENDENT)], None),
     "column_order": ([(ROW_MAJOR, COLUMN_MAJOR)], None),
-    "eight_warps": ([], 8),
-    "previous": ([(ROW_MAJOR, COLUMN_MAJOR), (DEPENDENT, INDEPENDENT)], 8),
+    "four_warps": ([], 4),
 }
 
 
@@ -66,7 +61,7 @@ def main() -> int:
         expected = S.reference(inputs[0]["final"], inputs[0]["gate_logits"], inputs[0]["shared_out"])
         runs = {}
         for name, (_, warps) in VARIANTS.items():
-            config = dict(default, num_warps=warps or default["num_warps"])
+            config = dict(default, num_warps=min(warps or default["num_warps"], default["num_warps"]))
             run = (lambda i, mod=modules[name], config=config:
                    mod.shared_expert_gate(i["final"], i["gate_logits"], i["shared_out"], out=i["out"], config=config))
             inputs[0]["out"].fill_(float("nan"))

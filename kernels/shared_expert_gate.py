@@ -11,9 +11,7 @@ row stride (views into wider buffers) but must be contiguous along hidden.
 
 The row tiling here (``ROWS`` x ``BLOCK_N`` tiles, one program each in row-major order, so a hidden size
 wider than one tile is covered by more column programs) is shared with ``silu_mul`` through ``tile_space``,
-``tile_constraints``, ``tile_default``, ``tile_grid`` and ``row_tile``. Both launch with programmatic
-dependent launch on Hopper-class GPUs (``dependent_launch``): the kernel is resident before the one it
-follows has drained and waits for that one's writes in ``wait_for_inputs``.
+``tile_constraints``, ``tile_default``, ``tile_grid`` and ``row_tile``.
 """
 from __future__ import annotations
 
@@ -24,7 +22,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 import tuneforge
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
@@ -80,9 +77,8 @@ def tile_default(m: int, n: int, spec) -> dict:
     while (rows < 8 and block_n * rows * 2 <= 4096
            and math.ceil(m / (rows * 2)) * math.ceil(n / block_n) >= 4 * sms):
         rows *= 2
-    # 16 elements per thread per tensor (two 16-byte vectors of bf16 in flight per load), at most 4 warps:
-    # 4096-element tiles ran 2 % faster with 4 warps than with 8 at 4096 tokens on an H100
-    num_warps = max(1, min(4, block_n * rows // 512))
+    # 16 elements per thread per tensor: two 16-byte vectors of bf16 in flight per load
+    num_warps = max(1, min(8, block_n * rows // 512))
     return {"BLOCK_N": block_n, "ROWS": rows, "num_warps": num_warps}
 
 
@@ -95,37 +91,12 @@ def tile_grid(m: int, n: int, config: dict) -> tuple[tuple[int], int]:
 @triton.jit
 def row_tile(tiles_n, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """(rows, cols) of this program's tile, the tiles in row-major order: consecutive programs stream
-    consecutive addresses (a 2-D grid, row tiles fastest, reached 94 % of the copy floor at 16384 tokens
-    on an H100 where this reaches 97 %)."""
+    consecutive addresses (2-3 % faster than row tiles fastest, the order of a 2-D grid, on an H100 at
+    4096-65536 tokens: bench_gate_launch)."""
     tile = tl.program_id(0)
     rows = (tile // tiles_n) * ROWS + tl.arange(0, ROWS)
     cols = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     return rows, cols
-
-
-@triton.jit
-def wait_for_inputs(DEPENDENT: tl.constexpr):
-    """Under a dependent launch: block until the kernel this one follows has finished and its writes
-    are visible. Call before the first load of an input."""
-    if DEPENDENT:
-        gdc_wait()
-
-
-@triton.jit
-def release_dependents(DEPENDENT: tl.constexpr):
-    """Under a dependent launch: let the next kernel launch (it still waits for this one to finish)."""
-    if DEPENDENT:
-        gdc_launch_dependents()
-
-
-@functools.lru_cache(maxsize=None)
-def dependent_launch(device: torch.device) -> bool:
-    """Programmatic dependent launch (Hopper and later, not under the interpreter): the kernel's
-    programs start while the previous kernel drains, saving its launch gap (0.5-1 us per call,
-    about 2 % at 4096 tokens on an H100)."""
-    if tuneforge.INTERPRETED or device.type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,9 +139,8 @@ def output_tensor(op: str, out: Optional[torch.Tensor], shape: tuple, like: torc
 @triton.jit
 def _shared_expert_gate_kernel(final_ptr, gate_ptr, shared_ptr, out_ptr, m, n, tiles_n,
                                stride_final, stride_gate, stride_shared, stride_out,
-                               BLOCK_N: tl.constexpr, ROWS: tl.constexpr, DEPENDENT: tl.constexpr):
+                               BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
     rows, cols = row_tile(tiles_n, ROWS, BLOCK_N)
-    wait_for_inputs(DEPENDENT)
     row_ok = rows < m
     mask = row_ok[:, None] & (cols < n)[None, :]
     r = rows.to(tl.int64)  # row offsets overflow int32 past 2^31 elements
@@ -179,7 +149,6 @@ def _shared_expert_gate_kernel(final_ptr, gate_ptr, shared_ptr, out_ptr, m, n, t
     shared = tl.load(shared_ptr + r[:, None] * stride_shared + cols[None, :], mask=mask, other=0.0)
     out = final.to(tl.float32) + tl.sigmoid(gate)[:, None] * shared.to(tl.float32)
     tl.store(out_ptr + r[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
-    release_dependents(DEPENDENT)
 
 
 def _check_inputs(final, gate_logits, shared_out) -> tuple[int, int]:
@@ -206,11 +175,9 @@ def shared_expert_gate(final: torch.Tensor, gate_logits: torch.Tensor, shared_ou
         return out
     cfg = config or tile_default(m, n, launch_spec())
     grid, tiles_n = tile_grid(m, n, cfg)
-    dependent = dependent_launch(final.device)
     _shared_expert_gate_kernel[grid](final, gate_logits, shared_out, out, m, n, tiles_n,
                                      final.stride(0), gate_logits.stride(0), shared_out.stride(0), out.stride(0),
-                                     BLOCK_N=cfg["BLOCK_N"], ROWS=cfg["ROWS"], DEPENDENT=dependent,
-                                     num_warps=cfg["num_warps"], launch_pdl=dependent)
+                                     BLOCK_N=cfg["BLOCK_N"], ROWS=cfg["ROWS"], num_warps=cfg["num_warps"])
     return out
 
 

@@ -4,8 +4,7 @@
 Qwen3's ``act_fn(gate_proj(x)) * up_proj(x)``); ``y`` is [tokens, inter]. fp32 math inside, one
 rounding at the store. Torch runs two kernels (silu, multiply: 5 passes over [tokens, inter]); the
 fused kernel reads ``x`` once and writes ``y`` once. Rows may have any stride; columns must be contiguous.
-Tiling and launch: the row tiles of ``shared_expert_gate`` (``ROWS`` x ``BLOCK_N`` of the output per
-program), launched dependent on Hopper-class GPUs.
+Tiling: the row tiles of ``shared_expert_gate`` (``ROWS`` x ``BLOCK_N`` of the output per program).
 """
 from __future__ import annotations
 
@@ -18,25 +17,22 @@ import triton.language as tl
 
 from tuneforge.dsl import Problem, Template, register
 from tuneforge.errors import InputError
-from tuneforge.kernels.shared_expert_gate import (check_tensor, dependent_launch, launch_spec, output_tensor,
-                                                  release_dependents, row_tile, row_tile_cost, tile_constraints,
-                                                  tile_default, tile_grid, tile_space, wait_for_inputs)
+from tuneforge.kernels.shared_expert_gate import (check_tensor, launch_spec, output_tensor, row_tile, row_tile_cost,
+                                                  tile_constraints, tile_default, tile_grid, tile_space)
 
 OP = "silu_mul"
 
 
 @triton.jit
 def _silu_mul_kernel(x_ptr, y_ptr, m, n, tiles_n, stride_x, stride_y,
-                     BLOCK_N: tl.constexpr, ROWS: tl.constexpr, DEPENDENT: tl.constexpr):
+                     BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
     rows, cols = row_tile(tiles_n, ROWS, BLOCK_N)
-    wait_for_inputs(DEPENDENT)
     mask = (rows < m)[:, None] & (cols < n)[None, :]
     x_row = x_ptr + rows.to(tl.int64)[:, None] * stride_x   # int64: offsets pass 2^31 on long prefills
     gate = tl.load(x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_row + n + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     y = gate * tl.sigmoid(gate) * up
     tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-    release_dependents(DEPENDENT)
 
 
 def silu_mul(x: torch.Tensor, *, out: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
@@ -54,10 +50,8 @@ def silu_mul(x: torch.Tensor, *, out: Optional[torch.Tensor] = None, config: Opt
         return out
     cfg = config or tile_default(m, n, launch_spec())
     grid, tiles_n = tile_grid(m, n, cfg)
-    dependent = dependent_launch(x.device)
     _silu_mul_kernel[grid](x, out, m, n, tiles_n, x.stride(0), out.stride(0),
-                           BLOCK_N=cfg["BLOCK_N"], ROWS=cfg["ROWS"], DEPENDENT=dependent,
-                           num_warps=cfg["num_warps"], launch_pdl=dependent)
+                           BLOCK_N=cfg["BLOCK_N"], ROWS=cfg["ROWS"], num_warps=cfg["num_warps"])
     return out
 
 
