@@ -29,6 +29,15 @@ from tuneforge.dsl.space import Space
 
 Constraint = Callable[[dict, Problem, Any], Optional[str]]
 
+# Config flags that select a hardware-only path (TMA descriptors, warp specialization). Triton's
+# interpreter and GPUs without the feature run the same tiles with the flag off.
+FEATURE_FLAGS = ("tma", "use_tma", "warp_specialize")
+
+
+def portable(config: dict) -> dict:
+    """``config`` with every hardware feature flag off: the same tiles on the portable path."""
+    return {k: (False if k in FEATURE_FLAGS else v) for k, v in config.items()}
+
 
 @dataclass
 class Template:

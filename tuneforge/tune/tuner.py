@@ -42,7 +42,7 @@ from tuneforge.db.environment import Environment
 from tuneforge.db.store import Store, Winner
 from tuneforge.dsl.check import compare, interpreter_scale, poison, split_out
 from tuneforge.dsl.problem import Problem, canonical_config
-from tuneforge.dsl.template import Template
+from tuneforge.dsl.template import Template, portable
 from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.tune import costmodel
 from tuneforge.tune.devices import DEFAULT_TARGET, DeviceSpec, local_device, spec as lookup_spec
@@ -54,7 +54,6 @@ DEFAULT_TRIALS = {"measure": 40, "costmodel": 16}
 MULTIRANK_BATCH = 8        # configs measured per world of ranks (starting a world costs seconds)
 REJECT_CAP = 4             # asks per problem stop at REJECT_CAP x trials (rejected configs are cheap)
 MIN_PROBLEM_S = 1.0        # a problem gets at least this share of a total budget
-FEATURE_FLAGS = ("tma", "use_tma", "warp_specialize")   # hardware paths the interpreter lacks
 KEEP_DIMS = ("head_dim",)          # never shrunk for interpreter verification
 SMALL_DIMS = (3, 8, 24, 64)
 VERIFY_WORLD = 2                   # ranks multi-rank winners are verified with under the interpreter
@@ -355,7 +354,7 @@ class InterpreterVerifier:
         self.cache: dict[tuple[str, str], str] = {}
 
     def portable(self, config: dict) -> dict:
-        return {k: (False if k in FEATURE_FLAGS else v) for k, v in config.items()}
+        return portable(config)
 
     def verify(self, template: Template, problem: Problem, config: dict, spec: DeviceSpec) -> str:
         """'' when the kernel matched its reference, else the reason."""
@@ -874,7 +873,7 @@ class MultiRankVerifier:
         if self.closed:
             return self.closed
         if key not in self.pending:
-            run = {k: (False if k in FEATURE_FLAGS else v) for k, v in config.items()}
+            run = portable(config)
             problem = found.problem
             small_world = dataclasses.replace(problem, world=min(problem.world, VERIFY_WORLD))
             if found.template.reject_reason(run, small_world, self.spec) is None:
