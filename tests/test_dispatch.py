@@ -28,9 +28,10 @@ def gemm_problem(m: int, n: int = 128, k: int = 64) -> Problem:
     return Problem.make("gemm", "bf16", m=m, n=n, k=k)
 
 
-def cfg(block_m: int) -> dict:
-    return dict(block_m=block_m, block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=3, schedule="tiles", split_k=1,
-                programs_per_sm=1, tma=False, flatten=False)
+def cfg(group_m: int, **changes) -> dict:
+    """A gemm config for the test problems below, told apart by ``group_m``."""
+    return dict(dict(block_m=16, block_n=64, block_k=64, group_m=group_m, num_warps=4, num_stages=3, schedule="tiles",
+                     split_k=1, programs_per_sm=1, tma=False, flatten=False), **changes)
 
 
 @pytest.fixture
@@ -44,15 +45,15 @@ def warnings_for(caplog) -> list[str]:
 
 
 def test_tuned_record_serves_exact_and_nearest_bucket(store, caplog):
-    for m, bm in ((1, 16), (16, 32), (64, 64)):
-        store.record_winner(winner(gemm_problem(m), H100, cfg(bm)))
+    for m, g in ((1, 1), (16, 4), (64, 8)):
+        store.record_winner(winner(gemm_problem(m), H100, cfg(g)))
     table = DispatchTable.load(store, H100, "Qwen3-32B", 1)
     assert len(table) == 3
-    assert table.lookup("gemm", gemm_problem(1))["block_m"] == 16
-    assert table.lookup("gemm", gemm_problem(16))["block_m"] == 32
-    assert table.lookup("gemm", gemm_problem(5))["block_m"] == 32       # smallest tuned bucket >= 5
-    assert table.lookup("gemm", gemm_problem(33))["block_m"] == 64
-    assert table.lookup("gemm", gemm_problem(4096))["block_m"] == 64    # beyond every bucket: the largest
+    assert table.lookup("gemm", gemm_problem(1))["group_m"] == 1
+    assert table.lookup("gemm", gemm_problem(16))["group_m"] == 4
+    assert table.lookup("gemm", gemm_problem(5))["group_m"] == 4       # smallest tuned bucket >= 5
+    assert table.lookup("gemm", gemm_problem(33))["group_m"] == 8
+    assert table.lookup("gemm", gemm_problem(4096))["group_m"] == 8    # beyond every bucket: the largest
     assert warnings_for(caplog) == []
     # the same shape in another dtype, or another n, is another problem: not tuned
     assert table.lookup("gemm", Problem.make("gemm", "fp16", m=16, n=128, k=64)) is None
@@ -60,14 +61,14 @@ def test_tuned_record_serves_exact_and_nearest_bucket(store, caplog):
 
 
 def test_missing_records_fall_back_with_one_warning_per_op(store, caplog):
-    store.record_winner(winner(gemm_problem(16), H100, cfg(16)))
+    store.record_winner(winner(gemm_problem(16), H100, cfg(1)))
     ops = Ops("tuned", DispatchTable.load(store, H100, "Qwen3-32B", 1))
     caplog.set_level(logging.WARNING, "tuneforge.engine")
     for m in (1, 2, 3, 500):
         assert ops.config("gemm", torch.bfloat16, m=m, n=999, k=64) is None
         assert ops.config("rmsnorm", torch.bfloat16, m=m, n=64) is None
         assert ops.config("silu_mul", torch.bfloat16, m=m, n=64) is None
-    assert ops.config("gemm", torch.bfloat16, m=16, n=128, k=64) == cfg(16)
+    assert ops.config("gemm", torch.bfloat16, m=16, n=128, k=64) == cfg(1)
     lines = warnings_for(caplog)
     assert len(lines) == 3, lines
     for op in ("gemm", "rmsnorm", "silu_mul"):
@@ -77,22 +78,24 @@ def test_missing_records_fall_back_with_one_warning_per_op(store, caplog):
 
 
 def test_stale_record_falls_back_and_says_why(store, caplog):
-    store.record_winner(winner(gemm_problem(16), H100, cfg(16), template_hash="0123456789abcdef"))
+    store.record_winner(winner(gemm_problem(16), H100, cfg(1), template_hash="0123456789abcdef"))
     table = DispatchTable.load(store, H100, "Qwen3-32B", 1)
     caplog.set_level(logging.WARNING, "tuneforge.engine")
     assert table.lookup("gemm", gemm_problem(16)) is None
     assert table.lookup("gemm", gemm_problem(1)) is None
-    (line,) = warnings_for(caplog)
+    summary, line = warnings_for(caplog)
+    assert summary.startswith("dispatch: no winners for ") and summary.endswith("; 1 stale one ignored")
     assert "stale record for gemm|m=16,n=128,k=64|bf16|w1" in line and "changed since tuning" in line
 
 
 def test_record_from_other_versions_is_stale(store, caplog):
     older = Environment(**{**H100.to_dict(), "torch_version": "2.9.0"})
-    store.record_winner(winner(gemm_problem(16), older, cfg(16)))
+    store.record_winner(winner(gemm_problem(16), older, cfg(1)))
     table = DispatchTable.load(store, H100, "Qwen3-32B", 1)
     caplog.set_level(logging.WARNING, "tuneforge.engine")
     assert table.lookup("gemm", gemm_problem(16)) is None
-    (line,) = warnings_for(caplog)
+    summary, line = warnings_for(caplog)
+    assert "1 stale one ignored" in summary
     assert "stale record" in line and "torch_version 2.9.0" in line
 
 
@@ -104,36 +107,121 @@ def test_baseline_winner_runs_the_baseline_silently(store, caplog):
     assert warnings_for(caplog) == []
 
 
-def test_predicted_winners_serve_only_when_allowed(store, caplog):
+def test_predicted_winners_serve_only_when_allowed_and_are_counted(store, caplog):
+    """Refused predictions are counted in the one line the table says, and every op then stays silent."""
     predicted = Environment.predicted(spec("H100"), 1)
-    store.record_winner(winner(gemm_problem(16), predicted, cfg(32)))
+    store.record_winner(winner(gemm_problem(16), predicted, cfg(4)))
+    store.record_winner(winner(Problem.make("rmsnorm", "bf16", m=16, n=64), predicted, {"baseline": True}))
     caplog.set_level(logging.WARNING, "tuneforge.engine")
     refused = DispatchTable.load(store, predicted, "Qwen3-32B", 1)
     assert refused.lookup("gemm", gemm_problem(16)) is None
+    assert refused.lookup("rmsnorm", Problem.make("rmsnorm", "bf16", m=16, n=64)) is None
     (line,) = warnings_for(caplog)
-    assert "predictions" in line and "--allow-predicted" in line
+    assert line == (f"dispatch: no winners for H100 x1 (predicted) (fingerprint {predicted.fingerprint}) in "
+                    f"{store.url}, model Qwen3-32B, TP 1: every op runs the torch baseline; 2 predicted ones "
+                    f"ignored (use --allow-predicted)")
+    caplog.clear()
     allowed = DispatchTable.load(store, predicted, "Qwen3-32B", 1, allow_predicted=True)
-    assert allowed.lookup("gemm", gemm_problem(16)) == cfg(32)
+    assert allowed.lookup("gemm", gemm_problem(16)) == cfg(4)
+    assert warnings_for(caplog) == []
+
+
+def test_an_empty_database_says_so_once_and_claims_no_predictions(store, caplog):
+    caplog.set_level(logging.WARNING, "tuneforge.engine")
+    predicted = Environment.predicted(spec("H100"), 1)
+    ops = Ops("tuned", DispatchTable.load(store, predicted, "Qwen3-32B", 1))
+    for op, dims in (("gemm", dict(n=128, k=64)), ("rmsnorm", dict(n=64)), ("silu_mul", dict(n=64))):
+        for m in (1, 16):
+            assert ops.config(op, torch.bfloat16, m=m, **dims) is None
+    (line,) = warnings_for(caplog)
+    assert line == (f"dispatch: no winners for H100 x1 (predicted) (fingerprint {predicted.fingerprint}) in "
+                    f"{store.url}, model Qwen3-32B, TP 1: every op runs the torch baseline (run `tuneforge tune "
+                    f"--model Qwen3-32B --tp 1`)")
+
+
+def test_winners_of_another_dtype_say_so_once(store, caplog):
+    store.record_winner(winner(gemm_problem(16), H100, cfg(1)))
+    store.record_winner(winner(Problem.make("rmsnorm", "bf16", m=16, n=64), H100, {"baseline": True}))
+    ops = Ops("tuned", DispatchTable.load(store, H100, "Qwen3-32B", 1))
+    caplog.set_level(logging.WARNING, "tuneforge.engine")
+    for m in (1, 16):
+        assert ops.config("gemm", torch.float32, m=m, n=128, k=64) is None
+        assert ops.config("rmsnorm", torch.float32, m=m, n=64) is None
+    (line,) = warnings_for(caplog)
+    assert line.startswith("dispatch: the winners are for bf16; this run is fp32: ")
+    assert ops.table.fallbacks == ["gemm", "rmsnorm"]
+
+
+def test_a_config_that_needs_tma_serves_its_portable_variant_here(store, caplog):
+    """Predicted H100 winners choose TMA; without a GPU they run the same tiles on pointer loads, said
+    once for the op; one whose tiles cannot run either way runs the baseline, said once."""
+    predicted = Environment.predicted(spec("H100"), 1)
+    for m in (1, 16):
+        store.record_winner(winner(gemm_problem(m), predicted, cfg(4, tma=True)))
+    big = Problem.make("gemm", "bf16", m=256, n=256, k=64)     # 5 x (256 + 256) x 64 bf16: too much shared memory
+    store.record_winner(winner(big, predicted, cfg(4, tma=True, block_m=256, block_n=256, num_stages=5, num_warps=8)))
+    caplog.set_level(logging.WARNING, "tuneforge.engine")
+    ops = Ops("tuned", DispatchTable.load(store, predicted, "Qwen3-32B", 1, allow_predicted=True))
+    assert ops.config("gemm", torch.bfloat16, m=16, n=128, k=64) == cfg(4)
+    assert ops.config("gemm", torch.bfloat16, m=256, n=256, k=64) is None
+    ported, dropped = warnings_for(caplog)
+    assert ported.startswith("dispatch: 2 stored gemm config(s) need tma, which interpreter lacks (e.g. gemm|m=1,")
+    assert ported.endswith("tma: interpreter has no TMA): they run the same tiles without it")
+    assert dropped.startswith(f"dispatch: gemm runs the torch baseline for {big.key}: the stored config cannot run on "
+                              f"interpreter: tma: interpreter has no TMA; without tma: shared memory: ")
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(16, 64, generator=g).bfloat16(), torch.randn(128, 64, generator=g).bfloat16()
+    torch.testing.assert_close(ops.gemm(x, w).float(), x.float() @ w.float().T, rtol=2e-2, atol=5e-2)
+
+
+def test_a_stored_config_outside_the_space_runs_the_baseline_said_once(store, caplog):
+    store.record_winner(winner(gemm_problem(16), H100, cfg(1, block_m=3)))
+    caplog.set_level(logging.WARNING, "tuneforge.engine")
+    ops = Ops("tuned", DispatchTable.load(store, H100, "Qwen3-32B", 1))
+    for m in (16, 8, 1):
+        assert ops.config("gemm", torch.bfloat16, m=m, n=128, k=64) is None
+    summary, line = warnings_for(caplog)
+    assert summary.startswith("dispatch: no winners for ")
+    assert line == ("dispatch: gemm runs the torch baseline for gemm|m=16,n=128,k=64|bf16|w1: the stored config "
+                    "cannot run on interpreter: block_m=3 is not one of [16, 32, 64, 128, 256]")
+
+
+def test_a_config_the_launcher_rejects_switches_its_problem_to_the_baseline(caplog):
+    """A table built in memory (no load-time check) holding a config gemm's launcher rejects: the first
+    call runs the baseline and says so in one line; later calls run the baseline silently."""
+    bad = winner(Problem.make("gemm", "fp32", m=16, n=128, k=64), H100, cfg(1, block_m=3))
+    ops = Ops("tuned", DispatchTable({bad.key: bad}, {}, where="memory", model="Qwen3-32B", tp=1))
+    caplog.set_level(logging.WARNING, "tuneforge.engine")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 64, generator=g)
+    for m in (16, 16, 9):
+        x = torch.randn(m, 64, generator=g)
+        torch.testing.assert_close(ops.gemm(x, w), x @ w.T, rtol=1e-4, atol=1e-4)
+    (line,) = warnings_for(caplog)
+    assert line.startswith("dispatch: gemm runs the torch baseline for gemm|m=16,n=128,k=64|fp32|w1 (and any shape "
+                           "its stored config serves): the launcher rejected that config: gemm config {")
+    assert line.endswith("block_m=3 is not one of [16, 32, 64, 128, 256]")
+    assert ops.config("gemm", torch.float32, m=16, n=128, k=64) is None
 
 
 def test_lookups_never_touch_the_database(tmp_path):
     path = tmp_path / "tf.db"
     with Store(str(path)) as s:
-        s.record_winner(winner(gemm_problem(16), H100, cfg(16)))
+        s.record_winner(winner(gemm_problem(16), H100, cfg(1)))
         table = DispatchTable.load(s, H100, "Qwen3-32B", 1)
     for f in os.listdir(tmp_path):
         os.remove(tmp_path / f)
-    assert table.lookup("gemm", gemm_problem(8)) == cfg(16)
+    assert table.lookup("gemm", gemm_problem(8)) == cfg(1)
 
 
 def test_open_ops_without_a_gpu_uses_the_target_prediction(tmp_path, caplog):
     url = f"sqlite:///{tmp_path / 'tf.db'}"
     with Store(url) as s:
-        s.record_winner(winner(gemm_problem(16), Environment.predicted(spec("H100"), 1), cfg(32)))
+        s.record_winner(winner(gemm_problem(16), Environment.predicted(spec("H100"), 1), cfg(4)))
     if torch.cuda.is_available():
         pytest.skip("with a GPU the local measured environment is used")
     assert open_ops("tuned", db=url, model="m", tp=1, allow_predicted=True).config(
-        "gemm", torch.bfloat16, m=16, n=128, k=64) == cfg(32)
+        "gemm", torch.bfloat16, m=16, n=128, k=64) == cfg(4)
     caplog.set_level(logging.WARNING, "tuneforge.engine")
     assert open_ops("tuned", db=url, model="m", tp=1).config("gemm", torch.bfloat16, m=16, n=128, k=64) is None
     assert len(warnings_for(caplog)) == 1

@@ -38,7 +38,8 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
                                                   "(default H100)")
     p.add_argument("--random-weights", action="store_true", help="random weights instead of a checkpoint")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
-                   help="weights and activations (default: bf16 on a GPU, fp32 on the CPU)")
+                   help="weights and activations (default: the dtype this model's winners were tuned in, "
+                        "else bf16)")
     p.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -67,12 +68,18 @@ def register(subparsers) -> None:
 # --- shared set-up -----------------------------------------------------------------------------------
 
 def _settings(args) -> dict:
-    """What every rank needs, picklable."""
+    """What every rank needs, picklable. The dtype defaults to the one the winners of this model were
+    tuned in (so tuned dispatch finds them, on the CPU too), else the tuner's bf16."""
     import torch
+    from tuneforge.engine.dispatch import tuned_dtype
+    from tuneforge.models.configs import load_config
     cuda = torch.cuda.is_available()
-    dtype = args.dtype or ("bf16" if cuda else "fp32")
     if args.tp < 1:
         raise InputError(f"--tp must be >= 1, got {args.tp}")
+    dtype = args.dtype
+    if dtype is None:
+        tuned = args.dispatch == "tuned" and tuned_dtype(args.db, load_config(args.model).name, args.tp, args.target)
+        dtype = tuned or "bf16"
     return dict(model=args.model, tp=args.tp, db=args.db, dispatch=args.dispatch, dtype=dtype,
                 allow_predicted=args.allow_predicted, target=args.target, random=args.random_weights,
                 graphs=cuda and not args.no_graphs, seed=args.seed, device="cuda" if cuda else "cpu")
@@ -90,7 +97,9 @@ def build(settings: dict, world=None):
     model = load_model(settings["model"], shard=shard, dtype=DTYPES[settings["dtype"]], device=device,
                        random=settings["random"], seed=settings["seed"])
     ops = open_ops(settings["dispatch"], db=settings["db"], model=model.cfg.name, tp=shard.size,
-                   allow_predicted=settings["allow_predicted"], target=settings["target"])
+                   allow_predicted=settings["allow_predicted"], target=settings["target"], quiet=shard.rank != 0)
+    if ops.table is not None and len(ops.table) and shard.rank == 0:    # an empty table has warned why already
+        print(ops.table.summary, file=sys.stderr)
     return model, ops
 
 

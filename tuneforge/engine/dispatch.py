@@ -1,13 +1,19 @@
 """Dispatch: which kernel config serves each op call, decided from the tuning database.
 
 ``DispatchTable.load`` reads the database once, at engine start, into a dict; ``lookup`` is then a
-dictionary walk (no SQL on the hot path). An op with no record, or only a stale one (its kernel
-source changed since tuning, or it was recorded under other versions/driver/interconnect), runs the
-torch baseline, and the table says so in ONE warning line per op. Winners predicted by the cost
-model (CPU-only databases, foreign targets) serve only when ``allow_predicted`` is set.
+dictionary walk (no SQL on the hot path). Loading says in one line what the table holds (or why it
+holds nothing). An op with no record, or only a stale one (its kernel source changed since tuning,
+or it was recorded under other versions/driver/interconnect), runs the torch baseline, and the table
+says so in ONE warning line per op. Winners predicted by the cost model (CPU-only databases, foreign
+targets) serve only when ``allow_predicted`` is set. Every stored config is checked at load against
+its template's space and constraints on this machine (``runnable``): one that needs a hardware path
+missing here (TMA under the interpreter) serves as its portable variant, one that cannot run at all
+leaves its problem to the baseline; one line per op says which.
 
 ``Ops`` is what the model calls: each method asks the table (or the fixed mode) for a config and
-runs the Triton kernel with it, or the op's torch baseline.
+runs the Triton kernel with it, or the op's torch baseline. A stored config its launcher still
+rejects at the first call switches that problem to the baseline, said once: serving never stops
+for a bad record. Only rank 0 of a TP world speaks (``quiet`` elsewhere).
 
 Tensor parallelism (TP > 1): each layer's attention projection pair and MLP run as the TP blocks
 (``kernels/tp_attn``: qkv_half -> the engine's attention core -> o_half; ``kernels/tp_mlp``) with the
@@ -29,7 +35,7 @@ import torch
 import tuneforge
 from tuneforge.db.environment import Environment
 from tuneforge.dsl.problem import DECODE_CONTEXTS, DEFAULT_BUCKETS, DTYPE_NAMES, Problem, bucket
-from tuneforge.errors import InputError
+from tuneforge.errors import ConfigRejected, InputError
 
 log = logging.getLogger("tuneforge.engine")
 
@@ -44,46 +50,143 @@ def family(problem: Problem) -> tuple:
     return (problem.op, tuple(kv for kv in problem.dims if kv[0] != "m"), problem.dtype, problem.world)
 
 
+def serving_spec(env: Environment):
+    """The device ``env``'s winners were chosen for, as it is here: its spec (the local GPU when
+    measured on it, the target when predicted; without a GPU the launchers' interpreter stand-in)
+    with only the hardware features this machine has (none under Triton's interpreter)."""
+    from dataclasses import replace
+    from tuneforge.kernels.gemm import launch_spec
+    from tuneforge.tune.devices import SPECS, local_device
+    here = None if tuneforge.INTERPRETED or not torch.cuda.is_available() else local_device()
+    recorded = SPECS.get(env.gpu_name) if env.predicted else here
+    recorded = recorded or launch_spec(torch.device("cpu"))
+    if here is None:
+        return replace(recorded, name="interpreter", features=frozenset())
+    return replace(recorded, features=recorded.features & here.features)
+
+
+def runnable(winners: dict, spec, ops: Sequence[str]) -> tuple[dict, list[tuple], list[str]]:
+    """The winners of ``ops`` whose configs pass their template's space and constraints on ``spec``;
+    a config that needs a hardware path ``spec`` lacks serves as its portable variant (the same
+    tiles, feature flags off) when that passes. Returns (winners by key, the families of the dropped
+    ones, one note per op that had configs changed or dropped: dropped ones run the torch baseline)."""
+    from dataclasses import replace
+    from tuneforge.dsl.template import FEATURE_FLAGS, get, portable
+    kept: dict = {}
+    dropped: list[tuple] = []
+    changed: dict[str, list] = {}      # op -> [(problem key, why, flags turned off or None)]
+    for key, w in winners.items():
+        op = w.problem.op
+        if op not in ops:
+            continue
+        if not w.config.get("baseline"):
+            template = get(op)
+            why = template.reject_reason(w.config, w.problem, spec)
+            if why:
+                run, flags = portable(w.config), [f for f in FEATURE_FLAGS if w.config.get(f)]
+                still = template.reject_reason(run, w.problem, spec) if flags else why
+                if still is None:
+                    changed.setdefault(op, []).append((w.problem.key, why, flags))
+                    w = replace(w, config=run)
+                else:
+                    why = why if still == why else f"{why}; without {'/'.join(flags)}: {still}"
+                    changed.setdefault(op, []).append((w.problem.key, why, None))
+                    dropped.append(family(w.problem))
+                    continue
+        kept[key] = w
+    notes = []
+    for op, items in sorted(changed.items()):
+        ported = [i for i in items if i[2] is not None]
+        refused = [i for i in items if i[2] is None]
+        if ported:
+            key, why, flags = ported[0]
+            notes.append(f"dispatch: {len(ported)} stored {op} config(s) need {'/'.join(flags)}, which {spec.name} "
+                         f"lacks (e.g. {key}: {why}): they run the same tiles without it")
+        if refused:
+            key, why, _ = refused[0]
+            more = f" and {len(refused) - 1} more" if len(refused) > 1 else ""
+            notes.append(f"dispatch: {op} runs the torch baseline for {key}{more}: the stored config cannot run "
+                         f"on {spec.name}: {why}")
+    return kept, dropped, notes
+
+
 class DispatchTable:
-    """In-memory winners for one environment: ``{family: {m: config}}`` plus what is stale."""
+    """In-memory winners for one environment: ``{family: {m: config}}`` plus what is stale.
+
+    Messages go to the ``tuneforge.engine`` log once each, and only where ``quiet`` is off (rank 0
+    of a TP world): the table's summary at load, one line per op that falls back, one line if the
+    run's dtype is not the one the winners were tuned in."""
 
     def __init__(self, winners: dict, stale: dict, *, where: str, model: str, tp: int,
-                 buckets: Optional[Sequence[int]] = DEFAULT_BUCKETS, unusable: str = ""):
+                 buckets: Optional[Sequence[int]] = DEFAULT_BUCKETS, unusable: str = "", quiet: bool = False,
+                 dropped: Sequence[tuple] = ()):
         self._configs: dict[tuple, dict[int, dict]] = {}
         for w in winners.values():
             self._configs.setdefault(family(w.problem), {})[w.problem.shape.get("m", 0)] = dict(w.config)
+        self._dtypes = sorted({fam[2] for fam in self._configs})
         self._stale = stale                # family -> reason
-        self._unusable = unusable          # why nothing in the database may serve (predicted, missing db)
-        self._warned: set[str] = set()
+        self._dropped = set(dropped)       # families whose configs cannot run here (said at load)
+        self._unusable = unusable          # said at load: why nothing in the database may serve
+        self._warned: set[str] = set()     # ops that ran the baseline for want of a usable config
+        self._told: set[str] = set()       # ops whose missing record was said
+        self._said: set[str] = set()       # lines logged
+        self._rejected: set[tuple] = set()     # (op, config) a launcher refused
+        self.quiet = quiet
+        self.summary = unusable            # what the table holds, in one line (load sets it)
         self.where, self.model, self.tp = where, model, tp
         self.buckets = None if buckets is None else tuple(sorted(buckets))
 
     @classmethod
     def load(cls, store, env: Environment, model: str, tp: int,
              buckets: Optional[Sequence[int]] = DEFAULT_BUCKETS, *, allow_predicted: bool = False,
-             ops: Sequence[str] = ENGINE_OPS) -> "DispatchTable":
+             ops: Sequence[str] = ENGINE_OPS, quiet: bool = False) -> "DispatchTable":
         """Read ``env``'s winners once. A winner is a fact about a shape in an environment, so every
         usable winner of the fingerprint serves (shapes shared with other tuned models included);
-        ``model`` and ``tp`` name what the warnings suggest tuning. Records of ``ops`` whose kernel
-        source changed since tuning are stale."""
+        ``model`` and ``tp`` name what the messages suggest tuning. Records of ``ops`` whose kernel
+        source changed since tuning are stale; configs that cannot run on this machine serve as their
+        portable variant or not at all (``runnable``). Says in one line what it loaded."""
         from tuneforge.db.store import display_url
         from tuneforge.dsl.template import get
-        where = f"{env.label} in {display_url(store.url)}"
+        where = f"{env.label} (fingerprint {env.fingerprint}) in {display_url(store.url)}"
+        usable, stale = store.load_winners(env, {op: get(op).source_hash for op in ops})
+        ignored = 0
         if env.predicted and not allow_predicted:
-            return cls({}, {}, where=where, model=model, tp=tp, buckets=buckets,
-                       unusable=f"the winners for {env.label} are cost-model predictions, used only when "
-                                f"allowed (--allow-predicted)")
-        hashes = {op: get(op).source_hash for op in ops}
-        usable, stale = store.load_winners(env, hashes)
+            ignored, usable, stale = len(usable), {}, []
+        usable, dropped, notes = runnable(usable, serving_spec(env), ops)
         reasons: dict[tuple, str] = {}
         for w, why in stale:
             reasons.setdefault(family(w.problem), why)
-        return cls(usable, reasons, where=where, model=model, tp=tp, buckets=buckets)
+        found = "" if ignored or stale or dropped else f" (run `tuneforge tune --model {model} --tp {tp}`)"
+        summary = (f"dispatch: {len(usable)} winner{'' if len(usable) == 1 else 's'} for {where}, model {model}, TP {tp}"
+                   if usable else f"dispatch: no winners for {where}, model {model}, TP {tp}: every op runs the torch "
+                                  f"baseline{found}")
+        ones = lambda n: "one" if n == 1 else "ones"
+        if ignored:
+            summary += f"; {ignored} predicted {ones(ignored)} ignored (use --allow-predicted)"
+        if stale:
+            summary += f"; {len(stale)} stale {ones(len(stale))} ignored"
+        if dropped:
+            summary += f"; {len(dropped)} that cannot run here ignored"
+        table = cls(usable, reasons, where=where, model=model, tp=tp, buckets=buckets, quiet=quiet,
+                    unusable="" if usable or reasons else summary, dropped=dropped)
+        table.summary = summary
+        table.note(summary, logging.INFO if usable else logging.WARNING)
+        for line in notes:
+            table.note(line)
+        return table
 
     @classmethod
-    def unavailable(cls, why: str, model: str, tp: int) -> "DispatchTable":
-        """A table with nothing in it (no database), saying why at each op's first lookup."""
-        return cls({}, {}, where="", model=model, tp=tp, unusable=why)
+    def unavailable(cls, why: str, model: str, tp: int, quiet: bool = False) -> "DispatchTable":
+        """A table with nothing in it (no database), saying why once."""
+        table = cls({}, {}, where="", model=model, tp=tp, unusable=why, quiet=quiet)
+        table.note(f"dispatch: every op runs the torch baseline: {why}")
+        return table
+
+    def note(self, line: str, level: int = logging.WARNING) -> None:
+        """Log ``line`` once (nothing where ``quiet``)."""
+        if line not in self._said and not self.quiet:
+            self._said.add(line)
+            log.log(level, "%s", line)
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._configs.values())
@@ -113,18 +216,32 @@ class DispatchTable:
         self._warn_once(op, problem)
         return None
 
-    def _warn_once(self, op: str, problem: Problem) -> None:
-        if op in self._warned:
-            return
+    def fall_back(self, op: str, problem: Problem, config: dict, why: str) -> None:
+        """A launcher rejected ``config``, the stored config serving ``problem``: the caller runs the
+        torch baseline. Said once per config (it may serve several token counts)."""
+        from tuneforge.dsl.problem import canonical_config
         self._warned.add(op)
-        if self._unusable:
-            why = self._unusable
-        elif family(problem) in self._stale:
+        if (op, canonical_config(config)) not in self._rejected:
+            self._rejected.add((op, canonical_config(config)))
+            self.note(f"dispatch: {op} runs the torch baseline for {problem.key} (and any shape its stored config "
+                      f"serves): the launcher rejected that config: {why}")
+
+    def _warn_once(self, op: str, problem: Problem) -> None:
+        self._warned.add(op)
+        if self._unusable or family(problem) in self._dropped or op in self._told:   # said already
+            return
+        self._told.add(op)
+        if family(problem) in self._stale:
             why = f"stale record for {problem.key} ({self._stale[family(problem)]})"
+        elif self._dtypes and problem.dtype not in self._dtypes:
+            self.note(f"dispatch: the winners are for {', '.join(self._dtypes)}; this run is {problem.dtype}: "
+                      f"ops without a winner in {problem.dtype} run the torch baseline (pass --dtype "
+                      f"{self._dtypes[0]})")
+            return
         else:
             why = (f"no record for {problem.key} on {self.where} "
                    f"(tune it: tuneforge tune --model {self.model} --tp {self.tp})")
-        log.warning("dispatch: %s runs the torch baseline: %s", op, why)
+        self.note(f"dispatch: {op} runs the torch baseline: {why}")
 
 
 @dataclass(frozen=True)
@@ -155,6 +272,7 @@ class Ops:
             raise InputError("tuned dispatch needs a DispatchTable")
         self.mode, self.table = mode, table
         self._chosen: dict[tuple, Optional[dict]] = {}
+        self._proven: set[tuple] = set()      # calls whose stored config has launched once
         self._steps: dict[tuple, TPStep] = {}
         self._heap = self._ctx = None     # the TP blocks' symmetric heap and its context (open_tp)
         self._tp_tokens = self._logit_rows = 0     # what the heap's channels are warmed for
@@ -185,6 +303,27 @@ class Ops:
             self._chosen[key] = self._choose(Problem.make(op, DTYPE_NAMES[dtype], world, **dims))
         return self._chosen[key]
 
+    def _run(self, op: str, dtype: torch.dtype, dims: dict, kernel, baseline):
+        """``kernel(config)`` with this call's config (None: the launcher's default), or ``baseline()``.
+        Under tuned dispatch a stored config its launcher rejects (ConfigRejected / InputError, raised
+        before anything launches) switches that problem to the baseline for good, said once. A shape's
+        first call runs eagerly (decode graphs are captured after warm-up steps), so the switch comes
+        before any capture."""
+        cfg = self.config(op, dtype, **dims)
+        if cfg is None:
+            return baseline()
+        key = (op, dtype, 1, *dims.items())
+        if self.mode != "tuned" or key in self._proven:
+            return kernel(cfg or None)
+        try:
+            out = kernel(cfg or None)
+        except (ConfigRejected, InputError) as e:
+            self._chosen[key] = None
+            self.table.fall_back(op, Problem.make(op, DTYPE_NAMES[dtype], **dims), cfg, str(e))
+            return baseline()
+        self._proven.add(key)
+        return out
+
     def _choose(self, problem: Problem) -> Optional[dict]:
         if self.mode == "baseline":
             return None
@@ -196,20 +335,20 @@ class Ops:
     # --- ops -----------------------------------------------------------------------------------
     def gemm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         from tuneforge.kernels import gemm as k
-        cfg = self.config("gemm", x.dtype, m=x.shape[0], n=w.shape[0], k=w.shape[1])
-        return k.baseline(x, w) if cfg is None else k.gemm(x, w, config=cfg or None)
+        return self._run("gemm", x.dtype, dict(m=x.shape[0], n=w.shape[0], k=w.shape[1]),
+                         lambda cfg: k.gemm(x, w, config=cfg), lambda: k.baseline(x, w))
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         from tuneforge.kernels import silu_mul as k
-        cfg = self.config("silu_mul", x.dtype, m=x.shape[0], n=x.shape[1] // 2)
-        return k.baseline(x) if cfg is None else k.silu_mul(x, config=cfg or None)
+        return self._run("silu_mul", x.dtype, dict(m=x.shape[0], n=x.shape[1] // 2),
+                         lambda cfg: k.silu_mul(x, config=cfg), lambda: k.baseline(x))
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         from tuneforge.kernels import rmsnorm as k
         if x.shape[0] == 0:          # a rank without rows of a row-sharded (ag_rs) forward
             return torch.empty_like(x)
-        cfg = self.config("rmsnorm", x.dtype, m=x.shape[0], n=x.shape[1])
-        return k.baseline(x, weight, eps=eps) if cfg is None else k.rmsnorm(x, weight, eps=eps, config=cfg or None)
+        return self._run("rmsnorm", x.dtype, dict(m=x.shape[0], n=x.shape[1]),
+                         lambda cfg: k.rmsnorm(x, weight, eps=eps, config=cfg), lambda: k.baseline(x, weight, eps=eps))
 
     def add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,10 +356,9 @@ class Ops:
         from tuneforge.kernels import rmsnorm as k
         if x.shape[0] == 0:
             return torch.empty_like(x), residual
-        cfg = self.config("rmsnorm", x.dtype, m=x.shape[0], n=x.shape[1])
-        if cfg is None:
-            return k.baseline(x, weight, eps=eps, residual=residual), residual
-        return k.rmsnorm(x, weight, eps=eps, residual=residual, config=cfg or None), residual
+        return self._run("rmsnorm", x.dtype, dict(m=x.shape[0], n=x.shape[1]),
+                         lambda cfg: k.rmsnorm(x, weight, eps=eps, residual=residual, config=cfg),
+                         lambda: k.baseline(x, weight, eps=eps, residual=residual)), residual
 
     def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                          mask: torch.Tensor) -> torch.Tensor:
@@ -229,26 +367,24 @@ class Ops:
         Tuned per bucket of kv_len among ``DECODE_CONTEXTS``."""
         from tuneforge.kernels import decode_attention as k_attn
         b, heads, d = q.shape
-        cfg = self.config("decode_attention", q.dtype, m=b, heads=heads, kv_heads=k.shape[1], head_dim=d,
-                          ctx=bucket(k.shape[2], DECODE_CONTEXTS))
-        if cfg is None:
-            return k_attn.sdpa(q, k, v, mask)
-        return k_attn.decode_attention(q, k, v, positions, config=cfg or None)
+        dims = dict(m=b, heads=heads, kv_heads=k.shape[1], head_dim=d, ctx=bucket(k.shape[2], DECODE_CONTEXTS))
+        return self._run("decode_attention", q.dtype, dims,
+                         lambda cfg: k_attn.decode_attention(q, k, v, positions, config=cfg),
+                         lambda: k_attn.sdpa(q, k, v, mask))
 
     def rope_qk_norm(self, qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor,
-                     k_weight: torch.Tensor, *, heads: int, kv_heads: int, theta: float, eps: float) -> None:
+                     k_weight: torch.Tensor, *, heads: int, kv_heads: int, theta: float, eps: float,
+                     scaling=None) -> None:
         """In place on ``qkv`` [tokens, (heads + 2 kv_heads) * head_dim]: q and k per-head RMSNorm, then
-        RoPE at ``positions`` [tokens]; v untouched."""
+        RoPE (``scaling``: the config's rope_scaling) at ``positions`` [tokens]; v untouched."""
         from tuneforge.kernels import rope as k
         head_dim = q_weight.shape[0]
         qk = qkv[:, :(heads + kv_heads) * head_dim]
-        cfg = self.config("rope_qk_norm", qkv.dtype, m=qkv.shape[0], heads=heads, kv_heads=kv_heads,
-                          head_dim=head_dim)
-        if cfg is None:
-            qk.copy_(k.baseline(qkv, positions, q_weight, k_weight, heads, kv_heads, theta, eps))
-        else:
-            k.rope_qk_norm(qkv, positions, q_weight, k_weight, heads=heads, kv_heads=kv_heads, theta=theta,
-                           eps=eps, out=qk, config=cfg or None)
+        self._run("rope_qk_norm", qkv.dtype, dict(m=qkv.shape[0], heads=heads, kv_heads=kv_heads, head_dim=head_dim),
+                  lambda cfg: k.rope_qk_norm(qkv, positions, q_weight, k_weight, heads=heads, kv_heads=kv_heads,
+                                             theta=theta, eps=eps, scaling=scaling, out=qk, config=cfg),
+                  lambda: qk.copy_(k.baseline(qkv, positions, q_weight, k_weight, heads, kv_heads, theta, eps,
+                                              scaling)))
 
     # --- tensor parallelism -------------------------------------------------------------------
     def open_tp(self, model, max_tokens: int, logit_rows: int) -> None:
@@ -402,24 +538,53 @@ class Ops:
         return torch.cat(parts, dim=-1).to(x.device)
 
 
-def open_ops(mode: str, *, db: Optional[str], model: str, tp: int, allow_predicted: bool = False,
-             target: Optional[str] = None, buckets: Optional[Sequence[int]] = DEFAULT_BUCKETS) -> Ops:
-    """The engine's ops for ``mode``; ``tuned`` loads this environment's table from ``db`` (default: the
-    default database, where a missing file only means nothing is tuned). The environment is this GPU
-    measured at world size ``tp``, or without a GPU the cost model's ``target`` (default H100)."""
-    if mode != "tuned":
-        return Ops(mode)
-    import os
-    from tuneforge.db.store import Store, default_url, normalize_url
+def environment(tp: int, target: Optional[str] = None) -> Environment:
+    """The environment whose winners serve: this GPU measured at world size ``tp``, or without a GPU
+    (or with ``target``) the cost model's prediction for ``target`` (default H100)."""
     from tuneforge.tune.devices import DEFAULT_TARGET, spec
     if torch.cuda.is_available() and target is None:
-        env = Environment.local(world_size=tp)
-    else:
-        env = Environment.predicted(spec(target or DEFAULT_TARGET), world_size=tp)
+        return Environment.local(world_size=tp)
+    return Environment.predicted(spec(target or DEFAULT_TARGET), world_size=tp)
+
+
+def _database(db: Optional[str]) -> tuple[str, Optional[str]]:
+    """(URL, why there is nothing to read): ``db``, or the default database, whose missing file only
+    means nothing is tuned yet."""
+    import os
+    from tuneforge.db.store import default_url, normalize_url
     url = normalize_url(db) if db else default_url()
     path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
     if not db and path and not os.path.exists(path):
-        return Ops("tuned", DispatchTable.unavailable(f"no tuning database at {path} (run tuneforge tune "
-                                                      f"--model {model} --tp {tp})", model, tp))
+        return url, f"no tuning database at {path}"
+    return url, None
+
+
+def tuned_dtype(db: Optional[str], model: str, tp: int, target: Optional[str] = None) -> Optional[str]:
+    """The dtype ``model``'s winners for this environment were tuned in (the most common one), or
+    None when there are none."""
+    from collections import Counter
+    from tuneforge.db.store import Store
+    url, missing = _database(db)
+    if missing:
+        return None
+    fingerprint = environment(tp, target).fingerprint
     with Store(url, create=False) as store:
-        return Ops("tuned", DispatchTable.load(store, env, model, tp, buckets, allow_predicted=allow_predicted))
+        found = Counter(w.problem.dtype for w in store.winners(fingerprint=fingerprint, model=model, tp=tp))
+    return found.most_common(1)[0][0] if found else None
+
+
+def open_ops(mode: str, *, db: Optional[str], model: str, tp: int, allow_predicted: bool = False,
+             target: Optional[str] = None, buckets: Optional[Sequence[int]] = DEFAULT_BUCKETS,
+             quiet: bool = False) -> Ops:
+    """The engine's ops for ``mode``; ``tuned`` loads ``environment(tp, target)``'s table from ``db``
+    (default: the default database). ``quiet``: say nothing (the TP ranks other than 0)."""
+    if mode != "tuned":
+        return Ops(mode)
+    from tuneforge.db.store import Store
+    url, missing = _database(db)
+    if missing:
+        return Ops("tuned", DispatchTable.unavailable(f"{missing} (run `tuneforge tune --model {model} --tp {tp}`)",
+                                                      model, tp, quiet=quiet))
+    with Store(url, create=False) as store:
+        return Ops("tuned", DispatchTable.load(store, environment(tp, target), model, tp, buckets,
+                                               allow_predicted=allow_predicted, quiet=quiet))
