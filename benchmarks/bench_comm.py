@@ -39,11 +39,11 @@ def _candidates(template, problem, spec, smoke: bool) -> list[dict]:
     default = template.default_config(problem, spec)
     configs = [default]
     programs = [c for c in choices["comm_sms"] if c in ((4,) if smoke else (8, 32, 64))] or [choices["comm_sms"][-1]]
-    block = min(2048, choices["BLOCK"][-1])
+    block = min(2048, choices["block"][-1])
     for strategy in choices.get("strategy", (None,)):
         for variant in choices["variant"]:
             for sms in programs:
-                c = {"variant": variant, "BLOCK": block, "num_warps": 8 if block >= 1024 else 4, "comm_sms": sms}
+                c = {"variant": variant, "block": block, "num_warps": 8 if block >= 1024 else 4, "comm_sms": sms}
                 if strategy is not None:
                     c = {"strategy": strategy, **c}
                 if c != default and template.reject_reason(c, problem, spec) is None:

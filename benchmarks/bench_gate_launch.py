@@ -6,8 +6,9 @@ replays interleaved, next to a device copy of the same bytes.
   kernel had until 2026-11-24);
 - ``four_warps``: the default tile with at most 4 warps instead of its 8.
 
-The column-order variant is ``kernels/shared_expert_gate.py``'s source with ``row_tile``'s body
-replaced (the script stops with a clear message if it changed). Floor: minimum bytes / a 1 GiB
+The column-order variant is ``kernels/shared_expert_gate.py``'s source with its kernel's
+``row_tile`` call (``kernels/_common.py``) replaced by the column-major tile (the script stops with a
+clear message if it changed). Floor: minimum bytes / a 1 GiB
 device copy's bandwidth, as in bench_gate.py. Writes
 benchmarks/results/bench_gate_launch-<device>-<date>.json. (A programmatic dependent launch,
 tried as a variant on 2026-11-24, gained nothing measurable:
@@ -28,12 +29,13 @@ from benchmarks.bench_gate import copy_bandwidth  # noqa: E402
 from benchmarks.common import print_table, source_variant, write_results  # noqa: E402
 from tuneforge.dsl import Problem  # noqa: E402
 from tuneforge.kernels import shared_expert_gate as S  # noqa: E402
+from tuneforge.kernels._common import launch_spec, tile_default  # noqa: E402
 from tuneforge.tune.measure import time_interleaved  # noqa: E402
 
 TOKENS, HIDDEN = (4096, 16384, 65536), 4096
-ROW_MAJOR = """    rows = (tile // tiles_n) * ROWS + tl.arange(0, ROWS)
-    cols = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)"""
-COLUMN_MAJOR = """    tiles_m = tl.num_programs(0) // tiles_n
+ROW_MAJOR = """    rows, cols = row_tile(tiles_n, ROWS, BLOCK_N)"""
+COLUMN_MAJOR = """    tile = tl.program_id(0)
+    tiles_m = tl.num_programs(0) // tiles_n
     rows = (tile % tiles_m) * ROWS + tl.arange(0, ROWS)
     cols = (tile // tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)"""
 VARIANTS = {  # name: (source replacements, cap on the default tile's warps or None)
@@ -48,7 +50,7 @@ def main() -> int:
         print("bench_gate_launch needs a CUDA GPU", file=sys.stderr)
         return 2
     device = torch.device("cuda")
-    spec = S.launch_spec()
+    spec = launch_spec(device, persistent=False)
     copy_bps = copy_bandwidth(device, 1 << 30)
     modules = {name: source_variant(S, name, replacements) for name, (replacements, _) in VARIANTS.items()}
     rows = []
@@ -57,7 +59,7 @@ def main() -> int:
         nbytes = S.work(problem)[1]
         sets = max(1, min(32, math.ceil(2 * spec.l2_mb * 2**20 / nbytes)))
         inputs = [S.make_inputs(problem, device, seed) for seed in range(sets)]
-        default = S.tile_default(m, HIDDEN, spec)
+        default = tile_default(m, HIDDEN, spec)
         expected = S.reference(inputs[0]["final"], inputs[0]["gate_logits"], inputs[0]["shared_out"])
         runs = {}
         for name, (_, warps) in VARIANTS.items():

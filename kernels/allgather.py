@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from tuneforge.dsl import Problem, Space, Template, categorical, register
-from tuneforge.dsl.comm import (check_tensor, epoch_begin, epoch_end, row_split, rows_of, signal_peers,
-                                tile_defaults, tile_params, translate, wait)
+from tuneforge.dsl.comm import epoch_begin, epoch_end, row_split, rows_of, signal_peers, translate, wait
+from tuneforge.kernels._common import check_tensor, comm_tile_default, comm_tile_space
 from tuneforge.errors import InputError
 from tuneforge.tune import costmodel
 
@@ -89,7 +89,7 @@ def _share(problem: Problem) -> int:
 
 
 def _default(problem: Problem, spec=None) -> dict:
-    return {"variant": "push", **tile_defaults(_share(problem), spec)}
+    return {"variant": "push", **comm_tile_default(_share(problem), spec)}
 
 
 def allgather(x: torch.Tensor, *, ctx, m: int | None = None, out: torch.Tensor | None = None,
@@ -104,15 +104,15 @@ def allgather(x: torch.Tensor, *, ctx, m: int | None = None, out: torch.Tensor |
         raise InputError(f"x must be 2-D [rows, n], got shape {tuple(x.shape)}")
     n = x.shape[1]
     rows = row_split(m, ctx.size)[ctx.rank][1]
-    check_tensor("x", x, (rows, n), ctx)
+    check_tensor("allgather", "x", x, (rows, n), None, ctx.device, "contiguous")
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    check_tensor("out", out, (m, n), ctx, x.dtype)
+    check_tensor("allgather", "out", out, (m, n), x.dtype, ctx.device, "contiguous")
     config = config or _default(Problem.make("allgather", "fp32", ctx.size, m=m, n=n))
     ch = ctx.channel("allgather", m * n * x.element_size())
     ch.launch(_allgather_kernel, (config["comm_sms"],), x, out, ch.staging(x.dtype),
               ch.nbytes // x.element_size(), m, n, *ch.args(),
-              PUSH=config["variant"] == "push", BLOCK=config["BLOCK"], num_warps=config["num_warps"])
+              PUSH=config["variant"] == "push", BLOCK=config["block"], num_warps=config["num_warps"])
     return out
 
 
@@ -156,7 +156,7 @@ def make_inputs(problem: Problem, device, seed: int, ctx) -> dict:
 
 
 def space(problem: Problem) -> Space:
-    return Space(categorical("variant", ["push", "pull"]), *tile_params(_share(problem)))
+    return Space(categorical("variant", ["push", "pull"]), *comm_tile_space(_share(problem)))
 
 
 def work(problem: Problem) -> tuple[float, float]:

@@ -36,11 +36,12 @@ import triton.language as tl
 
 import tuneforge
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
-from tuneforge.dsl.comm import (check_tensor, epoch_begin, epoch_end_of, release, row_split, rows_of, signal_peers,
+from tuneforge.dsl.comm import (epoch_begin, epoch_end_of, release, row_split, rows_of, signal_peers,
                                 translate, wait_flag, wait_peers)
 from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.kernels import gemm as G
+from tuneforge.kernels._common import check_tensor, launch_spec
 from tuneforge.tune import costmodel
 
 COPY_BLOCK = 1024          # elements one communication program moves per step
@@ -287,7 +288,7 @@ def tile_defaults(m: int, n: int, k: int, dtype: str, spec, pipelines: int = 1) 
     """The gemm template's default tiles for one chunk-sized GEMM (no split-K, one program per SM)."""
     gemm_cfg = G.default_config(Problem.make("gemm", dtype, m=max(1, m), n=n, k=k),
                                 pipeline_spec(spec, pipelines) if spec is not None
-                                else G.launch_spec(torch.device("cpu")), programs_per_sm=1)
+                                else launch_spec(torch.device("cpu")), programs_per_sm=1)
     return {key: gemm_cfg[key] for key in ("block_m", "block_n", "block_k", "group_m", "num_warps",
                                            "num_stages", "tma")}
 
@@ -318,7 +319,7 @@ def gemm_rejection(config: dict, dtype: str, m: int, n: int, k: int, spec, const
     for c in constraints:
         if spec is None and c is G.smem_overflow:
             continue
-        why = c(cfg, problem, spec if spec is not None else G.launch_spec(torch.device("cpu")))
+        why = c(cfg, problem, spec if spec is not None else launch_spec(torch.device("cpu")))
         if why:
             return why
     return None
@@ -356,7 +357,7 @@ def plan_config(template: Template, problem: Problem, config: dict | None, devic
 
 
 def _plan(template, problem, config, device, launch_constraints) -> dict:
-    spec = None if tuneforge.INTERPRETED else G.launch_spec(device)
+    spec = None if tuneforge.INTERPRETED else launch_spec(device)
     if config is None:
         return template.default_config(problem, spec)
     try:
@@ -372,7 +373,7 @@ def _plan(template, problem, config, device, launch_constraints) -> dict:
 
 def compute_programs(tiles: int, comm_sms: int, device: torch.device) -> int:
     """Persistent compute programs: the SMs the communication programs leave (all co-resident)."""
-    return max(1, min(tiles, G.launch_spec(device).sms - comm_sms))
+    return max(1, min(tiles, launch_spec(device).sms - comm_sms))
 
 
 def check_operands(name: str, x, w, k_dim: int, ctx) -> None:
@@ -414,11 +415,11 @@ def allgather_gemm(x: torch.Tensor, w: torch.Tensor, *, ctx, m: int | None = Non
     k = w.shape[1] if isinstance(w, torch.Tensor) and w.dim() == 2 else -1
     check_operands("allgather_gemm", x, w, k, ctx)
     rows = row_split(m, ctx.size)[ctx.rank][1]
-    check_tensor("x", x, (rows, k), ctx)
+    check_tensor("allgather_gemm", "x", x, (rows, k), None, ctx.device, "contiguous")
     n = w.shape[0]
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    check_tensor("out", out, (m, n), ctx, x.dtype)
+    check_tensor("allgather_gemm", "out", out, (m, n), x.dtype, ctx.device, "contiguous")
     problem = Problem.make("ag_gemm", DTYPE_NAMES[x.dtype], ctx.size, m=m, n=n, k=k)
     config = plan_config(TEMPLATE, problem, config, x.device, LAUNCH_CONSTRAINTS)
     bm, bn, bk = config["block_m"], config["block_n"], config["block_k"]

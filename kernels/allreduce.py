@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from tuneforge.dsl import Problem, Space, Template, categorical, register
-from tuneforge.dsl.comm import (check_tensor, epoch_begin, epoch_end, rows_of, signal_peers, tile_defaults,
-                                tile_params, translate, wait_peers)
+from tuneforge.dsl.comm import epoch_begin, epoch_end, rows_of, signal_peers, translate, wait_peers
+from tuneforge.kernels._common import check_tensor, comm_tile_default, comm_tile_space
 from tuneforge.errors import InputError
 from tuneforge.kernels.allgather import collect_shares, publish_tile
 from tuneforge.kernels.reducescatter import reduce_tile, scatter_shares, staging_elems
@@ -110,7 +110,7 @@ def _default(problem: Problem, spec=None) -> dict:
     m, n = problem["m"], problem["n"]
     one_shot = m * n * problem.torch_dtype.itemsize <= ONE_SHOT_MAX_BYTES
     return {"strategy": "one_shot" if one_shot else "two_shot", "variant": "push",
-            **tile_defaults(m * n if one_shot else -(-m // problem.world) * n, spec)}
+            **comm_tile_default(m * n if one_shot else -(-m // problem.world) * n, spec)}
 
 
 def allreduce(x: torch.Tensor, *, ctx, out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
@@ -118,10 +118,10 @@ def allreduce(x: torch.Tensor, *, ctx, out: torch.Tensor | None = None, config: 
     if x.dim() != 2:
         raise InputError(f"x must be 2-D [m, n], got shape {tuple(x.shape)}")
     m, n = x.shape
-    check_tensor("x", x, (m, n), ctx)
+    check_tensor("allreduce", "x", x, (m, n), None, ctx.device, "contiguous")
     if out is None:
         out = torch.empty_like(x)
-    check_tensor("out", out, (m, n), ctx, x.dtype)
+    check_tensor("allreduce", "out", out, (m, n), x.dtype, ctx.device, "contiguous")
     if out.data_ptr() == x.data_ptr():
         raise InputError("allreduce cannot run in place: out must not alias x")
     config = config or _default(Problem.make("allreduce", _DTYPE_NAME[x.dtype], ctx.size, m=m, n=n))
@@ -129,7 +129,7 @@ def allreduce(x: torch.Tensor, *, ctx, out: torch.Tensor | None = None, config: 
     ch.launch(_allreduce_kernel, (config["comm_sms"],), x, out, ch.staging(x.dtype),
               ch.nbytes // x.element_size(), m, n, *ch.args(),
               TWO_SHOT=config["strategy"] == "two_shot", PUSH=config["variant"] == "push",
-              BLOCK=config["BLOCK"], num_warps=config["num_warps"])
+              BLOCK=config["block"], num_warps=config["num_warps"])
     return out
 
 
@@ -161,7 +161,7 @@ def make_inputs(problem: Problem, device, seed: int, ctx) -> dict:
 
 def space(problem: Problem) -> Space:
     return Space(categorical("strategy", ["one_shot", "two_shot"]), categorical("variant", ["push", "pull"]),
-                 *tile_params(problem["m"] * problem["n"]))
+                 *comm_tile_space(problem["m"] * problem["n"]))
 
 
 def work(problem: Problem) -> tuple[float, float]:

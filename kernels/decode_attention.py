@@ -27,7 +27,7 @@ from tuneforge.dsl import Problem, Space, Template, categorical, register
 from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import InputError
 from tuneforge.kernels import gemm as G
-from tuneforge.kernels.shared_expert_gate import check_tensor
+from tuneforge.kernels._common import check_tensor, launch_spec
 from tuneforge.tune.costmodel import roofline
 
 OP = "decode_attention"
@@ -142,7 +142,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     if b == 0:
         return out
     problem = Problem.make(OP, DTYPE_NAMES[q.dtype], m=b, heads=heads, kv_heads=kv_heads, head_dim=d, ctx=length)
-    cfg = config or default_config(problem, G.launch_spec(q.device))
+    cfg = config or default_config(problem, launch_spec(q.device))
     group = heads // kv_heads
     block_g, block_d = max(MIN_ROWS, triton.next_power_of_2(group)), triton.next_power_of_2(d)
     chunk = cfg["chunk"]

@@ -22,7 +22,6 @@ copying the loop:
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -34,8 +33,9 @@ from tuneforge.dsl.problem import DTYPE_NAMES, Problem
 from tuneforge.dsl.space import Space, categorical, pow2
 from tuneforge.dsl.template import Template, register
 from tuneforge.errors import ConfigRejected, InputError
+from tuneforge.kernels._common import launch_spec
 from tuneforge.tune.costmodel import gemm_config_time, hybrid_split
-from tuneforge.tune.devices import DEFAULT_TARGET, SPECS, DeviceSpec, local_device
+from tuneforge.tune.devices import DeviceSpec
 
 ELEM_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 # fp32 accumulator registers per thread a config may need (BM*BN / threads); beyond it ptxas spills.
@@ -332,10 +332,6 @@ def space(problem: Problem) -> Space:
     )
 
 
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
-
-
 def whole_tiles_config(tiles: dict) -> dict:
     """A full config for tiles a fused kernel's config chose: whole tiles, one program per SM, no
     flattening (what the fused kernels' own persistent loops run)."""
@@ -416,7 +412,7 @@ def flatten_crowds_sm(config: dict, problem: Problem, spec: DeviceSpec) -> str |
 
 def tile_exceeds_problem(config: dict, problem: Problem, spec: DeviceSpec) -> str | None:
     for name, dim in (("block_m", "m"), ("block_n", "n"), ("block_k", "k")):
-        limit = max(16, _next_pow2(problem[dim]))
+        limit = max(16, triton.next_power_of_2(problem[dim]))
         if config[name] > limit:
             return f"{name}={config[name]} exceeds {dim}={problem[dim]} (at most {limit} is useful)"
     return None
@@ -486,7 +482,7 @@ def default_config(problem: Problem, spec: DeviceSpec, programs_per_sm: int | No
         cfg = dict(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3, programs_per_sm=1)
     # clamp tiles to the problem
     for name, dim in (("block_m", "m"), ("block_n", "n"), ("block_k", "k")):
-        cfg[name] = min(cfg[name], max(16, _next_pow2(problem[dim])))
+        cfg[name] = min(cfg[name], max(16, triton.next_power_of_2(problem[dim])))
     tiles = output_tiles(problem, cfg["block_m"], cfg["block_n"])
     slots = spec.sms * cfg["programs_per_sm"]
     iterations = tiles * -(-k // cfg["block_k"])
@@ -533,7 +529,7 @@ def portfolio(problem: Problem, spec: DeviceSpec) -> list[dict]:
             whole.append(dict(base, block_m=128, block_n=bn, block_k=64, num_stages=stages, num_warps=8,
                               programs_per_sm=pps, schedule="tiles", split_k=1, flatten=m > SPLIT_K_MAX_M and pps == 1))
     for bm, bn, bk, stages, warps, pps in tiles:
-        bm, bn, bk = (min(b, max(16, _next_pow2(problem[d]))) for b, d in ((bm, "m"), (bn, "n"), (bk, "k")))
+        bm, bn, bk = (min(b, max(16, triton.next_power_of_2(problem[d]))) for b, d in ((bm, "m"), (bn, "n"), (bk, "k")))
         shape = dict(base, block_m=bm, block_n=bn, block_k=bk, num_stages=stages, num_warps=warps, programs_per_sm=pps)
         for tma in (True, False):
             cfg = dict(shape, schedule="tiles", split_k=1, tma=tma, flatten=False)
@@ -557,16 +553,6 @@ def portfolio(problem: Problem, spec: DeviceSpec) -> list[dict]:
 
 
 # --- launcher ------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def launch_spec(device: torch.device) -> DeviceSpec:
-    """The spec the launcher plans with: the local GPU's; under the interpreter a stand-in with few
-    SMs (so the persistent loop runs several tiles per program) and no TMA."""
-    if device.type == "cuda" and not tuneforge.INTERPRETED:
-        with torch.cuda.device(device):
-            return local_device()
-    return replace(SPECS[DEFAULT_TARGET], name="interpreter", sms=4, features=frozenset())
-
 
 class LaunchPlan(NamedTuple):
     config: dict

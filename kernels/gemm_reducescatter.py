@@ -26,11 +26,12 @@ import triton.language as tl
 
 import tuneforge
 from tuneforge.dsl import Problem, Space, Template, categorical, register
-from tuneforge.dsl.comm import (EPOCH, check_tensor, epoch_begin, epoch_end, release, row_split, rows_of,
+from tuneforge.dsl.comm import (EPOCH, epoch_begin, epoch_end, release, row_split, rows_of,
                                 signal_peers, translate, wait_flag, wait_peers)
 from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import InputError
 from tuneforge.kernels import gemm as G
+from tuneforge.kernels._common import check_tensor
 from tuneforge.kernels.allgather_gemm import (COMM_SMS, FLAG_OVERHEAD_S, STARTED, cdiv, check_operands, chunk_covers_share,
                                               chunk_source, comm_sms_fit,
                                               comm_space, compute_programs, default_comm_sms, descriptor,
@@ -170,7 +171,7 @@ def gemm_reducescatter(x: torch.Tensor, w: torch.Tensor, *, ctx, out: torch.Tens
     rows = row_split(m, ctx.size)[ctx.rank][1]
     if out is None:
         out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    check_tensor("out", out, (rows, n), ctx, x.dtype)
+    check_tensor("gemm_reducescatter", "out", out, (rows, n), x.dtype, ctx.device, "contiguous")
     problem = Problem.make("gemm_rs", DTYPE_NAMES[x.dtype], ctx.size, m=m, n=n, k=k)
     config = plan_config(TEMPLATE, problem, config, x.device, LAUNCH_CONSTRAINTS)
     bm, bn, bk = config["block_m"], config["block_n"], config["block_k"]

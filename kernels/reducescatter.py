@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from tuneforge.dsl import Problem, Space, Template, categorical, register
-from tuneforge.dsl.comm import (check_tensor, epoch_begin, epoch_end, row_split, rows_of, signal_peers,
-                                tile_defaults, tile_params, translate, wait_peers)
+from tuneforge.dsl.comm import epoch_begin, epoch_end, row_split, rows_of, signal_peers, translate, wait_peers
+from tuneforge.kernels._common import check_tensor, comm_tile_default, comm_tile_space
 from tuneforge.errors import InputError
 from tuneforge.tune import costmodel
 
@@ -91,7 +91,7 @@ def staging_elems(m: int, n: int, world: int) -> int:
 
 
 def _default(problem: Problem, spec=None) -> dict:
-    return {"variant": "push", **tile_defaults(problem["m"] * problem["n"] // problem.world, spec)}
+    return {"variant": "push", **comm_tile_default(problem["m"] * problem["n"] // problem.world, spec)}
 
 
 def reducescatter(x: torch.Tensor, *, ctx, out: torch.Tensor | None = None,
@@ -100,16 +100,16 @@ def reducescatter(x: torch.Tensor, *, ctx, out: torch.Tensor | None = None,
     if x.dim() != 2:
         raise InputError(f"x must be 2-D [m, n], got shape {tuple(x.shape)}")
     m, n = x.shape
-    check_tensor("x", x, (m, n), ctx)
+    check_tensor("reducescatter", "x", x, (m, n), None, ctx.device, "contiguous")
     rows = row_split(m, ctx.size)[ctx.rank][1]
     if out is None:
         out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    check_tensor("out", out, (rows, n), ctx, x.dtype)
+    check_tensor("reducescatter", "out", out, (rows, n), x.dtype, ctx.device, "contiguous")
     config = config or _default(Problem.make("reducescatter", "fp32", ctx.size, m=m, n=n))
     ch = ctx.channel("reducescatter", staging_elems(m, n, ctx.size) * x.element_size())
     ch.launch(_reducescatter_kernel, (config["comm_sms"],), x, out, ch.staging(x.dtype),
               ch.nbytes // x.element_size(), m, n, *ch.args(),
-              PUSH=config["variant"] == "push", BLOCK=config["BLOCK"], num_warps=config["num_warps"])
+              PUSH=config["variant"] == "push", BLOCK=config["block"], num_warps=config["num_warps"])
     return out
 
 
@@ -157,7 +157,7 @@ def make_inputs(problem: Problem, device, seed: int, ctx) -> dict:
 
 def space(problem: Problem) -> Space:
     return Space(categorical("variant", ["push", "pull"]),
-                 *tile_params(-(-problem["m"] // problem.world) * problem["n"]))
+                 *comm_tile_space(-(-problem["m"] // problem.world) * problem["n"]))
 
 
 def work(problem: Problem) -> tuple[float, float]:

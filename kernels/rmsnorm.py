@@ -5,8 +5,8 @@
 ``residual`` itself, updated in place, as the engine keeps its residual stream), and ``y = rmsnorm(h)``
 is computed from the rounded ``h``, so ``y`` is exactly the norm of the stored residual.
 
-One program normalizes ``ROWS`` rows. When ``BLOCK_N`` covers the row, the row stays in registers
-(one read, one write); a narrower ``BLOCK_N`` loops over the row twice (sum of squares, then
+One program normalizes ``rows`` rows. When ``block_n`` covers the row, the row stays in registers
+(one read, one write); a narrower ``block_n`` loops over the row twice (sum of squares, then
 normalize; the second pass re-reads ``x``/``h``, mostly from L2), which keeps register use bounded
 for very wide rows.
 
@@ -25,8 +25,7 @@ import triton.language as tl
 
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.errors import InputError
-from tuneforge.kernels.shared_expert_gate import (check_tensor, launch_spec, next_pow2, output_tensor,
-                                                  row_tile_cost, tile_constraints)
+from tuneforge.kernels._common import check_tensor, launch_spec, output_tensor, row_tile_cost, tile_constraints
 from tuneforge.tune.costmodel import elementwise_time
 
 OP = "rmsnorm"
@@ -111,14 +110,14 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = QWEN3_EPS, *,
     out = output_tensor(OP, out, (m, n), x)
     if m == 0 or n == 0:
         return out
-    cfg = config or default(m, n, launch_spec())
+    cfg = config or default(m, n, launch_spec(x.device, persistent=False))
     has_res = residual is not None
     res, res_out = (residual, residual_out) if has_res else (x, x)   # unused pointers when not has_res
-    _rmsnorm_kernel[(triton.cdiv(m, cfg["ROWS"]),)](
+    _rmsnorm_kernel[(triton.cdiv(m, cfg["rows"]),)](
         x, res, res_out, weight, out, m, n,
         x.stride(0), res.stride(0), res_out.stride(0), out.stride(0), float(eps),
-        HAS_RESIDUAL=has_res, SINGLE_PASS=cfg["BLOCK_N"] >= n,
-        BLOCK_N=cfg["BLOCK_N"], ROWS=cfg["ROWS"], num_warps=cfg["num_warps"])
+        HAS_RESIDUAL=has_res, SINGLE_PASS=cfg["block_n"] >= n,
+        BLOCK_N=cfg["block_n"], ROWS=cfg["rows"], num_warps=cfg["num_warps"])
     return out
 
 
@@ -138,20 +137,20 @@ def baseline(x, weight, eps=QWEN3_EPS, residual=None, residual_out=None) -> torc
 # --- the template -------------------------------------------------------------------------------------
 
 def space(problem: Problem) -> Space:
-    return Space(pow2("BLOCK_N", 128, max(128, min(16384, next_pow2(problem["n"])))),
-                 categorical("ROWS", (1, 2, 4, 8)),
+    return Space(pow2("block_n", 128, max(128, min(16384, triton.next_power_of_2(problem["n"])))),
+                 categorical("rows", (1, 2, 4, 8)),
                  categorical("num_warps", (1, 2, 4, 8, 16)))
 
 
 def default(m: int, n: int, spec) -> dict:
     """The whole row in registers (up to 8192 columns), ~16 elements per thread; short rows batched."""
     sms = spec.sms if spec is not None else 132
-    block_n = min(max(128, next_pow2(n)), 8192)
+    block_n = min(max(128, triton.next_power_of_2(n)), 8192)
     rows = 1
     while rows < 8 and block_n * rows * 2 <= 2048 and math.ceil(m / (rows * 2)) >= 4 * sms:
         rows *= 2
     num_warps = max(1, min(16, block_n * rows // 512))
-    return {"BLOCK_N": block_n, "ROWS": rows, "num_warps": num_warps}
+    return {"block_n": block_n, "rows": rows, "num_warps": num_warps}
 
 
 def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
@@ -183,7 +182,7 @@ def cost(problem: Problem, config: Optional[dict], spec) -> float:
     """``row_tile_cost``'s estimate, plus the second pass of rows wider than one tile."""
     t = _one_pass_cost(problem, config, spec)
     m, n = problem["m"], problem["n"]
-    if config is not None and config["BLOCK_N"] < n:   # the second pass re-reads the row (from L2 at best)
+    if config is not None and config["block_n"] < n:   # the second pass re-reads the row (from L2 at best)
         t += elementwise_time(m, n, m * n * problem.torch_dtype.itemsize, spec, config, 0.0, problem.dtype) \
              - spec.launch_us * 1e-6
     return t

@@ -12,8 +12,8 @@ q/k/v GEMM writes it. For every token and every q and k head, in fp32 math:
 Output: ``out`` [tokens, (heads + kv_heads) * head_dim] = rotated q | rotated k, rounded once to the
 dtype. v is never read or written. ``out=None`` allocates; for in place, pass the q|k columns of
 ``qkv`` itself, ``out=qkv[:, :(heads + kv_heads) * head_dim]`` (a strided view: any row stride is
-accepted), after which ``qkv`` holds rotated q | rotated k | v. A program handles ``HEADS`` heads of
-``ROWS`` tokens; ``head_dim`` need not be a power of two (even is required).
+accepted), after which ``qkv`` holds rotated q | rotated k | v. A program handles ``heads`` heads of
+``rows`` tokens; ``head_dim`` need not be a power of two (even is required).
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ import triton.language as tl
 
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.errors import InputError
-from tuneforge.kernels.shared_expert_gate import (MAX_ELEMENTS_PER_THREAD, MAX_TILE_ELEMENTS, check_tensor,
-                                                  launch_spec, next_pow2, output_tensor)
+from tuneforge.kernels._common import (MAX_ELEMENTS_PER_THREAD, MAX_TILE_ELEMENTS, check_tensor, launch_spec,
+                                       output_tensor)
 from tuneforge.tune.costmodel import elementwise_time, roofline
 
 OP = "rope_qk_norm"
@@ -123,12 +123,12 @@ def rope_qk_norm(qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Ten
     out = output_tensor(OP, out, (m, qk_heads * head_dim), qkv)
     if m == 0:
         return out
-    cfg = config or default(m, heads, kv_heads, head_dim, launch_spec())
-    grid = (triton.cdiv(m, cfg["ROWS"]), triton.cdiv(qk_heads, cfg["HEADS"]))
+    cfg = config or default(m, heads, kv_heads, head_dim, launch_spec(qkv.device, persistent=False))
+    grid = (triton.cdiv(m, cfg["rows"]), triton.cdiv(qk_heads, cfg["heads"]))
     _rope_qk_norm_kernel[grid](qkv, out, positions, inv_freq(head_dim, float(theta), qkv.device), q_weight, k_weight,
                                m, heads, qk_heads, qkv.stride(0), out.stride(0), float(eps),
-                               HEAD_DIM=head_dim, BLOCK_HALF=next_pow2(head_dim // 2),
-                               HEADS=cfg["HEADS"], ROWS=cfg["ROWS"], num_warps=cfg["num_warps"])
+                               HEAD_DIM=head_dim, BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+                               HEADS=cfg["heads"], ROWS=cfg["rows"], num_warps=cfg["num_warps"])
     return out
 
 
@@ -178,23 +178,23 @@ def baseline(qkv, positions, q_weight, k_weight, heads, kv_heads, theta=QWEN3_TH
 
 def space(problem: Problem) -> Space:
     qk_heads = problem["heads"] + problem["kv_heads"]
-    return Space(pow2("HEADS", 1, max(1, min(16, next_pow2(qk_heads)))),
-                 categorical("ROWS", (1, 2, 4)),
+    return Space(pow2("heads", 1, max(1, min(16, triton.next_power_of_2(qk_heads)))),
+                 categorical("rows", (1, 2, 4)),
                  categorical("num_warps", (1, 2, 4, 8)))
 
 
 def constraint(config: dict, problem: Problem, spec) -> Optional[str]:
-    # x1, x2 are [HEADS, head_dim / 2] fp32 tiles each
-    elements = config["HEADS"] * next_pow2(problem["head_dim"] // 2)
+    # x1, x2 are [heads, head_dim / 2] fp32 tiles each
+    elements = config["heads"] * triton.next_power_of_2(problem["head_dim"] // 2)
     threads = config["num_warps"] * 32
     if 2 * elements > MAX_TILE_ELEMENTS:
-        return f"{config['HEADS']} heads x head_dim {problem['head_dim']} > {MAX_TILE_ELEMENTS} elements (register spills)"
+        return f"{config['heads']} heads x head_dim {problem['head_dim']} > {MAX_TILE_ELEMENTS} elements (register spills)"
     if config["num_warps"] > 1 and threads > elements:
         return f"{config['num_warps']} warps ({threads} threads) for {elements}-element half-head tiles leave lanes idle"
     if 2 * elements / threads > MAX_ELEMENTS_PER_THREAD:
         return f"{2 * elements // threads} elements per thread > {MAX_ELEMENTS_PER_THREAD} (register spills)"
-    if config["ROWS"] > 1 and config["ROWS"] > next_pow2(problem["m"]):
-        return f"ROWS={config['ROWS']} exceeds the {problem['m']} tokens (idle rows)"
+    if config["rows"] > 1 and config["rows"] > triton.next_power_of_2(problem["m"]):
+        return f"rows={config['rows']} exceeds the {problem['m']} tokens (idle rows)"
     return None
 
 
@@ -202,12 +202,12 @@ def default(m: int, heads: int, kv_heads: int, head_dim: int, spec) -> dict:
     """~1024 elements (8 heads of 128) per program; fewer heads when few tokens leave SMs idle."""
     sms = spec.sms if spec is not None else 132
     qk_heads = heads + kv_heads
-    half = next_pow2(head_dim // 2)
-    heads_per = max(1, min(next_pow2(qk_heads), 16, 1024 // (2 * half)))
+    half = triton.next_power_of_2(head_dim // 2)
+    heads_per = max(1, min(triton.next_power_of_2(qk_heads), 16, 1024 // (2 * half)))
     while heads_per > 1 and m * math.ceil(qk_heads / heads_per) < 2 * sms:
         heads_per //= 2
     num_warps = max(1, min(8, heads_per * half // 128))   # ~4 elements per thread per half tile
-    return {"HEADS": heads_per, "ROWS": 1, "num_warps": num_warps}
+    return {"heads": heads_per, "rows": 1, "num_warps": num_warps}
 
 
 def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
@@ -247,7 +247,7 @@ def cost(problem: Problem, config: Optional[dict], spec) -> float:
         return roofline(flops, BASELINE_PASSES * _qk_elements(problem) * size, spec, problem.dtype,
                         launches=BASELINE_LAUNCHES)
     cols = (problem["heads"] + problem["kv_heads"]) * problem["head_dim"]
-    tile = {"BLOCK_N": config["HEADS"] * problem["head_dim"], "ROWS": config["ROWS"], "num_warps": config["num_warps"]}
+    tile = {"block_n": config["heads"] * problem["head_dim"], "rows": config["rows"], "num_warps": config["num_warps"]}
     return elementwise_time(problem["m"], cols, nbytes, spec, tile, flops, problem.dtype)
 
 

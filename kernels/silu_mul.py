@@ -4,7 +4,7 @@
 Qwen3's ``act_fn(gate_proj(x)) * up_proj(x)``); ``y`` is [tokens, inter]. fp32 math inside, one
 rounding at the store. Torch runs two kernels (silu, multiply: 5 passes over [tokens, inter]); the
 fused kernel reads ``x`` once and writes ``y`` once. Rows may have any stride; columns must be contiguous.
-Tiling: the row tiles of ``shared_expert_gate`` (``ROWS`` x ``BLOCK_N`` of the output per program).
+Tiling: ``kernels/_common.py``'s row tiles (``rows`` x ``block_n`` of the output per program).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import triton.language as tl
 
 from tuneforge.dsl import Problem, Template, register
 from tuneforge.errors import InputError
-from tuneforge.kernels.shared_expert_gate import (check_tensor, launch_spec, output_tensor, row_tile, row_tile_cost,
-                                                  tile_constraints, tile_default, tile_grid, tile_space)
+from tuneforge.kernels._common import (check_tensor, launch_spec, output_tensor, row_tile, row_tile_cost,
+                                       tile_constraints, tile_default, tile_grid, tile_space)
 
 OP = "silu_mul"
 
@@ -48,10 +48,10 @@ def silu_mul(x: torch.Tensor, *, out: Optional[torch.Tensor] = None, config: Opt
     out = output_tensor(OP, out, (m, n), x)
     if m == 0 or n == 0:
         return out
-    cfg = config or tile_default(m, n, launch_spec())
+    cfg = config or tile_default(m, n, launch_spec(x.device, persistent=False))
     grid, tiles_n = tile_grid(m, n, cfg)
     _silu_mul_kernel[grid](x, out, m, n, tiles_n, x.stride(0), out.stride(0),
-                           BLOCK_N=cfg["BLOCK_N"], ROWS=cfg["ROWS"], num_warps=cfg["num_warps"])
+                           BLOCK_N=cfg["block_n"], ROWS=cfg["rows"], num_warps=cfg["num_warps"])
     return out
 
 

@@ -28,9 +28,9 @@ def _configs(op, problem, thorough):
         for variant in choices["variant"]:
             base = {"variant": variant} if strategy is None else {"strategy": strategy, "variant": variant}
             programs = choices["comm_sms"][min(1, len(choices["comm_sms"]) - 1)]
-            configs.append({**base, "BLOCK": choices["BLOCK"][0], "num_warps": 4, "comm_sms": programs})
+            configs.append({**base, "block": choices["block"][0], "num_warps": 4, "comm_sms": programs})
             if thorough:
-                configs.append({**base, "BLOCK": choices["BLOCK"][-1], "num_warps": 8, "comm_sms": 1})
+                configs.append({**base, "block": choices["block"][-1], "num_warps": 8, "comm_sms": 1})
     for c in configs:
         reason = template.reject_reason(c, problem, None)
         assert reason is None, f"{op} {c}: {reason}"
@@ -113,7 +113,7 @@ def _silent_rank(world, silent, catch):
     heap = SymmetricHeap(world, 1 << 20)
     ctx = heap.context()
     x = torch.ones(5, 8, device=ctx.device)
-    config = {"strategy": "one_shot", "variant": "push", "BLOCK": 128, "num_warps": 4, "comm_sms": 2}
+    config = {"strategy": "one_shot", "variant": "push", "block": 128, "num_warps": 4, "comm_sms": 2}
     get("allreduce").launch(x, ctx=ctx, config=config)     # together (first launch: compile + barrier)
     ctx.synchronize()
     ctx.channel("allreduce", 0).set_timeout(1.0)           # short, now that no rank is starting up
@@ -177,8 +177,8 @@ def _graph_replay(world, replays):
     m, n = 33, 2048
     x = torch.empty(m, n, dtype=torch.bfloat16, device=ctx.device)
     outs = [torch.empty_like(x) for _ in range(2)]
-    configs = [{"strategy": "one_shot", "variant": "push", "BLOCK": 1024, "num_warps": 4, "comm_sms": 8},
-               {"strategy": "two_shot", "variant": "pull", "BLOCK": 2048, "num_warps": 8, "comm_sms": 4}]
+    configs = [{"strategy": "one_shot", "variant": "push", "block": 1024, "num_warps": 4, "comm_sms": 8},
+               {"strategy": "two_shot", "variant": "pull", "block": 2048, "num_warps": 8, "comm_sms": 4}]
     for out, config in zip(outs, configs):          # warm (compile, load) before capture
         allreduce(x, ctx=ctx, out=out, config=config)
     graph = ctx.capture(lambda: [allreduce(x, ctx=ctx, out=out, config=config)

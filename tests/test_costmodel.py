@@ -55,7 +55,7 @@ def test_overlap_hides_the_shorter_part_except_the_exposed_fraction():
 
 
 def test_gemm_wave_quantization_padding_and_small_m():
-    cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_stages=3, num_warps=4)
+    cfg = dict(block_m=128, block_n=128, block_k=64, num_stages=3, num_warps=4)
     sms = H100.sms
     # compute-bound shape with exactly one wave vs one tile more: the extra tile costs a whole wave
     full = cm.gemm_config_time(128 * 12, 128 * sms // 12, 8192, cfg, H100)
@@ -63,19 +63,19 @@ def test_gemm_wave_quantization_padding_and_small_m():
     assert one_more > 1.5 * full
     # padding: n=4096+64 wastes half a column of 128-wide tiles, 64-wide tiles waste nothing
     n = 4096 + 64
-    narrow = cm.gemm_config_time(8192, n, 4096, {**cfg, "BLOCK_N": 64}, H100)
+    narrow = cm.gemm_config_time(8192, n, 4096, {**cfg, "block_n": 64}, H100)
     wide = cm.gemm_config_time(8192, n, 4096, cfg, H100)
     assert narrow != wide
     # decode (m=1, few output tiles): split-K adds programs in flight and wins
-    slim = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_stages=3, num_warps=4)
-    assert cm.gemm_config_time(1, 1024, 5120, {**slim, "SPLIT_K": 4}, H100) < cm.gemm_config_time(1, 1024, 5120, slim, H100)
+    slim = dict(block_m=16, block_n=128, block_k=128, num_stages=3, num_warps=4)
+    assert cm.gemm_config_time(1, 1024, 5120, {**slim, "split_k": 4}, H100) < cm.gemm_config_time(1, 1024, 5120, slim, H100)
     # small M with 128-row tiles does 128x the padded math: never faster than 16-row tiles
-    assert cm.gemm_config_time(16, 8192, 8192, slim, H100) <= cm.gemm_config_time(16, 8192, 8192, {**slim, "BLOCK_M": 128}, H100)
+    assert cm.gemm_config_time(16, 8192, 8192, slim, H100) <= cm.gemm_config_time(16, 8192, 8192, {**slim, "block_m": 128}, H100)
 
 
 def test_predict_is_deterministic_distinguishes_configs_and_knows_the_baseline():
     p = Problem.make("gemm", m=64, n=10240, k=5120)
-    configs = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_stages=3, num_warps=4) for bm in (16, 64, 128)
+    configs = [dict(block_m=bm, block_n=bn, block_k=64, num_stages=3, num_warps=4) for bm in (16, 64, 128)
                for bn in (64, 128, 256)]
     times = [cm.predict(None, p, c, H100) for c in configs]
     assert times == [cm.predict(None, p, c, H100) for c in configs]
@@ -105,7 +105,7 @@ def test_predict_covers_every_planned_op_without_a_template(op, dims):
 def test_tp_strategies_trade_places_with_message_size():
     decode = Problem.make("tp_mlp", world=8, m=1, hidden=5120, inter=3200)
     prefill = Problem.make("tp_mlp", world=8, m=8192, hidden=5120, inter=3200)
-    tile = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_stages=3, num_warps=8)
+    tile = dict(block_m=128, block_n=256, block_k=64, num_stages=3, num_warps=8)
     ar = {"strategy": "gemm_ar", **tile}
     ag = {"strategy": "ag_rs", **tile}
     assert cm.predict(None, decode, ar, H100) < cm.predict(None, decode, ag, H100)

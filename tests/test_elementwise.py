@@ -26,18 +26,18 @@ H100 = spec("H100")
 # op -> (a tiny problem with odd sizes, a real Qwen3 problem, the parameter whose smallest value makes
 # a program cover the least of a row: several column blocks / loop iterations / head groups)
 CASES = {
-    "shared_expert_gate": (dict(m=5, n=300), dict(m=4096, n=5120), "BLOCK_N"),
-    "rmsnorm": (dict(m=5, n=300), dict(m=4096, n=5120), "BLOCK_N"),
-    "silu_mul": (dict(m=3, n=200), dict(m=4096, n=3200), "BLOCK_N"),
+    "shared_expert_gate": (dict(m=5, n=300), dict(m=4096, n=5120), "block_n"),
+    "rmsnorm": (dict(m=5, n=300), dict(m=4096, n=5120), "block_n"),
+    "silu_mul": (dict(m=3, n=200), dict(m=4096, n=3200), "block_n"),
     "rope_qk_norm": (dict(m=3, heads=5, kv_heads=2, head_dim=12), dict(m=4096, heads=64, kv_heads=8, head_dim=128),
-                     "HEADS"),
+                     "heads"),
 }
 
 
-def valid_configs(template, problem, device_spec, count, seed=0, narrow_key="BLOCK_N"):
+def valid_configs(template, problem, device_spec, count, seed=0, narrow_key="block_n"):
     """The default config, the config covering least of a row (most ROWS), and ``count`` random valid ones."""
     valid = [c for c in template.space(problem).enumerate() if template.reject_reason(c, problem, device_spec) is None]
-    narrow = min(valid, key=lambda c: (c[narrow_key], -c["ROWS"]))
+    narrow = min(valid, key=lambda c: (c[narrow_key], -c["rows"]))
     return [template.default_config(problem, device_spec), narrow] + random.Random(seed).sample(valid, min(count, len(valid)))
 
 
@@ -93,7 +93,7 @@ def bf16_truncated(t):
     return (t.float().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-LOOPING = {"BLOCK_N": 128, "ROWS": 2, "num_warps": 1}      # 300 columns: three passes per loop
+LOOPING = {"block_n": 128, "rows": 2, "num_warps": 1}      # 300 columns: three passes per loop
 
 
 @pytest.mark.parametrize("config", [None, LOOPING], ids=["one-pass", "looping"])
@@ -158,7 +158,7 @@ def test_silu_mul_strided_rows_and_out():
     m, n = 3, 150
     x = _rand(m, 2 * n + 10, dtype=torch.bfloat16)[:, 10:]
     out = poison(torch.empty(m, n + 4, dtype=torch.bfloat16))
-    sm.silu_mul(x, out=out[:, 4:], config={"BLOCK_N": 128, "ROWS": 4, "num_warps": 2})
+    sm.silu_mul(x, out=out[:, 4:], config={"block_n": 128, "rows": 4, "num_warps": 2})
     result = compare(out[:, 4:], sm.reference(x))
     assert result, result.reason
     assert torch.isnan(out[:, :4]).all()
@@ -227,7 +227,7 @@ def test_rope_in_place_on_qkv_leaves_v_and_takes_int32_positions():
     expected, v = rope.reference(**inputs), qkv[:, (heads + kv_heads) * head_dim:].clone()
     qk = qkv[:, :(heads + kv_heads) * head_dim]
     out = rope.rope_qk_norm(**{**inputs, "positions": inputs["positions"].int()}, out=qk,
-                            config={"HEADS": 2, "ROWS": 2, "num_warps": 1})
+                            config={"heads": 2, "rows": 2, "num_warps": 1})
     assert out.data_ptr() == qkv.data_ptr()
     result = compare(qk, expected)
     assert result, result.reason
@@ -295,7 +295,7 @@ def test_gpu_rmsnorm_residual_in_place_looping_and_rope_in_place():
     weight = torch.randn(5120, device="cuda", dtype=torch.bfloat16)
     h = (x.float() + residual.float()).to(torch.bfloat16)
     expected = rms.reference(x, weight, residual=residual.clone())
-    y = rms.rmsnorm(x, weight, residual=residual, config={"BLOCK_N": 1024, "ROWS": 2, "num_warps": 4})
+    y = rms.rmsnorm(x, weight, residual=residual, config={"block_n": 1024, "rows": 2, "num_warps": 4})
     assert torch.equal(residual, h)
     result = compare(y, expected)
     assert result, result.reason

@@ -89,7 +89,7 @@ def fast_interpreted_config(template, problem, spec) -> dict:
     with rows / heads per program raised as far as the constraints allow."""
     config = template.default_config(problem, spec)
     for param in template.space(problem).params:
-        if param.name in ("ROWS", "HEADS"):
+        if param.name in ("rows", "heads"):
             for value in sorted(param.choices, reverse=True):
                 if template.reject_reason({**config, param.name: value}, problem, spec) is None:
                     config[param.name] = value

@@ -25,7 +25,7 @@ def _inputs(m, n, dtype, seed=0):
 def test_in_place_on_final(dtype):
     final, gate, shared = _inputs(3, 129, dtype)
     expected = reference(final, gate, shared)
-    out = shared_expert_gate(final, gate, shared, out=final, config={"BLOCK_N": 128, "ROWS": 2, "num_warps": 1})
+    out = shared_expert_gate(final, gate, shared, out=final, config={"block_n": 128, "rows": 2, "num_warps": 1})
     assert out.data_ptr() == final.data_ptr()
     result = compare(final, expected)
     assert result, result.reason
@@ -39,7 +39,7 @@ def test_strided_inputs_1d_gate_and_explicit_strided_out():
     gate = router[:, 2]                                                   # 1-D, token stride 5
     out_buf = poison(torch.empty(m, n + 8))
     out = out_buf[:, 8:]
-    shared_expert_gate(final, gate, shared, out=out, config={"BLOCK_N": 128, "ROWS": 4, "num_warps": 2})
+    shared_expert_gate(final, gate, shared, out=out, config={"block_n": 128, "rows": 4, "num_warps": 2})
     result = compare(out, reference(final, gate, shared))
     assert result, result.reason
     assert torch.isnan(out_buf[:, :8]).all()                              # nothing written outside out
@@ -70,7 +70,7 @@ def test_zero_tokens_and_zero_hidden_are_no_ops():
     (lambda f, g, s: shared_expert_gate(f, g, s, out=torch.empty(4, 6, dtype=torch.bfloat16)),
      r"out has dtype torch.bfloat16, expected torch.float32"),
     (lambda f, g, s: shared_expert_gate(f, g, s, out=torch.empty(4, 6, device="meta")),
-     r"out is on meta but the other tensors are on cpu"),
+     r"out is on meta but this call runs on cpu"),
     (lambda f, g, s: shared_expert_gate(f, g.to("meta"), s), r"gate_logits is on meta"),
     (lambda f, g, s: shared_expert_gate(f, g, torch.randn(6, 4).t()), r"shared_out must be contiguous in its last"),
     (lambda f, g, s: shared_expert_gate(f, g.int(), s), r"gate_logits has dtype torch.int32"),

@@ -91,9 +91,9 @@ def test_cost_model_tuning_of_a_tiny_model_stores_verified_winners(tiny_config, 
 
 
 def _broken_launch(x, *, out=None, config=None):
-    """The real silu_mul, except that configs with ROWS == 1 write one wrong element."""
+    """The real silu_mul, except that configs with rows == 1 write one wrong element."""
     y = get("silu_mul").launch(x, out=out, config=config)
-    if config is not None and config["ROWS"] == 1:
+    if config is not None and config["rows"] == 1:
         y[0, 0] += 1.0
     return y
 
@@ -103,7 +103,7 @@ def _lying_cost(problem, config, spec):
     if config is not None and config["num_warps"] == 8:
         raise RuntimeError("simulated compile error")
     t = get("silu_mul").cost(problem, config, spec)
-    return t * 0.25 if config is not None and config["ROWS"] == 1 else t
+    return t * 0.25 if config is not None and config["rows"] == 1 else t
 
 
 def test_fail_trials_never_stop_the_run_and_unverifiable_winners_are_dropped(tmp_path):
@@ -115,13 +115,13 @@ def test_fail_trials_never_stop_the_run_and_unverifiable_winners_are_dropped(tmp
     tuner = Tuner(store, TuneOptions(target="H100", trials=size, progress=None))
     row = tuner.tune_problem(PlanItem(problem, ["test"]), broken, 1)
     assert row.status == "tuned"
-    assert not row.config.get("baseline") and row.config["ROWS"] != 1 and row.config["num_warps"] != 8
+    assert not row.config.get("baseline") and row.config["rows"] != 1 and row.config["num_warps"] != 8
     assert "failed verification: wrong result" in row.note
     trials = _study_trials(store, row.study_name)
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert failed and all(t.user_attrs["error"] == "RuntimeError: simulated compile error" for t in failed)
     assert all(t.params["num_warps"] == 8 for t in failed)
-    assert any(t.state == TrialState.COMPLETE and t.params["ROWS"] == 1 for t in trials)
+    assert any(t.state == TrialState.COMPLETE and t.params["rows"] == 1 for t in trials)
     assert store.winners(key=problem.key)[0].config == row.config
     store.close()
 
@@ -203,8 +203,8 @@ def test_the_measuring_bench_checks_before_it_times(tmp_path):
     broken = dataclasses.replace(real, launch=_broken_launch, module=real.module)
     problem = Problem.make("silu_mul", m=5, n=48)
     h100 = spec("H100")
-    good = {"BLOCK_N": 64, "ROWS": 2, "num_warps": 4}
-    bad = {"BLOCK_N": 64, "ROWS": 1, "num_warps": 4}
+    good = {"block_n": 64, "rows": 2, "num_warps": 4}
+    bad = {"block_n": 64, "rows": 1, "num_warps": 4}
     bench = GpuBench(broken, problem, h100, seed=0, device="cpu")
     assert bench.time_config(good) > 0 and bench.time_baseline() > 0
     assert bench.verify(good, seed=1) == ""
@@ -212,7 +212,7 @@ def test_the_measuring_bench_checks_before_it_times(tmp_path):
     state, value, attrs = Tuner._outcome(bench.time_config, bad)
     assert state == TrialState.FAIL and value is None and attrs["error"].startswith("wrong result: 1/")
     # a tile Triton cannot compile (arange of 48) is a FAIL trial with the compiler's reason
-    state, _, attrs = Tuner._outcome(bench.time_config, {"BLOCK_N": 48, "ROWS": 2, "num_warps": 4})
+    state, _, attrs = Tuner._outcome(bench.time_config, {"block_n": 48, "rows": 2, "num_warps": 4})
     assert state == TrialState.FAIL and "power of 2" in attrs["error"]
     bench.close()
 
@@ -222,8 +222,8 @@ def test_lockstep_measuring_of_a_multi_rank_problem():
     under the interpreter); a config that cannot run fails on its own without ending the world."""
     from tuneforge.tune.tuner import _lockstep
     problem = Problem.make("allreduce", world=2, m=3, n=40)
-    good = {"strategy": "two_shot", "variant": "pull", "BLOCK": 128, "num_warps": 4, "comm_sms": 2}
-    bad = {**good, "BLOCK": 96}                          # not a power of 2: does not compile
+    good = {"strategy": "two_shot", "variant": "pull", "block": 128, "num_warps": 4, "comm_sms": 2}
+    bad = {**good, "block": 96}                          # not a power of 2: does not compile
     results = _lockstep(get("allreduce"), problem, [good, bad, None], seed=0, device="cpu")
     (t_good, why_good), (t_bad, why_bad), (t_base, why_base) = results
     assert t_good > 0 and why_good == "" and t_base > 0 and why_base == ""

@@ -47,15 +47,9 @@ def _itemsize(dtype: str) -> int:
     return {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
 
 
-def _get(config: Optional[Mapping[str, Any]], default, *names):
-    """A config value by any of its usual spellings (templates name tile sizes differently)."""
-    if not config:
-        return default
-    lowered = {str(k).lower(): v for k, v in config.items()}
-    for n in names:
-        if n.lower() in lowered:
-            return lowered[n.lower()]
-    return default
+def _get(config: Optional[Mapping[str, Any]], default, name: str):
+    """``config[name]`` (every template spells its keys in lower snake case), else ``default``."""
+    return config.get(name, default) if config else default
 
 
 def roofline(flops: float, nbytes: float, spec, dtype: str = "bf16", efficiency: float = 1.0,
@@ -214,14 +208,14 @@ def gemm_config_time(m: int, n: int, k: int, config: Optional[Mapping], spec, dt
                    if s == 1 or schedule == "tiles")
     return gemm_time(
         m, n, k, spec, dtype,
-        block_m=int(_get(config, 128, "BLOCK_M", "BM", "block_size_m")),
-        block_n=int(_get(config, 128, "BLOCK_N", "BN", "block_size_n")),
-        block_k=int(_get(config, 64, "BLOCK_K", "BK", "block_size_k")),
-        split_k=int(_get(config, 1, "SPLIT_K", "split_k", "splits")),
-        num_stages=int(_get(config, 3, "num_stages", "stages")),
-        num_warps=int(_get(config, 8, "num_warps", "warps")),
-        group_m=int(_get(config, 8, "GROUP_M", "GROUP_SIZE_M", "group")),
-        tma=bool(_get(config, False, "tma", "use_tma")),
+        block_m=int(_get(config, 128, "block_m")),
+        block_n=int(_get(config, 128, "block_n")),
+        block_k=int(_get(config, 64, "block_k")),
+        split_k=int(_get(config, 1, "split_k")),
+        num_stages=int(_get(config, 3, "num_stages")),
+        num_warps=int(_get(config, 8, "num_warps")),
+        group_m=int(_get(config, 8, "group_m")),
+        tma=bool(_get(config, False, "tma")),
         schedule=_get(config, "tiles", "schedule"))
 
 
@@ -245,12 +239,12 @@ def moe_gemm_time(m: int, n: int, k: int, experts: int, topk: int, config: Optio
 def elementwise_time(rows: int, cols: int, nbytes: float, spec, config: Optional[Mapping] = None,
                      flops: float = 0.0, dtype: str = "bf16") -> float:
     """A memory-bound row op over [rows, cols]: ``nbytes`` of minimum traffic moved by programs of
-    BLOCK_M rows x BLOCK_N columns. Masked lanes (BLOCK_N past ``cols``) waste issue slots, and
+    ``rows`` rows x ``block_n`` columns. Masked lanes (block_n past ``cols``) waste issue slots, and
     few/small programs leave HBM under-fed (Little's law)."""
     size = _itemsize(dtype)
-    block_n = int(_get(config, 1 << max(0, (cols - 1).bit_length()), "BLOCK_N", "BLOCK", "BLOCK_SIZE", "block_d"))
-    block_m = int(_get(config, 1, "BLOCK_M", "ROWS", "rows_per_program"))
-    num_warps = int(_get(config, 4, "num_warps", "warps"))
+    block_n = int(_get(config, 1 << max(0, (cols - 1).bit_length()), "block_n"))
+    block_m = int(_get(config, 1, "rows"))
+    num_warps = int(_get(config, 4, "num_warps"))
     col_tiles = math.ceil(cols / block_n)
     lane_use = cols / (col_tiles * block_n)
     programs = math.ceil(rows / block_m) * col_tiles
@@ -270,7 +264,7 @@ _STRATEGY_ALGO = {"one_shot": "one_shot", "two_shot": "two_shot", "push": "one_s
 
 def comm_efficiency(config: Optional[Mapping]) -> float:
     """Bandwidth fraction a communication kernel reaches with the SMs (CTAs) it was given."""
-    sms = _get(config, None, "comm_sms", "num_sms", "sms", "COMM_SMS", "num_ctas")
+    sms = _get(config, None, "comm_sms")
     if sms is None:
         return 1.0
     return min(1.0, int(sms) / SMS_TO_SATURATE_LINKS)
@@ -298,7 +292,7 @@ def allreduce_time(nbytes: float, world: int, spec, config: Optional[Mapping]) -
     if config is None or config.get("baseline") or _STRATEGY_ALGO.get(config.get("strategy")) is None:
         return nccl_allreduce_time(nbytes, world, spec)
     algo = _STRATEGY_ALGO[config["strategy"]]
-    chunks = int(_get(config, 1, "chunks", "num_chunks"))
+    chunks = int(_get(config, 1, "chunks"))
     # chunking pipelines reduce behind transfer but pays a signal per chunk
     t = alpha_beta(nbytes, world, spec, algo, comm_efficiency(config))
     t += (chunks - 1) * spec.link_latency_us * 1e-6 * 0.5
@@ -309,7 +303,7 @@ def pipelined_fraction(m: int, world: int, config: Optional[Mapping]) -> float:
     """How much of a fused all-gather/reduce-scatter a GEMM can hide: the first chunk must arrive
     before any tile starts (and the last tile's output leaves after the GEMM), so with c chunks at
     best (c-1)/c is hidden; a decode step with one row has one chunk and hides nothing."""
-    block_m = int(_get(config, 128, "BLOCK_M", "BM", "block_size_m"))
+    block_m = int(_get(config, 128, "block_m"))
     chunks = max(1, min(world, math.ceil(m / block_m)))
     return float(_get(config, 0.9, "overlap_fraction")) * (1.0 - 1.0 / chunks)
 
