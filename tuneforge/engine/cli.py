@@ -57,7 +57,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_generate)
 
     bench = _subcommands(subparsers, "bench", "benchmarks")
-    e = bench.add_parser("e2e", help="end-to-end prefill + decode timing with % of the weight-streaming floor")
+    e = bench.add_parser("e2e", help="end-to-end prefill + decode timing with %% of the weight-streaming floor")
     _engine_options(e)
     e.add_argument("--bsz", type=int, default=1, help="prompts in the batch")
     e.add_argument("--ctx", type=int, default=128, help="prompt tokens")
