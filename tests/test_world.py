@@ -84,6 +84,37 @@ def test_world_heap_and_verbs_on_cpu():
     _check_heap_and_verbs(results, 3, 16)
 
 
+def _early_peer_store(world):
+    """Rank 0 allocates and stores into rank 1's copy before rank 1 has allocated it (the order
+    SPMD ranks get whenever one runs ahead), in fresh heap memory and in memory a scope freed."""
+    from tuneforge.dsl.heap import SymmetricHeap
+    heap = SymmetricHeap(world, 1 << 16)
+    seen = []
+    for round_ in range(2):
+        with heap.scope():
+            if world.rank == 0:
+                x, y = heap.zeros(8, torch.int64), heap.empty(8, torch.int64)
+                heap.peer_view(x, 1).fill_(10 + round_)
+                world.synchronize()     # the store has landed before rank 1 allocates
+            else:
+                world.synchronize()
+                x, y = heap.zeros(8, torch.int64), heap.empty(8, torch.int64)
+            world.synchronize()
+            seen.append((x.tolist(), y.tolist()))
+            x.fill_(-1)                 # what the scope must not hand out again
+            y.fill_(-1)
+    heap.close()
+    return seen
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_heap_keeps_a_peers_store_made_before_this_rank_allocates(device):
+    results = spawn(_early_peer_store, 2, device=device, share_gpu=device == "cuda", timeout=120)
+    for round_ in range(2):
+        assert results[0][round_] == ([0] * 8, [0] * 8), f"round {round_}: rank 0's heap memory is not zero"
+        assert results[1][round_] == ([10 + round_] * 8, [0] * 8), f"round {round_}: rank 0's store into rank 1"
+
+
 def _fail_on_rank(world, bad):
     if world.rank == bad:
         raise ValueError("bad shard")

@@ -231,6 +231,16 @@ def polls_per_second(device: torch.device) -> float:
 
 # --- host side -------------------------------------------------------------------------------------
 
+def _variant_key(arg):
+    """What of a kernel argument selects its compiled variant: a tensor's dtype, a TMA descriptor's
+    dtype and block shape (descriptors are unhashable), any other argument itself."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype
+    if hasattr(arg, "block_shape"):
+        return ("desc", arg.base.dtype, tuple(arg.block_shape))
+    return arg
+
+
 def default_timeout() -> float:
     """Seconds a wait may spin: generous under the interpreter (slow, CPU shared by ranks)."""
     return 30.0 if tuneforge.INTERPRETED else 10.0
@@ -239,7 +249,9 @@ def default_timeout() -> float:
 class Channel:
     """Signals, epoch state and double-buffered staging of one op, carved from the symmetric heap.
 
-    Collective to create (same order on every rank). Kernels take ``*channel.args()`` =
+    Collective to create (same order on every rank), without a host barrier: ``flags`` and
+    ``state`` come from the heap zero, and a peer's signal sent before this rank created its
+    channel is kept (allocation does not write the heap). Kernels take ``*channel.args()`` =
     ``(bases, flags, state, rank, world, max_spins)`` as their last runtime arguments, and the
     staging view ``channel.staging(dtype)`` (``2 * nbytes`` bytes: parity 0, then parity 1 at
     element ``channel.nbytes // itemsize``). ``kinds`` names the signal kinds in errors.
@@ -257,9 +269,7 @@ class Channel:
         self.set_timeout(default_timeout() if timeout is None else timeout)
         self.check_each_call = tuneforge.INTERPRETED     # cheap there: launches are synchronous
         self._warm: set = set()
-        if heap.device.type == "cuda":
-            torch.cuda.synchronize(heap.device)   # the zeroing has run before any peer may signal
-        heap.barrier()
+        self._tile_flags = None
 
     def ensure(self, nbytes: int) -> None:
         """Grow the staging to ``nbytes`` per parity (collective; old staging is abandoned)."""
@@ -276,6 +286,15 @@ class Channel:
     def staging(self, dtype: torch.dtype) -> torch.Tensor:
         return self.data.view(dtype)
 
+    def tile_flags(self, count: int) -> torch.Tensor:
+        """``count`` int64 epoch flags on the heap beside ``flags``, for kernels that signal per row
+        segment or per tile (more than ``MAX_SLOTS``): set with ``release``, waited on with
+        ``wait_flag``. Collective; grown like the staging (a grown area is fresh heap memory, zero)."""
+        if self._tile_flags is None or self._tile_flags.numel() < count:
+            old = 0 if self._tile_flags is None else self._tile_flags.numel()
+            self._tile_flags = self.heap.zeros((max(int(count), 2 * old),), torch.int64)
+        return self._tile_flags[:count]
+
     def args(self) -> tuple:
         return (self.heap.bases, self.flags, self.state, self.rank, self.world, self.max_spins)
 
@@ -287,8 +306,7 @@ class Channel:
         every rank must launch the same variants in the same order (warm them all before a CUDA
         graph capture or before ranks may diverge)."""
         if not tuneforge.INTERPRETED:
-            key = (kernel, tuple(grid), tuple(sorted(meta.items())),
-                   tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args[:-6]))
+            key = (kernel, tuple(grid), tuple(sorted(meta.items())), tuple(_variant_key(a) for a in args[:-6]))
             if key not in self._warm:
                 kernel.warmup(*args, grid=grid, **meta)._init_handles()
                 self._warm.add(key)

@@ -14,6 +14,11 @@ bases *as addresses valid in this process*:
 
 Allocation is a bump allocator: ranks must make the same ``empty`` calls in the same order (as
 SPMD code does), which keeps offsets symmetric. ``scope()`` frees what was allocated inside it.
+Memory is handed out zero and allocating never writes it: ranks run ahead of each other, so a
+peer may store into this rank's copy of a tensor before this rank has allocated it, and zeroing
+it at allocation would erase that store. Instead every arena is zeroed before any rank learns the
+bases (construction is complete on every rank, device work included, before it returns), and
+``scope()`` re-zeroes what it frees, collectively, before any rank allocates it again.
 
 ``heap.context()`` gives the ``ctx`` that multi-rank templates receive: ``rank``, ``size``,
 ``device``, ``world``, ``heap``, ``channel(name, nbytes)`` (signals + staging for one op, see
@@ -70,7 +75,8 @@ class SymmetricHeap:
             raise RuntimeError(f"heap arena not {ALIGN}-byte aligned: bases {[hex(b) for b in base_list]}")
         self.bases = torch.tensor(base_list, dtype=torch.int64, device=self.device)
         self._context = None
-        world.barrier()
+        # Every arena's zeroing has run (on the device too) before any rank may store into a peer's.
+        world.synchronize()
 
     # --- transports --------------------------------------------------------------------------
 
@@ -120,7 +126,9 @@ class SymmetricHeap:
         return self._offset
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        """A tensor at the next aligned offset (the same offset on every rank). Not zeroed."""
+        """A tensor at the next aligned offset (the same offset on every rank). It holds zeros, or
+        what a peer that allocated it first has already stored into this rank's copy; it is not
+        written here (see the module docstring)."""
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         numel = 1
         for s in shape:
@@ -134,7 +142,8 @@ class SymmetricHeap:
         return self.arena[start:start + nbytes].view(dtype).view(shape)
 
     def zeros(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        return self.empty(shape, dtype).zero_()
+        """``empty``: heap memory is handed out zero (zeroing here would erase a peer's early store)."""
+        return self.empty(shape, dtype)
 
     def offset_of(self, t: torch.Tensor) -> int:
         """Byte offset of ``t`` in this rank's arena (raises if ``t`` is not on the heap)."""
@@ -157,12 +166,28 @@ class SymmetricHeap:
 
     @contextlib.contextmanager
     def scope(self):
-        """Tensors allocated inside are freed on exit (every rank must enter and leave together)."""
+        """Tensors allocated inside are freed on exit and their memory zeroed again. Collective:
+        every rank must enter and leave together; on a normal exit every rank's device work is done
+        before the memory is zeroed, and every rank has zeroed it before any rank goes on. When an
+        exception leaves the scope the ranks may have diverged, so the memory is zeroed on this rank
+        alone (a collective could hang on a peer that never comes)."""
         mark = self._offset
         try:
             yield self
-        finally:
-            self._offset = mark
+        except BaseException:
+            self._free_to(mark, collective=False)
+            raise
+        self._free_to(mark, collective=True)
+
+    def _free_to(self, mark: int, collective: bool) -> None:
+        end, self._offset = self._offset, mark
+        if end == mark:     # nothing allocated: the same on every rank, so no collective either
+            return
+        if collective:
+            self.world.synchronize()        # no rank's kernels still read or write the memory
+        self.arena[mark:end].zero_()
+        if collective:
+            self.world.synchronize()        # zero everywhere before any rank allocates it again
 
     # --- collectives and lifetime --------------------------------------------------------------
 
