@@ -7,7 +7,9 @@ q/k/v GEMM writes it. For every token and every q and k head, in fp32 math:
 2. rotary embedding, rotate-half convention of HF Qwen3 (``x * cos + rotate_half(x) * sin`` with
    ``cos = cos(pos * inv_freq)`` repeated over both halves, ``inv_freq = 1 / theta^(2i / head_dim)``
    computed exactly as transformers does, in fp32 on the CPU). ``positions`` is an int tensor
-   [tokens], so a decode batch may mix positions. Default RoPE only (no ``rope_scaling``).
+   [tokens], so a decode batch may mix positions. ``scaling`` (a config's ``rope_scaling``:
+   linear, dynamic or YaRN) changes ``inv_freq`` and multiplies cos and sin by an attention
+   factor, as transformers.modeling_rope_utils does.
 
 Output: ``out`` [tokens, (heads + kv_heads) * head_dim] = rotated q | rotated k, rounded once to the
 dtype. v is never read or written. ``out=None`` allocates; for in place, pass the q|k columns of
@@ -39,7 +41,7 @@ QWEN3_EPS = 1e-6
 
 @triton.jit
 def _rope_qk_norm_kernel(qkv_ptr, out_ptr, pos_ptr, inv_freq_ptr, q_w_ptr, k_w_ptr, m, heads, qk_heads,
-                         stride_qkv, stride_out, eps,
+                         stride_qkv, stride_out, eps, attention_factor,
                          HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, HEADS: tl.constexpr, ROWS: tl.constexpr):
     half = HEAD_DIM // 2
     head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
@@ -65,19 +67,62 @@ def _rope_qk_norm_kernel(qkv_ptr, out_ptr, pos_ptr, inv_freq_ptr, q_w_ptr, k_w_p
         x2 = x2 * rstd[:, None] * w2
         # the angle in fp32 exactly as transformers forms it: float(position) * inv_freq
         angle = tl.load(pos_ptr + row, mask=row < m, other=0).to(tl.float32) * inv_freq
-        cos = tl.cos(angle)[None, :]
-        sin = tl.sin(angle)[None, :]
+        cos = (tl.cos(angle) * attention_factor)[None, :]
+        sin = (tl.sin(angle) * attention_factor)[None, :]
         dst = out_ptr + row.to(tl.int64) * stride_out + offs
         tl.store(dst, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=row_mask)
         tl.store(dst + half, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 @functools.lru_cache(maxsize=64)
-def inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
-    """transformers' default RoPE frequencies, bit for bit: fp32 ``1 / theta ** (arange(0, d, 2) / d)`` on
-    the CPU, then moved. Cached, so call once before CUDA-graph capture (the engine's warm-up does)."""
+def inv_freq(head_dim: int, theta: float, device: torch.device, scaling=None) -> torch.Tensor:
+    """transformers' RoPE frequencies, bit for bit: fp32 ``1 / theta ** (arange(0, d, 2) / d)`` on the CPU,
+    rescaled as ``scaling`` (a models.configs.RopeScaling, or None for default RoPE) says, then moved.
+    Cached, so call once before CUDA-graph capture (the engine's warm-up does)."""
     freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    kind = scaling.rope_type if scaling is not None else "default"
+    if kind == "linear":
+        freq = freq / scaling.factor
+    elif kind == "yarn":
+        freq = _yarn_inv_freq(head_dim, theta, scaling)
+    # "dynamic" (NTK) rescales only past max_position_embeddings, which the engine never reaches
+    # (Generator refuses a longer context), so its frequencies are the default ones.
     return freq.to(device)
+
+
+def _yarn_inv_freq(dim: int, base: float, s) -> torch.Tensor:
+    """transformers' ``_compute_yarn_parameters``: interpolated frequencies (/ factor) for the slow
+    dimensions, the original ones for the fast, a linear ramp between the correction dims of
+    ``beta_fast`` and ``beta_slow`` rotations over ``original_max_position_embeddings``."""
+    def correction_dim(rotations):
+        return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001      # transformers' guard against a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
+    extrapolation = 1 - ramp
+    return (1.0 / (s.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+
+
+def attention_factor(scaling) -> float:
+    """The factor transformers multiplies cos and sin by: YaRN's (given, or from ``factor``, ``mscale``
+    and ``mscale_all_dim``), 1 for every other RoPE type."""
+    if scaling is None or scaling.rope_type != "yarn":
+        return 1.0
+    if scaling.attention_factor is not None:
+        return float(scaling.attention_factor)
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if scaling.mscale and scaling.mscale_all_dim:
+        return float(mscale(scaling.factor, scaling.mscale) / mscale(scaling.factor, scaling.mscale_all_dim))
+    return float(mscale(scaling.factor))
 
 
 def _check(qkv, positions, q_weight, k_weight, heads, kv_heads) -> tuple[int, int]:
@@ -110,11 +155,12 @@ def _check(qkv, positions, q_weight, k_weight, heads, kv_heads) -> tuple[int, in
 
 def rope_qk_norm(qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, *,
                  heads: int, kv_heads: int, theta: float = QWEN3_THETA, eps: float = QWEN3_EPS,
-                 out: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
+                 scaling=None, out: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
     """Normalized, rotated q | k of ``qkv`` -> ``out`` [tokens, (heads + kv_heads) * head_dim].
 
     In place: ``out=qkv[:, :(heads + kv_heads) * head_dim]``. ``q_weight``/``k_weight`` are the
-    [head_dim] q_norm/k_norm weights; ``positions`` the int32/int64 position of every token.
+    [head_dim] q_norm/k_norm weights; ``positions`` the int32/int64 position of every token;
+    ``scaling`` the model's RopeScaling (None: default RoPE).
     """
     m, head_dim = _check(qkv, positions, q_weight, k_weight, heads, kv_heads)
     qk_heads = heads + kv_heads
@@ -125,8 +171,9 @@ def rope_qk_norm(qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Ten
         return out
     cfg = config or default(m, heads, kv_heads, head_dim, launch_spec(qkv.device, persistent=False))
     grid = (triton.cdiv(m, cfg["rows"]), triton.cdiv(qk_heads, cfg["heads"]))
-    _rope_qk_norm_kernel[grid](qkv, out, positions, inv_freq(head_dim, float(theta), qkv.device), q_weight, k_weight,
-                               m, heads, qk_heads, qkv.stride(0), out.stride(0), float(eps),
+    _rope_qk_norm_kernel[grid](qkv, out, positions, inv_freq(head_dim, float(theta), qkv.device, scaling), q_weight,
+                               k_weight, m, heads, qk_heads, qkv.stride(0), out.stride(0), float(eps),
+                               attention_factor(scaling),
                                HEAD_DIM=head_dim, BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
                                HEADS=cfg["heads"], ROWS=cfg["rows"], num_warps=cfg["num_warps"])
     return out
@@ -144,13 +191,21 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def reference(qkv, positions, q_weight, k_weight, heads, kv_heads, theta=QWEN3_THETA, eps=QWEN3_EPS) -> torch.Tensor:
+def _cos_sin(positions, head_dim, theta, scaling, device):
+    """transformers' rotary embedding: fp32 cos and sin of ``position * inv_freq`` over both halves,
+    times the attention factor, [tokens, 1, head_dim]."""
+    angle = positions.float()[:, None] * inv_freq(head_dim, float(theta), device, scaling)[None, :]
+    emb = torch.cat((angle, angle), dim=-1)
+    factor = attention_factor(scaling)
+    return (emb.cos() * factor)[:, None, :], (emb.sin() * factor)[:, None, :]
+
+
+def reference(qkv, positions, q_weight, k_weight, heads, kv_heads, theta=QWEN3_THETA, eps=QWEN3_EPS,
+              scaling=None) -> torch.Tensor:
     """fp32 math with transformers' fp32 angles: q_norm/k_norm, then apply_rotary_pos_emb."""
     head_dim = q_weight.shape[0]
     q, k = _split_heads(qkv.float(), heads, kv_heads, head_dim)
-    angle = positions.float()[:, None] * inv_freq(head_dim, float(theta), qkv.device)[None, :]
-    cos = torch.cat((angle, angle), dim=-1).cos()[:, None, :]
-    sin = torch.cat((angle, angle), dim=-1).sin()[:, None, :]
+    cos, sin = _cos_sin(positions, head_dim, theta, scaling, qkv.device)
 
     def norm_rope(x, w):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.float()
@@ -159,14 +214,13 @@ def reference(qkv, positions, q_weight, k_weight, heads, kv_heads, theta=QWEN3_T
     return torch.cat((norm_rope(q, q_weight), norm_rope(k, k_weight)), dim=1).reshape(qkv.shape[0], -1)
 
 
-def baseline(qkv, positions, q_weight, k_weight, heads, kv_heads, theta=QWEN3_THETA, eps=QWEN3_EPS) -> torch.Tensor:
+def baseline(qkv, positions, q_weight, k_weight, heads, kv_heads, theta=QWEN3_THETA, eps=QWEN3_EPS,
+             scaling=None) -> torch.Tensor:
     """What a torch Qwen3 runs: ``F.rms_norm`` per head, cos/sin in fp32 cast to the dtype, rotate-half
     in the dtype, q and k concatenated into one [tokens, (heads + kv_heads) * head_dim] tensor."""
     head_dim = q_weight.shape[0]
     q, k = _split_heads(qkv, heads, kv_heads, head_dim)
-    angle = positions.float()[:, None] * inv_freq(head_dim, float(theta), qkv.device)[None, :]
-    emb = torch.cat((angle, angle), dim=-1)
-    cos, sin = emb.cos().to(qkv.dtype)[:, None, :], emb.sin().to(qkv.dtype)[:, None, :]
+    cos, sin = (t.to(qkv.dtype) for t in _cos_sin(positions, head_dim, theta, scaling, qkv.device))
     q = F.rms_norm(q, (head_dim,), q_weight.to(qkv.dtype), eps)
     k = F.rms_norm(k, (head_dim,), k_weight.to(qkv.dtype), eps)
     q = q * cos + _rotate_half(q) * sin

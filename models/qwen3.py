@@ -1,4 +1,6 @@
 """Qwen3 dense decoder (Qwen3-0.6B ... Qwen3-32B) as plain PyTorch modules, tensor-parallel by shape.
+RoPE as the config says (default, linear, dynamic, YaRN); a config asking for anything else (experts,
+linear attention, sliding window, ...) is refused when the model is built (configs.check_engine_support).
 
 Each rank holds only its shard (``Shard(rank, size)``): the fused q|k|v projection and the fused
 gate|up projection are column-parallel (a rank owns ``heads/tp`` query heads, ``kv_heads/tp`` KV heads
@@ -27,6 +29,7 @@ from torch import nn
 
 from tuneforge.engine.kv_cache import KVCache
 from tuneforge.errors import InputError
+from tuneforge.models.configs import check_engine_support
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.heads = shard.part(cfg.num_attention_heads, "num_attention_heads")
         self.kv_heads, self.first_kv_head = kv_heads_of(cfg, shard)
-        self.eps, self.theta = cfg.rms_norm_eps, cfg.rope_theta
+        self.eps, self.theta, self.rope_scaling = cfg.rms_norm_eps, cfg.rope_theta, cfg.rope_scaling
         self.qkv = _param((self.heads + 2 * self.kv_heads) * self.head_dim, cfg.hidden_size, dtype=dtype, device=device)
         self.o = _param(cfg.hidden_size, self.heads * self.head_dim, dtype=dtype, device=device)
         self.q_norm = _param(self.head_dim, dtype=dtype, device=device)
@@ -108,7 +111,7 @@ class Attention(nn.Module):
         qkv = ops.qkv_proj(x, self.qkv, tp)
         # q|k normed and rotated in place: qkv then holds q | k | v, and k | v is one cache write
         ops.rope_qk_norm(qkv, step.positions.reshape(-1), self.q_norm, self.k_norm, heads=hq, kv_heads=hkv,
-                         theta=self.theta, eps=self.eps)
+                         theta=self.theta, eps=self.eps, scaling=self.rope_scaling)
         kv = qkv[:, hq * d:].view(b, t, 2, hkv, d)
         cache.write(layer, step.rows, step.positions, kv)
         if step.prefill:   # the cache held nothing before: attend to this chunk's keys, causally
@@ -147,11 +150,7 @@ class Layer(nn.Module):
 class Qwen3(nn.Module):
     def __init__(self, cfg, shard: Shard = Shard(), dtype=torch.bfloat16, device="cpu"):
         super().__init__()
-        for field in ("use_sliding_window", "attention_bias"):
-            if getattr(cfg, field, False):
-                raise InputError(f"Qwen3 with {field}=true is not supported")
-        if cfg.hidden_act != "silu":
-            raise InputError(f"Qwen3 with hidden_act={cfg.hidden_act!r} is not supported (silu only)")
+        check_engine_support(cfg)
         self.cfg, self.shard, self.dtype = cfg, shard, dtype
         self.eps = cfg.rms_norm_eps
         self.vocab_part = shard.part(cfg.vocab_size, "vocab_size")

@@ -199,7 +199,8 @@ def test_mismatched_checkpoint_shape_is_one_line(checkpoint, tmp_path):
 
 
 def test_missing_tensor_and_unknown_model_are_one_line(checkpoint, tmp_path):
-    path = edit_config(checkpoint[0], tmp_path / "ckpt", num_hidden_layers=3)
+    # transformers 5 writes layer_types, which must then list every layer
+    path = edit_config(checkpoint[0], tmp_path / "ckpt", num_hidden_layers=3, layer_types=["full_attention"] * 3)
     with pytest.raises(InputError, match=r"has no tensor model\.layers\.2\.self_attn\.q_proj\.weight$"):
         load_model(path, dtype=torch.float32)
     with pytest.raises(UnknownModel, match="unknown model 'Qwen3-999B'"):
@@ -324,3 +325,48 @@ def test_cuda_graph_decode_matches_eager(checkpoint, mode):
     tokens, _, ref = hf_greedy(hf, prompts[0], 20)      # and both are the transformers model
     assert runs[1].tokens[0] == tokens
     torch.testing.assert_close(torch.stack([s[0] for s in runs[1].logits]).cpu(), ref, rtol=1e-3, atol=1e-3)
+
+
+# --- RoPE scaling (issue 21): a config's rope_parameters through the engine, against transformers ------
+
+def scaled_rope_checkpoint(path, rope: dict):
+    """tiny_hf's weights with another RoPE (its config's rope_parameters replaced, the rotary embedding
+    rebuilt from them; the weights do not depend on RoPE), saved with save_pretrained."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+    hf = tiny_hf()
+    hf.config.rope_parameters = {"rope_theta": hf.config.rope_parameters["rope_theta"], **rope}
+    hf.model.rotary_emb = Qwen3RotaryEmbedding(hf.config)
+    hf.save_pretrained(path)
+    return str(path), hf
+
+
+YARN = dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("rope", [YARN, dict(rope_type="linear", factor=4.0), dict(rope_type="dynamic", factor=4.0)],
+                         ids=["yarn", "linear", "dynamic"])
+def test_scaled_rope_matches_transformers(tmp_path, rope):
+    """Prefill logits, decode logits and greedy tokens of the padded batch, and of a prompt longer than
+    YaRN's original_max_position_embeddings (torch baselines)."""
+    path, hf = scaled_rope_checkpoint(tmp_path / "ckpt", rope)
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["rope_parameters"]["rope_type"] == rope["rope_type"]
+    model = load_model(path, dtype=torch.float32)
+    check_against_hf(hf, Generator(model, Ops("baseline"), max_batch=3, max_len=64), steps=8)
+    prompt = [(5 * i + 3) % 128 for i in range(80)]
+    tokens, ref_prefill, ref_steps = hf_greedy(hf, prompt, 8)
+    gen = Generator(model, Ops("baseline"), max_batch=1, max_len=96)
+    prefill = gen.prefill(torch.tensor([prompt]), torch.tensor([len(prompt)]), all_logits=True)
+    torch.testing.assert_close(prefill[0], ref_prefill, **TOL)
+    out = gen.generate([prompt], 8, return_logits=True)
+    assert out.tokens == [tokens]
+    torch.testing.assert_close(torch.cat(out.logits), ref_steps, **TOL)
+
+
+def test_yarn_through_the_triton_kernels_matches_transformers(tmp_path):
+    """The interpreted Triton path (every kernel at its default config, rope_qk_norm with YaRN's frequencies
+    and attention factor): prefill logits of one prompt."""
+    path, hf = scaled_rope_checkpoint(tmp_path / "ckpt", YARN)
+    gen = Generator(load_model(path, dtype=torch.float32), Ops("default"), max_batch=1, max_len=16)
+    prompt = PROMPTS[2]
+    prefill = gen.prefill(torch.tensor([prompt]), torch.tensor([len(prompt)]), all_logits=True)
+    torch.testing.assert_close(prefill[0], hf_greedy(hf, prompt, 1)[1], **TOL)
