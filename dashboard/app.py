@@ -45,6 +45,7 @@ COLUMNS = {
     "baseline_us_a": _number("baseline A", "%.2f µs"), "baseline_us_b": _number("baseline B", "%.2f µs"),
     "speedup_a": _number("speedup A", "%.2fx"), "speedup_b": _number("speedup B", "%.2fx"),
     "time_ratio": _number("time B / A", "%.3f"), "baseline_ratio": _number("baseline B / A", "%.3f"),
+    "time_ms": _number("tuned", "%.3f ms"), "baseline_ms": _number("torch baseline", "%.3f ms"),
 }
 
 
@@ -64,18 +65,48 @@ def pick(label: str, options: list, key: str) -> list:
 
 # -------------------------------------------------------------------------------------- pages
 
+def _ms(value: float) -> str:
+    return f"{value:#.3g} ms" if value < 100 else f"{value:.0f} ms"     # 21.0 ms, 6.48 ms, 214 ms
+
+
+def forward_label(phase: str, tokens: int, ctx) -> str:
+    """A card's title, short enough for a quarter of the page: ``decode · 1 tok · ctx 4096``."""
+    return f"{phase} · {tokens} tok" + ("" if pd.isna(ctx) else f" · ctx {ctx}")
+
+
 def page_overview(snap: data.Snapshot) -> None:
     st.header("Overview")
-    st.write("Per device and model: how many of the planned problems are tuned, and the geometric-mean "
-             "speedup of the winners over the torch baseline (a problem won by the baseline counts as 1.00x). "
-             "Planned problems without a template (e.g. decode attention) are served by the torch baseline "
-             "and not tuned.")
+    st.write("The model's time per forward with the tuned winners against the torch baseline: each planned op's "
+             "time times the number of times it runs (per layer, plus the final norm and the LM head), as the "
+             "engine dispatches them (a TP block won by a kernel in place of its GEMMs and all-reduce; ops the "
+             "engine does not dispatch at their torch time). Prefill attention (torch SDPA) is not a planned op "
+             "and is not counted.")
     over = data.overview(snap)
-    columns = st.columns(min(len(over), 4))
-    for i, r in enumerate(over.itertuples(index=False)):
-        columns[i % len(columns)].metric(f"{r.device} · {r.model} TP{r.tp}", f"{r.geomean_speedup:.2f}x",
-                                         help=f"geometric-mean speedup over the torch baseline, {r.provenance}",
-                                         border=True)
+    times = data.model_times(snap)
+    for r in over.itertuples(index=False):
+        mine = times[(times["fingerprint"] == r.fingerprint) & (times["model"] == r.model) & (times["tp"] == r.tp)]
+        st.subheader(f"{r.model} · TP {r.tp} · {r.device}")
+        st.caption(r.provenance)
+        if mine.empty:
+            st.info(f"No model time for {r.model}: its config is not a built-in model here, or it has no plan.")
+            continue
+        picks = data.headline_forwards(mine)
+        columns = st.columns(max(len(picks), 1))
+        for col, f in zip(columns, picks.itertuples(index=False)):
+            partial = "" if f.tuned == f.problems else f"; partial: {f.tuned} of {f.problems} problems have a winner"
+            col.metric(forward_label(f.phase, f.tokens, f.ctx), _ms(f.time_ms),
+                       delta=f"{f.speedup:.2f}x vs torch {_ms(f.baseline_ms)}", delta_color="normal",
+                       help=f"{f.phase} of {f.tokens} tokens over {f.layers} layers, {r.provenance}{partial}",
+                       border=True)
+    if not times.empty:
+        with st.expander("Every forward: decode step per token bucket and KV context, prefill per bucket"):
+            table(times.drop(columns=["fingerprint", "provenance"]))
+
+    st.subheader("Per problem")
+    st.write("Per device and model: how many of the planned problems are tuned (the ops of any without a "
+             "winner under *untuned*), and the geometric-mean speedup of the winners over the torch baseline, "
+             "each problem counting once whatever its share of the model's time (a problem won by the "
+             "baseline counts as 1.00x).")
     table(over)
     provenance_lines(over)
 
@@ -90,6 +121,16 @@ def page_overview(snap: data.Snapshot) -> None:
                      color=alt.Color("device:N", title="device (measured / predicted)"),
                      tooltip=["device", "op", alt.Tooltip("geomean_speedup:Q", format=".2f")]))
     st.altair_chart(chart + _one_x_rule("y"), width="stretch")
+
+
+def speedups_note(rows: pd.DataFrame) -> str:
+    """What the table's rows are: winners per device, and why there are more rows where there are."""
+    winners = len(data.unique_problems(rows))
+    note = (f"{winners} winners: {rows['problem'].nunique()} problems on "
+            f"{rows['fingerprint'].nunique()} device(s).")
+    if len(rows) > winners:
+        note += f" {len(rows)} rows: a problem that several models share is listed once for each."
+    return note
 
 
 def page_speedups(snap: data.Snapshot) -> None:
@@ -107,7 +148,7 @@ def page_speedups(snap: data.Snapshot) -> None:
     with c[4]:
         buckets = pick("token bucket (m)", sorted(df["tokens"].dropna().unique()), "f_tokens")
     rows = data.filter_winners(df, device=devices, model=models, tp=tps, op=ops, tokens=buckets)
-    st.write(f"{rows['problem'].nunique()} problems, {len(rows)} rows (a problem two models share is listed for each).")
+    st.write(speedups_note(rows))
     table(rows[["device", "source", "model", "tp", "roles", "op", "shape", "tokens", "config", "time_us",
                 "baseline_us", "speedup", "pct_sol", "n_trials", "problem"]])
     for device, g in data.unique_problems(rows).groupby("device", sort=True):
@@ -159,8 +200,12 @@ def page_strategy(snap: data.Snapshot) -> None:
 
 def page_trials(snap: data.Snapshot) -> None:
     st.header("Trials")
+    bare = data.without_history(snap)
+    if len(bare):
+        st.info(f"{len(bare)} of {len(data.unique_problems(snap.winners))} winners carry no Optuna history: "
+                "their studies are not in this database (`tuneforge db import` carries winners and plans, not "
+                "studies; import into the database that tuned them, or tune here, to see trials).")
     if not snap.studies:
-        st.info("This database holds no Optuna studies.")
         return
     labels = {fp: e.label for fp, e in snap.environments.items()}
     studies = pd.DataFrame({"name": snap.studies})
@@ -221,13 +266,11 @@ def page_devices(snap: data.Snapshot) -> None:
         st.info("Only one device in this database. Tune another target to compare, e.g. "
                 "`tuneforge tune --model Qwen3-32B --target H800 --tp 8`.")
         return
-    # default: a measured device against a predicted one where both exist
-    order = list(devs.sort_values("source", kind="stable")["fingerprint"])
-    default_b = next((fp for fp in order[1:] if devs.set_index("fingerprint").loc[fp, "source"] == "predicted"),
-                     order[1])
+    order = list(devs["fingerprint"])
+    default_a, default_b = data.default_pair(snap)       # the pair with the most problems in common
     label = dict(zip(devs["fingerprint"], devs["device"] + " · " + devs["fingerprint"]))
     c = st.columns(2)
-    a = c[0].selectbox("device A", order, index=0, format_func=label.get, key="d_a")
+    a = c[0].selectbox("device A", order, index=order.index(default_a), format_func=label.get, key="d_a")
     b = c[1].selectbox("device B", order, index=order.index(default_b), format_func=label.get, key="d_b")
     how = dict(zip(devs["fingerprint"], devs["provenance"]))
     st.caption(f"**A**: {how[a]}  \n**B**: {how[b]}")

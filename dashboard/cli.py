@@ -1,7 +1,7 @@
 """`tuneforge dashboard [--db URL] [--port N]`: browse the tuning database in a Streamlit app.
 
 Starts ``streamlit run`` on dashboard/app.py in a child process (the database URL travels in
-``$TUNEFORGE_DB``), prints the address to open and the database in use, and runs until Ctrl-C.
+``$TUNEFORGE_DB``), prints the address to open and the database in use, and runs until Ctrl-C (SIGINT) or SIGTERM.
 """
 from __future__ import annotations
 
@@ -80,14 +80,24 @@ def cmd_dashboard(args) -> int:
     print(f"dashboard: http://{shown}:{port}  (Ctrl-C to stop)", flush=True)
     env = dict(os.environ, TUNEFORGE_DB=url)
     child = subprocess.Popen(streamlit_command(port, args.host), env=env)
-    # a SIGTERM to this process stops the server too (Ctrl-C reaches both through the terminal)
-    signal.signal(signal.SIGTERM, lambda *_: child.terminate())
-    try:
-        return child.wait()
-    except KeyboardInterrupt:
-        child.terminate()      # streamlit shuts down cleanly on SIGTERM
-        try:
-            child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+    return serve_until_stopped(child)
+
+
+def serve_until_stopped(child: subprocess.Popen) -> int:
+    """Wait for the server; SIGINT or SIGTERM to this process stops it (SIGTERM: streamlit shuts down
+    cleanly; a second signal kills it) and exits 128 + the signal. The handlers are installed here
+    because a process started in the background of a non-interactive shell inherits SIGINT ignored,
+    and Python then raises no KeyboardInterrupt at all."""
+    stopped: list[int] = []
+
+    def stop(signum, _frame):
+        if stopped:
             child.kill()
-        raise
+        else:
+            child.terminate()
+        stopped.append(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    code = child.wait()
+    return 128 + stopped[0] if stopped else code

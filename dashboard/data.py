@@ -7,10 +7,11 @@ target), because every figure must say how it was obtained.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional, Sequence
 
 import pandas as pd
 import sqlalchemy as sa
@@ -18,7 +19,11 @@ from sqlalchemy.engine import make_url
 
 from tuneforge.db.environment import Environment
 from tuneforge.db.store import Store, default_url, display_url, normalize_url
-from tuneforge.errors import DatabaseError
+from tuneforge.dsl.problem import Problem
+from tuneforge.engine.dispatch import ENGINE_OPS
+from tuneforge.errors import DatabaseError, TuneforgeError
+from tuneforge.models.configs import ModelConfig, load_config
+from tuneforge.tune.plan import plan, runs_per_forward
 
 FILL_COMMAND = "tuneforge tune --model Qwen3-32B"
 TP_BLOCK_OPS = ("tp_mlp", "tp_attn")
@@ -78,8 +83,13 @@ class Snapshot:
     url: str
     winners: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=WINNER_COLUMNS))
     environments: dict[str, Environment] = field(default_factory=dict)
-    planned: dict[tuple[str, int], int] = field(default_factory=dict)   # (model, tp) -> planned problems
+    plans: dict[tuple[str, int], list[tuple[Problem, str]]] = field(default_factory=dict)  # (model, tp) -> pairs
     studies: list[str] = field(default_factory=list)
+
+    @property
+    def planned(self) -> dict[tuple[str, int], int]:
+        """(model, tp) -> how many problems its plan holds."""
+        return {mt: len({p.key for p, _ in pairs}) for mt, pairs in self.plans.items()}
 
     @property
     def display_url(self) -> str:
@@ -91,8 +101,9 @@ class Snapshot:
 
     def devices(self) -> pd.DataFrame:
         """One row per environment that has winners: label, fingerprint, provenance."""
+        tuned = set(self.winners["fingerprint"])
         rows = [dict(device=e.label, fingerprint=fp, source="predicted" if e.predicted else "measured",
-                     provenance=provenance(e)) for fp, e in self.environments.items()]
+                     provenance=provenance(e)) for fp, e in self.environments.items() if fp in tuned]
         return pd.DataFrame(rows, columns=["device", "fingerprint", "source", "provenance"])
 
 
@@ -142,13 +153,13 @@ def load_snapshot(url: str) -> Snapshot:
         try:
             frame = store.to_frame()
             environments = {e.fingerprint: e for e in store.environments()}
-            planned = {(model, tp): len({p.key for p, _ in store.plan(model, tp)}) for model, tp in store.models()}
+            plans = {(model, tp): store.plan(model, tp) for model, tp in store.models()}
             studies = _study_names(store)
         except sa.exc.SQLAlchemyError as e:
             raise DatabaseError(f"cannot read {display_url(url)}: {_first_line(e)}") from None
     finally:
         store.close()
-    return Snapshot(url, winners_frame(frame, environments), environments, planned, studies)
+    return Snapshot(url, winners_frame(frame, environments), environments, plans, studies)
 
 
 def _first_line(e: BaseException) -> str:
@@ -203,22 +214,131 @@ def winners_frame(export: pd.DataFrame, environments: dict[str, Environment]) ->
 
 # ----------------------------------------------------------------------------------- pages
 
+def untuned_ops(planned: Iterable[Problem], tuned_keys: set[str]) -> str:
+    """The ops of the planned problems without a winner, with counts: ``decode_attention x4, gemm x1``."""
+    missing: dict[str, int] = {}
+    for p in {p.key: p for p in planned if p.key not in tuned_keys}.values():
+        missing[p.op] = missing.get(p.op, 0) + 1
+    return ", ".join(f"{op} x{n}" for op, n in sorted(missing.items()))
+
+
 def overview(snap: Snapshot) -> pd.DataFrame:
-    """Per environment and model: problems tuned (of those planned), kernel wins, geometric-mean
-    and best speedup over the torch baseline, and how the numbers were obtained."""
+    """Per environment and model: problems tuned (of those planned) and the ops of the planned ones
+    without a winner, kernel wins, geometric-mean and best speedup over the torch baseline, and how
+    the numbers were obtained."""
     rows = []
     for (fp, model, tp), g in snap.winners.groupby(["fingerprint", "model", "tp"], sort=False):
         first = g.iloc[0]
+        pairs = snap.plans.get((model, int(tp)), [])
         rows.append(dict(device=first["device"], source=first["source"], model=model, tp=int(tp),
                          tuned=int(g["problem"].nunique()), planned=snap.planned.get((model, int(tp))),
+                         untuned=untuned_ops((p for p, _ in pairs), set(g["problem"])),
                          kernel_wins=int(g["kernel_won"].sum()), geomean_speedup=geomean(g["speedup"]),
                          best_speedup=float(g["speedup"].max()), median_pct_sol=float(g["pct_sol"].median()),
                          fingerprint=fp, provenance=first["provenance"]))
-    cols = ["device", "source", "model", "tp", "tuned", "planned", "kernel_wins", "geomean_speedup",
+    cols = ["device", "source", "model", "tp", "tuned", "planned", "untuned", "kernel_wins", "geomean_speedup",
             "best_speedup", "median_pct_sol", "fingerprint", "provenance"]
     out = pd.DataFrame(rows, columns=cols)
     out["planned"] = out["planned"].astype("Int64")
     return out
+
+
+# At TP > 1 the engine runs a TP block won by a kernel in place of these roles' problems
+# (kernels/tp_attn: qkv_half -> attention core -> o_half; kernels/tp_mlp: gate_up -> silu_mul -> down),
+# each block with its own all-reduce; otherwise the parts, with torch's all-reduce.
+BLOCK_PARTS = {"layer.attn.tp": ("layer.attn.qkv_proj", "layer.attn.o_proj", "layer.attn.allreduce"),
+               "layer.mlp.tp": ("layer.mlp.gate_up_proj", "layer.mlp.silu_mul", "layer.mlp.down_proj",
+                                "layer.mlp.allreduce")}
+MODEL_TIME_COLUMNS = ["device", "fingerprint", "source", "provenance", "model", "tp", "phase", "tokens", "ctx",
+                      "time_ms", "baseline_ms", "speedup", "tuned", "problems", "layers"]
+
+
+def forwards(model: ModelConfig, tp: int, pairs: Sequence[tuple[Problem, str]]
+             ) -> list[tuple[str, int, Optional[int], list]]:
+    """The forwards the stored plan of ``model`` at TP ``tp`` covers: (phase, tokens, KV context or
+    None, the (problem, role) pairs one forward of that many tokens runs). Decode buckets are those
+    the plan computes logits for; each decode step at each planned KV context. The problems of a
+    forward come from tuneforge.tune.plan (so the shapes are never derived here)."""
+    decode = sorted({p.shape["m"] for p, role in pairs if role == "lm_head"})
+    prefill = sorted({p.shape["m"] for p, role in pairs if role == "final_norm"} - set(decode))
+    contexts = sorted({p.shape["ctx"] for p, _ in pairs if p.op == "decode_attention"})
+    dtype = pairs[0][0].dtype
+    out = []
+    for phase, buckets in (("decode", decode), ("prefill", prefill)):
+        for m in buckets:
+            one = plan(model, tp, [m] if phase == "decode" else [], [m] if phase == "prefill" else [], dtype,
+                       contexts=contexts, registered={})
+            items = [(i.problem, r) for i in one for r in i.roles]
+            for ctx in (contexts or [None]) if phase == "decode" else [None]:
+                out.append((phase, m, ctx, [(p, r) for p, r in items
+                                            if p.op != "decode_attention" or p.shape["ctx"] == ctx]))
+    return out
+
+
+def forward_time(model: ModelConfig, pairs: Sequence[tuple[Problem, str]],
+                 won: dict[str, tuple[float, float, bool]]) -> tuple[float, float, int, int]:
+    """One forward's time with the winners ``won`` (problem key -> time, baseline time, won by a
+    kernel) as the engine dispatches them, and with the torch baseline: each problem's time times
+    the number of times its role runs (tuneforge.tune.plan.runs_per_forward). Ops the engine does
+    not dispatch (the stand-alone all-reduce, MoE expert GEMMs, ...) count at their torch time.
+    Returns (tuned s, baseline s, problems with a winner, problems); the sums cover the former."""
+    blocks = {r for p, r in pairs if r in BLOCK_PARTS and won.get(p.key, (0, 0, False))[2]}
+    skip = {part for b in blocks for part in BLOCK_PARTS[b]} | (set(BLOCK_PARTS) - blocks)
+    tuned = baseline = 0.0
+    counted, problems = set(), set()
+    for p, role in pairs:
+        if role in skip:
+            continue
+        problems.add(p.key)
+        if p.key not in won:
+            continue
+        counted.add(p.key)
+        time_s, baseline_s, _ = won[p.key]
+        n = runs_per_forward(model, role)
+        tuned += n * (time_s if p.op in ENGINE_OPS else baseline_s)
+        baseline += n * baseline_s
+    return tuned, baseline, len(counted), len(problems)
+
+
+def model_times(snap: Snapshot) -> pd.DataFrame:
+    """Per environment, model and forward (decode step per token bucket and KV context, prefill per
+    token bucket): the model's time with its winners vs with the torch baseline, summed over its
+    layers (see forward_time), measured or predicted as the environment's winners are. A model whose
+    config is not known here (a local config.json tuned elsewhere) has no rows."""
+    rows = []
+    for (fp, model, tp), g in snap.winners.groupby(["fingerprint", "model", "tp"], sort=False):
+        pairs = snap.plans.get((model, int(tp)))
+        if not pairs:
+            continue
+        try:
+            cfg = load_config(model)
+        except TuneforgeError:
+            continue
+        first = g.iloc[0]
+        won = {r.problem: (r.time_us * 1e-6, r.baseline_us * 1e-6, bool(r.kernel_won))
+               for r in unique_problems(g).itertuples(index=False)}
+        for phase, m, ctx, items in forwards(cfg, int(tp), pairs):
+            tuned, baseline, n_tuned, n_problems = forward_time(cfg, items, won)
+            rows.append(dict(device=first["device"], fingerprint=fp, source=first["source"],
+                             provenance=first["provenance"], model=model, tp=int(tp), phase=phase, tokens=m,
+                             ctx=ctx, time_ms=tuned * 1e3, baseline_ms=baseline * 1e3,
+                             speedup=baseline / tuned if tuned else float("nan"), tuned=n_tuned,
+                             problems=n_problems, layers=cfg.num_hidden_layers))
+    out = pd.DataFrame(rows, columns=MODEL_TIME_COLUMNS)
+    out["ctx"] = out["ctx"].astype("Int64")
+    return out
+
+
+def headline_forwards(times: pd.DataFrame) -> pd.DataFrame:
+    """The forwards the Overview's cards show for one environment and model: the decode step at the
+    smallest and largest token bucket (at the longest KV context) and prefill at its smallest and
+    largest bucket."""
+    picks = []
+    for phase, g in times.groupby("phase", sort=False):
+        if phase == "decode":
+            g = g[g["ctx"].isna() | (g["ctx"] == g["ctx"].max())]
+        picks.extend(sorted({g.index[g["tokens"].argmin()], g.index[g["tokens"].argmax()]}))
+    return times.loc[picks]
 
 
 def filter_winners(df: pd.DataFrame, **choices) -> pd.DataFrame:
@@ -243,6 +363,24 @@ def strategy_map(df: pd.DataFrame) -> pd.DataFrame:
     rows["label"] = rows["speedup"].map(lambda s: f"{s:.2f}x")
     return rows[["device", "fingerprint", "provenance", "op", "block", "tokens", "strategy", "config", "speedup",
                  "label", "time_us", "baseline_us", "problem"]].reset_index(drop=True)
+
+
+def default_pair(snap: Snapshot) -> tuple[str, str]:
+    """The two environments (A, B) that share the most tuned problems; of equal pairs one measured
+    against one predicted first, then the first in label order. A is the measured one of a mixed pair."""
+    devs = snap.devices()
+    keys = {fp: set(g["problem"]) for fp, g in snap.winners.groupby("fingerprint")}
+    source = dict(zip(devs["fingerprint"], devs["source"]))
+    best = max(itertools.combinations(devs["fingerprint"], 2),
+               key=lambda ab: (len(keys[ab[0]] & keys[ab[1]]), source[ab[0]] != source[ab[1]]))
+    return tuple(sorted(best, key=lambda fp: source[fp] != "measured"))
+
+
+def without_history(snap: Snapshot) -> pd.DataFrame:
+    """The winners whose Optuna study is not in the database (imported with `tuneforge db import`,
+    which carries winners, not their studies), one row per environment and problem."""
+    rows = unique_problems(snap.winners)
+    return rows[~rows["study_name"].isin(set(snap.studies))]
 
 
 def compare_devices(df: pd.DataFrame, fingerprint_a: str, fingerprint_b: str) -> pd.DataFrame:

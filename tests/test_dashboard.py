@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import time
+import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
+import pandas as pd
 import pytest
 
 # The GPU image has no streamlit (nor pyarrow, which comes with it): skip there, not a collection error.
@@ -25,9 +32,14 @@ from streamlit.testing.v1 import AppTest
 
 from tuneforge.cli import main as tuneforge_main
 from tuneforge.dashboard import data
-from tuneforge.db.store import Store
+from tuneforge.dashboard.cli import DEFAULT_PORT
+from tuneforge.db.environment import Environment
+from tuneforge.db.store import Store, Winner
+from tuneforge.models.configs import load_config
+from tuneforge.tune.plan import plan
 
 APP = Path(data.__file__).with_name("app.py")
+README = Path(__file__).resolve().parents[1] / "README.md"
 MODEL = "Qwen3-0.6B"
 TUNE_ARGS = ["--model", MODEL, "--buckets", "1,16", "--prefill-buckets", "512", "--trials", "8", "--no-verify",
              "--quiet"]
@@ -112,23 +124,45 @@ def geomean(values) -> float:
 def test_overview_counts_and_geomean_match_the_database(monkeypatch, tuned_db, store):
     at = open_app(monkeypatch, tuned_db.url)
     assert [h.value for h in at.header] == ["Overview"]
-    metrics = {m.label: m.value for m in at.metric}
-    table = at.dataframe[0].value.set_index("fingerprint")
+    table = at.dataframe[-1].value.set_index("fingerprint")
     for env in (tuned_db.h100, tuned_db.h800):
         tp = env.world_size
         winners = store.winners(fingerprint=env.fingerprint, model=MODEL, tp=tp)
         assert winners
-        assert metrics[f"{env.label} · {MODEL} TP{tp}"] == f"{geomean(w.speedup for w in winners):.2f}x"
         row = table.loc[env.fingerprint]
+        assert row["geomean_speedup"] == pytest.approx(geomean(w.speedup for w in winners))
         assert row["tuned"] == len(winners)
         assert row["planned"] == len({p.key for p, _ in store.plan(MODEL, tp)})
+        assert row["untuned"] == ""          # every planned problem (decode attention too) has a winner
         assert row["kernel_wins"] == sum(not w.config.get("baseline") for w in winners)
         assert row["source"] == "predicted"
         assert any(f"predicted by the cost model for {env.gpu_name} x{tp}" in c.value for c in at.caption)
+    # nothing planned is said to be untuned (decode attention is tuned like the rest)
+    assert not any("not tuned" in md.value for md in at.markdown)
     ((spec, frames),) = assert_every_chart_says_how(at)
     by_op = {(r["device"], r["op"]): r["geomean_speedup"] for r in mark_data(spec, frames, "bar")}
     rmsnorm = [w.speedup for w in store.winners(fingerprint=tuned_db.h800.fingerprint, op="rmsnorm")]
     assert by_op[(tuned_db.h800.label, "rmsnorm")] == pytest.approx(geomean(rmsnorm))
+
+
+def test_overview_leads_with_the_model_time_per_forward(monkeypatch, tuned_db):
+    at = open_app(monkeypatch, tuned_db.url)
+    times = data.model_times(data.load_snapshot(tuned_db.url))
+    assert set(times["fingerprint"]) == {tuned_db.h100.fingerprint, tuned_db.h800.fingerprint}
+    assert [s.value for s in at.subheader][:2] == [f"{MODEL} · TP 1 · {tuned_db.h100.label}",
+                                                   f"{MODEL} · TP 8 · {tuned_db.h800.label}"]
+    cards = [(m.label, m.value, m.proto.delta) for m in at.metric]
+    expected = []
+    for fp in (tuned_db.h100.fingerprint, tuned_db.h800.fingerprint):
+        for f in data.headline_forwards(times[times["fingerprint"] == fp]).itertuples():
+            assert f.tuned == f.problems and f.time_ms < f.baseline_ms
+            expected.append((f.phase, f.tokens, f.ctx, f.time_ms, f.baseline_ms, f.speedup))
+    # decode at 1 and 16 tokens (the longest KV context), prefill at 512, on each device
+    assert [(p, m) for p, m, *_ in expected] == [("decode", 1), ("decode", 16), ("prefill", 512)] * 2
+    assert len(cards) == len(expected)
+    for (label, value, delta), (phase, m, ctx, t, b, speedup) in zip(cards, expected):
+        assert label == (f"{phase} · {m} tok" + (f" · ctx {ctx}" if phase == "decode" else ""))
+        assert value == f"{t:#.3g} ms" and delta == f"{speedup:.2f}x vs torch {b:#.3g} ms"   # times < 100 ms
 
 
 def test_speedups_filter_table_and_bars(monkeypatch, tuned_db, store):
@@ -298,3 +332,170 @@ def test_cli_refuses_a_busy_port(tuned_db, capsys):
         assert tuneforge_main(["dashboard", "--db", tuned_db.url, "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"tuneforge: error: port {port} on localhost is in use; pick another with --port"]
+
+
+# ------------------------------------------------------------------ model time over a filled store
+
+H800 = Environment("H800", 132, 80.0, 1, "nvswitch:400GB/s", "2.13.0", "3.9.0", "cost-model", True)
+
+
+def record_plan(url: str, tp: int, decode=(1,), prefill=(512,), skip=(), baseline_won=()) -> tuple:
+    """A store holding the plan of MODEL at ``tp`` and a winner for each of its problems (but the
+    ``skip`` ops and roles): problem i takes (i + 1) us, its baseline 3x that (the ``baseline_won``
+    roles' winners are the baseline, same time). Returns (env, {(role, m, ctx): winner})."""
+    env = replace(H800, world_size=tp)
+    p = plan(MODEL, tp, decode, prefill)
+    by_role = {}
+    with Store(url) as store:
+        store.add_plan(p.model, tp, p.pairs())
+        for i, item in enumerate(p):
+            t = (i + 1) * 1e-6
+            base = any(r in baseline_won for r in item.roles)
+            w = Winner(item.problem, env, {"baseline": True} if base else {"x": i}, t, t if base else 3 * t,
+                       1.0 if base else 3.0, 50.0, "predicted", "h", Store.study_name(item.problem, env), 1)
+            if item.problem.op not in skip and not set(item.roles) & set(skip):
+                store.record_winner(w)
+            for r in item.roles:
+                by_role[(r, item.problem.shape["m"], item.problem.shape.get("ctx"))] = w
+    return env, by_role
+
+
+def test_model_time_sums_every_op_over_the_layers_it_runs_in(tmp_path):
+    url = f"sqlite:///{tmp_path / 'tp1.db'}"
+    env, w = record_plan(url, 1)
+    layers = load_config(MODEL).num_hidden_layers
+    times = data.model_times(data.load_snapshot(url)).set_index(["phase", "tokens", "ctx"])
+    assert sorted(times.index, key=str) == [("decode", 1, 256), ("decode", 1, 4096), ("prefill", 512, pd.NA)]
+
+    def total(m, attention, tuned):
+        t = (lambda x: x.time_s) if tuned else (lambda x: x.baseline_s)
+        per_layer = ["layer.attn.qkv_proj", "layer.attn.rope_qk_norm", "layer.attn.o_proj", "layer.mlp.gate_up_proj",
+                     "layer.mlp.silu_mul", "layer.mlp.down_proj"]
+        s = layers * sum(t(w[(r, m, None)]) for r in per_layer) + (2 * layers + 1) * t(w[("final_norm", m, None)])
+        if attention is not None:      # a decode step: attention over the KV cache, logits
+            s += layers * t(w[("layer.attn.decode", m, attention)]) + t(w[("lm_head", m, None)])
+        return s * 1e3
+
+    for (phase, m, ctx), row in times.iterrows():
+        attention = None if phase == "prefill" else ctx
+        assert row["time_ms"] == pytest.approx(total(m, attention, True))
+        assert row["baseline_ms"] == pytest.approx(total(m, attention, False))
+        assert row["speedup"] == pytest.approx(3.0)          # every winner here is 3x its baseline
+        assert row["tuned"] == row["problems"] == (9 if phase == "decode" else 7)
+        assert row["source"] == "predicted" and row["device"] == env.label
+
+
+def test_model_time_at_tp_runs_a_kernel_won_block_in_place_of_its_parts(tmp_path):
+    url = f"sqlite:///{tmp_path / 'tp2.db'}"
+    env, w = record_plan(url, 2, prefill=(), baseline_won=("layer.mlp.tp",))
+    layers = load_config(MODEL).num_hidden_layers
+    row = data.model_times(data.load_snapshot(url)).query("ctx == 256").iloc[0]
+    m, ctx = 1, 256
+    # tp_attn won by a kernel: it replaces qkv_proj, o_proj and their all-reduce; tp_mlp won by the
+    # baseline: the engine runs its parts, the all-reduce being torch's (the engine never dispatches
+    # a stand-alone all-reduce)
+    tuned = layers * (w[("layer.attn.tp", m, None)].time_s + w[("layer.attn.rope_qk_norm", m, None)].time_s
+                      + w[("layer.attn.decode", m, ctx)].time_s + w[("layer.mlp.gate_up_proj", m, None)].time_s
+                      + w[("layer.mlp.silu_mul", m, None)].time_s + w[("layer.mlp.down_proj", m, None)].time_s
+                      + w[("layer.mlp.allreduce", m, None)].baseline_s)
+    tuned += (2 * layers + 1) * w[("final_norm", m, None)].time_s + w[("lm_head", m, None)].time_s
+    assert w[("layer.mlp.allreduce", m, None)].time_s < w[("layer.mlp.allreduce", m, None)].baseline_s
+    assert row["time_ms"] == pytest.approx(tuned * 1e3)
+    assert row["problems"] == row["tuned"] == 9
+
+
+def test_planned_problems_without_a_winner_are_named_and_the_model_time_says_partial(monkeypatch, tmp_path):
+    url = f"sqlite:///{tmp_path / 'partial.db'}"
+    record_plan(url, 1, skip=("decode_attention",))
+    snap = data.load_snapshot(url)
+    (row,) = data.overview(snap).itertuples()
+    assert row.untuned == "decode_attention x2" and row.tuned == row.planned - 2
+    times = data.model_times(snap)
+    decode = times[times["phase"] == "decode"]
+    assert (decode["problems"] - decode["tuned"] == 1).all()
+    at = open_app(monkeypatch, url)
+    assert all("partial: 8 of 9 problems have a winner" in m.help for m in at.metric if m.label.startswith("decode"))
+
+
+def test_devices_default_to_the_pair_sharing_most_problems(monkeypatch, tuned_db, tmp_path):
+    url = f"sqlite:///{tmp_path / 'three.db'}"
+    with sqlite3.connect(tuned_db.path) as src, sqlite3.connect(tmp_path / "three.db") as dst:
+        src.backup(dst)                                 # the WAL's pages too
+    h200 = replace(tuned_db.h800, gpu_name="H200", memory_gb=141.0)
+    with Store(url, create=False) as store:        # an H200 x8 that tuned what the H800 x8 did
+        for w in store.winners(fingerprint=tuned_db.h800.fingerprint):
+            store.record_winner(replace(w, env=h200, study_name=Store.study_name(w.problem, h200)))
+        h100_keys = {w.key for w in store.winners(fingerprint=tuned_db.h100.fingerprint)}
+        h800_keys = {w.key for w in store.winners(fingerprint=tuned_db.h800.fingerprint)}
+    at = open_app(monkeypatch, url, "Devices side by side")
+    picked = {at.selectbox(key="d_a").value, at.selectbox(key="d_b").value}
+    assert picked == {h200.fingerprint, tuned_db.h800.fingerprint}
+    metrics = {m.label: m.value for m in at.metric}
+    assert int(metrics["problems in common"]) == len(h800_keys) > len(h100_keys & h800_keys)
+
+
+def test_speedups_note_counts_winners_per_device(monkeypatch, tuned_db, store):
+    at = open_app(monkeypatch, tuned_db.url, "Speedups")
+    winners = store.winners()
+    note = f"{len(winners)} winners: {len({w.key for w in winners})} problems on 2 device(s)."
+    assert note in [md.value for md in at.markdown]      # one model: one row per winner, nothing else said
+
+
+def test_trials_page_says_imported_winners_have_no_history(monkeypatch, tuned_db, tmp_path, store):
+    exported = tmp_path / "winners.json"
+    store.export(exported)
+    url = f"sqlite:///{tmp_path / 'imported.db'}"
+    with Store(url) as fresh:
+        fresh.import_(exported)
+    at = open_app(monkeypatch, url, "Trials")
+    assert not at.exception
+    (info,) = at.info
+    n = len(store.winners())
+    assert info.value.startswith(f"{n} of {n} winners carry no Optuna history") and "db import" in info.value
+
+
+# ----------------------------------------------------------------------------------------- CLI, README
+
+def test_sigint_stops_the_dashboard_even_when_started_with_sigint_ignored(tuned_db):
+    """A background job of a non-interactive shell inherits SIGINT ignored: it must still stop."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "dashboard", "--db", tuned_db.url,
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=2) as r:
+                    if r.read() == b"ok":
+                        break
+            except OSError:
+                time.sleep(0.3)
+        assert proc.poll() is None, "the dashboard did not start"
+        proc.send_signal(signal.SIGINT)                # to the CLI only, as `kill -INT <pid>` does
+        assert proc.wait(timeout=30) == 130
+        time.sleep(0.5)
+        with pytest.raises(ProcessLookupError):        # the streamlit child is gone too
+            os.killpg(proc.pid, 0)
+    finally:
+        if proc.poll() is None or _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_readme_examples_match_the_main_job_and_the_cli():
+    text = README.read_text()
+    (key,) = re.findall(r"tuneforge db show '([^']+)'", text)
+    assert key in {i.key for i in plan("Qwen3-32B", 1)}     # stored by `tuneforge tune --model Qwen3-32B`
+    ports = re.findall(r"tuneforge dashboard \[--db URL\] \[--port (\d+)\]", text)
+    assert ports == [str(DEFAULT_PORT)]

@@ -10,6 +10,8 @@ Skipped without Chromium, unless $CI is set (then it fails).
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -17,6 +19,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -27,12 +30,19 @@ from pathlib import Path
 import pytest
 
 from test_dashboard import tuned_db  # noqa: F401  (the session fixture: a database filled by the tuner)
+from tuneforge.db.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 WINDOW = (1400, 1000)
 PAGES = [("Overview", "Overview"), ("Strategy map", "Chosen strategy")]   # (page, text it must show)
+# the text of every part of a metric card that does not fit and is clipped (ellipsis or hidden overflow)
+CUT_TEXT = """[...document.querySelectorAll('[data-testid="stMetric"] *')].filter(e => {
+  const s = getComputedStyle(e);
+  return e.scrollWidth > e.clientWidth + 1 && (s.textOverflow === 'ellipsis' || s.overflowX === 'hidden'
+                                                || s.overflowX === 'clip');
+}).map(e => e.innerText)"""
 
 if CHROMIUM is None:
     if os.environ.get("CI"):
@@ -138,13 +148,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def dashboard(tuned_db, tmp_path_factory):  # noqa: F811
-    """`tuneforge dashboard --db ... --port ...` running; yields (base URL, the CLI's output so far)."""
+@contextlib.contextmanager
+def serving(url: str, log: Path):
+    """`tuneforge dashboard --db URL --port ...` running until the block ends; yields its base URL."""
     port = free_port()
-    log = tmp_path_factory.mktemp("dashboard") / "dashboard.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "dashboard", "--db", tuned_db.url,
+        proc = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "dashboard", "--db", url,
                                  "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     base = f"http://localhost:{port}"
@@ -160,7 +169,7 @@ def dashboard(tuned_db, tmp_path_factory):  # noqa: F811
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"the dashboard did not start:\n{log.read_text()}")
             time.sleep(0.5)
-        yield base, log.read_text()
+        yield base
     finally:
         os.killpg(proc.pid, signal.SIGTERM)     # the CLI and its streamlit child
         try:
@@ -168,6 +177,14 @@ def dashboard(tuned_db, tmp_path_factory):  # noqa: F811
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def dashboard(tuned_db, tmp_path_factory):  # noqa: F811
+    """`tuneforge dashboard` over the tuned database; yields (base URL, the CLI's output so far)."""
+    log = tmp_path_factory.mktemp("dashboard") / "dashboard.log"
+    with serving(tuned_db.url, log) as base:
+        yield base, log.read_text()
 
 
 def test_cli_prints_url_and_database(dashboard, tuned_db):  # noqa: F811
@@ -190,7 +207,30 @@ def test_pages_render_without_errors(dashboard, tmp_path):
             assert "Traceback" not in text and "Error" not in text, f"{page} shows an error:\n{text[:3000]}"
             assert 'data-testid="stException"' not in html and "stAlertContentError" not in html
             assert shot.stat().st_size > 20_000, f"{shot} looks blank"
+            assert browser.evaluate(CUT_TEXT) == [], f"{page}: metric cards cut short"
             # the page's own figures say how they were obtained
             assert "predicted by the cost model for H800 x8" in text
+    finally:
+        browser.close()
+
+
+def test_metric_cards_show_their_titles_whole_with_four_devices(tuned_db, tmp_path):  # noqa: F811
+    """Four devices side by side on the Overview: no card's title, value or delta is cut short."""
+    with sqlite3.connect(tuned_db.path) as src, sqlite3.connect(tmp_path / "four.db") as dst:
+        src.backup(dst)
+    url = f"sqlite:///{tmp_path / 'four.db'}"
+    with Store(url, create=False) as store:    # the H800 x8 winners again as B200, H100 and H200 x8
+        for gpu in ("B200", "H100", "H200"):
+            env = dataclasses.replace(tuned_db.h800, gpu_name=gpu)
+            for w in store.winners(fingerprint=tuned_db.h800.fingerprint):
+                store.record_winner(dataclasses.replace(w, env=env, study_name=Store.study_name(w.problem, env)))
+    browser = Chromium(tmp_path / "profile")
+    try:
+        with serving(url, tmp_path / "dashboard.log") as base:
+            text = browser.render(f"{base}/?page=Overview", "Overview")
+            assert browser.evaluate("document.querySelectorAll('[data-testid=\"stMetric\"]').length") >= 4
+            assert browser.evaluate(CUT_TEXT) == []
+            for gpu in ("B200", "H100", "H200", "H800"):
+                assert f"TP 8 · {gpu} x8 (predicted)" in text
     finally:
         browser.close()
