@@ -30,7 +30,8 @@ sys.meta_path.insert(0, _Absent())
 
 
 def test_dashboard_modules_skip_where_streamlit_is_missing(tmp_path):
-    (tmp_path / "absent_packages.py").write_text(BLOCKER.format(absent=("streamlit",)))
+    # as on the GPU image: streamlit absent, and optuna/sqlalchemy unless carried as wheels
+    (tmp_path / "absent_packages.py").write_text(BLOCKER.format(absent=("streamlit", "optuna", "sqlalchemy")))
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
                           "-p", "absent_packages", "tests/test_dashboard.py", "tests/test_dashboard_browser.py"],
                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(tmp_path)},

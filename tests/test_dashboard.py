@@ -21,13 +21,13 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
-import optuna
-import pandas as pd
 import pytest
 
-# The GPU image has no streamlit (nor pyarrow, which comes with it): skip there, not a collection error.
+# The GPU image has no streamlit (nor optuna unless carried): skip there, not a collection error.
 st = pytest.importorskip("streamlit")
 pa = pytest.importorskip("pyarrow")
+import optuna
+import pandas as pd
 from streamlit.testing.v1 import AppTest
 
 from tuneforge.cli import main as tuneforge_main
