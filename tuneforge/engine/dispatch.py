@@ -28,14 +28,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 import tuneforge
 from tuneforge.db.environment import Environment
-from tuneforge.dsl.problem import DECODE_CONTEXTS, DEFAULT_BUCKETS, DTYPE_NAMES, Problem, bucket
+from tuneforge.dsl.problem import DEFAULT_BUCKETS, DTYPE_NAMES, Problem, bucket
 from tuneforge.errors import ConfigRejected, InputError
+from tuneforge.models import problems as P
 
 log = logging.getLogger("tuneforge.engine")
 
@@ -119,7 +120,7 @@ class DispatchTable:
 
     def __init__(self, winners: dict, stale: dict, *, where: str, model: str, tp: int,
                  buckets: Optional[Sequence[int]] = DEFAULT_BUCKETS, unusable: str = "", quiet: bool = False,
-                 dropped: Sequence[tuple] = ()):
+                 dropped: Sequence[tuple] = (), on_lookup: Optional[Callable[[Problem, Optional[dict]], None]] = None):
         self._configs: dict[tuple, dict[int, dict]] = {}
         for w in winners.values():
             self._configs.setdefault(family(w.problem), {})[w.problem.shape.get("m", 0)] = dict(w.config)
@@ -132,6 +133,7 @@ class DispatchTable:
         self._said: set[str] = set()       # lines logged
         self._rejected: set[tuple] = set()     # (op, config) a launcher refused
         self.quiet = quiet
+        self.on_lookup = on_lookup         # called with every looked-up problem and its answer
         self.summary = unusable            # what the table holds, in one line (load sets it)
         self.where, self.model, self.tp = where, model, tp
         self.buckets = None if buckets is None else tuple(sorted(buckets))
@@ -205,6 +207,14 @@ class DispatchTable:
         serves it: the smallest >= m, else the largest), or None: run the torch baseline."""
         if problem.op != op:
             raise InputError(f"dispatch lookup for op {op!r} got a {problem.op!r} problem ({problem.key})")
+        config = self._find(problem)
+        if config is None:
+            self._warn_once(op, problem)
+        if self.on_lookup is not None:
+            self.on_lookup(problem, config)
+        return config
+
+    def _find(self, problem: Problem) -> Optional[dict]:
         by_m = self._configs.get(family(problem))
         m = problem.shape.get("m", 0)
         if by_m:
@@ -213,7 +223,6 @@ class DispatchTable:
             tuned = [t for t in by_m if self.buckets is None or t in self.buckets]
             if tuned:
                 return by_m[bucket(m, tuned)]
-        self._warn_once(op, problem)
         return None
 
     def fall_back(self, op: str, problem: Problem, config: dict, why: str) -> None:
@@ -296,32 +305,34 @@ class Ops:
         return text
 
     def config(self, op: str, dtype: torch.dtype, world: int = 1, **dims: int) -> Optional[dict]:
+        """The config for one call of ``op`` at ``dims`` (see ``choice``)."""
+        return self.choice(Problem.make(op, DTYPE_NAMES[dtype], world, **dims))
+
+    def choice(self, problem: Problem) -> Optional[dict]:
         """The config for one call: a dict for the Triton kernel (``{}``: the launcher's own default),
         or None for the torch baseline (also when the tuned winner is the baseline)."""
-        key = (op, dtype, world, *dims.items())
-        if key not in self._chosen:
-            self._chosen[key] = self._choose(Problem.make(op, DTYPE_NAMES[dtype], world, **dims))
-        return self._chosen[key]
+        if problem not in self._chosen:
+            self._chosen[problem] = self._choose(problem)
+        return self._chosen[problem]
 
-    def _run(self, op: str, dtype: torch.dtype, dims: dict, kernel, baseline):
+    def _run(self, problem: Problem, kernel, baseline):
         """``kernel(config)`` with this call's config (None: the launcher's default), or ``baseline()``.
         Under tuned dispatch a stored config its launcher rejects (ConfigRejected / InputError, raised
         before anything launches) switches that problem to the baseline for good, said once. A shape's
         first call runs eagerly (decode graphs are captured after warm-up steps), so the switch comes
         before any capture."""
-        cfg = self.config(op, dtype, **dims)
+        cfg = self.choice(problem)
         if cfg is None:
             return baseline()
-        key = (op, dtype, 1, *dims.items())
-        if self.mode != "tuned" or key in self._proven:
+        if self.mode != "tuned" or problem in self._proven:
             return kernel(cfg or None)
         try:
             out = kernel(cfg or None)
         except (ConfigRejected, InputError) as e:
-            self._chosen[key] = None
-            self.table.fall_back(op, Problem.make(op, DTYPE_NAMES[dtype], **dims), cfg, str(e))
+            self._chosen[problem] = None
+            self.table.fall_back(problem.op, problem, cfg, str(e))
             return baseline()
-        self._proven.add(key)
+        self._proven.add(problem)
         return out
 
     def _choose(self, problem: Problem) -> Optional[dict]:
@@ -335,19 +346,19 @@ class Ops:
     # --- ops -----------------------------------------------------------------------------------
     def gemm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         from tuneforge.kernels import gemm as k
-        return self._run("gemm", x.dtype, dict(m=x.shape[0], n=w.shape[0], k=w.shape[1]),
+        return self._run(P.gemm(x.dtype, x.shape[0], w.shape),
                          lambda cfg: k.gemm(x, w, config=cfg), lambda: k.baseline(x, w))
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         from tuneforge.kernels import silu_mul as k
-        return self._run("silu_mul", x.dtype, dict(m=x.shape[0], n=x.shape[1] // 2),
+        return self._run(P.silu_mul(x.dtype, x.shape[0], x.shape[1]),
                          lambda cfg: k.silu_mul(x, config=cfg), lambda: k.baseline(x))
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         from tuneforge.kernels import rmsnorm as k
         if x.shape[0] == 0:          # a rank without rows of a row-sharded (ag_rs) forward
             return torch.empty_like(x)
-        return self._run("rmsnorm", x.dtype, dict(m=x.shape[0], n=x.shape[1]),
+        return self._run(P.rmsnorm(x.dtype, x.shape[0], x.shape[1]),
                          lambda cfg: k.rmsnorm(x, weight, eps=eps, config=cfg), lambda: k.baseline(x, weight, eps=eps))
 
     def add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
@@ -356,7 +367,7 @@ class Ops:
         from tuneforge.kernels import rmsnorm as k
         if x.shape[0] == 0:
             return torch.empty_like(x), residual
-        return self._run("rmsnorm", x.dtype, dict(m=x.shape[0], n=x.shape[1]),
+        return self._run(P.rmsnorm(x.dtype, x.shape[0], x.shape[1]),
                          lambda cfg: k.rmsnorm(x, weight, eps=eps, residual=residual, config=cfg),
                          lambda: k.baseline(x, weight, eps=eps, residual=residual)), residual
 
@@ -364,11 +375,10 @@ class Ops:
                          mask: torch.Tensor) -> torch.Tensor:
         """One token per sequence: q [batch, heads, head_dim] over the cache views k, v [batch, kv_heads,
         kv_len, head_dim]; keys [0, positions[b]] (the baseline reads them from the additive ``mask``).
-        Tuned per bucket of kv_len among ``DECODE_CONTEXTS``."""
+        Tuned per bucket of kv_len among ``DECODE_CONTEXTS`` (``problems.decode_attention``)."""
         from tuneforge.kernels import decode_attention as k_attn
         b, heads, d = q.shape
-        dims = dict(m=b, heads=heads, kv_heads=k.shape[1], head_dim=d, ctx=bucket(k.shape[2], DECODE_CONTEXTS))
-        return self._run("decode_attention", q.dtype, dims,
+        return self._run(P.decode_attention(q.dtype, b, heads, k.shape[1], d, k.shape[2]),
                          lambda cfg: k_attn.decode_attention(q, k, v, positions, config=cfg),
                          lambda: k_attn.sdpa(q, k, v, mask))
 
@@ -380,7 +390,7 @@ class Ops:
         from tuneforge.kernels import rope as k
         head_dim = q_weight.shape[0]
         qk = qkv[:, :(heads + kv_heads) * head_dim]
-        self._run("rope_qk_norm", qkv.dtype, dict(m=qkv.shape[0], heads=heads, kv_heads=kv_heads, head_dim=head_dim),
+        self._run(P.rope_qk_norm(qkv.dtype, qkv.shape[0], heads, kv_heads, head_dim),
                   lambda cfg: k.rope_qk_norm(qkv, positions, q_weight, k_weight, heads=heads, kv_heads=kv_heads,
                                              theta=theta, eps=eps, scaling=scaling, out=qk, config=cfg),
                   lambda: qk.copy_(k.baseline(qkv, positions, q_weight, k_weight, heads, kv_heads, theta, eps,
@@ -434,8 +444,7 @@ class Ops:
         mine = row_split(tokens, tp)[ctx.rank]
         TPM.tp_mlp(x, mlp.gate_up, mlp.down, ctx=ctx)
         if ag_rs:
-            problem = Problem.make("tp_mlp", DTYPE_NAMES[model.dtype], tp, m=tokens, hidden=x.shape[1],
-                                   inter=mlp.inter)
+            problem = P.tp_mlp(model.dtype, tp, tokens, x.shape[1], mlp.inter)
             spec = None if tuneforge.INTERPRETED else launch_spec(ctx.device)
             config = TPM.default_config(problem, spec, "ag_rs")
             TPM.tp_mlp(x[mine[0]:mine[0] + mine[1]], mlp.gate_up, mlp.down, ctx=ctx, config=config, m=tokens)
@@ -465,8 +474,8 @@ class Ops:
             return TPStep(shard, m)
         from tuneforge.dsl.comm import row_split
         from tuneforge.kernels.tp_mlp import strategy_of
-        attn = self.config("tp_attn", dtype, shard.size, m=m, hidden=hidden, qkv=qkv, o_in=o_in)
-        mlp = self.config("tp_mlp", dtype, shard.size, m=m, hidden=hidden, inter=inter)
+        attn = self.choice(P.tp_attn(dtype, shard.size, m, hidden, qkv, o_in))
+        mlp = self.choice(P.tp_mlp(dtype, shard.size, m, hidden, inter))
         if (attn is not None or mlp is not None) and self._ctx is None:
             raise InputError("the TP blocks run on a symmetric heap: call Ops.open_tp(model, ...) on every "
                              "rank first (the Generator does)")

@@ -7,7 +7,8 @@ token bucket. Linears use the fused layouts the engine runs: one ``qkv_proj`` ([
 and one ``gate_up_proj`` ([gate | up] rows). Sharding (Megatron-style): q heads, MLP and expert
 intermediate sizes and the vocabulary split across ranks; KV heads split too, or are replicated
 when there are fewer KV heads than ranks. A problem several roles (or models) share is planned
-once; ops without a registered template stay in the plan, marked baseline-only.
+once; ops without a registered template stay in the plan, marked baseline-only. The shapes and each
+op's Problem come from ``tuneforge.models.problems``, which the engine's dispatch calls too.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Optional, Sequence
 
 from tuneforge.dsl.problem import DECODE_CONTEXTS, DTYPES, Problem
 from tuneforge.errors import InputError
+from tuneforge.models import problems as P
 from tuneforge.models.configs import ModelConfig, load_config
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -103,18 +105,11 @@ def runs_per_forward(model: str | ModelConfig, role: str) -> int:
     return len(layers) if role.startswith("layer.") else 1
 
 
-def _shard(value: int, tp: int, what: str, model: str) -> int:
-    if value % tp:
-        raise InputError(f"tp={tp} does not divide {what}={value} of {model}")
-    return value // tp
-
-
 class _Builder:
     def __init__(self):
         self.items: dict[str, PlanItem] = {}
 
-    def add(self, role: str, op: str, dtype: str, world: int = 1, **dims: int) -> None:
-        p = Problem.make(op, dtype, world, **dims)
+    def add(self, role: str, p: Problem) -> None:
         item = self.items.get(p.key)
         if item is None:
             self.items[p.key] = PlanItem(p, [role])
@@ -126,7 +121,8 @@ def plan(model: str | ModelConfig, tp: int = 1, decode_buckets: Optional[Sequenc
          prefill_buckets: Optional[Sequence[int]] = None, dtype: str = "bf16",
          contexts: Sequence[int] = DECODE_CONTEXTS, registered: Optional[dict] = None) -> Plan:
     """The problems ``model`` needs at TP ``tp`` (``registered``: op -> module of the templates to
-    tune; default: every template that imports)."""
+    tune; default: every template that imports). Each problem comes from its op's function in
+    ``tuneforge.models.problems`` at the shapes ``rank_dims`` gives, the functions dispatch calls."""
     cfg = model if isinstance(model, ModelConfig) else load_config(model)
     if not isinstance(tp, int) or tp < 1:
         raise InputError(f"tp must be a positive integer, got {tp!r}")
@@ -138,80 +134,63 @@ def plan(model: str | ModelConfig, tp: int = 1, decode_buckets: Optional[Sequenc
         raise InputError(f"token buckets must be >= 1, got {list(decode + prefill)}")
     if not decode and not prefill:
         raise InputError("no token buckets to plan")
-    name = cfg.name
-    h, hd = cfg.hidden_size, cfg.head_dim
-    heads = _shard(cfg.num_attention_heads, tp, "num_attention_heads", name)
-    if cfg.num_key_value_heads >= tp:
-        kv = _shard(cfg.num_key_value_heads, tp, "num_key_value_heads", name)
-    elif tp % cfg.num_key_value_heads:
-        raise InputError(f"tp={tp} is not a multiple of num_key_value_heads={cfg.num_key_value_heads} of {name} "
-                         f"(KV heads are replicated when fewer than ranks)")
-    else:
-        kv = 1
-    q_width = heads * hd * (2 if cfg.gated_attention else 1)    # gated attention: q and its gate
-    qkv = q_width + 2 * kv * hd
-    o_in = heads * hd
+    d = P.rank_dims(cfg, tp)
+    h = d.hidden
     layers = range(cfg.num_hidden_layers)
     full_attn = any(cfg.layer_type(i) == "full_attention" for i in layers)
     linear_attn = any(cfg.layer_type(i) == "linear_attention" for i in layers)
     dense_mlp = any(not cfg.is_moe_layer(i) for i in layers)
     moe = any(cfg.is_moe_layer(i) for i in layers)
-    inter = _shard(cfg.intermediate_size, tp, "intermediate_size", name) if dense_mlp else 0
-    vocab = -(-cfg.vocab_size // tp)                             # the last shard padded
     b = _Builder()
     for m in sorted(set(decode + prefill)):
         is_decode = m in decode
-        b.add("layer.input_layernorm", "rmsnorm", dtype, m=m, n=h)
+        b.add("layer.input_layernorm", P.rmsnorm(dtype, m, h))
         if full_attn:
-            b.add("layer.attn.qkv_proj", "gemm", dtype, m=m, n=qkv, k=h)
-            b.add("layer.attn.rope_qk_norm", "rope_qk_norm", dtype, m=m, heads=heads, kv_heads=kv, head_dim=hd)
+            b.add("layer.attn.qkv_proj", P.gemm(dtype, m, (d.qkv, h)))
+            b.add("layer.attn.rope_qk_norm", P.rope_qk_norm(dtype, m, d.heads, d.kv_heads, d.head_dim))
             if is_decode:
                 for ctx in contexts:
-                    b.add("layer.attn.decode", "decode_attention", dtype, m=m, heads=heads, kv_heads=kv,
-                          head_dim=hd, ctx=int(ctx))
-            b.add("layer.attn.o_proj", "gemm", dtype, m=m, n=h, k=o_in)
+                    b.add("layer.attn.decode", P.decode_attention(dtype, m, d.heads, d.kv_heads, d.head_dim,
+                                                                  int(ctx), contexts))
+            b.add("layer.attn.o_proj", P.gemm(dtype, m, (h, d.o_in)))
             if tp > 1:
-                b.add("layer.attn.allreduce", "allreduce", dtype, tp, m=m, n=h)
-                b.add("layer.attn.tp", "tp_attn", dtype, tp, m=m, hidden=h, qkv=qkv, o_in=o_in)
+                b.add("layer.attn.allreduce", P.allreduce(dtype, tp, m, h))
+                b.add("layer.attn.tp", P.tp_attn(dtype, tp, m, h, d.qkv, d.o_in))
         if linear_attn:
-            lk, lv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
-            kd, vd = cfg.linear_key_head_dim, cfg.linear_value_head_dim
-            qkvz = 2 * _shard(lk, tp, "linear_num_key_heads", name) * kd + 2 * _shard(lv, tp, "linear_num_value_heads", name) * vd
-            b.add("layer.linear_attn.in_proj_qkvz", "gemm", dtype, m=m, n=qkvz, k=h)
-            b.add("layer.linear_attn.in_proj_ba", "gemm", dtype, m=m, n=2 * (lv // tp), k=h)
-            b.add("layer.linear_attn.out_proj", "gemm", dtype, m=m, n=h, k=(lv // tp) * vd)
+            b.add("layer.linear_attn.in_proj_qkvz", P.gemm(dtype, m, (d.linear_qkvz, h)))
+            b.add("layer.linear_attn.in_proj_ba", P.gemm(dtype, m, (d.linear_ba, h)))
+            b.add("layer.linear_attn.out_proj", P.gemm(dtype, m, (h, d.linear_out_in)))
             if tp > 1:
-                b.add("layer.linear_attn.allreduce", "allreduce", dtype, tp, m=m, n=h)
-        b.add("layer.post_attention_layernorm", "rmsnorm", dtype, m=m, n=h)
+                b.add("layer.linear_attn.allreduce", P.allreduce(dtype, tp, m, h))
+        b.add("layer.post_attention_layernorm", P.rmsnorm(dtype, m, h))
         if dense_mlp:
-            b.add("layer.mlp.gate_up_proj", "gemm", dtype, m=m, n=2 * inter, k=h)
-            b.add("layer.mlp.silu_mul", "silu_mul", dtype, m=m, n=inter)
-            b.add("layer.mlp.down_proj", "gemm", dtype, m=m, n=h, k=inter)
+            b.add("layer.mlp.gate_up_proj", P.gemm(dtype, m, (2 * d.inter, h)))
+            b.add("layer.mlp.silu_mul", P.silu_mul(dtype, m, 2 * d.inter))
+            b.add("layer.mlp.down_proj", P.gemm(dtype, m, (h, d.inter)))
             if tp > 1:
-                b.add("layer.mlp.allreduce", "allreduce", dtype, tp, m=m, n=h)
-                b.add("layer.mlp.tp", "tp_mlp", dtype, tp, m=m, hidden=h, inter=inter)
+                b.add("layer.mlp.allreduce", P.allreduce(dtype, tp, m, h))
+                b.add("layer.mlp.tp", P.tp_mlp(dtype, tp, m, h, d.inter))
         if moe:
-            e, topk = cfg.num_experts, cfg.num_experts_per_tok
-            mi = _shard(cfg.moe_intermediate_size, tp, "moe_intermediate_size", name)
-            b.add("layer.moe.router", "gemm", dtype, m=m, n=e, k=h)
-            b.add("layer.moe.experts.gate_up", "moe_gemm", dtype, m=m, n=2 * mi, k=h, experts=e, topk=topk)
-            b.add("layer.moe.experts.silu_mul", "silu_mul", dtype, m=m * topk, n=mi)
-            b.add("layer.moe.experts.down", "moe_gemm", dtype, m=m, n=h, k=mi, experts=e, topk=topk)
+            e, topk, mi = cfg.num_experts, cfg.num_experts_per_tok, d.moe_inter
+            b.add("layer.moe.router", P.gemm(dtype, m, (e, h)))
+            b.add("layer.moe.experts.gate_up", P.moe_gemm(dtype, m, (2 * mi, h), e, topk))
+            b.add("layer.moe.experts.silu_mul", P.silu_mul(dtype, m * topk, 2 * mi))
+            b.add("layer.moe.experts.down", P.moe_gemm(dtype, m, (h, mi), e, topk))
             if cfg.has_shared_expert:
-                si = _shard(cfg.shared_expert_intermediate_size, tp, "shared_expert_intermediate_size", name)
-                b.add("layer.shared_expert.gate_up_proj", "gemm", dtype, m=m, n=2 * si, k=h)
-                b.add("layer.shared_expert.silu_mul", "silu_mul", dtype, m=m, n=si)
-                b.add("layer.shared_expert.down_proj", "gemm", dtype, m=m, n=h, k=si)
-                b.add("layer.shared_expert_gate.proj", "gemm", dtype, m=m, n=1, k=h)
-                b.add("layer.shared_expert_gate", "shared_expert_gate", dtype, m=m, n=h)
+                si = d.shared_inter
+                b.add("layer.shared_expert.gate_up_proj", P.gemm(dtype, m, (2 * si, h)))
+                b.add("layer.shared_expert.silu_mul", P.silu_mul(dtype, m, 2 * si))
+                b.add("layer.shared_expert.down_proj", P.gemm(dtype, m, (h, si)))
+                b.add("layer.shared_expert_gate.proj", P.gemm(dtype, m, (1, h)))
+                b.add("layer.shared_expert_gate", P.shared_expert_gate(dtype, m, h))
             if tp > 1:
-                b.add("layer.moe.allreduce", "allreduce", dtype, tp, m=m, n=h)
-        b.add("final_norm", "rmsnorm", dtype, m=m, n=h)
+                b.add("layer.moe.allreduce", P.allreduce(dtype, tp, m, h))
+        b.add("final_norm", P.rmsnorm(dtype, m, h))
         if is_decode:                       # prefill computes logits for the last position only
-            b.add("lm_head", "gemm", dtype, m=m, n=vocab, k=h)
+            b.add("lm_head", P.gemm(dtype, m, (d.vocab, h)))
     ops = registered_ops() if registered is None else registered
     items = list(b.items.values())
     for item in items:
         if item.problem.op not in ops:
             item.baseline_only, item.why = True, f"no template registered for op {item.problem.op}"
-    return Plan(name, tp, dtype, decode, prefill, items)
+    return Plan(cfg.name, tp, dtype, decode, prefill, items)
