@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tuneforge.engine.kv_cache import KVCache
 from tuneforge.errors import InputError
+from tuneforge.models.kv_cache import KVCache
 from tuneforge.models.configs import check_engine_support
 
 

@@ -22,8 +22,8 @@ from typing import Optional, Sequence
 import torch
 
 from tuneforge.dsl.problem import bucket
-from tuneforge.engine.kv_cache import KVCache
 from tuneforge.errors import InputError
+from tuneforge.models.kv_cache import KVCache
 from tuneforge.models.qwen3 import Qwen3, Step
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)

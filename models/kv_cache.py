@@ -4,7 +4,8 @@ replay against its addresses).
 Layout: ``kv[2, layers, batch, kv_heads, max_len, head_dim]``; ``k = kv[0]`` and ``v = kv[1]`` are the
 ``[layers, batch, kv_heads, max_len, head_dim]`` caches. Keeping K and V in one tensor lets a layer
 write a step's keys and values with one indexed copy. A token's slot is its position (sequences are
-right-padded, see generate.py), so the cache needs no per-sequence offsets.
+right-padded, see tuneforge/engine/generate.py), so the cache needs no per-sequence offsets. The
+model owns it (its forward writes and reads it); the engine allocates one per Generator.
 """
 from __future__ import annotations
 
