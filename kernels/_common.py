@@ -22,7 +22,7 @@ import triton.language as tl
 
 import tuneforge
 from tuneforge.dsl import Problem, Space, categorical, pow2
-from tuneforge.errors import InputError
+from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.tune.costmodel import elementwise_time, roofline
 from tuneforge.dsl.comm import MAX_SLOTS
 from tuneforge.tune.devices import DEFAULT_TARGET, SPECS, DeviceSpec, local_device
@@ -59,6 +59,30 @@ def check_tensor(op: str, name: str, t, shape: tuple, dtype: Optional[torch.dtyp
         raise InputError(f"{op}: {name} must be contiguous, got strides {tuple(t.stride())}")
 
 
+def check_linear(op: str, x, w, device=None) -> None:
+    """One-line InputError unless ``x`` [m, k] and ``w`` [n, k] (nn.Linear layout) are 2-D tensors of one
+    supported dtype on ``device`` (default: x's) with unit stride along k."""
+    for name, t in (("x", x), ("w", w)):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise InputError(f"{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise InputError(f"{op}: {name} dtype {t.dtype} is not one of float16, bfloat16, float32")
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise InputError(f"{op}: {name} needs unit stride along k, got strides {tuple(t.stride())} "
+                             f"(call .contiguous())")
+    if x.shape[1] != w.shape[1]:
+        raise InputError(f"{op}: x is [m, k]={tuple(x.shape)} but w is [n, k]={tuple(w.shape)} (nn.Linear layout): "
+                         f"k differs")
+    if w.dtype != x.dtype:
+        raise InputError(f"{op}: w dtype {w.dtype} differs from x dtype {x.dtype}")
+    device = x.device if device is None else device
+    for name, t in (("x", x), ("w", w)):
+        if t.device != device:
+            raise InputError(f"{op}: {name} is on {t.device} but this call runs on {device}")
+
+
 def output_tensor(op: str, out: Optional[torch.Tensor], shape: tuple, like: torch.Tensor) -> torch.Tensor:
     """``out`` checked to be ``shape`` with ``like``'s dtype and device (``check_tensor``), or a new such
     tensor when None."""
@@ -81,6 +105,31 @@ def launch_spec(device: torch.device, persistent: bool = True) -> DeviceSpec:
     if persistent:
         return replace(SPECS[DEFAULT_TARGET], name="interpreter", sms=4, features=frozenset())
     return SPECS[DEFAULT_TARGET]
+
+
+# --- configs at launch ---------------------------------------------------------------------------
+
+def first_rejection(config: dict, problem: Problem, spec, constraints) -> Optional[str]:
+    """The reason of the first of ``constraints`` that ``config`` violates, or None."""
+    for c in constraints:
+        why = c(config, problem, spec)
+        if why:
+            return why
+    return None
+
+
+def checked_config(space: Space, config: dict, problem: Problem, spec, launch_constraints) -> dict:
+    """``config`` checked against ``space`` and the constraints that make a launch impossible: a
+    one-line ConfigRejected naming the op, the config and the reason (``Template.reject_reason``
+    checks the same plus the fit constraints, for the tuner)."""
+    try:
+        space.validate(config)
+    except ValueError as e:
+        raise ConfigRejected(f"{problem.op} config {config}: {e}") from None
+    why = first_rejection(config, problem, spec, launch_constraints)
+    if why:
+        raise ConfigRejected(f"{problem.op} config {config} cannot run {problem.key}: {why}")
+    return config
 
 
 # --- the shared 2-D row tiling --------------------------------------------------------------------

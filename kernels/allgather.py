@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from tuneforge.dsl import Problem, Space, Template, categorical, register
-from tuneforge.dsl.comm import epoch_begin, epoch_end, row_split, rows_of, signal_peers, translate, wait
+from tuneforge.dsl.comm import (epoch_begin, epoch_end, remote_store, row_split, rows_of, signal_peers,
+                                translate, wait)
 from tuneforge.kernels._common import check_tensor, comm_tile_default, comm_tile_space
 from tuneforge.errors import InputError
 from tuneforge.tune import costmodel
@@ -31,7 +32,7 @@ def publish_tile(v, area, o, mask, rank, world, bases, PUSH: tl.constexpr):
     every peer's ``area`` (push) or into this rank's own ``area`` (pull)."""
     if PUSH:
         for i in range(1, world):
-            tl.store(translate(area, rank, (rank + i) % world, bases) + o, v, mask=mask)
+            remote_store(area, o, v, rank, (rank + i) % world, bases, mask)
     else:
         tl.store(area + o, v, mask=mask)
 

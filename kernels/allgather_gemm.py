@@ -20,35 +20,37 @@ blocks (``chunk``) or per row block of BLOCK_M rows (``tile``). The tile math is
 
 Flags hold epochs (never cleared); the gather area is double-buffered by the epoch's parity and
 every rank's last program waits for every peer to have started this launch, so no rank can rewrite
-an area a peer is still reading (also when a rank owns no rows). ``epoch_flags`` and ``launch_comm``
-are shared with ``gemm_reducescatter``; the flag verbs (``release``, ``wait_flag``, ``epoch_end_of``)
-are ``tuneforge.dsl.comm``'s.
+an area a peer is still reading (also when a rank owns no rows). The segment flags are the channel's
+``tile_flags``; the flag verbs (``signal_flag``, ``wait_flag``, ``epoch_end_of``) are
+``tuneforge.dsl.comm``'s; what this op shares with ``gemm_reducescatter`` is ``kernels/_fused.py``.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import weakref
 
 import torch
 import triton
 import triton.language as tl
 
 import tuneforge
-from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
-from tuneforge.dsl.comm import (epoch_begin, epoch_end_of, release, row_split, rows_of, signal_peers,
+from tuneforge.dsl import Problem, Space, Template, categorical, register
+from tuneforge.dsl.comm import (epoch_begin, epoch_end_of, release, row_split, rows_of, signal_flag, signal_peers,
                                 translate, wait_flag, wait_peers)
 from tuneforge.dsl.problem import DTYPE_NAMES
-from tuneforge.errors import ConfigRejected, InputError
+from tuneforge.errors import InputError
 from tuneforge.kernels import gemm as G
-from tuneforge.kernels._common import check_tensor, launch_spec
+from tuneforge.kernels._common import check_linear, check_tensor
+from tuneforge.kernels._fused import (COMM_SMS, FLAG_OVERHEAD_S, STARTED, chunk_covers_share, chunk_source, comm_sms_fit,
+                                      comm_space, compute_programs, default_comm_sms, descriptor, fused_gemm_time,
+                                      plan_config, seg_rows_of, signal_steps, tile_constraints, tile_defaults,
+                                      tile_space)
 from tuneforge.tune import costmodel
 
 COPY_BLOCK = 1024          # elements one communication program moves per step
-STARTED = tl.constexpr(3)  # channel signal kind: "this rank started the launch" (the 'barrier' kind)
-SIGNALS = ("rank", "chunk", "tile")
-# Signal round-trips a fused kernel pays per flag it waits on (the model's per-step overhead).
-FLAG_OVERHEAD_S = 0.3e-6
+# The fused AG-GEMM kernel compiles two pipelined K loops (the local chunk read from x, the gathered
+# chunks read from staging) and Triton gives each its own shared-memory buffers, so each may use half
+# (measured on an H100: tiles that fit gemm's budget once failed to launch here, 262208 > 232448 bytes).
+AG_PIPELINES = 2
 
 
 # --- device helpers shared with gemm_reducescatter -------------------------------------------------
@@ -60,16 +62,6 @@ def copy_rows(src, dst, length, BLOCK: tl.constexpr):
     for o in range(0, length, BLOCK):
         mask = o + offs < length
         tl.store(dst + o + offs, tl.load(src + o + offs, mask=mask), mask=mask)
-
-
-@triton.jit
-def chunk_source(c, rank, world, PREV: tl.constexpr):
-    """The rank whose chunk is the ``c``-th one processed (``c == 0``: this rank)."""
-    if PREV:
-        q = (rank - c + world) % world
-    else:
-        q = (rank + c) % world
-    return q
 
 
 # --- the kernels -----------------------------------------------------------------------------------
@@ -92,12 +84,12 @@ def _gather(x, area, seg_flags, max_segs, m, k, seg_rows, num_comm, epoch,
             for i in range(1, world):
                 peer = (rank + i) % world
                 copy_rows(src, translate(area, rank, peer, bases) + dst, length, BLOCK)
-                release(translate(arrived + rank * max_segs + s, rank, peer, bases), epoch)
+                signal_flag(arrived + rank * max_segs + s, epoch, rank, peer, bases)
         else:
             copy_rows(src, area + dst, length, BLOCK)
             for i in range(1, world):
                 peer = (rank + i) % world
-                release(translate(published + rank * max_segs + s, rank, peer, bases), epoch)
+                signal_flag(published + rank * max_segs + s, epoch, rank, peer, bases)
     if not PUSH:
         for c in range(1, world):
             q = chunk_source(c, rank, world, PREV)
@@ -192,211 +184,9 @@ def _gather_kernel(x, stage, parity_rows, seg_flags, max_segs, m, k, seg_rows, t
     epoch_end_of(state, epoch, total_programs)
 
 
-# --- host helpers shared with gemm_reducescatter ------------------------------------------------------
-
-_ZEROED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def epoch_flags(ctx, name: str, count: int) -> torch.Tensor:
-    """``count`` int64 epoch flags on the symmetric heap (the staging of channel ``name``), zeroed
-    when first carved or grown (collective: every rank calls it alike)."""
-    ch = ctx.channel(name, count * 8)
-    if _ZEROED.get(ch) is not ch.data:
-        ch.data.zero_()
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize(ctx.device)
-        ctx.heap.barrier()
-        _ZEROED[ch] = ch.data
-    return ch.staging(torch.int64)[:count]
-
-
-def _warm_key(a):
-    if isinstance(a, torch.Tensor):
-        return a.dtype
-    if hasattr(a, "block_shape"):                    # a TMA tensor descriptor (unhashable dataclass)
-        return ("desc", a.base.dtype, tuple(a.block_shape))
-    return a
-
-
-def launch_comm(ch, kernel, grid, *args, **meta) -> None:
-    """``Channel.launch`` for kernels that may take TMA descriptors: the first launch of each variant
-    is compiled and loaded, then the ranks meet at a host barrier (no rank spins on a peer that is
-    still compiling, no module loads lazily while another kernel spins)."""
-    if not tuneforge.INTERPRETED:
-        key = (kernel, tuple(grid), tuple(sorted(meta.items())), tuple(_warm_key(a) for a in args[:-6]))
-        warm = _WARM.setdefault(ch, set())
-        if key not in warm:
-            kernel.warmup(*args, grid=grid, **meta)._init_handles()
-            warm.add(key)
-            ch.heap.barrier()
-    kernel[grid](*args, **meta)
-    if ch.check_each_call:
-        ch.check()
-
-
-_WARM: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def seg_rows_of(config: dict, rows: int) -> int:
-    """Rows per signal: the whole share, ``chunk_tiles`` row blocks, or one row block."""
-    bm = config["block_m"]
-    if config["signal"] == "rank":
-        return max(bm, -(-max(rows, 1) // bm) * bm)
-    if config["signal"] == "chunk":
-        return bm * config["chunk_tiles"]
-    return bm
-
-
-def tile_space(problem_m: int, n: int, k: int) -> list:
-    """The GEMM tile parameters of the fused kernels (the gemm template's, without split-K)."""
-    def cap(v):
-        return max(16, min(256, triton.next_power_of_2(max(1, v))))
-    return [pow2("block_m", 16, cap(problem_m)), pow2("block_n", 16, cap(n)), pow2("block_k", 16, cap(k)),
-            categorical("group_m", [1, 4, 8]), categorical("num_warps", [4, 8]),
-            categorical("num_stages", [2, 3, 4]), categorical("tma", [False, True])]
-
-
-def comm_space(when: dict | None = None) -> list:
-    """The communication parameters of the fused kernels (``when``: the condition they live under)."""
-    when = dict(when or {})
-    return [categorical("variant", ["push", "pull"], when=when), categorical("signal", list(SIGNALS), when=when),
-            categorical("chunk_tiles", [2, 4, 8], when={**when, "signal": ["chunk"]}),
-            categorical("order", ["next", "prev"], when=when)]
-
-
-COMM_SMS = categorical("comm_sms", [1, 2, 4, 8, 16, 32])
 # who gathers: the kernel's first comm_sms programs, or a copy kernel of comm_sms programs on a side stream
 GATHERS = ("fused", "side_stream")
 GATHER = categorical("gather", GATHERS)
-
-
-# The fused AG-GEMM kernel compiles two pipelined K loops (the local chunk read from x, the gathered
-# chunks read from staging) and Triton gives each its own shared-memory buffers, so each may use half
-# (measured on an H100: tiles that fit gemm's budget once failed to launch here, 262208 > 232448 bytes).
-AG_PIPELINES = 2
-SMEM_RESERVE = 1024     # barriers and scratch beside the pipeline buffers
-
-
-def pipeline_spec(spec, pipelines: int):
-    """The device as each of ``pipelines`` pipelined loops of one kernel sees it (its share of shared memory)."""
-    if spec is None or pipelines == 1:
-        return spec
-    return dataclasses.replace(spec, smem_per_block=(spec.smem_per_block - SMEM_RESERVE) // pipelines)
-
-
-def tile_defaults(m: int, n: int, k: int, dtype: str, spec, pipelines: int = 1) -> dict:
-    """The gemm template's default tiles for one chunk-sized GEMM (no split-K, one program per SM)."""
-    gemm_cfg = G.default_config(Problem.make("gemm", dtype, m=max(1, m), n=n, k=k),
-                                pipeline_spec(spec, pipelines) if spec is not None
-                                else launch_spec(torch.device("cpu")), programs_per_sm=1)
-    return {key: gemm_cfg[key] for key in ("block_m", "block_n", "block_k", "group_m", "num_warps",
-                                           "num_stages", "tma")}
-
-
-def comm_sms_fit(config: dict, problem: Problem, spec) -> str | None:
-    if spec is not None and config["comm_sms"] > spec.sms // 2:
-        return f"comm_sms={config['comm_sms']} > half of the {spec.sms} SMs of {spec.name}"
-    return None
-
-
-def chunk_covers_share(config: dict, problem: Problem, spec) -> str | None:
-    if config["signal"] == "chunk" and config["chunk_tiles"] * config["block_m"] >= -(-problem["m"] // problem.world):
-        return f"signal=chunk with {config['chunk_tiles']} x {config['block_m']} rows covers a whole rank share"
-    return None
-
-
-TILE_KEYS = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages", "tma")
-GEMM_FIT = (G.register_pressure, G.tile_exceeds_problem)
-
-
-def gemm_rejection(config: dict, dtype: str, m: int, n: int, k: int, spec, constraints,
-                   pipelines: int = 1) -> str | None:
-    """The first of gemm's ``constraints`` the tiles of ``config`` violate on an m x n x k GEMM inside
-    a kernel with ``pipelines`` pipelined K loops (spec None: no device to fit, the interpreter's rules)."""
-    cfg = G.whole_tiles_config({key: config[key] for key in TILE_KEYS})
-    spec = pipeline_spec(spec, pipelines)
-    problem = Problem.make("gemm", dtype, m=max(1, m), n=n, k=k)
-    for c in constraints:
-        if spec is None and c is G.smem_overflow:
-            continue
-        why = c(cfg, problem, spec if spec is not None else launch_spec(torch.device("cpu")))
-        if why:
-            return why
-    return None
-
-
-def tile_constraints(k_dim: str, pipelines: int = 1):
-    """(launchable, fits): gemm's launch constraints and its fit constraints on one chunk's GEMM."""
-    def launchable(config, problem, spec):
-        return gemm_rejection(config, problem.dtype, cdiv(problem["m"], problem.world), problem["n"],
-                              problem[k_dim], spec, G.LAUNCH_CONSTRAINTS, pipelines)
-
-    def fits(config, problem, spec):
-        return gemm_rejection(config, problem.dtype, cdiv(problem["m"], problem.world), problem["n"],
-                              problem[k_dim], spec, GEMM_FIT)
-    return launchable, fits
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-_PLANS: dict = {}
-
-
-def plan_config(template: Template, problem: Problem, config: dict | None, device: torch.device,
-                launch_constraints) -> dict:
-    """The config for one launch: the default, or ``config`` checked against the space and the
-    constraints that make a launch impossible (one-line ConfigRejected). Under the interpreter
-    there is no device to fit (spec None). Cached: the hot path pays one dict lookup."""
-    key = (template.op, problem, None if config is None else tuple(sorted(config.items())), device)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _PLANS[key] = _plan(template, problem, config, device, launch_constraints)
-    return plan
-
-
-def _plan(template, problem, config, device, launch_constraints) -> dict:
-    spec = None if tuneforge.INTERPRETED else launch_spec(device)
-    if config is None:
-        return template.default_config(problem, spec)
-    try:
-        config = template.space(problem).validate(config)
-    except ValueError as e:
-        raise ConfigRejected(f"{problem.op} config {config}: {e}") from None
-    for c in launch_constraints:
-        why = c(config, problem, spec)
-        if why:
-            raise ConfigRejected(f"{problem.op} config {config} cannot run {problem.key}: {why}")
-    return config
-
-
-def compute_programs(tiles: int, comm_sms: int, device: torch.device) -> int:
-    """Persistent compute programs: the SMs the communication programs leave (all co-resident)."""
-    return max(1, min(tiles, launch_spec(device).sms - comm_sms))
-
-
-def check_operands(name: str, x, w, k_dim: int, ctx) -> None:
-    for label, t in (("x", x), ("w", w)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise InputError(f"{name}: {label} must be a 2-D tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if t.dtype not in DTYPE_NAMES:
-            raise InputError(f"{name}: {label} dtype {t.dtype} is not one of float16, bfloat16, float32")
-        if t.device != ctx.device:
-            raise InputError(f"{name}: {label} is on {t.device}, but this rank's device is {ctx.device}")
-        if t.shape[1] > 1 and t.stride(1) != 1:
-            raise InputError(f"{name}: {label} needs unit stride along k, got strides {tuple(t.stride())}")
-    if w.dtype != x.dtype:
-        raise InputError(f"{name}: w dtype {w.dtype} differs from x dtype {x.dtype}")
-    if x.shape[1] != w.shape[1] or x.shape[1] != k_dim:
-        raise InputError(f"{name}: x is {tuple(x.shape)} but w is [n, k]={tuple(w.shape)} (nn.Linear layout): "
-                         f"k differs")
-
-
-def descriptor(t: torch.Tensor, rows: int, block: list):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    return TensorDescriptor(t, [rows, t.shape[1]], [t.stride(0), 1], block)
 
 
 # --- launcher ------------------------------------------------------------------------------------
@@ -412,8 +202,8 @@ def allgather_gemm(x: torch.Tensor, w: torch.Tensor, *, ctx, m: int | None = Non
         m = out.shape[0]
     if not isinstance(m, int) or m < 1:
         raise InputError(f"allgather_gemm: m must be a positive int, got {m!r}")
-    k = w.shape[1] if isinstance(w, torch.Tensor) and w.dim() == 2 else -1
-    check_operands("allgather_gemm", x, w, k, ctx)
+    check_linear("allgather_gemm", x, w, ctx.device)
+    k = w.shape[1]
     rows = row_split(m, ctx.size)[ctx.rank][1]
     check_tensor("allgather_gemm", "x", x, (rows, k), None, ctx.device, "contiguous")
     n = w.shape[0]
@@ -424,12 +214,12 @@ def allgather_gemm(x: torch.Tensor, w: torch.Tensor, *, ctx, m: int | None = Non
     config = plan_config(TEMPLATE, problem, config, x.device, LAUNCH_CONSTRAINTS)
     bm, bn, bk = config["block_m"], config["block_n"], config["block_k"]
     world = ctx.size
-    share = cdiv(m, world)
+    share = triton.cdiv(m, world)
     seg_rows = seg_rows_of(config, share)
-    max_segs = max(1, cdiv(share, seg_rows))
+    max_segs = max(1, triton.cdiv(share, seg_rows))
     size = x.element_size()
     ch = ctx.channel("ag_gemm", m * k * size)
-    seg_flags = epoch_flags(ctx, "ag_gemm.flags", 2 * world * max_segs)
+    seg_flags = ch.tile_flags(2 * world * max_segs)
     stage = ch.staging(x.dtype)
     parity_rows = ch.nbytes // size // k                 # parity 1 starts at this row of ``stage``
     use_tma = bool(config["tma"]) and G._tma_ready(w) and k * size % 16 == 0 and (rows == 0 or G._tma_ready(x))
@@ -440,7 +230,7 @@ def allgather_gemm(x: torch.Tensor, w: torch.Tensor, *, ctx, m: int | None = Non
         w_desc = descriptor(w, n, [bn, bk])
     else:
         stage_desc = x_desc = w_desc = stage
-    tiles = cdiv(share, bm) * cdiv(n, bn) * world
+    tiles = triton.cdiv(share, bm) * triton.cdiv(n, bn) * world
     comm = config["comm_sms"]
     compute = compute_programs(tiles, comm, x.device)
     side = config["gather"] == "side_stream"
@@ -453,9 +243,9 @@ def allgather_gemm(x: torch.Tensor, w: torch.Tensor, *, ctx, m: int | None = Non
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            launch_comm(ch, _gather_kernel, (comm,), x, stage, parity_rows, seg_flags, max_segs, m, k, seg_rows,
+            ch.launch(_gather_kernel, (comm,), x, stage, parity_rows, seg_flags, max_segs, m, k, seg_rows,
                         comm + compute, *ch.args(), PUSH=push, PREV=prev, COPY=COPY_BLOCK, num_warps=4)
-    launch_comm(ch, _ag_gemm_kernel, (compute if side else comm + compute,),
+    ch.launch(_ag_gemm_kernel, (compute if side else comm + compute,),
                 x, x_desc, w, w_desc, out, stage, stage_desc, parity_rows, seg_flags, max_segs, m, n, k,
                 x.stride(0), w.stride(0), out.stride(0), seg_rows, 0 if side else comm, comm + compute, *ch.args(),
                 PUSH=push, PREV=prev, BLOCK_M=bm, BLOCK_N=bn,
@@ -508,7 +298,7 @@ def make_inputs(problem: Problem, device, seed: int, ctx) -> dict:
 
 
 def space(problem: Problem) -> Space:
-    return Space(*tile_space(cdiv(problem["m"], problem.world), problem["n"], problem["k"]), *comm_space(), COMM_SMS,
+    return Space(*tile_space(triton.cdiv(problem["m"], problem.world), problem["n"], problem["k"]), *comm_space(), COMM_SMS,
                  GATHER)
 
 
@@ -516,33 +306,15 @@ def default_config(problem: Problem, spec=None) -> dict:
     """gemm's tiles for one chunk; push; a signal per row block once chunks hold several blocks;
     4 programs (an eighth of the SMs at most) move the data."""
     m, w = problem["m"], problem.world
-    cfg = tile_defaults(-(-m // w), problem["n"], problem["k"], problem.dtype, spec, AG_PIPELINES)
-    cfg.update(variant="push", signal="tile" if cdiv(m, w) > cfg["block_m"] else "rank", order="prev",
+    cfg = tile_defaults(triton.cdiv(m, w), problem["n"], problem["k"], problem.dtype, spec, AG_PIPELINES)
+    cfg.update(variant="push", signal="tile" if triton.cdiv(m, w) > cfg["block_m"] else "rank", order="prev",
                comm_sms=default_comm_sms(m * problem["k"] * problem.torch_dtype.itemsize // w, spec), gather="fused")
     return cfg
-
-
-def default_comm_sms(shard_bytes: int, spec) -> int:
-    """A program per 256 KiB moved, at most an eighth of the SMs (16 at most; 1 under the interpreter)."""
-    sms = spec.sms if spec is not None else 8
-    want = triton.next_power_of_2(max(1, shard_bytes >> 18))
-    return max(1, min(16, sms // 8, want))
 
 
 def work(problem: Problem) -> tuple[float, float]:
     m, n, k = problem["m"], problem["n"], problem["k"]
     return 2.0 * m * n * k, float((m * k + n * k + m * n) * problem.torch_dtype.itemsize)
-
-
-def signal_steps(config: dict, rows: int, world: int) -> int:
-    """Signals a chunk-by-chunk pipeline waits on (its number of overlap steps)."""
-    return world * max(1, -(-max(rows, 1) // seg_rows_of(config, rows)))
-
-
-def fused_gemm_time(problem: Problem, k: int, config: dict, spec, reserved_sms: int) -> float:
-    """The compute part: gemm's tile model for the whole m x n, on the SMs the comm programs leave."""
-    g = costmodel.gemm_config_time(problem["m"], problem["n"], k, {**config, "split_k": 1}, spec, problem.dtype)
-    return g * spec.sms / max(1, spec.sms - reserved_sms)
 
 
 def cost(problem: Problem, config: dict | None, spec) -> float:
@@ -559,7 +331,7 @@ def cost(problem: Problem, config: dict | None, spec) -> float:
     comm = costmodel.alpha_beta(shard, w, spec, "allgather", costmodel.comm_efficiency(config))
     if config["variant"] == "pull":
         comm += 2 * shard / spec.hbm_bytes_per_s
-    steps = signal_steps(config, -(-m // w), w)
+    steps = signal_steps(config, triton.cdiv(m, w), w)
     return costmodel.overlap(g, comm, spec, 0.9 * (1 - 1 / steps)) + steps * FLAG_OVERHEAD_S / config["comm_sms"]
 
 

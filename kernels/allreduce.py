@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from tuneforge.dsl import Problem, Space, Template, categorical, register
-from tuneforge.dsl.comm import epoch_begin, epoch_end, rows_of, signal_peers, translate, wait_peers
+from tuneforge.dsl.comm import (epoch_begin, epoch_end, remote_load, remote_store, rows_of, signal_peers,
+                                wait_peers)
 from tuneforge.kernels._common import check_tensor, comm_tile_default, comm_tile_space
 from tuneforge.errors import InputError
 from tuneforge.kernels.allgather import collect_shares, publish_tile
@@ -44,7 +45,7 @@ def _one_shot(x, out, area, m, n, rank, world, bases, flags, epoch, state, max_s
         v = tl.load(x + o, mask=mask)
         if PUSH:     # into each peer's receive area for this rank
             for i in range(1, world):
-                tl.store(translate(area, rank, (rank + i) % world, bases) + rank * numel + o, v, mask=mask)
+                remote_store(area, rank * numel + o, v, rank, (rank + i) % world, bases, mask)
         else:
             tl.store(area + o, v, mask=mask)
     signal_peers(flags, 0, pid, epoch, rank, world, bases)
@@ -59,7 +60,7 @@ def _one_shot(x, out, area, m, n, rank, world, bases, flags, epoch, state, max_s
             elif PUSH:
                 v = tl.load(area + src * numel + o, mask=mask, other=0.0)
             else:
-                v = tl.load(translate(area, rank, src, bases) + o, mask=mask, other=0.0)
+                v = remote_load(area, o, rank, src, bases, mask)
             acc += v.to(tl.float32)
         tl.store(out + o, acc.to(out.dtype.element_ty), mask=mask)
 

@@ -32,8 +32,8 @@ import tuneforge
 from tuneforge.dsl.problem import DTYPE_NAMES, Problem
 from tuneforge.dsl.space import Space, categorical, pow2
 from tuneforge.dsl.template import Template, register
-from tuneforge.errors import ConfigRejected, InputError
-from tuneforge.kernels._common import launch_spec
+from tuneforge.errors import InputError
+from tuneforge.kernels._common import check_linear, checked_config, first_rejection, launch_spec
 from tuneforge.tune.costmodel import gemm_config_time, hybrid_split
 from tuneforge.tune.devices import DeviceSpec
 
@@ -424,14 +424,6 @@ LAUNCH_CONSTRAINTS = (tma_unavailable, smem_overflow, wide_tile_split)
 CONSTRAINTS = LAUNCH_CONSTRAINTS + (register_pressure, split_k_insane, flatten_crowds_sm, tile_exceeds_problem)
 
 
-def _first_rejection(config: dict, problem: Problem, spec: DeviceSpec, constraints=CONSTRAINTS) -> str | None:
-    for c in constraints:
-        why = c(config, problem, spec)
-        if why:
-            return why
-    return None
-
-
 # A split fills the waves well enough at this fraction; more slices only add fp32 traffic.
 SPLIT_FILL_ENOUGH = 0.85
 
@@ -500,7 +492,7 @@ def default_config(problem: Problem, spec: DeviceSpec, programs_per_sm: int | No
     # keep 3 stages (the pipeline depth that hides HBM latency) before giving up BLOCK_K
     for shrink, floor in (("num_stages", 3), ("block_k", 32), ("num_stages", 2), ("block_n", 16),
                           ("block_k", 16), ("block_m", 16)):
-        while _first_rejection(cfg, problem, spec) is not None and cfg[shrink] > floor:
+        while first_rejection(cfg, problem, spec, CONSTRAINTS) is not None and cfg[shrink] > floor:
             cfg[shrink] = cfg[shrink] - 1 if shrink == "num_stages" else cfg[shrink] // 2
     return cfg
 
@@ -576,13 +568,7 @@ def _plan(config_items: tuple | None, m: int, n: int, k: int, dtype: torch.dtype
         config = dict(config_items)
         config.setdefault("schedule", "tiles")
         config.setdefault("flatten", False)
-        try:
-            space(problem).validate(config)
-        except ValueError as e:
-            raise ConfigRejected(f"gemm config {config}: {e}") from None
-        why = _first_rejection(config, problem, spec, LAUNCH_CONSTRAINTS)
-        if why:
-            raise ConfigRejected(f"gemm config {config} cannot run {problem.key}: {why}")
+        checked_config(space(problem), config, problem, spec, LAUNCH_CONSTRAINTS)
     bm, bn, slots = config["block_m"], config["block_n"], spec.sms * config["programs_per_sm"]
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     k_iters = triton.cdiv(k, config["block_k"])
@@ -622,23 +608,7 @@ def workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tens
 
 
 def _check_inputs(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None) -> None:
-    for name, t in (("x", x), ("w", w)):
-        if not isinstance(t, torch.Tensor):
-            raise InputError(f"gemm: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise InputError(f"gemm: {name} must be 2-D, got shape {tuple(t.shape)}")
-        if t.dtype not in DTYPE_NAMES:
-            raise InputError(f"gemm: {name} dtype {t.dtype} is not one of float16, bfloat16, float32")
-        if t.shape[1] > 1 and t.stride(1) != 1:
-            raise InputError(f"gemm: {name} needs unit stride along k, got strides {tuple(t.stride())} "
-                             f"(call .contiguous())")
-    if x.shape[1] != w.shape[1]:
-        raise InputError(f"gemm: x is [m, k]={tuple(x.shape)} but w is [n, k]={tuple(w.shape)} (nn.Linear layout): "
-                         f"k differs")
-    if w.dtype != x.dtype:
-        raise InputError(f"gemm: w dtype {w.dtype} differs from x dtype {x.dtype}")
-    if w.device != x.device:
-        raise InputError(f"gemm: w is on {w.device} but x is on {x.device}")
+    check_linear("gemm", x, w)
     if out is not None:
         want = (x.shape[0], w.shape[0])
         if tuple(out.shape) != want:

@@ -26,18 +26,16 @@ import triton.language as tl
 
 import tuneforge
 from tuneforge.dsl import Problem, Space, Template, categorical, register
-from tuneforge.dsl.comm import (EPOCH, epoch_begin, epoch_end, release, row_split, rows_of,
+from tuneforge.dsl.comm import (EPOCH, epoch_begin, epoch_end, remote_load, row_split, rows_of, signal_flag,
                                 signal_peers, translate, wait_flag, wait_peers)
 from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import InputError
 from tuneforge.kernels import gemm as G
-from tuneforge.kernels._common import check_tensor
-from tuneforge.kernels.allgather_gemm import (COMM_SMS, FLAG_OVERHEAD_S, STARTED, cdiv, check_operands, chunk_covers_share,
-                                              chunk_source, comm_sms_fit,
-                                              comm_space, compute_programs, default_comm_sms, descriptor,
-                                              epoch_flags, fused_gemm_time, launch_comm, plan_config,
-                                              seg_rows_of, signal_steps, tile_constraints, tile_defaults,
-                                              tile_space)
+from tuneforge.kernels._common import check_linear, check_tensor
+from tuneforge.kernels._fused import (COMM_SMS, FLAG_OVERHEAD_S, STARTED, chunk_covers_share, chunk_source, comm_sms_fit,
+                                      comm_space, compute_programs, default_comm_sms, descriptor, fused_gemm_time,
+                                      plan_config, seg_rows_of, signal_steps, tile_constraints, tile_defaults,
+                                      tile_space)
 from tuneforge.kernels.reducescatter import staging_elems
 from tuneforge.tune import costmodel
 
@@ -63,7 +61,6 @@ def _compute(x, x_desc, w, w_desc, area, tile_flags, max_tiles, m, n, k, stride_
             dst = translate(area, rank, q, bases) + rank * share        # q's receive area for my partials
         else:
             dst = area + row0.to(tl.int64) * n                          # my staging, read by q
-        done = translate(tile_flags, rank, q, bases) + rank * max_tiles
         first = (pid - base % num_compute + num_compute) % num_compute
         for t in range(first, tiles, num_compute):
             pid_m, pid_n = G.grouped_tile(t, tiles_m, num_pid_n, GROUP_M)
@@ -76,7 +73,7 @@ def _compute(x, x_desc, w, w_desc, area, tile_flags, max_tiles, m, n, k, stride_
                 acc = G.gemm_tile(x + row0.to(tl.int64) * stride_xm, w, off_m, off_n, rows, n, 0, k, stride_xm, 1,
                                   stride_wn, 1, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, INPUT_PRECISION)
             G.store_tile(dst, acc, off_m, off_n, rows, n, n, BLOCK_M, BLOCK_N)
-            release(done + pid_m * num_pid_n + pid_n, epoch)
+            signal_flag(tile_flags + rank * max_tiles + pid_m * num_pid_n + pid_n, epoch, rank, q, bases)
         base += tiles
 
 
@@ -109,7 +106,7 @@ def _reduce(out, area, tile_flags, max_tiles, m, n, seg_rows, epoch, bases, stat
                 if PUSH:
                     v = tl.load(area + src * share + o, mask=mask, other=0.0)
                 else:
-                    v = tl.load(translate(area, rank, src, bases) + row0.to(tl.int64) * n + o, mask=mask, other=0.0)
+                    v = remote_load(area, row0.to(tl.int64) * n + o, rank, src, bases, mask)
                 acc += v.to(tl.float32)
             tl.store(out + o, acc.to(out.dtype.element_ty), mask=mask)
 
@@ -163,9 +160,8 @@ def gemm_reducescatter(x: torch.Tensor, w: torch.Tensor, *, ctx, out: torch.Tens
                        config: dict | None = None) -> torch.Tensor:
     """This rank's rows (``row_split``) of ``sum over ranks of x @ w.T``: ``x`` [m, k] (any row
     stride, unit column stride), ``w`` [n, k]; returns ``out`` [rows, n]. Collective."""
-    k = w.shape[1] if isinstance(w, torch.Tensor) and w.dim() == 2 else -1
-    check_operands("gemm_reducescatter", x, w, k, ctx)
-    m, n = x.shape[0], w.shape[0]
+    check_linear("gemm_reducescatter", x, w, ctx.device)
+    m, n, k = x.shape[0], w.shape[0], w.shape[1]
     if m < 1:
         raise InputError("gemm_reducescatter: x has no rows")
     rows = row_split(m, ctx.size)[ctx.rank][1]
@@ -176,11 +172,11 @@ def gemm_reducescatter(x: torch.Tensor, w: torch.Tensor, *, ctx, out: torch.Tens
     config = plan_config(TEMPLATE, problem, config, x.device, LAUNCH_CONSTRAINTS)
     bm, bn, bk = config["block_m"], config["block_n"], config["block_k"]
     world = ctx.size
-    share = cdiv(m, world)
+    share = triton.cdiv(m, world)
     seg_rows = seg_rows_of(config, share)
-    max_tiles = cdiv(share, bm) * cdiv(n, bn)
+    max_tiles = triton.cdiv(share, bm) * triton.cdiv(n, bn)
     ch = ctx.channel("gemm_rs", staging_elems(m, n, world) * x.element_size())
-    tile_flags = epoch_flags(ctx, "gemm_rs.flags", world * max_tiles)
+    tile_flags = ch.tile_flags(world * max_tiles)
     stage = ch.staging(x.dtype)
     use_tma = bool(config["tma"]) and G._tma_ready(x) and G._tma_ready(w) and k * x.element_size() % 16 == 0
     if use_tma:
@@ -188,10 +184,10 @@ def gemm_reducescatter(x: torch.Tensor, w: torch.Tensor, *, ctx, out: torch.Tens
     else:
         x_desc, w_desc = x, w
     fused = config["reduce"] == "fused"
-    compute = compute_programs(cdiv(share, bm) * cdiv(n, bn) * world, config["comm_sms"] if fused else 0, x.device)
+    compute = compute_programs(triton.cdiv(share, bm) * triton.cdiv(n, bn) * world, config["comm_sms"] if fused else 0, x.device)
     interpreted = tuneforge.INTERPRETED
     push = config["variant"] == "push"
-    launch_comm(ch, _gemm_rs_kernel, (compute + (config["comm_sms"] if fused else 0),),
+    ch.launch(_gemm_rs_kernel, (compute + (config["comm_sms"] if fused else 0),),
                 x, x_desc, w, w_desc, out, stage, ch.nbytes // x.element_size(), tile_flags, max_tiles, m, n, k,
                 x.stride(0), w.stride(0), seg_rows, config["comm_sms"], *ch.args(),
                 PUSH=push, PREV=config["order"] == "prev", FUSED=fused, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
@@ -200,7 +196,7 @@ def gemm_reducescatter(x: torch.Tensor, w: torch.Tensor, *, ctx, out: torch.Tens
                 INPUT_PRECISION="ieee" if x.dtype == torch.float32 or interpreted else "tf32",
                 BLOCK=REDUCE_BLOCK, num_warps=config["num_warps"], num_stages=config["num_stages"])
     if not fused:
-        launch_comm(ch, _reduce_kernel, (config["comm_sms"],),
+        ch.launch(_reduce_kernel, (config["comm_sms"],),
                     out, stage, ch.nbytes // x.element_size(), tile_flags, max_tiles, m, n, seg_rows, *ch.args(),
                     PUSH=push, BLOCK_M=bm, BLOCK_N=bn, BLOCK=REDUCE_BLOCK, num_warps=4)
     return out
@@ -234,14 +230,14 @@ def make_inputs(problem: Problem, device, seed: int, ctx) -> dict:
 
 
 def space(problem: Problem) -> Space:
-    return Space(*tile_space(cdiv(problem["m"], problem.world), problem["n"], problem["k"]), *comm_space(), COMM_SMS,
+    return Space(*tile_space(triton.cdiv(problem["m"], problem.world), problem["n"], problem["k"]), *comm_space(), COMM_SMS,
                  categorical("reduce", ["fused", "consumer"]))
 
 
 def default_config(problem: Problem, spec=None) -> dict:
     m, w = problem["m"], problem.world
-    cfg = tile_defaults(cdiv(m, w), problem["n"], problem["k"], problem.dtype, spec)
-    cfg.update(variant="push", signal="tile" if cdiv(m, w) > cfg["block_m"] else "rank", order="next",
+    cfg = tile_defaults(triton.cdiv(m, w), problem["n"], problem["k"], problem.dtype, spec)
+    cfg.update(variant="push", signal="tile" if triton.cdiv(m, w) > cfg["block_m"] else "rank", order="next",
                comm_sms=default_comm_sms(m * problem["n"] * problem.torch_dtype.itemsize // w, spec),
                reduce="fused")
     return cfg
@@ -265,7 +261,7 @@ def cost(problem: Problem, config: dict | None, spec) -> float:
     fused = config["reduce"] == "fused"
     g = fused_gemm_time(problem, k, config, spec, config["comm_sms"] if fused else 0)
     comm = costmodel.alpha_beta(nbytes, w, spec, "reducescatter", costmodel.comm_efficiency(config))
-    steps = signal_steps(config, cdiv(m, w), w)
+    steps = signal_steps(config, triton.cdiv(m, w), w)
     t = costmodel.overlap(g, comm, spec, 0.9 * (1 - 1 / steps)) + steps * FLAG_OVERHEAD_S / config["comm_sms"]
     if not fused:
         t += nbytes / spec.hbm_bytes_per_s + spec.launch_us * 1e-6

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from tuneforge.dsl import Problem, Space, Template, categorical, register
-from tuneforge.dsl.comm import epoch_begin, epoch_end, row_split, rows_of, signal_peers, translate, wait_peers
+from tuneforge.dsl.comm import (epoch_begin, epoch_end, remote_load, row_split, rows_of, signal_peers,
+                                translate, wait_peers)
 from tuneforge.kernels._common import check_tensor, comm_tile_default, comm_tile_space
 from tuneforge.errors import InputError
 from tuneforge.tune import costmodel
@@ -58,7 +59,7 @@ def reduce_tile(x, area, o, mask, start, m, n, rank, world, bases, PUSH: tl.cons
         elif PUSH:
             v = tl.load(area + src * share + o, mask=mask, other=0.0)
         else:
-            v = tl.load(translate(area, rank, src, bases) + start + o, mask=mask, other=0.0)
+            v = remote_load(area, start + o, rank, src, bases, mask)
         acc += v.to(tl.float32)
     return acc
 

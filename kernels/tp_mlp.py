@@ -27,6 +27,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from tuneforge.dsl import Problem, Space, Template, categorical, register
 from tuneforge.dsl.comm import row_split
@@ -37,7 +38,8 @@ from tuneforge.kernels import allreduce as AR
 from tuneforge.kernels import gemm as G
 from tuneforge.kernels import gemm_reducescatter as RS
 from tuneforge.kernels import silu_mul as SILU
-from tuneforge.kernels.allgather_gemm import TILE_KEYS, cdiv, gemm_rejection
+from tuneforge.kernels import _fused as FUSED
+from tuneforge.kernels._fused import TILE_KEYS, gemm_rejection
 from tuneforge.tune import costmodel
 
 STRATEGIES = ("gemm_ar", "ag_rs")
@@ -51,10 +53,10 @@ def block_space(m: int, world: int, gemms: list[tuple[int, int]]) -> Space:
     """strategy, the tiles both GEMMs share (capped by the smaller of their dims), comm_sms, then each
     strategy's own parameters. ``gemms``: the block's (n, k) pairs."""
     return Space(categorical("strategy", STRATEGIES),
-                 *AG.tile_space(m, min(n for n, _ in gemms), min(k for _, k in gemms)), AG.COMM_SMS,
+                 *FUSED.tile_space(m, min(n for n, _ in gemms), min(k for _, k in gemms)), FUSED.COMM_SMS,
                  categorical("ar_strategy", ["one_shot", "two_shot"], when=GEMM_AR),
                  categorical("ar_variant", ["push", "pull"], when=GEMM_AR),
-                 *AG.comm_space(when=AG_RS), categorical("gather", AG.GATHERS, when=AG_RS),
+                 *FUSED.comm_space(when=AG_RS), categorical("gather", AG.GATHERS, when=AG_RS),
                  categorical("reduce", ["fused", "consumer"], when=AG_RS))
 
 
@@ -63,7 +65,7 @@ def block_constraints(gemms_of):
     gemm's launch rules on each GEMM (at the rows a GEMM of that strategy covers: all m, or one
     rank's share), and for ag_rs the fused kernels' SM budget and tiles no larger than a share."""
     def rows(config, problem):
-        return problem["m"] if config["strategy"] == "gemm_ar" else cdiv(problem["m"], problem.world)
+        return problem["m"] if config["strategy"] == "gemm_ar" else triton.cdiv(problem["m"], problem.world)
 
     def launchable(config, problem, spec):
         for n, k in gemms_of(problem):
@@ -78,16 +80,16 @@ def block_constraints(gemms_of):
                                      (G.tile_exceeds_problem,))
                 if why:
                     return why
-            return AG.comm_sms_fit(config, problem, spec)
+            return FUSED.comm_sms_fit(config, problem, spec)
         return None
 
     def fits(config, problem, spec):
         for n, k in gemms_of(problem):
-            why = gemm_rejection(config, problem.dtype, rows(config, problem), n, k, spec, AG.GEMM_FIT)
+            why = gemm_rejection(config, problem.dtype, rows(config, problem), n, k, spec, FUSED.GEMM_FIT)
             if why:
                 return why
         if config["strategy"] == "ag_rs":
-            return AG.chunk_covers_share(config, problem, spec)
+            return FUSED.chunk_covers_share(config, problem, spec)
         return None
     return (launchable,), (launchable, fits)
 
@@ -98,7 +100,7 @@ def block_default(problem: Problem, spec, gemms: list[tuple[int, int]], strategy
     m, w, dtype = problem["m"], problem.world, problem.dtype
     n, k = min(n for n, _ in gemms), min(k for _, k in gemms)
     if strategy == "gemm_ar":
-        cfg = AG.tile_defaults(m, n, k, dtype, spec)
+        cfg = FUSED.tile_defaults(m, n, k, dtype, spec)
         ar = AR.TEMPLATE.default_config(Problem.make("allreduce", dtype, w, m=m, n=problem["hidden"]), spec)
         cfg.update(strategy="gemm_ar", comm_sms=min(ar["comm_sms"], 32), ar_strategy=ar["strategy"],
                    ar_variant=ar["variant"])
@@ -108,7 +110,7 @@ def block_default(problem: Problem, spec, gemms: list[tuple[int, int]], strategy
     (n1, k1), (n2, k2) = gemms
     ag = AG.default_config(Problem.make("ag_gemm", dtype, w, m=m, n=n1, k=k1), spec)
     rs = RS.default_config(Problem.make("gemm_rs", dtype, w, m=m, n=n2, k=k2), spec)
-    cfg = AG.tile_defaults(cdiv(m, w), n, k, dtype, spec, AG.AG_PIPELINES)
+    cfg = FUSED.tile_defaults(triton.cdiv(m, w), n, k, dtype, spec, AG.AG_PIPELINES)
     cfg.update(strategy="ag_rs", comm_sms=max(ag["comm_sms"], rs["comm_sms"]), variant="push", signal=ag["signal"],
                order="prev", gather=ag["gather"], reduce=rs["reduce"])
     return cfg
@@ -147,7 +149,7 @@ def heap_bytes(max_tokens: int, hidden: int, world: int, itemsize: int = 2) -> i
     by reallocation on the heap (a bump allocator), so call the blocks at the largest token count
     first (e.g. when warming CUDA graphs), or the smaller channels carved before stay abandoned."""
     m = max(1, max_tokens)
-    per_parity = (m + world * cdiv(m, world) + world * m + 2 * m) * hidden * itemsize
+    per_parity = (m + world * triton.cdiv(m, world) + world * m + 2 * m) * hidden * itemsize
     return 2 * per_parity + (16 << 20)
 
 

@@ -24,10 +24,10 @@ def _ring_kernel(src, dst, got, bases, flags, state, rank, world, max_spins, N: 
     offs = tl.arange(0, N)
     value = (rank * 1000 + epoch * 10 + offs).to(tl.float32)
     tl.store(src + offs, value)
-    remote_store(dst + rank * N + offs, value, rank, nxt, bases, offs < N)
+    remote_store(dst, rank * N + offs, value, rank, nxt, bases, offs < N)
     signal(flags, 0, 0, epoch, rank, nxt, world, bases)
     wait(flags, 0, 0, epoch, prev, world, state, max_spins)
-    tl.store(got + offs, remote_load(src + offs, rank, prev, bases, offs < N))
+    tl.store(got + offs, remote_load(src, offs, rank, prev, bases, offs < N))
     barrier(flags, 1, 0, epoch, rank, world, bases, state, max_spins)   # nobody rewrites src early
     epoch_end(state, epoch)
 

@@ -2,11 +2,13 @@
 
 Verbs, called from inside kernels (plain Triton, portable; Iris-style):
 
-    translate(ptr, from_rank, to_rank, bases)          # my heap pointer(s) -> the peer's copy
-    remote_load(ptr, rank, peer, bases, mask)          # tl.load from the peer's copy
-    remote_store(ptr, value, rank, peer, bases, mask)  # tl.store into the peer's copy
-    signal(flags, kind, slot, epoch, rank, peer, world, bases)         # release
+    translate(ptr, from_rank, to_rank, bases)          # my heap pointer -> the peer's copy
+    remote_load(base, offs, rank, peer, bases, mask)          # tl.load of base[offs] in the peer's copy
+    remote_store(base, offs, value, rank, peer, bases, mask)  # tl.store into base[offs] of the peer's copy
+    signal(flags, kind, slot, epoch, rank, peer, world, bases)         # release a channel flag at the peer
     wait(flags, kind, slot, epoch, peer, world, state, max_spins) -> ok   # acquire, bounded
+    release(flag, epoch) / signal_flag(flag, epoch, rank, peer, bases)  # any flag (``tile_flags``): mine / the peer's
+    wait_flag(flag, epoch, state, max_spins, peer, kind, slot) -> ok    # acquire any flag, bounded
     signal_peers(...) / wait_peers(...) -> count; barrier(...) -> ok     # all other ranks
     epoch_begin(state) -> epoch; epoch_end(state, epoch)   # once per program, first/last thing
 
@@ -25,8 +27,9 @@ after the kernel and raises ``tuneforge.errors.SignalTimeout`` naming rank, peer
 channel that timed out has ranks at different epochs: ``reset()`` it (collective) or rebuild the world.
 
 Performance note: translate a *scalar* base pointer once per peer and add the offsets after
-(``translate(buf, rank, q, bases) + offs``): Triton's contiguity analysis then still sees
-contiguous offsets and vectorizes; translating a block of pointers goes through integers and loses it.
+(``translate(buf, rank, q, bases) + offs``, what ``remote_load`` / ``remote_store`` do): Triton's
+contiguity analysis then still sees contiguous offsets and vectorizes; translating a block of
+pointers goes through integers and loses it.
 
 Interpreter rule: programs of one launch run one after another, so program ``p`` must only wait
 for program ``p`` of the peers (never for a later program of its own launch). The collectives
@@ -76,13 +79,15 @@ def translate(ptr, from_rank, to_rank, bases):
 
 
 @triton.jit
-def remote_load(ptr, rank, peer, bases, mask):
-    return tl.load(translate(ptr, rank, peer, bases), mask=mask, other=0.0)
+def remote_load(base, offs, rank, peer, bases, mask):
+    """``base[offs]`` in ``peer``'s heap (masked lanes 0); ``base`` a scalar pointer (performance note)."""
+    return tl.load(translate(base, rank, peer, bases) + offs, mask=mask, other=0.0)
 
 
 @triton.jit
-def remote_store(ptr, value, rank, peer, bases, mask):
-    tl.store(translate(ptr, rank, peer, bases), value, mask=mask)
+def remote_store(base, offs, value, rank, peer, bases, mask):
+    """``base[offs] = value`` in ``peer``'s heap; ``base`` a scalar pointer (performance note)."""
+    tl.store(translate(base, rank, peer, bases) + offs, value, mask=mask)
 
 
 @triton.jit
@@ -99,9 +104,15 @@ def release(flag, epoch):
 
 
 @triton.jit
+def signal_flag(flag, epoch, rank, peer, bases):
+    """``release`` of ``flag`` (a pointer into my heap) in ``peer``'s copy."""
+    release(translate(flag, rank, peer, bases), epoch)
+
+
+@triton.jit
 def signal(flags, kind, slot, epoch, rank, peer, world, bases):
     """Release: everything this program wrote before is visible to ``peer`` once it sees ``epoch``."""
-    release(translate(flag_ptr(flags, kind, rank, slot, world), rank, peer, bases), epoch)
+    signal_flag(flag_ptr(flags, kind, rank, slot, world), epoch, rank, peer, bases)
 
 
 @triton.jit
