@@ -417,6 +417,12 @@ def test_planned_problems_without_a_winner_are_named_and_the_model_time_says_par
     assert all("partial: 8 of 9 problems have a winner" in m.help for m in at.metric if m.label.startswith("decode"))
 
 
+def recorded_in(w: Winner, env: Environment) -> Winner:
+    """``w`` as if tuned in ``env`` (a new record: nothing of the row ``w`` was read from)."""
+    return Winner(w.problem, env, w.config, w.time_s, w.baseline_s, w.speedup, w.pct_sol, w.source,
+                  w.template_hash, Store.study_name(w.problem, env), w.n_trials)
+
+
 def test_devices_default_to_the_pair_sharing_most_problems(monkeypatch, tuned_db, tmp_path):
     url = f"sqlite:///{tmp_path / 'three.db'}"
     with sqlite3.connect(tuned_db.path) as src, sqlite3.connect(tmp_path / "three.db") as dst:
@@ -424,7 +430,7 @@ def test_devices_default_to_the_pair_sharing_most_problems(monkeypatch, tuned_db
     h200 = replace(tuned_db.h800, gpu_name="H200", memory_gb=141.0)
     with Store(url, create=False) as store:        # an H200 x8 that tuned what the H800 x8 did
         for w in store.winners(fingerprint=tuned_db.h800.fingerprint):
-            store.record_winner(replace(w, env=h200, study_name=Store.study_name(w.problem, h200)))
+            store.record_winner(recorded_in(w, h200))
         h100_keys = {w.key for w in store.winners(fingerprint=tuned_db.h100.fingerprint)}
         h800_keys = {w.key for w in store.winners(fingerprint=tuned_db.h800.fingerprint)}
     at = open_app(monkeypatch, url, "Devices side by side")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from test_dashboard import tuned_db  # noqa: F401  (the session fixture: a database filled by the tuner)
+from test_dashboard import recorded_in, tuned_db  # noqa: F401  (tuned_db: a database filled by the tuner)
 from tuneforge.db.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,7 +223,7 @@ def test_metric_cards_show_their_titles_whole_with_four_devices(tuned_db, tmp_pa
         for gpu in ("B200", "H100", "H200"):
             env = dataclasses.replace(tuned_db.h800, gpu_name=gpu)
             for w in store.winners(fingerprint=tuned_db.h800.fingerprint):
-                store.record_winner(dataclasses.replace(w, env=env, study_name=Store.study_name(w.problem, env)))
+                store.record_winner(recorded_in(w, env))
     browser = Chromium(tmp_path / "profile")
     try:
         with serving(url, tmp_path / "dashboard.log") as base:
