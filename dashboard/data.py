@@ -312,12 +312,13 @@ def model_times(snap: Snapshot) -> pd.DataFrame:
             continue
         try:
             cfg = load_config(model)
-        except TuneforgeError:
+            runs = forwards(cfg, int(tp), pairs)
+        except TuneforgeError:      # not a built-in model, or its config no longer plans at this TP
             continue
         first = g.iloc[0]
         won = {r.problem: (r.time_us * 1e-6, r.baseline_us * 1e-6, bool(r.kernel_won))
                for r in unique_problems(g).itertuples(index=False)}
-        for phase, m, ctx, items in forwards(cfg, int(tp), pairs):
+        for phase, m, ctx, items in runs:
             tuned, baseline, n_tuned, n_problems = forward_time(cfg, items, won)
             rows.append(dict(device=first["device"], fingerprint=fp, source=first["source"],
                              provenance=first["provenance"], model=model, tp=int(tp), phase=phase, tokens=m,
