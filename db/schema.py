@@ -11,7 +11,7 @@ from typing import Any, Optional
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_VERSION_KEY = "schema_version"
 TABLE_PREFIX = "tf_"
 # Optuna's tables may share the database with ours (they are not "foreign" tables).
@@ -20,6 +20,11 @@ OPTUNA_TABLES = frozenset({
     "trials", "trial_params", "trial_values", "trial_intermediate_values", "trial_user_attributes",
     "trial_system_attributes", "trial_heartbeats", "version_info",
 })
+# The statements that bring a database of schema version v to v + 1 (new tables are created by
+# create_all afterwards). 1 -> 2: winners say where they came from (``origin``).
+MIGRATIONS: dict[int, list[str]] = {
+    1: ["ALTER TABLE tf_winner ADD COLUMN origin VARCHAR(16) NOT NULL DEFAULT 'local'"],
+}
 
 
 class Base(DeclarativeBase):
@@ -91,7 +96,25 @@ class WinnerRow(Base):
     speedup: Mapped[float] = mapped_column(Float)
     pct_sol: Mapped[float] = mapped_column(Float)                 # % of the hardware's speed of light
     source: Mapped[str] = mapped_column(String(16))               # "measured" | "predicted"
+    # "local" (tuned into this database) | "imported" (from a file: never replaces a local record)
+    origin: Mapped[str] = mapped_column(String(16), default="local", server_default="local")
     template_hash: Mapped[str] = mapped_column(String(64))
     study_name: Mapped[str] = mapped_column(String(600))
     n_trials: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class VerificationRow(Base):
+    """A winner candidate checked against its op's reference (under Triton's interpreter, at a
+    shrunken shape), so a re-run trusts the verdict instead of interpreting the kernel again. One row
+    per (op, config, template source hash): a changed kernel source is verified anew."""
+
+    __tablename__ = "tf_verification"
+    __table_args__ = (UniqueConstraint("op", "config_key", "template_hash", name="uq_tf_verification"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    op: Mapped[str] = mapped_column(String(64))
+    config_key: Mapped[str] = mapped_column(String(1024))        # dsl.problem.canonical_config
+    template_hash: Mapped[str] = mapped_column(String(64))
+    problem_key: Mapped[str] = mapped_column(String(512))        # the (shrunken) problem it ran at
+    result: Mapped[str] = mapped_column(String(600))             # '' passed, else why it failed
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -16,7 +16,7 @@ import os
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
@@ -27,29 +27,34 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
 
 from tuneforge.db.environment import Environment
-from tuneforge.db.schema import (OPTUNA_TABLES, SCHEMA_VERSION, SCHEMA_VERSION_KEY, TABLE_PREFIX, Base,
-                                 EnvironmentRow, MetaRow, ModelProblemRow, ProblemRow, WinnerRow)
-from tuneforge.dsl.problem import DEFAULT_BUCKETS, Problem, bucket
+from tuneforge.db.schema import (MIGRATIONS, OPTUNA_TABLES, SCHEMA_VERSION, SCHEMA_VERSION_KEY, TABLE_PREFIX,
+                                 Base, EnvironmentRow, MetaRow, ModelProblemRow, ProblemRow, WinnerRow)
+from tuneforge.dsl.problem import DEFAULT_BUCKETS, DTYPES, Problem, bucket
 from tuneforge.errors import DatabaseError, InputError
 
 log = logging.getLogger("tuneforge.db")
 
 SQLITE_TIMEOUT_S = 60.0        # how long one SQLite statement waits for another process's lock
 WRITE_ATTEMPTS = 8             # a write still locked after the busy timeout is retried this often
+OPTUNA_SETUP_LOCK = 7204319     # PostgreSQL advisory lock key: Optuna's tables set up one process at a time
 SOURCES = ("measured", "predicted")
+ORIGINS = ("local", "imported")
+ENV_EDITED = "environment fields edited"
 T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------------------- URLs
 
-def default_url() -> str:
-    """``$TUNEFORGE_DB``, else the SQLite file under ``$XDG_DATA_HOME`` (its folder is created)."""
+def default_url(create_folder: bool = True) -> str:
+    """``$TUNEFORGE_DB``, else the SQLite file under ``$XDG_DATA_HOME`` (its folder is created
+    unless ``create_folder`` is False: a command that only reads leaves no trace)."""
     env = os.environ.get("TUNEFORGE_DB")
     if env:
         return normalize_url(env)
     data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     folder = Path(data_home) / "tuneforge"
-    folder.mkdir(parents=True, exist_ok=True)
+    if create_folder:
+        folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'tuneforge.db'}"
 
 
@@ -93,12 +98,18 @@ class Winner:
     source: str                      # "measured" | "predicted"
     template_hash: str
     study_name: str
-    n_trials: int
+    n_trials: int                    # configs evaluated (rejected ones not counted)
     created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    origin: str = "local"            # "local" | "imported"
+    # the fingerprint the database keys the record by; a read whose environment fields no longer
+    # hash to it (the row was edited) makes the winner untrusted
+    row_fingerprint: Optional[str] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.source not in SOURCES:
             raise InputError(f"winner source must be one of {SOURCES}, got {self.source!r}")
+        if self.origin not in ORIGINS:
+            raise InputError(f"winner origin must be one of {ORIGINS}, got {self.origin!r}")
         if self.created_at.tzinfo is None:       # SQLite hands back naive datetimes; they are UTC
             self.created_at = self.created_at.replace(tzinfo=timezone.utc)
 
@@ -112,7 +123,37 @@ class Winner:
 
     @property
     def fingerprint(self) -> str:
-        return self.env.fingerprint
+        return self.row_fingerprint or self.env.fingerprint
+
+    @property
+    def env_edited(self) -> bool:
+        return self.row_fingerprint is not None and self.row_fingerprint != self.env.fingerprint
+
+
+@dataclass
+class ImportReport:
+    """What ``Store.import_`` did: winners stored, winners kept out by the stored ones (local,
+    faster or newer), and one line per refused record."""
+    stored: int
+    kept_out: int
+    refused: list[str]
+
+
+def stale_reason(w: Winner, template_hashes: Optional[dict[str, str]] = None) -> Optional[str]:
+    """Why ``w`` must not serve, or None: its environment row was edited (the fields no longer hash
+    to its fingerprint), or its template's source changed (ops in ``template_hashes``)."""
+    if w.env_edited:
+        return f"{ENV_EDITED} (recorded as {w.row_fingerprint}, the fields hash to {w.env.fingerprint})"
+    now = (template_hashes or {}).get(w.problem.op)
+    if now is not None and now != w.template_hash:
+        return f"template {w.problem.op} changed since tuning (hash {w.template_hash}, now {now})"
+    return None
+
+
+def current_template_hashes() -> dict[str, str]:
+    """Every registered template's source hash: a winner recorded under another one is stale."""
+    from tuneforge.dsl import all_templates
+    return {op: t.source_hash for op, t in all_templates().items()}
 
 
 # Flat columns of an exported winner (CSV / JSON); dicts and lists are JSON text in CSV.
@@ -141,7 +182,13 @@ def _env_from_row(r: EnvironmentRow) -> Environment:
 
 def _winner_from_rows(w: WinnerRow, p: ProblemRow, e: EnvironmentRow) -> Winner:
     return Winner(_problem_from_row(p), _env_from_row(e), dict(w.config), w.time_s, w.baseline_s, w.speedup,
-                  w.pct_sol, w.source, w.template_hash, w.study_name, w.n_trials, w.created_at)
+                  w.pct_sol, w.source, w.template_hash, w.study_name, w.n_trials, w.created_at, w.origin,
+                  row_fingerprint=e.fingerprint)
+
+
+def _problem_order(p: Problem) -> tuple:
+    """Op, then the other dims as numbers (n=256 before n=1024), dtype, world, then the token count."""
+    return (p.op, tuple((k, v) for k, v in p.dims if k != "m"), p.dtype, p.world, p.shape.get("m", -1))
 
 
 def _env_difference(env: Environment, other: Environment) -> str:
@@ -161,12 +208,14 @@ class Store:
         # Writes take the write lock at BEGIN (SQLite); other dialects ignore the option.
         self._writer = self.engine.execution_options(tf_write=True)
         try:
-            with self._read() as s:        # a read first: opening an existing database writes nothing
-                ready = self._schema_ready(s)
-            if not ready:
+            with self._read() as s:        # a read first: opening a current database writes nothing
+                version = self._schema_version(s)
+            if version is None:
                 if not create:
                     raise DatabaseError(f"{display_url(self.url)} holds no tuneforge tables yet")
                 self._write(self._create_schema)
+            elif version < SCHEMA_VERSION:
+                self._write(self._migrate)
         except DatabaseError:
             self.engine.dispose()
             raise
@@ -204,19 +253,38 @@ class Store:
             _sqlite_setup(engine)
         return engine
 
+    @staticmethod
+    def _schema_lock(s: Session) -> None:
+        """Serialize schema changes: one process creates or migrates; the others wait, then see it done
+        (SQLite: BEGIN IMMEDIATE already serialized us the same way)."""
+        if s.connection().dialect.name == "postgresql":
+            s.connection().exec_driver_sql("SELECT pg_advisory_xact_lock(7204318)")
+
     def _create_schema(self, s: Session) -> None:
         """Create the tables in an empty database, once, however many processes open it at once."""
-        conn = s.connection()
-        if conn.dialect.name == "postgresql":    # one process creates the tables; the others wait
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7204318)")
-        if self._schema_ready(s):                # (SQLite: BEGIN IMMEDIATE serialized us the same way)
+        self._schema_lock(s)
+        if self._schema_version(s) is not None:
             return
-        Base.metadata.create_all(conn)
+        Base.metadata.create_all(s.connection())
         s.add(MetaRow(key=SCHEMA_VERSION_KEY, value=str(SCHEMA_VERSION)))
 
-    def _schema_ready(self, s: Session) -> bool:
-        """True for a tuneforge database of this schema version, False for an empty one (Optuna's
-        tables allowed); a one-line DatabaseError for anything else."""
+    def _migrate(self, s: Session) -> None:
+        """Bring an older schema to this version in one transaction (MIGRATIONS, then any new tables)."""
+        self._schema_lock(s)
+        version = self._schema_version(s)
+        if version == SCHEMA_VERSION:
+            return
+        conn = s.connection()
+        for v in range(version, SCHEMA_VERSION):
+            for statement in MIGRATIONS[v]:
+                conn.exec_driver_sql(statement)
+        Base.metadata.create_all(conn)          # checkfirst: only the tables this version added
+        s.get(MetaRow, SCHEMA_VERSION_KEY).value = str(SCHEMA_VERSION)
+        log.warning("%s: schema migrated from version %d to %d", display_url(self.url), version, SCHEMA_VERSION)
+
+    def _schema_version(self, s: Session) -> Optional[int]:
+        """The schema version of a tuneforge database this tuneforge can use (as is, or migrated),
+        None for an empty one (Optuna's tables allowed); a one-line DatabaseError for anything else."""
         tables = set(sa.inspect(s.connection()).get_table_names())
         ours = {t for t in tables if t.startswith(TABLE_PREFIX)}
         where = display_url(self.url)
@@ -227,7 +295,7 @@ class Store:
                                     f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})")
             if ours:
                 raise DatabaseError(f"{where} is a damaged tuneforge database (tf_meta is missing)")
-            return False
+            return None
         raw = s.get(MetaRow, SCHEMA_VERSION_KEY)
         try:
             version = int(raw.value) if raw is not None else None
@@ -238,13 +306,15 @@ class Store:
         if version > SCHEMA_VERSION:
             raise DatabaseError(f"{where} has schema version {version}, newer than this tuneforge "
                                 f"understands ({SCHEMA_VERSION}): upgrade tuneforge")
-        if version < SCHEMA_VERSION:   # no older schema has ever been released
+        if version < SCHEMA_VERSION and not all(v in MIGRATIONS for v in range(version, SCHEMA_VERSION)):
             raise DatabaseError(f"{where} has schema version {version}, older than any this tuneforge "
-                                f"can migrate ({SCHEMA_VERSION})")
-        missing = {t.name for t in Base.metadata.sorted_tables} - tables
+                                f"can migrate (it migrates {min(MIGRATIONS)} and later to {SCHEMA_VERSION})")
+        missing = {"tf_environment", "tf_problem", "tf_model_problem", "tf_winner"} - tables
+        if version == SCHEMA_VERSION:           # an older version lacks the tables added since
+            missing = {t.name for t in Base.metadata.sorted_tables} - tables
         if missing:
             raise DatabaseError(f"{where} is a damaged tuneforge database (missing {', '.join(sorted(missing))})")
-        return True
+        return version
 
     def _write(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in one write transaction; retry while SQLite is locked or a concurrent writer
@@ -299,8 +369,9 @@ class Store:
         self._write(lambda s: _add_plan(s, model, tp, items))
 
     def record_winner(self, w: Winner) -> bool:
-        """Upsert on (problem key, environment fingerprint). With the same template hash the faster
-        record stays; with another hash the newer record replaces the older (stale) one.
+        """Upsert on (problem key, environment fingerprint). A local record always replaces an
+        imported one and is never replaced by one; otherwise, with the same template hash the faster
+        record stays, with another hash the newer record replaces the older (stale) one.
         Returns whether ``w`` was stored."""
         return self._write(lambda s: _upsert_winner(s, w))
 
@@ -312,7 +383,8 @@ class Store:
 
     def winners(self, fingerprint: Optional[str] = None, model: Optional[str] = None, tp: Optional[int] = None,
                 op: Optional[str] = None, key: Optional[str] = None) -> list[Winner]:
-        """Every stored winner matching the given filters, ordered by op, problem, environment."""
+        """Every stored winner matching the given filters (stale and untrusted ones included: see
+        ``stale_reason``), ordered by op, shape, token count, environment."""
         q = self._select_winners()
         if fingerprint:
             q = q.where(WinnerRow.fingerprint == fingerprint)
@@ -327,22 +399,22 @@ class Store:
             if tp is not None:
                 plan = plan.where(ModelProblemRow.tp == int(tp))
             q = q.where(ProblemRow.key.in_(plan))
-        q = q.order_by(ProblemRow.op, ProblemRow.family, ProblemRow.m, WinnerRow.fingerprint)
         with self._read() as s:
-            return [_winner_from_rows(*row) for row in s.execute(q).all()]
+            found = [_winner_from_rows(*row) for row in s.execute(q).all()]
+        return sorted(found, key=lambda w: (_problem_order(w.problem), w.fingerprint))
 
     def load_winners(self, env: Environment, template_hashes: Optional[dict[str, str]] = None
                      ) -> tuple[dict[str, Winner], list[tuple[Winner, str]]]:
         """The usable winners for ``env`` by problem key, and the stale ones with a reason: recorded
-        with another template hash (ops in ``template_hashes``), or in another environment of the
-        same GPU kind and world size (other versions, driver, interconnect) where ``env`` has none."""
+        with another template hash (ops in ``template_hashes``) or under an edited environment row
+        (``stale_reason``), or in another environment of the same GPU kind and world size (other
+        versions, driver, interconnect) where ``env`` has none."""
         usable: dict[str, Winner] = {}
         stale: list[tuple[Winner, str]] = []
-        hashes = template_hashes or {}
         for w in self.winners(fingerprint=env.fingerprint):
-            now = hashes.get(w.problem.op)
-            if now is not None and now != w.template_hash:
-                stale.append((w, f"template {w.problem.op} changed since tuning (hash {w.template_hash}, now {now})"))
+            why = stale_reason(w, template_hashes)
+            if why:
+                stale.append((w, why))
             else:
                 usable[w.key] = w
         q = (self._select_winners()
@@ -352,7 +424,7 @@ class Store:
             others = [_winner_from_rows(*row) for row in s.execute(q).all()]
         for w in others:
             if w.key not in usable:
-                stale.append((w, _env_difference(env, w.env)))
+                stale.append((w, stale_reason(w) or _env_difference(env, w.env)))   # edited, else the difference
         return usable, stale
 
     def best(self, problem: Problem, env: Environment, template_hash: Optional[str] = None,
@@ -360,16 +432,16 @@ class Store:
         """The winner that serves ``problem`` in ``env``: the exact shape if tuned, else the tuned
         bucket (a tuned m in ``buckets``; all tuned m if ``buckets`` is None) that serves its token
         count: the smallest tuned bucket >= m, else the largest. Records with another template hash
-        than ``template_hash`` are stale: logged, never returned."""
+        than ``template_hash``, or under an edited environment row, are stale: logged, never returned."""
         q = (self._select_winners().where(ProblemRow.family == _family(problem),
                                           WinnerRow.fingerprint == env.fingerprint))
         with self._read() as s:
             candidates = [_winner_from_rows(*row) for row in s.execute(q).all()]
         fresh = []
         for w in candidates:
-            if template_hash is not None and w.template_hash != template_hash:
-                log.warning("stale winner for %s not used: template hash %s, now %s",
-                            w.key, w.template_hash, template_hash)
+            why = stale_reason(w, {problem.op: template_hash} if template_hash is not None else None)
+            if why:
+                log.warning("stale winner for %s not used: %s", w.key, why)
             else:
                 fresh.append(w)
         by_m = {w.problem.shape.get("m"): w for w in fresh}
@@ -382,9 +454,11 @@ class Store:
         return by_m[bucket(m, tuned)] if tuned else None
 
     def environments(self) -> list[Environment]:
+        """The trusted environments (an edited row, whose fields no longer hash to its fingerprint, is left out)."""
         with self._read() as s:
-            return [_env_from_row(r) for r in s.scalars(select(EnvironmentRow)
-                                                        .order_by(EnvironmentRow.gpu_name, EnvironmentRow.fingerprint))]
+            envs = [(_env_from_row(r), r.fingerprint) for r in s.scalars(
+                select(EnvironmentRow).order_by(EnvironmentRow.gpu_name, EnvironmentRow.fingerprint))]
+        return [e for e, fingerprint in envs if e.fingerprint == fingerprint]
 
     def models(self) -> list[tuple[str, int]]:
         with self._read() as s:
@@ -402,9 +476,10 @@ class Store:
     # --------------------------------------------------------------------- sharing, pruning
     def to_frame(self, winners: Optional[Iterable[Winner]] = None):
         """The winners (default: all) as a pandas DataFrame with EXPORT_COLUMNS; ``models`` lists
-        the [model, tp, role] entries of each winner's problem."""
+        the [model, tp, role] entries of each winner's problem. Winners of an edited environment row
+        are left out (untrusted: an import would refuse them)."""
         import pandas as pd
-        winners = self.winners() if winners is None else list(winners)
+        winners = [w for w in (self.winners() if winners is None else winners) if not w.env_edited]
         with self._read() as s:
             plans: dict[str, list] = {}
             for key, model, tp, role in s.execute(select(ModelProblemRow.problem_key, ModelProblemRow.model,
@@ -437,29 +512,42 @@ class Store:
             raise InputError(f"cannot write {path}: {e.strerror or e}") from None
         return len(df)
 
-    def import_(self, path: str | os.PathLike) -> int:
-        """Merge the winners of an exported .csv or .json file, all in one transaction (the
-        record_winner rule decides each conflict; plans are merged too). Returns how many were stored."""
-        rows = _read_export(Path(path))
+    def import_(self, path: str | os.PathLike) -> "ImportReport":
+        """Merge the winners of an exported .csv or .json file, all in one transaction. Each record is
+        checked first (problem key, environment, times, and the config against its template's space
+        and constraints on the recorded device); a bad one is refused with a one-line reason, the
+        rest go in. Imported winners are kept apart (``origin="imported"``): they never replace a
+        local record; between imported ones the record_winner rule decides. Plans are merged too."""
+        rows, refused = _read_export(Path(path))
+        good = []
+        for i, w, models in rows:
+            why = _import_refusal(w)
+            if why:
+                refused.append((i, f"record {i} ({w.key}): {why}"))
+            else:
+                good.append((w, models))
+
         def write(s: Session) -> int:
             stored = 0
-            for w, models in rows:
+            for w, models in good:
                 stored += _upsert_winner(s, w)
                 for model, tp, role in models:
                     _add_plan(s, model, tp, [(w.problem, role)])
             return stored
-        return self._write(write)
+        stored = self._write(write)
+        return ImportReport(stored, len(good) - stored, [line for _, line in sorted(refused)])
 
     def prune(self, template_hashes: Optional[dict[str, str]] = None, fingerprint: Optional[str] = None,
               older_than: Optional[timedelta] = None, dry_run: bool = False) -> list[Winner]:
-        """Delete the winners that match every given criterion: recorded with another template hash
-        than ``template_hashes[op]`` (ops not listed are kept), in environment ``fingerprint``,
-        created more than ``older_than`` ago. Returns them; ``dry_run`` deletes nothing."""
+        """Delete the winners that match every given criterion: stale by ``template_hashes`` (recorded
+        with another template hash than ``template_hashes[op]``, ops not listed are kept, or under an
+        edited environment row: ``stale_reason``), in environment ``fingerprint``, created more than
+        ``older_than`` ago. Returns them; ``dry_run`` deletes nothing."""
         if template_hashes is None and fingerprint is None and older_than is None:
             raise InputError("prune needs a criterion: current template hashes, a fingerprint or an age")
         cutoff = datetime.now(timezone.utc) - older_than if older_than is not None else None
         doomed = [w for w in self.winners(fingerprint=fingerprint)
-                  if (template_hashes is None or template_hashes.get(w.problem.op, w.template_hash) != w.template_hash)
+                  if (template_hashes is None or stale_reason(w, template_hashes))
                   and (cutoff is None or w.created_at < cutoff)]
         if doomed and not dry_run:
             def delete(s: Session) -> None:
@@ -480,13 +568,76 @@ class Store:
         return f"{problem.key}@{env.fingerprint}"
 
     def optuna_storage(self):
-        """An Optuna RDBStorage on this database (Optuna's own tables, same SQLite timeout)."""
+        """An Optuna RDBStorage on this database (Optuna's own tables, same SQLite timeout).
+
+        Opening one creates Optuna's tables and stamps its schema version when they are missing;
+        processes doing that at once on a new database race (``UNIQUE constraint failed:
+        alembic_version.version_num``, ``table trial_values already exists``), so it happens under a
+        cross-process lock. SQLite commits of Optuna's connections skip the fsync of each commit
+        (``synchronous = NORMAL`` under WAL: a killed process loses nothing, a power cut at most the
+        last commits), which roughly halves the cost of writing a trial through Optuna's API."""
         import optuna
-        kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if self.engine.dialect.name == "sqlite" else {}
+        sqlite = self.engine.dialect.name == "sqlite"
+        kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if sqlite else {}
         try:
-            return optuna.storages.RDBStorage(self.url, engine_kwargs=kwargs)
+            with self._optuna_setup_lock():
+                storage = optuna.storages.RDBStorage(self.url, engine_kwargs=kwargs)
         except exc.SQLAlchemyError as e:
             raise self._error(e) from None
+        if sqlite:
+            @event.listens_for(storage.engine, "connect")
+            def _on_connect(dbapi_conn, _record):
+                dbapi_conn.execute("PRAGMA synchronous = NORMAL")
+            storage.engine.dispose()         # the connections opened while setting up get it too
+        return storage
+
+    @contextmanager
+    def _optuna_setup_lock(self) -> Iterator[None]:
+        """One process at a time sets up Optuna's tables. SQLite: an flock on ``<file>.lock`` (never
+        on the database file itself: closing another descriptor of it drops SQLite's own POSIX
+        locks); PostgreSQL: a session advisory lock; an in-memory database needs none."""
+        dialect, path = self.engine.dialect.name, self.engine.url.database
+        if dialect == "sqlite" and path and path != ":memory:":
+            import fcntl
+            with open(path + ".lock", "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)          # released when the file closes
+                yield
+        elif dialect == "postgresql":
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql(f"SELECT pg_advisory_lock({OPTUNA_SETUP_LOCK})")
+                try:
+                    yield
+                finally:
+                    conn.exec_driver_sql(f"SELECT pg_advisory_unlock({OPTUNA_SETUP_LOCK})")
+        else:
+            yield
+
+    # ------------------------------------------------------------------------------ verification
+    def verifications(self) -> dict[tuple[str, str, str], str]:
+        """Stored verdicts: (op, canonical config, template source hash) -> '' (the kernel matched its
+        reference) or why it failed."""
+        from tuneforge.db.schema import VerificationRow as V
+        with self._read() as s:
+            rows = s.execute(select(V.op, V.config_key, V.template_hash, V.result)).all()
+        return {(op, key, h): result for op, key, h, result in rows}
+
+    def record_verifications(self, records: Sequence[tuple[str, str, str, str, str]]) -> None:
+        """Store (op, canonical config, template hash, problem key it ran at, result) verdicts; one
+        already stored (by another tuner at the same time) is kept."""
+        from tuneforge.db.schema import VerificationRow as V
+        if not records:
+            return
+        now = datetime.now(timezone.utc)
+        unique = {(op, key, h): (problem, result[:600]) for op, key, h, problem, result in records}
+
+        def write(s: Session) -> None:
+            have = {tuple(r) for r in s.execute(select(V.op, V.config_key, V.template_hash).where(
+                V.op.in_({op for op, _, _ in unique})))}
+            new = [dict(op=op, config_key=key, template_hash=h, problem_key=problem, result=result, created_at=now)
+                   for (op, key, h), (problem, result) in unique.items() if (op, key, h) not in have]
+            if new:
+                s.execute(sa.insert(V), new)
+        self._write(write)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -533,8 +684,10 @@ def _file_format(path: Path) -> str:
     return fmt
 
 
-def _read_export(path: Path) -> list[tuple[Winner, list]]:
-    """Parse an exported file into winners and their [model, tp, role] lists (one-line InputError)."""
+def _read_export(path: Path) -> tuple[list[tuple[int, Winner, list]], list[tuple[int, str]]]:
+    """Parse an exported file into (record number, imported winner, its [model, tp, role] list)
+    and (record number, one line) for each record that does not parse; a file that is no export is
+    a one-line InputError."""
     import pandas as pd
     fmt = _file_format(path)
     if not path.is_file():
@@ -563,26 +716,63 @@ def _read_export(path: Path) -> list[tuple[Winner, list]]:
             return v.lower() in ("true", "1")
         return bool(v)
 
-    out = []
+    out, refused = [], []
     for i, r in enumerate(df.to_dict(orient="records"), start=1):
         try:
             problem = Problem(str(r["op"]), tuple((str(k), int(v)) for k, v in structured(r["dims"])),
                               str(r["dtype"]), int(r["world"]))
+            if Problem.from_key(str(r["problem_key"])) != problem:
+                raise ValueError(f"problem_key {r['problem_key']!r} does not match its op/dims/dtype/world")
+            if problem.dtype not in DTYPES or problem.world < 1 or any(v < 1 for _, v in problem.dims):
+                raise ValueError(f"problem {problem.key} has an unknown dtype or a size below 1")
             env = Environment(str(r["gpu_name"]), int(r["sm_count"]), float(r["memory_gb"]), int(r["world_size"]),
                               str(r["interconnect"]), str(r["torch_version"]), str(r["triton_version"]),
                               str(r["driver_version"]), flag(r["predicted"]))
-            if problem.key != r["problem_key"]:
-                raise ValueError(f"problem_key {r['problem_key']!r} does not match its op/dims/dtype/world")
             if env.fingerprint != r["fingerprint"]:
                 raise ValueError(f"fingerprint {r['fingerprint']} does not match its environment columns")
             w = Winner(problem, env, dict(structured(r["config"])), float(r["time_s"]), float(r["baseline_s"]),
                        float(r["speedup"]), float(r["pct_sol"]), str(r["source"]), str(r["template_hash"]),
-                       str(r["study_name"]), int(r["n_trials"]), datetime.fromisoformat(str(r["created_at"])))
+                       str(r["study_name"]), int(r["n_trials"]), datetime.fromisoformat(str(r["created_at"])),
+                       origin="imported")
             models = [(str(m), int(tp), str(role)) for m, tp, role in structured(r["models"])]
         except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
-            raise InputError(f"{path} record {i}: {_first_line(e)}") from None
-        out.append((w, models))
-    return out
+            key = r.get("problem_key")
+            refused.append((i, f"record {i}{f' ({key})' if key else ''}: {_first_line(e)}"))
+            continue
+        out.append((i, w, models))
+    return out, refused
+
+
+def _device_of(env: Environment):
+    """The device spec a winner's constraints are checked on: the predicted target's spec, or the
+    measured GPU's (its own SM count and memory), as the tuner checked them."""
+    from tuneforge.tune.devices import gpu_spec, spec
+    if env.predicted:
+        return spec(env.gpu_name)
+    return replace(gpu_spec(env.gpu_name), sms=env.sm_count, memory_gb=env.memory_gb)
+
+
+def _import_refusal(w: Winner) -> Optional[str]:
+    """Why an imported winner may not be stored, or None: what the database cannot keep
+    (``_validate``), a baseline record with parameters, or a config its op's template would reject
+    (outside the space, or against a constraint on the recorded device)."""
+    try:
+        config = _validate(w)
+    except InputError as e:
+        return str(e)
+    if config.get("baseline"):
+        return None if config == {"baseline": True} else f"baseline config {config} has other parameters"
+    from tuneforge.dsl.template import get
+    try:
+        template = get(w.problem.op)
+        device = _device_of(w.env)
+    except (KeyError, InputError) as e:
+        return str(e.args[0] if isinstance(e, KeyError) else e)
+    try:
+        why = template.reject_reason(config, w.problem, device)
+    except Exception as e:   # noqa: BLE001 - a shape the template cannot even describe is no winner of it
+        why = f"{type(e).__name__}: {_first_line(e)}"
+    return f"{w.problem.op} config {json.dumps(config, sort_keys=True)}: {why}" if why else None
 
 
 def _add_plan(s: Session, model: str, tp: int, items: Sequence[tuple[Problem, str]]) -> None:
@@ -626,15 +816,20 @@ def _upsert_winner(s: Session, w: Winner) -> bool:
     row = s.scalars(select(WinnerRow).where(WinnerRow.problem_key == w.key, WinnerRow.fingerprint == w.fingerprint)
                     .with_for_update()).one_or_none()
     values = dict(config=config, time_s=float(w.time_s), baseline_s=float(w.baseline_s),
-                  speedup=float(w.speedup), pct_sol=float(w.pct_sol), source=w.source,
+                  speedup=float(w.speedup), pct_sol=float(w.pct_sol), source=w.source, origin=w.origin,
                   template_hash=w.template_hash, study_name=w.study_name, n_trials=int(w.n_trials),
                   created_at=w.created_at.astimezone(timezone.utc))
     if row is None:
         s.add(WinnerRow(problem_key=w.key, fingerprint=w.fingerprint, **values))
         return True
     stored_at = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=timezone.utc)
-    replace = (w.time_s < row.time_s) if row.template_hash == w.template_hash else (w.created_at > stored_at)
-    if replace:
+    if row.origin != w.origin:      # a claim read from a file never displaces what was tuned here
+        better = w.origin == "local"
+    elif row.template_hash == w.template_hash:
+        better = w.time_s < row.time_s
+    else:
+        better = w.created_at > stored_at
+    if better:
         for k, v in values.items():
             setattr(row, k, v)
-    return replace
+    return better

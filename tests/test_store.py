@@ -2,6 +2,7 @@
 (``TUNEFORGE_TEST_PG_URL``; each test gets its own fresh database)."""
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import sqlite3
@@ -15,9 +16,12 @@ import sqlalchemy as sa
 
 from tuneforge.db.environment import Environment
 from tuneforge.db.schema import SCHEMA_VERSION
-from tuneforge.db.store import Store, Winner, default_url, normalize_url
+from tuneforge.db.store import (ImportReport, Store, Winner, current_template_hashes, default_url, normalize_url,
+                                stale_reason)
+from tuneforge.dsl import get
 from tuneforge.dsl.problem import Problem
 from tuneforge.errors import DatabaseError, InputError
+from tuneforge.tune.devices import spec
 
 H100 = Environment("NVIDIA H100 80GB HBM3", 132, 79.1, 8, "nvlink-or-pcie", "2.11.0", "3.6.0", "12.8", False)
 H100_NEW_TORCH = replace(H100, torch_version="2.12.0")
@@ -36,6 +40,11 @@ def winner(problem: Problem, env: Environment = H100, time_s: float = 1e-5, temp
                   baseline_s, baseline_s / time_s, 42.5, source or ("predicted" if env.predicted else "measured"),
                   template_hash, Store.study_name(problem, env), 30,
                   created_at or datetime.now(timezone.utc))
+
+
+def real_config(problem: Problem, **changes) -> dict:
+    """The template's default config for ``problem`` on an H100 (the space an import is checked against)."""
+    return {**get(problem.op).default_config(problem, spec("H100")), **changes}
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -211,53 +220,117 @@ def test_stale_records_are_reported_and_never_returned(store):
 @pytest.mark.parametrize("ext", ["csv", "json"])
 def test_export_import_round_trip(store, tmp_path, ext):
     problems = [gemm(1), gemm(16), Problem.make("allreduce", world=8, m=16, n=5120)]
-    store.record_winner(winner(problems[0], config={"BLOCK_M": 16, "tma": False, "note": "a,b \"quoted\""}))
+    store.record_winner(winner(problems[0], config=real_config(problems[0], tma=False)))
     store.record_winner(winner(problems[1], env=H100_PREDICTED, config={"baseline": True}))
-    store.record_winner(winner(problems[2], config={"strategy": "one_shot", "num_warps": 8}, time_s=1 / 3 * 1e-5))
+    store.record_winner(winner(problems[2], config=real_config(problems[2]), time_s=1 / 3 * 1e-5))
     store.add_plan("Qwen3-32B", 8, [(problems[1], "layer.mlp.down"), (problems[2], "layer.attn.o_allreduce")])
     path = tmp_path / f"winners.{ext}"
     assert store.export(path) == 3
 
     with Store(tmp_path / "copy.db") as copy:
-        assert copy.import_(path) == 3
-        assert copy.winners() == store.winners()                       # floats, configs, times: exact
+        assert copy.import_(path) == ImportReport(3, 0, [])
+        # floats, configs, times: exact; kept apart as imported
+        assert copy.winners() == [replace(w, origin="imported") for w in store.winners()]
         assert copy.plan("Qwen3-32B", 8) == store.plan("Qwen3-32B", 8)
-        assert copy.import_(path) == 0                                 # merging the same file again: no change
+        assert copy.import_(path) == ImportReport(0, 3, [])            # merging the same file again: no change
 
-        # a faster winner from another cluster's file wins the merge; a slower one does not
+        # between imported records a faster one from another cluster's file wins; a slower one does not
         with Store(tmp_path / "other.db") as other:
-            other.record_winner(winner(problems[0], time_s=5e-6, config={"BLOCK_M": 32}))
-            other.record_winner(winner(problems[2], time_s=9e-5))
+            other.record_winner(winner(problems[0], time_s=5e-6, config=real_config(problems[0], block_n=128)))
+            other.record_winner(winner(problems[2], time_s=9e-5, config=real_config(problems[2])))
             other.export(tmp_path / f"other.{ext}")
-        assert copy.import_(tmp_path / f"other.{ext}") == 1
+        assert copy.import_(tmp_path / f"other.{ext}") == ImportReport(1, 1, [])
         merged = {w.key: w for w in copy.winners(fingerprint=H100.fingerprint)}
-        assert merged[problems[0].key].config == {"BLOCK_M": 32}
-        assert merged[problems[2].key].config == {"strategy": "one_shot", "num_warps": 8}
+        assert merged[problems[0].key].config == real_config(problems[0], block_n=128)
+        assert merged[problems[2].key].time_s == 1 / 3 * 1e-5
 
 
-def test_import_is_all_or_nothing(store, tmp_path):
+def test_import_refuses_bad_records_one_line_each_and_never_displaces_local_ones(store, tmp_path):
+    local, claimed = gemm(1), gemm(2)
+    store.record_winner(winner(local, time_s=1e-5, config=real_config(local)))
     with Store(tmp_path / "source.db") as source:
-        for m in (1, 2, 4):
-            source.record_winner(winner(gemm(m)))
-        source.export(tmp_path / "good.csv")
-    lines = (tmp_path / "good.csv").read_text().splitlines()
-    # the last record fails inside the transaction, after the first two were written
-    bad = lines[:-1] + [lines[-1].replace(",1e-05,", ",-1.0,", 1)]
-    assert bad[-1] != lines[-1]
-    (tmp_path / "bad.csv").write_text("\n".join(bad) + "\n")
-    with pytest.raises(InputError, match="time_s must be a positive"):
-        store.import_(tmp_path / "bad.csv")
-    assert store.winners() == [] and store.environments() == []
+        for m in (1, 2, 4, 8, 16, 32):
+            source.record_winner(winner(gemm(m), config=real_config(gemm(m))))
+        source.export(tmp_path / "w.json")
+    records = json.loads((tmp_path / "w.json").read_text())
+    records[0]["time_s"] = 1e-9                              # gemm m=1: a 1 ns claim against a local record
+    records[1]["config"]["block_m"] = 3                      # outside the space
+    records[2]["time_s"] = -1.0
+    records[3]["gpu_name"] = "H999"                          # the environment no longer matches its fingerprint
+    records[4]["problem_key"] = "gemm|m=16"
+    (tmp_path / "bad.json").write_text(json.dumps(records))
 
-    (tmp_path / "edited.csv").write_text("\n".join(lines[:-1] + [lines[-1].replace("H100", "H999", 1)]) + "\n")
-    with pytest.raises(InputError, match="record 3: fingerprint"):
-        store.import_(tmp_path / "edited.csv")
+    report = store.import_(tmp_path / "bad.json")
+    assert report.stored == 1 and report.kept_out == 1, report      # gemm m=32 is stored; m=1 stays local
+    assert [line.split(":")[0] for line in report.refused] == [
+        f"record 2 ({claimed.key})", f"record 3 ({gemm(4).key})", f"record 4 ({gemm(8).key})",
+        f"record 5 (gemm|m=16)"]
+    assert "block_m=3 is not one of [16, 32, 64, 128, 256]" in report.refused[0]
+    assert "time_s must be a positive" in report.refused[1]
+    assert "fingerprint" in report.refused[2] and "malformed problem key" in report.refused[3]
+    assert all("\n" not in line for line in report.refused)
+    got = {w.key: w for w in store.winners()}
+    assert sorted(got) == sorted([local.key, gemm(32).key])
+    assert (got[local.key].origin, got[local.key].time_s) == ("local", 1e-5)
+    assert got[gemm(32).key].origin == "imported"
+
+    # a config that breaks a constraint on the recorded device, and an op no template knows, are refused too
+    records = json.loads((tmp_path / "w.json").read_text())[:2]
+    records[0]["config"] = real_config(gemm(1), block_m=256, block_n=256, block_k=256, num_stages=5)
+    records[1]["op"] = "nosuchop"
+    records[1]["problem_key"] = records[1]["problem_key"].replace("gemm", "nosuchop")
+    records[1]["study_name"] = "x"
+    (tmp_path / "bad2.json").write_text(json.dumps(records))
+    report = store.import_(tmp_path / "bad2.json")
+    assert report.stored == 0 and len(report.refused) == 2, report
+    assert "nosuchop" in report.refused[1]
+
+
+def test_local_records_replace_imported_ones_and_never_the_reverse(store):
+    p = gemm(64)
+    imported = winner(p, time_s=1e-9, config=real_config(p))
+    imported.origin = "imported"
+    assert store.record_winner(imported)
+    assert store.record_winner(winner(p, time_s=3e-5, config=real_config(p)))      # local, slower: still replaces
+    assert not store.record_winner(replace(imported, time_s=1e-12))               # imported: never displaces it
+    [w] = store.winners()
+    assert (w.origin, w.time_s) == ("local", 3e-5)
+
+
+def test_import_file_errors_are_one_line_and_write_nothing(store, tmp_path):
     (tmp_path / "notes.json").write_text('{"hello": ')
     with pytest.raises(InputError, match="not a tuneforge JSON export"):
         store.import_(tmp_path / "notes.json")
+    (tmp_path / "cols.csv").write_text("problem_key,op\ngemm|m=1|bf16|w1,gemm\n")
+    with pytest.raises(InputError, match="missing columns"):
+        store.import_(tmp_path / "cols.csv")
     with pytest.raises(InputError, match="use .csv or .json"):
         store.import_(tmp_path / "winners.xlsx")
-    assert store.winners() == []
+    assert store.winners() == [] and store.environments() == []
+
+
+def test_an_edited_environment_row_is_untrusted(store):
+    p = gemm(16)
+    store.record_winner(winner(p, config=real_config(p), template_hash=get("gemm").source_hash))
+    store.record_winner(winner(gemm(32), env=H200, config=real_config(gemm(32)), template_hash=get("gemm").source_hash))
+    engine = sa.create_engine(normalize_url(store.url))
+    with engine.begin() as c:     # someone "fixes" the torch version in place: the fingerprint no longer fits
+        c.execute(sa.text("UPDATE tf_environment SET torch_version = '2.12.0' WHERE fingerprint = :f"),
+                  {"f": H100.fingerprint})
+    engine.dispose()
+
+    [w] = store.winners(fingerprint=H100.fingerprint)
+    assert w.env_edited and w.fingerprint == H100.fingerprint
+    assert stale_reason(w).startswith("environment fields edited")
+    usable, stale = store.load_winners(H100, current_template_hashes())
+    assert usable == {} and [(s.key, why.split(" (")[0]) for s, why in stale] == [(p.key, "environment fields edited")]
+    usable, stale = store.load_winners(H100_NEW_TORCH, current_template_hashes())   # what the fields now claim
+    assert usable == {} and [why.split(" (")[0] for _, why in stale] == ["environment fields edited"]
+    assert store.best(p, H100) is None
+    assert store.environments() == [H200]
+    assert list(store.to_frame()["fingerprint"]) == [H200.fingerprint]
+    assert [w.key for w in store.prune(current_template_hashes())] == [p.key]
+    assert [w.fingerprint for w in store.winners()] == [H200.fingerprint]
 
 
 def test_prune(store):
@@ -318,6 +391,24 @@ def test_newer_schema_is_refused(store_url):
     with pytest.raises(DatabaseError) as e:
         Store(store_url)
     assert f"schema version {SCHEMA_VERSION + 1}, newer" in _one_line(e)
+
+
+def test_a_version_1_database_is_migrated_and_older_ones_refused(store_url):
+    with Store(store_url) as store:
+        store.record_winner(winner(gemm(16)))
+    engine = sa.create_engine(normalize_url(store_url))
+    with engine.begin() as c:     # what tuneforge with schema version 1 wrote: winners without an origin
+        c.execute(sa.text("ALTER TABLE tf_winner DROP COLUMN origin"))
+        c.execute(sa.text("UPDATE tf_meta SET value = '1' WHERE key = 'schema_version'"))
+    with Store(store_url) as store:
+        assert [(w.key, w.origin) for w in store.winners()] == [(gemm(16).key, "local")]
+    with engine.begin() as c:
+        assert c.execute(sa.text("SELECT value FROM tf_meta")).scalar() == str(SCHEMA_VERSION)
+        c.execute(sa.text("UPDATE tf_meta SET value = '0' WHERE key = 'schema_version'"))
+    engine.dispose()
+    with pytest.raises(DatabaseError) as e:
+        Store(store_url)
+    assert "schema version 0, older than any" in _one_line(e)
 
 
 def test_foreign_database_is_refused(store_url):

@@ -78,18 +78,27 @@ def register(subparsers) -> None:
 
 
 def cmd_tune(args) -> int:
+    import os
+
     from tuneforge.db.store import Store, default_url, display_url, normalize_url
     from tuneforge.tune.plan import plan as make_plan
-    from tuneforge.tune.tuner import Tuner, TuneOptions, format_table
+    from tuneforge.tune.tuner import Tuner, TuneOptions, choose_backend, format_table
 
+    # every argument is checked before anything is printed or the database is touched
     if args.tp < 1:
         raise InputError(f"--tp must be >= 1, got {args.tp}")
     if args.trials is not None and args.trials < 1:
         raise InputError(f"--trials must be >= 1, got {args.trials}")
-    url = normalize_url(args.db) if args.db else default_url()
-    print(f"database: {display_url(url)}", flush=True)
+    if not 0 <= args.seed < 2**32:
+        raise InputError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if args.summary_json and not os.path.isdir(os.path.dirname(os.path.abspath(args.summary_json))):
+        raise InputError(f"cannot write {args.summary_json}: folder {os.path.dirname(args.summary_json)} "
+                         f"does not exist")
     plan = make_plan(args.model, args.tp, decode_buckets=args.buckets, prefill_buckets=args.prefill_buckets,
                      dtype=args.dtype)
+    choose_backend(args.target, args.backend)          # an unknown target, or measuring without its GPU
+    url = normalize_url(args.db) if args.db else default_url()
+    print(f"database: {display_url(url)}", flush=True)
     print(f"plan: {plan.summary()}", flush=True)
     store = Store(url)
     try:

@@ -79,19 +79,22 @@ def spec(name: str) -> DeviceSpec:
     raise InputError(f"unknown target device {name!r}; known: {', '.join(SPECS)}")
 
 
+def gpu_spec(gpu_name: str) -> DeviceSpec:
+    """The table's spec for a GPU named as the driver names it (``NVIDIA H100 80GB HBM3``)."""
+    gpu = gpu_name.upper().replace(" ", "")
+    for n in sorted(SPECS, key=len, reverse=True):
+        if n in gpu:
+            return SPECS[n]
+    return SPECS["H100"] if "NVIDIA" in gpu else SPECS["MI300X"]
+
+
 def local_device() -> Optional[DeviceSpec]:
     """The spec of the GPU this process uses, matched by name; None without a GPU."""
     import torch
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    gpu = props.name.upper()
-    for n in sorted(SPECS, key=len, reverse=True):
-        if n in gpu.replace(" ", ""):
-            base = SPECS[n]
-            break
-    else:
-        base = SPECS["H100"] if "NVIDIA" in gpu else SPECS["MI300X"]
+    base = gpu_spec(props.name)
     # The local device's own counts win over the table's.
     smem = getattr(props, "shared_memory_per_block_optin", base.smem_per_block)
     return replace(base, name=base.name, sms=props.multi_processor_count, smem_per_block=smem,
