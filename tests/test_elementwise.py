@@ -310,3 +310,14 @@ def test_gpu_rmsnorm_residual_in_place_looping_and_rope_in_place():
     result = compare(qkv[:, :(heads + kv_heads) * head_dim], expected)
     assert result, result.reason
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v)
+
+
+def test_source_hash_covers_the_shared_row_tiling():
+    """The row tiles live in kernels/_common.py: changing them must make silu_mul's stored winners
+    stale, so its template hash covers that helper's source as well as its own."""
+    import hashlib
+    import inspect
+
+    from tuneforge.kernels import _common
+    src = inspect.getsource(_common) + inspect.getsource(sm)
+    assert get("silu_mul").source_hash == hashlib.sha256(src.encode()).hexdigest()[:16]

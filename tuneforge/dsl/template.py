@@ -17,6 +17,7 @@ Every ``kernels/<op>.py`` builds one ``Template`` and calls ``register``. The co
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import inspect
@@ -75,13 +76,31 @@ class Template:
 
     @property
     def source_hash(self) -> str:
-        """Hash of the op's source file: a stored winner whose hash differs is stale."""
-        src = inspect.getsource(importlib.import_module(self.module))
+        """Hash of the op's source file and of the shared kernel helpers (``kernels/_*.py``) it draws
+        on, directly or through another helper: a stored winner whose hash differs is stale."""
+        sources, todo = {}, [self.module]
+        while todo:
+            name = todo.pop()
+            sources[name] = inspect.getsource(importlib.import_module(name))
+            todo += [h for h in _kernel_helpers(sources[name]) if h not in sources]
+        src = "".join(sources[n] for n in sorted(sources))
         return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
 _REGISTRY: dict[str, Template] = {}
 _loaded = False
+
+
+def _kernel_helpers(source: str) -> set[str]:
+    """The ``tuneforge.kernels._*`` modules a module's source imports (read from its import statements,
+    so the answer is the same under the interpreter, where jitted functions belong to no module)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found |= {f"{node.module}.{a.name}" for a in node.names} if node.module == "tuneforge.kernels" else {node.module}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {n for n in found if n.startswith("tuneforge.kernels._")}
 
 
 def register(template: Template) -> Template:
