@@ -759,7 +759,7 @@ def _import_refusal(w: Winner) -> Optional[str]:
     try:
         config = _validate(w)
     except InputError as e:
-        return str(e)
+        return str(e).removeprefix(f"winner for {w.key}: ")     # the refusal line names the record already
     if config.get("baseline"):
         return None if config == {"baseline": True} else f"baseline config {config} has other parameters"
     from tuneforge.dsl.template import get
