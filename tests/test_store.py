@@ -266,7 +266,7 @@ def test_import_refuses_bad_records_one_line_each_and_never_displaces_local_ones
         f"record 2 ({claimed.key})", f"record 3 ({gemm(4).key})", f"record 4 ({gemm(8).key})",
         f"record 5 (gemm|m=16)"]
     assert "block_m=3 is not one of [16, 32, 64, 128, 256]" in report.refused[0]
-    assert "time_s must be a positive" in report.refused[1]
+    assert report.refused[1] == f"record 3 ({gemm(4).key}): time_s must be a positive finite number, got -1.0"
     assert "fingerprint" in report.refused[2] and "malformed problem key" in report.refused[3]
     assert all("\n" not in line for line in report.refused)
     got = {w.key: w for w in store.winners()}
