@@ -2,6 +2,7 @@
 strategy table and the summary JSON; foreign targets at TP>1; one-line errors for a bad model, a
 bad or corrupt database and bad arguments."""
 import json
+import os
 import subprocess
 import sys
 
@@ -9,8 +10,9 @@ import pytest
 
 
 def _tune(*args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}      # not a terminal: 80 columns
     return subprocess.run([sys.executable, "-m", "tuneforge.cli", "tune", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_tune_prints_database_plan_progress_table_and_writes_the_summary(tiny_config, tmp_path):
@@ -22,8 +24,10 @@ def test_tune_prints_database_plan_progress_table_and_writes_the_summary(tiny_co
     assert out[0] == f"database: sqlite:///{db}"
     assert out[1].startswith("plan: tiny-qwen3 TP1 bf16: ") and "decode m=4" in out[1]
     assert out[2].startswith("target: H100 x1 (predicted by the cost model), 3 trials per problem")
-    assert out[3].split() == ["problem", "role", "winner", "time", "baseline", "speedup", "%SOL", "source"]
-    assert "gemm|m=4,n=128,k=64|bf16|w1" in r.stdout and "predicted" in r.stdout
+    # the compact table (80 columns: not a terminal), progress and summary count trials the same way
+    assert out[3].split() == ["problem", "winner", "time", "speedup", "trials"]
+    assert max(len(line) for line in out[3:-2]) <= 80 and out[-2].split()[1:3] == ["problems", "tuned"]
+    assert "gemm m=4 n=128 k=64" in r.stdout and "predicted" in r.stdout
     assert "[1/" in r.stderr and "trials" in r.stderr
     report = json.loads(summary.read_text())
     assert report["model"] == "tiny-qwen3" and report["target"] == "H100" and report["backend"] == "costmodel"
@@ -31,6 +35,8 @@ def test_tune_prints_database_plan_progress_table_and_writes_the_summary(tiny_co
     for row in report["rows"]:
         if row["status"] == "tuned":
             assert row["time_s"] <= row["baseline_s"] and row["source"] == "predicted"
+            assert f" {row['n_trials']} trials" in r.stderr and row["n_trials"] <= 3
+    assert f"{report['n_trials']} trials (+{report['rejected']} rejected)" in out[-2]
 
 
 def test_foreign_targets_at_tp2_use_the_cost_model(tiny_config, tmp_path):

@@ -18,7 +18,8 @@ from tuneforge.db.store import Store
 from tuneforge.dsl import Problem, canonical_config, get
 from tuneforge.models.configs import load_config
 from tuneforge.tune.plan import PlanItem, plan
-from tuneforge.tune.tuner import BASELINE, REJECT_CAP, Tuner, TuneOptions, choose, describe_config, format_table
+from tuneforge.tune.tuner import (BASELINE, REJECT_CAP, Report, Row, Tuner, TuneOptions, choose,
+                                  describe_config, format_table)
 
 def _study_trials(store, name):
     return optuna.load_study(study_name=name, storage=store.optuna_storage()).get_trials(deepcopy=False)
@@ -65,8 +66,10 @@ def test_cost_model_tuning_of_a_tiny_model_stores_verified_winners(tiny_config, 
         assert w.time_s <= w.baseline_s and w.config == r.config
         assert w.template_hash == get(w.problem.op).source_hash
         trials = _study_trials(store, w.study_name)
-        assert w.n_trials == len(trials) and all(t.state.is_finished() for t in trials)
         evaluated = sum(t.state != TrialState.PRUNED for t in trials)
+        # a trial is an evaluated config, rejected ones are counted apart: in the row and the stored winner
+        assert w.n_trials == r.n_trials == evaluated and r.rejected == len(trials) - evaluated
+        assert all(t.state.is_finished() for t in trials)
         assert evaluated >= TRIALS or len(trials) >= REJECT_CAP * TRIALS    # trials reached, or too many rejected
         assert evaluated >= 1
         for t in trials:
@@ -78,15 +81,23 @@ def test_cost_model_tuning_of_a_tiny_model_stores_verified_winners(tiny_config, 
             assert tuner.verifier.cache[(w.problem.op, canonical_config(w.config))] == ""
     assert kernel_wins >= 3
     assert any(t.state == TrialState.PRUNED for r in tuned if r.op == "gemm" for t in _study_trials(store, r.study_name))
-    table = format_table(report)
-    assert table.splitlines()[0].split() == ["problem", "role", "winner", "time", "baseline", "speedup", "%SOL",
-                                             "source"]
+    table = format_table(report, wide=True)
+    assert table.splitlines()[0].split() == ["problem", "roles", "winner", "time", "baseline", "speedup", "%SOL",
+                                             "source", "trials", "rejected"]
     assert ("baseline (no template)" in table) == bool(p.baseline_only)
+    verified = {(w.problem.op, canonical_config(w.config)) for w in stored.values() if not w.config.get("baseline")}
+    assert report.verifications_run >= len(verified)      # once per distinct (op, config), failures on top
 
-    # a rerun finds every study complete: no new trial, the same winners
+    # a rerun finds every study complete: no new trial, the same winners, and every verdict in the
+    # database: nothing runs under the interpreter again
     again = Tuner(store, TuneOptions(target="H100", trials=TRIALS, progress=None)).tune(p)
     assert [r.new_trials for r in again.rows if r.status == "tuned"] == [0] * len(tuned)
     assert [r.config for r in again.rows] == [r.config for r in report.rows]
+    assert again.verifications_run == 0
+    with sqlite3.connect(tmp_path / "tune.db") as c:
+        records = c.execute("SELECT op, config_key, template_hash, result FROM tf_verification").fetchall()
+    assert len(records) == report.verifications_run and all(h == get(op).source_hash for op, _, h, _ in records)
+    assert verified <= {(op, key) for op, key, _, result in records if result == ""}
     store.close()
 
 
@@ -175,7 +186,7 @@ def test_a_killed_run_resumes_without_losing_a_trial(tiny_config, tmp_path):
     for r in tuned:
         trials = _study_trials(store, r["study_name"])
         evaluated = sum(t.state != TrialState.PRUNED for t in trials)
-        assert (evaluated >= 30 or len(trials) >= REJECT_CAP * 30) and r["n_trials"] == len(trials)
+        assert (evaluated >= 30 or len(trials) >= REJECT_CAP * 30) and r["n_trials"] == evaluated
     store.close()
 
 
@@ -242,3 +253,37 @@ def test_an_exhausted_budget_still_tries_the_default_config_of_every_problem(tin
         default = get(r.op).default_config(Problem.from_key(r.problem), tuner.spec)
         assert len(trials) == r.n_trials == 1 and trials[0].params == default
     store.close()
+
+
+def _row(key: str, config: dict, source: str = "predicted") -> Row:
+    p = Problem.from_key(key)
+    return Row(key, p.op, ["layer.attn.decode", "layer.other_role"], "tuned", config, 1.2e-5, 2.5e-5, 2.08, 51.0,
+               source, n_trials=16, new_trials=16, rejected=5)
+
+
+def test_the_winners_table_fits_the_terminal_and_counts_trials_one_way():
+    hybrid = {"block_m": 128, "block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 4,
+              "schedule": "hybrid", "programs_per_sm": 1, "tma": True, "flatten": False}
+    rows = [_row("gemm|m=256,n=10240,k=5120|bf16|w1", hybrid),
+            _row("decode_attention|m=256,heads=64,kv_heads=8,head_dim=128,ctx=4096|bf16|w1",
+                 {"block_n": 16, "chunk": 2048, "num_stages": 2, "num_warps": 4}),
+            _row("gemm|m=1,n=10240,k=5120|bf16|w1", dict(BASELINE)),
+            _row("decode_attention|m=8,heads=64,kv_heads=8,head_dim=128,ctx=256|bf16|w1", dict(BASELINE))]
+    report = Report("Qwen3-32B", 1, "H100", "costmodel", "sqlite:///x.db", "fp", rows, 1.0, len(rows))
+    for width in (80, 60):
+        table = format_table(report, width=width).splitlines()
+        assert max(map(len, table)) <= width
+        assert table[0].split() == ["problem", "winner", "time", "speedup", "trials"]
+        words = iter(" ".join(table).split())
+        assert all(w in words for w in describe_config(hybrid).split())    # wrapped in order, never cut
+    # sorted by op, then the other dims, then the token count; the trials column counts as the header does
+    table = format_table(report, width=80).splitlines()
+    firsts = [line.split()[:2] for line in table[1:] if not line.startswith(" ")]
+    assert firsts == [["decode_attention", "m=8"], ["decode_attention", "m=256"], ["gemm", "m=1"], ["gemm", "m=256"]]
+    assert all(line.split()[-1] == "16" for line in table[1:] if not line.startswith(" "))
+    wide = format_table(report, wide=True).splitlines()
+    assert len(wide) == 1 + len(rows) and all(r.problem in "\n".join(wide) for r in rows)
+    assert wide[1].split()[-2:] == ["16", "5"] and "layer.attn.decode,layer.other_role" in wide[1]
+    summary = report.to_dict()
+    assert (summary["n_trials"], summary["rejected"]) == (64, 20)
+    assert summary["rows"][0]["n_trials"] == 16 and summary["rows"][0]["rejected"] == 5

@@ -74,6 +74,9 @@ def register(subparsers) -> None:
     p.add_argument("--summary-json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--no-verify", action="store_true", help="store winners without re-checking them")
     p.add_argument("--quiet", action="store_true", help="no per-problem progress lines")
+    p.add_argument("--wide", action="store_true",
+                   help="every column of the winners table (full problem keys, roles, baseline, %%SOL, source, "
+                        "rejected configs) instead of a table that fits the terminal")
     p.set_defaults(func=cmd_tune)
 
 
@@ -108,17 +111,19 @@ def cmd_tune(args) -> int:
                               progress=None if args.quiet else sys.stderr)
         tuner = Tuner(store, options)
         how = "measured on this GPU" if tuner.backend == "measure" else "predicted by the cost model"
-        print(f"target: {tuner.spec.name} x{plan.tp} ({how}), {tuner.trials} trials per problem"
+        print(f"target: {tuner.spec.name} x{plan.tp} ({how}), {tuner.trials} trials per problem "
+              f"(a trial is an evaluated config; rejected configs are counted apart)"
               + (f", budget {args.budget:.0f}s" if args.budget else "")
               + (f", {args.problem_budget:.0f}s per problem" if args.problem_budget else ""), flush=True)
         report = tuner.tune(plan)
     finally:
         store.close()
-    print(format_table(report))
+    print(format_table(report, wide=args.wide))
     d = report.to_dict()
     print(f"{d['tuned']} problems tuned ({d['kernel_winners']} won by a kernel, the rest by the torch baseline), "
           f"{d['baseline_only']} baseline-only, {len(report.rows) - d['tuned'] - d['baseline_only']} failed, "
-          f"in {report.elapsed_s:.1f}s; environment {report.fingerprint}")
+          f"in {report.elapsed_s:.1f}s; {d['n_trials']} trials (+{d['rejected']} rejected), {d['new_trials']} new; "
+          f"{d['verifications_run']} configs verified under the interpreter; environment {report.fingerprint}")
     if args.summary_json:
         d.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  command=" ".join(shlex.quote(a) for a in ["tuneforge"] + sys.argv[1:]))

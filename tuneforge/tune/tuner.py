@@ -26,9 +26,10 @@ their times are predicted and stored as source "predicted" in the target's predi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import shutil
 import sys
+import textwrap
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -55,10 +56,10 @@ MULTIRANK_BATCH = 8        # configs measured per world of ranks (starting a wor
 REJECT_CAP = 4             # asks per problem stop at REJECT_CAP x trials (rejected configs are cheap)
 MIN_PROBLEM_S = 1.0        # a problem gets at least this share of a total budget
 KEEP_DIMS = ("head_dim",)          # never shrunk for interpreter verification
-SMALL_DIMS = (3, 8, 24, 64)
+SMALL_DIMS = (3, 8, 24, 64)        # sizes a dim is cut to for interpreter verification (odd ones mask)
 VERIFY_WORLD = 2                   # ranks multi-rank winners are verified with under the interpreter
 VERIFY_PICKS = 1                   # multi-rank candidates per problem verified in the first world (a failure queues the next)
-VERIFY_ROUNDS = 3                  # worlds started for multi-rank verification before giving up        # sizes a dim is cut to for interpreter verification (odd ones mask)
+VERIFY_ROUNDS = 3                  # worlds started for multi-rank verification before giving up
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -89,8 +90,9 @@ class Row:
     speedup: Optional[float]
     pct_sol: Optional[float]
     source: str                     # measured | predicted
-    n_trials: int = 0
-    new_trials: int = 0
+    n_trials: int = 0               # evaluated configs (see count_trials), all runs
+    new_trials: int = 0             # of them, evaluated in this run
+    rejected: int = 0               # configs rejected before they ran, all runs
     study_name: str = ""
     note: str = ""
 
@@ -115,6 +117,7 @@ class Report:
     elapsed_s: float
     plan_size: int
     environment: dict = field(default_factory=dict)   # the fingerprint's fields: GPU, versions, world size
+    verifications_run: int = 0      # configs run under the interpreter to verify them (0: all verdicts known)
 
     def to_dict(self) -> dict:
         tuned = [r for r in self.rows if r.status == "tuned"]
@@ -124,10 +127,12 @@ class Report:
                 "elapsed_s": round(self.elapsed_s, 3),
                 "problems": self.plan_size, "tuned": len(tuned), "kernel_winners": len(beat),
                 "baseline_only": sum(r.status == "baseline-only" for r in self.rows),
+                "n_trials": sum(r.n_trials for r in self.rows), "new_trials": sum(r.new_trials for r in self.rows),
+                "rejected": sum(r.rejected for r in self.rows), "verifications_run": self.verifications_run,
                 "rows": [dict(problem=r.problem, op=r.op, roles=r.roles, status=r.status, winner=r.winner,
                               config=r.config, time_s=r.time_s, baseline_s=r.baseline_s, speedup=r.speedup,
                               pct_sol=r.pct_sol, source=r.source, n_trials=r.n_trials, new_trials=r.new_trials,
-                              study_name=r.study_name, note=r.note) for r in self.rows]}
+                              rejected=r.rejected, study_name=r.study_name, note=r.note) for r in self.rows]}
 
 
 @dataclass
@@ -141,8 +146,9 @@ class Searched:
     study_name: str
     pool: list                       # (config, seconds), the baseline included
     baseline_s: float
-    n_trials: int
+    n_trials: int                    # as Row's
     new: int
+    rejected: int
     bench: Optional["GpuBench"] = None
     notes: list = field(default_factory=list)
 
@@ -196,48 +202,17 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"[:500]
 
 
+def count_trials(trials: list) -> tuple[int, int]:
+    """(trials, rejected) of finished trials: a trial is an evaluated config (COMPLETE, or FAIL: it
+    compiled or ran and failed); a config the constraints or the launcher rejected before it ran
+    (PRUNED) is counted apart. The budget, progress lines, table, summary and stored winners all
+    count this way."""
+    rejected = sum(t.state == TrialState.PRUNED for t in trials)
+    return len(trials) - rejected, rejected
+
+
 def _problem_seed(seed: int, problem: Problem) -> int:
     return (seed * 1_000_003 + zlib.crc32(problem.key.encode())) % 2**31
-
-
-# --- writing finished trials -----------------------------------------------------------------
-
-def append_trials(storage, study_id: int, trials: list) -> None:
-    """Write finished FrozenTrials to an RDBStorage study in one transaction.
-
-    Optuna's ``Study.add_trials`` spends ~20 ms of ORM round trips per trial; tuning a model under
-    the cost model writes thousands. This writes the same rows Optuna's ``_create_new_trial`` does
-    (trial, value, params with their distributions, user attributes) through Optuna's own ORM
-    models, numbering the trials under the same study-row lock Optuna takes.
-    """
-    if not trials:
-        return
-    from optuna import distributions
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-    from sqlalchemy import func
-
-    with _create_scoped_session(storage.scoped_session) as session:
-        models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
-        number = session.query(func.count(models.TrialModel.trial_id)).filter(
-            models.TrialModel.study_id == study_id).scalar()
-        for t in trials:
-            if not t.state.is_finished():
-                raise ValueError(f"trial {t.number} is {t.state.name}: only finished trials are written")
-            row = models.TrialModel(study_id=study_id, number=number, state=t.state,
-                                    datetime_start=t.datetime_start, datetime_complete=t.datetime_complete)
-            number += 1
-            if t.value is not None:
-                value, value_type = models.TrialValueModel.value_to_stored_repr(t.value)
-                row.values.append(models.TrialValueModel(objective=0, value=value, value_type=value_type))
-            for name, v in t.params.items():
-                dist = t.distributions[name]
-                row.params.append(models.TrialParamModel(
-                    param_name=name, param_value=dist.to_internal_repr(v),
-                    distribution_json=distributions.distribution_to_json(dist)))
-            for k, v in t.user_attrs.items():
-                row.user_attributes.append(models.TrialUserAttributeModel(key=k, value_json=json.dumps(v)))
-            session.add(row)
 
 
 # --- measuring on the local GPU --------------------------------------------------------------
@@ -325,10 +300,19 @@ def _tile_scale(config: dict) -> int:
 def shrink(template: Template, problem: Problem, config: dict, spec: DeviceSpec) -> Problem:
     """A small version of ``problem`` the config still accepts: first every dim capped at a few of
     the config's tiles, then each dim on its own cut further while the constraints still pass
-    (head_dim is kept: kernels specialise on it); the real problem if nothing smaller passes."""
+    (head_dim is kept: kernels specialise on it); the real problem if nothing smaller passes.
+
+    The constraints are checked for the device the interpreted launch plans with (the target's spec
+    with the interpreter's few SMs): wave-shape rules (a hybrid schedule needs more tiles than
+    programs and a partial last wave) then hold for that launch, and a few tiles satisfy them where
+    the target's 132 SMs would keep the whole problem. Three tiles a side gives tile counts that are
+    not powers of four (a partial wave on 4 SMs)."""
+    from tuneforge.kernels.gemm import launch_spec
+    import torch
+    spec = dataclasses.replace(spec, sms=launch_spec(torch.device("cpu")).sms)
     scale = _tile_scale(config)
     accepted = None
-    for factor in (1, 2, 4, 8):
+    for factor in (1, 2, 3, 4, 8):
         dims = {k: v if k in KEEP_DIMS else min(v, factor * scale) for k, v in problem.dims}
         if template.reject_reason(config, problem.with_dims(**dims), spec) is None:
             accepted = dims
@@ -346,12 +330,49 @@ def shrink(template: Template, problem: Problem, config: dict, spec: DeviceSpec)
     return problem.with_dims(**accepted)
 
 
-class InterpreterVerifier:
-    """Runs a winner once under Triton's interpreter on a shrunken shape; cached per (op, config)."""
+class Verdicts:
+    """Verification results shared by the verifiers: per (op, canonical config) in this process, and
+    in the database keyed by the template's source hash too, so a re-run (or another tuner) interprets
+    no kernel already checked; ``ran`` counts the configs actually run under the interpreter."""
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    def __init__(self, store: Optional[Store]):
+        self.store = store
+        self.stored = store.verifications() if store is not None else {}
         self.cache: dict[tuple[str, str], str] = {}
+        self.ran = 0
+
+    def get(self, template: Template, config_key: str) -> Optional[str]:
+        key = (template.op, config_key)
+        if key not in self.cache:
+            stored = self.stored.get((template.op, config_key, template.source_hash))
+            if stored is None:
+                return None
+            self.cache[key] = stored
+        return self.cache[key]
+
+    def put(self, results: list[tuple[Template, str, Problem, str]], persist: bool = True) -> None:
+        """(template, config key, problem it ran at, '' or why) of configs just checked; ``persist``
+        False for verdicts that say nothing about the config (a world of processes that died)."""
+        for template, config_key, _, why in results:
+            self.cache[(template.op, config_key)] = why
+        self.ran += len(results)
+        if persist and self.store is not None:
+            self.store.record_verifications([(t.op, key, t.source_hash, problem.key, why)
+                                             for t, key, problem, why in results])
+
+
+class InterpreterVerifier:
+    """Runs a winner once under Triton's interpreter on a shrunken shape; verdicts kept in ``verdicts``
+    (per op and config, persistent through the store)."""
+
+    def __init__(self, seed: int, verdicts: Optional[Verdicts] = None, log: Callable[[str], None] = lambda _: None):
+        self.seed = seed
+        self.verdicts = verdicts or Verdicts(None)
+        self.log = log
+
+    @property
+    def cache(self) -> dict[tuple[str, str], str]:
+        return self.verdicts.cache
 
     def portable(self, config: dict) -> dict:
         return portable(config)
@@ -359,11 +380,13 @@ class InterpreterVerifier:
     def verify(self, template: Template, problem: Problem, config: dict, spec: DeviceSpec) -> str:
         """'' when the kernel matched its reference, else the reason."""
         import torch
-        key = (template.op, canonical_config(config))
-        if key in self.cache:
-            return self.cache[key]
+        config_key = canonical_config(config)
+        known = self.verdicts.get(template, config_key)
+        if known is not None:
+            return known
         run = self.portable(config)
         small = shrink(template, problem, run, spec)
+        self.log(f"      verifying {describe_config(config)} under the interpreter at {small.key} ...")
         try:
             inputs = template.make_inputs(small, torch.device("cpu"), self.seed, None)
             out = poison(inputs["out"])
@@ -373,7 +396,7 @@ class InterpreterVerifier:
             why = "" if res.ok else f"wrong result at {small.key}: {res.reason}"
         except Exception as e:   # noqa: BLE001 - any failure disqualifies the config
             why = f"failed at {small.key}: {_first_line(e)}"
-        self.cache[key] = why
+        self.verdicts.put([(template, config_key, small, why)])
         return why
 
 
@@ -405,7 +428,8 @@ class Tuner:
         if self.trials < 1:
             raise InputError(f"trials must be >= 1, got {self.trials}")
         self.storage = store.optuna_storage()
-        self.verifier = InterpreterVerifier(self.options.seed)
+        self.verdicts = Verdicts(store)
+        self.verifier = InterpreterVerifier(self.options.seed, self.verdicts, self._log)
         self._envs: dict[tuple[int, bool], Environment] = {}
 
     # ---------------------------------------------------------------------- environments
@@ -460,21 +484,21 @@ class Tuner:
                 elif found.problem.world > 1 and found.bench is None and self.options.verify:
                     rows.append(None)
                     deferred.append((len(rows) - 1, found))
-                    self._log(f"[{i:>{len(str(n))}}/{n}] {item.key:<58} {found.n_trials:>3} trials "
-                              f"(+{found.new:<3}) searched; verified with the other multi-rank winners at the end")
+                    self._log(f"[{i:>{len(str(n))}}/{n}] {item.key}  {_trials_text(found.n_trials, found.rejected, found.new)}"
+                              f" searched; verified with the other multi-rank winners at the end")
                     continue
                 else:
                     rows.append(self.finish(found, self._verify_single))
             r = rows[-1]
-            self._log(f"[{i:>{len(str(n))}}/{n}] {r.problem:<58} {_progress_text(r)}  {time.monotonic() - t0:.1f}s")
+            self._log(f"[{i:>{len(str(n))}}/{n}] {r.problem}  {_progress_text(r)}  {time.monotonic() - t0:.1f}s")
         if deferred:
             t0 = time.monotonic()
             self._finish_multirank(rows, deferred)
             for index, _ in deferred:
-                self._log(f"[verified] {rows[index].problem:<58} {_progress_text(rows[index])}")
+                self._log(f"[verified] {rows[index].problem}  {_progress_text(rows[index])}")
             self._log(f"multi-rank winners verified under the interpreter in {time.monotonic() - t0:.1f}s")
         return Report(plan.model, tp, self.spec.name, self.backend, self.store.url, run_env.fingerprint, rows,
-                      time.monotonic() - start, n, run_env.to_dict())
+                      time.monotonic() - start, n, run_env.to_dict(), self.verdicts.ran)
 
     def _baseline_only_row(self, item: PlanItem) -> Row:
         try:
@@ -499,7 +523,7 @@ class Tuner:
     def _finish_multirank(self, rows: list, deferred: list) -> None:
         """Verify the multi-rank winners (and their likely runners-up, so a failure costs no new
         world) in as few worlds of processes as possible, then store them into ``rows``."""
-        verdicts = MultiRankVerifier(self.options.seed, self.spec)
+        verdicts = MultiRankVerifier(self.options.seed, self.spec, self.verdicts, self._log)
         for _, found in deferred:
             for config in self.picks(found.pool, VERIFY_PICKS):
                 verdicts.lookup(found, config)
@@ -527,7 +551,6 @@ class Tuner:
         try:
             stored = optuna.create_study(storage=self.storage, study_name=study_name, direction="minimize",
                                          load_if_exists=True)
-            study_id = stored._study_id
             history = [t for t in stored.get_trials(deepcopy=False) if t.state.is_finished()]
             # several configs in flight at once (multi-rank batches): TPE lies about the pending ones
             sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(4, min(10, self.trials // 3)),
@@ -538,22 +561,24 @@ class Tuner:
                 bench = GpuBench(template, problem, self.spec, self.options.seed) if problem.world == 1 \
                     else LockstepBench(template, problem, self.options.seed)
             evaluate_many, batch = self._evaluator(template, problem, bench, measured)
-            new = self._search(live, template.space(problem), template, problem, history, evaluate_many, deadline,
-                               stored_writer=lambda ts: append_trials(self.storage, study_id, ts),
-                               write_each=measured, batch=batch)
+            self._search(live, template.space(problem), template, problem, history, evaluate_many, deadline,
+                         stored_writer=stored.add_trials, write_each=measured, batch=batch)
             if bench is not None:
                 baseline_s = bench.time_baseline()
             else:
                 baseline_s = costmodel.predict(template, problem, None, self.spec)
-            stored.set_user_attr("baseline_s", baseline_s)
+            if stored.user_attrs.get("baseline_s") != baseline_s:
+                stored.set_user_attr("baseline_s", baseline_s)
         except Exception as e:   # noqa: BLE001 - a problem that cannot be tuned must not stop the plan
             if bench is not None:
                 bench.close()
             elif measured and problem.world == 1:
                 import torch
                 torch.cuda.empty_cache()       # what a failed set-up (e.g. out of memory) left behind
+            n_trials, rejected = count_trials(history)
             return Row(problem.key, problem.op, list(item.roles), "no-winner", None, None, None, None, None,
-                       "measured" if measured else "predicted", len(history), 0, study_name, _first_line(e))
+                       "measured" if measured else "predicted", n_trials, rejected=rejected, study_name=study_name,
+                       note=_first_line(e))
         candidates: dict[str, tuple[dict, float]] = {}
         trials = [t for t in live.get_trials(deepcopy=False) if t.state.is_finished()]   # not the queued ones
         for t in trials:
@@ -562,7 +587,10 @@ class Tuner:
                 if key not in candidates or t.value < candidates[key][1]:
                     candidates[key] = (dict(t.params), float(t.value))
         pool = list(candidates.values()) + [(dict(BASELINE), baseline_s)]
-        return Searched(item, template, problem, env, measured, study_name, pool, baseline_s, len(trials), new, bench)
+        n_trials, rejected = count_trials(trials)
+        new = count_trials(trials[len(history):])[0]
+        return Searched(item, template, problem, env, measured, study_name, pool, baseline_s, n_trials, new, rejected,
+                        bench)
 
     def picks(self, pool: list, k: int) -> list[dict]:
         """The first ``k`` kernel configs ``choose`` would pick if each before it failed verification."""
@@ -610,7 +638,7 @@ class Tuner:
                    created_at=datetime.now(timezone.utc))
         self.store.record_winner(w)
         return Row(problem.key, problem.op, list(item.roles), "tuned", config, time_s, found.baseline_s, w.speedup,
-                   pct, source, found.n_trials, found.new, found.study_name, "; ".join(found.notes))
+                   pct, source, found.n_trials, found.new, found.rejected, found.study_name, "; ".join(found.notes))
 
     def _evaluator(self, template: Template, problem: Problem, bench, measured: bool):
         """(evaluate_many(configs) -> outcomes, batch size)."""
@@ -627,12 +655,12 @@ class Tuner:
                 deadline: Optional[float], stored_writer, write_each: bool, batch: int = 1) -> int:
         """Ask, filter, evaluate and tell until ``self.trials`` configs were evaluated (counting the
         stored history); ``batch`` configs are evaluated together (one world of ranks per batch for
-        multi-rank measuring). Returns how many new trials were written."""
-        evaluated = sum(t.state != TrialState.PRUNED for t in history)
+        multi-rank measuring); finished trials go to ``stored_writer`` (each batch, or every 256)."""
+        evaluated = count_trials(history)[0]
         asks = len(history)                 # the cap on asks counts the stored trials too
         cap = REJECT_CAP * self.trials
         if evaluated >= self.trials or asks >= cap:
-            return 0
+            return
         results: dict[str, tuple[TrialState, Optional[float], dict]] = {}
         for t in history:
             results.setdefault(canonical_config(t.params), (t.state, t.value, dict(t.user_attrs)))
@@ -693,7 +721,6 @@ class Tuner:
                 written += len(pending)
                 pending = []
         stored_writer(pending)
-        return written + len(pending)
 
     @staticmethod
     def _outcome(evaluate, config: dict) -> tuple[TrialState, Optional[float], dict]:
@@ -725,13 +752,18 @@ def _enumerate_small(space, limit: int) -> Optional[list[dict]]:
     return out
 
 
+def _trials_text(n_trials: int, rejected: int, new: int) -> str:
+    """``16 trials (+5 rejected), 16 new``: the one way trials are counted (count_trials)."""
+    return f"{n_trials} trials" + (f" (+{rejected} rejected)" if rejected else "") + f", {new} new"
+
+
 def _progress_text(r: Row) -> str:
     if r.status == "baseline-only":
         return "baseline-only (no template)"
     if r.status != "tuned":
         return f"NO WINNER: {r.note}"
-    return (f"{r.n_trials:>3} trials (+{r.new_trials:<3}) {describe_config(r.config):<40} "
-            f"{r.time_s * 1e6:9.2f}us vs baseline {r.baseline_s * 1e6:9.2f}us {r.speedup:5.2f}x {r.source}")
+    return (f"{_trials_text(r.n_trials, r.rejected, r.new_trials)}: {describe_config(r.config)} "
+            f"{_us(r.time_s)} vs baseline {_us(r.baseline_s)} {r.speedup:.2f}x {r.source}")
 
 
 # --- multi-rank measurement ------------------------------------------------------------------
@@ -858,18 +890,24 @@ class LockstepBench:
 class MultiRankVerifier:
     """Verifies multi-rank winners under the interpreter: each at a shrunken shape in a world of
     VERIFY_WORLD ranks (the real world size if the config needs it), all pending ones of a round in
-    one world of processes; verdicts cached per (op, config)."""
+    one world of processes; verdicts kept in ``verdicts`` (per op and config, persistent through the
+    store) and, for configs not checked because a world died or time ran out, in ``failed``."""
 
-    def __init__(self, seed: int, spec: DeviceSpec):
-        self.seed, self.spec = seed, spec
-        self.verdicts: dict[tuple[str, str], str] = {}
-        self.pending: dict[tuple[str, str], tuple[str, Problem, dict]] = {}
+    def __init__(self, seed: int, spec: DeviceSpec, verdicts: Optional[Verdicts] = None,
+                 log: Callable[[str], None] = lambda _: None):
+        self.seed, self.spec, self.log = seed, spec, log
+        self.verdicts = verdicts or Verdicts(None)
+        self.failed: dict[tuple[str, str], str] = {}
+        self.pending: dict[tuple[str, str], tuple[Template, Problem, dict]] = {}
         self.closed = ""                 # once set, the verdict of every config not yet verified
 
     def lookup(self, found: "Searched", config: dict) -> Optional[str]:
         key = (found.template.op, canonical_config(config))
-        if key in self.verdicts:
-            return self.verdicts[key]
+        known = self.verdicts.get(found.template, key[1])
+        if known is not None:
+            return known
+        if key in self.failed:
+            return self.failed[key]
         if self.closed:
             return self.closed
         if key not in self.pending:
@@ -878,30 +916,33 @@ class MultiRankVerifier:
             small_world = dataclasses.replace(problem, world=min(problem.world, VERIFY_WORLD))
             if found.template.reject_reason(run, small_world, self.spec) is None:
                 problem = small_world
-            self.pending[key] = (found.template.op, shrink(found.template, problem, run, self.spec), run)
+            self.pending[key] = (found.template, shrink(found.template, problem, run, self.spec), run)
         return None
 
     def give_up(self, why: str) -> None:
         """Configs still pending get ``why`` as their verdict (they are not stored as winners)."""
         for key in self.pending:
-            self.verdicts[key] = why
+            self.failed[key] = why
         self.pending.clear()
         self.closed = why
 
     def run(self) -> None:
         from tuneforge.world import spawn
         by_world: dict[int, list] = {}
-        for key, (op, problem, config) in self.pending.items():
-            by_world.setdefault(problem.world, []).append((key, op, problem.key, config))
+        for key, (template, problem, config) in self.pending.items():
+            by_world.setdefault(problem.world, []).append((key, template, problem, config))
         for world, batch in sorted(by_world.items()):
+            self.log(f"      verifying {len(batch)} multi-rank config(s) under the interpreter in a world of "
+                     f"{world} ranks ...")
             try:
-                per_rank = spawn(_verify_worker, world, [b[1:] for b in batch], self.seed, timeout=600.0)
-                for i, (key, *_rest) in enumerate(batch):
-                    reasons = [r[i] for r in per_rank if r[i]]
-                    self.verdicts[key] = reasons[0] if reasons else ""
+                per_rank = spawn(_verify_worker, world, [(t.op, p.key, c) for _, t, p, c in batch], self.seed,
+                                 timeout=600.0)
             except Exception as e:   # noqa: BLE001 - the whole world failed: none of its configs is trusted
                 for key, *_rest in batch:
-                    self.verdicts[key] = f"world of {world} failed: {_first_line(e)}"
+                    self.failed[key] = f"world of {world} failed: {_first_line(e)}"
+                continue
+            self.verdicts.put([(template, key[1], problem, next((r[i] for r in per_rank if r[i]), ""))
+                               for i, (key, template, problem, _) in enumerate(batch)])
         self.pending.clear()
 
 
@@ -930,22 +971,73 @@ def _verify_worker(world, items: list, seed: int) -> list[str]:
 
 # --- the table -----------------------------------------------------------------------------------
 
-def format_table(report: Report) -> str:
-    cols = ("problem", "role", "winner", "time", "baseline", "speedup", "%SOL", "source")
-    lines = []
-    for r in report.rows:
-        role = r.roles[0] + (f" +{len(r.roles) - 1}" if len(r.roles) > 1 else "")
-        lines.append((r.problem, role, r.winner,
-                      _us(r.time_s), _us(r.baseline_s),
-                      f"{r.speedup:.2f}x" if r.speedup else "-",
-                      f"{r.pct_sol:.0f}%" if r.pct_sol is not None else "-",
-                      r.source if r.status != "no-winner" else f"FAILED: {r.note}"))
+def format_table(report: Report, width: Optional[int] = None, wide: bool = False) -> str:
+    """The winners, sorted by op, then the other dims, then the token count.
+
+    Compact (the default) fits ``width`` columns (the terminal's, 80 when it is not one): the problem
+    as its op and the dims that tell that op's rows apart (dtype and world size only where they
+    differ), the winner, its time, its speedup over the torch baseline and the trials; a cell too long
+    for its column wraps onto the next line, nothing is cut. ``wide``: every column (the whole problem
+    key, every role, baseline time, % of speed of light, source, rejected configs), one line each."""
+    rows = sorted(report.rows, key=_row_order)
+    if wide:
+        cols = ("problem", "roles", "winner", "time", "baseline", "speedup", "%SOL", "source", "trials", "rejected")
+        lines = [(r.problem, ",".join(r.roles), _winner_cell(r), _us(r.time_s), _us(r.baseline_s), _speedup(r),
+                  f"{r.pct_sol:.0f}%" if r.pct_sol is not None else "-", r.source, str(r.n_trials), str(r.rejected))
+                 for r in rows]
+        widths = [max(len(c), *(len(line[i]) for line in lines)) if lines else len(c) for i, c in enumerate(cols)]
+        return "\n".join(_table_line(line, widths, left=3) for line in [cols, *lines])
+    width = width or shutil.get_terminal_size((80, 24)).columns
+    names = _short_names(rows)
+    mixed = len({r.source for r in rows}) > 1
+    cols = ("problem", "winner", "time", "speedup", "trials") + (("source",) if mixed else ())
+    lines = [(names[r.problem], _winner_cell(r), _us(r.time_s), _speedup(r), str(r.n_trials))
+             + ((r.source,) if mixed else ()) for r in rows]
     widths = [max(len(c), *(len(line[i]) for line in lines)) if lines else len(c) for i, c in enumerate(cols)]
-    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
+    room = width - sum(widths[2:]) - 2 * (len(cols) - 1)        # for problem and winner together
+    if widths[0] + widths[1] > room:              # the winner wraps first, the problem only if it must
+        widths[0] = min(widths[0], max(12, room - 20))
+        widths[1] = max(12, room - widths[0])
+    out = [_table_line(cols, widths, left=2)]
     for line in lines:
-        out.append("  ".join(v.ljust(w) if i < 3 or i == 7 else v.rjust(w)
-                             for i, (v, w) in enumerate(zip(line, widths))).rstrip())
+        cells = [textwrap.wrap(v, w, break_on_hyphens=False) or [""] for v, w in zip(line, widths)]
+        for k in range(max(map(len, cells))):
+            out.append(_table_line([c[k] if k < len(c) else "" for c in cells], widths, left=2))
     return "\n".join(out)
+
+
+def _table_line(cells, widths, left: int) -> str:
+    """The first ``left`` columns (text) left-aligned, the others right-aligned."""
+    return "  ".join(v.ljust(w) if i < left else v.rjust(w) for i, (v, w) in enumerate(zip(cells, widths))).rstrip()
+
+
+def _winner_cell(r: Row) -> str:
+    return f"FAILED: {r.note}" if r.status == "no-winner" else r.winner
+
+
+def _speedup(r: Row) -> str:
+    return f"{r.speedup:.2f}x" if r.speedup else "-"
+
+
+def _row_order(r: Row) -> tuple:
+    p = Problem.from_key(r.problem)
+    return (r.op, tuple((k, v) for k, v in p.dims if k != "m"), p.shape.get("m", 0), p.dtype, p.world)
+
+
+def _short_names(rows: list[Row]) -> dict[str, str]:
+    """problem key -> op and the dims that differ among that op's rows (the token count always)."""
+    problems = {r.problem: Problem.from_key(r.problem) for r in rows}
+    by_op: dict[str, list[Problem]] = {}
+    for p in problems.values():
+        by_op.setdefault(p.op, []).append(p)
+    tails = {(p.dtype, p.world) for p in problems.values()}
+    names = {}
+    for key, p in problems.items():
+        same = by_op[p.op]
+        dims = [f"{k}={v}" for k, v in p.dims if k == "m" or len({q.shape.get(k) for q in same}) > 1]
+        tail = f" {p.dtype} w{p.world}" if len(tails) > 1 else ""
+        names[key] = " ".join([p.op, *dims]) + tail
+    return names
 
 
 def _us(t: Optional[float]) -> str:
