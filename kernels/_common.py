@@ -92,6 +92,14 @@ def output_tensor(op: str, out: Optional[torch.Tensor], shape: tuple, like: torc
     return out
 
 
+def rank_generator(problem: Problem, seed: int, ctx, stream: int = 0) -> torch.Generator:
+    """The generator of this rank's inputs in a multi-rank template's ``make_inputs`` (seeded by the
+    trial's seed, ``stream`` and the rank); InputError unless ``ctx`` is a world of ``problem.world`` ranks."""
+    if ctx is None or ctx.size != problem.world:
+        raise InputError(f"{problem.op} {problem.key} needs a world of {problem.world} ranks (ctx)")
+    return torch.Generator().manual_seed(seed * 7919 + stream + ctx.rank)
+
+
 # --- the device a launch plans for --------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)

@@ -21,7 +21,7 @@ import triton.language as tl
 from tuneforge.dsl import Problem, Space, Template, categorical, register
 from tuneforge.dsl.comm import (epoch_begin, epoch_end, remote_store, row_split, rows_of, signal_peers,
                                 translate, wait)
-from tuneforge.kernels._common import check_tensor, comm_tile_default, comm_tile_space
+from tuneforge.kernels._common import check_tensor, comm_tile_default, comm_tile_space, rank_generator
 from tuneforge.errors import InputError
 from tuneforge.tune import costmodel
 
@@ -146,11 +146,9 @@ def _gather_rows(x: torch.Tensor, ctx, m: int) -> torch.Tensor:
 
 
 def make_inputs(problem: Problem, device, seed: int, ctx) -> dict:
-    if ctx is None or ctx.size != problem.world:
-        raise InputError(f"allgather {problem.key} needs a world of {problem.world} ranks (ctx)")
     m, n = problem["m"], problem["n"]
     rows = row_split(m, ctx.size)[ctx.rank][1]
-    g = torch.Generator().manual_seed(seed * 7919 + ctx.rank)
+    g = rank_generator(problem, seed, ctx)
     x = torch.randn(rows, n, generator=g).to(problem.torch_dtype).to(device)
     out = torch.empty((m, n), dtype=problem.torch_dtype, device=device)
     return {"x": x, "ctx": ctx, "m": m, "out": out}

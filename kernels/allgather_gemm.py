@@ -39,7 +39,7 @@ from tuneforge.dsl.comm import (epoch_begin, epoch_end_of, release, row_split, r
 from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import InputError
 from tuneforge.kernels import gemm as G
-from tuneforge.kernels._common import check_linear, check_tensor
+from tuneforge.kernels._common import check_linear, check_tensor, rank_generator
 from tuneforge.kernels._fused import (COMM_SMS, FLAG_OVERHEAD_S, STARTED, chunk_covers_share, chunk_source, comm_sms_fit,
                                       comm_space, compute_programs, default_comm_sms, descriptor, fused_gemm_time,
                                       plan_config, seg_rows_of, signal_steps, tile_constraints, tile_defaults,
@@ -287,11 +287,9 @@ def baseline(x: torch.Tensor, w: torch.Tensor, ctx, m: int) -> torch.Tensor:
 
 
 def make_inputs(problem: Problem, device, seed: int, ctx) -> dict:
-    if ctx is None or ctx.size != problem.world:
-        raise InputError(f"ag_gemm {problem.key} needs a world of {problem.world} ranks (ctx)")
     m, n, k = problem["m"], problem["n"], problem["k"]
     rows = row_split(m, ctx.size)[ctx.rank][1]
-    g = torch.Generator().manual_seed(seed * 7919 + ctx.rank)
+    g = rank_generator(problem, seed, ctx)
     x = torch.randn(rows, k, generator=g).to(problem.torch_dtype).to(device)
     w = (torch.randn(n, k, generator=g) / k ** 0.5).to(problem.torch_dtype).to(device)
     return {"x": x, "w": w, "ctx": ctx, "m": m, "out": torch.empty((m, n), dtype=problem.torch_dtype, device=device)}

@@ -22,7 +22,7 @@ import triton.language as tl
 from tuneforge.dsl import Problem, Space, Template, categorical, register
 from tuneforge.dsl.comm import (epoch_begin, epoch_end, remote_load, remote_store, rows_of, signal_peers,
                                 wait_peers)
-from tuneforge.kernels._common import check_tensor, comm_tile_default, comm_tile_space
+from tuneforge.kernels._common import check_tensor, comm_tile_default, comm_tile_space, rank_generator
 from tuneforge.errors import InputError
 from tuneforge.kernels.allgather import collect_shares, publish_tile
 from tuneforge.kernels.reducescatter import reduce_tile, scatter_shares, staging_elems
@@ -152,10 +152,8 @@ def baseline(x: torch.Tensor, ctx) -> torch.Tensor:
 
 
 def make_inputs(problem: Problem, device, seed: int, ctx) -> dict:
-    if ctx is None or ctx.size != problem.world:
-        raise InputError(f"allreduce {problem.key} needs a world of {problem.world} ranks (ctx)")
     m, n = problem["m"], problem["n"]
-    g = torch.Generator().manual_seed(seed * 7919 + ctx.rank)
+    g = rank_generator(problem, seed, ctx)
     x = torch.randn(m, n, generator=g).to(problem.torch_dtype).to(device)
     return {"x": x, "ctx": ctx, "out": torch.empty_like(x)}
 

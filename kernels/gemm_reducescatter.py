@@ -31,7 +31,7 @@ from tuneforge.dsl.comm import (EPOCH, epoch_begin, epoch_end, remote_load, row_
 from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import InputError
 from tuneforge.kernels import gemm as G
-from tuneforge.kernels._common import check_linear, check_tensor
+from tuneforge.kernels._common import check_linear, check_tensor, rank_generator
 from tuneforge.kernels._fused import (COMM_SMS, FLAG_OVERHEAD_S, STARTED, chunk_covers_share, chunk_source, comm_sms_fit,
                                       comm_space, compute_programs, default_comm_sms, descriptor, fused_gemm_time,
                                       plan_config, seg_rows_of, signal_steps, tile_constraints, tile_defaults,
@@ -219,10 +219,8 @@ def baseline(x: torch.Tensor, w: torch.Tensor, ctx) -> torch.Tensor:
 
 def make_inputs(problem: Problem, device, seed: int, ctx) -> dict:
     """x ~ N(0, 1), w ~ N(0, 1/(k world)): the sum over ranks is ~ N(0, 1)."""
-    if ctx is None or ctx.size != problem.world:
-        raise InputError(f"gemm_rs {problem.key} needs a world of {problem.world} ranks (ctx)")
     m, n, k = problem["m"], problem["n"], problem["k"]
-    g = torch.Generator().manual_seed(seed * 7919 + ctx.rank)
+    g = rank_generator(problem, seed, ctx)
     x = torch.randn(m, k, generator=g).to(problem.torch_dtype).to(device)
     w = (torch.randn(n, k, generator=g) / (k * ctx.size) ** 0.5).to(problem.torch_dtype).to(device)
     rows = row_split(m, ctx.size)[ctx.rank][1]

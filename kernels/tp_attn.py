@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from tuneforge.dsl import Problem, Space, Template, register
 from tuneforge.errors import InputError
+from tuneforge.kernels._common import rank_generator
 from tuneforge.kernels.tp_mlp import (all_reduced_rows, block_constraints, block_cost, block_default, block_space,
                                       first_half, rounded, run_block, second_half, summed_rows)
 
@@ -81,14 +82,12 @@ def baseline_ag_rs(x_rows: torch.Tensor, qkv_w: torch.Tensor, o_w: torch.Tensor,
 
 
 def make_inputs(problem: Problem, device, seed: int, ctx) -> dict:
-    if ctx is None or ctx.size != problem.world:
-        raise InputError(f"tp_attn {problem.key} needs a world of {problem.world} ranks (ctx)")
     m, hidden, qkv, o_in = problem["m"], problem["hidden"], problem["qkv"], problem["o_in"]
     if o_in > qkv:
         raise InputError(f"tp_attn: o_in={o_in} exceeds qkv={qkv} (o_proj reads the attention of the q heads)")
     dt = problem.torch_dtype
     x = torch.randn(m, hidden, generator=torch.Generator().manual_seed(seed)).to(dt).to(device)
-    g = torch.Generator().manual_seed(seed * 7919 + 1 + ctx.rank)
+    g = rank_generator(problem, seed, ctx, stream=1)
     qkv_w = (torch.randn(qkv, hidden, generator=g) / hidden ** 0.5).to(dt).to(device)
     o_w = (torch.randn(hidden, o_in, generator=g) / (o_in * ctx.size) ** 0.5).to(dt).to(device)
     return {"x": x, "qkv_w": qkv_w, "o_w": o_w, "ctx": ctx, "out": torch.empty((m, hidden), dtype=dt, device=device)}

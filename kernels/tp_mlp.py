@@ -39,6 +39,7 @@ from tuneforge.kernels import gemm as G
 from tuneforge.kernels import gemm_reducescatter as RS
 from tuneforge.kernels import silu_mul as SILU
 from tuneforge.kernels import _fused as FUSED
+from tuneforge.kernels._common import rank_generator
 from tuneforge.kernels._fused import TILE_KEYS, gemm_rejection
 from tuneforge.tune import costmodel
 
@@ -299,12 +300,10 @@ def baseline_ag_rs(x_rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tens
 def make_inputs(problem: Problem, device, seed: int, ctx) -> dict:
     """x ~ N(0, 1), the same on every rank; this rank's weight shards scaled so that every stage
     stays ~ N(0, 1)."""
-    if ctx is None or ctx.size != problem.world:
-        raise InputError(f"tp_mlp {problem.key} needs a world of {problem.world} ranks (ctx)")
     m, hidden, inter = problem["m"], problem["hidden"], problem["inter"]
     dt = problem.torch_dtype
     x = torch.randn(m, hidden, generator=torch.Generator().manual_seed(seed)).to(dt).to(device)
-    g = torch.Generator().manual_seed(seed * 7919 + 1 + ctx.rank)
+    g = rank_generator(problem, seed, ctx, stream=1)
     gate_up = (torch.randn(2 * inter, hidden, generator=g) / hidden ** 0.5).to(dt).to(device)
     down = (torch.randn(hidden, inter, generator=g) / (0.25 * inter * ctx.size) ** 0.5).to(dt).to(device)
     return {"x": x, "gate_up": gate_up, "down": down, "ctx": ctx,
