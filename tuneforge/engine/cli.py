@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from tuneforge.engine.dispatch import MODES
+from tuneforge.engine.lookup import MODES
 from tuneforge.errors import InputError
 
 
@@ -71,7 +71,7 @@ def _settings(args) -> dict:
     """What every rank needs, picklable. The dtype defaults to the one the winners of this model were
     tuned in (so tuned dispatch finds them, on the CPU too), else the tuner's bf16."""
     import torch
-    from tuneforge.engine.dispatch import tuned_dtype
+    from tuneforge.engine.lookup import tuned_dtype
     from tuneforge.models.configs import load_config
     cuda = torch.cuda.is_available()
     if args.tp < 1:

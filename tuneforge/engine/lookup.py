@@ -1,0 +1,298 @@
+"""Lookup: which config serves each op call, decided from the tuning database (the engine's one home
+for it; ``dispatch.Ops`` asks ``choose``).
+
+A call's config is one of three states, named here: ``BASELINE`` (None: the op's torch baseline),
+``LAUNCHER_DEFAULT`` (``{}``: the Triton kernel at its launcher's own default config) or a stored
+config (a non-empty dict). ``MODES``: ``tuned`` (configs from a ``DispatchTable``; misses run the
+baseline), ``baseline`` (torch everywhere) or ``default`` (every Triton kernel at its default).
+
+``DispatchTable.load`` reads the database once, at engine start, into a dict; ``lookup`` is then a
+dictionary walk (no SQL on the hot path). Loading says in one line what the table holds (or why it
+holds nothing). An op with no record, or only a stale one (its kernel source changed since tuning,
+or it was recorded under other versions/driver/interconnect), runs the torch baseline, and the table
+says so in ONE warning line per op. Winners predicted by the cost model (CPU-only databases, foreign
+targets) serve only when ``allow_predicted`` is set. Every stored config is checked at load against
+its template's space and constraints on this machine (``runnable``): one that needs a hardware path
+missing here (TMA under the interpreter) serves as its portable variant, one that cannot run at all
+leaves its problem to the baseline; one line per op says which. Only rank 0 of a TP world speaks
+(``quiet`` elsewhere). This module imports no kernel (the CLI and the dashboard read it cheaply).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, Sequence
+
+import torch
+
+import tuneforge
+from tuneforge.db.environment import Environment
+from tuneforge.dsl.problem import DEFAULT_BUCKETS, Problem, bucket
+from tuneforge.errors import InputError
+
+log = logging.getLogger("tuneforge.engine")
+
+# The ops the engine dispatches (prefill attention is torch SDPA).
+ENGINE_OPS = ("gemm", "rmsnorm", "silu_mul", "rope_qk_norm", "decode_attention", "tp_attn", "tp_mlp")
+TP_OPS = ("tp_attn", "tp_mlp")
+MODES = ("tuned", "baseline", "default")
+
+# The states of one call's config (Ops.choice, TPStep.attn / .mlp); any other dict is a stored config.
+BASELINE = None             # the op's torch baseline (TP blocks: gemm + torch.distributed all-reduce)
+LAUNCHER_DEFAULT: dict = {}  # the Triton kernel at its launcher's default config (shared: never mutated)
+
+
+def kernel_config(config: dict) -> Optional[dict]:
+    """A kernel's config as its launcher's ``config=`` argument: None for ``LAUNCHER_DEFAULT``."""
+    return config or None
+
+
+def choose(mode: str, table: Optional["DispatchTable"], problem: Problem) -> Optional[dict]:
+    """The config ``mode`` serves ``problem`` with (a tuned winner that is the baseline: ``BASELINE``)."""
+    if mode == "baseline":
+        return BASELINE
+    if mode == "default":
+        return LAUNCHER_DEFAULT
+    config = table.lookup(problem.op, problem)
+    return BASELINE if config is None or config.get("baseline") else config
+
+
+def family(problem: Problem) -> tuple:
+    """A problem without its token count: the problems that differ only in ``m`` share it."""
+    return (problem.op, tuple(kv for kv in problem.dims if kv[0] != "m"), problem.dtype, problem.world)
+
+
+def serving_spec(env: Environment):
+    """The device ``env``'s winners were chosen for, as it is here: its spec (the local GPU when
+    measured on it, the target when predicted; without a GPU the launchers' interpreter stand-in)
+    with only the hardware features this machine has (none under Triton's interpreter)."""
+    from dataclasses import replace
+    from tuneforge.kernels._common import launch_spec
+    from tuneforge.tune.devices import SPECS, local_device
+    here = None if tuneforge.INTERPRETED or not torch.cuda.is_available() else local_device()
+    recorded = SPECS.get(env.gpu_name) if env.predicted else here
+    recorded = recorded or launch_spec(torch.device("cpu"))
+    if here is None:
+        return replace(recorded, name="interpreter", features=frozenset())
+    return replace(recorded, features=recorded.features & here.features)
+
+
+def runnable(winners: dict, spec, ops: Sequence[str]) -> tuple[dict, list[tuple], list[str]]:
+    """The winners of ``ops`` whose configs pass their template's space and constraints on ``spec``;
+    a config that needs a hardware path ``spec`` lacks serves as its portable variant (the same
+    tiles, feature flags off) when that passes. Returns (winners by key, the families of the dropped
+    ones, one note per op that had configs changed or dropped: dropped ones run the torch baseline)."""
+    from dataclasses import replace
+    from tuneforge.dsl.template import FEATURE_FLAGS, get, portable
+    kept: dict = {}
+    dropped: list[tuple] = []
+    changed: dict[str, list] = {}      # op -> [(problem key, why, flags turned off or None)]
+    for key, w in winners.items():
+        op = w.problem.op
+        if op not in ops:
+            continue
+        if not w.config.get("baseline"):
+            template = get(op)
+            why = template.reject_reason(w.config, w.problem, spec)
+            if why:
+                run, flags = portable(w.config), [f for f in FEATURE_FLAGS if w.config.get(f)]
+                still = template.reject_reason(run, w.problem, spec) if flags else why
+                if still is None:
+                    changed.setdefault(op, []).append((w.problem.key, why, flags))
+                    w = replace(w, config=run)
+                else:
+                    why = why if still == why else f"{why}; without {'/'.join(flags)}: {still}"
+                    changed.setdefault(op, []).append((w.problem.key, why, None))
+                    dropped.append(family(w.problem))
+                    continue
+        kept[key] = w
+    notes = []
+    for op, items in sorted(changed.items()):
+        ported = [i for i in items if i[2] is not None]
+        refused = [i for i in items if i[2] is None]
+        if ported:
+            key, why, flags = ported[0]
+            notes.append(f"dispatch: {len(ported)} stored {op} config(s) need {'/'.join(flags)}, which {spec.name} "
+                         f"lacks (e.g. {key}: {why}): they run the same tiles without it")
+        if refused:
+            key, why, _ = refused[0]
+            more = f" and {len(refused) - 1} more" if len(refused) > 1 else ""
+            notes.append(f"dispatch: {op} runs the torch baseline for {key}{more}: the stored config cannot run "
+                         f"on {spec.name}: {why}")
+    return kept, dropped, notes
+
+
+class DispatchTable:
+    """In-memory winners for one environment: ``{family: {m: config}}`` plus what is stale.
+
+    Messages go to the ``tuneforge.engine`` log once each, and only where ``quiet`` is off (rank 0
+    of a TP world): the table's summary at load, one line per op that falls back, one line if the
+    run's dtype is not the one the winners were tuned in."""
+
+    def __init__(self, winners: dict, stale: dict, *, where: str, model: str, tp: int,
+                 buckets: Optional[Sequence[int]] = DEFAULT_BUCKETS, unusable: str = "", quiet: bool = False,
+                 dropped: Sequence[tuple] = (), on_lookup: Optional[Callable[[Problem, Optional[dict]], None]] = None):
+        self._configs: dict[tuple, dict[int, dict]] = {}
+        for w in winners.values():
+            self._configs.setdefault(family(w.problem), {})[w.problem.shape.get("m", 0)] = dict(w.config)
+        self._dtypes = sorted({fam[2] for fam in self._configs})
+        self._stale = stale                # family -> reason
+        self._dropped = set(dropped)       # families whose configs cannot run here (said at load)
+        self._unusable = unusable          # said at load: why nothing in the database may serve
+        self._warned: set[str] = set()     # ops that ran the baseline for want of a usable config
+        self._told: set[str] = set()       # ops whose missing record was said
+        self._said: set[str] = set()       # lines logged
+        self._rejected: set[tuple] = set()     # (op, config) a launcher refused
+        self.quiet = quiet
+        self.on_lookup = on_lookup         # called with every looked-up problem and its answer
+        self.summary = unusable            # what the table holds, in one line (load sets it)
+        self.where, self.model, self.tp = where, model, tp
+        self.buckets = None if buckets is None else tuple(sorted(buckets))
+
+    @classmethod
+    def load(cls, store, env: Environment, model: str, tp: int,
+             buckets: Optional[Sequence[int]] = DEFAULT_BUCKETS, *, allow_predicted: bool = False,
+             ops: Sequence[str] = ENGINE_OPS, quiet: bool = False) -> "DispatchTable":
+        """Read ``env``'s winners once. A winner is a fact about a shape in an environment, so every
+        usable winner of the fingerprint serves (shapes shared with other tuned models included);
+        ``model`` and ``tp`` name what the messages suggest tuning. Records of ``ops`` whose kernel
+        source changed since tuning are stale; configs that cannot run on this machine serve as their
+        portable variant or not at all (``runnable``). Says in one line what it loaded."""
+        from tuneforge.db.store import display_url
+        from tuneforge.dsl.template import get
+        where = f"{env.label} (fingerprint {env.fingerprint}) in {display_url(store.url)}"
+        usable, stale = store.load_winners(env, {op: get(op).source_hash for op in ops})
+        ignored = 0
+        if env.predicted and not allow_predicted:
+            ignored, usable, stale = len(usable), {}, []
+        usable, dropped, notes = runnable(usable, serving_spec(env), ops)
+        reasons: dict[tuple, str] = {}
+        for w, why in stale:
+            reasons.setdefault(family(w.problem), why)
+        found = "" if ignored or stale or dropped else f" (run `tuneforge tune --model {model} --tp {tp}`)"
+        summary = (f"dispatch: {len(usable)} winner{'' if len(usable) == 1 else 's'} for {where}, model {model}, TP {tp}"
+                   if usable else f"dispatch: no winners for {where}, model {model}, TP {tp}: every op runs the torch "
+                                  f"baseline{found}")
+        ones = lambda n: "one" if n == 1 else "ones"
+        if ignored:
+            summary += f"; {ignored} predicted {ones(ignored)} ignored (use --allow-predicted)"
+        if stale:
+            summary += f"; {len(stale)} stale {ones(len(stale))} ignored"
+        if dropped:
+            summary += f"; {len(dropped)} that cannot run here ignored"
+        table = cls(usable, reasons, where=where, model=model, tp=tp, buckets=buckets, quiet=quiet,
+                    unusable="" if usable or reasons else summary, dropped=dropped)
+        table.summary = summary
+        table.note(summary, logging.INFO if usable else logging.WARNING)
+        for line in notes:
+            table.note(line)
+        return table
+
+    @classmethod
+    def unavailable(cls, why: str, model: str, tp: int, quiet: bool = False) -> "DispatchTable":
+        """A table with nothing in it (no database), saying why once."""
+        table = cls({}, {}, where="", model=model, tp=tp, unusable=why, quiet=quiet)
+        table.note(f"dispatch: every op runs the torch baseline: {why}")
+        return table
+
+    def note(self, line: str, level: int = logging.WARNING) -> None:
+        """Log ``line`` once (nothing where ``quiet``)."""
+        if line not in self._said and not self.quiet:
+            self._said.add(line)
+            log.log(level, "%s", line)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._configs.values())
+
+    def configs(self, op: str) -> list[dict]:
+        """Every config the table holds for ``op`` (all shapes; baseline winners included)."""
+        return [c for fam, by_m in self._configs.items() if fam[0] == op for c in by_m.values()]
+
+    @property
+    def fallbacks(self) -> list[str]:
+        """The ops that have run the torch baseline for want of a usable record so far."""
+        return sorted(self._warned)
+
+    def lookup(self, op: str, problem: Problem) -> Optional[dict]:
+        """The tuned config for ``problem`` (the exact token count if tuned, else the tuned bucket that
+        serves it: the smallest >= m, else the largest), or None: run the torch baseline."""
+        if problem.op != op:
+            raise InputError(f"dispatch lookup for op {op!r} got a {problem.op!r} problem ({problem.key})")
+        config = self._find(problem)
+        if config is None:
+            self._warn_once(op, problem)
+        if self.on_lookup is not None:
+            self.on_lookup(problem, config)
+        return config
+
+    def _find(self, problem: Problem) -> Optional[dict]:
+        by_m = self._configs.get(family(problem))
+        m = problem.shape.get("m", 0)
+        if by_m:
+            if m in by_m:
+                return by_m[m]
+            tuned = [t for t in by_m if self.buckets is None or t in self.buckets]
+            if tuned:
+                return by_m[bucket(m, tuned)]
+        return None
+
+    def fall_back(self, op: str, problem: Problem, config: dict, why: str) -> None:
+        """A launcher rejected ``config``, the stored config serving ``problem``: the caller runs the
+        torch baseline. Said once per config (it may serve several token counts)."""
+        from tuneforge.dsl.problem import canonical_config
+        self._warned.add(op)
+        if (op, canonical_config(config)) not in self._rejected:
+            self._rejected.add((op, canonical_config(config)))
+            self.note(f"dispatch: {op} runs the torch baseline for {problem.key} (and any shape its stored config "
+                      f"serves): the launcher rejected that config: {why}")
+
+    def _warn_once(self, op: str, problem: Problem) -> None:
+        self._warned.add(op)
+        if self._unusable or family(problem) in self._dropped or op in self._told:   # said already
+            return
+        self._told.add(op)
+        if family(problem) in self._stale:
+            why = f"stale record for {problem.key} ({self._stale[family(problem)]})"
+        elif self._dtypes and problem.dtype not in self._dtypes:
+            self.note(f"dispatch: the winners are for {', '.join(self._dtypes)}; this run is {problem.dtype}: "
+                      f"ops without a winner in {problem.dtype} run the torch baseline (pass --dtype "
+                      f"{self._dtypes[0]})")
+            return
+        else:
+            why = (f"no record for {problem.key} on {self.where} "
+                   f"(tune it: tuneforge tune --model {self.model} --tp {self.tp})")
+        self.note(f"dispatch: {op} runs the torch baseline: {why}")
+
+
+def environment(tp: int, target: Optional[str] = None) -> Environment:
+    """The environment whose winners serve: this GPU measured at world size ``tp``, or without a GPU
+    (or with ``target``) the cost model's prediction for ``target`` (default H100)."""
+    from tuneforge.tune.devices import DEFAULT_TARGET, spec
+    if torch.cuda.is_available() and target is None:
+        return Environment.local(world_size=tp)
+    return Environment.predicted(spec(target or DEFAULT_TARGET), world_size=tp)
+
+
+def database(db: Optional[str]) -> tuple[str, Optional[str]]:
+    """(URL, why there is nothing to read): ``db``, or the default database, whose missing file only
+    means nothing is tuned yet."""
+    import os
+    from tuneforge.db.store import default_url, normalize_url
+    url = normalize_url(db) if db else default_url()
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
+    if not db and path and not os.path.exists(path):
+        return url, f"no tuning database at {path}"
+    return url, None
+
+
+def tuned_dtype(db: Optional[str], model: str, tp: int, target: Optional[str] = None) -> Optional[str]:
+    """The dtype ``model``'s winners for this environment were tuned in (the most common one), or
+    None when there are none."""
+    from collections import Counter
+    from tuneforge.db.store import Store
+    url, missing = database(db)
+    if missing:
+        return None
+    fingerprint = environment(tp, target).fingerprint
+    with Store(url, create=False) as store:
+        found = Counter(w.problem.dtype for w in store.winners(fingerprint=fingerprint, model=model, tp=tp))
+    return found.most_common(1)[0][0] if found else None
