@@ -7,7 +7,8 @@ is fast); a prefill of 3 prompts and two decode steps then run through the engin
 table recording every lookup. Every looked-up problem must be one the plan produced, up to the token
 bucket (lookup serves a token count from its family's tuned buckets), and every lookup must hit. MoE and
 linear-attention configs: the engine refuses them today, so their plan is checked to build and the model
-to refuse; their forward joins this test when the engine runs them.
+to refuse; their forward joins this test when the engine runs them. At full size (meta device, TP 1-8)
+the shapes the plan derives are checked against every rank's parameters.
 """
 import dataclasses
 
@@ -123,3 +124,25 @@ def test_every_dispatch_lookup_is_planned(tp):
     else:
         for results in spawn(forward_lookups, tp, dense, timeout=300.0):
             check(results, tp)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_rank_dims_are_the_models_shards(tp):
+    """At full size (parameters on the meta device), the shapes the plan derives (problems.rank_dims)
+    are the ones every rank's layers hold, for each built-in config the engine builds."""
+    from tuneforge.models.problems import rank_dims
+    from tuneforge.models.qwen3 import Qwen3, Shard
+    for name in BUILT_IN:
+        cfg = load_config(name)
+        if not runs(cfg):
+            continue
+        d = rank_dims(cfg, tp)
+        for rank in range(tp):
+            model = Qwen3(cfg, Shard(rank, tp), device="meta")
+            layer = model.layers[0]
+            assert (layer.attn.heads, layer.attn.kv_heads, layer.attn.head_dim) == (d.heads, d.kv_heads, d.head_dim)
+            assert tuple(layer.attn.qkv.shape) == (d.qkv, d.hidden), name
+            assert tuple(layer.attn.o.shape) == (d.hidden, d.o_in), name
+            assert tuple(layer.mlp.gate_up.shape) == (2 * d.inter, d.hidden), name
+            assert tuple(layer.mlp.down.shape) == (d.hidden, d.inter), name
+            assert tuple(model.head_weight.shape) == (d.vocab, d.hidden), name
