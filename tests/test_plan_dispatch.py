@@ -63,8 +63,9 @@ def runs(cfg) -> bool:
 def table_of(the_plan, tp: int, lookups: list) -> DispatchTable:
     """Every planned problem with the torch baseline as its winner; lookups appended to ``lookups``."""
     env = dataclasses.replace(ENV, world_size=tp)
+    hashes = {op: get(op).source_hash for op in {i.problem.op for i in the_plan.tunable}}   # hashing parses
     winners = {i.key: Winner(i.problem, env, {"baseline": True}, 1e-5, 1e-5, 1.0, 50.0, "measured",
-                             get(i.problem.op).source_hash, "test", 1)
+                             hashes[i.problem.op], "test", 1)
                for i in the_plan.tunable}
     return DispatchTable(winners, {}, where="test", model=the_plan.model, tp=tp, buckets=DEFAULT_BUCKETS,
                          on_lookup=lambda problem, config: lookups.append(problem))
