@@ -26,6 +26,7 @@ their times are predicted and stored as source "predicted" in the target's predi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import shutil
 import sys
@@ -57,6 +58,7 @@ REJECT_CAP = 4             # asks per problem stop at REJECT_CAP x trials (rejec
 MIN_PROBLEM_S = 1.0        # a problem gets at least this share of a total budget
 KEEP_DIMS = ("head_dim",)          # never shrunk for interpreter verification
 SMALL_DIMS = (3, 8, 24, 64)        # sizes a dim is cut to for interpreter verification (odd ones mask)
+SHRINK_TILES = (1, 2, 3, 4, 5, 8)  # a dim's caps in the config's tiles, before SMALL_DIMS
 VERIFY_WORLD = 2                   # ranks multi-rank winners are verified with under the interpreter
 VERIFY_PICKS = 1                   # multi-rank candidates per problem verified in the first world (a failure queues the next)
 VERIFY_ROUNDS = 3                  # worlds started for multi-rank verification before giving up
@@ -298,29 +300,31 @@ def _tile_scale(config: dict) -> int:
 
 
 def shrink(template: Template, problem: Problem, config: dict, spec: DeviceSpec) -> Problem:
-    """A small version of ``problem`` the config still accepts: first every dim capped at a few of
-    the config's tiles, then each dim on its own cut further while the constraints still pass
-    (head_dim is kept: kernels specialise on it); the real problem if nothing smaller passes.
+    """A small version of ``problem`` the config still accepts: first the smallest (by product of
+    dims) shape whose every dim is capped at 1-8 of the config's tiles, then each dim on its own cut
+    further (to SMALL_DIMS, or just past half) while the constraints still pass (head_dim is kept:
+    kernels specialise on it); the real problem if nothing smaller passes.
 
     The constraints are checked for the device the interpreted launch plans with (the target's spec
     with the interpreter's few SMs): wave-shape rules (a hybrid schedule needs more tiles than
     programs and a partial last wave) then hold for that launch, and a few tiles satisfy them where
-    the target's 132 SMs would keep the whole problem. Three tiles a side gives tile counts that are
-    not powers of four (a partial wave on 4 SMs)."""
-    from tuneforge.kernels.gemm import launch_spec
+    the target's 132 SMs would keep the whole problem. Caps are chosen per dim (3 or 5 tiles one way,
+    2 the other), since equal caps give tile counts that fill 4 SMs exactly."""
     import torch
+    from tuneforge.kernels.gemm import launch_spec
     spec = dataclasses.replace(spec, sms=launch_spec(torch.device("cpu")).sms)
     scale = _tile_scale(config)
+    names = [k for k, _ in problem.dims]
+    caps = [sorted({v} if k in KEEP_DIMS else {min(v, f * scale) for f in SHRINK_TILES}) for k, v in problem.dims]
     accepted = None
-    for factor in (1, 2, 3, 4, 8):
-        dims = {k: v if k in KEEP_DIMS else min(v, factor * scale) for k, v in problem.dims}
-        if template.reject_reason(config, problem.with_dims(**dims), spec) is None:
-            accepted = dims
+    for dims in sorted(itertools.product(*caps), key=math.prod):
+        if template.reject_reason(config, problem.with_dims(**dict(zip(names, dims))), spec) is None:
+            accepted = dict(zip(names, dims))
             break
     if accepted is None:
         return problem
     for name in accepted:
-        for small in SMALL_DIMS:
+        for small in sorted({*SMALL_DIMS, accepted[name] // 2 + 1}):     # or just past half: a masked tail
             if name in KEEP_DIMS or small >= accepted[name]:
                 break
             trial = {**accepted, name: small}
