@@ -287,3 +287,22 @@ def test_the_winners_table_fits_the_terminal_and_counts_trials_one_way():
     summary = report.to_dict()
     assert (summary["n_trials"], summary["rejected"]) == (64, 20)
     assert summary["rows"][0]["n_trials"] == 16 and summary["rows"][0]["rejected"] == 5
+
+
+def test_interpreter_verification_shrinks_a_hybrid_gemm_winner():
+    """A hybrid schedule needs more tiles than programs and a partial last wave; on power-of-two dims
+    capped alike the tile counts fill the interpreter's 4 SMs exactly, and shrink used to fall back
+    to the whole problem (152 s of interpreting in the Qwen3-32B main job)."""
+    from tuneforge.dsl.template import portable
+    from tuneforge.tune.devices import spec
+    from tuneforge.tune.tuner import shrink
+    gemm = get("gemm")
+    h100 = spec("H100")
+    config = {"block_m": 128, "block_n": 256, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 3,
+              "schedule": "hybrid", "programs_per_sm": 1, "tma": True, "flatten": False}
+    problem = Problem.from_key("gemm|m=512,n=10240,k=5120|bf16|w1")
+    assert gemm.reject_reason(config, problem, h100) is None
+    small = shrink(gemm, problem, portable(config), h100)
+    assert small["m"] * small["n"] * small["k"] <= 256 * 1024 * 64
+    tiles = -(-small["m"] // 128) * -(-small["n"] // 256)
+    assert tiles > 4 and tiles % 4       # still hybrid on the interpreter's 4 SMs: whole waves and a partial one
