@@ -18,6 +18,7 @@ Every ``kernels/<op>.py`` builds one ``Template`` and calls ``register``. The co
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib
 import inspect
@@ -91,7 +92,8 @@ _REGISTRY: dict[str, Template] = {}
 _loaded = False
 
 
-def _kernel_helpers(source: str) -> set[str]:
+@functools.lru_cache(maxsize=None)
+def _kernel_helpers(source: str) -> frozenset[str]:
     """The ``tuneforge.kernels._*`` modules a module's source imports (read from its import statements,
     so the answer is the same under the interpreter, where jitted functions belong to no module)."""
     found = set()
@@ -100,7 +102,7 @@ def _kernel_helpers(source: str) -> set[str]:
             found |= {f"{node.module}.{a.name}" for a in node.names} if node.module == "tuneforge.kernels" else {node.module}
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
-    return {n for n in found if n.startswith("tuneforge.kernels._")}
+    return frozenset(n for n in found if n.startswith("tuneforge.kernels._"))
 
 
 def register(template: Template) -> Template:
