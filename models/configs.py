@@ -103,6 +103,17 @@ class ModelConfig:
         """Qwen3-Next's full attention: q_proj also emits a per-head output gate (2x its width)."""
         return self.model_type == "qwen3_next"
 
+    @property
+    def max_positions(self) -> int:
+        """The longest context the model serves: linear and YaRN RoPE scaling stretch the trained
+        positions to ``factor`` x ``original_max_position_embeddings``, which ``max_position_embeddings``
+        may understate (Qwen3's YaRN recipe keeps 40960); dynamic NTK is exact only up to
+        ``max_position_embeddings``, so it stretches nothing here."""
+        r = self.rope_scaling
+        if r is not None and r.rope_type in ("linear", "yarn") and r.original_max_position_embeddings:
+            return max(self.max_position_embeddings, int(r.factor * r.original_max_position_embeddings))
+        return self.max_position_embeddings
+
     def is_moe_layer(self, i: int) -> bool:
         """Hugging Face's rule: sparse unless listed in mlp_only_layers, every decoder_sparse_step-th."""
         return self.is_moe and i not in self.mlp_only_layers and (i + 1) % max(1, self.decoder_sparse_step) == 0

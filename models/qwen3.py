@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tuneforge.errors import InputError
-from tuneforge.models.kv_cache import KVCache
 from tuneforge.models.configs import check_engine_support
+from tuneforge.models.kv_cache import KVCache
 
 
 @dataclass(frozen=True)

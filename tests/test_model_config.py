@@ -234,3 +234,20 @@ def test_rope_kernel_matches_transformers_rotary_embedding(tmp_path, rope):
     args = (qkv, positions, ones, ones, heads, kv_heads, cfg.rope_theta, 1e-6, cfg.rope_scaling)
     torch.testing.assert_close(k.baseline(*args), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k.reference(*args), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_yarn_serves_the_context_it_stretches_to(tmp_path):
+    """Qwen3's YaRN recipe (factor 4 over 32768 trained positions) leaves max_position_embeddings at
+    40960: the engine serves factor x original positions for yarn and linear, and no more for dynamic."""
+    from tuneforge.engine.dispatch import Ops
+    from tuneforge.engine.generate import Generator
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    model = load_model(write_config(tmp_path, max_position_embeddings=80, rope_scaling=yarn), dtype=torch.float32,
+                       random=True)
+    assert model.cfg.max_positions == 256
+    Generator(model, Ops("baseline"), max_batch=1, max_len=200, graphs=False)          # past 80 positions
+    with pytest.raises(InputError, match="exceeds the model's 256 positions"):
+        Generator(model, Ops("baseline"), max_batch=1, max_len=257, graphs=False)
+    dynamic = load_config(write_config(tmp_path, max_position_embeddings=80,
+                                       rope_scaling=dict(yarn, rope_type="dynamic")))
+    assert dynamic.max_positions == 80

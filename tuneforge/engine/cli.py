@@ -151,7 +151,7 @@ def _generate_rank(world, settings: dict, prompts: list[list[int]], sampling: di
     from tuneforge.engine.generate import Generator
     model, ops = build(settings, world)
     longest = max(len(p) for p in prompts)
-    max_len = min(longest + sampling["max_new_tokens"], model.cfg.max_position_embeddings)
+    max_len = min(longest + sampling["max_new_tokens"], model.cfg.max_positions)
     gen = Generator(model, ops, max_batch=len(prompts), max_len=max_len, graphs=settings["graphs"])
     out = gen.generate(prompts, sampling["max_new_tokens"], temperature=sampling["temperature"],
                        top_p=sampling["top_p"], eos_ids=eos, seed=settings["seed"])

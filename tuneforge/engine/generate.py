@@ -71,14 +71,14 @@ class Generator:
 
     def __init__(self, model: Qwen3, ops, *, max_batch: int, max_len: int, graphs: Optional[bool] = None):
         cfg = model.cfg
-        if max_len > cfg.max_position_embeddings:
-            raise InputError(f"max_len {max_len} exceeds the model's {cfg.max_position_embeddings} positions")
+        if max_len > cfg.max_positions:
+            raise InputError(f"max_len {max_len} exceeds the model's {cfg.max_positions} positions")
         if max_batch < 1 or max_batch > BATCH_BUCKETS[-1]:
             raise InputError(f"max_batch must be 1..{BATCH_BUCKETS[-1]}, got {max_batch}")
         self.model, self.ops = model, ops
         self.device = model.embed.device
         self.max_batch, self.max_len = max_batch, max_len
-        slots = min(-(-max_len // SLOT_ALIGN) * SLOT_ALIGN, cfg.max_position_embeddings)
+        slots = min(-(-max_len // SLOT_ALIGN) * SLOT_ALIGN, cfg.max_positions)
         self.cache = KVCache(cfg.num_hidden_layers, bucket(max_batch, BATCH_BUCKETS), model.layers[0].attn.kv_heads,
                              slots, cfg.head_dim, model.dtype, self.device)
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
