@@ -1,0 +1,262 @@
+"""Pack routed tokens by expert on the device, for the grouped expert GEMM (op ``moe_pack``).
+
+Input: ``topk_ids`` [T, top_k] (any int dtype) from a router. Each flat slot ``s = t * top_k + j`` of
+``topk_ids.flatten()`` goes to expert ``topk_ids[t, j]``. Output (``Packed``, int32 views of one buffer):
+
+- ``sorted_ids`` [max_padded]: the slots sorted by expert, each expert's run padded up to a multiple of
+  ``block_m``; padding (and everything past the padded count) holds the sentinel ``T * top_k``. Slots of
+  one expert keep their original order (a stable sort), so the result is deterministic.
+- ``block_expert`` [max_blocks]: the expert of each block of ``block_m`` sorted slots, -1 for the blocks
+  past the padded count (the GEMM's programs there exit at once).
+- ``padded_count`` [1]: the padded count, on the device.
+
+Nothing is read back to the host: the shapes come from ``max_padded`` (shapes only), so the pack is
+CUDA-graph capturable. Expert ids outside [0, experts) are dropped (not packed), so a rank holding
+some of the experts can pass the others as -1.
+
+Three launches: ``_count`` (per chunk of ``block`` slots, its count per expert; it also fills
+``sorted_ids`` with the sentinel), ``_offsets`` (one program: each expert's padded start, each chunk's
+start in its expert's run, ``block_expert``, ``padded_count``), ``_scatter`` (each slot's destination:
+its chunk's start plus its rank among the chunk's slots of that expert, a cumulative sum of the
+one-hot [block, experts] tile). The tuned parameters are the chunk size and the warps.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
+from tuneforge.errors import InputError
+from tuneforge.kernels._common import MAX_TILE_ELEMENTS, MAX_ELEMENTS_PER_THREAD
+
+OP = "moe_pack"
+
+
+class Packed(NamedTuple):
+    sorted_ids: torch.Tensor     # int32 [max_padded]: flat slots t*top_k+j by expert; sentinel T*top_k pads
+    block_expert: torch.Tensor   # int32 [max_blocks]: expert of each block_m-block of sorted_ids, -1 past the end
+    padded_count: torch.Tensor   # int32 [1]: slots in use (a multiple of block_m), on the device
+    block_m: int
+
+
+def max_padded(tokens: int, top_k: int, experts: int, block_m: int) -> int:
+    """The most sorted slots a pack can use: every slot, plus up to ``block_m - 1`` padding per expert,
+    rounded up to ``block_m``. From shapes only (no device read)."""
+    return triton.cdiv(tokens * top_k + experts * (block_m - 1), block_m) * block_m
+
+
+def buffer_size(tokens: int, top_k: int, experts: int, block_m: int) -> int:
+    """int32 elements of the one buffer a ``Packed`` views: sorted_ids, block_expert, padded_count."""
+    padded = max_padded(tokens, top_k, experts, block_m)
+    return padded + padded // block_m + 1
+
+
+def _views(buf: torch.Tensor, padded: int, block_m: int) -> Packed:
+    blocks = padded // block_m
+    return Packed(buf[:padded], buf[padded:padded + blocks], buf[padded + blocks:], block_m)
+
+
+def _check(topk_ids, num_experts, block_m) -> tuple[int, int]:
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
+        got = tuple(topk_ids.shape) if isinstance(topk_ids, torch.Tensor) else type(topk_ids).__name__
+        raise InputError(f"{OP}: topk_ids must be a 2-D [tokens, top_k] tensor, got {got}")
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool or topk_ids.is_complex():
+        raise InputError(f"{OP}: topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise InputError(f"{OP}: num_experts must be an int >= 1, got {num_experts!r}")
+    if not isinstance(block_m, int) or block_m < 1 or block_m & (block_m - 1):
+        raise InputError(f"{OP}: block_m must be a power of two >= 1, got {block_m!r}")
+    return topk_ids.shape
+
+
+def _buffer(out, topk_ids, num_experts, block_m) -> torch.Tensor:
+    t, k = topk_ids.shape
+    size = buffer_size(t, k, num_experts, block_m)
+    if out is None:
+        return torch.empty(size, dtype=torch.int32, device=topk_ids.device)
+    if not isinstance(out, torch.Tensor) or out.shape != (size,) or out.dtype != torch.int32 \
+            or out.device != topk_ids.device or not out.is_contiguous():
+        got = (tuple(out.shape), out.dtype, str(out.device)) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputError(f"{OP}: out must be a contiguous int32 [{size}] tensor on {topk_ids.device} "
+                         f"(buffer_size({t}, {k}, {num_experts}, {block_m})), got {got}")
+    return out
+
+
+# --- the kernels -------------------------------------------------------------------------------------
+
+@triton.jit
+def _count_kernel(ids_ptr, counts_ptr, sorted_ptr, slots, experts, padded, fill_per_program,
+                  BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    chunk = tl.program_id(0)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + offs, mask=offs < slots, other=-1).to(tl.int32)
+    experts_range = tl.arange(0, E_PAD)
+    hot = (ids[:, None] == experts_range[None, :]).to(tl.int32)      # out-of-range ids match no column
+    tl.store(counts_ptr + chunk * experts + experts_range, tl.sum(hot, axis=0), mask=experts_range < experts)
+    # this program's share of the sentinel fill (_scatter, a later launch, overwrites the used slots)
+    start = chunk * fill_per_program
+    for i in range(start, start + fill_per_program, BLOCK):
+        fill = i + tl.arange(0, BLOCK)
+        tl.store(sorted_ptr + fill, tl.full([BLOCK], 0, tl.int32) + slots,
+                 mask=(fill < start + fill_per_program) & (fill < padded))
+
+
+@triton.jit
+def _offsets_kernel(counts_ptr, offsets_ptr, block_expert_ptr, padded_count_ptr, chunks, experts, blocks,
+                    BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, BLOCKS_TILE: tl.constexpr):
+    experts_range = tl.arange(0, E_PAD)
+    e_ok = experts_range < experts
+    total = tl.zeros([E_PAD], dtype=tl.int32)
+    for c in range(0, chunks):
+        total += tl.load(counts_ptr + c * experts + experts_range, mask=e_ok, other=0)
+    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, axis=0)                        # each expert's padded end (inclusive scan)
+    running = end - padded                                 # the next free slot of each expert's run
+    for c in range(0, chunks):                             # chunks in order: the sort is stable
+        tl.store(offsets_ptr + c * experts + experts_range, running, mask=e_ok)
+        running += tl.load(counts_ptr + c * experts + experts_range, mask=e_ok, other=0)
+    padded_count = tl.sum(padded, axis=0)
+    tl.store(padded_count_ptr, padded_count)
+    # a block's expert: how many experts' padded runs end at or before its first slot
+    end = tl.where(e_ok, end, padded_count + 1)            # padding columns never count
+    for b0 in range(0, blocks, BLOCKS_TILE):
+        b = b0 + tl.arange(0, BLOCKS_TILE)
+        first = b * BLOCK_M
+        expert = tl.sum((end[None, :] <= first[:, None]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b, tl.where(first < padded_count, expert, -1), mask=b < blocks)
+
+
+@triton.jit
+def _scatter_kernel(ids_ptr, offsets_ptr, sorted_ptr, slots, experts,
+                    BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    chunk = tl.program_id(0)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + offs, mask=offs < slots, other=-1).to(tl.int32)
+    experts_range = tl.arange(0, E_PAD)
+    hot = (ids[:, None] == experts_range[None, :]).to(tl.int32)
+    rank = tl.sum(tl.cumsum(hot, axis=0) * hot, axis=1) - 1          # earlier slots of the same expert
+    valid = (ids >= 0) & (ids < experts)
+    start = tl.load(offsets_ptr + chunk * experts + ids, mask=valid, other=0)
+    tl.store(sorted_ptr + start + rank, offs, mask=valid)
+
+
+def pack(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, out: Optional[torch.Tensor] = None,
+         config: Optional[dict] = None) -> Packed:
+    """``topk_ids`` [T, top_k] packed by expert into runs padded to ``block_m`` (see the module doc);
+    ``out``: an int32 [buffer_size(...)] buffer the result views (allocated when None)."""
+    t, k = _check(topk_ids, num_experts, block_m)
+    buf = _buffer(out, topk_ids, num_experts, block_m)
+    padded = max_padded(t, k, num_experts, block_m)
+    packed = _views(buf, padded, block_m)
+    slots = t * k
+    cfg = config or default(slots, num_experts)
+    e_pad = triton.next_power_of_2(num_experts)
+    chunks = max(1, triton.cdiv(slots, cfg["block"]))
+    ids = topk_ids.reshape(-1)
+    counts = torch.empty(chunks, num_experts, dtype=torch.int32, device=buf.device)
+    offsets = torch.empty_like(counts)
+    fill = triton.cdiv(triton.cdiv(padded, chunks), cfg["block"]) * cfg["block"]
+    _count_kernel[(chunks,)](ids, counts, packed.sorted_ids, slots, num_experts, padded, fill,
+                             BLOCK=cfg["block"], E_PAD=e_pad, num_warps=cfg["num_warps"])
+    blocks = padded // block_m
+    _offsets_kernel[(1,)](counts, offsets, packed.block_expert, packed.padded_count, chunks, num_experts, blocks,
+                          BLOCK_M=block_m, E_PAD=e_pad, BLOCKS_TILE=max(1, min(triton.next_power_of_2(blocks),
+                                                                               MAX_TILE_ELEMENTS // e_pad)),
+                          num_warps=4)
+    _scatter_kernel[(chunks,)](ids, offsets, packed.sorted_ids, slots, num_experts,
+                               BLOCK=cfg["block"], E_PAD=e_pad, num_warps=cfg["num_warps"])
+    return packed
+
+
+def reference(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, out: Optional[torch.Tensor] = None
+              ) -> Packed:
+    """torch, no host sync: a stable argsort of the slots by expert, each expert's run padded to block_m.
+    Also the baseline (what a torch user runs)."""
+    t, k = _check(topk_ids, num_experts, block_m)
+    buf = _buffer(out, topk_ids, num_experts, block_m)
+    padded = max_padded(t, k, num_experts, block_m)
+    packed = _views(buf, padded, block_m)
+    flat = topk_ids.reshape(-1).long()
+    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)   # dropped ids sort last
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    runs = (counts + block_m - 1) // block_m * block_m
+    end, count_end = torch.cumsum(runs, 0), torch.cumsum(counts, 0)
+    e = key[order]
+    kept = e < num_experts
+    e_kept = e.clamp(max=num_experts - 1)
+    dest = (end - runs)[e_kept] + torch.arange(t * k, device=flat.device) - (count_end - counts)[e_kept]
+    packed.sorted_ids.fill_(t * k)
+    packed.sorted_ids[dest[kept]] = order[kept].int()
+    first = torch.arange(padded // block_m, device=flat.device) * block_m
+    expert = torch.searchsorted(end, first, right=True).int()
+    packed.block_expert.copy_(torch.where(first < end[-1], expert, -1))
+    packed.padded_count.copy_(end[-1:])
+    return packed
+
+
+# --- the template -------------------------------------------------------------------------------------
+
+def default(slots: int, experts: int) -> dict:
+    """Chunks of up to 256 slots (fewer when the one-hot tile of many experts would spill)."""
+    e_pad = triton.next_power_of_2(experts)
+    block = max(16, min(256, triton.next_power_of_2(max(1, slots)), MAX_TILE_ELEMENTS // e_pad))
+    return {"block": block, "num_warps": max(1, min(8, block * e_pad // 2048))}
+
+
+def space(problem: Problem) -> Space:
+    slots = problem["m"] * problem["topk"]
+    return Space(pow2("block", 16, max(16, min(1024, triton.next_power_of_2(slots)))),
+                 categorical("num_warps", (1, 2, 4, 8)))
+
+
+def tile_fits(config: dict, problem: Problem, spec) -> Optional[str]:
+    elements = config["block"] * triton.next_power_of_2(problem["experts"])
+    if elements > 2 * MAX_TILE_ELEMENTS:
+        return f"one-hot tile {config['block']}x{problem['experts']} experts > {2 * MAX_TILE_ELEMENTS} elements"
+    if elements / (config["num_warps"] * 32) > 4 * MAX_ELEMENTS_PER_THREAD:
+        return f"{elements // (config['num_warps'] * 32)} one-hot elements per thread (register spills)"
+    return None
+
+
+def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
+    """A router's ids: each token's top_k distinct experts, skewed toward the first experts (ragged counts)."""
+    m, e, k, bm = problem["m"], problem["experts"], problem["topk"], problem["block_m"]
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(m, e, generator=g, device=device) - torch.linspace(0, 2, e, device=device)
+    ids = torch.topk(logits, k, dim=-1).indices.int()
+    return {"topk_ids": ids, "num_experts": e, "block_m": bm,
+            "out": torch.empty(buffer_size(m, k, e, bm), dtype=torch.int32, device=device)}
+
+
+def _launch(topk_ids, num_experts, block_m, out=None, config=None) -> torch.Tensor:
+    buf = _buffer(out, topk_ids, num_experts, block_m)
+    pack(topk_ids, num_experts, block_m, out=buf, config=config)
+    return buf
+
+
+def _reference(topk_ids, num_experts, block_m) -> torch.Tensor:
+    return torch.cat(reference(topk_ids, num_experts, block_m)[:3])
+
+
+def work(problem: Problem) -> tuple[float, float]:
+    """Read the ids twice, write the sorted slots and the block experts."""
+    m, e, k, bm = problem["m"], problem["experts"], problem["topk"], problem["block_m"]
+    return 0.0, float(4 * (2 * m * k + buffer_size(m, k, e, bm)))
+
+
+TEMPLATE = register(Template(
+    op=OP,
+    space=space,
+    make_inputs=make_inputs,
+    launch=_launch,
+    reference=_reference,
+    baseline=_reference,
+    default_config=lambda problem, spec: default(problem["m"] * problem["topk"], problem["experts"]),
+    work=work,
+    constraints=(tile_fits,),
+    doc=__doc__.split("\n")[0],
+))
