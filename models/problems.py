@@ -72,10 +72,11 @@ def tp_mlp(dtype: Dtype, world: int, m: int, hidden: int, inter: int) -> Problem
     return Problem.make("tp_mlp", _name(dtype), world, m=m, hidden=hidden, inter=inter)
 
 
-def moe_gemm(dtype: Dtype, m: int, weight: Sequence[int], experts: int, topk: int) -> Problem:
-    """``m`` tokens, each through ``topk`` of ``experts`` weights ``[n, k]``."""
+def moe_gemm(dtype: Dtype, m: int, weight: Sequence[int], experts: int, topk: int, act: bool) -> Problem:
+    """``m`` tokens, each through ``topk`` of ``experts`` weights ``[n, k]``. ``act``: the gate_up GEMM
+    (SiLU-mul fused, output n / 2 wide); else the down GEMM (router-weighted, combined per token)."""
     n, k = weight
-    return Problem.make("moe_gemm", _name(dtype), m=m, n=n, k=k, experts=experts, topk=topk)
+    return Problem.make("moe_gemm", _name(dtype), m=m, n=n, k=k, experts=experts, topk=topk, act=int(act))
 
 
 def shared_expert_gate(dtype: Dtype, m: int, n: int) -> Problem:

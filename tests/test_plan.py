@@ -76,12 +76,12 @@ def test_moe_plan_has_router_grouped_expert_gemms_and_no_dense_mlp():
     p = plan("Qwen3-235B-A22B", 4, decode_buckets=[16], prefill_buckets=[1024])
     for m in (16, 1024):
         _expect(p, "gemm", m=m, n=128, k=4096)                                    # router, replicated
-        _expect(p, "moe_gemm", m=m, n=2 * 1536 // 4, k=4096, experts=128, topk=8)
-        _expect(p, "moe_gemm", m=m, n=4096, k=1536 // 4, experts=128, topk=8)
-        _expect(p, "silu_mul", m=m * 8, n=1536 // 4)
+        _expect(p, "moe_gemm", m=m, n=2 * 1536 // 4, k=4096, experts=128, topk=8, act=1)   # silu_mul fused
+        _expect(p, "moe_gemm", m=m, n=4096, k=1536 // 4, experts=128, topk=8, act=0)
+        assert not p.find("silu_mul", m=m * 8)
         assert _expect(p, "allreduce", 4, m=m, n=4096).roles == ["layer.attn.allreduce", "layer.moe.allreduce"]
     assert not p.find("tp_mlp") and not p.find("gemm", n=2 * 12288 // 4)
-    assert all(i.baseline_only for i in p.find("moe_gemm"))
+    assert p.find("moe_gemm") and not any(i.baseline_only for i in p.find("moe_gemm"))
 
 
 def test_shared_expert_model_plans_gate_shared_expert_and_linear_attention():

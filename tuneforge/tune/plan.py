@@ -173,9 +173,8 @@ def plan(model: str | ModelConfig, tp: int = 1, decode_buckets: Optional[Sequenc
         if moe:
             e, topk, mi = cfg.num_experts, cfg.num_experts_per_tok, d.moe_inter
             b.add("layer.moe.router", P.gemm(dtype, m, (e, h)))
-            b.add("layer.moe.experts.gate_up", P.moe_gemm(dtype, m, (2 * mi, h), e, topk))
-            b.add("layer.moe.experts.silu_mul", P.silu_mul(dtype, m * topk, 2 * mi))
-            b.add("layer.moe.experts.down", P.moe_gemm(dtype, m, (h, mi), e, topk))
+            b.add("layer.moe.experts.gate_up", P.moe_gemm(dtype, m, (2 * mi, h), e, topk, act=True))   # silu_mul fused
+            b.add("layer.moe.experts.down", P.moe_gemm(dtype, m, (h, mi), e, topk, act=False))
             if cfg.has_shared_expert:
                 si = d.shared_inter
                 b.add("layer.shared_expert.gate_up_proj", P.gemm(dtype, m, (2 * si, h)))

@@ -1,0 +1,407 @@
+"""Grouped expert GEMM (op ``moe_gemm``): every routed token through its experts' weights, one launch.
+
+``y[s] = x[row(s)] @ w[e(s)].T`` for each routed slot ``s = t * top_k + j`` of ``topk_ids`` [T, top_k],
+``w`` [E, N, K] (one nn.Linear weight per expert). The slots come packed by expert (``moe_pack``): one
+program per (block of ``block_m`` sorted slots, ``block_n`` output columns); the block's expert is read
+from ``block_expert`` and its A rows are gathered through ``sorted_ids`` (``x`` [T, K] with
+``gather``: row ``s // top_k``; else ``x`` [T * top_k, K]: row ``s``). The grid is sized by the pack's
+most blocks (shapes only): blocks past the device-side ``padded_count`` exit at once, so nothing is read
+back to the host and the launch captures in a CUDA graph. Padding slots (the sentinel ``T * top_k``)
+read row 0 and are masked at the store.
+
+Epilogues, fused:
+- ``activation="silu_mul"``: ``w``'s rows are [gate | up] (N = 2 I); a tile accumulates gate and up
+  columns side by side and stores ``silu(gate) * up`` ([T * top_k, I]): the MoE block's gate_up GEMM.
+- ``routed_weights`` [T, top_k]: each slot's row times its router weight.
+- ``combine``: the top_k rows of a token summed into ``out`` [T, N] (the down GEMM). How is a tuned
+  choice (config ``combine``): ``atomic`` adds each tile into an fp32 [T, N] accumulator (``out`` itself
+  when fp32), then one pass casts it; ``reduce`` stores [T * top_k, N] rows and one pass sums them.
+
+Problems (``models/problems.moe_gemm``): ``m`` tokens, ``n``/``k`` the expert weight's shape,
+``experts``, ``topk`` and ``act``: 1 is the gate_up GEMM (gathered, silu_mul fused, n = 2 I), 0 the down
+GEMM (routed-weighted and combined into [T, n]); the outputs differ, so ``act`` is part of the problem.
+Slots the pack dropped (expert ids outside [0, E)) are not written without ``combine``; with
+``combine="reduce"`` they would be summed unwritten, so every id must be a valid expert (one GPU).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+import tuneforge
+from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
+from tuneforge.dsl.problem import DTYPE_NAMES
+from tuneforge.errors import InputError
+from tuneforge.kernels._common import check_tensor, checked_config, first_rejection, launch_spec, output_tensor
+from tuneforge.kernels.gemm import _k_block, grouped_tile
+from tuneforge.kernels.moe_pack import Packed, max_padded
+from tuneforge.kernels.moe_pack import reference as pack_reference
+from tuneforge.dsl.roofline import moe_gemm_time
+from tuneforge.dsl.devices import DeviceSpec
+
+OP = "moe_gemm"
+ELEM_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+BLOCK_MS = (16, 32, 64, 128)          # the pack's row block; make_inputs packs once for each
+ACTIVATIONS = (None, "silu_mul")
+MAX_ACC_REGISTERS = 128               # fp32 accumulator registers per thread before ptxas spills (as gemm)
+SKEW_EXPERTS, SKEW_BIAS = 8, 1.0      # make_inputs' routing: the first experts favoured, as real routers are
+
+
+# --- the kernels ---------------------------------------------------------------------------------
+
+# The token count changes with every batch: not specialized, so one compile serves all of them.
+@triton.jit(do_not_specialize=["slots"])
+def _moe_gemm_kernel(x, w, y, sorted_ids, block_expert, padded_count, routed_weights,
+                     slots, N, K, blocks, stride_xm, stride_we, stride_wn, stride_wk, stride_ym,
+                     TOP_K: tl.constexpr, GATHER: tl.constexpr, SILU_MUL: tl.constexpr, WEIGHTED: tl.constexpr,
+                     ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr):
+    """One [BLOCK_M sorted slots, BLOCK_N output columns] tile; N is the output's width (the gate
+    half's with SILU_MUL: its up column j is weight row N + j). ATOMIC: rows added into y [T, N] at
+    the slot's token; else stored at the slot."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M < tl.load(padded_count):
+        expert = tl.load(block_expert + pid_m).to(tl.int64)
+        s = tl.load(sorted_ids + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        real = s < slots
+        row = tl.where(real, s // TOP_K if GATHER else s, 0).to(tl.int64)
+        cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N          # wrapped: valid addresses, masked at the store
+        ks = tl.arange(0, BLOCK_K)
+        x_ptrs = x + row[:, None] * stride_xm + ks[None, :]
+        w_ptrs = w + expert * stride_we + cols.to(tl.int64)[None, :] * stride_wn + ks[:, None] * stride_wk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in tl.range(0, K, BLOCK_K):
+            a = _k_block(x_ptrs, k, ks, K, 1, EVEN_K, UPCAST)
+            acc = tl.dot(a, _k_block(w_ptrs, k, ks, K, 0, EVEN_K, UPCAST), acc, input_precision=INPUT_PRECISION)
+            if SILU_MUL:
+                up = tl.dot(a, _k_block(w_ptrs + N * stride_wn, k, ks, K, 0, EVEN_K, UPCAST), up,
+                            input_precision=INPUT_PRECISION)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
+        if SILU_MUL:
+            acc = acc * tl.sigmoid(acc) * up
+        if WEIGHTED:
+            acc = acc * tl.load(routed_weights + s, mask=real, other=0.0).to(tl.float32)[:, None]
+        out_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = real[:, None] & (out_cols < N)[None, :]
+        if ATOMIC:
+            ptrs = y + (row if GATHER else row // TOP_K)[:, None] * stride_ym + out_cols[None, :]
+            tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+        else:
+            ptrs = y + s.to(tl.int64)[:, None] * stride_ym + out_cols[None, :]
+            tl.store(ptrs, acc.to(y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_rows_kernel(src, out, N, stride_src, stride_out, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[t, :] = sum of src[t * ROWS + j, :] over j < ROWS, in fp32 (ROWS 1: a cast)."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in tl.static_range(ROWS):
+        total += tl.load(src + (t * ROWS + j) * stride_src + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out + t * stride_out + cols, total.to(out.dtype.element_ty), mask=mask)
+
+
+def _sum_rows(src: torch.Tensor, out: torch.Tensor, rows: int) -> None:
+    block_n = min(1024, triton.next_power_of_2(out.shape[1]))
+    grid = (out.shape[0], triton.cdiv(out.shape[1], block_n))
+    _sum_rows_kernel[grid](src, out, out.shape[1], src.stride(0), out.stride(0), ROWS=rows, BLOCK_N=block_n,
+                           num_warps=max(1, min(8, block_n // 256)))
+
+
+# --- space, constraints, default config ----------------------------------------------------------
+
+def _out_n(problem: Problem) -> int:
+    return problem["n"] // 2 if problem["act"] else problem["n"]
+
+
+def space(problem: Problem) -> Space:
+    params = [categorical("block_m", BLOCK_MS), pow2("block_n", 16, 256), pow2("block_k", 16, 256),
+              categorical("group_m", [1, 4, 8, 16]), categorical("num_warps", [4, 8]),
+              categorical("num_stages", [2, 3, 4, 5])]
+    if not problem["act"]:
+        params.append(categorical("combine", ["atomic", "reduce"]))
+    return Space(*params)
+
+
+def routing_invalid(config: dict, problem: Problem, spec: DeviceSpec) -> Optional[str]:
+    if not 1 <= problem["topk"] <= problem["experts"]:
+        return f"topk={problem['topk']} must be in [1, experts={problem['experts']}]"
+    if problem["act"] and problem["n"] % 2:
+        return f"act: n={problem['n']} must be even (the [gate | up] rows)"
+    return None
+
+
+def smem_overflow(config: dict, problem: Problem, spec: DeviceSpec) -> Optional[str]:
+    w_rows = config["block_n"] * (2 if problem["act"] else 1)
+    need = config["num_stages"] * (config["block_m"] + w_rows) * config["block_k"] * ELEM_SIZE[problem.dtype]
+    if need > spec.smem_per_block:
+        return f"shared memory: {need} bytes for the pipeline > {spec.smem_per_block} on {spec.name}"
+    return None
+
+
+def register_pressure(config: dict, problem: Problem, spec: DeviceSpec) -> Optional[str]:
+    regs = config["block_m"] * config["block_n"] * (2 if problem["act"] else 1) // (32 * config["num_warps"])
+    if regs > MAX_ACC_REGISTERS:
+        return f"registers: {regs} accumulator registers per thread > {MAX_ACC_REGISTERS}"
+    return None
+
+
+def tile_exceeds_problem(config: dict, problem: Problem, spec: DeviceSpec) -> Optional[str]:
+    for name, what, size in (("block_m", "m*topk", problem["m"] * problem["topk"]),
+                             ("block_n", "output n", _out_n(problem)), ("block_k", "k", problem["k"])):
+        limit = max(16, triton.next_power_of_2(size))
+        if config[name] > limit:
+            return f"{name}={config[name]} exceeds {what}={size} (at most {limit} is useful)"
+    return None
+
+
+LAUNCH_CONSTRAINTS = (routing_invalid, smem_overflow)
+CONSTRAINTS = LAUNCH_CONSTRAINTS + (register_pressure, tile_exceeds_problem)
+
+
+def default_config(problem: Problem, spec: DeviceSpec, block_m: Optional[int] = None) -> dict:
+    """By rows per hit expert (uniform routing): decode (<= 16 rows) streams the experts' weights with
+    16 x 64 x 128 tiles; up to 64 rows 32/64 x 64 x 64; beyond 64/128 x 128 x 64, 8 warps, grouped
+    order. ``combine``: atomic up to 256 tokens (the fp32 pass is small), reduce beyond. ``block_m``
+    given (a pack already made): kept. Shrunk like gemm's default until every constraint passes."""
+    m, e, topk = problem["m"], problem["experts"], problem["topk"]
+    active = e * (1.0 - (1.0 - 1.0 / e) ** (m * topk))
+    rows = m * topk / max(active, 1.0)
+    if rows <= 16:
+        cfg = dict(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
+    elif rows <= 64:
+        cfg = dict(block_m=32 if rows <= 32 else 64, block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(block_m=64 if rows <= 128 else 128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+    cfg["block_n"] = min(cfg["block_n"], max(16, triton.next_power_of_2(_out_n(problem))))
+    cfg["block_k"] = min(cfg["block_k"], max(16, triton.next_power_of_2(problem["k"])))
+    if block_m is not None:
+        cfg["block_m"] = block_m
+    if not problem["act"]:
+        cfg["combine"] = "atomic" if m <= 256 else "reduce"
+    for shrink, floor in (("num_stages", 3), ("block_k", 32), ("num_stages", 2), ("block_n", 16), ("block_k", 16)):
+        while first_rejection(cfg, problem, spec, CONSTRAINTS) is not None and cfg[shrink] > floor:
+            cfg[shrink] = cfg[shrink] - 1 if shrink == "num_stages" else cfg[shrink] // 2
+    return cfg
+
+
+# --- launcher ------------------------------------------------------------------------------------
+
+def _check_packed(packed, tokens: int, top_k: int, experts: int, device) -> None:
+    if not isinstance(packed, Packed):
+        raise InputError(f"{OP}: packed must be a moe_pack.Packed (moe_pack.pack(topk_ids, experts, block_m)), "
+                         f"got {type(packed).__name__}")
+    for name in ("sorted_ids", "block_expert", "padded_count"):
+        t = getattr(packed, name)
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1 or t.device != device \
+                or (t.numel() > 1 and t.stride(0) != 1):
+            got = (t.dtype, tuple(t.shape), str(t.device)) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise InputError(f"{OP}: packed.{name} must be a contiguous 1-D int32 tensor on {device}, got {got}")
+    if packed.block_m not in BLOCK_MS:
+        raise InputError(f"{OP}: packed.block_m={packed.block_m!r} is not one of {list(BLOCK_MS)}")
+    # the pack's sizes follow from the shapes alone: a pack of other tokens or experts shows here
+    # (where the sizes happen to agree it cannot be told without reading the device)
+    padded = max_padded(tokens, top_k, experts, packed.block_m)
+    got = (packed.sorted_ids.numel(), packed.block_expert.numel(), packed.padded_count.numel())
+    if got != (padded, padded // packed.block_m, 1):
+        raise InputError(f"{OP}: packed has {got[0]} slots, {got[1]} blocks and {got[2]} counts; {tokens} tokens x "
+                         f"top_k {top_k} over {experts} experts in blocks of {packed.block_m} pack into {padded}, "
+                         f"{padded // packed.block_m} and 1 (packed for other tokens or experts?)")
+
+
+def moe_gemm(x: torch.Tensor, w: torch.Tensor, packed: Packed, *, top_k: int, gather: bool,
+             activation: Optional[str] = None, routed_weights: Optional[torch.Tensor] = None,
+             combine: bool = False, out: Optional[torch.Tensor] = None, config: Optional[dict] = None):
+    """Grouped expert GEMM over the slots of ``packed`` (see the module doc); fp16/bf16/fp32.
+
+    ``x``: [T, K] with ``gather`` (row of slot s: s // top_k), else [T * top_k, K]. ``w``: [E, N, K].
+    ``activation="silu_mul"``: w rows [gate | up], output N / 2 columns. ``routed_weights`` [T, top_k]:
+    rows scaled by their router weight. ``combine``: rows summed per token into [T, N] (not with an
+    activation). Output: ``out`` [T, N] with ``combine``, else [T * top_k, N or N / 2].
+    ``config`` None: the default for this shape with ``packed.block_m``; a config's ``block_m`` must be
+    ``packed.block_m`` (pack with the config's block_m).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise InputError(f"{OP}: x must be a 2-D tensor, got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not isinstance(w, torch.Tensor) or w.dim() != 3:
+        raise InputError(f"{OP}: w must be a 3-D [experts, n, k] tensor, got "
+                         f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
+    if not isinstance(top_k, int) or top_k < 1 or top_k > w.shape[0]:
+        raise InputError(f"{OP}: top_k must be an int in [1, experts={w.shape[0]}], got {top_k!r}")
+    if activation not in ACTIVATIONS:
+        raise InputError(f"{OP}: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    if activation and combine:
+        raise InputError(f"{OP}: combine sums the down GEMM's rows per token; with activation={activation!r} "
+                         f"use combine=False")
+    experts, n, k = w.shape
+    if gather:
+        tokens = x.shape[0]
+    elif x.shape[0] % top_k:
+        raise InputError(f"{OP}: without gather x holds T * top_k rows, got {x.shape[0]} for top_k={top_k}")
+    else:
+        tokens = x.shape[0] // top_k
+    check_tensor(OP, "x", x, (x.shape[0], k), None, None)
+    check_tensor(OP, "w", w, (experts, n, k), x.dtype, x.device)
+    if activation and n % 2:
+        raise InputError(f"{OP}: activation {activation!r} needs w's rows [gate | up]: n={n} is odd")
+    if routed_weights is not None:
+        check_tensor(OP, "routed_weights", routed_weights, (tokens, top_k), None, x.device, layout="contiguous")
+    slots = tokens * top_k
+    _check_packed(packed, tokens, top_k, experts, x.device)
+    out_n = n // 2 if activation else n
+    out = output_tensor(OP, out, (tokens, out_n) if combine else (slots, out_n), x)
+    if tokens == 0 or out_n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    problem = Problem.make(OP, DTYPE_NAMES[x.dtype], m=tokens, n=n, k=k, experts=experts, topk=top_k,
+                           act=int(activation is not None))
+    spec = launch_spec(x.device, persistent=False)
+    if config is None:
+        config = default_config(problem, spec, block_m=packed.block_m)
+    else:
+        checked_config(space(problem), config, problem, spec, LAUNCH_CONSTRAINTS)
+        if config["block_m"] != packed.block_m:
+            raise InputError(f"{OP}: config block_m={config['block_m']} but the pack's block_m={packed.block_m} "
+                             f"(pack with the config's block_m)")
+    atomic = combine and config["combine"] == "atomic"
+    if not combine:
+        y = out
+    elif atomic:
+        y = out.zero_() if out.dtype == torch.float32 else torch.zeros((tokens, n), dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty((slots, n), dtype=x.dtype, device=x.device)
+    bn = config["block_n"]
+    blocks = packed.block_expert.numel()
+    interpreted = tuneforge.INTERPRETED
+    _moe_gemm_kernel[(blocks * triton.cdiv(out_n, bn),)](
+        x, w, y, packed.sorted_ids, packed.block_expert, packed.padded_count,
+        routed_weights if routed_weights is not None else x,
+        slots, out_n, k, blocks, x.stride(0), w.stride(0), w.stride(1), w.stride(2), y.stride(0),
+        TOP_K=top_k, GATHER=bool(gather), SILU_MUL=activation == "silu_mul", WEIGHTED=routed_weights is not None,
+        ATOMIC=atomic, BLOCK_M=packed.block_m, BLOCK_N=bn, BLOCK_K=config["block_k"], GROUP_M=config["group_m"],
+        EVEN_K=k % config["block_k"] == 0, UPCAST=interpreted and x.dtype != torch.float32,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 or interpreted else "tf32",
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if combine and y is not out:
+        _sum_rows(y, out, 1 if atomic else top_k)
+    return out
+
+
+
+# --- reference and baseline ----------------------------------------------------------------------
+
+def _per_expert(x, w, topk_ids, gather, activation, routed_weights, combine, dtype):
+    """The per-expert loop in ``dtype``: each hit expert's slots through F.linear, the activation,
+    the router weights and the combine as torch ops (index_add_, as transformers' MoE blocks do)."""
+    tokens, top_k = topk_ids.shape
+    flat = topk_ids.reshape(-1)
+    rows = torch.arange(tokens * top_k, device=x.device)
+    src = rows // top_k if gather else rows
+    n_out = w.shape[1] // 2 if activation else w.shape[1]
+    y = torch.zeros((tokens, n_out) if combine else (tokens * top_k, n_out), dtype=dtype, device=x.device)
+    weights = None if routed_weights is None else routed_weights.reshape(-1).to(dtype)
+    for e in flat.unique().tolist():
+        slots = rows[flat == e]
+        h = F.linear(x[src[slots]].to(dtype), w[e].to(dtype))
+        if activation:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        if weights is not None:
+            h = h * weights[slots, None]
+        if combine:
+            y.index_add_(0, slots // top_k, h)
+        else:
+            y[slots] = h
+    return y
+
+
+def reference(x, w, topk_ids, *, gather: bool, activation=None, routed_weights=None, combine=False):
+    """The per-expert loop in fp32 (from ``topk_ids`` [T, top_k], not from a pack)."""
+    return _per_expert(x, w, topk_ids, gather, activation, routed_weights, combine, torch.float32)
+
+
+def baseline(x, w, topk_ids, *, gather: bool, activation=None, routed_weights=None, combine=False):
+    """What a torch user runs: transformers' eager loop over the hit experts in x's dtype."""
+    return _per_expert(x, w, topk_ids, gather, activation, routed_weights, combine, x.dtype)
+
+
+# --- the template ----------------------------------------------------------------------------------
+
+def routing(tokens: int, experts: int, top_k: int, generator: torch.Generator, device=None):
+    """(topk_ids int32 [tokens, top_k], weights fp32 [tokens, top_k]) of a softmax router over random
+    logits with the first SKEW_EXPERTS experts biased by SKEW_BIAS (real routers are skewed), weights
+    renormalised over the top_k (norm_topk_prob)."""
+    logits = torch.randn((tokens, experts), generator=generator)
+    logits[:, :SKEW_EXPERTS] += SKEW_BIAS
+    weights, ids = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    return ids.int().to(device), weights.to(device)
+
+
+def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
+    """x ~ N(0, 1) (gate_up: [m, k]; down: [m * topk, k]), w ~ N(0, 1/k); a skewed routing, packed
+    once per block_m of the space (``packs``: the tuner times the GEMM, not the pack)."""
+    m, n, k, e, topk, act = (problem[d] for d in ("m", "n", "k", "experts", "topk", "act"))
+    dt = problem.torch_dtype
+    g = torch.Generator().manual_seed(seed)
+    ids, weights = routing(m, e, topk, g, device)
+    x = torch.randn((m if act else m * topk, k), generator=g).to(dt).to(device)
+    w = (torch.randn((e, n, k), generator=g) / max(k, 1) ** 0.5).to(dt).to(device)
+    packs = {bm: pack_reference(ids, e, bm) for bm in BLOCK_MS}
+    out = torch.empty((m * topk, n // 2) if act else (m, n), dtype=dt, device=device)
+    return {"x": x, "w": w, "packs": packs, "topk_ids": ids, "routed_weights": None if act else weights,
+            "act": act, "out": out}
+
+
+def _launch(x, w, packs: Mapping[int, Packed], topk_ids, routed_weights, act, out=None, config=None):
+    """The template's launch: the planned use of each problem (act 1: gate_up; 0: down, combined),
+    with the pack of the config's block_m."""
+    top_k = topk_ids.shape[1]
+    if config is None:
+        problem = Problem.make(OP, DTYPE_NAMES[x.dtype], m=topk_ids.shape[0], n=w.shape[1], k=w.shape[2],
+                               experts=w.shape[0], topk=top_k, act=act)
+        config = default_config(problem, launch_spec(x.device, persistent=False))
+    return moe_gemm(x, w, packs[config["block_m"]], top_k=top_k, gather=bool(act),
+                    activation="silu_mul" if act else None, routed_weights=routed_weights, combine=not act,
+                    out=out, config=config)
+
+
+def _reference(x, w, packs, topk_ids, routed_weights, act):
+    return reference(x, w, topk_ids, gather=bool(act), activation="silu_mul" if act else None,
+                     routed_weights=routed_weights, combine=not act)
+
+
+def _baseline(x, w, packs, topk_ids, routed_weights, act):
+    return baseline(x, w, topk_ids, gather=bool(act), activation="silu_mul" if act else None,
+                    routed_weights=routed_weights, combine=not act)
+
+
+def work(problem: Problem) -> tuple[float, float]:
+    """2 (m topk) n k flops; the hit experts' weights (uniform routing's expected count), x and the
+    output moved once."""
+    m, n, k, e, topk, act = (problem[d] for d in ("m", "n", "k", "experts", "topk", "act"))
+    active = e * (1.0 - (1.0 - 1.0 / e) ** (m * topk))
+    out = m * topk * n // 2 if act else m * n
+    return 2.0 * m * topk * n * k, float((active * n * k + (m if act else m * topk) * k + out) * ELEM_SIZE[problem.dtype])
+
+
+def cost(problem: Problem, config: Optional[dict], spec: DeviceSpec) -> float:
+    """The cost model's grouped-GEMM estimate (None: the per-expert loop)."""
+    return moe_gemm_time(problem["m"], problem["n"], problem["k"], problem["experts"], problem["topk"], config,
+                         spec, problem.dtype)
+
+
+TEMPLATE = register(Template(
+    op=OP, space=space, make_inputs=make_inputs, launch=_launch, reference=_reference, baseline=_baseline,
+    default_config=default_config, work=work, cost=cost, constraints=CONSTRAINTS,
+    doc="grouped expert GEMM over moe_pack's blocks: gathered rows, fused silu_mul or weighted combine"))
