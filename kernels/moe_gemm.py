@@ -25,6 +25,7 @@ Slots the pack dropped (expert ids outside [0, E)) are not written without ``com
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Optional
 
 import torch
@@ -40,7 +41,7 @@ from tuneforge.kernels._common import check_tensor, checked_config, first_reject
 from tuneforge.kernels.gemm import _k_block, grouped_tile
 from tuneforge.kernels.moe_pack import Packed, max_padded
 from tuneforge.kernels.moe_pack import reference as pack_reference
-from tuneforge.dsl.roofline import moe_gemm_time
+from tuneforge.dsl.roofline import gemm_config_time
 from tuneforge.dsl.devices import DeviceSpec
 
 OP = "moe_gemm"
@@ -337,15 +338,14 @@ def baseline(x, w, topk_ids, *, gather: bool, activation=None, routed_weights=No
 
 # --- the template ----------------------------------------------------------------------------------
 
-def routing(tokens: int, experts: int, top_k: int, generator: torch.Generator, device=None):
-    """(topk_ids int32 [tokens, top_k], weights fp32 [tokens, top_k]) of a softmax router over random
-    logits with the first SKEW_EXPERTS experts biased by SKEW_BIAS (real routers are skewed), weights
-    renormalised over the top_k (norm_topk_prob)."""
-    logits = torch.randn((tokens, experts), generator=generator)
+def routing(tokens: int, experts: int, top_k: int, generator: torch.Generator):
+    """(topk_ids int32 [tokens, top_k], weights fp32 [tokens, top_k]) on the generator's device: a
+    softmax router over random logits with the first SKEW_EXPERTS experts biased by SKEW_BIAS (real
+    routers are skewed), the weights renormalised over the top_k (norm_topk_prob)."""
+    logits = torch.randn((tokens, experts), generator=generator, device=generator.device)
     logits[:, :SKEW_EXPERTS] += SKEW_BIAS
     weights, ids = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
-    weights = weights / weights.sum(-1, keepdim=True)
-    return ids.int().to(device), weights.to(device)
+    return ids.int(), weights / weights.sum(-1, keepdim=True)
 
 
 def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
@@ -353,10 +353,10 @@ def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
     once per block_m of the space (``packs``: the tuner times the GEMM, not the pack)."""
     m, n, k, e, topk, act = (problem[d] for d in ("m", "n", "k", "experts", "topk", "act"))
     dt = problem.torch_dtype
-    g = torch.Generator().manual_seed(seed)
-    ids, weights = routing(m, e, topk, g, device)
-    x = torch.randn((m if act else m * topk, k), generator=g).to(dt).to(device)
-    w = (torch.randn((e, n, k), generator=g) / max(k, 1) ** 0.5).to(dt).to(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    ids, weights = routing(m, e, topk, g)
+    x = torch.randn((m if act else m * topk, k), generator=g, device=device).to(dt)
+    w = (torch.randn((e, n, k), generator=g, device=device) / max(k, 1) ** 0.5).to(dt)
     packs = {bm: pack_reference(ids, e, bm) for bm in BLOCK_MS}
     out = torch.empty((m * topk, n // 2) if act else (m, n), dtype=dt, device=device)
     return {"x": x, "w": w, "packs": packs, "topk_ids": ids, "routed_weights": None if act else weights,
@@ -396,9 +396,18 @@ def work(problem: Problem) -> tuple[float, float]:
 
 
 def cost(problem: Problem, config: Optional[dict], spec: DeviceSpec) -> float:
-    """The cost model's grouped-GEMM estimate (None: the per-expert loop)."""
-    return moe_gemm_time(problem["m"], problem["n"], problem["k"], problem["experts"], problem["topk"], config,
-                         spec, problem.dtype)
+    """m tokens x topk routes spread over the experts (uniform routing: the expected number of
+    distinct experts hit); each hit expert streams its whole weight (gemm's tile model). The baseline
+    (an eager loop over experts) launches one GEMM per hit expert; the grouped kernel launches once."""
+    m, n, k, experts, topk = (problem[d] for d in ("m", "n", "k", "experts", "topk"))
+    routes = m * topk
+    active = experts * (1.0 - (1.0 - 1.0 / experts) ** routes)
+    rows = max(1, math.ceil(routes / active))
+    launch = spec.launch_us * 1e-6
+    per_expert = gemm_config_time(rows, n, k, config, spec, problem.dtype) - launch
+    if config is None or config.get("baseline"):
+        return active * (per_expert + 3 * launch)          # index_select, linear, index_add per expert
+    return active * per_expert + launch
 
 
 TEMPLATE = register(Template(
