@@ -16,7 +16,8 @@ some of the experts can pass the others as -1.
 
 Three launches: ``_count`` (per chunk of ``block`` slots, its count per expert; it also fills
 ``sorted_ids`` with the sentinel), ``_offsets`` (one program: each expert's padded start, each chunk's
-start in its expert's run, ``block_expert``, ``padded_count``), ``_scatter`` (each slot's destination:
+start in its expert's run, ``block_expert``, ``padded_count``; it reads the counts a
+[chunks, experts] tile at a time), ``_scatter`` (each slot's destination:
 its chunk's start plus its rank among the chunk's slots of that expert, a cumulative sum of the
 one-hot [block, experts] tile). The tuned parameters are the chunk size and the warps.
 """
@@ -33,6 +34,7 @@ from tuneforge.errors import InputError
 from tuneforge.kernels._common import MAX_TILE_ELEMENTS, MAX_ELEMENTS_PER_THREAD
 
 OP = "moe_pack"
+_FILL = 1024     # sentinel stores per loop step of _count's fill (its share: max_padded / chunks)
 
 
 class Packed(NamedTuple):
@@ -89,7 +91,7 @@ def _buffer(out, topk_ids, num_experts, block_m) -> torch.Tensor:
 
 @triton.jit
 def _count_kernel(ids_ptr, counts_ptr, sorted_ptr, slots, experts, padded, fill_per_program,
-                  BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+                  BLOCK: tl.constexpr, E_PAD: tl.constexpr, FILL: tl.constexpr):
     chunk = tl.program_id(0)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     ids = tl.load(ids_ptr + offs, mask=offs < slots, other=-1).to(tl.int32)
@@ -98,26 +100,35 @@ def _count_kernel(ids_ptr, counts_ptr, sorted_ptr, slots, experts, padded, fill_
     tl.store(counts_ptr + chunk * experts + experts_range, tl.sum(hot, axis=0), mask=experts_range < experts)
     # this program's share of the sentinel fill (_scatter, a later launch, overwrites the used slots)
     start = chunk * fill_per_program
-    for i in range(start, start + fill_per_program, BLOCK):
-        fill = i + tl.arange(0, BLOCK)
-        tl.store(sorted_ptr + fill, tl.full([BLOCK], 0, tl.int32) + slots,
+    for i in range(start, start + fill_per_program, FILL):
+        fill = i + tl.arange(0, FILL)
+        tl.store(sorted_ptr + fill, tl.full([FILL], 0, tl.int32) + slots,
                  mask=(fill < start + fill_per_program) & (fill < padded))
 
 
 @triton.jit
 def _offsets_kernel(counts_ptr, offsets_ptr, block_expert_ptr, padded_count_ptr, chunks, experts, blocks,
-                    BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, BLOCKS_TILE: tl.constexpr):
+                    BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNKS_TILE: tl.constexpr,
+                    BLOCKS_TILE: tl.constexpr):
     experts_range = tl.arange(0, E_PAD)
     e_ok = experts_range < experts
     total = tl.zeros([E_PAD], dtype=tl.int32)
-    for c in range(0, chunks):
-        total += tl.load(counts_ptr + c * experts + experts_range, mask=e_ok, other=0)
+    for c0 in range(0, chunks, CHUNKS_TILE):                # [CHUNKS_TILE, experts] counts per step
+        c = c0 + tl.arange(0, CHUNKS_TILE)
+        tile_mask = (c < chunks)[:, None] & e_ok[None, :]
+        total += tl.sum(tl.load(counts_ptr + c[:, None] * experts + experts_range[None, :], mask=tile_mask,
+                                other=0), axis=0)
     padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     end = tl.cumsum(padded, axis=0)                        # each expert's padded end (inclusive scan)
     running = end - padded                                 # the next free slot of each expert's run
-    for c in range(0, chunks):                             # chunks in order: the sort is stable
-        tl.store(offsets_ptr + c * experts + experts_range, running, mask=e_ok)
-        running += tl.load(counts_ptr + c * experts + experts_range, mask=e_ok, other=0)
+    for c0 in range(0, chunks, CHUNKS_TILE):               # chunks in order: the sort is stable
+        c = c0 + tl.arange(0, CHUNKS_TILE)
+        tile_mask = (c < chunks)[:, None] & e_ok[None, :]
+        where = c[:, None] * experts + experts_range[None, :]
+        counts = tl.load(counts_ptr + where, mask=tile_mask, other=0)
+        before = tl.cumsum(counts, axis=0) - counts        # earlier chunks of this tile, per expert
+        tl.store(offsets_ptr + where, running[None, :] + before, mask=tile_mask)
+        running += tl.sum(counts, axis=0)
     padded_count = tl.sum(padded, axis=0)
     tl.store(padded_count_ptr, padded_count)
     # a block's expert: how many experts' padded runs end at or before its first slot
@@ -158,13 +169,13 @@ def pack(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, out: Optiona
     ids = topk_ids.reshape(-1)
     counts = torch.empty(chunks, num_experts, dtype=torch.int32, device=buf.device)
     offsets = torch.empty_like(counts)
-    fill = triton.cdiv(triton.cdiv(padded, chunks), cfg["block"]) * cfg["block"]
+    fill = triton.cdiv(padded, chunks)
     _count_kernel[(chunks,)](ids, counts, packed.sorted_ids, slots, num_experts, padded, fill,
-                             BLOCK=cfg["block"], E_PAD=e_pad, num_warps=cfg["num_warps"])
+                             BLOCK=cfg["block"], E_PAD=e_pad, FILL=_FILL, num_warps=cfg["num_warps"])
     blocks = padded // block_m
+    tile = lambda n: max(1, min(triton.next_power_of_2(n), MAX_TILE_ELEMENTS // e_pad))  # noqa: E731
     _offsets_kernel[(1,)](counts, offsets, packed.block_expert, packed.padded_count, chunks, num_experts, blocks,
-                          BLOCK_M=block_m, E_PAD=e_pad, BLOCKS_TILE=max(1, min(triton.next_power_of_2(blocks),
-                                                                               MAX_TILE_ELEMENTS // e_pad)),
+                          BLOCK_M=block_m, E_PAD=e_pad, CHUNKS_TILE=tile(chunks), BLOCKS_TILE=tile(blocks),
                           num_warps=4)
     _scatter_kernel[(chunks,)](ids, offsets, packed.sorted_ids, slots, num_experts,
                                BLOCK=cfg["block"], E_PAD=e_pad, num_warps=cfg["num_warps"])
