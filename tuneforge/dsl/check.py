@@ -15,6 +15,7 @@ TOLERANCE = {
     torch.float32: (2e-4, 2e-4),
     torch.float16: (2e-3, 4e-3),
     torch.bfloat16: (1.6e-2, 1.6e-2),
+    torch.int32: (0.0, 0.0),      # ids, counts, offsets (moe_pack): exact
 }
 
 
@@ -78,13 +79,21 @@ def poison(t: torch.Tensor) -> torch.Tensor:
 
 
 def check(template, problem: Problem, config: dict, *, device="cpu", seed: int = 0, ctx=None,
-          inputs: Optional[dict] = None) -> CheckResult:
-    """Run ``config`` once on fresh (or given) inputs with a poisoned output; compare with the reference."""
+          inputs: Optional[dict] = None, reference: Optional[torch.Tensor] = None,
+          scale: float = 1.0) -> CheckResult:
+    """Run ``config`` once on fresh (or given) inputs with a poisoned output; compare with the reference
+    (given, or computed from the inputs after the launch). The one run-and-compare of the tests, the
+    tuner's benches and its verifiers; ``scale`` as in ``compare`` (``interpreter_scale`` under the
+    interpreter)."""
     if inputs is None:
         inputs = template.make_inputs(problem, torch.device(device), seed, ctx)
-    poison(inputs["out"])
-    out = template.launch(**inputs, config=config)
+    out = poison(inputs["out"])
+    got = template.launch(**inputs, config=config)
+    got = out if got is None else got
     if ctx is not None and hasattr(ctx, "synchronize"):
         ctx.synchronize()
-    ref = template.reference(**split_out(inputs))
-    return compare(out, ref, out.dtype)
+    elif got.is_cuda:
+        torch.cuda.synchronize(got.device)
+    if reference is None:
+        reference = template.reference(**split_out(inputs))
+    return compare(got, reference, got.dtype, scale=scale)
