@@ -80,7 +80,7 @@ def run(world, args) -> list[dict]:
     from tuneforge.dsl import Problem, check, get
     from tuneforge.dsl.check import split_out
     from tuneforge.dsl.heap import SymmetricHeap
-    from tuneforge.tune.devices import local_device
+    from tuneforge.dsl.devices import local_device
     from tuneforge.tune.measure import time_calls
 
     smoke = world.shared_gpu or world.device.type == "cpu"

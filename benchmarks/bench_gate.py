@@ -8,7 +8,7 @@ For every token count: the fused kernel (the template's default config), the tor
 template names (for the gate: sigmoid, broadcast multiply, add, as Qwen3-Next's modelling code runs
 it; plus ``torch.addcmul`` as a stronger one-kernel torch form), and the floor = minimum bytes moved
 (``template.work``) / HBM bandwidth, both as measured in this run by a 1 GiB device-to-device copy and
-as the datasheet figure of ``tuneforge.tune.devices.local_device()``. Each output is checked against
+as the datasheet figure of ``tuneforge.dsl.devices.local_device()``. Each output is checked against
 the reference first (up to ``--check-max-tokens``). Timing: CUDA graphs of calls over input sets
 rotated so that together they exceed twice the L2 (``--timing events``: one call per sample after an
 L2 flush, launch overhead included). Target (shared_expert_gate, >= 4096 tokens): >= 2x the torch
@@ -30,7 +30,7 @@ import tuneforge  # noqa: E402,F401  (sets TRITON_INTERPRET=1 without a GPU)
 from benchmarks.common import print_table, write_results  # noqa: E402
 from tuneforge.dsl import Problem, check, get  # noqa: E402
 from tuneforge.dsl.check import split_out  # noqa: E402
-from tuneforge.tune.devices import local_device  # noqa: E402
+from tuneforge.dsl.devices import local_device  # noqa: E402
 from tuneforge.tune.measure import time_calls  # noqa: E402
 
 OPS = ("shared_expert_gate", "rmsnorm", "silu_mul", "rope_qk_norm")

@@ -57,7 +57,7 @@ class Environment:
 
     @staticmethod
     def predicted(spec, world_size: int = 1) -> "Environment":
-        """A target modelled by the cost model (``spec`` is a tuneforge.tune.devices.DeviceSpec)."""
+        """A target modelled by the cost model (``spec`` is a tuneforge.dsl.devices.DeviceSpec)."""
         import torch
         import triton
         return Environment(spec.name, spec.sms, float(spec.memory_gb), world_size,

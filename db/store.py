@@ -746,7 +746,7 @@ def _read_export(path: Path) -> tuple[list[tuple[int, Winner, list]], list[tuple
 def _device_of(env: Environment):
     """The device spec a winner's constraints are checked on: the predicted target's spec, or the
     measured GPU's (its own SM count and memory), as the tuner checked them."""
-    from tuneforge.tune.devices import gpu_spec, spec
+    from tuneforge.dsl.devices import gpu_spec, spec
     if env.predicted:
         return spec(env.gpu_name)
     return replace(gpu_spec(env.gpu_name), sms=env.sm_count, memory_gb=env.memory_gb)

@@ -23,9 +23,9 @@ import triton.language as tl
 import tuneforge
 from tuneforge.dsl import Problem, Space, categorical, pow2
 from tuneforge.errors import ConfigRejected, InputError
-from tuneforge.tune.costmodel import elementwise_time, roofline
+from tuneforge.dsl.roofline import elementwise_time, roofline
 from tuneforge.dsl.comm import MAX_SLOTS
-from tuneforge.tune.devices import DEFAULT_TARGET, SPECS, DeviceSpec, local_device
+from tuneforge.dsl.devices import DEFAULT_TARGET, SPECS, DeviceSpec, local_device
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A tile holds at most this many elements per live fp32 tensor: more spills registers on every target.

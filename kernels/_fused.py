@@ -15,7 +15,7 @@ import tuneforge
 from tuneforge.dsl import Problem, Template, categorical, pow2
 from tuneforge.kernels import gemm as G
 from tuneforge.kernels._common import checked_config, launch_spec
-from tuneforge.tune import costmodel
+from tuneforge.dsl.roofline import gemm_config_time
 
 STARTED = tl.constexpr(3)  # channel signal kind: "this rank started the launch" (the 'barrier' kind)
 SIGNALS = ("rank", "chunk", "tile")
@@ -168,5 +168,5 @@ def signal_steps(config: dict, rows: int, world: int) -> int:
 
 def fused_gemm_time(problem: Problem, k: int, config: dict, spec, reserved_sms: int) -> float:
     """The compute part: gemm's tile model for the whole m x n, on the SMs the comm programs leave."""
-    g = costmodel.gemm_config_time(problem["m"], problem["n"], k, {**config, "split_k": 1}, spec, problem.dtype)
+    g = gemm_config_time(problem["m"], problem["n"], k, {**config, "split_k": 1}, spec, problem.dtype)
     return g * spec.sms / max(1, spec.sms - reserved_sms)

@@ -7,7 +7,7 @@ import triton
 from tuneforge.dsl.problem import Problem
 from tuneforge.dsl.space import Space, categorical, pow2
 from tuneforge.kernels._common import first_rejection
-from tuneforge.tune.devices import DeviceSpec
+from tuneforge.dsl.devices import DeviceSpec
 
 ELEM_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 # fp32 accumulator registers per thread a config may need (BM*BN / threads); beyond it ptxas spills.

@@ -23,7 +23,7 @@ from tuneforge.dsl.comm import (epoch_begin, epoch_end, remote_store, row_split,
                                 translate, wait)
 from tuneforge.kernels._common import check_tensor, comm_tile_default, comm_tile_space, rank_generator
 from tuneforge.errors import InputError
-from tuneforge.tune import costmodel
+from tuneforge.dsl.roofline import alpha_beta, comm_efficiency, nccl_time
 
 
 @triton.jit
@@ -166,8 +166,8 @@ def work(problem: Problem) -> tuple[float, float]:
 def cost(problem: Problem, config: dict | None, spec) -> float:
     shard = problem["m"] * problem["n"] * problem.torch_dtype.itemsize / problem.world
     if config is None:
-        return costmodel.nccl_time("allgather", shard, problem.world, spec)
-    t = costmodel.alpha_beta(shard, problem.world, spec, "allgather", costmodel.comm_efficiency(config))
+        return nccl_time("allgather", shard, problem.world, spec)
+    t = alpha_beta(shard, problem.world, spec, "allgather", comm_efficiency(config))
     if config["variant"] == "push":      # received tiles are copied from staging to out
         t += problem["m"] * problem["n"] * problem.torch_dtype.itemsize * 2 / spec.hbm_bytes_per_s
     return t + spec.launch_us * 1e-6

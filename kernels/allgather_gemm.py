@@ -44,7 +44,7 @@ from tuneforge.kernels._fused import (COMM_SMS, FLAG_OVERHEAD_S, STARTED, chunk_
                                       comm_space, compute_programs, default_comm_sms, descriptor, fused_gemm_time,
                                       plan_config, seg_rows_of, signal_steps, tile_constraints, tile_defaults,
                                       tile_space)
-from tuneforge.tune import costmodel
+from tuneforge.dsl.roofline import alpha_beta, comm_efficiency, gemm_config_time, nccl_time, overlap
 
 COPY_BLOCK = 1024          # elements one communication program moves per step
 # The fused AG-GEMM kernel compiles two pipelined K loops (the local chunk read from x, the gathered
@@ -323,14 +323,14 @@ def cost(problem: Problem, config: dict | None, spec) -> float:
     size = problem.torch_dtype.itemsize
     shard = m * k * size / w
     if config is None:
-        return costmodel.gemm_config_time(m, n, k, None, spec, problem.dtype) + costmodel.nccl_time(
+        return gemm_config_time(m, n, k, None, spec, problem.dtype) + nccl_time(
             "allgather", shard, w, spec)
     g = fused_gemm_time(problem, k, config, spec, config["comm_sms"])
-    comm = costmodel.alpha_beta(shard, w, spec, "allgather", costmodel.comm_efficiency(config))
+    comm = alpha_beta(shard, w, spec, "allgather", comm_efficiency(config))
     if config["variant"] == "pull":
         comm += 2 * shard / spec.hbm_bytes_per_s
     steps = signal_steps(config, triton.cdiv(m, w), w)
-    return costmodel.overlap(g, comm, spec, 0.9 * (1 - 1 / steps)) + steps * FLAG_OVERHEAD_S / config["comm_sms"]
+    return overlap(g, comm, spec, 0.9 * (1 - 1 / steps)) + steps * FLAG_OVERHEAD_S / config["comm_sms"]
 
 
 _gemm_launchable, _tiles_fit = tile_constraints("k", AG_PIPELINES)

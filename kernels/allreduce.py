@@ -26,7 +26,7 @@ from tuneforge.kernels._common import check_tensor, comm_tile_default, comm_tile
 from tuneforge.errors import InputError
 from tuneforge.kernels.allgather import collect_shares, publish_tile
 from tuneforge.kernels.reducescatter import reduce_tile, scatter_shares, staging_elems
-from tuneforge.tune import costmodel
+from tuneforge.dsl.roofline import alpha_beta, comm_efficiency, nccl_time
 
 # Messages up to this size default to one_shot (latency-bound), larger to two_shot.
 ONE_SHOT_MAX_BYTES = 1 << 20
@@ -171,8 +171,8 @@ def work(problem: Problem) -> tuple[float, float]:
 def cost(problem: Problem, config: dict | None, spec) -> float:
     nbytes = problem["m"] * problem["n"] * problem.torch_dtype.itemsize
     if config is None:
-        return costmodel.nccl_time("allreduce", nbytes, problem.world, spec)
-    t = costmodel.alpha_beta(nbytes, problem.world, spec, config["strategy"], costmodel.comm_efficiency(config))
+        return nccl_time("allreduce", nbytes, problem.world, spec)
+    t = alpha_beta(nbytes, problem.world, spec, config["strategy"], comm_efficiency(config))
     if config["variant"] == "pull":       # x is staged locally before peers read it
         t += 2 * nbytes / spec.hbm_bytes_per_s
     return t + spec.launch_us * 1e-6

@@ -28,7 +28,7 @@ from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import InputError
 from tuneforge.kernels import gemm as G
 from tuneforge.kernels._common import check_tensor, launch_spec
-from tuneforge.tune.costmodel import roofline
+from tuneforge.dsl.roofline import roofline
 
 OP = "decode_attention"
 LOG2E = 1.4426950408889634

@@ -37,8 +37,8 @@ from tuneforge.kernels._common import check_linear, checked_config, launch_spec
 from tuneforge.kernels._gemm_space import (  # noqa: F401  (the policy fused kernels and tests use as gemm's)
     CONSTRAINTS, ELEM_SIZE, LAUNCH_CONSTRAINTS, SPLIT_K_MAX_M, default_config, portfolio, register_pressure,
     smem_overflow, space, split_width, tile_exceeds_problem, whole_tiles_config)
-from tuneforge.tune.costmodel import gemm_config_time, hybrid_split
-from tuneforge.tune.devices import DeviceSpec
+from tuneforge.dsl.roofline import gemm_config_time, hybrid_split
+from tuneforge.dsl.devices import DeviceSpec
 
 # --- device building blocks ---------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from tuneforge.kernels._fused import (COMM_SMS, FLAG_OVERHEAD_S, STARTED, chunk_
                                       plan_config, seg_rows_of, signal_steps, tile_constraints, tile_defaults,
                                       tile_space)
 from tuneforge.kernels.reducescatter import staging_elems
-from tuneforge.tune import costmodel
+from tuneforge.dsl.roofline import alpha_beta, comm_efficiency, gemm_config_time, nccl_time, overlap
 
 REDUCE_BLOCK = 1024        # elements a reducing program sums per step
 
@@ -254,13 +254,13 @@ def cost(problem: Problem, config: dict | None, spec) -> float:
     size = problem.torch_dtype.itemsize
     nbytes = m * n * size
     if config is None:
-        return costmodel.gemm_config_time(m, n, k, None, spec, problem.dtype) + costmodel.nccl_time(
+        return gemm_config_time(m, n, k, None, spec, problem.dtype) + nccl_time(
             "reducescatter", nbytes, w, spec)
     fused = config["reduce"] == "fused"
     g = fused_gemm_time(problem, k, config, spec, config["comm_sms"] if fused else 0)
-    comm = costmodel.alpha_beta(nbytes, w, spec, "reducescatter", costmodel.comm_efficiency(config))
+    comm = alpha_beta(nbytes, w, spec, "reducescatter", comm_efficiency(config))
     steps = signal_steps(config, triton.cdiv(m, w), w)
-    t = costmodel.overlap(g, comm, spec, 0.9 * (1 - 1 / steps)) + steps * FLAG_OVERHEAD_S / config["comm_sms"]
+    t = overlap(g, comm, spec, 0.9 * (1 - 1 / steps)) + steps * FLAG_OVERHEAD_S / config["comm_sms"]
     if not fused:
         t += nbytes / spec.hbm_bytes_per_s + spec.launch_us * 1e-6
     return t

@@ -21,7 +21,7 @@ from tuneforge.dsl.comm import (epoch_begin, epoch_end, remote_load, row_split, 
                                 translate, wait_peers)
 from tuneforge.kernels._common import check_tensor, comm_tile_default, comm_tile_space, rank_generator
 from tuneforge.errors import InputError
-from tuneforge.tune import costmodel
+from tuneforge.dsl.roofline import alpha_beta, comm_efficiency, nccl_time
 
 
 @triton.jit
@@ -167,8 +167,8 @@ def work(problem: Problem) -> tuple[float, float]:
 def cost(problem: Problem, config: dict | None, spec) -> float:
     nbytes = problem["m"] * problem["n"] * problem.torch_dtype.itemsize
     if config is None:
-        return costmodel.nccl_time("reducescatter", nbytes, problem.world, spec)
-    t = costmodel.alpha_beta(nbytes, problem.world, spec, "reducescatter", costmodel.comm_efficiency(config))
+        return nccl_time("reducescatter", nbytes, problem.world, spec)
+    t = alpha_beta(nbytes, problem.world, spec, "reducescatter", comm_efficiency(config))
     if config["variant"] == "pull":      # the rows others own are staged locally first
         t += 2 * nbytes * (problem.world - 1) / problem.world / spec.hbm_bytes_per_s
     return t + spec.launch_us * 1e-6

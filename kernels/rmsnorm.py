@@ -26,7 +26,7 @@ import triton.language as tl
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.errors import InputError
 from tuneforge.kernels._common import check_tensor, launch_spec, output_tensor, row_tile_cost, tile_constraints
-from tuneforge.tune.costmodel import elementwise_time
+from tuneforge.dsl.roofline import elementwise_time
 
 OP = "rmsnorm"
 QWEN3_EPS = 1e-6

@@ -32,7 +32,7 @@ from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.errors import InputError
 from tuneforge.kernels._common import (MAX_ELEMENTS_PER_THREAD, MAX_TILE_ELEMENTS, check_tensor, launch_spec,
                                        output_tensor)
-from tuneforge.tune.costmodel import elementwise_time, roofline
+from tuneforge.dsl.roofline import elementwise_time, roofline
 
 OP = "rope_qk_norm"
 QWEN3_THETA = 1_000_000.0

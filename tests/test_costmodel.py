@@ -1,12 +1,14 @@
-"""The cost model's closed forms: they must rank configs the way hardware does for the effects they model."""
+"""The cost model's closed forms (tuneforge.dsl.roofline) must rank configs the way hardware does for the
+effects they model; predict dispatches each op to its template's cost."""
 import math
 from dataclasses import replace
 
 import pytest
 
-from tuneforge.dsl import Problem
-from tuneforge.tune import costmodel as cm
-from tuneforge.tune.devices import spec
+from tuneforge.dsl import Problem, get
+from tuneforge.dsl import roofline as cm
+from tuneforge.dsl.devices import spec
+from tuneforge.tune.costmodel import predict
 
 H100, MI308X = spec("H100"), spec("MI308X")
 
@@ -77,11 +79,11 @@ def test_predict_is_deterministic_distinguishes_configs_and_knows_the_baseline()
     p = Problem.make("gemm", m=64, n=10240, k=5120)
     configs = [dict(block_m=bm, block_n=bn, block_k=64, num_stages=3, num_warps=4) for bm in (16, 64, 128)
                for bn in (64, 128, 256)]
-    times = [cm.predict(None, p, c, H100) for c in configs]
-    assert times == [cm.predict(None, p, c, H100) for c in configs]
+    times = [predict(None, p, c, H100) for c in configs]
+    assert times == [predict(None, p, c, H100) for c in configs]
     assert len(set(times)) >= 6
-    base = cm.predict(None, p, None, H100)
-    assert base == cm.predict(None, p, {"baseline": True}, H100)
+    base = predict(None, p, None, H100)
+    assert base == predict(None, p, {"baseline": True}, H100)
     flops, nbytes = 2 * 64 * 10240 * 5120, (64 * 5120 + 10240 * 5120 + 64 * 10240) * 2
     sol = max(flops / 989e12, nbytes / 3350e9)
     assert all(t > sol for t in times + [base])
@@ -95,21 +97,34 @@ def test_predict_is_deterministic_distinguishes_configs_and_knows_the_baseline()
     ("allreduce", dict(m=16, n=5120)), ("allgather", dict(m=16, n=5120)),
     ("ag_gemm", dict(m=256, n=3200, k=5120)), ("gemm_rs", dict(m=256, n=5120, k=3200)),
     ("tp_mlp", dict(m=16, hidden=5120, inter=3200)), ("tp_attn", dict(m=16, hidden=5120, qkv=1280, o_in=1024)),
+    ("moe_gemm", dict(m=16, n=1536, k=2048, experts=128, topk=8, act=1)),
 ])
-def test_predict_covers_every_planned_op_without_a_template(op, dims):
+def test_predict_without_a_template_dispatches_to_the_registered_ones_cost(op, dims):
+    """One cost per op: the model has no copy of its own that could drift from the template's."""
     p = Problem.make(op, world=8, **dims)
-    t = cm.predict(None, p, None, H100)
-    assert math.isfinite(t) and t > 0
+    template = get(op)
+    config = template.default_config(p, H100)
+    assert predict(None, p, None, H100) == template.cost(p, None, H100)
+    assert predict(None, p, config, H100) == template.cost(p, config, H100)
+    assert math.isfinite(predict(None, p, config, H100)) and predict(None, p, config, H100) > 0
+
+
+def test_predict_refuses_an_op_without_a_template():
+    with pytest.raises(KeyError, match="no cost model for op 'conv2d'"):
+        predict(None, Problem.make("conv2d", m=16, n=16), None, H100)
 
 
 def test_tp_strategies_trade_places_with_message_size():
+    """tp_mlp's cost: decode's one all-reduce beats gathering and scattering a single row; prefill's
+    overlapped ag_rs beats two GEMMs followed by a two-shot all-reduce."""
+    tp_mlp = get("tp_mlp")
     decode = Problem.make("tp_mlp", world=8, m=1, hidden=5120, inter=3200)
     prefill = Problem.make("tp_mlp", world=8, m=8192, hidden=5120, inter=3200)
-    tile = dict(block_m=128, block_n=256, block_k=64, num_stages=3, num_warps=8)
-    ar = {"strategy": "gemm_ar", **tile}
-    ag = {"strategy": "ag_rs", **tile}
-    assert cm.predict(None, decode, ar, H100) < cm.predict(None, decode, ag, H100)
-    assert cm.predict(None, prefill, ag, H100) < cm.predict(None, prefill, {**ar, "ar_strategy": "two_shot"}, H100)
+
+    def time(p, strategy, **override):
+        return predict(None, p, {**tp_mlp.default_config(p, H100, strategy=strategy), **override}, H100)
+    assert time(decode, "gemm_ar") < time(decode, "ag_rs")
+    assert time(prefill, "ag_rs") < time(prefill, "gemm_ar", ar_strategy="two_shot")
 
 
 def _geomean(values) -> float:

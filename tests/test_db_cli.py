@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from tuneforge.db.store import Store
 from tuneforge.dsl import all_templates, get
 from tuneforge.dsl.problem import Problem
-from tuneforge.tune.devices import spec
+from tuneforge.dsl.devices import spec
 
 from test_store import H100, H100_PREDICTED, H200, gemm, real_config, winner
 

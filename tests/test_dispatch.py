@@ -12,7 +12,7 @@ from tuneforge.db.store import Store, Winner
 from tuneforge.dsl import Problem, get
 from tuneforge.engine.dispatch import DispatchTable, Ops, open_ops
 from tuneforge.errors import InputError
-from tuneforge.tune.devices import spec
+from tuneforge.dsl.devices import spec
 
 H100 = Environment("NVIDIA H100 80GB HBM3", 132, 79.1, 1, "single-gpu", "2.11.0", "3.6.0", "12.8", False)
 

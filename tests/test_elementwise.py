@@ -18,7 +18,7 @@ from tuneforge.errors import InputError
 from tuneforge.kernels import rmsnorm as rms
 from tuneforge.kernels import rope
 from tuneforge.kernels import silu_mul as sm
-from tuneforge.tune.devices import spec
+from tuneforge.dsl.devices import spec
 
 DTYPES = ("fp32", "fp16", "bf16")
 H100 = spec("H100")
@@ -280,7 +280,7 @@ def test_gpu_default_config_real_shapes(op, m, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", sorted(CASES))
 def test_gpu_sampled_configs(op):
-    from tuneforge.tune.devices import local_device
+    from tuneforge.dsl.devices import local_device
     _, real, narrow_key = CASES[op]
     template, problem = get(op), Problem.make(op, "bf16", **{**real, "m": 1000})
     for config in valid_configs(template, problem, local_device(), 12, seed=3, narrow_key=narrow_key):

@@ -22,7 +22,7 @@ from tuneforge.errors import InputError, UnknownModel
 from tuneforge.models.configs import load_config
 from tuneforge.models.loading import load_model, load_weights
 from tuneforge.models.qwen3 import Qwen3, Shard
-from tuneforge.tune.devices import SPECS
+from tuneforge.dsl.devices import SPECS
 from tuneforge.tune.plan import plan
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

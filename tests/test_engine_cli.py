@@ -13,7 +13,7 @@ from tuneforge.cli import build_parser, main
 from tuneforge.db.environment import Environment
 from tuneforge.db.store import Store, Winner
 from tuneforge.dsl import Problem, get
-from tuneforge.tune.devices import spec
+from tuneforge.dsl.devices import spec
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="without a GPU the table is the H100 prediction")
 

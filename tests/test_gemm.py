@@ -12,7 +12,7 @@ import triton.language as tl
 from tuneforge.dsl import Problem, check, compare, get
 from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.kernels import gemm as G
-from tuneforge.tune.devices import SPECS
+from tuneforge.dsl.devices import SPECS
 
 DTYPES = ["fp32", "fp16", "bf16"]
 CPU = torch.device("cpu")

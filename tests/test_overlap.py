@@ -188,7 +188,7 @@ def test_costs_at_the_tuning_plan_shapes():
     """Qwen3-32B's TP linears as AG-GEMM / GEMM-RS problems: on an H100 the default config passes
     every constraint, the space has every communication choice, the cost model gives finite positive
     times, and at prefill size finer signals are predicted to hide more of the transfer."""
-    from tuneforge.tune.devices import DEFAULT_TARGET, SPECS
+    from tuneforge.dsl.devices import DEFAULT_TARGET, SPECS
     spec = SPECS[DEFAULT_TARGET]
     for tp in (2, 8):
         for m in (1, 128, 8192):

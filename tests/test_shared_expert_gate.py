@@ -86,7 +86,7 @@ def test_input_errors_are_one_line_and_name_the_problem(call, message):
 
 @pytest.mark.gpu
 def test_gpu_sampled_configs_and_modes():
-    from tuneforge.tune.devices import local_device
+    from tuneforge.dsl.devices import local_device
     problem = Problem.make("shared_expert_gate", "bf16", m=1000, n=5120)
     for config in valid_configs(TEMPLATE, problem, local_device(), 12, seed=1):
         result = check(TEMPLATE, problem, config, device="cuda")

@@ -21,7 +21,7 @@ from tuneforge.db.store import (ImportReport, Store, Winner, current_template_ha
 from tuneforge.dsl import get
 from tuneforge.dsl.problem import Problem
 from tuneforge.errors import DatabaseError, InputError
-from tuneforge.tune.devices import spec
+from tuneforge.dsl.devices import spec
 
 H100 = Environment("NVIDIA H100 80GB HBM3", 132, 79.1, 8, "nvlink-or-pcie", "2.11.0", "3.6.0", "12.8", False)
 H100_NEW_TORCH = replace(H100, torch_version="2.12.0")

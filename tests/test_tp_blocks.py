@@ -183,7 +183,7 @@ def test_block_sub_configs_fit_the_kernels_spaces():
     that gemm / allreduce / ag_gemm / gemm_rs accept at the shapes they run at; both strategies and
     their conditional parameters are in the space."""
     from tuneforge.kernels.tp_mlp import sub_configs
-    from tuneforge.tune.devices import DEFAULT_TARGET, SPECS
+    from tuneforge.dsl.devices import DEFAULT_TARGET, SPECS
     spec = SPECS[DEFAULT_TARGET]
     rng = random.Random(0)
     for op, dims in BLOCKS.items():
@@ -216,7 +216,7 @@ def test_block_costs_at_the_tuning_plan_shapes():
     """The tp_mlp / tp_attn problems the tuning plan makes for Qwen3-32B at TP 2 and 8: default
     configs pass on an H100, both strategies have finite positive costs, and at TP 8 (where the
     communication is large next to each rank's GEMMs) ag_rs is predicted to win a long prefill."""
-    from tuneforge.tune.devices import DEFAULT_TARGET, SPECS
+    from tuneforge.dsl.devices import DEFAULT_TARGET, SPECS
     from tuneforge.tune.plan import plan
     spec = SPECS[DEFAULT_TARGET]
     for tp in (2, 8):

@@ -208,7 +208,7 @@ def test_measured_tuning_on_the_gpu(tiny_config, tmp_path):
 def test_the_measuring_bench_checks_before_it_times(tmp_path):
     """GpuBench's steps (reference check on poisoned output, timing, baseline, fresh-input verify) run
     here on the CPU under the interpreter; on a GPU the same code times with CUDA events/graphs."""
-    from tuneforge.tune.devices import spec
+    from tuneforge.dsl.devices import spec
     from tuneforge.tune.tuner import GpuBench, Tuner
     real = get("silu_mul")
     broken = dataclasses.replace(real, launch=_broken_launch, module=real.module)
@@ -294,7 +294,7 @@ def test_interpreter_verification_shrinks_a_hybrid_gemm_winner():
     capped alike the tile counts fill the interpreter's 4 SMs exactly, and shrink used to fall back
     to the whole problem (152 s of interpreting in the Qwen3-32B main job)."""
     from tuneforge.dsl.template import portable
-    from tuneforge.tune.devices import spec
+    from tuneforge.dsl.devices import spec
     from tuneforge.tune.tuner import shrink
     gemm = get("gemm")
     h100 = spec("H100")

@@ -67,7 +67,7 @@ def serving_spec(env: Environment):
     with only the hardware features this machine has (none under Triton's interpreter)."""
     from dataclasses import replace
     from tuneforge.kernels._common import launch_spec
-    from tuneforge.tune.devices import SPECS, local_device
+    from tuneforge.dsl.devices import SPECS, local_device
     here = None if tuneforge.INTERPRETED or not torch.cuda.is_available() else local_device()
     recorded = SPECS.get(env.gpu_name) if env.predicted else here
     recorded = recorded or launch_spec(torch.device("cpu"))
@@ -266,7 +266,7 @@ class DispatchTable:
 def environment(tp: int, target: Optional[str] = None) -> Environment:
     """The environment whose winners serve: this GPU measured at world size ``tp``, or without a GPU
     (or with ``target``) the cost model's prediction for ``target`` (default H100)."""
-    from tuneforge.tune.devices import DEFAULT_TARGET, spec
+    from tuneforge.dsl.devices import DEFAULT_TARGET, spec
     if torch.cuda.is_available() and target is None:
         return Environment.local(world_size=tp)
     return Environment.predicted(spec(target or DEFAULT_TARGET), world_size=tp)

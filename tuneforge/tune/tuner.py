@@ -47,7 +47,7 @@ from tuneforge.dsl.problem import Problem, canonical_config
 from tuneforge.dsl.template import Template, portable
 from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.tune import costmodel
-from tuneforge.tune.devices import DEFAULT_TARGET, DeviceSpec, local_device, spec as lookup_spec
+from tuneforge.dsl.devices import DEFAULT_TARGET, DeviceSpec, local_device, spec as lookup_spec
 from tuneforge.tune.measure import percent_of_light, time_calls
 from tuneforge.tune.plan import Plan, PlanItem
 
