@@ -6,7 +6,8 @@ program per (block of ``block_m`` sorted slots, ``block_n`` output columns); the
 from ``block_expert`` and its A rows are gathered through ``sorted_ids`` (``x`` [T, K] with
 ``gather``: row ``s // top_k``; else ``x`` [T * top_k, K]: row ``s``). The grid is sized by the pack's
 most blocks (shapes only): blocks past the device-side ``padded_count`` exit at once, so nothing is read
-back to the host and the launch captures in a CUDA graph. Padding slots (the sentinel ``T * top_k``)
+back to the host and the launch captures in a CUDA graph (nor more programs than there are slots: a
+used block holds at least one). Padding slots (the sentinel ``T * top_k``)
 read row 0 and are masked at the store.
 
 Epilogues, fused:
@@ -282,7 +283,9 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, packed: Packed, *, top_k: int, ga
     else:
         y = torch.empty((slots, n), dtype=x.dtype, device=x.device)
     bn = config["block_n"]
-    blocks = packed.block_expert.numel()
+    # the used blocks come first and each holds a slot: at most min(blocks, slots) of them (decode:
+    # top_k blocks, not the E * (block_m - 1) padding's worth the pack's size allows)
+    blocks = min(packed.block_expert.numel(), slots)
     interpreted = tuneforge.INTERPRETED
     _moe_gemm_kernel[(blocks * triton.cdiv(out_n, bn),)](
         x, w, y, packed.sorted_ids, packed.block_expert, packed.padded_count,
