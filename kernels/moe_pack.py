@@ -34,6 +34,9 @@ from tuneforge.errors import InputError
 from tuneforge.kernels._common import MAX_TILE_ELEMENTS, MAX_ELEMENTS_PER_THREAD
 
 OP = "moe_pack"
+# The template's problem (m, experts, topk) serves every GEMM block_m: the chunk tiles do not depend on
+# it. Its inputs pack at this one.
+PROBLEM_BLOCK_M = 64
 _FILL = 1024     # sentinel stores per loop step of _count's fill (its share: max_padded / chunks)
 
 
@@ -225,6 +228,8 @@ def space(problem: Problem) -> Space:
 
 
 def tile_fits(config: dict, problem: Problem, spec) -> Optional[str]:
+    if problem["topk"] > problem["experts"]:       # a router picks distinct experts
+        return f"topk {problem['topk']} > {problem['experts']} experts"
     elements = config["block"] * triton.next_power_of_2(problem["experts"])
     if elements > 2 * MAX_TILE_ELEMENTS:
         return f"one-hot tile {config['block']}x{problem['experts']} experts > {2 * MAX_TILE_ELEMENTS} elements"
@@ -235,7 +240,7 @@ def tile_fits(config: dict, problem: Problem, spec) -> Optional[str]:
 
 def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
     """A router's ids: each token's top_k distinct experts, skewed toward the first experts (ragged counts)."""
-    m, e, k, bm = problem["m"], problem["experts"], problem["topk"], problem["block_m"]
+    m, e, k, bm = problem["m"], problem["experts"], problem["topk"], PROBLEM_BLOCK_M
     g = torch.Generator(device=device).manual_seed(seed)
     logits = torch.randn(m, e, generator=g, device=device) - torch.linspace(0, 2, e, device=device)
     ids = torch.topk(logits, k, dim=-1).indices.int()
@@ -255,7 +260,7 @@ def _reference(topk_ids, num_experts, block_m) -> torch.Tensor:
 
 def work(problem: Problem) -> tuple[float, float]:
     """Read the ids twice, write the sorted slots and the block experts."""
-    m, e, k, bm = problem["m"], problem["experts"], problem["topk"], problem["block_m"]
+    m, e, k, bm = problem["m"], problem["experts"], problem["topk"], PROBLEM_BLOCK_M
     return 0.0, float(4 * (2 * m * k + buffer_size(m, k, e, bm)))
 
 

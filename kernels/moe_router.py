@@ -243,6 +243,8 @@ def space(problem: Problem) -> Space:
 
 
 def tile_fits(config: dict, problem: Problem, spec) -> Optional[str]:
+    if problem["topk"] > problem["experts"]:
+        return f"topk {problem['topk']} > {problem['experts']} experts"
     return tile_reject_reason(triton.next_power_of_2(problem["experts"]), config["rows"], config["num_warps"],
                               problem["m"])
 

@@ -79,6 +79,17 @@ def moe_gemm(dtype: Dtype, m: int, weight: Sequence[int], experts: int, topk: in
     return Problem.make("moe_gemm", _name(dtype), m=m, n=n, k=k, experts=experts, topk=topk, act=int(act))
 
 
+def moe_router(dtype: Dtype, m: int, experts: int, topk: int) -> Problem:
+    """The select step on the router's logits ``[m, experts]`` (softmax, top-k; the logit matmul is a gemm)."""
+    return Problem.make("moe_router", _name(dtype), m=m, experts=experts, topk=topk)
+
+
+def moe_pack(dtype: Dtype, m: int, experts: int, topk: int) -> Problem:
+    """Pack ``m * topk`` routed slots by expert; one problem for every GEMM ``block_m`` (the pack's tiles
+    do not depend on it). ``dtype``: the model's (the pack moves int32 ids)."""
+    return Problem.make("moe_pack", _name(dtype), m=m, experts=experts, topk=topk)
+
+
 def shared_expert_gate(dtype: Dtype, m: int, n: int) -> Problem:
     return Problem.make("shared_expert_gate", _name(dtype), m=m, n=n)
 

@@ -233,8 +233,8 @@ def test_max_padded_and_pack_errors():
 # --- the templates ------------------------------------------------------------------------------------
 
 SPEC = launch_spec(torch.device("cpu"), persistent=False)      # the default target
-TEMPLATE_CASES = {"moe_router": dict(m=11, experts=64, topk=8), "moe_pack": dict(m=11, experts=64, topk=8, block_m=16)}
-REAL = {"moe_router": dict(experts=128, topk=8), "moe_pack": dict(experts=128, topk=8, block_m=64)}
+TEMPLATE_CASES = {"moe_router": dict(m=11, experts=64, topk=8), "moe_pack": dict(m=11, experts=64, topk=8)}
+REAL = {"moe_router": dict(experts=128, topk=8), "moe_pack": dict(experts=128, topk=8)}
 
 
 @pytest.mark.parametrize("op", sorted(TEMPLATE_CASES))
@@ -254,11 +254,24 @@ def test_template_defaults_are_valid_from_one_token_to_long_prefills(op):
     template = get(op)
     real = Problem.make(op, "bf16", **{**REAL[op], "m": 4096})
     assert any(template.reject_reason(c, real, SPEC) for c in template.space(real).enumerate()), "rejects nothing"
+    # the verifier's shrink() cuts dims one by one: a top-k past the experts must not pass
+    too_many = real.with_dims(experts=4)
+    assert template.reject_reason(template.default_config(too_many, SPEC), too_many, SPEC) == "topk 8 > 4 experts"
     for m in (1, 3, 64, 4096, 16384):
         for experts in (8, 64, 128, 512):
             problem = Problem.make(op, "bf16", **{**REAL[op], "m": m, "experts": experts})
             config = template.default_config(problem, SPEC)
             assert template.reject_reason(config, problem, SPEC) is None, (problem.key, config)
+
+
+def test_moe_plan_tunes_the_select_step_and_the_pack():
+    from tuneforge.tune.plan import plan
+    p = plan("Qwen3-30B-A3B", 1, decode_buckets=[4], prefill_buckets=[512])
+    for m in (4, 512):
+        for op in ("moe_router", "moe_pack"):
+            (item,) = p.find(op, m=m)
+            assert item.problem.shape == {"m": m, "experts": 128, "topk": 8} and not item.baseline_only, op
+        assert p.find("gemm", m=m, n=128, k=2048)                    # the router's logit matmul
 
 
 # --- GPU: Qwen3-30B-A3B shapes ------------------------------------------------------------------------

@@ -173,6 +173,8 @@ def plan(model: str | ModelConfig, tp: int = 1, decode_buckets: Optional[Sequenc
         if moe:
             e, topk, mi = cfg.num_experts, cfg.num_experts_per_tok, d.moe_inter
             b.add("layer.moe.router", P.gemm(dtype, m, (e, h)))
+            b.add("layer.moe.router.select", P.moe_router(dtype, m, e, topk))
+            b.add("layer.moe.pack", P.moe_pack(dtype, m, e, topk))
             b.add("layer.moe.experts.gate_up", P.moe_gemm(dtype, m, (2 * mi, h), e, topk, act=True))   # silu_mul fused
             b.add("layer.moe.experts.down", P.moe_gemm(dtype, m, (h, mi), e, topk, act=False))
             if cfg.has_shared_expert:
