@@ -281,10 +281,12 @@ def test_moe_plan_tunes_the_select_step_and_the_pack():
 def test_gpu_router_and_pack_at_qwen3_30b_shapes(tokens):
     logits = mr.synthetic_logits(tokens, 128, skew_experts=8, skew_bias=1.0, dtype=torch.bfloat16, device="cuda")
     weights, ids = mr.route(logits, 8, norm_topk_prob=True)
-    naive_w, naive_ids = mr.route(logits, 8, norm_topk_prob=True, strategy="naive")
-    same = (ids == naive_ids).all(dim=1)        # bf16 logits tie: those rows may order tied experts apart
-    assert same.float().mean() > 0.95
+    naive_w, _ = mr.route(logits, 8, norm_topk_prob=True, strategy="naive")
+    # bf16 logits tie often, and torch.topk orders ties its own way: judge the ids by what they select
     torch.testing.assert_close(weights, naive_w, atol=1e-6, rtol=1e-5)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).gather(1, ids.long())
+    torch.testing.assert_close(probs / probs.sum(dim=1, keepdim=True), naive_w, atol=1e-6, rtol=1e-5)
+    assert (ids.sort(dim=1).values.diff(dim=1) > 0).all()                   # distinct experts per token
     for block_m in (16, 64, 128):
         packed, ref = mp.pack(ids, 128, block_m), mp.reference(ids, 128, block_m)
         assert all(torch.equal(a, b) for a, b in zip(packed[:3], ref[:3])), block_m
