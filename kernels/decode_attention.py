@@ -36,17 +36,13 @@ MIN_ROWS = 16          # tl.dot's smallest M: the query heads of a group are pad
 
 
 @triton.jit
-def _decode_attention_kernel(q, k, v, pos, out, part, counts, kv_heads, splits, chunk,
-                             stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
-                             stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_pos, scale_log2,
-                             GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                             INPUT_PRECISION: tl.constexpr):
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = bh // kv_heads
-    h = bh - b * kv_heads
-    length = tl.load(pos + b * stride_pos).to(tl.int32) + 1
+def split_attention(q, k, v, b, h, length, split, chunk, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+                    stride_vb, stride_vh, stride_vn, scale_log2,
+                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """(running max in the log2 domain, sum, fp32 accumulator) of the online softmax of the query heads
+    of KV head ``h`` of sequence ``b`` over keys ``[split * chunk, min((split + 1) * chunk, length))``:
+    [BLOCK_G], [BLOCK_G], [BLOCK_G, BLOCK_D]. No key: max -inf, sum 0, accumulator 0."""
     rows = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < GROUP
@@ -81,53 +77,93 @@ def _decode_attention_kernel(q, k, v, pos, out, part, counts, kv_heads, splits, 
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=INPUT_PRECISION)
         m_i = m_new
-    o_ptrs = out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
-    o_mask = row_ok[:, None] & dim_ok[None, :]
+    return m_i, l_i, acc
+
+
+@triton.jit
+def store_split(part, bh, split, splits, m_i, l_i, acc, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store this split's (max, sum, accumulator) in the fp32 workspace of (sequence, KV head) ``bh``:
+    splits x [m | l | acc]."""
+    rows = tl.arange(0, BLOCK_G)
+    tile = rows[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    mine = part + (bh.to(tl.int64) * splits + split) * (2 * BLOCK_G + BLOCK_G * BLOCK_D)
+    tl.store(mine + rows, m_i)
+    tl.store(mine + BLOCK_G + rows, l_i)
+    tl.store(mine + 2 * BLOCK_G + tile, acc)
+
+
+@triton.jit
+def combine_splits(part, bh, splits, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(max, sum, accumulator) of all ``splits`` of ``bh`` from the workspace; called by the last split
+    to arrive (``G.last_to_arrive``), which sees every other split's stores."""
+    rows = tl.arange(0, BLOCK_G)
+    tile = rows[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    slot_size = 2 * BLOCK_G + BLOCK_G * BLOCK_D
+    base = part + bh.to(tl.int64) * splits * slot_size
+    m_all = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    for j in range(0, splits):
+        m_all = tl.maximum(m_all, tl.load(base + j * slot_size + rows, cache_modifier=".cg"))
+    # no key in any split (a rank's empty shard in decode_attention_sp): weights 0, not -inf - -inf
+    m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
+    total = tl.zeros((BLOCK_G,), tl.float32)
+    result = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    for j in range(0, splits):
+        # a split without keys holds m = -inf, l = 0: weight 0
+        weight = tl.exp2(tl.load(base + j * slot_size + rows, cache_modifier=".cg") - m_ref)
+        total += weight * tl.load(base + j * slot_size + BLOCK_G + rows, cache_modifier=".cg")
+        result += weight[:, None] * tl.load(base + j * slot_size + 2 * BLOCK_G + tile, cache_modifier=".cg")
+    return m_all, total, result
+
+
+@triton.jit
+def _decode_attention_kernel(q, k, v, pos, out, part, counts, kv_heads, splits, chunk,
+                             stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+                             stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_pos, scale_log2,
+                             GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                             INPUT_PRECISION: tl.constexpr):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // kv_heads
+    h = bh - b * kv_heads
+    length = tl.load(pos + b * stride_pos).to(tl.int32) + 1
+    m_i, l_i, acc = split_attention(q, k, v, b, h, length, split, chunk, stride_qb, stride_qh, stride_kb, stride_kh,
+                                    stride_kn, stride_vb, stride_vh, stride_vn, scale_log2, GROUP, BLOCK_G,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION)
+    rows = tl.arange(0, BLOCK_G)
+    dims = tl.arange(0, BLOCK_D)
+    o_ptrs = out + b.to(tl.int64) * stride_ob + (h * GROUP + rows)[:, None] * stride_oh + dims[None, :]
+    o_mask = (rows < GROUP)[:, None] & (dims < HEAD_DIM)[None, :]
     if splits == 1:
         tl.store(o_ptrs, (acc / l_i[:, None]).to(out.dtype.element_ty), mask=o_mask)
     else:
-        # per (sequence, KV head): splits x [m | l | acc] in fp32
-        slot_size = 2 * BLOCK_G + BLOCK_G * BLOCK_D
-        base = part + bh.to(tl.int64) * splits * slot_size
-        tile = rows[:, None] * BLOCK_D + dims[None, :]
-        mine = base + split * slot_size
-        tl.store(mine + rows, m_i)
-        tl.store(mine + BLOCK_G + rows, l_i)
-        tl.store(mine + 2 * BLOCK_G + tile, acc)
+        store_split(part, bh, split, splits, m_i, l_i, acc, BLOCK_G, BLOCK_D)
         if G.last_to_arrive(counts, bh, splits):
-            m_all = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-            for j in range(0, splits):
-                m_all = tl.maximum(m_all, tl.load(base + j * slot_size + rows, cache_modifier=".cg"))
-            total = tl.zeros((BLOCK_G,), tl.float32)
-            result = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-            for j in range(0, splits):
-                # a split without keys holds m = -inf, l = 0: weight 0 (split 0 always has a key)
-                weight = tl.exp2(tl.load(base + j * slot_size + rows, cache_modifier=".cg") - m_all)
-                total += weight * tl.load(base + j * slot_size + BLOCK_G + rows, cache_modifier=".cg")
-                result += weight[:, None] * tl.load(base + j * slot_size + 2 * BLOCK_G + tile, cache_modifier=".cg")
+            _, total, result = combine_splits(part, bh, splits, BLOCK_G, BLOCK_D)
             tl.store(o_ptrs, (result / total[:, None]).to(out.dtype.element_ty), mask=o_mask)
 
 
-def _check(q, k, v, positions, out) -> tuple[int, int, int, int, int]:
-    """(batch, heads, kv_heads, head_dim, cache length) of valid operands, else a one-line InputError."""
+def _check(q, k, v, positions, out, op: str = OP) -> tuple[int, int, int, int, int]:
+    """(batch, heads, kv_heads, head_dim, cache length) of valid operands, else a one-line InputError
+    naming ``op``."""
     for name, t, dims in (("q", q, 3), ("k", k, 4)):
         if not isinstance(t, torch.Tensor) or t.dim() != dims:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise InputError(f"{OP}: {name} must be a {dims}-D tensor, got {got}")
+            raise InputError(f"{op}: {name} must be a {dims}-D tensor, got {got}")
     b, heads, d = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     if kv_heads == 0 or heads % kv_heads:
-        raise InputError(f"{OP}: heads={heads} is not a multiple of kv_heads={kv_heads}")
-    check_tensor(OP, "q", q, (b, heads, d), None, None)
+        raise InputError(f"{op}: heads={heads} is not a multiple of kv_heads={kv_heads}")
+    check_tensor(op, "q", q, (b, heads, d), None, None)
     for name, t in (("k", k), ("v", v)):       # [batch, kv_heads, length, head_dim] like q
-        check_tensor(OP, name, t, (b, kv_heads, length, d), q.dtype, q.device)
+        check_tensor(op, name, t, (b, kv_heads, length, d), q.dtype, q.device)
     if not isinstance(positions, torch.Tensor) or positions.shape != (b,) or positions.is_floating_point():
         got = (tuple(positions.shape), positions.dtype) if isinstance(positions, torch.Tensor) else type(positions)
-        raise InputError(f"{OP}: positions must be an integer tensor [batch={b}], got {got}")
+        raise InputError(f"{op}: positions must be an integer tensor [batch={b}], got {got}")
     if positions.device != q.device:
-        raise InputError(f"{OP}: positions is on {positions.device}, q on {q.device}")
+        raise InputError(f"{op}: positions is on {positions.device}, q on {q.device}")
     if out is not None:
-        check_tensor(OP, "out", out, (b, heads, d), q.dtype, q.device)
+        check_tensor(op, "out", out, (b, heads, d), q.dtype, q.device)
     return b, heads, kv_heads, d, length
 
 
@@ -143,22 +179,32 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
         return out
     problem = Problem.make(OP, DTYPE_NAMES[q.dtype], m=b, heads=heads, kv_heads=kv_heads, head_dim=d, ctx=length)
     cfg = config or default_config(problem, launch_spec(q.device))
-    group = heads // kv_heads
-    block_g, block_d = max(MIN_ROWS, triton.next_power_of_2(group)), triton.next_power_of_2(d)
+    meta = kernel_meta(q, heads // kv_heads, d, cfg)
     chunk = cfg["chunk"]
     splits = triton.cdiv(length, chunk)
-    part, counts = G.workspace(q.device, b * kv_heads * splits * (2 + block_d) * block_g, b * kv_heads) \
+    part, counts = G.workspace(q.device, workspace_floats(b * kv_heads, splits, meta), b * kv_heads) \
         if splits > 1 else (out, out)
-    interpreted = tuneforge.INTERPRETED
     _decode_attention_kernel[(b * kv_heads, splits)](
         q, k, v, positions, out, part, counts, kv_heads, splits, chunk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), positions.stride(0), LOG2E / math.sqrt(d),
-        GROUP=group, BLOCK_G=block_g, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg["block_n"],
-        UPCAST=interpreted and q.dtype != torch.float32,
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 or interpreted else "tf32",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        out.stride(0), out.stride(1), positions.stride(0), LOG2E / math.sqrt(d), **meta)
     return out
+
+
+def kernel_meta(q: torch.Tensor, group: int, d: int, cfg: dict) -> dict:
+    """The constexprs and launch options of ``split_attention`` for a config (shared with
+    ``decode_attention_sp``): query heads padded to ``tl.dot``'s smallest M, head dim to a power of 2."""
+    interpreted = tuneforge.INTERPRETED
+    return dict(GROUP=group, BLOCK_G=max(MIN_ROWS, triton.next_power_of_2(group)), HEAD_DIM=d,
+                BLOCK_D=triton.next_power_of_2(d), BLOCK_N=cfg["block_n"],
+                UPCAST=interpreted and q.dtype != torch.float32,
+                INPUT_PRECISION="ieee" if q.dtype == torch.float32 or interpreted else "tf32",
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def workspace_floats(tiles: int, splits: int, meta: dict) -> int:
+    """fp32 words of ``store_split``'s workspace: splits x [m | l | acc] per (sequence, KV head)."""
+    return tiles * splits * (2 + meta["BLOCK_D"]) * meta["BLOCK_G"]
 
 
 def valid_slots_mask(positions: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
