@@ -196,15 +196,19 @@ def reference(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, out: Op
     flat = topk_ids.reshape(-1).long()
     key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)   # dropped ids sort last
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    # scatter_add, not bincount (which reads the largest id back on CUDA)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device).scatter_add_(
+        0, key, torch.ones_like(key))[:num_experts]
     runs = (counts + block_m - 1) // block_m * block_m
     end, count_end = torch.cumsum(runs, 0), torch.cumsum(counts, 0)
     e = key[order]
     kept = e < num_experts
     e_kept = e.clamp(max=num_experts - 1)
     dest = (end - runs)[e_kept] + torch.arange(t * k, device=flat.device) - (count_end - counts)[e_kept]
-    packed.sorted_ids.fill_(t * k)
-    packed.sorted_ids[dest[kept]] = order[kept].int()
+    # dropped slots go to one spare slot past the end (a boolean index would read a count back)
+    sorted_ids = torch.full((padded + 1,), t * k, dtype=torch.int32, device=flat.device)
+    sorted_ids.scatter_(0, torch.where(kept, dest, padded), order.int())
+    packed.sorted_ids.copy_(sorted_ids[:padded])
     first = torch.arange(padded // block_m, device=flat.device) * block_m
     expert = torch.searchsorted(end, first, right=True).int()
     packed.block_expert.copy_(torch.where(first < end[-1], expert, -1))

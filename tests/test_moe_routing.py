@@ -290,3 +290,12 @@ def test_gpu_router_and_pack_at_qwen3_30b_shapes(tokens):
     for block_m in (16, 64, 128):
         packed, ref = mp.pack(ids, 128, block_m), mp.reference(ids, 128, block_m)
         assert all(torch.equal(a, b) for a, b in zip(packed[:3], ref[:3])), block_m
+    # graph-capturable: warmed up, neither the router, the pack nor the torch reference reads back
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mr.route(logits, 8, norm_topk_prob=True, out=weights, ids_out=ids)
+        mp.pack(ids, 128, 64, out=packed.sorted_ids.new_empty(mp.buffer_size(tokens, 8, 128, 64)))
+        mp.reference(ids, 128, 64)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
