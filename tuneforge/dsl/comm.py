@@ -344,12 +344,15 @@ class Channel:
             raise err
 
     def reset(self) -> None:
-        """Collective: after a timeout, zero flags, epoch and error on every rank."""
+        """Collective: after a timeout, zero flags (``tile_flags`` too: they hold the old epochs, which
+        the restarted epochs would take as already signalled), epoch and error on every rank."""
         if self.heap.device.type == "cuda":
             torch.cuda.synchronize(self.heap.device)
         self.heap.barrier()
         self.flags.zero_()
         self.state.zero_()
+        if self._tile_flags is not None:
+            self._tile_flags.zero_()
         if self.heap.device.type == "cuda":
             torch.cuda.synchronize(self.heap.device)
         self.heap.barrier()
