@@ -2,7 +2,9 @@
 worlds under Triton's interpreter: every form and the torch.distributed baseline against fp64 attention
 over the whole (reassembled) cache, with ragged lengths, lengths not divisible by the placement block
 or the split chunk, length 1 (ranks whose shard is empty), GQA ratios 1/4/8 and NaN-poisoned outputs;
-a silent rank gives every waiting rank a SignalTimeout naming rank, peer and signal."""
+a silent rank gives every waiting rank a SignalTimeout naming rank, peer and signal. On one GPU
+(``-m gpu``): 2 and 4 processes sharing it at Qwen3-32B heads in bf16, and a CUDA-graph replay."""
+import pytest
 import torch
 
 from tuneforge.dsl import Problem, check, get
@@ -20,18 +22,19 @@ def _config(form, chunk, block_n=16):
     return {"form": form, "chunk": chunk, "block_n": block_n, "num_warps": 4, "num_stages": 1}
 
 
-def _check_cases(world, cases):
+def _check_cases(world, cases, heap_bytes=4 << 20):
     """On every rank: each case's problem, positions and configs (every form twice: the epochs' parities),
     then the baseline; failures as lines."""
     from tuneforge.dsl.heap import SymmetricHeap
-    heap = SymmetricHeap(world, 4 << 20)
+    heap = SymmetricHeap(world, heap_bytes)
     ctx = heap.context()
     template = get(OP)
     failures, checked = [], 0
     for dims, positions, chunks in cases:
-        problem = Problem.make(OP, "fp32", world.size, **dims)
+        dims = dict(dims)
+        problem = Problem.make(OP, dims.pop("dtype", "fp32"), world.size, **dims)
         inputs = template.make_inputs(problem, ctx.device, 1, ctx)
-        inputs["positions"] = torch.tensor(positions)
+        inputs["positions"] = torch.tensor(positions, device=ctx.device)
         for config in [template.default_config(problem, launch_spec(ctx.device))] + [_config(f, c) for f in FORMS for c in chunks]:
             reason = template.reject_reason(config, problem, None)
             assert reason is None, f"{config}: {reason}"
@@ -41,7 +44,7 @@ def _check_cases(world, cases):
                 if not result:
                     failures.append(f"{problem.key} {positions} {config}: {result.reason}")
         base = template.baseline(**split_out(inputs))
-        ok = compare(base, template.reference(**split_out(inputs)), torch.float32)
+        ok = compare(base, template.reference(**split_out(inputs)), base.dtype)
         if not ok:
             failures.append(f"baseline {problem.key} {positions}: {ok.reason}")
     epochs = {name: int(ch.state[0]) for name, ch in ctx.channels.items()}
@@ -150,3 +153,53 @@ def _bad_inputs(world):
             errors.append(str(e))
     heap.close()
     return errors
+
+
+# --- one GPU shared by several processes --------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_forms_on_processes_sharing_one_gpu(ranks):
+    # Qwen3-32B's heads; lengths 1, 1000 and the whole 4096 (shards of 4096 / ranks slots, split or not)
+    cases = [(dict(dtype="bf16", m=3, heads=64, kv_heads=8, head_dim=128, ctx=4096), [0, 999, 4095], (256, 1024))]
+    _assert_world(spawn(_check_cases, ranks, cases, 64 << 20, device="cuda", share_gpu=True, timeout=540))
+
+
+def _graph_replay(world, replays):
+    """Capture every form in one CUDA graph; replay with new queries and lengths, check every replay."""
+    from tuneforge.dsl.heap import SymmetricHeap
+    heap = SymmetricHeap(world, 64 << 20)
+    ctx = heap.context()
+    problem = Problem.make(OP, "bf16", world.size, m=4, heads=64, kv_heads=8, head_dim=128, ctx=2048)
+    inputs = split_out(get(OP).make_inputs(problem, ctx.device, 0, ctx))
+    configs = [_config(form, 256, 64) for form in FORMS]
+    outs = [torch.empty_like(inputs["q"]) for _ in configs]
+    for out, config in zip(outs, configs):          # warm (compile, load, carve the heap) before capture
+        SP.decode_attention_sp(**inputs, out=out, config=config)
+    graph = ctx.capture(lambda: [SP.decode_attention_sp(**inputs, out=out, config=config)
+                                 for out, config in zip(outs, configs)])
+    failures = []
+    for r in range(replays):
+        g = torch.Generator().manual_seed(100 + r)      # the same on every rank: q is replicated
+        inputs["q"].copy_(torch.randn(inputs["q"].shape, generator=g).to(inputs["q"].dtype))
+        inputs["positions"].copy_(torch.randint(0, 2048, (4,), generator=g))
+        for out in outs:
+            out.fill_(float("nan"))
+        graph.replay()
+        ctx.synchronize()
+        ref = SP.reference(**inputs)
+        for out, config in zip(outs, configs):
+            res = compare(out, ref, out.dtype)
+            if not res:
+                failures.append(f"replay {r} {config['form']}: {res.reason}")
+    epoch = int(ctx.channel(OP, 0).state[0])
+    heap.close()
+    return failures, epoch
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_on_one_gpu():
+    replays = 4
+    for failures, epoch in spawn(_graph_replay, 2, replays, device="cuda", share_gpu=True, timeout=300):
+        assert not failures, failures
+        assert epoch == 2 + 2 * replays      # fused and fused_tiles advanced the device epoch in every replay
