@@ -18,8 +18,9 @@ from tuneforge.db.store import Store
 from tuneforge.dsl import Problem, canonical_config, get
 from tuneforge.models.configs import load_config
 from tuneforge.tune.plan import PlanItem, plan
-from tuneforge.tune.tuner import (BASELINE, REJECT_CAP, Report, Row, Tuner, TuneOptions, choose,
-                                  describe_config, format_table)
+from tuneforge.tune.report import Report, Row, describe_config, format_table
+from tuneforge.tune.study import REJECT_CAP
+from tuneforge.tune.tuner import BASELINE, Tuner, TuneOptions, choose
 
 def _study_trials(store, name):
     return optuna.load_study(study_name=name, storage=store.optuna_storage()).get_trials(deepcopy=False)
@@ -209,7 +210,7 @@ def test_the_measuring_bench_checks_before_it_times(tmp_path):
     """GpuBench's steps (reference check on poisoned output, timing, baseline, fresh-input verify) run
     here on the CPU under the interpreter; on a GPU the same code times with CUDA events/graphs."""
     from tuneforge.dsl.devices import spec
-    from tuneforge.tune.tuner import GpuBench, Tuner
+    from tuneforge.tune.bench import GpuBench, outcome
     real = get("silu_mul")
     broken = dataclasses.replace(real, launch=_broken_launch, module=real.module)
     problem = Problem.make("silu_mul", m=5, n=48)
@@ -220,10 +221,10 @@ def test_the_measuring_bench_checks_before_it_times(tmp_path):
     assert bench.time_config(good) > 0 and bench.time_baseline() > 0
     assert bench.verify(good, seed=1) == ""
     assert "elements off" in bench.verify(bad, seed=1)
-    state, value, attrs = Tuner._outcome(bench.time_config, bad)
+    state, value, attrs = outcome(bench.time_config, bad)
     assert state == TrialState.FAIL and value is None and attrs["error"].startswith("wrong result: 1/")
     # a tile Triton cannot compile (arange of 48) is a FAIL trial with the compiler's reason
-    state, _, attrs = Tuner._outcome(bench.time_config, {"block_n": 48, "rows": 2, "num_warps": 4})
+    state, _, attrs = outcome(bench.time_config, {"block_n": 48, "rows": 2, "num_warps": 4})
     assert state == TrialState.FAIL and "power of 2" in attrs["error"]
     bench.close()
 
@@ -231,11 +232,11 @@ def test_the_measuring_bench_checks_before_it_times(tmp_path):
 def test_lockstep_measuring_of_a_multi_rank_problem():
     """Two ranks measure the same all-reduce configs and the baseline in lockstep (here: processes
     under the interpreter); a config that cannot run fails on its own without ending the world."""
-    from tuneforge.tune.tuner import _lockstep
+    from tuneforge.tune.bench import lockstep
     problem = Problem.make("allreduce", world=2, m=3, n=40)
     good = {"strategy": "two_shot", "variant": "pull", "block": 128, "num_warps": 4, "comm_sms": 2}
     bad = {**good, "block": 96}                          # not a power of 2: does not compile
-    results = _lockstep(get("allreduce"), problem, [good, bad, None], seed=0, device="cpu")
+    results = lockstep(get("allreduce"), problem, [good, bad, None], seed=0, device="cpu")
     (t_good, why_good), (t_bad, why_bad), (t_base, why_base) = results
     assert t_good > 0 and why_good == "" and t_base > 0 and why_base == ""
     assert t_bad is None and why_bad
@@ -295,7 +296,7 @@ def test_interpreter_verification_shrinks_a_hybrid_gemm_winner():
     to the whole problem (152 s of interpreting in the Qwen3-32B main job)."""
     from tuneforge.dsl.template import portable
     from tuneforge.dsl.devices import spec
-    from tuneforge.tune.tuner import shrink
+    from tuneforge.tune.verify import shrink
     gemm = get("gemm")
     h100 = spec("H100")
     config = {"block_m": 128, "block_n": 256, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 3,

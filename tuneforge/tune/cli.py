@@ -85,7 +85,8 @@ def cmd_tune(args) -> int:
 
     from tuneforge.db.store import Store, default_url, display_url, normalize_url
     from tuneforge.tune.plan import plan as make_plan
-    from tuneforge.tune.tuner import Tuner, TuneOptions, choose_backend, format_table
+    from tuneforge.tune.report import format_table
+    from tuneforge.tune.tuner import Tuner, TuneOptions, choose_backend
 
     # every argument is checked before anything is printed or the database is touched
     if args.tp < 1:
