@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from tuneforge.db.environment import Environment
+from tuneforge.db.engine import make_engine
 from tuneforge.db.store import Store, default_url, display_url, normalize_url
 from tuneforge.dsl.problem import Problem
 from tuneforge.engine.dispatch import ENGINE_OPS
@@ -118,7 +119,7 @@ def _holds_no_tables(url: str) -> bool:
     """True for a database that opens and has no tables at all (not yet filled). The engine comes
     from the store, so a server's connect timeout is the store's."""
     try:
-        engine = Store._make_engine(url, create=False)
+        engine = make_engine(url, create=False)
     except DatabaseError:
         return False
     try:

@@ -8,8 +8,9 @@ import shutil
 from datetime import timedelta
 from itertools import groupby
 
-from tuneforge.db.store import (Store, Winner, current_template_hashes, default_url, display_url, normalize_url,
-                                stale_reason)
+from tuneforge.db.engine import default_url, display_url, normalize_url
+from tuneforge.db.records import Winner, current_template_hashes, stale_reason
+from tuneforge.db.store import Store
 from tuneforge.errors import InputError
 
 MIN_CONFIG_WIDTH = 16     # a compact table's config column never gets narrower than this

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from tuneforge.db.engine import default_url, normalize_url
 from tuneforge.db.environment import Environment
+from tuneforge.db.records import Winner, current_template_hashes, stale_reason
 from tuneforge.db.schema import SCHEMA_VERSION
-from tuneforge.db.store import (ImportReport, Store, Winner, current_template_hashes, default_url, normalize_url,
-                                stale_reason)
+from tuneforge.db.store import Store
+from tuneforge.db.transfer import ImportReport
 from tuneforge.dsl import get
 from tuneforge.dsl.problem import Problem
 from tuneforge.errors import DatabaseError, InputError
