@@ -321,3 +321,14 @@ def test_source_hash_covers_the_shared_row_tiling():
     from tuneforge.kernels import _common
     src = inspect.getsource(_common) + inspect.getsource(sm)
     assert get("silu_mul").source_hash == hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+def test_source_hash_covers_the_op_files_whose_kernels_an_op_runs():
+    """decode_attention_sp runs decode_attention's split kernels and the heap all-gather, the fused TP
+    blocks run gemm's tile loop: a change in any of those files makes their stored winners stale."""
+    from tuneforge.dsl.template import get as template
+    for op, drawn_on in [("decode_attention_sp", ("decode_attention", "allgather", "_common")),
+                         ("tp_mlp", ("gemm", "allgather_gemm", "gemm_reducescatter", "_fused")),
+                         ("moe_gemm", ("moe_pack", "_common"))]:
+        covered = template(op).source_modules
+        assert {f"tuneforge.kernels.{m}" for m in drawn_on} <= set(covered), (op, covered)

@@ -76,15 +76,20 @@ class Template:
         return None
 
     @property
-    def source_hash(self) -> str:
-        """Hash of the op's source file and of the shared kernel helpers (``kernels/_*.py``) it draws
-        on, directly or through another helper: a stored winner whose hash differs is stale."""
-        sources, todo = {}, [self.module]
+    def source_modules(self) -> list[str]:
+        """The op's module and every kernel module it draws on (``kernels/_*.py`` helpers and other op
+        files whose kernels it runs, e.g. gemm's tile loop in the fused ops), directly or transitively."""
+        seen, todo = set(), [self.module]
         while todo:
             name = todo.pop()
-            sources[name] = inspect.getsource(importlib.import_module(name))
-            todo += [h for h in _kernel_helpers(sources[name]) if h not in sources]
-        src = "".join(sources[n] for n in sorted(sources))
+            seen.add(name)
+            todo += [m for m in _kernel_imports(inspect.getsource(importlib.import_module(name))) if m not in seen]
+        return sorted(seen)
+
+    @property
+    def source_hash(self) -> str:
+        """Hash of the sources of ``source_modules``: a stored winner whose hash differs is stale."""
+        src = "".join(inspect.getsource(importlib.import_module(n)) for n in self.source_modules)
         return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
@@ -93,8 +98,8 @@ _loaded = False
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_helpers(source: str) -> frozenset[str]:
-    """The ``tuneforge.kernels._*`` modules a module's source imports (read from its import statements,
+def _kernel_imports(source: str) -> frozenset[str]:
+    """The ``tuneforge.kernels.*`` modules a module's source imports (read from its import statements,
     so the answer is the same under the interpreter, where jitted functions belong to no module)."""
     found = set()
     for node in ast.walk(ast.parse(source)):
@@ -102,7 +107,7 @@ def _kernel_helpers(source: str) -> frozenset[str]:
             found |= {f"{node.module}.{a.name}" for a in node.names} if node.module == "tuneforge.kernels" else {node.module}
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
-    return frozenset(n for n in found if n.startswith("tuneforge.kernels._"))
+    return frozenset(n for n in found if n.startswith("tuneforge.kernels."))
 
 
 def register(template: Template) -> Template:
