@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)   # as typed, for a result's recorded command
     try:
         return int(args.func(args) or 0)
     except TuneforgeError as e:

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+from tuneforge.engine.bench_router import add_parser as add_bench_router
 from tuneforge.engine.lookup import MODES
 from tuneforge.errors import InputError
 
@@ -63,6 +64,7 @@ def register(subparsers) -> None:
     e.add_argument("--ctx", type=int, default=128, help="prompt tokens")
     e.add_argument("--gen", type=int, default=128, help="new tokens")
     e.set_defaults(func=cmd_bench_e2e)
+    add_bench_router(bench)
 
 
 # --- shared set-up -----------------------------------------------------------------------------------
