@@ -335,10 +335,6 @@ def check_engine_support(cfg: ModelConfig) -> None:
         raise InputError(f"{src}: {key}={json.dumps(value)} is not implemented by the tuneforge engine"
                          + (f" ({why})" if why else ""))
 
-    if cfg.is_moe:
-        key = "num_local_experts" if raw.get("num_local_experts") is not None else "num_experts"
-        refuse(key, cfg.num_experts, "mixture of experts: `tuneforge tune` plans it, the engine runs dense "
-                                     "Qwen3 only")
     if cfg.use_sliding_window:
         refuse("use_sliding_window", True)
     for i in range(cfg.num_hidden_layers):
@@ -358,8 +354,13 @@ def check_engine_support(cfg: ModelConfig) -> None:
     if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type not in ENGINE_ROPE_TYPES:
         key = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
         refuse(f"{key}.rope_type", cfg.rope_scaling.rope_type, f"RoPE types: default, {', '.join(ENGINE_ROPE_TYPES)}")
-    if cfg.model_type != "qwen3":
-        refuse("model_type", cfg.model_type, "dense Qwen3 only")
+    if cfg.model_type not in ("qwen3", "qwen3_moe"):
+        refuse("model_type", cfg.model_type, "Qwen3 and Qwen3-MoE only")
+    if cfg.is_moe and cfg.model_type != "qwen3_moe":
+        key = "num_local_experts" if raw.get("num_local_experts") is not None else "num_experts"
+        refuse(key, cfg.num_experts, f"experts run for model_type qwen3_moe, this is {cfg.model_type}")
+    if cfg.has_shared_expert:      # Qwen2-MoE / Qwen3-Next's sigmoid-gated shared expert
+        refuse("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size)
     for key, value in raw.items():
         # private keys (_name_or_path, ...) and tools' version stamps never change the model
         if key not in IMPLEMENTED | HARMLESS | DEPENDENT and not key.startswith("_") and not key.endswith("_version"):

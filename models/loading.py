@@ -40,12 +40,15 @@ def tensor_files(directory: str) -> dict[str, str]:
 
 
 def load_weights(model: Qwen3, directory: str) -> None:
-    """Copy this rank's slice of every checkpoint tensor into ``model`` (converted to its dtype)."""
+    """Copy this rank's slice of every checkpoint tensor into ``model`` (converted to its dtype). Expert
+    weights: one tensor per expert (the Hub's layout), or transformers 5's fused ``mlp.experts.gate_up_proj``
+    / ``down_proj`` where the checkpoint holds those."""
     from safetensors import safe_open
     files = tensor_files(directory)
+    fused = any(name.endswith(".mlp.experts.gate_up_proj") for name in files)
     with ExitStack() as stack, torch.no_grad():
         opened: dict[str, object] = {}
-        for t in model.checkpoint_tensors():
+        for t in model.checkpoint_tensors(fused_experts=fused):
             if t.name not in files:
                 raise InputError(f"checkpoint {directory} has no tensor {t.name}")
             path = files[t.name]
@@ -62,7 +65,7 @@ def load_weights(model: Qwen3, directory: str) -> None:
                 part = sl[:]
             else:
                 end = t.start + t.dest.shape[t.split_dim]
-                part = sl[t.start:end] if t.split_dim == 0 else sl[:, t.start:end]
+                part = sl[(slice(None),) * t.split_dim + (slice(t.start, end),)]
             t.dest.copy_(part)
 
 

@@ -1,12 +1,16 @@
-"""Qwen3 dense decoder (Qwen3-0.6B ... Qwen3-32B) as plain PyTorch modules, tensor-parallel by shape.
-RoPE as the config says (default, linear, dynamic, YaRN); a config asking for anything else (experts,
-linear attention, sliding window, ...) is refused when the model is built (configs.check_engine_support).
+"""Qwen3 decoders as plain PyTorch modules, tensor-parallel by shape: dense (Qwen3-0.6B ... Qwen3-32B)
+and mixture-of-experts (Qwen3-MoE: Qwen3-30B-A3B, Qwen3-235B-A22B; its ``mlp_only_layers`` /
+``decoder_sparse_step`` layers dense, as transformers builds them). RoPE as the config says (default,
+linear, dynamic, YaRN); a config asking for anything else (linear attention, sliding window, a shared
+expert, ...) is refused when the model is built (configs.check_engine_support).
 
 Each rank holds only its shard (``Shard(rank, size)``): the fused q|k|v projection and the fused
 gate|up projection are column-parallel (a rank owns ``heads/tp`` query heads, ``kv_heads/tp`` KV heads
 and ``intermediate/tp`` MLP channels), o_proj and down_proj are row-parallel and their partial sums are
 all-reduced; the embedding is replicated and lm_head is split over the vocabulary (its logits
-all-gathered). Every op goes through ``ops`` (tuneforge.engine.dispatch.Ops), which runs the tuned
+all-gathered). A sparse layer (``SparseMoE``) holds every expert's ``moe_intermediate / tp`` channels
+(gate|up column-parallel, down row-parallel, the router replicated) and all-reduces its output; a
+model with sparse layers keeps every token on every rank (no ag_rs layout). Every op goes through ``ops`` (tuneforge.engine.dispatch.Ops), which runs the tuned
 Triton kernel or the torch baseline. Activations are token-major ``[tokens, features]``.
 
 At TP > 1 the linear pairs run as the TP blocks (``ops.tp_step`` decides per forward): gemm_ar
@@ -138,13 +142,33 @@ class MLP(nn.Module):
         return ops.mlp(x, self.gate_up, self.down, tp)
 
 
-class Layer(nn.Module):
+class SparseMoE(nn.Module):
+    """Qwen3-MoE's sparse block (transformers' Qwen3MoeSparseMoeBlock): the router's logits, each token's
+    top-k experts and weights (softmax, renormalised when ``norm_topk_prob``), every routed token through
+    its experts' gate|up -> SiLU-mul -> down, the outputs weighted and summed per token. This rank holds
+    ``inter`` = moe_intermediate_size / tp channels of every expert: ``gate_up`` [experts, 2 inter, hidden]
+    (gate rows, then up rows), ``down`` [experts, hidden, inter]; the router [experts, hidden] whole."""
+
     def __init__(self, cfg, shard: Shard, dtype, device):
+        super().__init__()
+        self.experts, self.top_k, self.norm_topk_prob = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.inter = shard.part(cfg.moe_intermediate_size, "moe_intermediate_size")
+        self.router = _param(self.experts, cfg.hidden_size, dtype=dtype, device=device)
+        self.gate_up = _param(self.experts, 2 * self.inter, cfg.hidden_size, dtype=dtype, device=device)
+        self.down = _param(self.experts, cfg.hidden_size, self.inter, dtype=dtype, device=device)
+
+    def forward(self, x, ops, tp) -> torch.Tensor:
+        """x [tokens, hidden] (every token) -> the routed experts' output summed over ranks."""
+        return ops.moe(x, self.router, self.gate_up, self.down, self.top_k, self.norm_topk_prob, tp)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg, shard: Shard, dtype, device, index: int):
         super().__init__()
         self.input_norm = _param(cfg.hidden_size, dtype=dtype, device=device)
         self.post_attention_norm = _param(cfg.hidden_size, dtype=dtype, device=device)
         self.attn = Attention(cfg, shard, dtype, device)
-        self.mlp = MLP(cfg, shard, dtype, device)
+        self.mlp = (SparseMoE if cfg.is_moe_layer(index) else MLP)(cfg, shard, dtype, device)
 
 
 class Qwen3(nn.Module):
@@ -155,7 +179,7 @@ class Qwen3(nn.Module):
         self.eps = cfg.rms_norm_eps
         self.vocab_part = shard.part(cfg.vocab_size, "vocab_size")
         self.embed = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(Layer(cfg, shard, dtype, device) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Layer(cfg, shard, dtype, device, i) for i in range(cfg.num_hidden_layers))
         self.norm = _param(cfg.hidden_size, dtype=dtype, device=device)
         self.lm_head = None if cfg.tie_word_embeddings else _param(self.vocab_part, cfg.hidden_size,
                                                                    dtype=dtype, device=device)
@@ -168,15 +192,42 @@ class Qwen3(nn.Module):
         r = self.shard.rank * self.vocab_part
         return self.embed[r:r + self.vocab_part]
 
-    def checkpoint_tensors(self) -> list[CheckpointTensor]:
-        """Every tensor of the Hugging Face checkpoint this rank needs and where it goes."""
+    @property
+    def dense_mlp(self) -> Optional[MLP]:
+        """The first dense MLP layer's block (None: every layer is sparse)."""
+        return next((layer.mlp for layer in self.layers if isinstance(layer.mlp, MLP)), None)
+
+    @property
+    def sparse(self) -> bool:
+        return any(isinstance(layer.mlp, SparseMoE) for layer in self.layers)
+
+    def checkpoint_tensors(self, fused_experts: bool = False) -> list[CheckpointTensor]:
+        """Every tensor of the Hugging Face checkpoint this rank needs and where it goes. Experts: one
+        tensor per expert and projection (``mlp.experts.{e}.gate_proj.weight``, as released on the Hub
+        and as transformers 5 saves), or with ``fused_experts`` transformers 5's in-memory
+        ``mlp.experts.gate_up_proj`` [experts, 2 I, hidden] and ``mlp.experts.down_proj`` [experts, hidden, I]."""
         c, out = self.cfg, []
         h, d = c.hidden_size, c.head_dim
 
-        def add(name, shape, dest, split_dim=None, part=0):
-            # part: which slice of split_dim (slices are as long as dest is along it)
-            start = part * dest.shape[split_dim] if split_dim is not None else 0
+        def add(name, shape, dest, split_dim=None, part=0, start=None):
+            # part: which slice of split_dim (slices are as long as dest is along it); start: or where it starts
+            if start is None:
+                start = part * dest.shape[split_dim] if split_dim is not None else 0
             out.append(CheckpointTensor(name, tuple(shape), split_dim, start, dest))
+
+        def experts(p, moe):
+            e, i, mi = c.num_experts, moe.inter, c.moe_intermediate_size
+            add(p + "mlp.gate.weight", (e, h), moe.router)
+            if fused_experts:     # gate rows [0, I), up rows [I, 2 I): this rank's slice of each
+                add(p + "mlp.experts.gate_up_proj", (e, 2 * mi, h), moe.gate_up[:, :i], 1, r)
+                add(p + "mlp.experts.gate_up_proj", (e, 2 * mi, h), moe.gate_up[:, i:], 1, start=mi + r * i)
+                add(p + "mlp.experts.down_proj", (e, h, mi), moe.down, 2, r)
+                return
+            for x in range(e):
+                q = f"{p}mlp.experts.{x}."
+                add(q + "gate_proj.weight", (mi, h), moe.gate_up[x, :i], 0, r)
+                add(q + "up_proj.weight", (mi, h), moe.gate_up[x, i:], 0, r)
+                add(q + "down_proj.weight", (h, mi), moe.down[x], 1, r)
 
         r = self.shard.rank
         add("model.embed_tokens.weight", (c.vocab_size, h), self.embed)
@@ -190,9 +241,12 @@ class Qwen3(nn.Module):
             add(p + "self_attn.o_proj.weight", (h, c.num_attention_heads * d), a.o, 1, r)
             add(p + "self_attn.q_norm.weight", (d,), a.q_norm)
             add(p + "self_attn.k_norm.weight", (d,), a.k_norm)
-            add(p + "mlp.gate_proj.weight", (c.intermediate_size, h), mlp.gate_up[:mlp.inter], 0, r)
-            add(p + "mlp.up_proj.weight", (c.intermediate_size, h), mlp.gate_up[mlp.inter:], 0, r)
-            add(p + "mlp.down_proj.weight", (h, c.intermediate_size), mlp.down, 1, r)
+            if isinstance(mlp, SparseMoE):
+                experts(p, mlp)
+            else:
+                add(p + "mlp.gate_proj.weight", (c.intermediate_size, h), mlp.gate_up[:mlp.inter], 0, r)
+                add(p + "mlp.up_proj.weight", (c.intermediate_size, h), mlp.gate_up[mlp.inter:], 0, r)
+                add(p + "mlp.down_proj.weight", (h, c.intermediate_size), mlp.down, 1, r)
             add(p + "input_layernorm.weight", (h,), layer.input_norm)
             add(p + "post_attention_layernorm.weight", (h,), layer.post_attention_norm)
         add("model.norm.weight", (h,), self.norm)
@@ -214,8 +268,9 @@ class Qwen3(nn.Module):
         or only the flat token indices ``logits_rows``."""
         flat = tokens.reshape(-1)
         a = self.layers[0].attn
+        dense = self.dense_mlp
         tp = ops.tp_step(flat.shape[0], self.dtype, self.shard, hidden=self.cfg.hidden_size, qkv=a.qkv.shape[0],
-                         o_in=a.o.shape[1], inter=self.layers[0].mlp.inter)
+                         o_in=a.o.shape[1], inter=0 if dense is None else dense.inter, sparse=self.sparse)
         if tp.sharded:      # ag_rs: the residual stream holds this rank's rows only
             flat = flat[tp.row0:tp.row0 + tp.rows]
         x = F.embedding(flat, self.embed)

@@ -1,8 +1,8 @@
 """Reading a Hugging Face config.json (models/configs.py) and what the engine refuses to build from it.
 
 Malformed values are one line naming the field, through `tuneforge tune` and `tuneforge generate`;
-fields the dense engine does not implement (experts, linear attention, sliding window, unknown RoPE
-types, unknown keys) are refused by model construction while the planner keeps planning them; RoPE
+fields the engine does not implement (experts outside Qwen3-MoE, shared experts, linear attention,
+sliding window, unknown RoPE types, unknown keys) are refused by model construction while the planner keeps planning them; RoPE
 scaling is parsed with transformers' rules, and the Triton kernel's YaRN / linear RoPE equals
 transformers' rotary embedding."""
 import json
@@ -106,7 +106,7 @@ def test_absent_fields_take_transformers_defaults(tmp_path):
 # --- item 2: what the engine does not implement is refused at model construction ---------------------
 
 def tiny_moe_checkpoint(path):
-    """A transformers 5 Qwen3-MoE checkpoint: config.json says num_local_experts, tensors are fused experts."""
+    """A transformers 5 Qwen3-MoE checkpoint: config.json says num_local_experts."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
     torch.manual_seed(0)
     cfg = Qwen3MoeConfig(**{k: v for k, v in TINY.items() if k != "model_type"}, num_experts=4,
@@ -115,33 +115,28 @@ def tiny_moe_checkpoint(path):
     return str(path)
 
 
-def test_moe_checkpoint_is_refused_by_the_engine_and_planned_by_the_tuner(tmp_path, capsys):
+def test_moe_checkpoint_is_served_by_the_engine_and_planned_by_the_tuner(tmp_path):
     path = tiny_moe_checkpoint(tmp_path / "moe")
     assert "num_local_experts" in json.loads((tmp_path / "moe" / "config.json").read_text())
-    expect = (f"{path}/config.json: num_local_experts=4 is not implemented by the tuneforge engine (mixture of "
-              f"experts: `tuneforge tune` plans it, the engine runs dense Qwen3 only)")
-    with pytest.raises(InputError) as e:
-        load_model(path, dtype=torch.float32)
-    assert str(e.value) == expect
-    assert one_line_error(capsys, ["generate", "--model", path, "--prompt", "1 2", "--dispatch", "baseline"]) == expect
-    assert one_line_error(capsys, ["bench", "e2e", "--model", path, "--ctx", "4", "--gen", "2",
-                                   "--dispatch", "baseline"]) == expect
+    model = load_model(path, dtype=torch.float32)
+    assert model.layers[0].mlp.gate_up.shape == (4, 64, 64)
     cfg = load_config(path)
     assert cfg.num_experts == 4 and cfg.is_moe_layer(0)
     assert plan(cfg, 1, decode_buckets=[1], prefill_buckets=[]).find("moe_gemm")
 
 
-def test_builtin_moe_models_are_refused_with_random_weights_too():
-    for name, experts in (("Qwen3-30B-A3B", 128), ("Qwen3-Next-80B-A3B", 512)):
-        with pytest.raises(InputError, match=rf"^{name}: num_experts={experts} is not implemented by the tuneforge "
-                                             r"engine \(mixture of experts"):
-            check_engine_support(load_config(name))
-    with pytest.raises(InputError, match=r"num_experts=128 is not implemented"):
-        load_model("Qwen3-30B-A3B", random=True)
+def test_builtin_moe_models_build_and_qwen3_next_is_refused():
+    for name in ("Qwen3-30B-A3B", "Qwen3-235B-A22B"):
+        check_engine_support(load_config(name))
+    with pytest.raises(InputError, match=r"^Qwen3-Next-80B-A3B: full_attention_interval=4 is not implemented by the "
+                                         r"tuneforge engine \(layer 0 of model_type qwen3_next is linear_attention\)$"):
+        load_model("Qwen3-Next-80B-A3B", random=True)
 
 
 REFUSED = [
-    (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), "num_experts=4"),
+    (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), "num_experts=4"),      # model_type qwen3
+    (dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+          shared_expert_intermediate_size=32), "shared_expert_intermediate_size=32"),
     (dict(use_sliding_window=True, sliding_window=16), "use_sliding_window=true"),
     (dict(layer_types=["full_attention", "sliding_attention"]), 'layer_types[1]="sliding_attention"'),
     (dict(layer_types=["linear_attention", "full_attention"]), 'layer_types[0]="linear_attention"'),

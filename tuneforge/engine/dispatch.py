@@ -21,9 +21,13 @@ from tuneforge.engine.tp import TPStep
 from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.kernels import decode_attention as k_attn
 from tuneforge.kernels import gemm as k_gemm
+from tuneforge.kernels import moe_gemm as k_moe
+from tuneforge.kernels import moe_pack as k_pack
+from tuneforge.kernels import moe_router as k_router
 from tuneforge.kernels import rmsnorm as k_rmsnorm
 from tuneforge.kernels import rope as k_rope
 from tuneforge.kernels import silu_mul as k_silu
+from tuneforge.kernels._common import launch_spec
 from tuneforge.kernels.allgather import allgather
 from tuneforge.kernels.tp_attn import o_half, qkv_half
 from tuneforge.kernels.tp_mlp import tp_mlp
@@ -144,6 +148,58 @@ class Ops:
                   lambda: qk.copy_(k_rope.baseline(qkv, positions, q_weight, k_weight, heads, kv_heads, theta, eps,
                                                    scaling)))
 
+    # --- mixture of experts (models/qwen3.SparseMoE) ----------------------------------------------
+    def moe_router(self, logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights fp32 [tokens, top_k], expert ids int32 [tokens, top_k]) from the router's logits:
+        the fused softmax + top-k kernel, or transformers' torch softmax + topk (the same experts and
+        weights: the two are interchangeable)."""
+        m, experts = logits.shape
+        return self._run(P.moe_router(logits.dtype, m, experts, top_k),
+                         lambda cfg: k_router.route(logits, top_k, norm_topk_prob=norm_topk_prob, strategy="fused",
+                                                    config=cfg),
+                         lambda: k_router.baseline(logits, top_k, norm_topk_prob))
+
+    def moe_pack(self, ids: torch.Tensor, experts: int, block_m: int, dtype: torch.dtype) -> k_pack.Packed:
+        """The routed slots packed by expert in runs of ``block_m`` (on the device, no host sync)."""
+        return self._run(P.moe_pack(dtype, ids.shape[0], experts, ids.shape[1]),
+                         lambda cfg: k_pack.pack(ids, experts, block_m, config=cfg),
+                         lambda: k_pack.reference(ids, experts, block_m))
+
+    def moe_experts(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
+                    ids: torch.Tensor) -> torch.Tensor:
+        """Every token through its ``ids``' experts, the outputs weighted and summed per token: the
+        grouped gate_up GEMM (SiLU-mul fused) then the grouped down GEMM (weighted combine fused), each
+        the kernel or transformers' per-expert loop. One pack serves both: at the gate_up config's
+        block_m; a stored down config of another block_m gets its own pack (a launcher-default one
+        takes the pack already made)."""
+        tokens, top_k = ids.shape
+        experts = gate_up.shape[0]
+        packs: dict[int, k_pack.Packed] = {}
+
+        def packed(cfg, problem) -> k_pack.Packed:
+            if cfg is None and packs:
+                return next(iter(packs.values()))
+            block_m = (cfg or k_moe.default_config(problem, launch_spec(x.device, persistent=False)))["block_m"]
+            if block_m not in packs:
+                packs[block_m] = self.moe_pack(ids, experts, block_m, x.dtype)
+            return packs[block_m]
+
+        up = P.moe_gemm(x.dtype, tokens, gate_up.shape[1:], experts, top_k, act=True)
+        h = self._run(up, lambda cfg: k_moe.moe_gemm(x, gate_up, packed(cfg, up), top_k=top_k, gather=True,
+                                                     activation="silu_mul", config=cfg),
+                      lambda: k_moe.baseline(x, gate_up, ids, gather=True, activation="silu_mul"))
+        dn = P.moe_gemm(x.dtype, tokens, down.shape[1:], experts, top_k, act=False)
+        return self._run(dn, lambda cfg: k_moe.moe_gemm(h, down, packed(cfg, dn), top_k=top_k, gather=False,
+                                                        routed_weights=weights, combine=True, config=cfg),
+                         lambda: k_moe.baseline(h, down, ids, gather=False, routed_weights=weights, combine=True))
+
+    def moe(self, x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
+            norm_topk_prob: bool, tp: TPStep) -> torch.Tensor:
+        """The sparse block on every token: router logits (gemm) -> select -> experts, summed over
+        ranks (each holds its slice of every expert's intermediate channels)."""
+        weights, ids = self.moe_router(self.gemm(x, router), top_k, norm_topk_prob)
+        return TP.all_reduce(self.moe_experts(x, gate_up, down, weights, ids), tp.shard)
+
     # --- tensor parallelism (engine/tp) ----------------------------------------------------------
     def open_tp(self, model, max_tokens: int, logit_rows: int) -> None:
         """Collective (every rank, the same arguments): open the symmetric heap the TP blocks run on
@@ -157,14 +213,15 @@ class Ops:
         if strategies and not self._heap.covers(max_tokens, logit_rows):
             self._heap.open(model, max_tokens, logit_rows, "ag_rs" in strategies)
 
-    def tp_step(self, m: int, dtype: torch.dtype, shard, *, hidden: int, qkv: int, o_in: int, inter: int
-                ) -> TPStep:
-        """The TP plan of one forward of ``m`` tokens (``tp.layout``), once per shape."""
-        key = (m, dtype, shard.rank, shard.size, hidden, qkv, o_in, inter)
+    def tp_step(self, m: int, dtype: torch.dtype, shard, *, hidden: int, qkv: int, o_in: int, inter: int,
+                sparse: bool = False) -> TPStep:
+        """The TP plan of one forward of ``m`` tokens (``tp.layout``), once per shape (``inter`` 0: no
+        dense MLP layer; ``sparse``: the model has MoE layers)."""
+        key = (m, dtype, shard.rank, shard.size, hidden, qkv, o_in, inter, sparse)
         step = self._steps.get(key)
         if step is None:
             step = self._steps[key] = TP.layout(self.choice, m, dtype, shard, hidden, qkv, o_in, inter,
-                                                self._heap.ctx is not None)
+                                                self._heap.ctx is not None, sparse)
         return step
 
     @property

@@ -52,17 +52,19 @@ def strategies(configs) -> set:
 
 
 def layout(choice: Callable, m: int, dtype: torch.dtype, shard, hidden: int, qkv: int, o_in: int,
-           inter: int, heap_open: bool) -> TPStep:
+           inter: int, heap_open: bool, sparse: bool = False) -> TPStep:
     """The TP plan of one forward of ``m`` tokens: the tp_attn / tp_mlp configs ``choice`` (problem ->
-    config) gives for this shape and the layout they share."""
+    config) gives for this shape and the layout they share. ``inter`` 0: no dense MLP (no tp_mlp);
+    ``sparse``: MoE layers, which route every token on every rank, so the rows stay replicated."""
     if shard.size == 1:
         return TPStep(shard, m)
     attn = choice(P.tp_attn(dtype, shard.size, m, hidden, qkv, o_in))
-    mlp = choice(P.tp_mlp(dtype, shard.size, m, hidden, inter))
+    mlp = choice(P.tp_mlp(dtype, shard.size, m, hidden, inter)) if inter else BASELINE
     if (attn is not BASELINE or mlp is not BASELINE) and not heap_open:
         raise InputError("the TP blocks run on a symmetric heap: call Ops.open_tp(model, ...) on every "
                          "rank first (the Generator does)")
-    if attn is not BASELINE and mlp is not BASELINE and TPM.strategy_of(attn) == TPM.strategy_of(mlp) == "ag_rs":
+    if not sparse and attn is not BASELINE and mlp is not BASELINE and \
+            TPM.strategy_of(attn) == TPM.strategy_of(mlp) == "ag_rs":
         row0, rows = row_split(m, shard.size)[shard.rank]
         return TPStep(shard, m, attn, mlp, True, row0, rows)
 
@@ -102,11 +104,12 @@ class Heap:
 
     def _warm_up(self, model, tokens: int, logit_rows: int, ag_rs: bool) -> None:
         """The blocks and the all-gathers at their largest sizes, so every channel is carved once."""
-        ctx, mlp, tp = self.ctx, model.layers[0].mlp, model.shard.size
+        ctx, mlp, tp = self.ctx, model.dense_mlp, model.shard.size
         x = torch.zeros((tokens, model.cfg.hidden_size), dtype=model.dtype, device=ctx.device)
         mine = row_split(tokens, tp)[ctx.rank]
-        TPM.tp_mlp(x, mlp.gate_up, mlp.down, ctx=ctx)
-        if ag_rs:
+        if mlp is not None:      # an all-MoE model runs no tp_mlp block
+            TPM.tp_mlp(x, mlp.gate_up, mlp.down, ctx=ctx)
+        if ag_rs and mlp is not None:
             problem = P.tp_mlp(model.dtype, tp, tokens, x.shape[1], mlp.inter)
             spec = None if tuneforge.INTERPRETED else launch_spec(ctx.device)
             config = TPM.default_config(problem, spec, "ag_rs")

@@ -1,0 +1,185 @@
+"""Qwen3-MoE in the engine against transformers (fp32, CPU, Triton's interpreter): the sparse block
+against Qwen3MoeSparseMoeBlock through the torch baselines, the default kernels and stored configs
+(the gate_up and down GEMMs at different block_m: two packs); the whole model against
+Qwen3MoeForCausalLM from a save_pretrained directory (prefill logits + 16 greedy tokens, sparse and
+mlp_only dense layers mixed), at TP 1 and in a 2-rank gloo world; both checkpoint layouts (one tensor
+per expert, as the Hub and save_pretrained write; transformers 5's fused expert tensors, as its
+state_dict holds them) and each rank's slice of them."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from test_engine import PROMPTS, TOL, check_against_hf, hf_greedy
+from tuneforge.db.environment import Environment
+from tuneforge.db.store import Winner
+from tuneforge.dsl import get
+from tuneforge.engine.dispatch import DispatchTable, Ops
+from tuneforge.engine.generate import Generator
+from tuneforge.engine.tp import TPStep
+from tuneforge.kernels import moe_gemm as k_moe
+from tuneforge.kernels._common import launch_spec
+from tuneforge.models import problems as P
+from tuneforge.models.configs import load_config
+from tuneforge.models.loading import load_model, load_weights
+from tuneforge.models.qwen3 import MLP, Qwen3, Shard, SparseMoE
+
+TINY_MOE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=512, num_experts=8,
+                num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1])
+ENV = Environment("interpreter", 4, 0.0, 1, "single-gpu", torch.__version__, "3", "none", False)
+
+
+def scaled(model):
+    """Random weights keeping activations O(1) (so greedy tokens vary), as test_engine.tiny_hf."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+    return model.eval()
+
+
+def tiny_hf_moe(**changes):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    return scaled(Qwen3MoeForCausalLM(Qwen3MoeConfig(**{**TINY_MOE, **changes})))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    hf = tiny_hf_moe()
+    path = tmp_path_factory.mktemp("tiny-qwen3-moe")
+    hf.save_pretrained(path)
+    return str(path), hf
+
+
+def fused_checkpoint(hf, path) -> str:
+    """transformers 5's fused expert tensors (its state_dict's names) in one safetensors file."""
+    from safetensors.torch import save_file
+    path.mkdir()
+    hf.config.to_json_file(str(path / "config.json"))
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(path / "model.safetensors"))
+    return str(path)
+
+
+def stored_table(problems_configs) -> DispatchTable:
+    """A DispatchTable holding ``config`` as the measured winner of each ``problem``."""
+    winners = {p.key: Winner(p, ENV, c, 1e-5, 2e-5, 2.0, 50.0, "measured", get(p.op).source_hash, "test", 1)
+               for p, c in problems_configs}
+    return DispatchTable(winners, {}, where="test", model="tiny-moe", tp=1, buckets=None)
+
+
+# --- the sparse block ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["baseline", "default", "tuned"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_block_matches_transformers(mode, norm):
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+    hf_cfg = Qwen3MoeConfig(**{**TINY_MOE, "norm_topk_prob": norm})
+    ref = scaled(Qwen3MoeSparseMoeBlock(hf_cfg))
+    cfg = dataclasses.replace(load_config("Qwen3-30B-A3B"), **{**TINY_MOE, "mlp_only_layers": (),
+                                                               "norm_topk_prob": norm})
+    block = SparseMoE(cfg, Shard(), torch.float32, "cpu")
+    with torch.no_grad():
+        block.router.copy_(ref.gate.weight)
+        block.gate_up.copy_(ref.experts.gate_up_proj)
+        block.down.copy_(ref.experts.down_proj)
+    tokens = 13
+    x = torch.randn(tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    if mode == "tuned":    # stored configs; the down GEMM at another block_m than gate_up's: its own pack
+        spec = launch_spec(torch.device("cpu"), persistent=False)
+        e, k, h, i = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
+        up = P.moe_gemm("fp32", tokens, (2 * i, h), e, k, act=True)
+        down = P.moe_gemm("fp32", tokens, (h, i), e, k, act=False)
+        ops = Ops("tuned", stored_table([
+            (P.gemm("fp32", tokens, (e, h)), {"baseline": True}),
+            (P.moe_router("fp32", tokens, e, k), {"rows": 4, "num_warps": 1}),
+            (P.moe_pack("fp32", tokens, e, k), {"block": 16, "num_warps": 1}),
+            (up, k_moe.default_config(up, spec, block_m=16)),
+            (down, {**k_moe.default_config(down, spec, block_m=32), "combine": "reduce"})]))
+    else:
+        ops = Ops(mode)
+    with torch.no_grad():
+        out = block(x, ops, TPStep(Shard(), tokens))
+        expect = ref(x[None])[0]
+    torch.testing.assert_close(out, expect, **TOL)
+    if mode == "tuned":
+        assert ops.table.fallbacks == []
+
+
+def test_sparse_layers_follow_transformers_rule():
+    """mlp_only_layers and decoder_sparse_step pick the dense layers as transformers does."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeMLP, Qwen3MoeModel
+    changes = dict(num_hidden_layers=6, decoder_sparse_step=2, mlp_only_layers=[3])
+    hf = Qwen3MoeModel(Qwen3MoeConfig(**{**TINY_MOE, **changes}))
+    cfg = dataclasses.replace(load_config("Qwen3-30B-A3B"), **{**TINY_MOE, **changes,
+                                                               "mlp_only_layers": (3,)})
+    ours = Qwen3(cfg, dtype=torch.float32, device="meta")
+    assert [isinstance(layer.mlp, Qwen3MoeMLP) for layer in hf.layers] == \
+        [isinstance(layer.mlp, MLP) for layer in ours.layers] == [True, False, True, True, True, False]
+
+
+# --- the model -------------------------------------------------------------------------------------
+
+def test_baseline_matches_transformers_for_16_greedy_steps(checkpoint):
+    path, hf = checkpoint
+    model = load_model(path, dtype=torch.float32)
+    assert [type(layer.mlp) for layer in model.layers] == [SparseMoE, MLP, SparseMoE]
+    check_against_hf(hf, Generator(model, Ops("baseline"), max_batch=3, max_len=32), steps=16)
+
+
+def test_default_kernels_match_transformers(checkpoint):
+    path, hf = checkpoint
+    model = load_model(path, dtype=torch.float32)
+    check_against_hf(hf, Generator(model, Ops("default"), max_batch=3, max_len=32), steps=2)
+
+
+def test_fused_expert_checkpoint_loads_the_same(checkpoint, tmp_path):
+    path, hf = checkpoint
+    with open(f"{path}/config.json") as f:
+        assert "num_local_experts" in json.load(f)
+    fused = fused_checkpoint(hf, tmp_path / "fused")
+    a, b = load_model(path, dtype=torch.float32), load_model(fused, dtype=torch.float32)
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_rank_shards_are_slices_of_the_experts(checkpoint, tmp_path, layout):
+    path, hf = checkpoint
+    if layout == "fused":
+        path = fused_checkpoint(hf, tmp_path / "fused")
+    cfg, sd = load_config(path), hf.state_dict()
+    p, i = "model.layers.2.mlp.", cfg.moe_intermediate_size // 2
+    for r in range(2):
+        model = Qwen3(cfg, Shard(r, 2), torch.float32)
+        load_weights(model, path)
+        moe = model.layers[2].mlp
+        gate_up, down = sd[p + "experts.gate_up_proj"], sd[p + "experts.down_proj"]
+        assert torch.equal(moe.gate_up, torch.cat((gate_up[:, r * i:(r + 1) * i],
+                                                   gate_up[:, 2 * i + r * i:2 * i + (r + 1) * i]), dim=1))
+        assert torch.equal(moe.down, down[:, :, r * i:(r + 1) * i])
+        assert torch.equal(moe.router, sd[p + "gate.weight"])
+
+
+def _tp_rank(world, path: str, steps: int):
+    from tuneforge.engine.dispatch import Ops as RankOps
+    model = load_model(path, shard=Shard(world.rank, world.size, world.group), dtype=torch.float32)
+    out = Generator(model, RankOps("baseline"), max_batch=3, max_len=32).generate(PROMPTS, steps, return_logits=True)
+    return out.tokens, torch.stack(out.logits)
+
+
+def test_tp2_matches_transformers(checkpoint):
+    from tuneforge.world import spawn
+    path, hf = checkpoint
+    steps = 6
+    for tokens, logits in spawn(_tp_rank, 2, path, steps, device="cpu", timeout=300.0):
+        for i, p in enumerate(PROMPTS):
+            ref_tokens, _, ref_logits = hf_greedy(hf, p, steps)
+            assert tokens[i] == ref_tokens
+            torch.testing.assert_close(logits[:, i], ref_logits, **TOL)
