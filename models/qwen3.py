@@ -147,19 +147,32 @@ class SparseMoE(nn.Module):
     top-k experts and weights (softmax, renormalised when ``norm_topk_prob``), every routed token through
     its experts' gate|up -> SiLU-mul -> down, the outputs weighted and summed per token. This rank holds
     ``inter`` = moe_intermediate_size / tp channels of every expert: ``gate_up`` [experts, 2 inter, hidden]
-    (gate rows, then up rows), ``down`` [experts, hidden, inter]; the router [experts, hidden] whole."""
+    (gate rows, then up rows), ``down`` [experts, hidden, inter]; the router [experts, hidden] whole.
+
+    With ``shared_expert_intermediate_size`` (transformers' Qwen2MoeSparseMoeBlock): a shared expert MLP
+    (``shared_gate_up`` / ``shared_down``, split over ranks like the dense MLP) whose output, times the
+    sigmoid of ``shared_gate`` [1, hidden] (replicated), is added to the routed output. No model the engine
+    builds has one yet (check_engine_support refuses Qwen2-MoE and Qwen3-Next); the block is tested alone."""
 
     def __init__(self, cfg, shard: Shard, dtype, device):
         super().__init__()
         self.experts, self.top_k, self.norm_topk_prob = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
+        h = cfg.hidden_size
         self.inter = shard.part(cfg.moe_intermediate_size, "moe_intermediate_size")
-        self.router = _param(self.experts, cfg.hidden_size, dtype=dtype, device=device)
-        self.gate_up = _param(self.experts, 2 * self.inter, cfg.hidden_size, dtype=dtype, device=device)
-        self.down = _param(self.experts, cfg.hidden_size, self.inter, dtype=dtype, device=device)
+        self.router = _param(self.experts, h, dtype=dtype, device=device)
+        self.gate_up = _param(self.experts, 2 * self.inter, h, dtype=dtype, device=device)
+        self.down = _param(self.experts, h, self.inter, dtype=dtype, device=device)
+        self.shared = None
+        if cfg.has_shared_expert:
+            si = shard.part(cfg.shared_expert_intermediate_size, "shared_expert_intermediate_size")
+            self.shared_gate_up = _param(2 * si, h, dtype=dtype, device=device)
+            self.shared_down = _param(h, si, dtype=dtype, device=device)
+            self.shared_gate = _param(1, h, dtype=dtype, device=device)
+            self.shared = (self.shared_gate_up, self.shared_down, self.shared_gate)
 
     def forward(self, x, ops, tp) -> torch.Tensor:
-        """x [tokens, hidden] (every token) -> the routed experts' output summed over ranks."""
-        return ops.moe(x, self.router, self.gate_up, self.down, self.top_k, self.norm_topk_prob, tp)
+        """x [tokens, hidden] (every token) -> the block's output summed over ranks."""
+        return ops.moe(x, self.router, self.gate_up, self.down, self.top_k, self.norm_topk_prob, tp, self.shared)
 
 
 class Layer(nn.Module):
@@ -254,12 +267,20 @@ class Qwen3(nn.Module):
             add("lm_head.weight", (c.vocab_size, h), self.lm_head, 0, r)
         return out
 
-    def streamed_weight_bytes(self) -> int:
-        """Bytes of weights one decode step reads on this rank: every parameter but the embedding
-        table, of which a step reads only its tokens' rows (tied: lm_head reads its vocabulary part)."""
+    def streamed_weight_bytes(self, tokens: int = 1) -> int:
+        """Bytes of weights one decode step of ``tokens`` tokens reads on this rank: every parameter but
+        the embedding table, of which a step reads only its tokens' rows (tied: lm_head reads its
+        vocabulary part), and of a sparse layer's experts only the ones hit: top_k for one token, for
+        more the expected count under uniform routing, experts (1 - (1 - top_k / experts) ^ tokens)."""
         total = sum(p.numel() * p.element_size() for p in self.parameters())
         embed = self.embed.numel() * self.embed.element_size()
         head = self.head_weight.numel() * self.head_weight.element_size()
+        for layer in self.layers:
+            moe = layer.mlp
+            if isinstance(moe, SparseMoE):
+                e = moe.experts
+                hit = e * (1.0 - (1.0 - moe.top_k / e) ** tokens)
+                total -= round((e - hit) * (moe.gate_up[0].numel() + moe.down[0].numel()) * moe.gate_up.element_size())
         return total - embed + (head if self.lm_head is None else 0)
 
     def forward(self, tokens: torch.Tensor, step: Step, cache: KVCache, ops,

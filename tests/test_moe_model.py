@@ -1,6 +1,7 @@
 """Qwen3-MoE in the engine against transformers (fp32, CPU, Triton's interpreter): the sparse block
 against Qwen3MoeSparseMoeBlock through the torch baselines, the default kernels and stored configs
-(the gate_up and down GEMMs at different block_m: two packs); the whole model against
+(the gate_up and down GEMMs at different block_m: two packs), and with a shared expert against
+Qwen2MoeSparseMoeBlock; the whole model against
 Qwen3MoeForCausalLM from a save_pretrained directory (prefill logits + 16 greedy tokens, sparse and
 mlp_only dense layers mixed), at TP 1 and in a 2-rank gloo world; both checkpoint layouts (one tensor
 per expert, as the Hub and save_pretrained write; transformers 5's fused expert tensors, as its
@@ -18,6 +19,7 @@ from tuneforge.dsl import get
 from tuneforge.engine.dispatch import DispatchTable, Ops
 from tuneforge.engine.generate import Generator
 from tuneforge.engine.tp import TPStep
+from tuneforge.errors import InputError
 from tuneforge.kernels import moe_gemm as k_moe
 from tuneforge.kernels._common import launch_spec
 from tuneforge.models import problems as P
@@ -111,6 +113,28 @@ def test_block_matches_transformers(mode, norm):
         assert ops.table.fallbacks == []
 
 
+@pytest.mark.parametrize("mode", ["baseline", "default"])
+def test_shared_expert_block_matches_transformers(mode):
+    """The Qwen2-MoE block: routed experts + the sigmoid-gated shared expert (fused shared_expert_gate)."""
+    from transformers import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+    changes = dict(shared_expert_intermediate_size=48, norm_topk_prob=False)
+    ref = scaled(Qwen2MoeSparseMoeBlock(Qwen2MoeConfig(**{**TINY_MOE, **changes})))
+    cfg = dataclasses.replace(load_config("Qwen3-30B-A3B"), **{**TINY_MOE, **changes, "mlp_only_layers": ()})
+    block = SparseMoE(cfg, Shard(), torch.float32, "cpu")
+    s = ref.shared_expert
+    with torch.no_grad():
+        block.router.copy_(ref.gate.weight)
+        block.gate_up.copy_(ref.experts.gate_up_proj)
+        block.down.copy_(ref.experts.down_proj)
+        block.shared_gate_up.copy_(torch.cat((s.gate_proj.weight, s.up_proj.weight)))
+        block.shared_down.copy_(s.down_proj.weight)
+        block.shared_gate.copy_(ref.shared_expert_gate.weight)
+    x = torch.randn(9, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, Ops(mode), TPStep(Shard(), 9)), ref(x[None])[0], **TOL)
+
+
 def test_sparse_layers_follow_transformers_rule():
     """mlp_only_layers and decoder_sparse_step pick the dense layers as transformers does."""
     from transformers import Qwen3MoeConfig
@@ -167,6 +191,19 @@ def test_rank_shards_are_slices_of_the_experts(checkpoint, tmp_path, layout):
         assert torch.equal(moe.router, sd[p + "gate.weight"])
 
 
+def test_a_decode_step_streams_only_the_hit_experts(checkpoint):
+    path, _ = checkpoint
+    model = load_model(path, dtype=torch.float32)
+    moe = model.layers[0].mlp
+    per_expert = (moe.gate_up[0].numel() + moe.down[0].numel()) * 4
+    everything = sum(p.numel() for p in model.parameters()) * 4 - model.embed.numel() * 4
+    # two sparse layers of 8 experts, top-2: one token reads 2 in each, two tokens 8 (1 - (6/8)^2) = 3.5,
+    # 256 tokens all 8
+    assert model.streamed_weight_bytes() == everything - 2 * 6 * per_expert
+    assert model.streamed_weight_bytes(2) == everything - 2 * round(4.5 * per_expert)
+    assert model.streamed_weight_bytes(256) == everything
+
+
 def _tp_rank(world, path: str, steps: int):
     from tuneforge.engine.dispatch import Ops as RankOps
     model = load_model(path, shard=Shard(world.rank, world.size, world.group), dtype=torch.float32)
@@ -183,3 +220,29 @@ def test_tp2_matches_transformers(checkpoint):
             ref_tokens, _, ref_logits = hf_greedy(hf, p, steps)
             assert tokens[i] == ref_tokens
             torch.testing.assert_close(logits[:, i], ref_logits, **TOL)
+
+
+# --- GPU ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_eager(checkpoint):
+    """The grouped kernels (router, pack, GEMMs) read nothing back to the host: graphed decode == eager."""
+    path, hf = checkpoint
+    model = load_model(path, dtype=torch.float32, device="cuda")
+    prompts = [[(7 * i + j) % 128 for j in range(40 - 10 * i)] for i in range(3)]
+    runs = [Generator(model, Ops("default"), max_batch=3, max_len=64, graphs=g).generate(prompts, 16, return_logits=True)
+            for g in (False, True)]
+    assert runs[0].tokens == runs[1].tokens
+    for a, b in zip(runs[0].logits, runs[1].logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    tokens, _, ref = hf_greedy(hf, prompts[0], 16)
+    assert runs[1].tokens[0] == tokens
+    torch.testing.assert_close(torch.stack([s[0] for s in runs[1].logits]).cpu(), ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_graphed_decode_of_the_per_expert_loop_is_one_line(checkpoint):
+    path, _ = checkpoint
+    model = load_model(path, dtype=torch.float32, device="cuda")
+    with pytest.raises(InputError, match=r"^moe_gemm: the torch baseline .* cannot capture: decode with --no-graphs"):
+        Generator(model, Ops("baseline"), max_batch=1, max_len=16, graphs=True).generate([[1, 2, 3]], 4)

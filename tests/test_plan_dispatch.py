@@ -21,7 +21,7 @@ from tuneforge.db.store import Winner
 from tuneforge.dsl import get
 from tuneforge.dsl.problem import DEFAULT_BUCKETS
 from tuneforge.engine.dispatch import Ops
-from tuneforge.engine.lookup import ENGINE_OPS, TP_OPS, DispatchTable, family
+from tuneforge.engine.lookup import ENGINE_OPS, DispatchTable, family
 from tuneforge.errors import InputError
 from tuneforge.models.configs import CONFIG_DIR, load_config
 from tuneforge.tune.plan import DECODE_BUCKETS, PREFILL_BUCKETS, plan

@@ -26,6 +26,7 @@ from tuneforge.kernels import moe_pack as k_pack
 from tuneforge.kernels import moe_router as k_router
 from tuneforge.kernels import rmsnorm as k_rmsnorm
 from tuneforge.kernels import rope as k_rope
+from tuneforge.kernels import shared_expert_gate as k_seg
 from tuneforge.kernels import silu_mul as k_silu
 from tuneforge.kernels._common import launch_spec
 from tuneforge.kernels.allgather import allgather
@@ -184,21 +185,43 @@ class Ops:
                 packs[block_m] = self.moe_pack(ids, experts, block_m, x.dtype)
             return packs[block_m]
 
+        def per_expert(a, w, **kw):
+            # its loop reads the hit experts back to the host: say so instead of a failed capture
+            if a.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise InputError("moe_gemm: the torch baseline (transformers' per-expert loop) reads the routing "
+                                 "back to the host, which a CUDA graph cannot capture: decode with --no-graphs, or "
+                                 "run the grouped kernel (--dispatch default, or tune moe_gemm)")
+            return k_moe.baseline(a, w, ids, **kw)
+
         up = P.moe_gemm(x.dtype, tokens, gate_up.shape[1:], experts, top_k, act=True)
         h = self._run(up, lambda cfg: k_moe.moe_gemm(x, gate_up, packed(cfg, up), top_k=top_k, gather=True,
                                                      activation="silu_mul", config=cfg),
-                      lambda: k_moe.baseline(x, gate_up, ids, gather=True, activation="silu_mul"))
+                      lambda: per_expert(x, gate_up, gather=True, activation="silu_mul"))
         dn = P.moe_gemm(x.dtype, tokens, down.shape[1:], experts, top_k, act=False)
         return self._run(dn, lambda cfg: k_moe.moe_gemm(h, down, packed(cfg, dn), top_k=top_k, gather=False,
                                                         routed_weights=weights, combine=True, config=cfg),
-                         lambda: k_moe.baseline(h, down, ids, gather=False, routed_weights=weights, combine=True))
+                         lambda: per_expert(h, down, gather=False, routed_weights=weights, combine=True))
+
+    def shared_expert_gate(self, final: torch.Tensor, gate_logits: torch.Tensor, shared_out: torch.Tensor
+                           ) -> torch.Tensor:
+        """``final + sigmoid(gate_logits) * shared_out``, in place on ``final``."""
+        return self._run(P.shared_expert_gate(final.dtype, final.shape[0], final.shape[1]),
+                         lambda cfg: k_seg.shared_expert_gate(final, gate_logits, shared_out, out=final, config=cfg),
+                         lambda: k_seg.baseline(final, gate_logits, shared_out))
 
     def moe(self, x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
-            norm_topk_prob: bool, tp: TPStep) -> torch.Tensor:
-        """The sparse block on every token: router logits (gemm) -> select -> experts, summed over
-        ranks (each holds its slice of every expert's intermediate channels)."""
+            norm_topk_prob: bool, tp: TPStep, shared: Optional[tuple] = None) -> torch.Tensor:
+        """The sparse block on every token: router logits (gemm) -> select -> experts (+ the shared
+        expert ``shared`` = (gate_up, down, gate), gated), summed over ranks (each holds its slice of
+        every expert's intermediate channels; the gate's logits are whole on every rank, so the gated
+        partial sums add up)."""
         weights, ids = self.moe_router(self.gemm(x, router), top_k, norm_topk_prob)
-        return TP.all_reduce(self.moe_experts(x, gate_up, down, weights, ids), tp.shard)
+        out = self.moe_experts(x, gate_up, down, weights, ids)
+        if shared is not None:
+            s_gate_up, s_down, s_gate = shared
+            s_out = self.gemm(self.silu_mul(self.gemm(x, s_gate_up)), s_down)
+            out = self.shared_expert_gate(out, self.gemm(x, s_gate), s_out)
+        return TP.all_reduce(out, tp.shard)
 
     # --- tensor parallelism (engine/tp) ----------------------------------------------------------
     def open_tp(self, model, max_tokens: int, logit_rows: int) -> None:
