@@ -8,13 +8,15 @@ per expert, as the Hub and save_pretrained write; transformers 5's fused expert 
 state_dict holds them) and each rank's slice of them."""
 import dataclasses
 import json
+import logging
 
 import pytest
 import torch
 
-from test_engine import PROMPTS, TOL, check_against_hf, hf_greedy
+from test_engine import PROMPTS, TOL, check_against_hf, fast_interpreted_config, hf_greedy
 from tuneforge.db.environment import Environment
-from tuneforge.db.store import Winner
+from tuneforge.db.store import Store, Winner
+from tuneforge.dsl.devices import SPECS
 from tuneforge.dsl import get
 from tuneforge.engine.dispatch import DispatchTable, Ops
 from tuneforge.engine.generate import Generator
@@ -26,6 +28,7 @@ from tuneforge.models import problems as P
 from tuneforge.models.configs import load_config
 from tuneforge.models.loading import load_model, load_weights
 from tuneforge.models.qwen3 import MLP, Qwen3, Shard, SparseMoE
+from tuneforge.tune.plan import plan
 
 TINY_MOE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=512, num_experts=8,
@@ -157,10 +160,25 @@ def test_baseline_matches_transformers_for_16_greedy_steps(checkpoint):
     check_against_hf(hf, Generator(model, Ops("baseline"), max_batch=3, max_len=32), steps=16)
 
 
-def test_default_kernels_match_transformers(checkpoint):
+def test_tuned_kernels_match_transformers(checkpoint, tmp_path, caplog):
+    """The tuning plan's problems (router select, pack, both expert GEMMs included) get winners in a real
+    store; the engine runs every op through its Triton kernel (nothing falls back) and matches."""
     path, hf = checkpoint
+    cfg = load_config(path)
+    spec = dataclasses.replace(SPECS["H100"], name="interpreter", sms=4, features=frozenset())
+    the_plan = plan(cfg, tp=1, decode_buckets=(4,), prefill_buckets=(32,), dtype="fp32")
+    assert {i.problem.op for i in the_plan.tunable} >= {"moe_router", "moe_pack", "moe_gemm"}
+    with Store(str(tmp_path / "tf.db")) as store:
+        store.add_plan(cfg.name, 1, the_plan.pairs())
+        for item in the_plan.tunable:
+            t = get(item.problem.op)
+            store.record_winner(Winner(item.problem, ENV, fast_interpreted_config(t, item.problem, spec), 1e-5, 2e-5,
+                                       2.0, 50.0, "measured", t.source_hash, "test", 1))
+        table = DispatchTable.load(store, ENV, cfg.name, 1)
+    caplog.set_level(logging.WARNING, "tuneforge.engine")
     model = load_model(path, dtype=torch.float32)
-    check_against_hf(hf, Generator(model, Ops("default"), max_batch=3, max_len=32), steps=2)
+    check_against_hf(hf, Generator(model, Ops("tuned", table), max_batch=3, max_len=32), steps=2)
+    assert [r.getMessage() for r in caplog.records if r.name == "tuneforge.engine"] == []
 
 
 def test_fused_expert_checkpoint_loads_the_same(checkpoint, tmp_path):
@@ -204,22 +222,36 @@ def test_a_decode_step_streams_only_the_hit_experts(checkpoint):
     assert model.streamed_weight_bytes(256) == everything
 
 
-def _tp_rank(world, path: str, steps: int):
+def _tp_rank(world, path: str, mode: str, steps: int):
     from tuneforge.engine.dispatch import Ops as RankOps
-    model = load_model(path, shard=Shard(world.rank, world.size, world.group), dtype=torch.float32)
-    out = Generator(model, RankOps("baseline"), max_batch=3, max_len=32).generate(PROMPTS, steps, return_logits=True)
-    return out.tokens, torch.stack(out.logits)
+    model = load_model(path, shard=Shard.of(world), dtype=torch.float32)
+    ops = RankOps(mode)
+    out = Generator(model, ops, max_batch=3, max_len=32).generate(PROMPTS, steps, return_logits=True)
+    return out.tokens, torch.stack(out.logits), ops.describe()
 
 
-def test_tp2_matches_transformers(checkpoint):
+def check_tp2(path, hf, mode, steps):
     from tuneforge.world import spawn
-    path, hf = checkpoint
-    steps = 6
-    for tokens, logits in spawn(_tp_rank, 2, path, steps, device="cpu", timeout=300.0):
+    results = spawn(_tp_rank, 2, path, mode, steps, device="cpu", timeout=300.0)
+    for tokens, logits, _ in results:
         for i, p in enumerate(PROMPTS):
             ref_tokens, _, ref_logits = hf_greedy(hf, p, steps)
             assert tokens[i] == ref_tokens
             torch.testing.assert_close(logits[:, i], ref_logits, **TOL)
+    return results[0][2]
+
+
+def test_tp2_matches_transformers(checkpoint):
+    path, hf = checkpoint
+    check_tp2(path, hf, "baseline", steps=6)
+
+
+def test_tp2_kernels_of_an_all_sparse_model_match_transformers(tmp_path):
+    """Every layer sparse (no dense MLP: no tp_mlp block to look up or warm): attention runs the
+    gemm_ar TP block on the heap, the experts their kernels on every token, then the all-reduce."""
+    hf = tiny_hf_moe(mlp_only_layers=[], num_hidden_layers=2)
+    hf.save_pretrained(tmp_path)
+    assert check_tp2(str(tmp_path), hf, "default", steps=2).endswith("TP: m=27 gemm_ar+torch, m=4 gemm_ar+torch")
 
 
 # --- GPU ---------------------------------------------------------------------------------------------
