@@ -27,10 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run as a script
 import tuneforge  # noqa: E402,F401  (sets TRITON_INTERPRET=1 without a GPU)
-from benchmarks.common import print_table, write_results  # noqa: E402
+from benchmarks.common import bench_device, print_table, write_results  # noqa: E402
 from tuneforge.dsl import Problem, check, get  # noqa: E402
 from tuneforge.dsl.check import split_out  # noqa: E402
-from tuneforge.dsl.devices import local_device  # noqa: E402
 from tuneforge.tune.measure import time_calls  # noqa: E402
 
 OPS = ("shared_expert_gate", "rmsnorm", "silu_mul", "rope_qk_norm")
@@ -50,15 +49,6 @@ def problem_for(op: str, m: int, args) -> Problem:
         return Problem.make(op, args.dtype, m=m, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim)
     n = args.inter if op == "silu_mul" and args.inter else args.hidden
     return Problem.make(op, args.dtype, m=m, n=n)
-
-
-def copy_bandwidth(device, nbytes: int) -> float:
-    """Bytes per second of a large device-to-device copy (read + write counted)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    timing = time_calls([lambda: dst.copy_(src)], warmup=3, rep=20, flush_l2=False)
-    del src, dst
-    return 2 * nbytes / timing.median_s
 
 
 def timed(calls, method: str) -> float:
@@ -145,11 +135,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.tokens = [int(t) for t in args.tokens.split(",")]
 
-    device = torch.device("cuda" if torch.cuda.is_available() and not tuneforge.INTERPRETED else "cpu")
-    spec = local_device() if device.type == "cuda" else None
-    copy_bps = copy_bandwidth(device, args.copy_mib * 2**20)
-    print(f"device: {spec.name if spec else 'cpu (interpreter)'}; copy bandwidth {copy_bps / 1e9:.0f} GB/s"
-          + (f" = {100 * copy_bps / spec.hbm_bytes_per_s:.0f} % of the {spec.hbm_gbs:.0f} GB/s datasheet" if spec else ""))
+    device, spec, copy_bps = bench_device(args.copy_mib)
     status = 0
     for op in OPS if args.op == "all" else (args.op,):
         rows = bench_op(op, args, device, spec, copy_bps)

@@ -25,8 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_gate import copy_bandwidth  # noqa: E402
-from benchmarks.common import print_table, source_variant, write_results  # noqa: E402
+from benchmarks.common import copy_bandwidth, print_table, source_variant, write_results  # noqa: E402
 from tuneforge.dsl import Problem  # noqa: E402
 from tuneforge.kernels import shared_expert_gate as S  # noqa: E402
 from tuneforge.kernels._common import launch_spec, tile_default  # noqa: E402

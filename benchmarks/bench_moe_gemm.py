@@ -26,11 +26,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run as a script
 import tuneforge  # noqa: E402,F401  (sets TRITON_INTERPRET=1 without a GPU)
-from benchmarks.bench_gate import copy_bandwidth  # noqa: E402
-from benchmarks.common import print_table, write_results  # noqa: E402
+from benchmarks.common import bench_device, print_table, write_results  # noqa: E402
 from tuneforge.dsl import check, get  # noqa: E402
 from tuneforge.dsl.check import split_out  # noqa: E402
-from tuneforge.dsl.devices import local_device  # noqa: E402
 from tuneforge.kernels._common import launch_spec  # noqa: E402
 from tuneforge.models import problems as P  # noqa: E402
 from tuneforge.tune.measure import time_calls  # noqa: E402
@@ -122,11 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=None, help="where the JSON goes (default benchmarks/results)")
     args = ap.parse_args(argv)
     args.tokens = [int(t) for t in args.tokens.split(",")]
-    device = torch.device("cuda" if torch.cuda.is_available() and not tuneforge.INTERPRETED else "cpu")
-    spec = local_device() if device.type == "cuda" else None
-    copy_bps = copy_bandwidth(device, args.copy_mib * 2**20)
-    print(f"device: {spec.name if spec else 'cpu (interpreter; times are not GPU figures)'}; "
-          f"copy bandwidth {copy_bps / 1e9:.0f} GB/s")
+    device, spec, copy_bps = bench_device(args.copy_mib)
     rows = bench(args, device, spec, copy_bps)
     columns = ["gemm", "tokens", "experts_hit", "MB", "grouped_us", "grouped_events_us", "torch_loop_us",
                "grouped_mm_us", "vs_torch_loop", "vs_grouped_mm", "pct_floor", "pct_peak_flops"] \

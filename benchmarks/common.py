@@ -6,6 +6,10 @@ import os
 import sys
 import tempfile
 
+import torch
+
+import tuneforge
+from tuneforge.dsl.devices import local_device
 from tuneforge.results import print_table  # noqa: F401  (re-exported for the scripts)
 from tuneforge.results import write_results as _write_results
 
@@ -14,6 +18,28 @@ def write_results(name: str, rows: list[dict], summary: dict | None = None, out_
     """Write ``benchmarks/results/<name>-<device>-<date>.json`` (or under ``out_dir``); returns the path."""
     out_dir = out_dir or os.environ.get("TUNEFORGE_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
     return _write_results(name, rows, summary, out_dir)
+
+
+def copy_bandwidth(device, nbytes: int) -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted)."""
+    from tuneforge.tune.measure import time_calls
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    timing = time_calls([lambda: dst.copy_(src)], warmup=3, rep=20, flush_l2=False)
+    del src, dst
+    return 2 * nbytes / timing.median_s
+
+
+def bench_device(copy_mib: int):
+    """``(device, spec, copy_bps)`` of this run: the GPU (the interpreter on the CPU without one), its
+    datasheet spec (None on the CPU) and the bandwidth of a ``copy_mib`` MiB copy, printed in one line."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not tuneforge.INTERPRETED else "cpu")
+    spec = local_device() if device.type == "cuda" else None
+    copy_bps = copy_bandwidth(device, copy_mib * 2**20)
+    print(f"device: {spec.name if spec else 'cpu (interpreter; times are not GPU figures)'}; "
+          f"copy bandwidth {copy_bps / 1e9:.0f} GB/s"
+          + (f" = {100 * copy_bps / spec.hbm_bytes_per_s:.0f} % of the {spec.hbm_gbs:.0f} GB/s datasheet" if spec else ""))
+    return device, spec, copy_bps
 
 
 def source_variant(module, name: str, replacements: list[tuple[str, str]]):
