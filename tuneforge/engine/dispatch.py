@@ -51,6 +51,7 @@ class Ops:
         self._proven: set[Problem] = set()      # calls whose stored config has launched once
         self._steps: dict[tuple, TPStep] = {}
         self._heap = TP.Heap()                  # the TP blocks' symmetric heap (open_tp)
+        self.uncapturable = ""                  # why a call made so far cannot be captured in a CUDA graph
 
     def describe(self) -> str:
         """The mode, and at TP > 1 how each forward shape ran its linear pairs: ag_rs, gemm_ar (the
@@ -186,7 +187,10 @@ class Ops:
             return packs[block_m]
 
         def per_expert(a, w, **kw):
-            # its loop reads the hit experts back to the host: say so instead of a failed capture
+            # its loop reads the hit experts back to the host: the generator decodes eagerly once it
+            # has run (its warm-up steps run every call eagerly first); a capture that still meets it fails
+            self.uncapturable = ("moe_gemm's torch baseline (transformers' per-expert loop) reads the routing "
+                                 "back to the host")
             if a.is_cuda and torch.cuda.is_current_stream_capturing():
                 raise InputError("moe_gemm: the torch baseline (transformers' per-expert loop) reads the routing "
                                  "back to the host, which a CUDA graph cannot capture: decode with --no-graphs, or "

@@ -15,6 +15,7 @@ shape is collective), and the Generator opens the blocks' symmetric heap once (`
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -25,6 +26,8 @@ from tuneforge.dsl.problem import bucket
 from tuneforge.errors import InputError
 from tuneforge.models.kv_cache import KVCache
 from tuneforge.models.qwen3 import Qwen3, Step
+
+log = logging.getLogger("tuneforge.engine")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MIN_KV_LEN = 256        # smallest decode KV-length bucket
@@ -142,6 +145,8 @@ class Generator:
             return self._decode_eager(st, kv_len)[:b]
         if kv_len not in st.graphs:
             st.graphs[kv_len] = self._capture(st, kv_len)
+        if st.graphs[kv_len] is None:
+            return self._decode_eager(st, kv_len)[:b]
         graph, logits = st.graphs[kv_len]
         graph.replay()
         return logits[:b]
@@ -155,6 +160,12 @@ class Generator:
             for _ in range(2):
                 self._decode_eager(st, kv_len)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        if self.ops.uncapturable:
+            # a torch baseline that syncs with the host ran in the warm-up: this step decodes eagerly
+            if self.graphs and self.model.shard.rank == 0:
+                log.warning("decode runs without CUDA graphs: %s", self.ops.uncapturable)
+            self.graphs = False
+            return None
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
