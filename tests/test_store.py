@@ -384,15 +384,22 @@ def _one_line(e: pytest.ExceptionInfo) -> str:
     return text
 
 
-def test_newer_schema_is_refused(store_url):
-    Store(store_url).close()
+def _refusal(store_url, *statements: str) -> str:
+    """The one-line DatabaseError that opening the store gives once ``statements`` ran on its database."""
     engine = sa.create_engine(normalize_url(store_url))
     with engine.begin() as c:
-        c.execute(sa.text("UPDATE tf_meta SET value = :v WHERE key = 'schema_version'"), {"v": str(SCHEMA_VERSION + 1)})
+        for statement in statements:
+            c.execute(sa.text(statement))
     engine.dispose()
     with pytest.raises(DatabaseError) as e:
         Store(store_url)
-    assert f"schema version {SCHEMA_VERSION + 1}, newer" in _one_line(e)
+    return _one_line(e)
+
+
+def test_newer_schema_is_refused(store_url):
+    Store(store_url).close()
+    newer = f"UPDATE tf_meta SET value = '{SCHEMA_VERSION + 1}' WHERE key = 'schema_version'"
+    assert f"schema version {SCHEMA_VERSION + 1}, newer" in _refusal(store_url, newer)
 
 
 def test_a_version_1_database_is_migrated_and_older_ones_refused(store_url):
@@ -406,32 +413,19 @@ def test_a_version_1_database_is_migrated_and_older_ones_refused(store_url):
         assert [(w.key, w.origin) for w in store.winners()] == [(gemm(16).key, "local")]
     with engine.begin() as c:
         assert c.execute(sa.text("SELECT value FROM tf_meta")).scalar() == str(SCHEMA_VERSION)
-        c.execute(sa.text("UPDATE tf_meta SET value = '0' WHERE key = 'schema_version'"))
     engine.dispose()
-    with pytest.raises(DatabaseError) as e:
-        Store(store_url)
-    assert "schema version 0, older than any" in _one_line(e)
+    older = "UPDATE tf_meta SET value = '0' WHERE key = 'schema_version'"
+    assert "schema version 0, older than any" in _refusal(store_url, older)
 
 
 def test_foreign_database_is_refused(store_url):
-    engine = sa.create_engine(normalize_url(store_url))
-    with engine.begin() as c:
-        c.execute(sa.text("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)"))
-    engine.dispose()
-    with pytest.raises(DatabaseError) as e:
-        Store(store_url)
-    assert "not a tuneforge database" in _one_line(e) and "customers" in str(e.value)
+    message = _refusal(store_url, "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    assert "not a tuneforge database" in message and "customers" in message
 
 
 def test_damaged_tuneforge_database_is_refused(store_url):
     Store(store_url).close()
-    engine = sa.create_engine(normalize_url(store_url))
-    with engine.begin() as c:
-        c.execute(sa.text("DROP TABLE tf_meta"))
-    engine.dispose()
-    with pytest.raises(DatabaseError) as e:
-        Store(store_url)
-    assert "damaged" in _one_line(e)
+    assert "damaged" in _refusal(store_url, "DROP TABLE tf_meta")
 
 
 @pytest.mark.parametrize("content", [b"id,name\n1,alice\n", bytes(range(256)) * 8])
