@@ -44,41 +44,41 @@ def free_memory() -> None:
 def bench_tuneforge(cfg, args, device, dtype) -> list[dict]:
     rows = []
     model = load_model(cfg.name, config=cfg, random=True, dtype=dtype, device=device)
-    weight_bytes = model.streamed_weight_bytes()
     for mode in args.dispatch:
         ops = open_ops(mode, db=args.db, model=cfg.name, tp=1, allow_predicted=args.allow_predicted)
         for bsz in args.bsz:
             gen = Generator(model, ops, max_batch=bsz, max_len=args.ctx + args.gen, graphs=device.type == "cuda")
             r = time_generation(gen, bsz, args.ctx, args.gen)
-            del gen
             free_memory()
-            rows.append(dict(impl=f"tuneforge {mode}", **r, graphs=device.type == "cuda", dispatch=ops.describe()))
+            rows.append(dict(impl=f"tuneforge {mode}", **r, graphs=gen.graphs, dispatch=ops.describe(),
+                             weight_bytes=model.streamed_weight_bytes(bsz)))
     del model
     free_memory()
-    for r in rows:
-        r["weight_bytes"] = weight_bytes
     return rows
 
 
 def hf_config(cfg):
-    """A transformers Qwen3Config with ``cfg``'s dense fields (works with transformers 4.51+ and 5)."""
-    from transformers import Qwen3Config
-    known = set(Qwen3Config().to_dict())
+    """A transformers Qwen3Config (Qwen3MoeConfig for a MoE model) with ``cfg``'s fields (works with
+    transformers 4.51+ and 5)."""
+    from transformers import Qwen3Config, Qwen3MoeConfig
+    Config = Qwen3MoeConfig if cfg.is_moe else Qwen3Config
+    known = set(Config().to_dict())
     fields = {k: v for k, v in cfg.to_hf_dict().items() if k in known and v not in ((), [], None)}
     fields.pop("layer_types", None)
     if "rope_parameters" in known:
         fields["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    return Qwen3Config(**fields)
+    return Config(**fields)
 
 
 def build_hf(cfg, device, dtype):
-    """Qwen3ForCausalLM built directly on ``device`` in ``dtype`` with transformers' own random init."""
-    from transformers import Qwen3ForCausalLM
+    """Qwen3ForCausalLM (Qwen3MoeForCausalLM) built directly on ``device`` in ``dtype`` with transformers'
+    own random init."""
+    from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return Qwen3ForCausalLM(hf_config(cfg)).eval()
+            return (Qwen3MoeForCausalLM if cfg.is_moe else Qwen3ForCausalLM)(hf_config(cfg)).eval()
     finally:
         torch.set_default_dtype(previous)
 
@@ -157,18 +157,20 @@ def main(argv=None) -> int:
     if not args.no_hf:
         rows += bench_hf(cfg, args, device, dtype)
 
-    weight_bytes = rows[0]["weight_bytes"]
-    floor_ms = weight_bytes / bandwidth * 1e3 if bandwidth else None
+    # the weights a step of bsz tokens reads (a MoE model's experts hit grow with the batch)
+    weight_bytes = {r["bsz"]: r["weight_bytes"] for r in rows if r["impl"].startswith("tuneforge")}
+    floor_ms = {b: w / bandwidth * 1e3 for b, w in weight_bytes.items()} if bandwidth else {}
     hf = {r["bsz"]: r["decode_ms_per_token"] for r in rows if r["impl"] == "transformers eager"}
     for r in rows:
-        r["weight_bytes"] = weight_bytes
+        r["weight_bytes"] = weight_bytes[r["bsz"]]
         if floor_ms:
-            r.update(floor_ms_per_token=floor_ms, pct_floor=100.0 * floor_ms / r["decode_ms_per_token"])
+            r.update(floor_ms_per_token=floor_ms[r["bsz"]], pct_floor=100.0 * floor_ms[r["bsz"]] / r["decode_ms_per_token"])
         if r["bsz"] in hf:
             r["decode_speedup_vs_hf"] = hf[r["bsz"]] / r["decode_ms_per_token"]
     print(f"{cfg.name}, {str(dtype).replace('torch.', '')}, random weights, ctx {args.ctx}, gen {args.gen}; "
-          + (f"weight-streaming floor {floor_ms:.2f} ms/step ({weight_bytes / 1e9:.1f} GB at "
-             f"{bandwidth / 1e12:.2f} TB/s measured copy bandwidth)" if floor_ms else "no GPU: no floor"))
+          + ("weight-streaming floor " + ", ".join(f"{floor_ms[b]:.2f} ms/step at bs {b} ({weight_bytes[b] / 1e9:.1f} GB)"
+                                                   for b in sorted(floor_ms)) + f" at {bandwidth / 1e12:.2f} TB/s "
+             "measured copy bandwidth" if floor_ms else "no GPU: no floor"))
     print_table(rows, ["impl", "bsz", "prefill_ms", "decode_ms_per_token", "tokens_per_s", "pct_floor",
                        "decode_speedup_vs_hf"])
     for r in rows:

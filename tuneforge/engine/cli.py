@@ -195,8 +195,8 @@ def _bench_rank(world, settings: dict, bsz: int, ctx: int, gen: int) -> dict:
     model, ops = build(settings, world)
     generator = Generator(model, ops, max_batch=bsz, max_len=ctx + gen, graphs=settings["graphs"])
     result = time_generation(generator, bsz, ctx, gen, seed=settings["seed"])
-    result.update(weight_bytes=model.streamed_weight_bytes(), hbm_bytes_per_s=bandwidth,
-                  dispatch=ops.describe(), graphs=settings["graphs"])
+    result.update(weight_bytes=model.streamed_weight_bytes(bsz), hbm_bytes_per_s=bandwidth,
+                  dispatch=ops.describe(), graphs=generator.graphs)
     if bandwidth:
         floor_ms = result["weight_bytes"] / bandwidth * 1e3
         result.update(floor_ms_per_token=floor_ms, pct_floor=100.0 * floor_ms / result["decode_ms_per_token"])
