@@ -37,3 +37,39 @@ def tiny_config(tmp_path):
     path.parent.mkdir()
     path.write_text(json.dumps(TINY_QWEN3))
     return path
+
+
+def graph_replays(ctx, heap, channel: str, run, outs: list, configs: list, replays: int, refill, reference,
+                  label: str):
+    """Warm ``run(out, config)`` for each config (compile, load, carve the heap), capture them all in one
+    CUDA graph and replay it ``replays`` times, after ``refill(r)`` wrote replay r's inputs and the outputs
+    were poisoned with NaN; each output is compared with ``reference()``. Returns the failures (named by
+    ``config[label]``) and ``channel``'s device-side epoch; closes the heap."""
+    from tuneforge.dsl.check import compare
+    for out, config in zip(outs, configs):
+        run(out, config)
+    graph = ctx.capture(lambda: [run(out, config) for out, config in zip(outs, configs)])
+    failures = []
+    for r in range(replays):
+        refill(r)
+        for out in outs:
+            out.fill_(float("nan"))
+        graph.replay()
+        ctx.synchronize()
+        ref = reference()
+        for out, config in zip(outs, configs):
+            res = compare(out, ref, out.dtype)
+            if not res:
+                failures.append(f"replay {r} {config[label]}: {res.reason}")
+    epoch = int(ctx.channel(channel, 0).state[0])
+    heap.close()
+    return failures, epoch
+
+
+def assert_graph_replays(fn, replays: int, launches: int):
+    """``fn(world, replays)`` (a ``graph_replays`` user) on two ranks sharing one GPU: every replay
+    right, and the device-side epoch advanced by ``launches`` in the warm-up and in every replay."""
+    from tuneforge.world import spawn
+    for failures, epoch in spawn(fn, 2, replays, device="cuda", share_gpu=True, timeout=300):
+        assert not failures, failures
+        assert epoch == launches * (1 + replays)

@@ -12,6 +12,8 @@ from tuneforge.dsl.check import compare, split_out
 from tuneforge.errors import InputError, SignalTimeout
 from tuneforge.world import spawn
 
+from conftest import assert_graph_replays, graph_replays
+
 OPS = ("allreduce", "allgather", "reducescatter")
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -179,34 +181,17 @@ def _graph_replay(world, replays):
     outs = [torch.empty_like(x) for _ in range(2)]
     configs = [{"strategy": "one_shot", "variant": "push", "block": 1024, "num_warps": 4, "comm_sms": 8},
                {"strategy": "two_shot", "variant": "pull", "block": 2048, "num_warps": 8, "comm_sms": 4}]
-    for out, config in zip(outs, configs):          # warm (compile, load) before capture
-        allreduce(x, ctx=ctx, out=out, config=config)
-    graph = ctx.capture(lambda: [allreduce(x, ctx=ctx, out=out, config=config)
-                                 for out, config in zip(outs, configs)])
-    failures = []
-    for r in range(replays):
+
+    def refill(r):
         g = torch.Generator().manual_seed(100 * r + world.rank)
         x.copy_(torch.randn(m, n, generator=g).to(x.dtype))
-        for out in outs:
-            out.fill_(float("nan"))
-        graph.replay()
-        ctx.synchronize()
-        ref = reference(x, ctx)
-        for out, config in zip(outs, configs):
-            res = compare(out, ref, out.dtype)
-            if not res:
-                failures.append(f"replay {r} {config['strategy']}: {res.reason}")
-    epoch = int(ctx.channel("allreduce", 0).state[0])
-    heap.close()
-    return failures, epoch
+    return graph_replays(ctx, heap, "allreduce", lambda out, config: allreduce(x, ctx=ctx, out=out, config=config),
+                         outs, configs, replays, refill, lambda: reference(x, ctx), "strategy")
 
 
 @pytest.mark.gpu
 def test_allreduce_cuda_graph_replay_on_one_gpu():
-    replays = 5
-    for failures, epoch in spawn(_graph_replay, 2, replays, device="cuda", share_gpu=True, timeout=300):
-        assert not failures, failures
-        assert epoch == 2 + 2 * replays      # the device-side epoch advanced inside every replay
+    assert_graph_replays(_graph_replay, 5, launches=2)
 
 
 @pytest.mark.gpu

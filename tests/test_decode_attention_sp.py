@@ -14,6 +14,8 @@ from tuneforge.kernels import decode_attention_sp as SP
 from tuneforge.kernels._common import launch_spec
 from tuneforge.world import spawn
 
+from conftest import assert_graph_replays, graph_replays
+
 OP = "decode_attention_sp"
 FORMS = SP.FORMS
 
@@ -174,32 +176,15 @@ def _graph_replay(world, replays):
     inputs = split_out(get(OP).make_inputs(problem, ctx.device, 0, ctx))
     configs = [_config(form, 256, 64) for form in FORMS]
     outs = [torch.empty_like(inputs["q"]) for _ in configs]
-    for out, config in zip(outs, configs):          # warm (compile, load, carve the heap) before capture
-        SP.decode_attention_sp(**inputs, out=out, config=config)
-    graph = ctx.capture(lambda: [SP.decode_attention_sp(**inputs, out=out, config=config)
-                                 for out, config in zip(outs, configs)])
-    failures = []
-    for r in range(replays):
+
+    def refill(r):
         g = torch.Generator().manual_seed(100 + r)      # the same on every rank: q is replicated
         inputs["q"].copy_(torch.randn(inputs["q"].shape, generator=g).to(inputs["q"].dtype))
         inputs["positions"].copy_(torch.randint(0, 2048, (4,), generator=g))
-        for out in outs:
-            out.fill_(float("nan"))
-        graph.replay()
-        ctx.synchronize()
-        ref = SP.reference(**inputs)
-        for out, config in zip(outs, configs):
-            res = compare(out, ref, out.dtype)
-            if not res:
-                failures.append(f"replay {r} {config['form']}: {res.reason}")
-    epoch = int(ctx.channel(OP, 0).state[0])
-    heap.close()
-    return failures, epoch
+    return graph_replays(ctx, heap, OP, lambda out, config: SP.decode_attention_sp(**inputs, out=out, config=config),
+                         outs, configs, replays, refill, lambda: SP.reference(**inputs), "form")
 
 
 @pytest.mark.gpu
 def test_cuda_graph_replay_on_one_gpu():
-    replays = 4
-    for failures, epoch in spawn(_graph_replay, 2, replays, device="cuda", share_gpu=True, timeout=300):
-        assert not failures, failures
-        assert epoch == 2 + 2 * replays      # fused and fused_tiles advanced the device epoch in every replay
+    assert_graph_replays(_graph_replay, 4, launches=2)   # fused and fused_tiles advance the device epoch

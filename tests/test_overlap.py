@@ -16,6 +16,8 @@ from tuneforge.dsl.check import compare, split_out
 from tuneforge.errors import ConfigRejected, InputError, SignalTimeout
 from tuneforge.world import spawn
 
+from conftest import assert_graph_replays, graph_replays
+
 OPS = ("ag_gemm", "gemm_rs")
 DTYPES = ("fp32", "fp16", "bf16")
 TILES = dict(block_m=16, block_n=16, block_k=16, group_m=1, num_warps=4, num_stages=2, tma=False)
@@ -67,7 +69,7 @@ def _check_world(world, shapes, dtypes, samples=2):
     from tuneforge.dsl.heap import SymmetricHeap
     heap = SymmetricHeap(world, 8 << 20)
     ctx = heap.context()
-    failures, covered, checked = [], set(), 0
+    seen = {"failures": [], "checked": 0, "covered": set()}
     for op in OPS:
         template = get(op)
         for i, (m, n, k) in enumerate(shapes):
@@ -76,23 +78,35 @@ def _check_world(world, shapes, dtypes, samples=2):
                 configs = op_configs(op, problem, samples=samples, seed=i)
                 cell, cells = i * len(dtypes) + j, len(shapes) * len(dtypes)
                 configs = [c for q, c in enumerate(configs) if q % cells == cell]
-                for config in configs:
-                    inputs = template.make_inputs(problem, ctx.device, 1 + i, ctx)
-                    result = check(template, problem, config, ctx=ctx, inputs=inputs)
-                    checked += 1
-                    covered.add((op, config["variant"], config["signal"], config["order"],
-                                 config.get("reduce", config.get("gather"))))
-                    if not result:
-                        failures.append(f"{problem.key} {config}: {result.reason}")
-                base = template.baseline(**split_out(inputs))
+                _check_configs(ctx, template, problem, configs, 1 + i, seen, "order")
+                inputs = split_out(template.make_inputs(problem, ctx.device, 1 + i, ctx))
+                base = template.baseline(**inputs)
                 # the baseline rounds after every addition of its reduction: a world's worth of roundings
-                ok = compare(base, template.reference(**split_out(inputs)), base.dtype, scale=world.size)
+                ok = compare(base, template.reference(**inputs), base.dtype, scale=world.size)
                 if not ok:
-                    failures.append(f"baseline {problem.key}: {ok.reason}")
-    errors = _input_errors(ctx)
-    epochs = {name: int(ch.state[0]) for name, ch in ctx.channels.items()}
+                    seen["failures"].append(f"baseline {problem.key}: {ok.reason}")
+    return _world_result(ctx, heap, seen)
+
+
+def _check_configs(ctx, template, problem, configs, seed, seen, extra_key):
+    """Check each config against the reference on inputs of ``seed``; count into ``seen``, and cover
+    (op, variant, signal, ``config[extra_key]``, its reduce or gather)."""
+    for config in configs:
+        inputs = template.make_inputs(problem, ctx.device, seed, ctx)
+        result = check(template, problem, config, ctx=ctx, inputs=inputs)
+        seen["checked"] += 1
+        seen["covered"].add((template.op, config["variant"], config["signal"], config[extra_key],
+                             config.get("reduce", config.get("gather"))))
+        if not result:
+            seen["failures"].append(f"{problem.key} {config}: {result.reason}")
+
+
+def _world_result(ctx, heap, seen: dict) -> dict:
+    """What a rank saw (``seen``), its input errors and channel epochs; closes the heap."""
+    seen["errors"] = _input_errors(ctx)
+    seen["epochs"] = {name: int(ch.state[0]) for name, ch in ctx.channels.items()}
     heap.close()
-    return {"failures": failures, "checked": checked, "covered": covered, "errors": errors, "epochs": epochs}
+    return seen
 
 
 def _input_errors(ctx):
@@ -219,7 +233,7 @@ def _gpu_world(world, dtypes):
     heap = SymmetricHeap(world, 256 << 20)
     ctx = heap.context()
     spec = launch_spec(ctx.device)
-    failures, covered, checked = [], set(), 0
+    seen = {"failures": [], "checked": 0, "covered": set()}
     for op in OPS:
         template = get(op)
         for i, (m, n, k) in enumerate(GPU_SHAPES[op]):
@@ -229,18 +243,8 @@ def _gpu_world(world, dtypes):
                 for tma in (False, True):
                     tiles = dict(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3, tma=tma)
                     configs += op_configs(op, problem, spec, samples=1, seed=i + 10 * tma, tiles=tiles)[tma:]
-                for config in configs:
-                    inputs = template.make_inputs(problem, ctx.device, 1 + i, ctx)
-                    result = check(template, problem, config, ctx=ctx, inputs=inputs)
-                    checked += 1
-                    covered.add((op, config["variant"], config["signal"], config.get("reduce", config.get("gather")),
-                                 config["tma"]))
-                    if not result:
-                        failures.append(f"{problem.key} {config}: {result.reason}")
-    errors = _input_errors(ctx)
-    epochs = {name: int(ch.state[0]) for name, ch in ctx.channels.items()}
-    heap.close()
-    return {"failures": failures, "checked": checked, "covered": covered, "errors": errors, "epochs": epochs}
+                _check_configs(ctx, template, problem, configs, 1 + i, seen, "tma")
+    return _world_result(ctx, heap, seen)
 
 
 @pytest.mark.gpu
@@ -251,9 +255,9 @@ def test_overlap_processes_sharing_one_gpu(ranks):
     covered = results[0]["covered"]
     from tuneforge.kernels.gemm import launch_spec
     if "tma" in launch_spec(torch.device("cuda", 0)).features:
-        assert {c[4] for c in covered} == {False, True}             # pointer loads and TMA both ran
-    assert {c[3] for c in covered if c[0] == "gemm_rs"} == {"fused", "consumer"}
-    assert {c[3] for c in covered if c[0] == "ag_gemm"} == {"fused", "side_stream"}
+        assert {c[3] for c in covered} == {False, True}             # pointer loads and TMA both ran
+    assert {c[4] for c in covered if c[0] == "gemm_rs"} == {"fused", "consumer"}
+    assert {c[4] for c in covered if c[0] == "ag_gemm"} == {"fused", "side_stream"}
 
 
 def _graph_replay(world, replays):
@@ -273,31 +277,14 @@ def _graph_replay(world, replays):
     configs = [dict(base, tma=True, variant="push", signal="tile", order="prev", gather="fused"),
                dict(base, tma=False, variant="pull", signal="chunk", chunk_tiles=2, order="next", gather="side_stream")]
     x.zero_()
-    for out, config in zip(outs, configs):          # warm (compile, load, carve the heap) before capture
-        allgather_gemm(x, w, ctx=ctx, m=m, out=out, config=config)
-    graph = ctx.capture(lambda: [allgather_gemm(x, w, ctx=ctx, m=m, out=out, config=config)
-                                 for out, config in zip(outs, configs)])
-    failures = []
-    for r in range(replays):
+
+    def refill(r):
         g = torch.Generator().manual_seed(100 * r + world.rank)
         x.copy_(torch.randn(rows, k, generator=g).to(x.dtype))
-        for out in outs:
-            out.fill_(float("nan"))
-        graph.replay()
-        ctx.synchronize()
-        ref = reference(x, w, ctx, m)
-        for out, config in zip(outs, configs):
-            res = compare(out, ref, out.dtype)
-            if not res:
-                failures.append(f"replay {r} {config['variant']}: {res.reason}")
-    epoch = int(ctx.channel("ag_gemm", 0).state[0])
-    heap.close()
-    return failures, epoch
+    return graph_replays(ctx, heap, "ag_gemm", lambda out, config: allgather_gemm(x, w, ctx=ctx, m=m, out=out, config=config),
+                         outs, configs, replays, refill, lambda: reference(x, w, ctx, m), "variant")
 
 
 @pytest.mark.gpu
 def test_allgather_gemm_cuda_graph_replay_on_one_gpu():
-    replays = 4
-    for failures, epoch in spawn(_graph_replay, 2, replays, device="cuda", share_gpu=True, timeout=300):
-        assert not failures, failures
-        assert epoch == 2 + 2 * replays      # the device-side epoch advanced inside every replay
+    assert_graph_replays(_graph_replay, 4, launches=2)
