@@ -83,12 +83,13 @@ def check_linear(op: str, x, w, device=None) -> None:
             raise InputError(f"{op}: {name} is on {t.device} but this call runs on {device}")
 
 
-def output_tensor(op: str, out: Optional[torch.Tensor], shape: tuple, like: torch.Tensor) -> torch.Tensor:
-    """``out`` checked to be ``shape`` with ``like``'s dtype and device (``check_tensor``), or a new such
-    tensor when None."""
+def output_tensor(op: str, out: Optional[torch.Tensor], shape: tuple, like: torch.Tensor,
+                  layout: str = "rows") -> torch.Tensor:
+    """``out`` checked to be ``shape`` with ``like``'s dtype and device and ``layout`` (``check_tensor``),
+    or a new such tensor when None."""
     if out is None:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
-    check_tensor(op, "out", out, shape, like.dtype, like.device)
+    check_tensor(op, "out", out, shape, like.dtype, like.device, layout)
     return out
 
 

@@ -13,6 +13,7 @@ import triton.language as tl
 
 import tuneforge
 from tuneforge.dsl import Problem, Template, categorical, pow2
+from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.kernels import gemm as G
 from tuneforge.kernels._common import checked_config, launch_spec
 from tuneforge.dsl.roofline import gemm_config_time
@@ -147,6 +148,16 @@ def plan_config(template: Template, problem: Problem, config: dict | None, devic
         plan = _PLANS[key] = (template.default_config(problem, spec) if config is None else
                               checked_config(template.space(problem), dict(config), problem, spec, launch_constraints))
     return plan
+
+
+def fused_plan(template: Template, x: torch.Tensor, m: int, n: int, k: int, ctx, config: dict | None,
+               launch_constraints) -> tuple[dict, int, int]:
+    """A fused launch's plan for ``x``'s dtype: its config (``plan_config`` of the m x n x k problem on
+    ``ctx``'s world), each rank's share of the m rows and the rows per signal."""
+    problem = Problem.make(template.op, DTYPE_NAMES[x.dtype], ctx.size, m=m, n=n, k=k)
+    config = plan_config(template, problem, config, x.device, launch_constraints)
+    share = triton.cdiv(m, ctx.size)
+    return config, share, seg_rows_of(config, share)
 
 
 def compute_programs(tiles: int, comm_sms: int, device: torch.device) -> int:

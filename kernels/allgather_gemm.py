@@ -36,14 +36,12 @@ import tuneforge
 from tuneforge.dsl import Problem, Space, Template, categorical, register
 from tuneforge.dsl.comm import (epoch_begin, epoch_end_of, release, row_split, rows_of, signal_flag, signal_peers,
                                 translate, wait_flag, wait_peers)
-from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import InputError
 from tuneforge.kernels import gemm as G
-from tuneforge.kernels._common import check_linear, check_tensor, rank_generator
+from tuneforge.kernels._common import check_linear, check_tensor, output_tensor, rank_generator
 from tuneforge.kernels._fused import (COMM_SMS, FLAG_OVERHEAD_S, STARTED, chunk_covers_share, chunk_source, comm_sms_fit,
                                       comm_space, compute_programs, default_comm_sms, descriptor, fused_gemm_time,
-                                      plan_config, seg_rows_of, signal_steps, tile_constraints, tile_defaults,
-                                      tile_space)
+                                      fused_plan, signal_steps, tile_constraints, tile_defaults, tile_space)
 from tuneforge.dsl.roofline import alpha_beta, comm_efficiency, gemm_config_time, nccl_time, overlap
 
 COPY_BLOCK = 1024          # elements one communication program moves per step
@@ -207,15 +205,10 @@ def allgather_gemm(x: torch.Tensor, w: torch.Tensor, *, ctx, m: int | None = Non
     rows = row_split(m, ctx.size)[ctx.rank][1]
     check_tensor("allgather_gemm", "x", x, (rows, k), None, ctx.device, "contiguous")
     n = w.shape[0]
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    check_tensor("allgather_gemm", "out", out, (m, n), x.dtype, ctx.device, "contiguous")
-    problem = Problem.make("ag_gemm", DTYPE_NAMES[x.dtype], ctx.size, m=m, n=n, k=k)
-    config = plan_config(TEMPLATE, problem, config, x.device, LAUNCH_CONSTRAINTS)
+    out = output_tensor("allgather_gemm", out, (m, n), x, "contiguous")
+    config, share, seg_rows = fused_plan(TEMPLATE, x, m, n, k, ctx, config, LAUNCH_CONSTRAINTS)
     bm, bn, bk = config["block_m"], config["block_n"], config["block_k"]
     world = ctx.size
-    share = triton.cdiv(m, world)
-    seg_rows = seg_rows_of(config, share)
     max_segs = max(1, triton.cdiv(share, seg_rows))
     size = x.element_size()
     ch = ctx.channel("ag_gemm", m * k * size)

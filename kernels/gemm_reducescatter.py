@@ -28,14 +28,12 @@ import tuneforge
 from tuneforge.dsl import Problem, Space, Template, categorical, register
 from tuneforge.dsl.comm import (EPOCH, epoch_begin, epoch_end, remote_load, row_split, rows_of, signal_flag,
                                 signal_peers, translate, wait_flag, wait_peers)
-from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import InputError
 from tuneforge.kernels import gemm as G
-from tuneforge.kernels._common import check_linear, check_tensor, rank_generator
+from tuneforge.kernels._common import check_linear, output_tensor, rank_generator
 from tuneforge.kernels._fused import (COMM_SMS, FLAG_OVERHEAD_S, STARTED, chunk_covers_share, chunk_source, comm_sms_fit,
                                       comm_space, compute_programs, default_comm_sms, descriptor, fused_gemm_time,
-                                      plan_config, seg_rows_of, signal_steps, tile_constraints, tile_defaults,
-                                      tile_space)
+                                      fused_plan, signal_steps, tile_constraints, tile_defaults, tile_space)
 from tuneforge.kernels.reducescatter import staging_elems
 from tuneforge.dsl.roofline import alpha_beta, comm_efficiency, gemm_config_time, nccl_time, overlap
 
@@ -165,15 +163,10 @@ def gemm_reducescatter(x: torch.Tensor, w: torch.Tensor, *, ctx, out: torch.Tens
     if m < 1:
         raise InputError("gemm_reducescatter: x has no rows")
     rows = row_split(m, ctx.size)[ctx.rank][1]
-    if out is None:
-        out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    check_tensor("gemm_reducescatter", "out", out, (rows, n), x.dtype, ctx.device, "contiguous")
-    problem = Problem.make("gemm_rs", DTYPE_NAMES[x.dtype], ctx.size, m=m, n=n, k=k)
-    config = plan_config(TEMPLATE, problem, config, x.device, LAUNCH_CONSTRAINTS)
+    out = output_tensor("gemm_reducescatter", out, (rows, n), x, "contiguous")
+    config, share, seg_rows = fused_plan(TEMPLATE, x, m, n, k, ctx, config, LAUNCH_CONSTRAINTS)
     bm, bn, bk = config["block_m"], config["block_n"], config["block_k"]
     world = ctx.size
-    share = triton.cdiv(m, world)
-    seg_rows = seg_rows_of(config, share)
     max_tiles = triton.cdiv(share, bm) * triton.cdiv(n, bn)
     ch = ctx.channel("gemm_rs", staging_elems(m, n, world) * x.element_size())
     tile_flags = ch.tile_flags(world * max_tiles)
