@@ -8,80 +8,19 @@ uneven splits work. One kernel, two variants (``variant`` in the space):
 - pull: each rank copies its tiles into its own staging, signals; after the peers' signals it
   reads their tiles from their staging (remote loads) into ``out``.
 
-Program ``p`` moves tiles ``p, p + P, ...`` of every rank's share and signals slot ``p``, so
-program ``p`` only waits for program ``p`` of the peers (interpreter-safe, no cross-program
-waits). ``publish_tile`` and ``collect_shares`` are reused by the two-shot all-reduce.
+The kernel is ``kernels/_collective.py``'s (``KIND=ALLGATHER``): the all-gather phase of the two-shot
+all-reduce.
 """
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from tuneforge.dsl import Problem, Space, Template, categorical, register
-from tuneforge.dsl.comm import (epoch_begin, epoch_end, remote_store, row_split, rows_of, signal_peers,
-                                translate, wait)
-from tuneforge.kernels._common import check_tensor, comm_tile_default, comm_tile_space, rank_generator
+from tuneforge.dsl.comm import row_split
+from tuneforge.kernels._collective import ALLGATHER, collective_kernel
+from tuneforge.kernels._common import check_tensor, comm_tile_default, comm_tile_space, output_tensor, rank_generator
 from tuneforge.errors import InputError
 from tuneforge.dsl.roofline import alpha_beta, comm_efficiency, nccl_time
-
-
-@triton.jit
-def publish_tile(v, area, o, mask, rank, world, bases, PUSH: tl.constexpr):
-    """Make tile ``v`` (element offsets ``o`` of the full tensor) readable by the peers: written into
-    every peer's ``area`` (push) or into this rank's own ``area`` (pull)."""
-    if PUSH:
-        for i in range(1, world):
-            remote_store(area, o, v, rank, (rank + i) % world, bases, mask)
-    else:
-        tl.store(area + o, v, mask=mask)
-
-
-@triton.jit
-def collect_shares(out, area, m, n, rank, world, bases, flags, kind, epoch, state, max_spins,
-                   PUSH: tl.constexpr, BLOCK: tl.constexpr):
-    """Wait for each peer's signal ``kind`` (this program's slot), then copy that peer's rows of
-    ``area`` (its staging when pulling, mine when pushed) into ``out``."""
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    offs = tl.arange(0, BLOCK)
-    for i in range(1, world):
-        q = (rank + i) % world
-        wait(flags, kind, pid, epoch, q, world, state, max_spins)
-        row0, rows = rows_of(q, m, world)
-        start = row0 * n
-        length = rows * n
-        if PUSH:
-            src = area + start
-        else:
-            src = translate(area, rank, q, bases) + start
-        for t in range(pid, tl.cdiv(length, BLOCK), programs):
-            o = t * BLOCK + offs
-            mask = o < length
-            tl.store(out + start + o, tl.load(src + o, mask=mask), mask=mask)
-
-
-@triton.jit(do_not_specialize=["rank", "max_spins"])
-def _allgather_kernel(x, out, stage, slot_elems, m, n,
-                      bases, flags, state, rank, world, max_spins,
-                      PUSH: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    epoch = epoch_begin(state)
-    area = stage + (epoch % 2) * slot_elems          # [m, n] layout, this call's parity
-    offs = tl.arange(0, BLOCK)
-    row0, rows = rows_of(rank, m, world)
-    start = row0 * n
-    length = rows * n
-    for t in range(pid, tl.cdiv(length, BLOCK), programs):
-        o = t * BLOCK + offs
-        mask = o < length
-        v = tl.load(x + o, mask=mask)
-        tl.store(out + start + o, v, mask=mask)
-        publish_tile(v, area, start + o, mask, rank, world, bases, PUSH)
-    signal_peers(flags, 0, pid, epoch, rank, world, bases)
-    collect_shares(out, area, m, n, rank, world, bases, flags, 0, epoch, state, max_spins, PUSH, BLOCK)
-    epoch_end(state, epoch)
 
 
 def _share(problem: Problem) -> int:
@@ -106,14 +45,12 @@ def allgather(x: torch.Tensor, *, ctx, m: int | None = None, out: torch.Tensor |
     n = x.shape[1]
     rows = row_split(m, ctx.size)[ctx.rank][1]
     check_tensor("allgather", "x", x, (rows, n), None, ctx.device, "contiguous")
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    check_tensor("allgather", "out", out, (m, n), x.dtype, ctx.device, "contiguous")
+    out = output_tensor("allgather", out, (m, n), x, "contiguous")
     config = config or _default(Problem.make("allgather", "fp32", ctx.size, m=m, n=n))
     ch = ctx.channel("allgather", m * n * x.element_size())
-    ch.launch(_allgather_kernel, (config["comm_sms"],), x, out, ch.staging(x.dtype),
+    ch.launch(collective_kernel, (config["comm_sms"],), x, out, ch.staging(x.dtype),
               ch.nbytes // x.element_size(), m, n, *ch.args(),
-              PUSH=config["variant"] == "push", BLOCK=config["block"], num_warps=config["num_warps"])
+              KIND=ALLGATHER, PUSH=config["variant"] == "push", BLOCK=config["block"], num_warps=config["num_warps"])
     return out
 
 

@@ -16,89 +16,16 @@ results (tensor-parallel replicas must agree). Uneven row splits work (two_shot'
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from tuneforge.dsl import Problem, Space, Template, categorical, register
-from tuneforge.dsl.comm import (epoch_begin, epoch_end, remote_load, remote_store, rows_of, signal_peers,
-                                wait_peers)
-from tuneforge.kernels._common import check_tensor, comm_tile_default, comm_tile_space, rank_generator
+from tuneforge.kernels._collective import ONE_SHOT, TWO_SHOT, collective_kernel
+from tuneforge.kernels._common import check_tensor, comm_tile_default, comm_tile_space, output_tensor, rank_generator
 from tuneforge.errors import InputError
-from tuneforge.kernels.allgather import collect_shares, publish_tile
-from tuneforge.kernels.reducescatter import reduce_tile, scatter_shares, staging_elems
+from tuneforge.kernels.reducescatter import staging_elems
 from tuneforge.dsl.roofline import alpha_beta, comm_efficiency, nccl_time
 
 # Messages up to this size default to one_shot (latency-bound), larger to two_shot.
 ONE_SHOT_MAX_BYTES = 1 << 20
-
-
-@triton.jit
-def _one_shot(x, out, area, m, n, rank, world, bases, flags, epoch, state, max_spins,
-              PUSH: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    offs = tl.arange(0, BLOCK)
-    numel = m * n
-    for t in range(pid, tl.cdiv(numel, BLOCK), programs):
-        o = t * BLOCK + offs
-        mask = o < numel
-        v = tl.load(x + o, mask=mask)
-        if PUSH:     # into each peer's receive area for this rank
-            for i in range(1, world):
-                remote_store(area, rank * numel + o, v, rank, (rank + i) % world, bases, mask)
-        else:
-            tl.store(area + o, v, mask=mask)
-    signal_peers(flags, 0, pid, epoch, rank, world, bases)
-    wait_peers(flags, 0, pid, epoch, rank, world, state, max_spins)
-    for t in range(pid, tl.cdiv(numel, BLOCK), programs):
-        o = t * BLOCK + offs
-        mask = o < numel
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for src in range(0, world):
-            if src == rank:
-                v = tl.load(x + o, mask=mask, other=0.0)
-            elif PUSH:
-                v = tl.load(area + src * numel + o, mask=mask, other=0.0)
-            else:
-                v = remote_load(area, o, rank, src, bases, mask)
-            acc += v.to(tl.float32)
-        tl.store(out + o, acc.to(out.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _two_shot(x, out, area, m, n, rank, world, bases, flags, epoch, state, max_spins,
-              PUSH: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    offs = tl.arange(0, BLOCK)
-    scatter_shares(x, area, m, n, rank, world, bases, PUSH, BLOCK)
-    signal_peers(flags, 0, pid, epoch, rank, world, bases)
-    wait_peers(flags, 0, pid, epoch, rank, world, state, max_spins)
-    row0, rows = rows_of(rank, m, world)
-    start = row0 * n
-    length = rows * n
-    gathered = area + tl.maximum(world * tl.cdiv(m, world) * n, m * n)   # after the reduce-scatter area
-    for t in range(pid, tl.cdiv(length, BLOCK), programs):
-        o = t * BLOCK + offs
-        mask = o < length
-        v = reduce_tile(x, area, o, mask, start, m, n, rank, world, bases, PUSH).to(out.dtype.element_ty)
-        tl.store(out + start + o, v, mask=mask)
-        publish_tile(v, gathered, start + o, mask, rank, world, bases, PUSH)
-    signal_peers(flags, 1, pid, epoch, rank, world, bases)
-    collect_shares(out, gathered, m, n, rank, world, bases, flags, 1, epoch, state, max_spins, PUSH, BLOCK)
-
-
-@triton.jit(do_not_specialize=["rank", "max_spins"])
-def _allreduce_kernel(x, out, stage, slot_elems, m, n,
-                      bases, flags, state, rank, world, max_spins,
-                      TWO_SHOT: tl.constexpr, PUSH: tl.constexpr, BLOCK: tl.constexpr):
-    epoch = epoch_begin(state)
-    area = stage + (epoch % 2) * slot_elems
-    if TWO_SHOT:
-        _two_shot(x, out, area, m, n, rank, world, bases, flags, epoch, state, max_spins, PUSH, BLOCK)
-    else:
-        _one_shot(x, out, area, m, n, rank, world, bases, flags, epoch, state, max_spins, PUSH, BLOCK)
-    epoch_end(state, epoch)
 
 
 def _staging_elems(m: int, n: int, world: int) -> int:
@@ -120,16 +47,14 @@ def allreduce(x: torch.Tensor, *, ctx, out: torch.Tensor | None = None, config: 
         raise InputError(f"x must be 2-D [m, n], got shape {tuple(x.shape)}")
     m, n = x.shape
     check_tensor("allreduce", "x", x, (m, n), None, ctx.device, "contiguous")
-    if out is None:
-        out = torch.empty_like(x)
-    check_tensor("allreduce", "out", out, (m, n), x.dtype, ctx.device, "contiguous")
+    out = output_tensor("allreduce", out, (m, n), x, "contiguous")
     if out.data_ptr() == x.data_ptr():
         raise InputError("allreduce cannot run in place: out must not alias x")
     config = config or _default(Problem.make("allreduce", _DTYPE_NAME[x.dtype], ctx.size, m=m, n=n))
     ch = ctx.channel("allreduce", _staging_elems(m, n, ctx.size) * x.element_size())
-    ch.launch(_allreduce_kernel, (config["comm_sms"],), x, out, ch.staging(x.dtype),
+    ch.launch(collective_kernel, (config["comm_sms"],), x, out, ch.staging(x.dtype),
               ch.nbytes // x.element_size(), m, n, *ch.args(),
-              TWO_SHOT=config["strategy"] == "two_shot", PUSH=config["variant"] == "push",
+              KIND=TWO_SHOT if config["strategy"] == "two_shot" else ONE_SHOT, PUSH=config["variant"] == "push",
               BLOCK=config["block"], num_warps=config["num_warps"])
     return out
 

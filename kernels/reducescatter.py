@@ -8,82 +8,19 @@ order 0..world-1, so results do not depend on arrival order. Two variants (``var
 - pull: each rank copies the rows others own into its own staging, signals; each owner reads its
   rows from every peer's staging (remote loads) and sums.
 
-``scatter_shares`` and ``reduce_tile`` are reused by the two-shot all-reduce.
+The kernel is ``kernels/_collective.py``'s (``KIND=REDUCESCATTER``): the first phase of the two-shot
+all-reduce.
 """
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from tuneforge.dsl import Problem, Space, Template, categorical, register
-from tuneforge.dsl.comm import (epoch_begin, epoch_end, remote_load, row_split, rows_of, signal_peers,
-                                translate, wait_peers)
-from tuneforge.kernels._common import check_tensor, comm_tile_default, comm_tile_space, rank_generator
+from tuneforge.dsl.comm import row_split
+from tuneforge.kernels._collective import REDUCESCATTER, collective_kernel
+from tuneforge.kernels._common import check_tensor, comm_tile_default, comm_tile_space, output_tensor, rank_generator
 from tuneforge.errors import InputError
 from tuneforge.dsl.roofline import alpha_beta, comm_efficiency, nccl_time
-
-
-@triton.jit
-def scatter_shares(x, area, m, n, rank, world, bases, PUSH: tl.constexpr, BLOCK: tl.constexpr):
-    """Phase 1: the rows of ``x`` each peer q owns go to q's receive area for this rank (push, at
-    ``rank * ceil(m / world) * n``) or to the same rows of this rank's staging (pull)."""
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    offs = tl.arange(0, BLOCK)
-    share = tl.cdiv(m, world) * n
-    for i in range(1, world):
-        q = (rank + i) % world
-        row0, rows = rows_of(q, m, world)
-        start = row0 * n
-        length = rows * n
-        if PUSH:
-            dst = translate(area, rank, q, bases) + rank * share
-        else:
-            dst = area + start
-        for t in range(pid, tl.cdiv(length, BLOCK), programs):
-            o = t * BLOCK + offs
-            mask = o < length
-            tl.store(dst + o, tl.load(x + start + o, mask=mask), mask=mask)
-
-
-@triton.jit
-def reduce_tile(x, area, o, mask, start, m, n, rank, world, bases, PUSH: tl.constexpr):
-    """Phase 2: fp32 sum over ranks (in rank order) of element offsets ``o`` of this rank's rows
-    (which start at element ``start`` of x)."""
-    share = tl.cdiv(m, world) * n
-    acc = tl.zeros(o.shape, dtype=tl.float32)
-    for src in range(0, world):
-        if src == rank:
-            v = tl.load(x + start + o, mask=mask, other=0.0)
-        elif PUSH:
-            v = tl.load(area + src * share + o, mask=mask, other=0.0)
-        else:
-            v = remote_load(area, start + o, rank, src, bases, mask)
-        acc += v.to(tl.float32)
-    return acc
-
-
-@triton.jit(do_not_specialize=["rank", "max_spins"])
-def _reducescatter_kernel(x, out, stage, slot_elems, m, n,
-                          bases, flags, state, rank, world, max_spins,
-                          PUSH: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    epoch = epoch_begin(state)
-    area = stage + (epoch % 2) * slot_elems
-    scatter_shares(x, area, m, n, rank, world, bases, PUSH, BLOCK)
-    signal_peers(flags, 0, pid, epoch, rank, world, bases)
-    wait_peers(flags, 0, pid, epoch, rank, world, state, max_spins)
-    row0, rows = rows_of(rank, m, world)
-    length = rows * n
-    offs = tl.arange(0, BLOCK)
-    for t in range(pid, tl.cdiv(length, BLOCK), programs):
-        o = t * BLOCK + offs
-        mask = o < length
-        acc = reduce_tile(x, area, o, mask, row0 * n, m, n, rank, world, bases, PUSH)
-        tl.store(out + o, acc.to(out.dtype.element_ty), mask=mask)
-    epoch_end(state, epoch)
 
 
 def staging_elems(m: int, n: int, world: int) -> int:
@@ -103,14 +40,12 @@ def reducescatter(x: torch.Tensor, *, ctx, out: torch.Tensor | None = None,
     m, n = x.shape
     check_tensor("reducescatter", "x", x, (m, n), None, ctx.device, "contiguous")
     rows = row_split(m, ctx.size)[ctx.rank][1]
-    if out is None:
-        out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    check_tensor("reducescatter", "out", out, (rows, n), x.dtype, ctx.device, "contiguous")
+    out = output_tensor("reducescatter", out, (rows, n), x, "contiguous")
     config = config or _default(Problem.make("reducescatter", "fp32", ctx.size, m=m, n=n))
     ch = ctx.channel("reducescatter", staging_elems(m, n, ctx.size) * x.element_size())
-    ch.launch(_reducescatter_kernel, (config["comm_sms"],), x, out, ch.staging(x.dtype),
+    ch.launch(collective_kernel, (config["comm_sms"],), x, out, ch.staging(x.dtype),
               ch.nbytes // x.element_size(), m, n, *ch.args(),
-              PUSH=config["variant"] == "push", BLOCK=config["block"], num_warps=config["num_warps"])
+              KIND=REDUCESCATTER, PUSH=config["variant"] == "push", BLOCK=config["block"], num_warps=config["num_warps"])
     return out
 
 
