@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 import tuneforge
-from tuneforge.dsl import Problem, Space, categorical, pow2
+from tuneforge.dsl import Problem, Space, Template, categorical, pow2
 from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.dsl.roofline import elementwise_time, roofline
 from tuneforge.dsl.comm import MAX_SLOTS
@@ -91,6 +91,14 @@ def output_tensor(op: str, out: Optional[torch.Tensor], shape: tuple, like: torc
         return torch.empty(shape, dtype=like.dtype, device=like.device)
     check_tensor(op, "out", out, shape, like.dtype, like.device, layout)
     return out
+
+
+def seeded_randn(device, seed: int, dtype: torch.dtype):
+    """``rand(*shape, scale=1.0)``: normal draws (fp32, times ``scale``, cast to ``dtype``) from one
+    generator seeded ``seed``, in call order: the single-device ops' random inputs."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return lambda *shape, scale=1.0: torch.randn(*shape, generator=g, device=device,
+                                                 dtype=torch.float32).mul_(scale).to(dtype)
 
 
 def rank_generator(problem: Problem, seed: int, ctx, stream: int = 0) -> torch.Generator:
@@ -208,6 +216,17 @@ def row_tile_cost(work, baseline_bytes, baseline_launches: int):
             return roofline(flops, baseline_bytes(problem), spec, problem.dtype, launches=baseline_launches)
         return elementwise_time(problem["m"], problem["n"], nbytes, spec, config, flops, problem.dtype)
     return cost
+
+
+def row_tile_template(op: str, *, launch, make_inputs, reference, baseline, work, baseline_bytes,
+                      baseline_launches: int, doc: str) -> Template:
+    """The template of a one-pass row-tile op: ``tile_space`` over its n, ``tile_default``,
+    ``tile_constraints`` and ``row_tile_cost``; the op gives its launch, inputs, references and traffic."""
+    return Template(op=op, space=lambda problem: tile_space(problem["n"]), make_inputs=make_inputs,
+                    launch=launch, reference=reference, baseline=baseline,
+                    default_config=lambda problem, spec: tile_default(problem["m"], problem["n"], spec),
+                    work=work, cost=row_tile_cost(work, baseline_bytes, baseline_launches),
+                    constraints=(tile_constraints,), doc=doc)
 
 
 # --- the tiles of the collectives ---------------------------------------------------------------------

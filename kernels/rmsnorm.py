@@ -25,7 +25,7 @@ import triton.language as tl
 
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.errors import InputError
-from tuneforge.kernels._common import check_tensor, launch_spec, output_tensor, row_tile_cost, tile_constraints
+from tuneforge.kernels._common import check_tensor, launch_spec, output_tensor, row_tile_cost, seeded_randn, tile_constraints
 from tuneforge.dsl.roofline import elementwise_time
 
 OP = "rmsnorm"
@@ -155,8 +155,7 @@ def default(m: int, n: int, spec) -> dict:
 
 def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
     m, n, dtype = problem["m"], problem["n"], problem.torch_dtype
-    g = torch.Generator(device=device).manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+    rand = seeded_randn(device, seed, dtype)
     return {"x": rand(m, n), "weight": (1.0 + 0.1 * rand(n).float()).to(dtype), "eps": QWEN3_EPS,
             "residual": rand(m, n), "residual_out": torch.empty(m, n, dtype=dtype, device=device),
             "out": torch.empty(m, n, dtype=dtype, device=device)}

@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from tuneforge.dsl import Problem, Template, register
+from tuneforge.dsl import Problem, register
 from tuneforge.errors import InputError
-from tuneforge.kernels._common import (check_tensor, launch_spec, output_tensor, row_tile, row_tile_cost,
-                                       tile_constraints, tile_default, tile_grid, tile_space)
+from tuneforge.kernels._common import (check_tensor, launch_spec, output_tensor, row_tile, row_tile_template,
+                                       seeded_randn, tile_default, tile_grid)
 
 OP = "shared_expert_gate"
 
@@ -88,8 +88,7 @@ def baseline(final, gate_logits, shared_out) -> torch.Tensor:
 
 def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
     m, n, dtype = problem["m"], problem["n"], problem.torch_dtype
-    g = torch.Generator(device=device).manual_seed(seed)
-    rand = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, device=device, dtype=torch.float32).mul_(scale).to(dtype)
+    rand = seeded_randn(device, seed, dtype)
     return {"final": rand(m, n), "gate_logits": rand(m, 1, scale=3.0), "shared_out": rand(m, n),
             "out": torch.empty(m, n, dtype=dtype, device=device)}
 
@@ -107,16 +106,6 @@ def baseline_bytes(problem: Problem) -> float:
     return float((5 * m * n + 3 * m) * size)
 
 
-TEMPLATE = register(Template(
-    op=OP,
-    space=lambda problem: tile_space(problem["n"]),
-    make_inputs=make_inputs,
-    launch=shared_expert_gate,
-    reference=reference,
-    baseline=baseline,
-    default_config=lambda problem, spec: tile_default(problem["m"], problem["n"], spec),
-    work=work,
-    cost=row_tile_cost(work, baseline_bytes, baseline_launches=3),
-    constraints=(tile_constraints,),
-    doc=__doc__.split("\n")[0],
-))
+TEMPLATE = register(row_tile_template(
+    OP, launch=shared_expert_gate, make_inputs=make_inputs, reference=reference, baseline=baseline, work=work,
+    baseline_bytes=baseline_bytes, baseline_launches=3, doc=__doc__.split("\n")[0]))

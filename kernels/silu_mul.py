@@ -15,10 +15,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tuneforge.dsl import Problem, Template, register
+from tuneforge.dsl import Problem, register
 from tuneforge.errors import InputError
-from tuneforge.kernels._common import (check_tensor, launch_spec, output_tensor, row_tile, row_tile_cost,
-                                       tile_constraints, tile_default, tile_grid, tile_space)
+from tuneforge.kernels._common import (check_tensor, launch_spec, output_tensor, row_tile, row_tile_template,
+                                       seeded_randn, tile_default, tile_grid)
 
 OP = "silu_mul"
 
@@ -70,8 +70,7 @@ def baseline(x) -> torch.Tensor:
 
 def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
     m, n, dtype = problem["m"], problem["n"], problem.torch_dtype
-    g = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(m, 2 * n, generator=g, device=device, dtype=torch.float32).mul_(2.0).to(dtype)
+    x = seeded_randn(device, seed, dtype)(m, 2 * n, scale=2.0)
     return {"x": x, "out": torch.empty(m, n, dtype=dtype, device=device)}
 
 
@@ -87,16 +86,6 @@ def baseline_bytes(problem: Problem) -> float:
     return float(5 * problem["m"] * problem["n"] * problem.torch_dtype.itemsize)
 
 
-TEMPLATE = register(Template(
-    op=OP,
-    space=lambda problem: tile_space(problem["n"]),
-    make_inputs=make_inputs,
-    launch=silu_mul,
-    reference=reference,
-    baseline=baseline,
-    default_config=lambda problem, spec: tile_default(problem["m"], problem["n"], spec),
-    work=work,
-    cost=row_tile_cost(work, baseline_bytes, baseline_launches=2),
-    constraints=(tile_constraints,),
-    doc=__doc__.split("\n")[0],
-))
+TEMPLATE = register(row_tile_template(
+    OP, launch=silu_mul, make_inputs=make_inputs, reference=reference, baseline=baseline, work=work,
+    baseline_bytes=baseline_bytes, baseline_launches=2, doc=__doc__.split("\n")[0]))
