@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tuneforge.dsl import Problem, Space, Template, register
+from tuneforge.dsl import Problem, Space, register
 from tuneforge.errors import InputError
 from tuneforge.kernels._common import rank_generator
-from tuneforge.kernels.tp_mlp import (all_reduced_rows, block_constraints, block_cost, block_default, block_space,
+from tuneforge.kernels.tp_mlp import (all_reduced_rows, block_cost, block_default, block_space, block_template,
                                       first_half, rounded, run_block, second_half, summed_rows)
 
 
@@ -110,10 +110,8 @@ def cost(problem: Problem, config: dict | None, spec) -> float:
     return block_cost(problem, config, spec, _gemms(problem), lambda cfg: 0.0)
 
 
-LAUNCH_CONSTRAINTS, CONSTRAINTS = block_constraints(_gemms)
-
-TEMPLATE = register(Template(
-    op="tp_attn", space=space, make_inputs=make_inputs, launch=_launch, reference=reference, baseline=baseline,
-    default_config=default_config, work=work, cost=cost, constraints=CONSTRAINTS, multi_rank=True,
-    doc="TP attention linears: qkv-half and o-half as gemm + all-reduce (replicated rows) or AG-GEMM + "
-        "GEMM-RS (row-sharded), strategy in the space; the engine's attention core runs between the halves"))
+TEMPLATE = register(block_template(
+    "tp_attn", _gemms, "TP attention linears: qkv-half and o-half as gemm + all-reduce (replicated rows) or "
+    "AG-GEMM + GEMM-RS (row-sharded), strategy in the space; the engine's attention core runs between the halves",
+    space=space, make_inputs=make_inputs, launch=_launch, reference=reference, baseline=baseline,
+    default_config=default_config, work=work, cost=cost))

@@ -62,7 +62,7 @@ def block_space(m: int, world: int, gemms: list[tuple[int, int]]) -> Space:
 
 
 def block_constraints(gemms_of):
-    """(launch constraints, all constraints) of a block whose (n, k) pairs are ``gemms_of(problem)``:
+    """The constraints of a block whose (n, k) pairs are ``gemms_of(problem)``:
     gemm's launch rules on each GEMM (at the rows a GEMM of that strategy covers: all m, or one
     rank's share), and for ag_rs the fused kernels' SM budget and tiles no larger than a share."""
     def rows(config, problem):
@@ -92,7 +92,13 @@ def block_constraints(gemms_of):
         if config["strategy"] == "ag_rs":
             return FUSED.chunk_covers_share(config, problem, spec)
         return None
-    return (launchable,), (launchable, fits)
+    return launchable, fits
+
+
+def block_template(op: str, gemms_of, doc: str, **parts) -> Template:
+    """A TP block's template (multi-rank): the constraints ``block_constraints`` derives from its GEMMs'
+    (n, k) pairs ``gemms_of(problem)``; ``parts`` are its own space, inputs, launch, references and cost."""
+    return Template(op=op, constraints=block_constraints(gemms_of), multi_rank=True, doc=doc, **parts)
 
 
 def block_default(problem: Problem, spec, gemms: list[tuple[int, int]], strategy: str = "gemm_ar") -> dict:
@@ -332,10 +338,7 @@ def cost(problem: Problem, config: dict | None, spec) -> float:
     return block_cost(problem, config, spec, _gemms(problem), between)
 
 
-LAUNCH_CONSTRAINTS, CONSTRAINTS = block_constraints(_gemms)
-
-TEMPLATE = register(Template(
-    op="tp_mlp", space=space, make_inputs=make_inputs, launch=_launch, reference=reference, baseline=baseline,
-    default_config=default_config, work=work, cost=cost, constraints=CONSTRAINTS, multi_rank=True,
-    doc="TP MLP: gemm + silu_mul + gemm + all-reduce (replicated rows) or AG-GEMM + silu_mul + GEMM-RS "
-        "(row-sharded), strategy in the space"))
+TEMPLATE = register(block_template(
+    "tp_mlp", _gemms, "TP MLP: gemm + silu_mul + gemm + all-reduce (replicated rows) or AG-GEMM + silu_mul + "
+    "GEMM-RS (row-sharded), strategy in the space", space=space, make_inputs=make_inputs, launch=_launch,
+    reference=reference, baseline=baseline, default_config=default_config, work=work, cost=cost))
