@@ -119,16 +119,19 @@ def gemm_rejection(config: dict, dtype: str, m: int, n: int, k: int, spec, const
     return None
 
 
-def tile_constraints(k_dim: str, pipelines: int = 1):
-    """(launchable, fits): gemm's launch constraints and its fit constraints on one chunk's GEMM."""
+def fused_constraints(comm_fit, pipelines: int = 1):
+    """(launch constraints, all constraints) of a fused GEMM + communication op: gemm's launch rules on
+    one chunk's GEMM and ``comm_fit`` (what its comm programs need); then the chunk covering a share
+    and gemm's fit rules on the chunk's GEMM."""
     def launchable(config, problem, spec):
         return gemm_rejection(config, problem.dtype, triton.cdiv(problem["m"], problem.world), problem["n"],
-                              problem[k_dim], spec, G.LAUNCH_CONSTRAINTS, pipelines)
+                              problem["k"], spec, G.LAUNCH_CONSTRAINTS, pipelines)
 
     def fits(config, problem, spec):
         return gemm_rejection(config, problem.dtype, triton.cdiv(problem["m"], problem.world), problem["n"],
-                              problem[k_dim], spec, GEMM_FIT)
-    return launchable, fits
+                              problem["k"], spec, GEMM_FIT)
+    launch = (launchable, comm_fit)
+    return launch, launch + (chunk_covers_share, fits)
 
 
 # --- launch ----------------------------------------------------------------------------------------------

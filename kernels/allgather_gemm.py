@@ -39,9 +39,9 @@ from tuneforge.dsl.comm import (epoch_begin, epoch_end_of, release, row_split, r
 from tuneforge.errors import InputError
 from tuneforge.kernels import gemm as G
 from tuneforge.kernels._common import check_linear, check_tensor, output_tensor, rank_generator
-from tuneforge.kernels._fused import (COMM_SMS, FLAG_OVERHEAD_S, STARTED, chunk_covers_share, chunk_source, comm_sms_fit,
+from tuneforge.kernels._fused import (COMM_SMS, FLAG_OVERHEAD_S, STARTED, chunk_source, comm_sms_fit,
                                       comm_space, compute_programs, default_comm_sms, descriptor, fused_gemm_time,
-                                      fused_plan, signal_steps, tile_constraints, tile_defaults, tile_space)
+                                      fused_constraints, fused_plan, signal_steps, tile_defaults, tile_space)
 from tuneforge.dsl.roofline import alpha_beta, comm_efficiency, gemm_config_time, nccl_time, overlap
 
 COPY_BLOCK = 1024          # elements one communication program moves per step
@@ -326,9 +326,7 @@ def cost(problem: Problem, config: dict | None, spec) -> float:
     return overlap(g, comm, spec, 0.9 * (1 - 1 / steps)) + steps * FLAG_OVERHEAD_S / config["comm_sms"]
 
 
-_gemm_launchable, _tiles_fit = tile_constraints("k", AG_PIPELINES)
-LAUNCH_CONSTRAINTS = (_gemm_launchable, comm_sms_fit)
-CONSTRAINTS = LAUNCH_CONSTRAINTS + (chunk_covers_share, _tiles_fit)
+LAUNCH_CONSTRAINTS, CONSTRAINTS = fused_constraints(comm_sms_fit, AG_PIPELINES)
 
 TEMPLATE = register(Template(
     op="ag_gemm", space=space, make_inputs=make_inputs, launch=allgather_gemm, reference=reference,

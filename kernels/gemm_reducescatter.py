@@ -31,9 +31,9 @@ from tuneforge.dsl.comm import (EPOCH, epoch_begin, epoch_end, remote_load, row_
 from tuneforge.errors import InputError
 from tuneforge.kernels import gemm as G
 from tuneforge.kernels._common import check_linear, output_tensor, rank_generator
-from tuneforge.kernels._fused import (COMM_SMS, FLAG_OVERHEAD_S, STARTED, chunk_covers_share, chunk_source, comm_sms_fit,
+from tuneforge.kernels._fused import (COMM_SMS, FLAG_OVERHEAD_S, STARTED, chunk_source, comm_sms_fit,
                                       comm_space, compute_programs, default_comm_sms, descriptor, fused_gemm_time,
-                                      fused_plan, signal_steps, tile_constraints, tile_defaults, tile_space)
+                                      fused_constraints, fused_plan, signal_steps, tile_defaults, tile_space)
 from tuneforge.kernels.reducescatter import staging_elems
 from tuneforge.dsl.roofline import alpha_beta, comm_efficiency, gemm_config_time, nccl_time, overlap
 
@@ -265,11 +265,7 @@ def reduce_fits(config: dict, problem: Problem, spec) -> str | None:
     return comm_sms_fit(config, problem, spec)
 
 
-_gemm_launchable, _tiles_fit = tile_constraints("k")
-
-
-LAUNCH_CONSTRAINTS = (_gemm_launchable, reduce_fits)
-CONSTRAINTS = LAUNCH_CONSTRAINTS + (chunk_covers_share, _tiles_fit)
+LAUNCH_CONSTRAINTS, CONSTRAINTS = fused_constraints(reduce_fits)
 
 TEMPLATE = register(Template(
     op="gemm_rs", space=space, make_inputs=make_inputs, launch=gemm_reducescatter, reference=reference,
