@@ -207,6 +207,13 @@ def row_tile(tiles_n, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     return rows, cols
 
 
+def row_bytes(problem: Problem, passes: int, per_row: int = 0, per_col: int = 0) -> float:
+    """Bytes a row op moves: ``passes`` whole [m, n] tensors read or written, plus ``per_row`` m-vectors
+    and ``per_col`` n-vectors, in the problem's dtype."""
+    m, n = problem["m"], problem["n"]
+    return float((passes * m * n + per_row * m + per_col * n) * problem.torch_dtype.itemsize)
+
+
 def row_tile_cost(work, baseline_bytes, baseline_launches: int):
     """The cost-model entry of a one-pass row-tile op: the fused kernel's tile-aware time, or the
     torch baseline's ``baseline_launches`` kernels moving ``baseline_bytes`` (config None)."""

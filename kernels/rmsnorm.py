@@ -25,7 +25,8 @@ import triton.language as tl
 
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.errors import InputError
-from tuneforge.kernels._common import check_tensor, launch_spec, output_tensor, row_tile_cost, seeded_randn, tile_constraints
+from tuneforge.kernels._common import (check_tensor, launch_spec, output_tensor, row_bytes, row_tile_cost, seeded_randn,
+                                       tile_constraints)
 from tuneforge.dsl.roofline import elementwise_time
 
 OP = "rmsnorm"
@@ -164,14 +165,12 @@ def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
 
 def work(problem: Problem) -> tuple[float, float]:
     """Fused residual form: read x and residual, write residual_out and y, read weight once."""
-    m, n, size = problem["m"], problem["n"], problem.torch_dtype.itemsize
-    return 6.0 * m * n, float((4 * m * n + n) * size)
+    return 6.0 * problem["m"] * problem["n"], row_bytes(problem, 4, per_col=1)
 
 
 def baseline_bytes(problem: Problem) -> float:
     """add (2 m*n in, m*n out) + a fused rms_norm (m*n in, m*n out, weight)."""
-    m, n, size = problem["m"], problem["n"], problem.torch_dtype.itemsize
-    return float((5 * m * n + n) * size)
+    return row_bytes(problem, 5, per_col=1)
 
 
 _one_pass_cost = row_tile_cost(work, baseline_bytes, baseline_launches=2)

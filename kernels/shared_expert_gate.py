@@ -21,8 +21,8 @@ import triton.language as tl
 
 from tuneforge.dsl import Problem, register
 from tuneforge.errors import InputError
-from tuneforge.kernels._common import (check_tensor, launch_spec, output_tensor, row_tile, row_tile_template,
-                                       seeded_randn, tile_default, tile_grid)
+from tuneforge.kernels._common import (check_tensor, launch_spec, output_tensor, row_bytes, row_tile,
+                                       row_tile_template, seeded_randn, tile_default, tile_grid)
 
 OP = "shared_expert_gate"
 
@@ -96,14 +96,12 @@ def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
 
 def work(problem: Problem) -> tuple[float, float]:
     """Read final and shared_out, write out, read one logit per token."""
-    m, n, size = problem["m"], problem["n"], problem.torch_dtype.itemsize
-    return 3.0 * m * n, float((3 * m * n + m) * size)
+    return 3.0 * problem["m"] * problem["n"], row_bytes(problem, 3, per_row=1)
 
 
 def baseline_bytes(problem: Problem) -> float:
     """sigmoid (m in, m out) + broadcast mul (m*n + m in, m*n out) + add (2 m*n in, m*n out)."""
-    m, n, size = problem["m"], problem["n"], problem.torch_dtype.itemsize
-    return float((5 * m * n + 3 * m) * size)
+    return row_bytes(problem, 5, per_row=3)
 
 
 TEMPLATE = register(row_tile_template(

@@ -17,8 +17,8 @@ import triton.language as tl
 
 from tuneforge.dsl import Problem, register
 from tuneforge.errors import InputError
-from tuneforge.kernels._common import (check_tensor, launch_spec, output_tensor, row_tile, row_tile_template,
-                                       seeded_randn, tile_default, tile_grid)
+from tuneforge.kernels._common import (check_tensor, launch_spec, output_tensor, row_bytes, row_tile,
+                                       row_tile_template, seeded_randn, tile_default, tile_grid)
 
 OP = "silu_mul"
 
@@ -77,13 +77,12 @@ def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
 
 def work(problem: Problem) -> tuple[float, float]:
     """Read gate and up, write y."""
-    m, n = problem["m"], problem["n"]
-    return 5.0 * m * n, float(3 * m * n * problem.torch_dtype.itemsize)
+    return 5.0 * problem["m"] * problem["n"], row_bytes(problem, 3)
 
 
 def baseline_bytes(problem: Problem) -> float:
     """silu (m*n in, m*n out) + multiply (2 m*n in, m*n out)."""
-    return float(5 * problem["m"] * problem["n"] * problem.torch_dtype.itemsize)
+    return row_bytes(problem, 5)
 
 
 TEMPLATE = register(row_tile_template(
