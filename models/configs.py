@@ -1,13 +1,14 @@
-"""Qwen3 model configurations: the built-in ones (HF config.json files in ``models/configs/``) or a
+"""Qwen3 and Qwen2-MoE model configurations: the built-in ones (HF config.json files in ``models/configs/``) or a
 local HF config.json. ``ModelConfig`` keeps Hugging Face's field names so a config.json maps onto it
 one to one; the planner and the engine both read it. ``_from_hf`` is the one place a config.json is
 read: every field it uses is type- and range-checked there (one line naming the field), absent fields
-take transformers' defaults. What the engine cannot run (experts, linear attention, sliding window,
+take transformers' defaults. What the engine cannot run (linear attention, sliding window,
 unknown fields, ...) is still parsed, for the planner, and refused by ``check_engine_support`` when
 the engine builds a model.
 
 Built in (numbers from the Hugging Face releases): dense Qwen3-0.6B/1.7B/4B/8B/14B/32B, MoE
-Qwen3-30B-A3B and Qwen3-235B-A22B, and Qwen3-Next-80B-A3B (MoE with a shared expert, gated
+Qwen3-30B-A3B and Qwen3-235B-A22B, Qwen1.5-MoE-A2.7B (model_type qwen2_moe: q/k/v bias, no q/k
+norm, a sigmoid-gated shared expert), and Qwen3-Next-80B-A3B (MoE with a shared expert, gated
 attention every ``full_attention_interval`` layers and Gated DeltaNet linear attention in between).
 """
 from __future__ import annotations
@@ -63,6 +64,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     attention_bias: bool = False
+    qkv_bias: bool = False                      # Qwen2-MoE: bias on q, k, v (not o); default True there
     use_sliding_window: bool = False
     sliding_window: Optional[int] = None
     torch_dtype: str = "bfloat16"
@@ -97,6 +99,11 @@ class ModelConfig:
     @property
     def has_shared_expert(self) -> bool:
         return self.shared_expert_intermediate_size > 0
+
+    @property
+    def has_qk_norm(self) -> bool:
+        """Qwen3's per-head RMSNorm of q and k before RoPE; Qwen2-MoE has none."""
+        return self.model_type != "qwen2_moe"
 
     @property
     def gated_attention(self) -> bool:
@@ -152,6 +159,9 @@ STRINGS = ("hidden_act", "torch_dtype", "dtype")
 # transformers' defaults for the fields a Qwen3 config.json may leave out (Qwen3Config, Qwen3MoeConfig,
 # Qwen3NextConfig agree); the dataclass defaults above are Qwen3-0.6B's numbers
 HF_DEFAULTS = {"rope_theta": 10000.0, "max_position_embeddings": 32768}
+# where Qwen2MoeConfig's defaults differ from those: the Hub's Qwen1.5-MoE / Qwen2-MoE config.json files
+# predate the qkv_bias key (their attention has the bias) and leave norm_topk_prob to its default
+MODEL_TYPE_DEFAULTS = {"qwen2_moe": {"qkv_bias": True, "norm_topk_prob": False}}
 
 
 def _is_int(v) -> bool:
@@ -262,12 +272,14 @@ def _from_hf(name: str, raw: dict, source: str) -> ModelConfig:
     if missing:
         raise InputError(f"{source}: not a Qwen3 config.json (missing {', '.join(missing)})")
     model_type = raw.get("model_type", "qwen3")
-    if not str(model_type).startswith("qwen3"):
-        raise InputError(f"{source}: model_type {model_type!r} is not a Qwen3 model")
+    if not (str(model_type).startswith("qwen3") or model_type == "qwen2_moe"):
+        raise InputError(f"{source}: model_type {model_type!r} is not a Qwen3 model (qwen3*, or qwen2_moe)")
     _check_types(raw, source)
     known = {f.name for f in dataclasses.fields(ModelConfig)} - {"name", "hf", "source"}
     values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
                               for k, v in raw.items() if k in known and v is not None}
+    for k, v in MODEL_TYPE_DEFAULTS.get(model_type, {}).items():
+        values.setdefault(k, v)
     values.update(_rope(raw, source))
     values.setdefault("max_position_embeddings", HF_DEFAULTS["max_position_embeddings"])
     experts = {k: raw[k] for k in ("num_experts", "num_local_experts") if raw.get(k) is not None}
@@ -299,7 +311,7 @@ def _from_hf(name: str, raw: dict, source: str) -> ModelConfig:
 
 # --- what the engine runs ----------------------------------------------------------------------------
 # Every field of transformers 5's Qwen3Config, Qwen3MoeConfig, Qwen2MoeConfig and Qwen3NextConfig (and of
-# PreTrainedConfig), by what the engine (models/qwen3.py, a dense Qwen3) does with it. A field in no list
+# PreTrainedConfig), by what the engine (models/qwen3.py) does with it. A field in no list
 # is unknown to the engine and refused: it might change the forward pass (quantization_config, ...).
 
 # read and implemented (the ones with restricted values are checked in check_engine_support)
@@ -344,9 +356,10 @@ def check_engine_support(cfg: ModelConfig) -> None:
                 refuse(f"layer_types[{i}]", kind)
             refuse("full_attention_interval", cfg.full_attention_interval,
                    f"layer {i} of model_type {cfg.model_type} is {kind}")
-    for key in ("attention_bias", "qkv_bias"):
-        if raw.get(key):
-            refuse(key, True)
+    if raw.get("attention_bias"):      # Qwen3's: on o_proj too
+        refuse("attention_bias", True)
+    if raw.get("qkv_bias") and cfg.model_type != "qwen2_moe":    # a Qwen2-MoE field; transformers' Qwen3 ignores it
+        refuse("qkv_bias", True, f"q/k/v bias runs for model_type qwen2_moe, this is {cfg.model_type}")
     if cfg.partial_rotary_factor != 1:
         refuse("partial_rotary_factor", cfg.partial_rotary_factor)
     if cfg.hidden_act != "silu":
@@ -354,13 +367,14 @@ def check_engine_support(cfg: ModelConfig) -> None:
     if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type not in ENGINE_ROPE_TYPES:
         key = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
         refuse(f"{key}.rope_type", cfg.rope_scaling.rope_type, f"RoPE types: default, {', '.join(ENGINE_ROPE_TYPES)}")
-    if cfg.model_type not in ("qwen3", "qwen3_moe"):
-        refuse("model_type", cfg.model_type, "Qwen3 and Qwen3-MoE only")
-    if cfg.is_moe and cfg.model_type != "qwen3_moe":
+    if cfg.model_type not in ("qwen3", "qwen3_moe", "qwen2_moe"):
+        refuse("model_type", cfg.model_type, "Qwen3, Qwen3-MoE and Qwen2-MoE only")
+    if cfg.is_moe and cfg.model_type not in ("qwen3_moe", "qwen2_moe"):
         key = "num_local_experts" if raw.get("num_local_experts") is not None else "num_experts"
-        refuse(key, cfg.num_experts, f"experts run for model_type qwen3_moe, this is {cfg.model_type}")
-    if cfg.has_shared_expert:      # Qwen2-MoE / Qwen3-Next's sigmoid-gated shared expert
-        refuse("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size)
+        refuse(key, cfg.num_experts, f"experts run for model_type qwen3_moe and qwen2_moe, this is {cfg.model_type}")
+    if cfg.has_shared_expert and cfg.model_type != "qwen2_moe":   # Qwen3MoeConfig has no shared expert
+        refuse("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size,
+               f"the shared expert runs for model_type qwen2_moe, this is {cfg.model_type}")
     for key, value in raw.items():
         # private keys (_name_or_path, ...) and tools' version stamps never change the model
         if key not in IMPLEMENTED | HARMLESS | DEPENDENT and not key.startswith("_") and not key.endswith("_version"):

@@ -70,13 +70,15 @@ def load_weights(model: Qwen3, directory: str) -> None:
 
 
 def random_weights(model: Qwen3, seed: int = 0) -> None:
-    """Norm weights 1, every matrix N(0, 0.02^2) (the Hugging Face initialiser's scale), generated on
+    """Norm weights 1, biases 0, every matrix N(0, 0.02^2) (the Hugging Face initialiser's), generated on
     the model's device (fast even for 32B parameters); each rank draws its own shard."""
     device = model.embed.device
     g = torch.Generator(device=device).manual_seed(seed * 1009 + model.shard.rank)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=g)

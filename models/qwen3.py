@@ -1,8 +1,9 @@
 """Qwen3 decoders as plain PyTorch modules, tensor-parallel by shape: dense (Qwen3-0.6B ... Qwen3-32B)
-and mixture-of-experts (Qwen3-MoE: Qwen3-30B-A3B, Qwen3-235B-A22B; its ``mlp_only_layers`` /
-``decoder_sparse_step`` layers dense, as transformers builds them). RoPE as the config says (default,
-linear, dynamic, YaRN); a config asking for anything else (linear attention, sliding window, a shared
-expert, ...) is refused when the model is built (configs.check_engine_support).
+and mixture-of-experts (Qwen3-MoE: Qwen3-30B-A3B, Qwen3-235B-A22B; Qwen2-MoE: Qwen1.5-MoE-A2.7B,
+whose attention has a q/k/v bias and no q/k norm and whose sparse blocks add a sigmoid-gated shared
+expert; ``mlp_only_layers`` / ``decoder_sparse_step`` layers dense, as transformers builds them). RoPE
+as the config says (default, linear, dynamic, YaRN); a config asking for anything else (linear
+attention, sliding window, ...) is refused when the model is built (configs.check_engine_support).
 
 Each rank holds only its shard (``Shard(rank, size)``): the fused q|k|v projection and the fused
 gate|up projection are column-parallel (a rank owns ``heads/tp`` query heads, ``kv_heads/tp`` KV heads
@@ -104,8 +105,12 @@ class Attention(nn.Module):
         self.eps, self.theta, self.rope_scaling = cfg.rms_norm_eps, cfg.rope_theta, cfg.rope_scaling
         self.qkv = _param((self.heads + 2 * self.kv_heads) * self.head_dim, cfg.hidden_size, dtype=dtype, device=device)
         self.o = _param(cfg.hidden_size, self.heads * self.head_dim, dtype=dtype, device=device)
-        self.q_norm = _param(self.head_dim, dtype=dtype, device=device)
-        self.k_norm = _param(self.head_dim, dtype=dtype, device=device)
+        self.q_norm = self.k_norm = self.qkv_bias = None
+        if cfg.has_qk_norm:
+            self.q_norm = _param(self.head_dim, dtype=dtype, device=device)
+            self.k_norm = _param(self.head_dim, dtype=dtype, device=device)
+        if cfg.qkv_bias:       # Qwen2-MoE: q | k | v bias, sliced like the qkv rows
+            self.qkv_bias = _param(self.qkv.shape[0], dtype=dtype, device=device)
 
     def forward(self, x, layer: int, step: Step, cache: KVCache, ops, tp) -> torch.Tensor:
         """x [tokens, hidden] (this rank's rows when ``tp.sharded``) -> the o_proj output summed over
@@ -113,9 +118,15 @@ class Attention(nn.Module):
         b, t = step.positions.shape
         d, hq, hkv = self.head_dim, self.heads, self.kv_heads
         qkv = ops.qkv_proj(x, self.qkv, tp)
-        # q|k normed and rotated in place: qkv then holds q | k | v, and k | v is one cache write
-        ops.rope_qk_norm(qkv, step.positions.reshape(-1), self.q_norm, self.k_norm, heads=hq, kv_heads=hkv,
-                         theta=self.theta, eps=self.eps, scaling=self.rope_scaling)
+        if self.qkv_bias is not None:   # a torch add after the GEMM (no GEMM epilogue bias yet)
+            qkv.add_(self.qkv_bias)
+        # q|k (normed and) rotated in place: qkv then holds q | k | v, and k | v is one cache write
+        if self.q_norm is not None:
+            ops.rope_qk_norm(qkv, step.positions.reshape(-1), self.q_norm, self.k_norm, heads=hq, kv_heads=hkv,
+                             theta=self.theta, eps=self.eps, scaling=self.rope_scaling)
+        else:
+            ops.rope(qkv, step.positions.reshape(-1), heads=hq, kv_heads=hkv, head_dim=d, theta=self.theta,
+                     scaling=self.rope_scaling)
         kv = qkv[:, hq * d:].view(b, t, 2, hkv, d)
         cache.write(layer, step.rows, step.positions, kv)
         if step.prefill:   # the cache held nothing before: attend to this chunk's keys, causally
@@ -151,8 +162,7 @@ class SparseMoE(nn.Module):
 
     With ``shared_expert_intermediate_size`` (transformers' Qwen2MoeSparseMoeBlock): a shared expert MLP
     (``shared_gate_up`` / ``shared_down``, split over ranks like the dense MLP) whose output, times the
-    sigmoid of ``shared_gate`` [1, hidden] (replicated), is added to the routed output. No model the engine
-    builds has one yet (check_engine_support refuses Qwen2-MoE and Qwen3-Next); the block is tested alone."""
+    sigmoid of ``shared_gate`` [1, hidden] (replicated), is added to the routed output: Qwen2-MoE's layers."""
 
     def __init__(self, cfg, shard: Shard, dtype, device):
         super().__init__()
@@ -241,6 +251,12 @@ class Qwen3(nn.Module):
                 add(q + "gate_proj.weight", (mi, h), moe.gate_up[x, :i], 0, r)
                 add(q + "up_proj.weight", (mi, h), moe.gate_up[x, i:], 0, r)
                 add(q + "down_proj.weight", (h, mi), moe.down[x], 1, r)
+            if moe.shared is not None:
+                si, full = moe.shared_down.shape[1], c.shared_expert_intermediate_size
+                add(p + "mlp.shared_expert.gate_proj.weight", (full, h), moe.shared_gate_up[:si], 0, r)
+                add(p + "mlp.shared_expert.up_proj.weight", (full, h), moe.shared_gate_up[si:], 0, r)
+                add(p + "mlp.shared_expert.down_proj.weight", (h, full), moe.shared_down, 1, r)
+                add(p + "mlp.shared_expert_gate.weight", (1, h), moe.shared_gate)
 
         r = self.shard.rank
         add("model.embed_tokens.weight", (c.vocab_size, h), self.embed)
@@ -251,9 +267,15 @@ class Qwen3(nn.Module):
             add(p + "self_attn.q_proj.weight", (c.num_attention_heads * d, h), a.qkv[:q_rows], 0, r)
             add(p + "self_attn.k_proj.weight", (c.num_key_value_heads * d, h), a.qkv[q_rows:q_rows + kv_rows], 0, kv_part)
             add(p + "self_attn.v_proj.weight", (c.num_key_value_heads * d, h), a.qkv[q_rows + kv_rows:], 0, kv_part)
+            if a.qkv_bias is not None:
+                add(p + "self_attn.q_proj.bias", (c.num_attention_heads * d,), a.qkv_bias[:q_rows], 0, r)
+                add(p + "self_attn.k_proj.bias", (c.num_key_value_heads * d,), a.qkv_bias[q_rows:q_rows + kv_rows], 0,
+                    kv_part)
+                add(p + "self_attn.v_proj.bias", (c.num_key_value_heads * d,), a.qkv_bias[q_rows + kv_rows:], 0, kv_part)
             add(p + "self_attn.o_proj.weight", (h, c.num_attention_heads * d), a.o, 1, r)
-            add(p + "self_attn.q_norm.weight", (d,), a.q_norm)
-            add(p + "self_attn.k_norm.weight", (d,), a.k_norm)
+            if a.q_norm is not None:
+                add(p + "self_attn.q_norm.weight", (d,), a.q_norm)
+                add(p + "self_attn.k_norm.weight", (d,), a.k_norm)
             if isinstance(mlp, SparseMoE):
                 experts(p, mlp)
             else:

@@ -126,7 +126,7 @@ def test_moe_checkpoint_is_served_by_the_engine_and_planned_by_the_tuner(tmp_pat
 
 
 def test_builtin_moe_models_build_and_qwen3_next_is_refused():
-    for name in ("Qwen3-30B-A3B", "Qwen3-235B-A22B"):
+    for name in ("Qwen3-30B-A3B", "Qwen3-235B-A22B", "Qwen1.5-MoE-A2.7B"):
         check_engine_support(load_config(name))
     with pytest.raises(InputError, match=r"^Qwen3-Next-80B-A3B: full_attention_interval=4 is not implemented by the "
                                          r"tuneforge engine \(layer 0 of model_type qwen3_next is linear_attention\)$"):
@@ -135,15 +135,18 @@ def test_builtin_moe_models_build_and_qwen3_next_is_refused():
 
 REFUSED = [
     (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), "num_experts=4"),      # model_type qwen3
+    # Qwen3MoeConfig has no shared expert (transformers would drop it): only qwen2_moe runs one
     (dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
           shared_expert_intermediate_size=32), "shared_expert_intermediate_size=32"),
+    (dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+          shared_expert_intermediate_size=32, use_sliding_window=True, sliding_window=16), "use_sliding_window=true"),
     (dict(use_sliding_window=True, sliding_window=16), "use_sliding_window=true"),
     (dict(layer_types=["full_attention", "sliding_attention"]), 'layer_types[1]="sliding_attention"'),
     (dict(layer_types=["linear_attention", "full_attention"]), 'layer_types[0]="linear_attention"'),
     (dict(model_type="qwen3_next", full_attention_interval=2), "full_attention_interval=2"),
     (dict(model_type="qwen3_next", full_attention_interval=1), 'model_type="qwen3_next"'),
     (dict(attention_bias=True), "attention_bias=true"),
-    (dict(qkv_bias=True), "qkv_bias=true"),
+    (dict(qkv_bias=True), "qkv_bias=true"),      # a Qwen2-MoE field: transformers' Qwen3 ignores it
     (dict(partial_rotary_factor=0.25), "partial_rotary_factor=0.25"),
     (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
      "partial_rotary_factor=0.5"),

@@ -52,7 +52,7 @@ def tiny(name: str):
 
 
 def runs(cfg) -> bool:
-    """Whether the engine builds ``cfg`` (it refuses linear attention and shared experts for now)."""
+    """Whether the engine builds ``cfg`` (it refuses linear attention for now)."""
     from tuneforge.models.qwen3 import Qwen3
     try:
         Qwen3(cfg, dtype=torch.float32, device="meta")
@@ -104,9 +104,12 @@ def check(results: dict, tp: int) -> None:
         # every op of the plan the engine dispatches (dense models: all but the MoE ops)
         expected = {i.problem.op for i in the_plan} & set(ENGINE_OPS)
         assert {p.op for p in lookups} == expected, name
-        assert expected >= {"gemm", "rmsnorm", "rope_qk_norm", "decode_attention"} | ({"tp_attn"} if tp > 1 else set())
+        qk_norm = {"rope_qk_norm"} if load_config(name).has_qk_norm else set()   # Qwen2-MoE: torch RoPE, no lookup
+        assert expected >= {"gemm", "rmsnorm", "decode_attention"} | qk_norm | ({"tp_attn"} if tp > 1 else set())
         if the_plan.find("moe_gemm"):
             assert expected >= {"moe_router", "moe_pack", "moe_gemm"}, name
+        if load_config(name).has_shared_expert:
+            assert "shared_expert_gate" in expected, name
         assert {p.shape["m"] for p in lookups if p.op == "rmsnorm"} == {15, 4}    # prefill, decode bucket
 
 
@@ -125,7 +128,7 @@ def test_engine_refuses_what_it_cannot_run_and_the_plan_still_covers_it():
 @pytest.mark.parametrize("tp", [1, 2])
 def test_every_dispatch_lookup_is_planned(tp):
     served = [n for n in BUILT_IN if runs(tiny(n))]
-    assert len(served) >= 8 and {"Qwen3-30B-A3B", "Qwen3-235B-A22B"} <= set(served), served
+    assert len(served) >= 9 and {"Qwen3-30B-A3B", "Qwen3-235B-A22B", "Qwen1.5-MoE-A2.7B"} <= set(served), served
     if tp == 1:
         check(forward_lookups(None, served), tp)
     else:
@@ -150,11 +153,16 @@ def test_rank_dims_are_the_models_shards(tp):
             assert (layer.attn.heads, layer.attn.kv_heads, layer.attn.head_dim) == (d.heads, d.kv_heads, d.head_dim)
             assert tuple(layer.attn.qkv.shape) == (d.qkv, d.hidden), name
             assert tuple(layer.attn.o.shape) == (d.hidden, d.o_in), name
+            if cfg.qkv_bias:
+                assert tuple(layer.attn.qkv_bias.shape) == (d.qkv,), name
             if isinstance(layer.mlp, SparseMoE):
                 e = cfg.num_experts
                 assert tuple(layer.mlp.router.shape) == (e, d.hidden), name
                 assert tuple(layer.mlp.gate_up.shape) == (e, 2 * d.moe_inter, d.hidden), name
                 assert tuple(layer.mlp.down.shape) == (e, d.hidden, d.moe_inter), name
+                if cfg.has_shared_expert:
+                    assert tuple(layer.mlp.shared_gate_up.shape) == (2 * d.shared_inter, d.hidden), name
+                    assert tuple(layer.mlp.shared_down.shape) == (d.hidden, d.shared_inter), name
             else:
                 assert tuple(layer.mlp.gate_up.shape) == (2 * d.inter, d.hidden), name
                 assert tuple(layer.mlp.down.shape) == (d.hidden, d.inter), name

@@ -150,6 +150,15 @@ class Ops:
                   lambda: qk.copy_(k_rope.baseline(qkv, positions, q_weight, k_weight, heads, kv_heads, theta, eps,
                                                    scaling)))
 
+    def rope(self, qkv: torch.Tensor, positions: torch.Tensor, *, heads: int, kv_heads: int, head_dim: int,
+             theta: float, scaling=None) -> None:
+        """In place on ``qkv``: RoPE of q and k with no norm before it (Qwen2-MoE), in torch as transformers
+        runs it (fp32 cos/sin cast to the dtype, rotate-half in the dtype). No template runs this yet, so
+        nothing is looked up and the plan has no problem for it (rope_qk_norm's kernel always norms)."""
+        x = qkv[:, :(heads + kv_heads) * head_dim].view(qkv.shape[0], heads + kv_heads, head_dim)
+        cos, sin = (t.to(qkv.dtype) for t in k_rope._cos_sin(positions, head_dim, theta, scaling, qkv.device))
+        x.copy_(x * cos + k_rope._rotate_half(x) * sin)
+
     # --- mixture of experts (models/qwen3.SparseMoE) ----------------------------------------------
     def moe_router(self, logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights fp32 [tokens, top_k], expert ids int32 [tokens, top_k]) from the router's logits:

@@ -147,7 +147,8 @@ def plan(model: str | ModelConfig, tp: int = 1, decode_buckets: Optional[Sequenc
         b.add("layer.input_layernorm", P.rmsnorm(dtype, m, h))
         if full_attn:
             b.add("layer.attn.qkv_proj", P.gemm(dtype, m, (d.qkv, h)))
-            b.add("layer.attn.rope_qk_norm", P.rope_qk_norm(dtype, m, d.heads, d.kv_heads, d.head_dim))
+            if cfg.has_qk_norm:     # Qwen2-MoE's norm-less RoPE runs in torch (Ops.rope): nothing to tune
+                b.add("layer.attn.rope_qk_norm", P.rope_qk_norm(dtype, m, d.heads, d.kv_heads, d.head_dim))
             if is_decode:
                 for ctx in contexts:
                     b.add("layer.attn.decode", P.decode_attention(dtype, m, d.heads, d.kv_heads, d.head_dim,
