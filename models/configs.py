@@ -159,9 +159,10 @@ STRINGS = ("hidden_act", "torch_dtype", "dtype")
 # transformers' defaults for the fields a Qwen3 config.json may leave out (Qwen3Config, Qwen3MoeConfig,
 # Qwen3NextConfig agree); the dataclass defaults above are Qwen3-0.6B's numbers
 HF_DEFAULTS = {"rope_theta": 10000.0, "max_position_embeddings": 32768}
-# where Qwen2MoeConfig's defaults differ from those: the Hub's Qwen1.5-MoE / Qwen2-MoE config.json files
-# predate the qkv_bias key (their attention has the bias) and leave norm_topk_prob to its default
-MODEL_TYPE_DEFAULTS = {"qwen2_moe": {"qkv_bias": True, "norm_topk_prob": False}}
+# where a model type's transformers defaults differ from the dataclass's: the Hub's Qwen1.5-MoE / Qwen2-MoE
+# config.json files predate the qkv_bias key (their attention has the bias); Qwen3MoeConfig and
+# Qwen2MoeConfig leave norm_topk_prob off (Qwen3NextConfig's is on, as the dataclass's)
+MODEL_TYPE_DEFAULTS = {"qwen2_moe": {"qkv_bias": True, "norm_topk_prob": False}, "qwen3_moe": {"norm_topk_prob": False}}
 
 
 def _is_int(v) -> bool:

@@ -125,6 +125,17 @@ def test_moe_checkpoint_is_served_by_the_engine_and_planned_by_the_tuner(tmp_pat
     assert plan(cfg, 1, decode_buckets=[1], prefill_buckets=[]).find("moe_gemm")
 
 
+def test_moe_defaults_are_transformers_defaults_per_model_type(tmp_path):
+    """A config.json leaving out norm_topk_prob / qkv_bias reads as transformers reads it for its model type."""
+    from transformers import AutoConfig
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    for model_type in ("qwen3_moe", "qwen2_moe", "qwen3_next"):
+        folder = write_config(tmp_path, model_type=model_type, **moe)
+        cfg, ref = load_config(folder), AutoConfig.from_pretrained(folder)
+        assert cfg.norm_topk_prob == ref.norm_topk_prob, model_type
+        assert cfg.qkv_bias == getattr(ref, "qkv_bias", False), model_type
+
+
 def test_builtin_moe_models_build_and_qwen3_next_is_refused():
     for name in ("Qwen3-30B-A3B", "Qwen3-235B-A22B", "Qwen1.5-MoE-A2.7B"):
         check_engine_support(load_config(name))
