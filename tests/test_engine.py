@@ -45,12 +45,16 @@ def tiny_hf(tied: bool = False):
     return model
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    hf = tiny_hf()
-    path = tmp_path_factory.mktemp("tiny-qwen3")
+def saved(tmp_path_factory, hf, name: str) -> tuple[str, object]:
+    """``hf`` written with save_pretrained into a new folder: (its path, hf)."""
+    path = tmp_path_factory.mktemp(name)
     hf.save_pretrained(path)
     return str(path), hf
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return saved(tmp_path_factory, tiny_hf(), "tiny-qwen3")
 
 
 def hf_greedy(hf, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
@@ -97,21 +101,30 @@ def fast_interpreted_config(template, problem, spec) -> dict:
     return config
 
 
+INTERPRETER_ENV = Environment("interpreter", 4, 0.0, 1, "single-gpu", torch.__version__, "3", "none", False)
+INTERPRETER_SPEC = replace(SPECS["H100"], name="interpreter", sms=4, features=frozenset())
+
+
+def fast_winners_table(db: str, cfg, the_plan) -> DispatchTable:
+    """A real store holding a fast interpreted kernel winner for every tunable problem of ``the_plan``,
+    read back as the engine reads it."""
+    with Store(db) as store:
+        store.add_plan(cfg.name, 1, the_plan.pairs())
+        for item in the_plan.tunable:
+            t = get(item.problem.op)
+            store.record_winner(Winner(item.problem, INTERPRETER_ENV,
+                                       fast_interpreted_config(t, item.problem, INTERPRETER_SPEC),
+                                       1e-5, 2e-5, 2.0, 50.0, "measured", t.source_hash, "test", 1))
+        return DispatchTable.load(store, INTERPRETER_ENV, cfg.name, 1)
+
+
 def test_tuned_kernels_match_transformers(checkpoint, tmp_path, caplog):
     """The tuning plan's problems get winners in a real store; the engine then runs every op through a
     Triton kernel (no warning: nothing falls back) and still matches transformers."""
     path, hf = checkpoint
     cfg = load_config(path)
-    env = Environment("interpreter", 4, 0.0, 1, "single-gpu", torch.__version__, "3", "none", False)
-    spec = replace(SPECS["H100"], name="interpreter", sms=4, features=frozenset())
     the_plan = plan(cfg, tp=1, decode_buckets=(1, 2, 4), prefill_buckets=(32,), dtype="fp32")
-    with Store(str(tmp_path / "tf.db")) as store:
-        store.add_plan(cfg.name, 1, the_plan.pairs())
-        for item in the_plan.tunable:
-            t = get(item.problem.op)
-            store.record_winner(Winner(item.problem, env, fast_interpreted_config(t, item.problem, spec), 1e-5, 2e-5,
-                                       2.0, 50.0, "measured", t.source_hash, "test", 1))
-        table = DispatchTable.load(store, env, cfg.name, 1)
+    table = fast_winners_table(str(tmp_path / "tf.db"), cfg, the_plan)
     caplog.set_level(logging.WARNING, "tuneforge.engine")
     model = load_model(path, dtype=torch.float32)
     check_against_hf(hf, Generator(model, Ops("tuned", table), max_batch=3, max_len=32), steps=3)

@@ -13,15 +13,12 @@ import logging
 import pytest
 import torch
 
-from test_engine import PROMPTS, TOL, check_against_hf, fast_interpreted_config, hf_greedy
-from tuneforge.db.environment import Environment
-from tuneforge.db.store import Store, Winner
-from tuneforge.dsl.devices import SPECS
+from test_engine import INTERPRETER_ENV as ENV, PROMPTS, TOL, check_against_hf, fast_winners_table, hf_greedy, saved
+from tuneforge.db.store import Winner
 from tuneforge.dsl import get
 from tuneforge.engine.dispatch import DispatchTable, Ops
 from tuneforge.engine.generate import Generator
 from tuneforge.engine.tp import TPStep
-from tuneforge.errors import InputError
 from tuneforge.kernels import moe_gemm as k_moe
 from tuneforge.kernels._common import launch_spec
 from tuneforge.models import problems as P
@@ -33,7 +30,6 @@ from tuneforge.tune.plan import plan
 TINY_MOE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=512, num_experts=8,
                 num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1])
-ENV = Environment("interpreter", 4, 0.0, 1, "single-gpu", torch.__version__, "3", "none", False)
 
 
 def scaled(model):
@@ -55,10 +51,7 @@ def tiny_hf_moe(**changes):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    hf = tiny_hf_moe()
-    path = tmp_path_factory.mktemp("tiny-qwen3-moe")
-    hf.save_pretrained(path)
-    return str(path), hf
+    return saved(tmp_path_factory, tiny_hf_moe(), "tiny-qwen3-moe")
 
 
 def fused_checkpoint(hf, path) -> str:
@@ -165,16 +158,9 @@ def test_tuned_kernels_match_transformers(checkpoint, tmp_path, caplog):
     store; the engine runs every op through its Triton kernel (nothing falls back) and matches."""
     path, hf = checkpoint
     cfg = load_config(path)
-    spec = dataclasses.replace(SPECS["H100"], name="interpreter", sms=4, features=frozenset())
     the_plan = plan(cfg, tp=1, decode_buckets=(4,), prefill_buckets=(32,), dtype="fp32")
     assert {i.problem.op for i in the_plan.tunable} >= {"moe_router", "moe_pack", "moe_gemm"}
-    with Store(str(tmp_path / "tf.db")) as store:
-        store.add_plan(cfg.name, 1, the_plan.pairs())
-        for item in the_plan.tunable:
-            t = get(item.problem.op)
-            store.record_winner(Winner(item.problem, ENV, fast_interpreted_config(t, item.problem, spec), 1e-5, 2e-5,
-                                       2.0, 50.0, "measured", t.source_hash, "test", 1))
-        table = DispatchTable.load(store, ENV, cfg.name, 1)
+    table = fast_winners_table(str(tmp_path / "tf.db"), cfg, the_plan)
     caplog.set_level(logging.WARNING, "tuneforge.engine")
     model = load_model(path, dtype=torch.float32)
     check_against_hf(hf, Generator(model, Ops("tuned", table), max_batch=3, max_len=32), steps=2)
