@@ -482,9 +482,10 @@ def test_sigint_stops_the_dashboard_even_when_started_with_sigint_ignored(tuned_
         assert proc.poll() is None, "the dashboard did not start"
         proc.send_signal(signal.SIGINT)                # to the CLI only, as `kill -INT <pid>` does
         assert proc.wait(timeout=30) == 130
-        time.sleep(0.5)
-        with pytest.raises(ProcessLookupError):        # the streamlit child is gone too
-            os.killpg(proc.pid, 0)
+        gone = time.monotonic() + 10                    # the streamlit child is gone too (a loaded CI machine may lag)
+        while _group_alive(proc.pid) and time.monotonic() < gone:
+            time.sleep(0.2)
+        assert not _group_alive(proc.pid)
     finally:
         if proc.poll() is None or _group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
