@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from contextlib import ExitStack
 from typing import Optional
 
@@ -71,17 +72,21 @@ def load_weights(model: Qwen3, directory: str) -> None:
 
 def random_weights(model: Qwen3, seed: int = 0) -> None:
     """Norm weights 1, biases 0, every matrix N(0, 0.02^2) (the Hugging Face initialiser's), generated on
-    the model's device (fast even for 32B parameters); each rank draws its own shard."""
+    the model's device. Each checkpoint tensor is drawn whole from a generator seeded by ``seed`` and its
+    name, and this rank keeps its slice, so every TP degree (and every rank holding a replicated KV
+    head) runs the same model: ``--random-weights --tp 2`` gives the tokens of ``--tp 1``."""
     device = model.embed.device
-    g = torch.Generator(device=device).manual_seed(seed * 1009 + model.shard.rank)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif p.dim() == 1:
-                p.fill_(1.0)
+        for t in model.checkpoint_tensors():
+            if t.name.endswith("bias"):
+                t.dest.zero_()
+            elif len(t.shape) == 1:
+                t.dest.fill_(1.0)
             else:
-                p.normal_(0.0, 0.02, generator=g)
+                g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(t.name.encode()))
+                whole = torch.empty(t.shape, dtype=t.dest.dtype, device=device).normal_(0.0, 0.02, generator=g)
+                t.dest.copy_(whole if t.split_dim is None else
+                             whole.narrow(t.split_dim, t.start, t.dest.shape[t.split_dim]))
 
 
 def load_model(name_or_path: str, *, shard: Shard = Shard(), dtype: torch.dtype = torch.bfloat16,

@@ -383,3 +383,22 @@ def test_yarn_through_the_triton_kernels_matches_transformers(tmp_path):
     prompt = PROMPTS[2]
     prefill = gen.prefill(torch.tensor([prompt]), torch.tensor([len(prompt)]), all_logits=True)
     torch.testing.assert_close(prefill[0], hf_greedy(hf, prompt, 1)[1], **TOL)
+
+
+def _random_rank(world, steps: int):
+    from tuneforge.engine.dispatch import Ops as RankOps
+    shard = Shard() if world is None else Shard(world.rank, world.size, world.group)
+    cfg = replace(load_config("Qwen3-0.6B"), **{**TINY, "num_key_value_heads": 1})
+    model = load_model(cfg.name, config=cfg, shard=shard, random=True, dtype=torch.float32, seed=3)
+    out = Generator(model, RankOps("baseline"), max_batch=3, max_len=32).generate(PROMPTS, steps, return_logits=True)
+    return out.tokens, torch.stack(out.logits)
+
+
+def test_random_weights_are_the_same_model_at_every_tp_degree():
+    """Each checkpoint tensor is drawn whole from its own seeded generator and sliced per rank, so TP 2
+    (its one KV head replicated on both ranks) runs the model TP 1 runs."""
+    from tuneforge.world import spawn
+    tokens, logits = _random_rank(None, 4)
+    for rank_tokens, rank_logits in spawn(_random_rank, 2, 4, device="cpu", timeout=300.0):
+        assert rank_tokens == tokens
+        torch.testing.assert_close(rank_logits, logits, **TOL)
