@@ -9,7 +9,8 @@ import tuneforge  # noqa: F401  (selects the interpreter on GPU-less machines be
 from tuneforge.errors import TuneforgeError
 
 # module -> it registers these subcommands
-AREAS = ("tuneforge.tune.cli", "tuneforge.db.cli", "tuneforge.engine.cli", "tuneforge.dashboard.cli")
+AREAS = ("tuneforge.tune.cli", "tuneforge.db.cli", "tuneforge.engine.cli", "tuneforge.engine.export_onnx",
+         "tuneforge.dashboard.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

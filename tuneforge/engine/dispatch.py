@@ -41,6 +41,8 @@ class Ops:
 
     Configs are cached per shape, so after the first pass a call costs one dict lookup."""
 
+    problems = P    # builds each call's lookup key (export_onnx.ExportOps builds none)
+
     def __init__(self, mode: str = "tuned", table: Optional[DispatchTable] = None):
         if mode not in MODES:
             raise InputError(f"unknown dispatch mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -104,17 +106,17 @@ class Ops:
 
     # --- ops -----------------------------------------------------------------------------------
     def gemm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return self._run(P.gemm(x.dtype, x.shape[0], w.shape),
+        return self._run(self.problems.gemm(x.dtype, x.shape[0], w.shape),
                          lambda cfg: k_gemm.gemm(x, w, config=cfg), lambda: k_gemm.baseline(x, w))
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(P.silu_mul(x.dtype, x.shape[0], x.shape[1]),
+        return self._run(self.problems.silu_mul(x.dtype, x.shape[0], x.shape[1]),
                          lambda cfg: k_silu.silu_mul(x, config=cfg), lambda: k_silu.baseline(x))
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if x.shape[0] == 0:          # a rank without rows of a row-sharded (ag_rs) forward
             return torch.empty_like(x)
-        return self._run(P.rmsnorm(x.dtype, x.shape[0], x.shape[1]),
+        return self._run(self.problems.rmsnorm(x.dtype, x.shape[0], x.shape[1]),
                          lambda cfg: k_rmsnorm.rmsnorm(x, weight, eps=eps, config=cfg),
                          lambda: k_rmsnorm.baseline(x, weight, eps=eps))
 
@@ -123,7 +125,7 @@ class Ops:
         """(rmsnorm(x + residual) * weight, residual) with ``residual += x`` in place."""
         if x.shape[0] == 0:
             return torch.empty_like(x), residual
-        return self._run(P.rmsnorm(x.dtype, x.shape[0], x.shape[1]),
+        return self._run(self.problems.rmsnorm(x.dtype, x.shape[0], x.shape[1]),
                          lambda cfg: k_rmsnorm.rmsnorm(x, weight, eps=eps, residual=residual, config=cfg),
                          lambda: k_rmsnorm.baseline(x, weight, eps=eps, residual=residual)), residual
 
@@ -133,7 +135,7 @@ class Ops:
         kv_len, head_dim]; keys [0, positions[b]] (the baseline reads them from the additive ``mask``).
         Tuned per bucket of kv_len among ``DECODE_CONTEXTS`` (``problems.decode_attention``)."""
         b, heads, d = q.shape
-        return self._run(P.decode_attention(q.dtype, b, heads, k.shape[1], d, k.shape[2]),
+        return self._run(self.problems.decode_attention(q.dtype, b, heads, k.shape[1], d, k.shape[2]),
                          lambda cfg: k_attn.decode_attention(q, k, v, positions, config=cfg),
                          lambda: k_attn.sdpa(q, k, v, mask))
 
@@ -144,7 +146,7 @@ class Ops:
         RoPE (``scaling``: the config's rope_scaling) at ``positions`` [tokens]; v untouched."""
         head_dim = q_weight.shape[0]
         qk = qkv[:, :(heads + kv_heads) * head_dim]
-        self._run(P.rope_qk_norm(qkv.dtype, qkv.shape[0], heads, kv_heads, head_dim),
+        self._run(self.problems.rope_qk_norm(qkv.dtype, qkv.shape[0], heads, kv_heads, head_dim),
                   lambda cfg: k_rope.rope_qk_norm(qkv, positions, q_weight, k_weight, heads=heads, kv_heads=kv_heads,
                                                   theta=theta, eps=eps, scaling=scaling, out=qk, config=cfg),
                   lambda: qk.copy_(k_rope.baseline(qkv, positions, q_weight, k_weight, heads, kv_heads, theta, eps,
@@ -165,14 +167,14 @@ class Ops:
         the fused softmax + top-k kernel, or transformers' torch softmax + topk (the same experts and
         weights: the two are interchangeable)."""
         m, experts = logits.shape
-        return self._run(P.moe_router(logits.dtype, m, experts, top_k),
+        return self._run(self.problems.moe_router(logits.dtype, m, experts, top_k),
                          lambda cfg: k_router.route(logits, top_k, norm_topk_prob=norm_topk_prob, strategy="fused",
                                                     config=cfg),
                          lambda: k_router.baseline(logits, top_k, norm_topk_prob))
 
     def moe_pack(self, ids: torch.Tensor, experts: int, block_m: int, dtype: torch.dtype) -> k_pack.Packed:
         """The routed slots packed by expert in runs of ``block_m`` (on the device, no host sync)."""
-        return self._run(P.moe_pack(dtype, ids.shape[0], experts, ids.shape[1]),
+        return self._run(self.problems.moe_pack(dtype, ids.shape[0], experts, ids.shape[1]),
                          lambda cfg: k_pack.pack(ids, experts, block_m, config=cfg),
                          lambda: k_pack.reference(ids, experts, block_m))
 
@@ -206,11 +208,11 @@ class Ops:
                                  "run the grouped kernel (--dispatch default, or tune moe_gemm)")
             return k_moe.baseline(a, w, ids, **kw)
 
-        up = P.moe_gemm(x.dtype, tokens, gate_up.shape[1:], experts, top_k, act=True)
+        up = self.problems.moe_gemm(x.dtype, tokens, gate_up.shape[1:], experts, top_k, act=True)
         h = self._run(up, lambda cfg: k_moe.moe_gemm(x, gate_up, packed(cfg, up), top_k=top_k, gather=True,
                                                      activation="silu_mul", config=cfg),
                       lambda: per_expert(x, gate_up, gather=True, activation="silu_mul"))
-        dn = P.moe_gemm(x.dtype, tokens, down.shape[1:], experts, top_k, act=False)
+        dn = self.problems.moe_gemm(x.dtype, tokens, down.shape[1:], experts, top_k, act=False)
         return self._run(dn, lambda cfg: k_moe.moe_gemm(h, down, packed(cfg, dn), top_k=top_k, gather=False,
                                                         routed_weights=weights, combine=True, config=cfg),
                          lambda: per_expert(h, down, gather=False, routed_weights=weights, combine=True))
@@ -218,7 +220,7 @@ class Ops:
     def shared_expert_gate(self, final: torch.Tensor, gate_logits: torch.Tensor, shared_out: torch.Tensor
                            ) -> torch.Tensor:
         """``final + sigmoid(gate_logits) * shared_out``, in place on ``final``."""
-        return self._run(P.shared_expert_gate(final.dtype, final.shape[0], final.shape[1]),
+        return self._run(self.problems.shared_expert_gate(final.dtype, final.shape[0], final.shape[1]),
                          lambda cfg: k_seg.shared_expert_gate(final, gate_logits, shared_out, out=final, config=cfg),
                          lambda: k_seg.baseline(final, gate_logits, shared_out))
 
