@@ -4,7 +4,8 @@ meta and counts exactly; the combine of the stand-in experts and of identity exp
 sum of the valid weights times x); uniform and skewed routing (ranks receiving nothing), experts with
 no tokens, dropped (-1) ids, top-k 1/2/8; every call twice (epochs, no clearing). The torch.distributed
 baseline and the template's check; a silent rank gives SignalTimeout naming rank, peer and signal; the
-kernels compile for sm_90 (what the interpreter forgives)."""
+kernels compile for sm_90 (what the interpreter forgives). On one GPU (``-m gpu``): the same cases with
+2 and 4 processes sharing it."""
 import os
 import subprocess
 import sys
@@ -54,21 +55,22 @@ def _cases(world, cases):
             xs, idss = world.all_gather(x), world.all_gather(ids)
             rows, meta, counts = _expected(world.size, world.rank, xs, idss, experts)
             valid = (ids >= 0) & (ids < experts)
-            d = A2A.dispatch(x, ids, ctx=ctx, experts=experts, config=CONFIG)
+            dx, dids, dweights = (t.to(ctx.device) for t in (x, ids, weights))
+            d = A2A.dispatch(dx, dids, ctx=ctx, experts=experts, config=CONFIG)
             n = int(d.count)
             tag = f"case {i} call {call} rank {world.rank}"
-            if n != len(rows) or not torch.equal(d.counts, counts):
+            if n != len(rows) or not torch.equal(d.counts.cpu(), counts):
                 failures.append(f"{tag}: received {n} rows, expected {len(rows)}; counts {d.counts.tolist()}")
                 continue
-            if n and not torch.equal(d.x[:n], torch.stack(rows)):
+            if n and not torch.equal(d.x[:n].cpu(), torch.stack(rows)):
                 failures.append(f"{tag}: received rows differ")
-            if not torch.equal(d.meta[:n], meta) or not bool((d.expert[n:] == -1).all()):
+            if not torch.equal(d.meta[:n].cpu(), meta) or not bool((d.expert[n:] == -1).all()):
                 failures.append(f"{tag}: meta {d.meta[:n].tolist()} != {meta.tolist()} or rows past count not -1")
-            out = A2A.combine(A2A.expert_stand_in(d, world.rank), weights, d, ctx=ctx, config=CONFIG)
+            out = A2A.combine(A2A.expert_stand_in(d, world.rank), dweights, d, ctx=ctx, config=CONFIG)
             ok = compare(out, A2A.reference(x, ids, weights, ctx, experts))
             if not ok:
                 failures.append(f"{tag}: combine of the stand-in experts: {ok.reason}")
-            same = A2A.combine(d.x, weights, d, ctx=ctx, config=CONFIG)        # identity experts
+            same = A2A.combine(d.x, dweights, d, ctx=ctx, config=CONFIG)       # identity experts
             ok = compare(same, x.double() * (weights.double() * valid).sum(1, keepdim=True))
             if not ok:
                 failures.append(f"{tag}: combine of identity experts: {ok.reason}")
@@ -77,7 +79,7 @@ def _cases(world, cases):
     problem = Problem.make(OP, "fp32", world.size, m=3, hidden=20, experts=2 * world.size, topk=2)
     template = get(OP)
     for config in (template.default_config(problem), CONFIG):
-        result = check(template, problem, config, ctx=ctx)
+        result = check(template, problem, config, device=ctx.device, ctx=ctx)
         if not result:
             failures.append(f"template {config}: {result.reason}")
     inputs = split_out(template.make_inputs(problem, ctx.device, 3, ctx))
@@ -109,6 +111,15 @@ def test_dispatch_and_combine_match_the_host_on_four_ranks():
     results = spawn(_cases, 4, cases, timeout=300)
     _assert_world(results)
     assert [r[1][2] for r in results] == [24, 0, 0, 0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_dispatch_and_combine_on_processes_sharing_one_gpu(ranks):
+    cases = [(5, 8, 2, 0.0, True), (3, 8, 1, 0.0, False), (2, 8, 8, 0.0, False), (4, 8, 2, 50.0, False)]
+    results = spawn(_cases, ranks, cases, device="cuda", share_gpu=True, timeout=540)
+    _assert_world(results)
+    assert [r[1][3] for r in results] == [8 * ranks] + [0] * (ranks - 1)    # all to experts 0 and 1
 
 
 def _silent_rank(world, silent):
