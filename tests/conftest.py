@@ -73,3 +73,49 @@ def assert_graph_replays(fn, replays: int, launches: int):
     for failures, epoch in spawn(fn, 2, replays, device="cuda", share_gpu=True, timeout=300):
         assert not failures, failures
         assert epoch == launches * (1 + replays)
+
+
+def input_errors(calls) -> list[str]:
+    """Each call's InputError message, or "no error" where it raised none (bad-input checks in a rank)."""
+    from tuneforge.errors import InputError
+    errors = []
+    for call in calls:
+        try:
+            call()
+            errors.append("no error")
+        except InputError as e:
+            errors.append(str(e))
+    return errors
+
+
+SM90_SCRIPT = '''
+import os, sys, json
+os.environ["TRITON_INTERPRET"] = "0"
+import importlib, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+module, kernels, types = json.loads(sys.argv[1])
+mod = importlib.import_module(module)
+for name, consts in kernels:
+    fn = getattr(mod, name)
+    sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    assert compiled.asm["cubin"]
+    print("compiled", name)
+'''
+
+
+def compile_for_sm90(module: str, kernels: list, types: dict) -> None:
+    """Compile ``module``'s jitted ``kernels`` ([(name, constexprs)], arguments typed by ``types``, i32 by
+    default) for sm_90 through triton.compile on a GPU target, in a subprocess (`import tuneforge` here
+    runs kernels in the interpreter): PTX and cubin from Triton's ptxas, no GPU needed."""
+    import json
+    import subprocess
+    import sys
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    r = subprocess.run([sys.executable, "-c", SM90_SCRIPT, json.dumps([module, kernels, types])],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[1::2] == [name for name, _ in kernels]

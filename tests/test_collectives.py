@@ -9,10 +9,10 @@ import torch
 
 from tuneforge.dsl import Problem, check, get
 from tuneforge.dsl.check import compare, split_out
-from tuneforge.errors import InputError, SignalTimeout
+from tuneforge.errors import SignalTimeout
 from tuneforge.world import spawn
 
-from conftest import assert_graph_replays, graph_replays
+from conftest import assert_graph_replays, graph_replays, input_errors
 
 OPS = ("allreduce", "allgather", "reducescatter")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -67,17 +67,11 @@ def _check_all(world, shapes, dtypes, thorough):
                 if not ok:
                     failures.append(f"baseline {problem.key}: {ok.reason}")
     x = torch.zeros(4, 8, device=ctx.device)
-    errors = []
-    for call in (lambda: get("allreduce").launch(x, ctx=ctx, out=torch.zeros(4, 9, device=ctx.device)),
-                 lambda: get("allreduce").launch(x.t(), ctx=ctx),
-                 lambda: get("allreduce").launch(x.to(torch.int32), ctx=ctx),
-                 lambda: get("allreduce").launch(x, ctx=ctx, out=x),
-                 lambda: get("allgather").launch(x, ctx=ctx, m=1)):
-        try:
-            call()
-            errors.append("no error")
-        except InputError as e:
-            errors.append(str(e))
+    errors = input_errors((lambda: get("allreduce").launch(x, ctx=ctx, out=torch.zeros(4, 9, device=ctx.device)),
+                           lambda: get("allreduce").launch(x.t(), ctx=ctx),
+                           lambda: get("allreduce").launch(x.to(torch.int32), ctx=ctx),
+                           lambda: get("allreduce").launch(x, ctx=ctx, out=x),
+                           lambda: get("allgather").launch(x, ctx=ctx, m=1)))
     epochs = {name: int(ch.state[0]) for name, ch in ctx.channels.items()}
     heap.close()
     return {"failures": failures, "checked": checked, "errors": errors, "epochs": epochs,

@@ -6,17 +6,14 @@ no tokens, dropped (-1) ids, top-k 1/2/8; every call twice (epochs, no clearing)
 baseline and the template's check; a silent rank gives SignalTimeout naming rank, peer and signal; the
 kernels compile for sm_90 (what the interpreter forgives). On one GPU (``-m gpu``): the same cases with
 2 and 4 processes sharing it."""
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
+from conftest import compile_for_sm90, input_errors
 from tuneforge.dsl import Problem, check, get
 from tuneforge.dsl.check import compare, split_out
-from tuneforge.errors import InputError, SignalTimeout
+from tuneforge.errors import SignalTimeout
 from tuneforge.kernels import moe_alltoall as A2A
 from tuneforge.world import spawn
 
@@ -163,25 +160,14 @@ def _bad_inputs(world):
     ctx = heap.context()
     ids, weights = A2A.routing(3, 4, 2, torch.Generator().manual_seed(0))
     x = torch.randn(3, 20)
-    errors = []
-    for call in (lambda: A2A.dispatch(x, ids, ctx=ctx, experts=3),
-                 lambda: A2A.dispatch(x, ids.long(), ctx=ctx, experts=4),
-                 lambda: A2A.dispatch(x[0], ids, ctx=ctx, experts=4),
-                 lambda: A2A.dispatch(x, ids[:2], ctx=ctx, experts=4)):
-        try:
-            call()
-            errors.append("no error")
-        except InputError as e:
-            errors.append(str(e))
+    errors = input_errors((lambda: A2A.dispatch(x, ids, ctx=ctx, experts=3),
+                           lambda: A2A.dispatch(x, ids.long(), ctx=ctx, experts=4),
+                           lambda: A2A.dispatch(x[0], ids, ctx=ctx, experts=4),
+                           lambda: A2A.dispatch(x, ids[:2], ctx=ctx, experts=4)))
     used = heap.used
     d = A2A.dispatch(x, ids, ctx=ctx, experts=4, config=CONFIG)
-    for call in (lambda: A2A.combine(d.x[:5], weights, d, ctx=ctx),
-                 lambda: A2A.combine(d.x, weights[:, :1], d, ctx=ctx)):
-        try:
-            call()
-            errors.append("no error")
-        except InputError as e:
-            errors.append(str(e))
+    errors += input_errors((lambda: A2A.combine(d.x[:5], weights, d, ctx=ctx),
+                            lambda: A2A.combine(d.x, weights[:, :1], d, ctx=ctx)))
     heap.close()
     return errors, used
 
@@ -194,31 +180,11 @@ def test_bad_inputs_give_one_line_errors():
         assert used == 0
 
 
-SM90 = textwrap.dedent('''
-    import os
-    os.environ["TRITON_INTERPRET"] = "0"
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from tuneforge.kernels import moe_alltoall as A
-
+def test_the_kernels_compile_for_sm90():
     types = dict(x="*bf16", y="*bf16", out="*bf16", stage="*bf16", rows="*bf16", weights="*fp32", ids="*i32",
                  pos="*i32", matrix="*i32", meta="*i32", count="*i32", bases="*i64", flags="*i64", state="*i64",
                  slot_elems="i64")
-    for fn, consts in ((A._route_kernel, dict(BLOCK_E=1024)), (A._dispatch_kernel, dict(BLOCK=1024)),
-                       (A._combine_push_kernel, dict(BLOCK=1024)), (A._combine_reduce_kernel, dict(BLOCK=1024))):
-        sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                                  target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-        assert compiled.asm["cubin"]
-        print("compiled", fn.__name__)
-''')
-
-
-def test_the_kernels_compile_for_sm90():
-    pytest.importorskip("triton.backends.nvidia")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    r = subprocess.run([sys.executable, "-c", SM90], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.split()[1::2] == ["_route_kernel", "_dispatch_kernel", "_combine_push_kernel",
-                                      "_combine_reduce_kernel"]
+    compile_for_sm90("tuneforge.kernels.moe_alltoall",
+                     [("_route_kernel", dict(BLOCK_E=1024)), ("_dispatch_kernel", dict(BLOCK=1024)),
+                      ("_combine_push_kernel", dict(BLOCK=1024)), ("_combine_reduce_kernel", dict(BLOCK=1024))],
+                     types)

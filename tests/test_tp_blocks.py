@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import input_errors
 from tuneforge.dsl import Problem, get, poison
 from tuneforge.dsl.check import compare, interpreter_scale, split_out
-from tuneforge.errors import InputError
 from tuneforge.world import spawn
 
 from test_overlap import sample_config
@@ -160,14 +160,9 @@ def _engine_calls(world):
             res = compare(got, want.double(), got.dtype, scale=2.0)    # torch's own roundings differ
             if not res:
                 failures.append(f"{name} {config}: {res.reason}")
-    for call in (lambda: qkv_half(own_rows(x, ctx).contiguous(), qkv_w, ctx=ctx, config=dict(TILES, **STRATEGY_CONFIGS[2])),
-                 lambda: qkv_half(x, qkv_w, ctx=ctx, m=m + 1),
-                 lambda: tp_mlp(x, gate_up, down.T, ctx=ctx)):
-        try:
-            call()
-            errors.append("no error")
-        except InputError as e:
-            errors.append(str(e))
+    errors += input_errors((lambda: qkv_half(own_rows(x, ctx).contiguous(), qkv_w, ctx=ctx, config=dict(TILES, **STRATEGY_CONFIGS[2])),
+                            lambda: qkv_half(x, qkv_w, ctx=ctx, m=m + 1),
+                            lambda: tp_mlp(x, gate_up, down.T, ctx=ctx)))
     heap.close()
     return failures, errors
 
