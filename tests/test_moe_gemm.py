@@ -6,7 +6,7 @@ line each. On a GPU: Qwen3-30B-A3B shapes."""
 import pytest
 import torch
 
-from tuneforge.dsl import Problem, check, compare, get
+from tuneforge.dsl import check, compare, get
 from tuneforge.dsl.check import interpreter_scale, poison
 from tuneforge.dsl.devices import SPECS
 from tuneforge.errors import ConfigRejected, InputError

@@ -266,7 +266,7 @@ def test_import_refuses_bad_records_one_line_each_and_never_displaces_local_ones
     assert report.stored == 1 and report.kept_out == 1, report      # gemm m=32 is stored; m=1 stays local
     assert [line.split(":")[0] for line in report.refused] == [
         f"record 2 ({claimed.key})", f"record 3 ({gemm(4).key})", f"record 4 ({gemm(8).key})",
-        f"record 5 (gemm|m=16)"]
+        "record 5 (gemm|m=16)"]
     assert "block_m=3 is not one of [16, 32, 64, 128, 256]" in report.refused[0]
     assert report.refused[1] == f"record 3 ({gemm(4).key}): time_s must be a positive finite number, got -1.0"
     assert "fingerprint" in report.refused[2] and "malformed problem key" in report.refused[3]

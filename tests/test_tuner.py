@@ -16,7 +16,6 @@ from optuna.trial import TrialState
 
 from tuneforge.db.store import Store
 from tuneforge.dsl import Problem, canonical_config, get
-from tuneforge.models.configs import load_config
 from tuneforge.tune.plan import PlanItem, plan
 from tuneforge.tune.report import Report, Row, describe_config, format_table
 from tuneforge.tune.study import REJECT_CAP

@@ -22,7 +22,6 @@ Triton's interpreter on the host clock: every output says those times are not GP
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
