@@ -90,6 +90,15 @@ def moe_pack(dtype: Dtype, m: int, experts: int, topk: int) -> Problem:
     return Problem.make("moe_pack", _name(dtype), m=m, experts=experts, topk=topk)
 
 
+def moe_block(dtype: Dtype, world: int, m: int, hidden: int, inter: int, experts: int, topk: int) -> Problem:
+    """The routed experts of one sparse layer across ``world`` ranks, for ``m`` tokens held by every rank:
+    ``experts`` experts of the full ``inter`` (moe_intermediate_size) channels, top-``topk`` routing.
+    Strategy-free (the template's categorical picks TP-sharded experts + all-reduce or EP-placed experts
+    + all-to-all), so both strategies of one shape share the problem."""
+    return Problem.make("moe_block", _name(dtype), world, m=m, hidden=hidden, inter=inter, experts=experts,
+                        topk=topk)
+
+
 def shared_expert_gate(dtype: Dtype, m: int, n: int) -> Problem:
     return Problem.make("shared_expert_gate", _name(dtype), m=m, n=n)
 
