@@ -1,6 +1,7 @@
 """Weights: from a local Hugging Face directory (config.json + *.safetensors, one file or shards with
 model.safetensors.index.json), each rank reading only its tensor-parallel slice of every tensor
-(safetensors' ``get_slice`` reads just those bytes); or random, for benchmarks.
+(safetensors' ``get_slice`` reads just those bytes; in the ``ep`` MoE layout, ``Shard.moe``, only its
+own experts, whole, from either expert layout); or random, for benchmarks.
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ gate|up projection are column-parallel (a rank owns ``heads/tp`` query heads, ``
 and ``intermediate/tp`` MLP channels), o_proj and down_proj are row-parallel and their partial sums are
 all-reduced; the embedding is replicated and lm_head is split over the vocabulary (its logits
 all-gathered). A sparse layer (``SparseMoE``) holds every expert's ``moe_intermediate / tp`` channels
-(gate|up column-parallel, down row-parallel, the router replicated) and all-reduces its output; a
-model with sparse layers keeps every token on every rank (no ag_rs layout). Every op goes through ``ops`` (tuneforge.engine.dispatch.Ops), which runs the tuned
+(gate|up column-parallel, down row-parallel, the router replicated) and all-reduces its output, or in
+the ``ep`` layout (``Shard.moe``) whole experts placed per rank, reached by all-to-all; a model with sparse layers keeps every token on every rank (no ag_rs layout). Every op goes through ``ops`` (tuneforge.engine.dispatch.Ops), which runs the tuned
 Triton kernel or the torch baseline. Activations are token-major ``[tokens, features]``.
 
 At TP > 1 the linear pairs run as the TP blocks (``ops.tp_step`` decides per forward): gemm_ar
@@ -37,6 +37,11 @@ from tuneforge.models.configs import check_engine_support
 from tuneforge.models.kv_cache import KVCache
 
 
+# The weight layouts of a sparse layer at TP > 1 (a load-time choice: the two hold different tensors):
+# "tp" every expert's moe_intermediate / size channels, "ep" experts placed, whole (SparseMoE).
+MOE_LAYOUTS = ("tp", "ep")
+
+
 @dataclass(frozen=True)
 class Shard:
     """This process's place in the tensor-parallel group (``group`` None: the default group;
@@ -45,10 +50,15 @@ class Shard:
     size: int = 1
     group: object = None
     world: object = field(default=None, compare=False, repr=False)
+    moe: str = "tp"          # how sparse layers split over the ranks: MOE_LAYOUTS (SparseMoE)
+
+    def __post_init__(self):
+        if self.moe not in MOE_LAYOUTS:
+            raise InputError(f"unknown MoE layout {self.moe!r}; expected one of {', '.join(MOE_LAYOUTS)}")
 
     @staticmethod
-    def of(world) -> "Shard":
-        return Shard(world.rank, world.size, world.group, world)
+    def of(world, moe: str = "tp") -> "Shard":
+        return Shard(world.rank, world.size, world.group, world, moe)
 
     def part(self, total: int, what: str) -> int:
         if total % self.size:
@@ -157,31 +167,49 @@ class SparseMoE(nn.Module):
     """Qwen3-MoE's sparse block (transformers' Qwen3MoeSparseMoeBlock): the router's logits, each token's
     top-k experts and weights (softmax, renormalised when ``norm_topk_prob``), every routed token through
     its experts' gate|up -> SiLU-mul -> down, the outputs weighted and summed per token. This rank holds
-    ``inter`` = moe_intermediate_size / tp channels of every expert: ``gate_up`` [experts, 2 inter, hidden]
-    (gate rows, then up rows), ``down`` [experts, hidden, inter]; the router [experts, hidden] whole.
+    ``local`` experts from ``first`` on, ``inter`` channels of each: ``gate_up`` [local, 2 inter, hidden]
+    (gate rows, then up rows), ``down`` [local, hidden, inter]; the router [experts, hidden] whole.
+
+    The layout is ``shard.moe`` (a load-time choice, MOE_LAYOUTS): ``tp`` every expert (local = experts),
+    ``inter`` = moe_intermediate_size / tp of its channels, the outputs all-reduced; ``ep`` (placed,
+    TP > 1) experts ``[rank E / tp, (rank + 1) E / tp)`` whole, each rank routing its row share of the
+    tokens to the experts' owners by all-to-all (``ops.moe_ep``).
 
     With ``shared_expert_intermediate_size`` (transformers' Qwen2MoeSparseMoeBlock): a shared expert MLP
-    (``shared_gate_up`` / ``shared_down``, split over ranks like the dense MLP) whose output, times the
-    sigmoid of ``shared_gate`` [1, hidden] (replicated), is added to the routed output: Qwen2-MoE's layers."""
+    (``shared_gate_up`` / ``shared_down``, split over ranks like the dense MLP, whole on every rank when
+    placed) whose output, times the sigmoid of ``shared_gate`` [1, hidden] (replicated), is added to the
+    routed output: Qwen2-MoE's layers."""
 
     def __init__(self, cfg, shard: Shard, dtype, device):
         super().__init__()
         self.experts, self.top_k, self.norm_topk_prob = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
         h = cfg.hidden_size
-        self.inter = shard.part(cfg.moe_intermediate_size, "moe_intermediate_size")
+        self.placed = shard.moe == "ep" and shard.size > 1
+        if self.placed:
+            if self.experts % shard.size:
+                raise InputError(f"num_experts={self.experts} does not split over EP={shard.size} ranks "
+                                 f"(use the tp MoE layout)")
+            self.local, self.inter = self.experts // shard.size, cfg.moe_intermediate_size
+        else:
+            self.local, self.inter = self.experts, shard.part(cfg.moe_intermediate_size, "moe_intermediate_size")
+        self.first = shard.rank * self.local if self.placed else 0
         self.router = _param(self.experts, h, dtype=dtype, device=device)
-        self.gate_up = _param(self.experts, 2 * self.inter, h, dtype=dtype, device=device)
-        self.down = _param(self.experts, h, self.inter, dtype=dtype, device=device)
+        self.gate_up = _param(self.local, 2 * self.inter, h, dtype=dtype, device=device)
+        self.down = _param(self.local, h, self.inter, dtype=dtype, device=device)
         self.shared = None
         if cfg.has_shared_expert:
-            si = shard.part(cfg.shared_expert_intermediate_size, "shared_expert_intermediate_size")
+            si = cfg.shared_expert_intermediate_size if self.placed else \
+                shard.part(cfg.shared_expert_intermediate_size, "shared_expert_intermediate_size")
             self.shared_gate_up = _param(2 * si, h, dtype=dtype, device=device)
             self.shared_down = _param(h, si, dtype=dtype, device=device)
             self.shared_gate = _param(1, h, dtype=dtype, device=device)
             self.shared = (self.shared_gate_up, self.shared_down, self.shared_gate)
 
     def forward(self, x, ops, tp) -> torch.Tensor:
-        """x [tokens, hidden] (every token) -> the block's output summed over ranks."""
+        """x [tokens, hidden] (every token) -> the block's output on every token, on every rank."""
+        if self.placed:
+            return ops.moe_ep(x, self.router, self.gate_up, self.down, self.top_k, self.norm_topk_prob, tp,
+                              self.shared)
         return ops.moe(x, self.router, self.gate_up, self.down, self.top_k, self.norm_topk_prob, tp, self.shared)
 
 
@@ -239,23 +267,27 @@ class Qwen3(nn.Module):
             out.append(CheckpointTensor(name, tuple(shape), split_dim, start, dest))
 
         def experts(p, moe):
-            e, i, mi = c.num_experts, moe.inter, c.moe_intermediate_size
+            # tp: slice ``part`` of every expert's channels; placed: experts [first, first + local), whole
+            e, i, mi, part = c.num_experts, moe.inter, c.moe_intermediate_size, 0 if moe.placed else r
             add(p + "mlp.gate.weight", (e, h), moe.router)
-            if fused_experts:     # gate rows [0, I), up rows [I, 2 I): this rank's slice of each
+            if fused_experts and moe.placed:
+                add(p + "mlp.experts.gate_up_proj", (e, 2 * mi, h), moe.gate_up, 0, start=moe.first)
+                add(p + "mlp.experts.down_proj", (e, h, mi), moe.down, 0, start=moe.first)
+            elif fused_experts:     # gate rows [0, I), up rows [I, 2 I): this rank's slice of each
                 add(p + "mlp.experts.gate_up_proj", (e, 2 * mi, h), moe.gate_up[:, :i], 1, r)
                 add(p + "mlp.experts.gate_up_proj", (e, 2 * mi, h), moe.gate_up[:, i:], 1, start=mi + r * i)
                 add(p + "mlp.experts.down_proj", (e, h, mi), moe.down, 2, r)
-                return
-            for x in range(e):
-                q = f"{p}mlp.experts.{x}."
-                add(q + "gate_proj.weight", (mi, h), moe.gate_up[x, :i], 0, r)
-                add(q + "up_proj.weight", (mi, h), moe.gate_up[x, i:], 0, r)
-                add(q + "down_proj.weight", (h, mi), moe.down[x], 1, r)
-            if moe.shared is not None:
+            else:
+                for x in range(moe.local):
+                    q = f"{p}mlp.experts.{moe.first + x}."
+                    add(q + "gate_proj.weight", (mi, h), moe.gate_up[x, :i], 0, part)
+                    add(q + "up_proj.weight", (mi, h), moe.gate_up[x, i:], 0, part)
+                    add(q + "down_proj.weight", (h, mi), moe.down[x], 1, part)
+            if moe.shared is not None:    # the same names in both layouts
                 si, full = moe.shared_down.shape[1], c.shared_expert_intermediate_size
-                add(p + "mlp.shared_expert.gate_proj.weight", (full, h), moe.shared_gate_up[:si], 0, r)
-                add(p + "mlp.shared_expert.up_proj.weight", (full, h), moe.shared_gate_up[si:], 0, r)
-                add(p + "mlp.shared_expert.down_proj.weight", (h, full), moe.shared_down, 1, r)
+                add(p + "mlp.shared_expert.gate_proj.weight", (full, h), moe.shared_gate_up[:si], 0, part)
+                add(p + "mlp.shared_expert.up_proj.weight", (full, h), moe.shared_gate_up[si:], 0, part)
+                add(p + "mlp.shared_expert.down_proj.weight", (h, full), moe.shared_down, 1, part)
                 add(p + "mlp.shared_expert_gate.weight", (1, h), moe.shared_gate)
 
         r = self.shard.rank
@@ -299,10 +331,10 @@ class Qwen3(nn.Module):
         head = self.head_weight.numel() * self.head_weight.element_size()
         for layer in self.layers:
             moe = layer.mlp
-            if isinstance(moe, SparseMoE):
-                e = moe.experts
-                hit = e * (1.0 - (1.0 - moe.top_k / e) ** tokens)
-                total -= round((e - hit) * (moe.gate_up[0].numel() + moe.down[0].numel()) * moe.gate_up.element_size())
+            if isinstance(moe, SparseMoE):     # of its local experts (all of them at tp), as many hit
+                hit = moe.local * (1.0 - (1.0 - moe.top_k / moe.experts) ** tokens)
+                total -= round((moe.local - hit) * (moe.gate_up[0].numel() + moe.down[0].numel())
+                               * moe.gate_up.element_size())
         return total - embed + (head if self.lm_head is None else 0)
 
     def forward(self, tokens: torch.Tensor, step: Step, cache: KVCache, ops,
