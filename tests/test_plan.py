@@ -146,3 +146,16 @@ def test_load_config_from_a_file_or_folder_and_one_line_errors(tmp_path):
         load_config(tmp_path / "llama.json")
     with pytest.raises(InputError, match="has no config.json"):
         load_config(tmp_path)
+
+
+def test_moe_plan_at_tp2_chooses_each_sparse_layers_strategy_per_token_bucket():
+    """Qwen3-30B-A3B at TP 2: one moe_block problem per bucket (full moe_intermediate_size: the problem is
+    the same for both strategies), run by every sparse layer; none at TP 1."""
+    from tuneforge.tune.plan import runs_per_forward
+    p = plan("Qwen3-30B-A3B", 2)
+    for m in ALL_M:
+        item = _expect(p, "moe_block", 2, m=m, hidden=2048, inter=768, experts=128, topk=8)
+        assert item.roles == ["layer.moe.block"]
+    assert len(p.find("moe_block")) == len(ALL_M)
+    assert runs_per_forward("Qwen3-30B-A3B", "layer.moe.block") == 48
+    assert not plan("Qwen3-30B-A3B", 1, decode_buckets=[1], prefill_buckets=[]).find("moe_block")

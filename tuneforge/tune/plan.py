@@ -2,9 +2,10 @@
 
 Every linear of attention and MLP at its per-rank (sharded) shape, the all-reduces after the
 row-parallel linears, the strategy choice of each TP block (``tp_attn`` / ``tp_mlp``, whose space
-holds the strategy), the elementwise ops, decode attention and the MoE expert GEMMs, for every
-token bucket. Linears use the fused layouts the engine runs: one ``qkv_proj`` ([q | k | v] rows)
-and one ``gate_up_proj`` ([gate | up] rows). Sharding (Megatron-style): q heads, MLP and expert
+holds the strategy) and of each sparse layer's experts (``moe_block``: TP-sharded or EP-placed), the
+elementwise ops, decode attention and the MoE expert GEMMs, for every token bucket. Linears use the
+fused layouts the engine runs: one ``qkv_proj`` ([q | k | v] rows) and one ``gate_up_proj`` ([gate |
+up] rows). Sharding (Megatron-style): q heads, MLP and expert
 intermediate sizes and the vocabulary split across ranks; KV heads split too, or are replicated
 when there are fewer KV heads than ranks. A problem several roles (or models) share is planned
 once; ops without a registered template stay in the plan, marked baseline-only. The shapes and each
@@ -187,6 +188,8 @@ def plan(model: str | ModelConfig, tp: int = 1, decode_buckets: Optional[Sequenc
                 b.add("layer.shared_expert_gate", P.shared_expert_gate(dtype, m, h))
             if tp > 1:
                 b.add("layer.moe.allreduce", P.allreduce(dtype, tp, m, h))
+                # the strategy choice: experts TP-sharded (+ all-reduce) or EP-placed (all-to-all)
+                b.add("layer.moe.block", P.moe_block(dtype, tp, m, h, cfg.moe_intermediate_size, e, topk))
         b.add("final_norm", P.rmsnorm(dtype, m, h))
         if is_decode:                       # prefill computes logits for the last position only
             b.add("lm_head", P.gemm(dtype, m, (d.vocab, h)))
