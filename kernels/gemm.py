@@ -33,11 +33,12 @@ import tuneforge
 from tuneforge.dsl.problem import DTYPE_NAMES, Problem
 from tuneforge.dsl.template import Template, register
 from tuneforge.errors import InputError
-from tuneforge.kernels._common import check_linear, checked_config, launch_spec
+from tuneforge.kernels._common import check_linear, check_tensor, checked_config, first_rejection, launch_spec
 from tuneforge.kernels._gemm_space import (  # noqa: F401  (the policy fused kernels and tests use as gemm's)
-    CONSTRAINTS, ELEM_SIZE, LAUNCH_CONSTRAINTS, SPLIT_K_MAX_M, default_config, portfolio, register_pressure,
-    smem_overflow, space, split_width, tile_exceeds_problem, whole_tiles_config)
+    CONSTRAINTS, ELEM_SIZE, LAUNCH_CONSTRAINTS, SPLIT_K_MAX_M, default_config, output_tiles, portfolio,
+    register_pressure, smem_overflow, space, split_width, tile_exceeds_problem, tma_unavailable, whole_tiles_config)
 from tuneforge.dsl.roofline import gemm_config_time, hybrid_split
+from tuneforge.models.problems import GEMM_EPILOGUES as EPILOGUES
 from tuneforge.dsl.devices import DeviceSpec
 
 # --- device building blocks ---------------------------------------------------------------------
@@ -110,38 +111,53 @@ def gemm_tile_tma(x_desc, w_desc, off_m, off_n, k_begin, k_end,
 
 
 @triton.jit
-def gemm_tile_wide(x, w, w_lo, off_m, off_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+def gemm_tile_wide(x, w, w_lo, g, off_m, off_n, off_lo, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_LO: tl.constexpr, BLOCK_K: tl.constexpr,
-                   USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """A whole tile BLOCK_N + BLOCK_N_LO wide (128 + 64, 128 + 32, ...: widths a power of two cannot
-    express, which fill the SMs where power-of-two tiles leave a wave part-empty), as two
-    accumulators [BLOCK_M, BLOCK_N] at ``off_n`` and [BLOCK_M, BLOCK_N_LO] at ``off_n + BLOCK_N``
-    that share each k step's x block. TMA: ``w`` and ``w_lo`` are descriptors of w with block rows
-    BLOCK_N and BLOCK_N_LO; pointers: both are w. Edges as in ``gemm_tile`` / ``gemm_tile_tma``."""
+                   USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   LO: tl.constexpr, NORM: tl.constexpr):
+    """A whole-K tile as an accumulator [BLOCK_M, BLOCK_N] at w row ``off_n`` and, with ``LO``, a second one
+    [BLOCK_M, BLOCK_N_LO] at w row ``off_lo``, sharing each k step's x block: a tile BLOCK_N + BLOCK_N_LO
+    wide (``off_lo = off_n + BLOCK_N``: 128 + 64, 128 + 32, ...: widths a power of two cannot express,
+    which fill the SMs where power-of-two tiles leave a wave part-empty), or gate column j with its up
+    column (``off_lo = off_n + inter``: the fused SiLU-mul). ``NORM``: each x block is scaled by the
+    RMSNorm weight ``g[k]`` as it loads, and the third result is its rows' sum of squares (the fused
+    RMSNorm prologue; the caller scales by the rows' rsqrt). TMA: ``w`` and ``w_lo`` are descriptors of
+    w with block rows BLOCK_N and BLOCK_N_LO; pointers: both are w (N: its rows). Edges as in
+    ``gemm_tile`` / ``gemm_tile_tma``."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_lo = tl.zeros((BLOCK_M, BLOCK_N_LO), dtype=tl.float32)
-    if USE_TMA:
-        for k in tl.range(0, K, BLOCK_K):
-            a = x.load([off_m, k])
-            acc = tl.dot(a, w.load([off_n, k]).T, acc, input_precision=INPUT_PRECISION)
-            acc_lo = tl.dot(a, w_lo.load([off_n + BLOCK_N, k]).T, acc_lo, input_precision=INPUT_PRECISION)
-    else:
+    sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    if not USE_TMA:
         rows = ((off_m + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
         cols = ((off_n + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
-        cols_lo = ((off_n + BLOCK_N + tl.arange(0, BLOCK_N_LO)) % N).to(tl.int64)
-        ks = tl.arange(0, BLOCK_K)
+        cols_lo = ((off_lo + tl.arange(0, BLOCK_N_LO)) % N).to(tl.int64)
         x_ptrs = x + rows[:, None] * stride_xm + ks[None, :] * stride_xk
         w_ptrs = w + cols[None, :] * stride_wn + ks[:, None] * stride_wk
         w_lo_ptrs = w_lo + cols_lo[None, :] * stride_wn + ks[:, None] * stride_wk
-        for k in tl.range(0, K, BLOCK_K):
+    for k in tl.range(0, K, BLOCK_K):
+        if USE_TMA:
+            a = x.load([off_m, k])
+        else:
             a = _k_block(x_ptrs, k, ks, K, 1, EVEN_K, UPCAST)
+        if NORM:
+            a32 = a.to(tl.float32)
+            sum_sq += tl.sum(a32 * a32, axis=1)
+            scale = tl.load(g + k + ks, mask=k + ks < K, other=0.0).to(tl.float32)
+            a = (a32 * scale[None, :]).to(a.dtype)
+        if USE_TMA:
+            acc = tl.dot(a, w.load([off_n, k]).T, acc, input_precision=INPUT_PRECISION)
+            if LO:
+                acc_lo = tl.dot(a, w_lo.load([off_lo, k]).T, acc_lo, input_precision=INPUT_PRECISION)
+        else:
             acc = tl.dot(a, _k_block(w_ptrs, k, ks, K, 0, EVEN_K, UPCAST), acc, input_precision=INPUT_PRECISION)
-            acc_lo = tl.dot(a, _k_block(w_lo_ptrs, k, ks, K, 0, EVEN_K, UPCAST), acc_lo,
-                            input_precision=INPUT_PRECISION)
+            if LO:
+                acc_lo = tl.dot(a, _k_block(w_lo_ptrs, k, ks, K, 0, EVEN_K, UPCAST), acc_lo,
+                                input_precision=INPUT_PRECISION)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
             w_lo_ptrs += BLOCK_K * stride_wk
-    return acc, acc_lo
+    return acc, acc_lo, sum_sq
 
 
 @triton.jit
@@ -152,6 +168,19 @@ def store_tile(y_ptr, acc, off_m, off_n, M, N, stride_ym,
     cols = off_n + tl.arange(0, BLOCK_N)
     ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
     tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def epilogue_store(y_ptr, acc, off_m, off_n, M, N, stride_ym, res_ptr, stride_res,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RESIDUAL: tl.constexpr):
+    """``store_tile``, plus the residual's tile first with ``RESIDUAL`` (y = x @ w.T + residual, the fused
+    residual add; y may be the residual itself: each element is read before it is overwritten)."""
+    if RESIDUAL:
+        rows = off_m + tl.arange(0, BLOCK_M)
+        cols = off_n + tl.arange(0, BLOCK_N)
+        ptrs = res_ptr + rows.to(tl.int64)[:, None] * stride_res + cols[None, :]
+        acc += tl.load(ptrs, mask=(rows < M)[:, None] & (cols < N)[None, :], other=0.0).to(tl.float32)
+    store_tile(y_ptr, acc, off_m, off_n, M, N, stride_ym, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -168,12 +197,14 @@ def last_to_arrive(counts, index, contributors):
 
 @triton.jit
 def finish_tile(acc, y, counts, tile, mine, first, rest, rest_stride, contributors, off_m, off_n, M, N,
-                stride_ym, stride_ws, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                stride_ym, stride_ws, res, stride_res, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                RESIDUAL: tl.constexpr):
     """Store a tile that ``contributors`` programs computed in K slices, in one launch: each stores its
     fp32 slice at ``mine`` and counts itself in at ``counts[tile]``; the last to arrive sums the slices
-    (``first``, then ``rest + j * rest_stride``; row stride ``stride_ws``) and stores y."""
+    (``first``, then ``rest + j * rest_stride``; row stride ``stride_ws``) and stores y (``epilogue_store``:
+    the residual added once, by whoever stores)."""
     if contributors == 1:
-        store_tile(y, acc, off_m, off_n, M, N, stride_ym, BLOCK_M, BLOCK_N)
+        epilogue_store(y, acc, off_m, off_n, M, N, stride_ym, res, stride_res, BLOCK_M, BLOCK_N, RESIDUAL)
     else:
         rows = off_m + tl.arange(0, BLOCK_M)
         cols = off_n + tl.arange(0, BLOCK_N)
@@ -184,7 +215,7 @@ def finish_tile(acc, y, counts, tile, mine, first, rest, rest_stride, contributo
             total = tl.load(first + offs, mask=mask, other=0.0, cache_modifier=".cg")   # L2: peers' writes
             for j in range(0, contributors - 1):
                 total += tl.load(rest + j * rest_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            store_tile(y, total, off_m, off_n, M, N, stride_ym, BLOCK_M, BLOCK_N)
+            epilogue_store(y, total, off_m, off_n, M, N, stride_ym, res, stride_res, BLOCK_M, BLOCK_N, RESIDUAL)
 
 
 @triton.jit
@@ -213,12 +244,13 @@ def _mn_tile(x, w, pid_m, pid_n, M, N, K, k_begin, k_end, stride_xm, stride_xk, 
 # M changes with every batch: not specialized, so one compile serves all token counts. N stays
 # specialized: its divisibility lets the masked epilogue store vectors instead of scalars.
 @triton.jit(do_not_specialize=["M"])
-def _gemm_kernel(x, w, w_lo, y, partial, counts, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
-                 split_k, num_programs, whole_tiles,
+def _gemm_kernel(x, w, w_lo, y, partial, counts, res, norm_w, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                 stride_ym, stride_res, eps, split_k, num_programs, whole_tiles,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_LO: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr,
                  STREAM: tl.constexpr, FLATTEN: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr,
-                 UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                 UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                 NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr):
     """Persistent. The first ``whole_tiles`` tiles go whole, program p taking tiles p, p + num_programs,
     ...; the rest are computed in K slices that meet in the fp32 workspace ``partial``. ``STREAM``
     (stream-K, no whole tiles): the K iterations of the weight's columns, laid end to end, are cut
@@ -227,7 +259,12 @@ def _gemm_kernel(x, w, w_lo, y, partial, counts, M, N, K, stride_xm, stride_xk, 
     tile's, slot 1 its last one's). Else each tile left is cut into ``split_k`` even K ranges (slices:
     [split_k, tiles left, BLOCK_M, BLOCK_N]). Schedules: ``tiles`` (all whole, or all split),
     ``stream`` (none whole), ``hybrid`` (the full waves whole, the last wave's tiles split to fill it).
-    ``BLOCK_N_LO`` > 0: tiles BLOCK_N + BLOCK_N_LO wide (``gemm_tile_wide``; the tiles schedule unsplit only)."""
+    ``BLOCK_N_LO`` > 0: tiles BLOCK_N + BLOCK_N_LO wide (``gemm_tile_wide``; the tiles schedule unsplit only).
+
+    Fusions (``gemm_fused``): ``NORM`` y = rmsnorm(x) * norm_w @ w.T (each row's rsqrt from the sum of
+    squares its tile accumulates over K, so whole tiles only); ``SILU`` y[:, j] = silu(g_j) * u_j with
+    g_j, u_j the columns j and N + j of x @ w.T (w has 2N rows, gate then up: two accumulators, whole
+    tiles only); ``RESIDUAL`` y = x @ w.T + res, in any schedule (whoever stores the tile adds it)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N + BLOCK_N_LO)
     tiles_mn = num_pid_m * num_pid_n
@@ -236,18 +273,32 @@ def _gemm_kernel(x, w, w_lo, y, partial, counts, M, N, K, stride_xm, stride_xk, 
     # FLATTEN: the compiler pipelines across tiles, so a tile's loads start under the last one's epilogue
     for tile in tl.range(pid, whole_tiles, num_programs, flatten=FLATTEN):
         pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
-        if BLOCK_N_LO == 0:
+        if NORM or SILU:
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * BLOCK_N
+            acc, up, sum_sq = gemm_tile_wide(x, w, w, norm_w, off_m, off_n, off_n + N, M, 2 * N if SILU else N, K,
+                                             stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_N,
+                                             BLOCK_K, USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION, SILU, NORM)
+            if NORM:    # x * rstd * norm_w @ w.T = (x * norm_w @ w.T) * rstd: each row's scale after the K loop
+                rstd = tl.math.rsqrt(sum_sq / K + eps)[:, None]
+                acc *= rstd
+                up *= rstd
+            if SILU:
+                acc = acc * tl.sigmoid(acc) * up
+            epilogue_store(y, acc, off_m, off_n, M, N, stride_ym, res, stride_res, BLOCK_M, BLOCK_N, RESIDUAL)
+        elif BLOCK_N_LO == 0:
             acc, off_m, off_n = _mn_tile(x, w, pid_m, pid_n, M, N, K, 0, K, stride_xm, stride_xk, stride_wn,
                                          stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION)
-            store_tile(y, acc, off_m, off_n, M, N, stride_ym, BLOCK_M, BLOCK_N)
+            epilogue_store(y, acc, off_m, off_n, M, N, stride_ym, res, stride_res, BLOCK_M, BLOCK_N, RESIDUAL)
         else:
             off_m = pid_m * BLOCK_M
             off_n = pid_n * (BLOCK_N + BLOCK_N_LO)
-            acc, acc_lo = gemm_tile_wide(x, w, w_lo, off_m, off_n, M, N, K, stride_xm, stride_xk, stride_wn,
-                                         stride_wk, BLOCK_M, BLOCK_N, BLOCK_N_LO, BLOCK_K, USE_TMA, EVEN_K, UPCAST,
-                                         INPUT_PRECISION)
-            store_tile(y, acc, off_m, off_n, M, N, stride_ym, BLOCK_M, BLOCK_N)
-            store_tile(y, acc_lo, off_m, off_n + BLOCK_N, M, N, stride_ym, BLOCK_M, BLOCK_N_LO)
+            acc, acc_lo, _ = gemm_tile_wide(x, w, w_lo, norm_w, off_m, off_n, off_n + BLOCK_N, M, N, K, stride_xm,
+                                            stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_N_LO, BLOCK_K,
+                                            USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION, True, False)
+            epilogue_store(y, acc, off_m, off_n, M, N, stride_ym, res, stride_res, BLOCK_M, BLOCK_N, RESIDUAL)
+            epilogue_store(y, acc_lo, off_m, off_n + BLOCK_N, M, N, stride_ym, res, stride_res, BLOCK_M, BLOCK_N_LO,
+                           RESIDUAL)
     rest = tiles_mn - whole_tiles      # the tiles left are computed in K slices
     slab = BLOCK_M * BLOCK_N           # one fp32 slice in the workspace (row stride BLOCK_N)
     if STREAM:
@@ -285,7 +336,8 @@ def _gemm_kernel(x, w, w_lo, y, partial, counts, M, N, K, stride_xm, stride_xk, 
             finish_tile(acc, y, counts, col * lanes + lane, mine,
                         partial + (2 * (first * lanes + lane) + 1).to(tl.int64) * slab,
                         partial + (2 * ((first + 1) * lanes + lane)).to(tl.int64) * slab, 2 * lanes * slab,
-                        last - first + 1, off_m, off_n, M, N, stride_ym, BLOCK_N, BLOCK_M, BLOCK_N)
+                        last - first + 1, off_m, off_n, M, N, stride_ym, BLOCK_N, res, stride_res, BLOCK_M, BLOCK_N,
+                        RESIDUAL)
             it += k1 - k0
     else:
         # split-major units: the slices of one split run side by side at the same k, so tiles that
@@ -302,7 +354,77 @@ def _gemm_kernel(x, w, w_lo, y, partial, counts, M, N, K, stride_xm, stride_xk, 
             at = partial + r.to(tl.int64) * slab
             plane = rest.to(tl.int64) * slab
             finish_tile(acc, y, counts, whole_tiles + r, at + split * plane, at, at + plane, plane, split_k,
-                        off_m, off_n, M, N, stride_ym, BLOCK_N, BLOCK_M, BLOCK_N)
+                        off_m, off_n, M, N, stride_ym, BLOCK_N, res, stride_res, BLOCK_M, BLOCK_N, RESIDUAL)
+
+
+# --- fusions (the gemm_fused op's kernel paths) ---------------------------------------------------
+
+
+
+def fusion_of(problem: Problem) -> tuple[bool, str]:
+    """(RMSNorm prologue, epilogue name) of a gemm or gemm_fused problem."""
+    return bool(problem.shape.get("norm", 0)), EPILOGUES[problem.shape.get("epi", 0)]
+
+
+def out_width(problem: Problem) -> int:
+    """Output columns: the weight's rows, half of them for the SiLU-mul pair (gate rows, then up rows)."""
+    return problem["n"] // 2 if fusion_of(problem)[1] == "silu_mul" else problem["n"]
+
+
+def _whole_tile_fusion(problem: Problem) -> bool:
+    norm, epi = fusion_of(problem)
+    return norm or epi == "silu_mul"
+
+
+def _pair(config: dict, problem: Problem) -> dict:
+    """The SiLU-mul pair holds two B tiles per stage and two accumulators: as wide a config."""
+    return {**config, "block_n": 2 * config["block_n"]} if fusion_of(problem)[1] == "silu_mul" else config
+
+
+def fusion_unsupported(config: dict, problem: Problem, spec: DeviceSpec) -> str | None:
+    """The norm prologue (each row's rsqrt from the sum of squares its tile sees over the whole K) and the
+    SiLU-mul pair run whole tiles of a power-of-two width; the pair's two B tiles must fit the pipeline."""
+    if not _whole_tile_fusion(problem):
+        return None
+    what = "+".join(f for f, on in (("norm", fusion_of(problem)[0]), ("silu_mul", fusion_of(problem)[1] == "silu_mul"))
+                    if on)
+    if config.get("schedule", "tiles") != "tiles" or config.get("split_k", 1) > 1:
+        return f"{what}: fused in whole tiles only (schedule tiles, split_k 1), got {config.get('schedule')}"
+    if split_width(config["block_n"])[1]:
+        return f"{what}: block_n={config['block_n']} is not a power of two (one tile per column block)"
+    return smem_overflow(_pair(config, problem), problem, spec)
+
+
+def fusion_pressure(config: dict, problem: Problem, spec: DeviceSpec) -> str | None:
+    return register_pressure(_pair(config, problem), problem, spec)
+
+
+FUSED_LAUNCH_CONSTRAINTS = LAUNCH_CONSTRAINTS + (fusion_unsupported,)
+FUSED_CONSTRAINTS = CONSTRAINTS + (fusion_unsupported, fusion_pressure)
+
+
+def fused_default_config(problem: Problem, spec: DeviceSpec) -> dict:
+    """gemm's default for the output's shape; the whole-tile fusions take its tiles as whole tiles
+    (power-of-two wide, the programs per SM that fill the last wave best), shrinking stages and then
+    BLOCK_K until the pair fits."""
+    shape = Problem.make("gemm", problem.dtype, m=problem["m"], n=out_width(problem), k=problem["k"])
+    cfg = default_config(shape, spec)
+    if not _whole_tile_fusion(problem):
+        return cfg
+    cfg.pop("split_k", None)
+    cfg.update(schedule="tiles", split_k=1, block_n=split_width(cfg["block_n"])[0],
+               tma=tma_unavailable({**cfg, "tma": True}, problem, spec) is None)
+    tiles = output_tiles(shape, cfg["block_m"], cfg["block_n"])
+
+    def fill(pps):
+        slots = spec.sms * pps
+        return tiles / (-(-tiles // slots) * slots)
+    cfg["programs_per_sm"] = max((1, 2, 4), key=lambda pps: (round(fill(pps), 2), -pps))
+    cfg["flatten"] = cfg["flatten"] and cfg["programs_per_sm"] == 1
+    for shrink, floor in (("num_stages", 2), ("block_k", 16), ("block_n", 16)):
+        while first_rejection(cfg, problem, spec, FUSED_CONSTRAINTS) is not None and cfg[shrink] > floor:
+            cfg[shrink] = cfg[shrink] - 1 if shrink == "num_stages" else cfg[shrink] // 2
+    return cfg
 
 
 # --- launcher ------------------------------------------------------------------------------------
@@ -317,19 +439,23 @@ class LaunchPlan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(config_items: tuple | None, m: int, n: int, k: int, dtype: torch.dtype, device: torch.device):
-    """The ``LaunchPlan`` of one launch: the default config, or the given one checked against the
-    space and the launch constraints (a config from before schedules existed is an unflattened
-    ``tiles`` one). Cached, so the hot path pays one lookup."""
-    problem = Problem.make("gemm", DTYPE_NAMES[dtype], m=m, n=n, k=k)
+def _plan(config_items: tuple | None, m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
+          norm: bool = False, epi: int = 0):
+    """The ``LaunchPlan`` of one launch (``norm`` / ``epi``: a gemm_fused launch, n the weight's rows): the
+    default config, or the given one checked against the space and the launch constraints (a config from
+    before schedules existed is an unflattened ``tiles`` one). Cached, so the hot path pays one lookup."""
+    fused = norm or epi
+    problem = (Problem.make("gemm_fused", DTYPE_NAMES[dtype], m=m, n=n, k=k, norm=int(norm), epi=epi) if fused
+               else Problem.make("gemm", DTYPE_NAMES[dtype], m=m, n=n, k=k))
     spec = launch_spec(device)
     if config_items is None:
-        config = default_config(problem, spec)
+        config = fused_default_config(problem, spec) if fused else default_config(problem, spec)
     else:
         config = dict(config_items)
         config.setdefault("schedule", "tiles")
         config.setdefault("flatten", False)
-        checked_config(space(problem), config, problem, spec, LAUNCH_CONSTRAINTS)
+        checked_config(space(problem), config, problem, spec, FUSED_LAUNCH_CONSTRAINTS if fused else LAUNCH_CONSTRAINTS)
+    n = out_width(problem)
     bm, bn, slots = config["block_m"], config["block_n"], spec.sms * config["programs_per_sm"]
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     k_iters = triton.cdiv(k, config["block_k"])
@@ -368,10 +494,13 @@ def workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tens
     return slices, counts
 
 
-def _check_inputs(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None) -> None:
+def _check_inputs(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None, norm_weight, residual,
+                  silu: bool) -> int:
+    """The output width; one-line InputError naming the operand that does not fit."""
     check_linear("gemm", x, w)
+    n_out = _check_fusion(x, w, norm_weight, residual, silu)
     if out is not None:
-        want = (x.shape[0], w.shape[0])
+        want = (x.shape[0], n_out)
         if tuple(out.shape) != want:
             raise InputError(f"gemm: out has shape {tuple(out.shape)}, expected {want}")
         if out.dtype != x.dtype:
@@ -380,29 +509,51 @@ def _check_inputs(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None) ->
             raise InputError(f"gemm: out is on {out.device} but x is on {x.device}")
         if out.shape[1] > 1 and out.stride(1) != 1:
             raise InputError(f"gemm: out needs unit stride along n, got strides {tuple(out.stride())}")
+    return n_out
+
+
+def _check_fusion(x, w, norm_weight, residual, silu: bool) -> int:
+    if silu and residual is not None:
+        raise InputError("gemm: silu_mul and a residual add are not fused together")
+    if silu and w.shape[0] % 2:
+        raise InputError(f"gemm: silu_mul needs w's rows as gate | up halves, got {w.shape[0]} rows")
+    n_out = w.shape[0] // 2 if silu else w.shape[0]
+    if norm_weight is not None:
+        check_tensor("gemm", "norm_weight", norm_weight, (x.shape[1],), None, x.device)
+    if residual is not None:
+        check_tensor("gemm", "residual", residual, (x.shape[0], n_out), x.dtype, x.device)
+    return n_out
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and (t.shape[0] <= 1 or t.stride(0) * t.element_size() % 16 == 0)
 
 
-def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, config: dict | None = None):
+def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, config: dict | None = None,
+         norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
+         silu: bool = False):
     """y = x @ w.T for x [m, k] and w [n, k] (nn.Linear weight), fp16/bf16/fp32 (fp32: IEEE dot).
 
     x and out may have any row stride (unit stride along the last dim). ``config`` None: the
     default for this shape and device. A config asking for TMA falls back to pointer loads (same
     tiles) when x's rows are not 16-byte aligned.
+
+    Fusions (the ``gemm_fused`` op): ``norm_weight`` [k]: x replaced by rmsnorm(x) * norm_weight (``eps``);
+    ``silu``: w is [gate | up] (2 inter rows) and y [m, inter] = silu(x @ gate.T) * (x @ up.T);
+    ``residual`` [m, n]: y = x @ w.T + residual (``out`` may be ``residual``: the add in place).
     """
-    _check_inputs(x, w, out)
+    n_out = _check_inputs(x, w, out, norm_weight, residual, silu)
     m, k = x.shape
     n = w.shape[0]
     if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
+        out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    if m == 0 or n_out == 0:
         return out
     if k == 0:
-        return out.zero_()
-    plan = _plan(None if config is None else tuple(sorted(config.items())), m, n, k, x.dtype, x.device)
+        return out.zero_() if residual is None else out.copy_(residual)
+    norm = norm_weight is not None
+    epi = EPILOGUES.index("silu_mul" if silu else "residual" if residual is not None else "none")
+    plan = _plan(None if config is None else tuple(sorted(config.items())), m, n, k, x.dtype, x.device, norm, epi)
     config = plan.config
     bm, bk = config["block_m"], config["block_k"]
     bn, bn_lo = split_width(config["block_n"])
@@ -415,14 +566,17 @@ def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, c
     else:
         xa, wa, wa_lo = x, w, w
     slices, counts = workspace(x.device, plan.floats, plan.tiles) if plan.floats else (out, out)
+    res = out if residual is None else residual          # unused pointers when not fused
     interpreted = tuneforge.INTERPRETED
     _gemm_kernel[(plan.programs,)](
-        xa, wa, wa_lo, out, slices, counts, m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0),
+        xa, wa, wa_lo, out, slices, counts, res, x if norm_weight is None else norm_weight, m, n_out, k,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), res.stride(0), float(eps),
         plan.split_k, plan.programs, plan.whole_tiles,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_N_LO=bn_lo, BLOCK_K=bk, GROUP_M=config["group_m"], STREAM=config["schedule"] == "stream",
         FLATTEN=config["flatten"],
         USE_TMA=use_tma, EVEN_K=k % bk == 0, UPCAST=interpreted and x.dtype != torch.float32,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 or interpreted else "tf32",
+        NORM=norm, SILU=silu, RESIDUAL=residual is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out
 

@@ -37,6 +37,18 @@ def gemm(dtype: Dtype, m: int, weight: Sequence[int]) -> Problem:
     return Problem.make("gemm", _name(dtype), m=m, n=n, k=k)
 
 
+# What a fused GEMM adds after its product (gemm_fused's ``epi`` dimension, an index into this tuple).
+GEMM_EPILOGUES = ("none", "residual", "silu_mul")
+
+
+def gemm_fused(dtype: Dtype, m: int, weight: Sequence[int], norm: bool = False, epilogue: str = "none") -> Problem:
+    """``x [m, k] @ weight[n, k].T`` with x's RMSNorm in the prologue (``norm``) and an ``epilogue``:
+    ``residual`` (+ the residual stream [m, n]) or ``silu_mul`` (weight = [gate | up]: out [m, n / 2]).
+    Tuned against the unfused ops it replaces (its baseline), so the engine fuses only where it won."""
+    n, k = weight
+    return Problem.make("gemm_fused", _name(dtype), m=m, n=n, k=k, norm=int(norm), epi=GEMM_EPILOGUES.index(epilogue))
+
+
 def rmsnorm(dtype: Dtype, m: int, n: int) -> Problem:
     return Problem.make("rmsnorm", _name(dtype), m=m, n=n)
 
@@ -55,6 +67,15 @@ def decode_attention(dtype: Dtype, batch: int, heads: int, kv_heads: int, head_d
     """One query token per sequence over ``kv_len`` cached keys, tuned at the bucket of ``kv_len``
     among ``contexts``."""
     return Problem.make("decode_attention", _name(dtype), m=batch, heads=heads, kv_heads=kv_heads,
+                        head_dim=head_dim, ctx=bucket(kv_len, contexts))
+
+
+def decode_attention_sp(dtype: Dtype, world: int, batch: int, heads: int, kv_heads: int, head_dim: int, kv_len: int,
+                        contexts: Sequence[int] = DECODE_CONTEXTS) -> Problem:
+    """Decode attention over a KV cache sharded by sequence over ``world`` ranks (``--kv-shard sequence``):
+    every rank attends with all ``heads`` query heads over its shard of all ``kv_heads`` KV heads, and
+    the partials are combined across ranks; ``kv_len`` keys in all (every shard's), at its bucket."""
+    return Problem.make("decode_attention_sp", _name(dtype), world, m=batch, heads=heads, kv_heads=kv_heads,
                         head_dim=head_dim, ctx=bucket(kv_len, contexts))
 
 
@@ -123,6 +144,8 @@ class RankDims:
     linear_out_in: int = 0
     moe_inter: int = 0
     shared_inter: int = 0
+    seq_heads: int = 0       # with the KV cache sharded by sequence (TP > 1): the q and KV heads each
+    seq_kv_heads: int = 0    # rank's decode attention sees (every head, 1 / tp of the tokens)
 
 
 def _shard(value: int, tp: int, what: str, model: str) -> int:
@@ -158,5 +181,6 @@ def rank_dims(cfg, tp: int) -> RankDims:
             moe["shared_inter"] = _shard(cfg.shared_expert_intermediate_size, tp,
                                          "shared_expert_intermediate_size", name)
     q_width = heads * hd * (2 if cfg.gated_attention else 1)
+    seq = dict(seq_heads=cfg.num_attention_heads, seq_kv_heads=cfg.num_key_value_heads) if tp > 1 else {}
     return RankDims(hidden=cfg.hidden_size, head_dim=hd, heads=heads, kv_heads=kv, qkv=q_width + 2 * kv * hd,
-                    o_in=heads * hd, inter=inter, vocab=-(-cfg.vocab_size // tp), **linear, **moe)
+                    o_in=heads * hd, inter=inter, vocab=-(-cfg.vocab_size // tp), **linear, **moe, **seq)

@@ -1,0 +1,122 @@
+"""A GEMM with its neighbours fused: the RMSNorm before it (prologue) and the SiLU-mul or the residual
+add after it (epilogue), as one template the tuner accepts or rejects per shape.
+
+``y = epilogue(rmsnorm(x) * norm_weight @ w.T)`` (the norm when the problem's ``norm`` is 1) with
+``epi`` (``models.problems.GEMM_EPILOGUES``): ``none``; ``residual``: ``+ residual`` (o_proj and down_proj
+writing the residual stream in place); ``silu_mul``: w is the [gate | up] projection and the tile
+computes gate column j and up column j as two accumulators, ``y[:, j] = silu(gate_j) * up_j``
+(gate_up_proj). The kernel is gemm's (``kernels/gemm.py``, constexpr paths); the norm's row scale
+comes from the sum of squares each tile accumulates as it walks K, so the norm and the pair run whole
+tiles (``fusion_unsupported``); the residual add runs in every schedule.
+
+The baseline is the unfused pair a torch user runs (``F.rms_norm`` then ``F.linear``; ``F.linear``
+then ``F.silu`` and a multiply, or an add), so a stored winner says whether fusing paid at that shape:
+the engine fuses only where the kernel won, and runs the unfused ops (each tuned on its own) elsewhere.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from tuneforge.dsl import Problem, Template, register
+from tuneforge.dsl.devices import DeviceSpec
+from tuneforge.dsl.roofline import gemm_config_time, roofline
+from tuneforge.kernels import gemm as G
+from tuneforge.kernels._common import seeded_randn
+from tuneforge.kernels.rmsnorm import QWEN3_EPS
+
+OP = "gemm_fused"
+
+
+def gemm_fused(x: torch.Tensor, w: torch.Tensor, *, norm_weight: Optional[torch.Tensor] = None,
+               eps: float = QWEN3_EPS, residual: Optional[torch.Tensor] = None, silu: bool = False,
+               out: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
+    """``G.gemm`` with its fusions (see there); ``out`` may be ``residual`` (the add in place)."""
+    return G.gemm(x, w, out=out, config=config, norm_weight=norm_weight, eps=eps, residual=residual, silu=silu)
+
+
+def _normed(x, norm_weight, eps):
+    x = x.double()
+    return x if norm_weight is None else x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
+
+
+def reference(x, w, norm_weight=None, eps=QWEN3_EPS, residual=None, silu=False) -> torch.Tensor:
+    """fp64: the norm, the product, then the SiLU-mul or the residual add, with no rounding between."""
+    y = _normed(x, norm_weight, eps) @ w.double().T
+    if silu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y if residual is None else y + residual.double()
+
+
+def baseline(x, w, norm_weight=None, eps=QWEN3_EPS, residual=None, silu=False) -> torch.Tensor:
+    """The unfused ops in torch: ``F.rms_norm``, ``F.linear``, then ``F.silu`` and a multiply or an add."""
+    if norm_weight is not None:
+        x = F.rms_norm(x, (x.shape[-1],), norm_weight.to(x.dtype), eps)
+    y = F.linear(x, w)
+    if silu:
+        n = y.shape[-1] // 2
+        return F.silu(y[:, :n]) * y[:, n:]
+    return y if residual is None else y.add_(residual)
+
+
+def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
+    """x ~ N(0, 1) (the residual stream's scale), w ~ N(0, 1/k), a norm weight near 1, a residual ~ N(0, 1)."""
+    m, n, k = problem["m"], problem["n"], problem["k"]
+    norm, epi = G.fusion_of(problem)
+    dtype = problem.torch_dtype
+    rand = seeded_randn(device, seed, dtype)
+    inputs = {"x": rand(m, k), "w": rand(n, k, scale=1.0 / max(k, 1) ** 0.5), "eps": QWEN3_EPS,
+              "silu": epi == "silu_mul", "out": torch.empty(m, G.out_width(problem), dtype=dtype, device=device)}
+    if norm:
+        inputs["norm_weight"] = (1.0 + 0.1 * rand(k).float()).to(dtype)
+    if epi == "residual":
+        inputs["residual"] = rand(m, n)
+    return inputs
+
+
+def work(problem: Problem) -> tuple[float, float]:
+    """2mnk flops; x, w and the norm weight read once, the residual read and y written once."""
+    m, n, k = problem["m"], problem["n"], problem["k"]
+    norm, epi = G.fusion_of(problem)
+    elems = m * k + n * k + m * G.out_width(problem) * (2 if epi == "residual" else 1) + (k if norm else 0)
+    return 2.0 * m * n * k, float(elems * G.ELEM_SIZE[problem.dtype])
+
+
+def cost(problem: Problem, config: Optional[dict], spec: DeviceSpec) -> float:
+    """gemm's tile model (the pair: as wide a tile); the baseline adds the unfused ops' kernels: the norm
+    (x read, written), the SiLU-mul (y read twice over, written) or the add (two reads, a write)."""
+    m, n, k = problem["m"], problem["n"], problem["k"]
+    if config is not None:
+        return gemm_config_time(m, n, k, G._pair(config, problem), spec, problem.dtype)
+    norm, epi = G.fusion_of(problem)
+    size = G.ELEM_SIZE[problem.dtype]
+    t = gemm_config_time(m, n, k, None, spec, problem.dtype)
+    if norm:
+        t += roofline(4.0 * m * k, 2.0 * m * k * size, spec, problem.dtype)
+    if epi != "none":
+        t += roofline(5.0 * m * n, 3.0 * m * G.out_width(problem) * size, spec, problem.dtype,
+                      launches=2 if epi == "silu_mul" else 1)
+    return t
+
+
+def seeds(problem: Problem, spec: DeviceSpec) -> list[dict]:
+    """The fused default, then gemm's portfolio at this shape, each as the whole tiles a norm or pair
+    needs (same tiles, unsplit) where the fusion asks for them."""
+    whole = G._whole_tile_fusion(problem)
+    configs = [G.fused_default_config(problem, spec)]
+    for c in G.portfolio(problem, spec):
+        if whole:
+            c = {k: v for k, v in c.items() if k != "split_k"}
+            c.update(schedule="tiles", split_k=1, block_n=G.split_width(c["block_n"])[0])
+        if c not in configs and TEMPLATE.reject_reason(c, problem, spec) is None:
+            configs.append(c)
+    return configs
+
+
+TEMPLATE = register(Template(
+    op=OP, space=G.space, make_inputs=make_inputs, launch=gemm_fused, reference=reference, baseline=baseline,
+    default_config=G.fused_default_config, work=work, cost=cost, constraints=G.FUSED_CONSTRAINTS, seeds=seeds,
+    doc=__doc__.split("\n")[0]))
