@@ -47,6 +47,8 @@ from tuneforge.errors import InputError
 from tuneforge.kernels._common import check_tensor, output_tensor, rank_generator
 
 OP = "moe_alltoall"
+FORMS = ("low_latency", "staged")
+SIGNAL_ROWS = (16, 64, 256)     # the staged form's rows per signal (its signal granularity)
 KINDS = ("counts", "rows")      # signal kinds of both channels, as errors name them
 META = tl.constexpr(4)   # per received row (int32): local expert, source rank, source token, source slot
 
@@ -198,16 +200,22 @@ def _programs(config: dict, work: int) -> int:
     return max(1, min(int(config["comm_sms"]), MAX_SLOTS.value, work))
 
 
-def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, *, ctx, experts: int,
-             config: Optional[dict] = None) -> Dispatched:
+def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, *, ctx, experts: int, max_tokens: Optional[int] = None,
+             channel: str = "", config: Optional[dict] = None) -> Dispatched:
     """Send each row of ``x`` [T, H] to the ranks owning its ``topk_ids`` [T, k] (int32) experts out of
-    ``experts``. Collective."""
+    ``experts``. ``max_tokens`` (default T): the most tokens any rank passes, the same on every rank (it
+    sizes the heap buffers, carved collectively). ``channel``: a suffix naming a separate set of
+    buffers (several dispatches in flight at once). Collective."""
     tokens, hidden, top_k = _check_routing(x, topk_ids, experts, ctx)
+    max_tokens = tokens if max_tokens is None else max_tokens
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < tokens:
+        raise InputError(f"{OP}: max_tokens={max_tokens!r} must be an int >= the {tokens} tokens passed")
     world, entries = ctx.size, tokens * top_k
-    cfg = config or default_config(_problem(x, hidden, tokens, experts, top_k, world))
-    capacity = world * entries
+    cfg = config or default_config(_problem(x, hidden, max_tokens, experts, top_k, world))
+    _check_form(cfg)
+    capacity = world * max_tokens * top_k
     meta_bytes = _round(world * world * 4) + _round(max(1, capacity) * META.value * 4)
-    ch = ctx.channel(OP + ".dispatch", meta_bytes + capacity * hidden * x.element_size())
+    ch = ctx.channel(OP + ".dispatch" + channel, meta_bytes + capacity * hidden * x.element_size())
     ch.kinds = KINDS
     i32 = ch.staging(torch.int32)
     matrix = i32[: world * world].view(world, world)
@@ -216,7 +224,7 @@ def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, *, ctx, experts: int,
     rows = ch.staging(x.dtype)[meta_bytes // x.element_size():][: capacity * hidden].view(capacity, hidden)
     pos = torch.empty(max(1, entries), dtype=torch.int32, device=x.device)
     count = torch.empty(1, dtype=torch.int32, device=x.device)
-    programs = _programs(cfg, max(entries, 1))
+    programs = _programs(cfg, max(1, max_tokens * top_k))     # the same on every rank: slots pair up
     block_e = max(16, min(1024, triton.next_power_of_2(max(1, entries))))
     local = experts // world
     ch.launch(_route_kernel, (1,), topk_ids, pos, matrix, entries, experts, local, 1 + programs, *ch.args(),
@@ -228,10 +236,11 @@ def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, *, ctx, experts: int,
 
 
 def combine(y_recv: torch.Tensor, topk_weights: torch.Tensor, dispatched: Dispatched, *, ctx,
-            out: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
+            out: Optional[torch.Tensor] = None, channel: str = "", config: Optional[dict] = None) -> torch.Tensor:
     """Send the experts' outputs ``y_recv`` [R_max, H] of ``dispatched``'s rows back to their tokens and
     return ``out`` [T, H] = sum over each token's valid slots j of ``topk_weights[t, j] * y`` (fp32
-    accumulate). Collective."""
+    accumulate); rows past the received count and ids outside [0, E) are never read. ``channel``: as
+    for ``dispatch``. Collective."""
     ids = dispatched.topk_ids
     tokens, top_k = ids.shape
     capacity = dispatched.x.shape[0]
@@ -242,8 +251,11 @@ def combine(y_recv: torch.Tensor, topk_weights: torch.Tensor, dispatched: Dispat
     check_tensor(OP, "y_recv", y_recv, (capacity, hidden), None, ctx.device, "rows")
     check_tensor(OP, "topk_weights", topk_weights, (tokens, top_k), None, ctx.device, "rows")
     out = output_tensor(OP, out, (tokens, hidden), y_recv)
-    cfg = config or default_config(_problem(y_recv, hidden, tokens, dispatched.experts, top_k, ctx.size))
-    ch = ctx.channel(OP + ".combine", max(1, tokens * top_k) * hidden * y_recv.element_size())
+    max_entries = capacity // ctx.size        # the most entries a rank sent (sizes every rank's area alike)
+    cfg = config or default_config(_problem(y_recv, hidden, max_entries // top_k, dispatched.experts, top_k,
+                                            ctx.size))
+    _check_form(cfg)
+    ch = ctx.channel(OP + ".combine" + channel, max(1, max_entries) * hidden * y_recv.element_size())
     ch.kinds = KINDS
     stage = ch.staging(y_recv.dtype)
     programs = _programs(cfg, max(1, capacity))
@@ -258,6 +270,11 @@ def combine(y_recv: torch.Tensor, topk_weights: torch.Tensor, dispatched: Dispat
                   dispatched.experts, topk_weights.stride(0), out.stride(0), total, *ch.args(), BLOCK=block,
                   num_warps=cfg["num_warps"])
     return out
+
+
+def _check_form(cfg: dict) -> None:
+    if cfg.get("form", "low_latency") != "low_latency":
+        raise InputError(f"{OP}: form {cfg.get('form')!r} is not implemented yet (use 'low_latency')")
 
 
 def _block(cfg: dict, hidden: int) -> int:
@@ -293,9 +310,14 @@ def reference(x, topk_ids, topk_weights, ctx, experts: int) -> torch.Tensor:
 
 
 def baseline(x, topk_ids, topk_weights, ctx, experts: int) -> torch.Tensor:
-    """torch.distributed: the counts through all_to_all_single, the split sizes to the host, the rows and
-    their (expert, token, slot) through all_to_all_single, the stand-in experts, the rows back, the
-    weighted sum (gloo copies host tensors when ranks share a GPU)."""
+    """torch.distributed's all-to-all round trip (``torch_all_to_all``) around the stand-in experts."""
+    return torch_all_to_all(x, topk_ids, topk_weights, ctx, experts, lambda rows, ids: rows * (ids + 1).to(rows.dtype)[:, None])
+
+
+def torch_all_to_all(x, topk_ids, topk_weights, ctx, experts: int, expert_fn) -> torch.Tensor:
+    """What a torch user runs for EP: the counts through all_to_all_single, the split sizes to the host,
+    the rows and their global expert ids through all_to_all_single, ``expert_fn(rows, ids)`` (int64
+    global ids), the rows back, the weighted sum (gloo copies host tensors when ranks share a GPU)."""
     import torch.distributed as dist
     device = x.device
     if x.is_cuda and ctx.world.backend == "gloo":
@@ -314,7 +336,7 @@ def baseline(x, topk_ids, topk_weights, ctx, experts: int) -> torch.Tensor:
     dist.all_to_all_single(rows, x[order // top_k].contiguous(), recv, send, group=group)
     got_ids = torch.empty(sum(recv), dtype=torch.int64, device=x.device)
     dist.all_to_all_single(got_ids, ids[order].contiguous(), recv, send, group=group)
-    y = rows * (got_ids + 1).to(x.dtype)[:, None]
+    y = expert_fn(rows, got_ids).to(x.dtype).contiguous()
     back = torch.empty((len(order), x.shape[1]), dtype=x.dtype, device=x.device)
     dist.all_to_all_single(back, y, send, recv, group=group)
     full = torch.zeros((tokens * top_k, x.shape[1]), dtype=torch.float32, device=x.device)
@@ -343,16 +365,18 @@ def make_inputs(problem: Problem, device, seed: int, ctx) -> dict:
 
 def space(problem: Problem) -> Space:
     entries = problem["m"] * problem["topk"]
-    return Space(pow2("block", 128, max(128, min(4096, triton.next_power_of_2(problem["hidden"])))),
+    return Space(categorical("form", FORMS),
+                 pow2("block", 128, max(128, min(4096, triton.next_power_of_2(problem["hidden"])))),
                  categorical("num_warps", [4, 8]),
-                 pow2("comm_sms", 1, max(1, min(MAX_SLOTS.value // 2, triton.next_power_of_2(entries)))))
+                 pow2("comm_sms", 1, max(1, min(MAX_SLOTS.value // 2, triton.next_power_of_2(entries)))),
+                 categorical("signal_rows", SIGNAL_ROWS, when={"form": ["staged"]}))
 
 
 def default_config(problem: Problem, spec=None) -> dict:
     entries = problem["m"] * problem["topk"]
     block = max(128, min(2048, triton.next_power_of_2(problem["hidden"])))
     sms = spec.sms if spec is not None else 32
-    return {"block": block, "num_warps": 8 if block >= 1024 else 4,
+    return {"form": "low_latency", "block": block, "num_warps": 8 if block >= 1024 else 4,
             "comm_sms": min(triton.next_power_of_2(max(1, min(entries, sms // 4))), MAX_SLOTS.value // 2)}
 
 
