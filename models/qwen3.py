@@ -123,8 +123,9 @@ class Attention(nn.Module):
             self.qkv_bias = _param(self.qkv.shape[0], dtype=dtype, device=device)
 
     def forward(self, x, layer: int, step: Step, cache: KVCache, ops, tp) -> torch.Tensor:
-        """x [tokens, hidden] (this rank's rows when ``tp.sharded``) -> the o_proj output summed over
-        ranks, in the same rows. The projections run as ``tp`` says; the core sees every token."""
+        """x: the layer's normed input (``ops.normed``; [tokens, hidden], this rank's rows when ``tp.sharded``)
+        -> the o_proj output summed over ranks, in the same rows, or None where o_proj added it into x's
+        residual stream itself. The projections run as ``tp`` says; the core sees every token."""
         b, t = step.positions.shape
         d, hq, hkv = self.head_dim, self.heads, self.kv_heads
         qkv = ops.qkv_proj(x, self.qkv, tp)
@@ -148,7 +149,7 @@ class Attention(nn.Module):
             keys, values = cache.keys_values(layer, b, step.kv_len)
             out = ops.decode_attention(qkv[:, :hq * d].view(b, hq, d), keys, values, step.positions[:, 0],
                                        step.mask).reshape(b, hq * d)
-        return ops.o_proj(out, self.o, tp)
+        return ops.o_proj(out, self.o, tp, x)
 
 
 class MLP(nn.Module):
@@ -158,8 +159,9 @@ class MLP(nn.Module):
         self.gate_up = _param(2 * self.inter, cfg.hidden_size, dtype=dtype, device=device)
         self.down = _param(cfg.hidden_size, self.inter, dtype=dtype, device=device)
 
-    def forward(self, x, ops, tp) -> torch.Tensor:
-        """x [tokens, hidden] -> down_proj output summed over ranks (rows as ``tp`` says)."""
+    def forward(self, x, ops, tp) -> Optional[torch.Tensor]:
+        """x: the layer's normed input (``ops.normed``) or [tokens, hidden] -> down_proj output summed over
+        ranks (rows as ``tp`` says), or None where down_proj added it into x's residual stream itself."""
         return ops.mlp(x, self.gate_up, self.down, tp)
 
 
@@ -348,18 +350,18 @@ class Qwen3(nn.Module):
                          o_in=a.o.shape[1], inter=0 if dense is None else dense.inter, sparse=self.sparse)
         if tp.sharded:      # ag_rs: the residual stream holds this rank's rows only
             flat = flat[tp.row0:tp.row0 + tp.rows]
-        x = F.embedding(flat, self.embed)
-        residual = x
-        h = ops.rmsnorm(x, self.layers[0].input_norm, self.eps)
+        residual = F.embedding(flat, self.embed)
+        delta = None        # the last block's output, still to add into the residual stream
         for i, layer in enumerate(self.layers):
             # The TP seam: each block returns its output summed over ranks (TP blocks, or gemm +
-            # all-reduce on the torch path), in the forward's layout.
-            attn = layer.attn(h, i, step, cache, ops, tp)
-            h, residual = ops.add_rmsnorm(attn, residual, layer.post_attention_norm, self.eps)
-            mlp = layer.mlp(h, ops, tp)
-            nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
-            h, residual = ops.add_rmsnorm(mlp, residual, nxt, self.eps)
-        h = ops.gather_rows(h, tp)
+            # all-reduce on the torch path), in the forward's layout, or None where its last GEMM added
+            # it into the residual stream (TP 1). A block's input is the stream's norm (``ops.normed``),
+            # which its first GEMM may compute in its prologue; the sparse block takes it computed.
+            h = ops.normed(residual, delta, layer.input_norm, self.eps)
+            delta = layer.attn(h, i, step, cache, ops, tp)
+            h = ops.normed(residual, delta, layer.post_attention_norm, self.eps)
+            delta = layer.mlp(h if isinstance(layer.mlp, MLP) else ops.norm(h), ops, tp)
+        h = ops.gather_rows(ops.norm(ops.normed(residual, delta, self.norm, self.eps)), tp)
         if logits_rows is not None:
             h = h.index_select(0, logits_rows)
         return ops.all_gather_columns(ops.gemm(h, self.head_weight), self.shard)

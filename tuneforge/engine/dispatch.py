@@ -9,6 +9,7 @@ the TP blocks or the torch path, as ``engine/tp`` lays each forward out, on the 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -21,6 +22,7 @@ from tuneforge.engine.tp import TPStep
 from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.kernels import decode_attention as k_attn
 from tuneforge.kernels import gemm as k_gemm
+from tuneforge.kernels import gemm_fused as k_fused
 from tuneforge.kernels import moe_gemm as k_moe
 from tuneforge.kernels import moe_pack as k_pack
 from tuneforge.kernels import moe_router as k_router
@@ -33,6 +35,18 @@ from tuneforge.kernels.allgather import allgather
 from tuneforge.kernels.tp_attn import o_half, qkv_half
 from tuneforge.kernels.tp_mlp import tp_mlp
 from tuneforge.models import problems as P
+
+
+@dataclass
+class Normed:
+    """``rmsnorm(residual + delta) * weight`` at a layer boundary, not computed yet, so the GEMM that reads
+    it may norm in its prologue. ``delta``: the last block's output still to add into the residual stream
+    (None: its GEMM added it in its epilogue). ``Ops.norm`` computes it once (adding ``delta`` in place)."""
+    residual: torch.Tensor
+    delta: Optional[torch.Tensor]
+    weight: torch.Tensor
+    eps: float
+    value: Optional[torch.Tensor] = None
 
 
 class Ops:
@@ -128,6 +142,47 @@ class Ops:
         return self._run(self.problems.rmsnorm(x.dtype, x.shape[0], x.shape[1]),
                          lambda cfg: k_rmsnorm.rmsnorm(x, weight, eps=eps, residual=residual, config=cfg),
                          lambda: k_rmsnorm.baseline(x, weight, eps=eps, residual=residual)), residual
+
+    # --- fusions (kernels/gemm_fused): each looked up like any op; the unfused ops where it did not win ---
+    def normed(self, residual: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor,
+               eps: float) -> Normed:
+        return Normed(residual, delta, weight, eps)
+
+    def norm(self, h: Normed) -> torch.Tensor:
+        """``h`` computed (once): rmsnorm of the residual stream, or the add into it and rmsnorm."""
+        if h.value is None:
+            if h.delta is None:
+                h.value = self.rmsnorm(h.residual, h.weight, h.eps)
+            else:
+                h.value, h.delta = self.add_rmsnorm(h.delta, h.residual, h.weight, h.eps)[0], None
+        return h.value
+
+    def norm_linear(self, h: Normed, w: torch.Tensor, silu: bool = False) -> torch.Tensor:
+        """``linear(norm(h), w, silu)``, with the norm in the GEMM's prologue where that won and nothing
+        is left to add into the residual stream."""
+        if h.value is not None or h.delta is not None:
+            return self.linear(self.norm(h), w, silu)
+        x = h.residual
+        return self._run(self.problems.gemm_fused(x.dtype, x.shape[0], w.shape, norm=True,
+                                                  epilogue="silu_mul" if silu else "none"),
+                         lambda cfg: k_fused.gemm_fused(x, w, norm_weight=h.weight, eps=h.eps, silu=silu, config=cfg),
+                         lambda: self.linear(self.norm(h), w, silu))
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, silu: bool = False) -> torch.Tensor:
+        """``x @ w.T``; ``silu``: w is [gate | up] and the SiLU-mul follows, in its epilogue where that won."""
+        if not silu:
+            return self.gemm(x, w)
+        return self._run(self.problems.gemm_fused(x.dtype, x.shape[0], w.shape, epilogue="silu_mul"),
+                         lambda cfg: k_fused.gemm_fused(x, w, silu=True, config=cfg),
+                         lambda: self.silu_mul(self.gemm(x, w)))
+
+    def linear_residual(self, a: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) -> Optional[torch.Tensor]:
+        """``a @ w.T`` added into ``residual`` in place by the GEMM's epilogue where that won (None), else
+        the GEMM's output, for the next norm to add."""
+        def fused(cfg):
+            k_fused.gemm_fused(a, w, residual=residual, out=residual, config=cfg)
+        return self._run(self.problems.gemm_fused(a.dtype, a.shape[0], w.shape, epilogue="residual"), fused,
+                         lambda: self.gemm(a, w))
 
     def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                          mask: torch.Tensor) -> torch.Tensor:
@@ -267,23 +322,38 @@ class Ops:
         """The TP plans of the forwards run so far, one per shape."""
         return list(self._steps.values())
 
-    def qkv_proj(self, x: torch.Tensor, w: torch.Tensor, tp: TPStep) -> torch.Tensor:
+    def qkv_proj(self, x, w: torch.Tensor, tp: TPStep) -> torch.Tensor:
         """The fused q|k|v projection of all ``tp.m`` tokens for this rank's heads (x: this rank's
-        rows when sharded)."""
+        rows when sharded; the layer's ``Normed`` input, normed in the GEMM's prologue where that won at
+        TP 1, or a tensor)."""
+        if isinstance(x, Normed):
+            if tp.shard.size == 1:
+                return self.norm_linear(x, w)
+            x = self.norm(x)
         if tp.attn is BASELINE:
             return self.gemm(x, w)
         return qkv_half(x, w, ctx=self._heap.ctx, config=kernel_config(tp.attn), m=tp.m if tp.sharded else None)
 
-    def o_proj(self, a: torch.Tensor, w: torch.Tensor, tp: TPStep) -> torch.Tensor:
-        """o_proj summed over ranks: all rows, or this rank's rows when sharded."""
+    def o_proj(self, a: torch.Tensor, w: torch.Tensor, tp: TPStep, x: Optional[Normed] = None
+               ) -> Optional[torch.Tensor]:
+        """o_proj summed over ranks: all rows, or this rank's rows when sharded. With the layer's input
+        ``x`` at TP 1: added into its residual stream where the fused residual add won (None)."""
+        if x is not None and tp.shard.size == 1:
+            return self.linear_residual(a, w, x.residual)
         if tp.attn is BASELINE:
             return TP.all_reduce(self.gemm(a, w), tp.shard)
         return o_half(a, w, ctx=self._heap.ctx, config=kernel_config(tp.attn))
 
-    def mlp(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, tp: TPStep) -> torch.Tensor:
-        """gate_up -> silu_mul -> down, summed over ranks, in the forward's layout."""
+    def mlp(self, x, gate_up: torch.Tensor, down: torch.Tensor, tp: TPStep) -> Optional[torch.Tensor]:
+        """gate_up -> silu_mul -> down, summed over ranks, in the forward's layout (x: the layer's ``Normed``
+        input or a tensor). At TP 1 the norm, the SiLU-mul and the residual add are fused where each won
+        (None: down's output went into the residual stream)."""
+        if isinstance(x, Normed):
+            if tp.shard.size == 1:
+                return self.linear_residual(self.norm_linear(x, gate_up, silu=True), down, x.residual)
+            x = self.norm(x)
         if tp.mlp is BASELINE:
-            return TP.all_reduce(self.gemm(self.silu_mul(self.gemm(x, gate_up)), down), tp.shard)
+            return TP.all_reduce(self.gemm(self.linear(x, gate_up, silu=True), down), tp.shard)
         return tp_mlp(x, gate_up, down, ctx=self._heap.ctx, config=kernel_config(tp.mlp),
                       m=tp.m if tp.sharded else None)
 

@@ -8,7 +8,10 @@ fused layouts the engine runs: one ``qkv_proj`` ([q | k | v] rows) and one ``gat
 up] rows). Sharding (Megatron-style): q heads, MLP and expert
 intermediate sizes and the vocabulary split across ranks; KV heads split too, or are replicated
 when there are fewer KV heads than ranks. A problem several roles (or models) share is planned
-once; ops without a registered template stay in the plan, marked baseline-only. The shapes and each
+once; ops without a registered template stay in the plan, marked baseline-only. The GEMM fusions
+(``gemm_fused``: the norm before qkv / gate_up, the SiLU-mul after gate_up, the residual add after o /
+down; at TP > 1 only the SiLU-mul, the others meet an all-reduce) are planned beside the unfused ops, so
+the tuner measures each against the ops it replaces and the engine fuses only where it won. The shapes and each
 op's Problem come from ``tuneforge.models.problems``, which the engine's dispatch calls too.
 """
 from __future__ import annotations
@@ -148,6 +151,8 @@ def plan(model: str | ModelConfig, tp: int = 1, decode_buckets: Optional[Sequenc
         b.add("layer.input_layernorm", P.rmsnorm(dtype, m, h))
         if full_attn:
             b.add("layer.attn.qkv_proj", P.gemm(dtype, m, (d.qkv, h)))
+            if tp == 1:     # the fusions (kernels/gemm_fused), each against the unfused ops it replaces
+                b.add("layer.attn.qkv_proj+input_layernorm", P.gemm_fused(dtype, m, (d.qkv, h), norm=True))
             if cfg.has_qk_norm:     # Qwen2-MoE's norm-less RoPE runs in torch (Ops.rope): nothing to tune
                 b.add("layer.attn.rope_qk_norm", P.rope_qk_norm(dtype, m, d.heads, d.kv_heads, d.head_dim))
             if is_decode:
@@ -155,6 +160,8 @@ def plan(model: str | ModelConfig, tp: int = 1, decode_buckets: Optional[Sequenc
                     b.add("layer.attn.decode", P.decode_attention(dtype, m, d.heads, d.kv_heads, d.head_dim,
                                                                   int(ctx), contexts))
             b.add("layer.attn.o_proj", P.gemm(dtype, m, (h, d.o_in)))
+            if tp == 1:
+                b.add("layer.attn.o_proj+residual", P.gemm_fused(dtype, m, (h, d.o_in), epilogue="residual"))
             if tp > 1:
                 b.add("layer.attn.allreduce", P.allreduce(dtype, tp, m, h))
                 b.add("layer.attn.tp", P.tp_attn(dtype, tp, m, h, d.qkv, d.o_in))
@@ -169,6 +176,11 @@ def plan(model: str | ModelConfig, tp: int = 1, decode_buckets: Optional[Sequenc
             b.add("layer.mlp.gate_up_proj", P.gemm(dtype, m, (2 * d.inter, h)))
             b.add("layer.mlp.silu_mul", P.silu_mul(dtype, m, 2 * d.inter))
             b.add("layer.mlp.down_proj", P.gemm(dtype, m, (h, d.inter)))
+            b.add("layer.mlp.gate_up_proj+silu_mul", P.gemm_fused(dtype, m, (2 * d.inter, h), epilogue="silu_mul"))
+            if tp == 1:
+                b.add("layer.mlp.gate_up_proj+post_attention_layernorm+silu_mul",
+                      P.gemm_fused(dtype, m, (2 * d.inter, h), norm=True, epilogue="silu_mul"))
+                b.add("layer.mlp.down_proj+residual", P.gemm_fused(dtype, m, (h, d.inter), epilogue="residual"))
             if tp > 1:
                 b.add("layer.mlp.allreduce", P.allreduce(dtype, tp, m, h))
                 b.add("layer.mlp.tp", P.tp_mlp(dtype, tp, m, h, d.inter))
