@@ -34,6 +34,7 @@ from tuneforge.dsl.problem import DTYPE_NAMES, Problem
 from tuneforge.dsl.template import Template, register
 from tuneforge.errors import InputError
 from tuneforge.kernels._common import check_linear, check_tensor, checked_config, first_rejection, launch_spec
+from tuneforge.kernels import _gemm_gluon as GW
 from tuneforge.kernels._gemm_space import (  # noqa: F401  (the policy fused kernels and tests use as gemm's)
     CONSTRAINTS, ELEM_SIZE, LAUNCH_CONSTRAINTS, SPLIT_K_MAX_M, default_config, output_tiles, portfolio,
     register_pressure, smem_overflow, space, split_width, tile_exceeds_problem, tma_unavailable, whole_tiles_config)
@@ -450,11 +451,16 @@ def _plan(config_items: tuple | None, m: int, n: int, k: int, dtype: torch.dtype
     spec = launch_spec(device)
     if config_items is None:
         config = fused_default_config(problem, spec) if fused else default_config(problem, spec)
+    elif not fused and GW.kernel_of(dict(config_items)) == "gluon_ws":   # its persistent programs
+        config = checked_config(template_space(problem), dict(config_items), problem, spec, FAMILY_LAUNCH_CONSTRAINTS)
+        tiles = triton.cdiv(m, config["block_m"]) * triton.cdiv(n, config["block_n"])
+        return LaunchPlan(config, min(spec.sms, tiles), tiles, 1, 0, tiles)
     else:
         config = dict(config_items)
         config.setdefault("schedule", "tiles")
         config.setdefault("flatten", False)
-        checked_config(space(problem), config, problem, spec, FUSED_LAUNCH_CONSTRAINTS if fused else LAUNCH_CONSTRAINTS)
+        checked_config(space(problem) if fused else template_space(problem), config, problem, spec,
+                       FUSED_LAUNCH_CONSTRAINTS if fused else LAUNCH_CONSTRAINTS)
     n = out_width(problem)
     bm, bn, slots = config["block_m"], config["block_n"], spec.sms * config["programs_per_sm"]
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -536,7 +542,8 @@ def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, c
 
     x and out may have any row stride (unit stride along the last dim). ``config`` None: the
     default for this shape and device. A config asking for TMA falls back to pointer loads (same
-    tiles) when x's rows are not 16-byte aligned.
+    tiles) when x's rows are not 16-byte aligned; a ``kernel: gluon_ws`` one (all TMA) to the
+    default config when x's or out's are not.
 
     Fusions (the ``gemm_fused`` op): ``norm_weight`` [k]: x replaced by rmsnorm(x) * norm_weight (``eps``);
     ``silu``: w is [gate | up] (2 inter rows) and y [m, inter] = silu(x @ gate.T) * (x @ up.T);
@@ -554,6 +561,10 @@ def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, c
     norm = norm_weight is not None
     epi = EPILOGUES.index("silu_mul" if silu else "residual" if residual is not None else "none")
     plan = _plan(None if config is None else tuple(sorted(config.items())), m, n, k, x.dtype, x.device, norm, epi)
+    if GW.kernel_of(plan.config) == "gluon_ws":
+        if _tma_ready(x) and _tma_ready(w) and _tma_ready(out):
+            return GW.gemm_ws(x, w, out, plan.config, plan.programs)
+        plan = _plan(None, m, n, k, x.dtype, x.device)
     config = plan.config
     bm, bk = config["block_m"], config["block_k"]
     bn, bn_lo = split_width(config["block_n"])
@@ -612,7 +623,16 @@ def cost(problem: Problem, config: dict | None, spec: DeviceSpec) -> float:
     return gemm_config_time(problem["m"], problem["n"], problem["k"], config, spec, problem.dtype)
 
 
+def template_space(problem: Problem):
+    """gemm's space: the Triton kernel's (``space``) and the Gluon family's (``kernels/_gemm_gluon.py``)."""
+    return GW.family_space(space(problem))
+
+
+FAMILY_LAUNCH_CONSTRAINTS = GW.family_constraints(LAUNCH_CONSTRAINTS, GW.GLUON_LAUNCH_CONSTRAINTS)
+
 TEMPLATE = register(Template(
-    op="gemm", space=space, make_inputs=make_inputs, launch=gemm, reference=reference, baseline=baseline,
-    default_config=default_config, work=work, cost=cost, constraints=CONSTRAINTS, seeds=portfolio,
-    doc="y = x @ w.T (nn.Linear): persistent grouped tiles, split-K or stream-K, optional TMA loads"))
+    op="gemm", space=template_space, make_inputs=make_inputs, launch=gemm, reference=reference, baseline=baseline,
+    default_config=GW.family_default(default_config), work=work, cost=cost,
+    constraints=GW.family_constraints(CONSTRAINTS, GW.GLUON_CONSTRAINTS), seeds=GW.family_seeds(portfolio),
+    doc="y = x @ w.T (nn.Linear): persistent grouped tiles, split-K or stream-K, optional TMA loads; "
+        "on Hopper also a warp-specialized Gluon kernel (kernel: gluon_ws)"))
