@@ -270,8 +270,8 @@ def test_graphed_decode_of_the_per_expert_loop_decodes_eagerly_said_once(checkpo
         run = gen.generate([[1, 2, 3]], 4)
     assert run.tokens == eager.tokens and not gen.graphs
     lines = [r.getMessage() for r in caplog.records if "without CUDA graphs" in r.getMessage()]
-    assert lines == ["decode runs without CUDA graphs: moe_gemm's torch baseline (transformers' per-expert loop) "
-                     "reads the routing back to the host"]
+    assert lines == ["prefill and decode run without CUDA graphs: moe_gemm's torch baseline (transformers' per-expert "
+                     "loop) reads the routing back to the host"]
 
 
 def test_the_per_expert_baseline_marks_the_ops_uncapturable(checkpoint):

@@ -10,6 +10,15 @@ power of two (dummy rows decode harmlessly in their own cache rows) and attentio
 ``kv_len`` slots, a power of two >= 256 (capped at the cache length). Graphs are captured on first
 use, after two eager warm-up steps, against static input buffers.
 
+Prefill runs in CUDA graphs too (``pad_prefill``, on wherever graphs are), one per chunk shape, so no
+Triton launch pays its Python launcher per call: prompts are padded to the next of ``PREFILL_LENGTHS``
+(16 and up: past 16, at most 1.5x their length) and the batch to its bucket, run in chunks of at most
+``PREFILL_GRAPH_TOKENS`` padded tokens (whole prompts: a chunk's rows are cache rows ``first ..
+first + rows - 1``, an input of its graph like the tokens and each prompt's last index). Padding
+changes no real token's logits: pad tokens come after a prompt's (causal attention never lets it see
+them) and their cache slots are overwritten by generated tokens before any query reads them, as for
+right-padded prompts. A prompt longer than the largest bucket runs eagerly, unpadded, one per chunk.
+
 At TP > 1 every rank runs the same calls in the same order (the TP blocks' first call of each
 shape is collective), and the Generator opens the blocks' symmetric heap once (``Ops.open_tp``).
 """
@@ -30,6 +39,9 @@ from tuneforge.models.qwen3 import Qwen3, Step
 log = logging.getLogger("tuneforge.engine")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# prompt lengths a prefill is padded to: powers of two and 1.5x powers of two, 16 ... 8192
+PREFILL_LENGTHS = tuple(sorted([2 ** k for k in range(4, 14)] + [3 * 2 ** k for k in range(3, 12)]))
+PREFILL_GRAPH_TOKENS = PREFILL_LENGTHS[-1]    # the most padded tokens one prefill chunk (and graph) holds
 MIN_KV_LEN = 256        # smallest decode KV-length bucket
 SLOT_ALIGN = 64         # the cache length is a multiple of this (aligned attention masks)
 
@@ -53,6 +65,17 @@ class _Static:
     graphs: dict = field(default_factory=dict)    # kv_len -> (CUDAGraph, logits)
 
 
+@dataclass
+class _Chunk:
+    """The fixed buffers of one prefill chunk shape (``rows`` prompts padded to ``length`` tokens)."""
+    tokens: torch.Tensor                  # [rows, length] int64
+    first: torch.Tensor                   # [rows] int64: the cache row of each chunk row
+    last: torch.Tensor                    # [rows] int64: flat index of each row's last prompt token
+    index: torch.Tensor                   # [rows] int64 (0..rows-1)
+    step: Step
+    graph: object = None                  # (CUDAGraph, logits); False: runs eagerly; None: not captured yet
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]
            ) -> torch.Tensor:
     """Next tokens [batch] from logits [batch, vocab]: greedy when ``temperature`` is 0, else from
@@ -72,7 +95,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Op
 class Generator:
     """Runs ``model`` with ``ops`` over a KV cache for up to ``max_batch`` sequences of ``max_len`` tokens."""
 
-    def __init__(self, model: Qwen3, ops, *, max_batch: int, max_len: int, graphs: Optional[bool] = None):
+    def __init__(self, model: Qwen3, ops, *, max_batch: int, max_len: int, graphs: Optional[bool] = None,
+                 pad_prefill: Optional[bool] = None):
         cfg = model.cfg
         if max_len > cfg.max_positions:
             raise InputError(f"max_len {max_len} exceeds the model's {cfg.max_positions} positions")
@@ -82,31 +106,93 @@ class Generator:
         self.device = model.embed.device
         self.max_batch, self.max_len = max_batch, max_len
         slots = min(-(-max_len // SLOT_ALIGN) * SLOT_ALIGN, cfg.max_positions)
-        self.cache = KVCache(cfg.num_hidden_layers, bucket(max_batch, BATCH_BUCKETS), model.layers[0].attn.kv_heads,
-                             slots, cfg.head_dim, model.dtype, self.device)
+        rows = bucket(max_batch, BATCH_BUCKETS)
+        # the largest prefill forward: every prompt unpadded, or one padded chunk
+        prefill_tokens = max(max_batch * max_len, min(PREFILL_GRAPH_TOKENS, rows * slots))
+        self.cache = KVCache(cfg.num_hidden_layers, rows, model.layers[0].attn.kv_heads, slots, cfg.head_dim,
+                             model.dtype, self.device)
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise InputError("CUDA graphs need the model on a CUDA device")
+        # padded prefill chunks (their shapes few and fixed) are what prefill graphs capture; without
+        # graphs padding only adds work, so it is on where graphs are unless asked (tests ask on the CPU)
+        self.pad_prefill = self.graphs if pad_prefill is None else pad_prefill
         if model.shard.size > 1:
             # the TP blocks' heap, warmed at the largest forward: a full prefill, or a decode batch bucket
-            rows = bucket(max_batch, BATCH_BUCKETS)
-            ops.open_tp(model, max_tokens=max(max_batch * max_len, rows), logit_rows=rows)
+            ops.open_tp(model, max_tokens=max(prefill_tokens, rows), logit_rows=rows)
         self._slots = torch.arange(slots, device=self.device)
         self._static: dict[int, _Static] = {}
+        self._chunks: dict[tuple[int, int], _Chunk] = {}
         self._pool = None
 
     # --- forward passes ----------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Right-padded prompts [b, T] with ``lengths`` [b] from an empty cache -> logits [b, vocab] of
-        each prompt's last token (``all_logits``: [b, T, vocab] for every position)."""
+        each prompt's last token (``all_logits``: [b, T, vocab] for every position, in one eager pass).
+        With ``pad_prefill``, in chunks of ``prefill_shape(b, T)``, each a CUDA graph where graphs are on."""
         b, t = tokens.shape
-        rows = torch.arange(b, device=self.device)[:, None].expand(b, t)
-        positions = torch.arange(t, device=self.device)[None, :].expand(b, t)
-        step = Step(rows=rows, positions=positions, prefill=True, kv_len=t)
-        last = None if all_logits else torch.arange(b, device=self.device) * t + lengths.to(self.device) - 1
-        logits = self.model(tokens, step, self.cache, self.ops, logits_rows=last)
-        return logits.view(b, t, -1) if all_logits else logits
+        if not self.pad_prefill or all_logits:
+            step = Step(rows=torch.arange(b, device=self.device)[:, None].expand(b, t),
+                        positions=torch.arange(t, device=self.device)[None, :].expand(b, t), prefill=True, kv_len=t)
+            last = None if all_logits else torch.arange(b, device=self.device) * t + lengths.to(self.device) - 1
+            logits = self.model(tokens, step, self.cache, self.ops, logits_rows=last)
+            return logits.view(b, t, -1) if all_logits else logits
+        rows, length = self.prefill_shape(b, t)
+        chunk = self._chunks.get((rows, length)) or self._new_chunk(rows, length)
+        graphed = self.graphs and rows * length <= PREFILL_GRAPH_TOKENS
+        tokens, lengths = tokens.to(self.device), lengths.to(self.device)
+        out = None
+        for first in range(0, b, rows):
+            n = min(rows, b - first)
+            chunk.tokens.zero_()        # pad ids (any id would do: no prompt token sees them)
+            chunk.tokens[:n, :t].copy_(tokens[first:first + n])
+            torch.add(chunk.index, first, out=chunk.first)
+            torch.mul(chunk.index, length, out=chunk.last)
+            chunk.last[:n] += lengths[first:first + n] - 1
+            logits = self._prefill_chunk(chunk, graphed)
+            if out is None:
+                out = torch.empty((b, logits.shape[1]), dtype=logits.dtype, device=self.device)
+            out[first:first + n].copy_(logits[:n])
+        return out
+
+    def prefill_shape(self, b: int, t: int) -> tuple[int, int]:
+        """(rows, length) of the chunks a padded prefill of ``b`` prompts of ``t`` tokens runs in: ``t``
+        padded to its bucket in ``PREFILL_LENGTHS`` (at most the cache's slots), and the batch bucket of
+        ``b`` halved until a chunk holds at most ``PREFILL_GRAPH_TOKENS``; past the largest bucket, one
+        unpadded prompt per chunk. The chunks of a batch tile its bucket, so pad rows stay in cache rows
+        below it."""
+        if t > PREFILL_LENGTHS[-1]:
+            return 1, t
+        length = min(bucket(t, PREFILL_LENGTHS), self.cache.max_len)
+        rows = bucket(b, BATCH_BUCKETS)
+        while rows > 1 and rows * length > PREFILL_GRAPH_TOKENS:
+            rows //= 2
+        return rows, length
+
+    def _new_chunk(self, rows: int, length: int) -> _Chunk:
+        z = torch.zeros(rows, dtype=torch.long, device=self.device)
+        first = z.clone()
+        step = Step(rows=first[:, None].expand(rows, length),
+                    positions=torch.arange(length, device=self.device)[None, :].expand(rows, length),
+                    prefill=True, kv_len=length)
+        chunk = _Chunk(torch.zeros((rows, length), dtype=torch.long, device=self.device), first, z.clone(),
+                       torch.arange(rows, device=self.device), step)
+        self._chunks[(rows, length)] = chunk
+        return chunk
+
+    def _prefill_chunk(self, chunk: _Chunk, graphed: bool) -> torch.Tensor:
+        """Logits [rows, vocab] of the chunk in its buffers: its graph replayed (captured on first use)
+        or an eager pass."""
+        def run():
+            return self.model(chunk.tokens, chunk.step, self.cache, self.ops, logits_rows=chunk.last)
+        if graphed and chunk.graph is None:
+            chunk.graph = self._capture(run) or False
+        if not graphed or not chunk.graph:
+            return run()
+        graph, logits = chunk.graph
+        graph.replay()
+        return logits
 
     def _decode_eager(self, st: _Static, kv_len: int) -> torch.Tensor:
         b = st.tokens.shape[0]
@@ -144,33 +230,35 @@ class Generator:
         if not self.graphs:
             return self._decode_eager(st, kv_len)[:b]
         if kv_len not in st.graphs:
-            st.graphs[kv_len] = self._capture(st, kv_len)
+            st.graphs[kv_len] = self._capture(lambda: self._decode_eager(st, kv_len))
         if st.graphs[kv_len] is None:
             return self._decode_eager(st, kv_len)[:b]
         graph, logits = st.graphs[kv_len]
         graph.replay()
         return logits[:b]
 
-    def _capture(self, st: _Static, kv_len: int):
-        """Warm up (compiles kernels, settles dispatch) then capture one decode step. The warm-up steps
-        compute exactly the step about to be replayed, so their cache writes are the same values."""
+    def _capture(self, run):
+        """(graph, logits) of ``run`` (a decode step or a prefill chunk on its static buffers), after two
+        eager warm-up runs (compiles kernels, settles dispatch) that compute exactly what is about to be
+        replayed, so their cache writes are the same values. None when a call in the warm-up cannot be
+        captured: from then on prefill and decode run eagerly, said once."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._decode_eager(st, kv_len)
+                run()
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self.ops.uncapturable:
-            # a torch baseline that syncs with the host ran in the warm-up: this step decodes eagerly
+            # a torch baseline that syncs with the host ran in the warm-up
             if self.graphs and self.model.shard.rank == 0:
-                log.warning("decode runs without CUDA graphs: %s", self.ops.uncapturable)
-            self.graphs = False
+                log.warning("prefill and decode run without CUDA graphs: %s", self.ops.uncapturable)
+            self.graphs = self.pad_prefill = False
             return None
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._decode_eager(st, kv_len)
+            logits = run()
         return graph, logits
 
     # --- the loop ----------------------------------------------------------------------------
