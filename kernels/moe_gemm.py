@@ -172,14 +172,19 @@ CONSTRAINTS = LAUNCH_CONSTRAINTS + (register_pressure, tile_exceeds_problem)
 
 def default_config(problem: Problem, spec: DeviceSpec, block_m: Optional[int] = None) -> dict:
     """By rows per hit expert (uniform routing): decode (<= 16 rows) streams the experts' weights with
-    16 x 64 x 128 tiles; up to 64 rows 32/64 x 64 x 64; beyond 64/128 x 128 x 64, 8 warps, grouped
-    order. ``combine``: atomic up to 256 tokens (the fp32 pass is small), reduce beyond. ``block_m``
-    given (a pack already made): kept. Shrunk like gemm's default until every constraint passes."""
+    16-row tiles, 64-deep K steps, 8 warps and 5 stages in flight, 128 columns wide where the hit
+    experts' tiles still fill every SM and 64 where they would not (one token: 8 experts x 6 tiles
+    of 128 leave SMs idle); up to 64 rows 32/64 x 64 x 64; beyond 64/128 x 128 x 64, 8 warps, grouped
+    order (the H200 sweep, benchmarks/results/bench_moe_gemm-NVIDIA_H200-2026-12-02-sweep24.json,
+    picked these at 1..256 tokens). ``combine``: atomic up to 256 tokens (the fp32 pass is small),
+    reduce beyond. ``block_m`` given (a pack already made): kept. Shrunk like gemm's default until
+    every constraint passes."""
     m, e, topk = problem["m"], problem["experts"], problem["topk"]
     active = e * (1.0 - (1.0 - 1.0 / e) ** (m * topk))
     rows = m * topk / max(active, 1.0)
     if rows <= 16:
-        cfg = dict(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
+        wide = active * math.ceil(_out_n(problem) / 128) >= spec.sms
+        cfg = dict(block_m=16, block_n=128 if wide else 64, block_k=64, group_m=1, num_warps=8, num_stages=5)
     elif rows <= 64:
         cfg = dict(block_m=32 if rows <= 32 else 64, block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=4)
     else:
