@@ -155,8 +155,8 @@ def split_k_to_fill(config: dict, problem: Problem, spec: DeviceSpec) -> int:
     return min(enough) if enough else max(usable, key=lambda s: (round(fill(s), 2), -s))
 
 
-def default_config(problem: Problem, spec: DeviceSpec, programs_per_sm: int | None = None) -> dict:
-    """Heuristic config (from bench_gemm's searches on an H100, bf16). Decode-sized M streams the
+def heuristic_config(problem: Problem, spec: DeviceSpec, programs_per_sm: int | None = None) -> dict:
+    """A rule-of-thumb config (from bench_gemm's searches on an H100, bf16). Decode-sized M streams the
     weight with 16x64x256 tiles, stream-K where the tiles cannot fill the SMs twice over and each
     program still gets several K iterations (pointer loads: TMA gained nothing there), else whole
     tiles split-K'd to fill the waves. Up to 256 rows: 64x64x128 tiles, two programs per SM, split-K'd
@@ -204,6 +204,27 @@ def default_config(problem: Problem, spec: DeviceSpec, programs_per_sm: int | No
     return cfg
 
 
+def default_config(problem: Problem, spec: DeviceSpec, programs_per_sm: int | None = None) -> dict:
+    """The config ``gemm(x, w)`` runs untuned: the cost model's fastest of the shape's candidate families
+    (``_families``: the heuristic's config and the portfolio's tiles, whole / split-K / stream-K /
+    hybrid), so no token count between the tuned buckets falls back on one rule's blind spot (the
+    heuristic alone: up to 3.5x cuBLAS at 129-511 tokens on an H200). ``programs_per_sm=1`` (the fused
+    kernels' persistent GEMMs, whole tiles): the heuristic."""
+    if programs_per_sm == 1:
+        return heuristic_config(problem, spec, programs_per_sm)
+    key = (problem.key, repr(spec))
+    if key not in _DEFAULTS:
+        from tuneforge.dsl.roofline import gemm_config_time
+        m, n, k = problem["m"], problem["n"], problem["k"]
+        # min keeps the first of equals: the heuristic's config wins ties
+        families = _families(problem, spec) or [heuristic_config(problem, spec)]
+        _DEFAULTS[key] = min(families, key=lambda c: gemm_config_time(m, n, k, c, spec, problem.dtype))
+    return dict(_DEFAULTS[key])
+
+
+_DEFAULTS: dict[tuple[str, str], dict] = {}
+
+
 def portfolio(problem: Problem, spec: DeviceSpec) -> list[dict]:
     """Configs worth trying first for this shape (the default first), per token class: whole tiles,
     unsplit and split-K to fill the waves, with and without TMA (flattened, past 512 tokens), and past
@@ -212,6 +233,18 @@ def portfolio(problem: Problem, spec: DeviceSpec) -> list[dict]:
     also 128 x 96 / 160 / 192 whole tiles. The tuner enqueues them before its sampler explores;
     bench_gemm's short search is exactly this list."""
     from tuneforge.kernels.gemm import TEMPLATE      # the template registered with this policy
+    configs = [default_config(problem, spec)] + [c for c in _families(problem, spec, flatten_variants=True)]
+    unique = []
+    for c in configs:
+        if c not in unique and TEMPLATE.reject_reason(c, problem, spec) is None:
+            unique.append(c)
+    return unique
+
+
+def _families(problem: Problem, spec: DeviceSpec, flatten_variants: bool = False) -> list[dict]:
+    """The heuristic's config, then the portfolio's families for the shape (the family that won most
+    often on the H100 first), each passing gemm's constraints; ``flatten_variants``: also the
+    flattened twin of each one-program-per-SM whole-tile config (the portfolio tries both)."""
     m = problem["m"]
     base = dict(group_m=1 if m <= 16 else 8, tma=True)
     # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, programs per SM)
@@ -234,7 +267,7 @@ def portfolio(problem: Problem, spec: DeviceSpec) -> list[dict]:
         for tma in (True, False):
             cfg = dict(shape, schedule="tiles", split_k=1, tma=tma, flatten=False)
             whole.append(cfg)
-            if m > SPLIT_K_MAX_M and pps == 1:
+            if m > SPLIT_K_MAX_M and pps == 1 and flatten_variants:
                 whole.append(dict(cfg, flatten=True))
             if m <= SPLIT_K_MAX_M:          # the split that fills the waves best, if any
                 whole.append(dict(cfg, split_k=split_k_to_fill(cfg, problem, spec)))
@@ -243,10 +276,5 @@ def portfolio(problem: Problem, spec: DeviceSpec) -> list[dict]:
                 stream.append(dict(shape, schedule="stream", programs_per_sm=stream_pps, tma=m > 16, flatten=False))
         if m > 16:                          # whole waves, then the part-empty last one split
             whole.append(dict(shape, schedule="hybrid", tma=True, flatten=m > SPLIT_K_MAX_M and pps == 1))
-    # the family that won most often on the H100 first (a short tuning budget reaches only the head)
-    configs = [default_config(problem, spec)] + (stream + whole if m <= 16 else whole + stream)
-    unique = []
-    for c in configs:
-        if c not in unique and TEMPLATE.reject_reason(c, problem, spec) is None:
-            unique.append(c)
-    return unique
+    configs = [heuristic_config(problem, spec)] + (stream + whole if m <= 16 else whole + stream)
+    return [c for c in configs if first_rejection(c, problem, spec, CONSTRAINTS) is None]

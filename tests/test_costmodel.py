@@ -14,7 +14,8 @@ H100, MI308X = spec("H100"), spec("MI308X")
 
 
 def test_roofline_is_the_slower_of_compute_and_memory_plus_launch():
-    launch = H100.launch_us * 1e-6
+    launch = H100.launch_us * 1e-6 + cm.HBM_LATENCY_S      # a kernel's floor: launch gap + one round trip
+    assert cm.kernel_floor(H100) == pytest.approx(launch)
     compute_bound = cm.roofline(1e12, 1e3, H100, "bf16")
     assert compute_bound == pytest.approx(1e12 / (989e12) + launch)
     memory_bound = cm.roofline(1e3, 1e9, H100, "bf16")

@@ -28,7 +28,9 @@ class DeviceSpec:
     topology: str = "nvswitch"     # "nvswitch" (all-to-all at link_gbs) | "mesh" (one link per peer)
     features: frozenset = frozenset()   # "tma", "wgmma", "warp_specialize"
     measured_hbm_fraction: float = 0.90
-    launch_us: float = 4.0         # kernel launch + tail, for the cost model
+    # one kernel's launch-to-launch gap inside a CUDA graph (the engine and the tuner replay graphs):
+    # ~1.5-2 us on an H100 (bench_gate: the fused ops at 1 token take 1.5-1.9 us in all)
+    launch_us: float = 1.0
 
     def peak_flops(self, dtype: str) -> float:
         return self.tflops[dtype] * 1e12
@@ -50,8 +52,9 @@ _H = frozenset({"tma", "wgmma", "warp_specialize"})
 SPECS: dict[str, DeviceSpec] = {s.name: s for s in [
     DeviceSpec("H100", "nvidia", 132, 232448, 3350, {"bf16": 989, "fp16": 989, "fp32": 67}, 80, 50,
                450, 2.5, "nvswitch", _H, measured_hbm_fraction=0.90),
+    # H200: a 1 GiB device copy moves 4.24 TB/s (2026-12-01), 0.88 of the datasheet's 4.8
     DeviceSpec("H200", "nvidia", 132, 232448, 4800, {"bf16": 989, "fp16": 989, "fp32": 67}, 141, 60,
-               450, 2.5, "nvswitch", _H, measured_hbm_fraction=0.90),
+               450, 2.5, "nvswitch", _H, measured_hbm_fraction=0.88),
     DeviceSpec("H800", "nvidia", 132, 232448, 3350, {"bf16": 989, "fp16": 989, "fp32": 67}, 80, 50,
                200, 2.5, "nvswitch", _H, measured_hbm_fraction=0.90),
     DeviceSpec("A100", "nvidia", 108, 166912, 2039, {"bf16": 312, "fp16": 312, "fp32": 19.5}, 80, 40,

@@ -41,14 +41,21 @@ def _get(config: Optional[Mapping[str, Any]], default, name: str):
 
 def roofline(flops: float, nbytes: float, spec, dtype: str = "bf16", efficiency: float = 1.0,
              mem_efficiency: float = 1.0, launches: int = 1) -> float:
-    """Seconds for ``flops`` and ``nbytes`` of HBM traffic: the slower of compute and memory, plus launches.
+    """Seconds for ``flops`` and ``nbytes`` of HBM traffic: the slower of compute and memory, plus
+    ``launches`` kernel floors.
 
     ``efficiency`` scales the peak FLOP rate, ``mem_efficiency`` the achievable HBM bandwidth
     (itself ``spec.measured_hbm_fraction`` of the datasheet figure).
     """
     compute = flops / (spec.peak_flops(dtype) * max(efficiency, 1e-6)) if flops else 0.0
     memory = nbytes / (spec.hbm_bytes_per_s * spec.measured_hbm_fraction * max(mem_efficiency, 1e-6))
-    return max(compute, memory) + launches * spec.launch_us * 1e-6
+    return max(compute, memory) + launches * kernel_floor(spec)
+
+
+def kernel_floor(spec) -> float:
+    """Seconds the smallest kernel takes inside a CUDA graph: its launch gap plus one dependent HBM
+    round trip (load, then store). An eager torch op of n kernels pays it n times."""
+    return spec.launch_us * 1e-6 + HBM_LATENCY_S
 
 
 def _link_bytes_per_s(spec, world: int, all_peers: bool) -> float:
@@ -107,7 +114,19 @@ _LIBRARY_TILES = ((128, 256, 64, 1), (256, 128, 64, 1), (128, 128, 64, 1), (64, 
                   (64, 64, 64, 1), (64, 128, 128, 2), (64, 64, 128, 4), (64, 128, 64, 8))
 # The hand-tuned library beats a generic Triton config at the same tile by a little (better
 # epilogues, scheduling); a tuned Triton config wins by finding a better tile/split for the shape.
-_LIBRARY_EFFICIENCY = 0.95
+_LIBRARY_EFFICIENCY = 1.0
+# cuBLAS's small-M kernels stream the weight at 0.94-0.97 of the bandwidth Triton's stream-K / split-K
+# programs reach (bench_gemm on an H100 at 1-16 tokens: lm_head, gate_up, down, 2026-11-24)
+_LIBRARY_STREAM_EFFICIENCY = 0.94
+_LIBRARY_SCHEDULES = ("tiles", "hybrid", "stream")
+# One GEMM launch's pipeline ramp and drain: the first tiles wait a full HBM round trip per stage before
+# their first MMA, the last wave's epilogue stores nothing else overlaps (the intercept of time vs bytes
+# of decode GEMMs: ~5 us on an H100 and an H200, launch included).
+GEMM_RAMP_S = 4.0e-6
+# Fraction of HBM bandwidth Triton's fp32 split-K / stream-K slices move at (stored, then read back by
+# one program per tile: few bytes in flight).
+SLICE_EFFICIENCY = 0.5
+_LIBRARY_RAMP_S = 2.0e-6
 
 
 def hybrid_split(rest: int, slots: int, k_iters: int) -> int:
@@ -118,7 +137,8 @@ def hybrid_split(rest: int, slots: int, k_iters: int) -> int:
 
 def gemm_time(m: int, n: int, k: int, spec, dtype: str = "bf16", *, block_m: int = 128, block_n: int = 128,
               block_k: int = 64, split_k: int = 1, num_stages: int = 3, num_warps: int = 8,
-              group_m: int = 8, tma: bool = False, schedule: str = "tiles", efficiency: float = 1.0) -> float:
+              group_m: int = 8, tma: bool = False, schedule: str = "tiles", programs_per_sm: int = 1,
+              efficiency: float = 1.0, library: bool = False) -> float:
     """Seconds for y[m,n] = x[m,k] @ w[n,k].T with one tile configuration.
 
     Compute: programs run in waves over the SMs (wave quantization); each tile does its padded
@@ -126,9 +146,11 @@ def gemm_time(m: int, n: int, k: int, spec, dtype: str = "bf16", *, block_m: int
     pipelining depth and warp count. Memory: operands re-read per tile row/column (L2 reuse with
     grouped order), and the bytes in flight by Little's law limit bandwidth when few programs run
     (small M: few tiles, little parallelism unless split-K adds some). ``schedule`` "stream"
-    (stream-K): the tiles' K iterations are shared evenly by one program per SM (no wave
+    (stream-K): the tiles' K iterations are shared evenly by the persistent programs (no wave
     quantization), and the slices of the tiles programs share go through an fp32 workspace;
-    "hybrid": whole tiles for the full waves, the rest split-K'd to fill one more wave.
+    "hybrid": whole tiles for the full waves, the rest split-K'd to fill one more wave. Every launch
+    pays ``spec.launch_us`` and one pipeline ramp (GEMM_RAMP_S). ``library``: cuBLAS's kernels, whose
+    warp-specialized epilogue overlaps the split fixup with the next tile's main loop.
     """
     size = _itemsize(dtype)
     sms = spec.sms
@@ -138,7 +160,8 @@ def gemm_time(m: int, n: int, k: int, spec, dtype: str = "bf16", *, block_m: int
     programs = tiles_m * tiles_n * split_k
     smem = num_stages * (block_m + block_n) * block_k * size
     per_sm = max(1, min(4, spec.smem_per_block // max(smem, 1)))   # co-resident programs per SM
-    slots = sms * per_sm
+    resident = min(per_sm, max(1, programs_per_sm))
+    slots = sms * resident
 
     intensity = block_m * block_n / (block_m + block_n)
     tile_eff = TILE_PEAK_FRACTION * min(1.0, intensity / TILE_INTENSITY_SATURATION)
@@ -154,9 +177,11 @@ def gemm_time(m: int, n: int, k: int, spec, dtype: str = "bf16", *, block_m: int
     sliced_bytes = 2 * split_k * m * n * 4 if split_k > 1 else 0       # fp32 partials written + reduced
     k_iters = math.ceil(k / block_k)
     if schedule == "stream":
-        programs = min(sms, tiles_m * tiles_n * k_iters)
-        compute = tiles_m * tiles_n * k_iters * 2.0 * block_m * block_n * block_k / (programs * per_sm_rate)
-        sliced_bytes = 2 * 2 * programs * min(m, block_m) * block_n * 4
+        workers = min(sms * max(1, programs_per_sm), tiles_m * tiles_n * k_iters)
+        busy = min(workers, sms)
+        compute = tiles_m * tiles_n * k_iters * 2.0 * block_m * block_n * block_k / (busy * per_sm_rate)
+        # each program's first and last tile are shared: one slice written and one read per program
+        sliced_bytes = 2 * 2 * workers * min(m, block_m) * block_n * 4
     elif schedule == "hybrid":      # full waves whole, the rest split to fill one more wave
         tiles = tiles_m * tiles_n
         rest = tiles % sms
@@ -177,21 +202,24 @@ def gemm_time(m: int, n: int, k: int, spec, dtype: str = "bf16", *, block_m: int
     in_flight = min(programs, slots) * num_stages * (block_m + block_n) * block_k * size
     need = spec.hbm_bytes_per_s * HBM_LATENCY_S
     mem_eff = min(1.0, in_flight / need)
-    hbm = spec.hbm_bytes_per_s * spec.measured_hbm_fraction
-    # the slices are stored after a program's K loop and summed after the last one's: not overlapped
-    # with the streaming (bench_split_cost: 1-36 % of a split GEMM's time on an H100)
-    fixup = sliced_bytes / hbm
-    return max(compute, nbytes / (hbm * mem_eff)) + fixup + spec.launch_us * 1e-6
+    hbm = spec.hbm_bytes_per_s * spec.measured_hbm_fraction * (_LIBRARY_STREAM_EFFICIENCY if library else 1.0)
+    # Triton's slices are stored after a program's K loop and summed by the tile's last program: not
+    # overlapped with the streaming, and at a fraction of HBM (bench_split_cost: 1-36 % of a split
+    # GEMM's time on an H100); the library's epilogue overlaps them with the next tile's main loop
+    fixup = 0.0 if library else sliced_bytes / (hbm * SLICE_EFFICIENCY)
+    ramp = _LIBRARY_RAMP_S if library else GEMM_RAMP_S
+    return max(compute, nbytes / (hbm * mem_eff)) + fixup + ramp + spec.launch_us * 1e-6
 
 
 def gemm_config_time(m: int, n: int, k: int, config: Optional[Mapping], spec, dtype: str = "bf16") -> float:
     """``gemm_time`` for a template config (None: the cuBLAS-like baseline's best library tile)."""
     if config is None or config.get("baseline"):
-        # the library's kernels include stream-K-like decompositions of a part-empty last wave
+        # the library's kernels include stream-K decompositions of a part-empty last wave
         return min(gemm_time(m, n, k, spec, dtype, block_m=bm, block_n=bn, block_k=bk, split_k=s,
                              num_stages=3 if bk == 64 else 2, num_warps=8 if bm * bn >= 128 * 128 else 4,
-                             tma="tma" in spec.features, efficiency=_LIBRARY_EFFICIENCY, schedule=schedule)
-                   for bm, bn, bk, s in _LIBRARY_TILES for schedule in ("tiles", "hybrid")
+                             tma="tma" in spec.features, efficiency=_LIBRARY_EFFICIENCY, schedule=schedule,
+                             library=True)
+                   for bm, bn, bk, s in _LIBRARY_TILES for schedule in _LIBRARY_SCHEDULES
                    if s == 1 or schedule == "tiles")
     return gemm_time(
         m, n, k, spec, dtype,
@@ -203,7 +231,8 @@ def gemm_config_time(m: int, n: int, k: int, config: Optional[Mapping], spec, dt
         num_warps=int(_get(config, 8, "num_warps")),
         group_m=int(_get(config, 8, "group_m")),
         tma=bool(_get(config, False, "tma")),
-        schedule=_get(config, "tiles", "schedule"))
+        schedule=_get(config, "tiles", "schedule"),
+        programs_per_sm=int(_get(config, 1, "programs_per_sm")))
 
 
 # --- elementwise / row ops ------------------------------------------------------------------------
@@ -225,7 +254,10 @@ def elementwise_time(rows: int, cols: int, nbytes: float, spec, config: Optional
     # a program with too few elements per thread under-issues loads; too many spill registers
     per_thread = block_m * block_n / (32 * max(num_warps, 1))
     mem_eff *= 1.0 if 4 <= per_thread <= 64 else 0.85
-    return roofline(flops, nbytes, spec, dtype, efficiency=0.5, mem_efficiency=mem_eff)
+    # at least one dependent round trip (load, then store); Little's law covers the rest
+    memory = max(HBM_LATENCY_S, nbytes / (spec.hbm_bytes_per_s * spec.measured_hbm_fraction * mem_eff))
+    compute = flops / (spec.peak_flops(dtype) * 0.5) if flops else 0.0
+    return max(compute, memory) + spec.launch_us * 1e-6
 
 
 # --- communication -----------------------------------------------------------------------------------
