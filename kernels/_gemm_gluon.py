@@ -192,9 +192,12 @@ def gemm_ws(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, config: dict, p
     n = w.shape[0]
     bm, bn, bk = config["block_m"], config["block_n"], config["block_k"]
     x_layout, w_layout, y_layout = _layouts(bm, bn, bk, x.dtype)
-    x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [bm, bk], x_layout)
-    w_desc = TensorDescriptor(w, [n, k], [w.stride(0), 1], [bn, bk], w_layout)
-    y_desc = TensorDescriptor(out, [m, n], [out.stride(0), 1], [bm, bn], y_layout)
+
+    def rows(t):     # a single row's stride is never used: the dense one (16-byte aligned, as k and n are)
+        return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+    x_desc = TensorDescriptor(x, [m, k], [rows(x), 1], [bm, bk], x_layout)
+    w_desc = TensorDescriptor(w, [n, k], [rows(w), 1], [bn, bk], w_layout)
+    y_desc = TensorDescriptor(out, [m, n], [rows(out), 1], [bm, bn], y_layout)
     maxnreg, consumer_regs = launch_registers(config)
     gemm_ws_kernel[(programs,)](x_desc, w_desc, y_desc, m, n, k, GROUP_M=config["group_m"],
                                 STAGES=config["num_stages"], CONSUMERS=config["consumers"],
