@@ -143,11 +143,10 @@ def bench_problem(layer: str, tp: int, problem: Problem, spec, device, explore: 
     def run_cublas(s):
         return torch.nn.functional.linear(s["x"], s["w"])
 
-    seeds = G.TEMPLATE.seeds(problem, spec)
+    portfolio = G.TEMPLATE.seeds(problem, spec)
     if triton_seeds is not None:      # the head of the Triton kernel's portfolio and every Gluon seed
-        triton_list = [c for c in seeds if c["kernel"] == "triton"]
-        seeds = triton_list[:triton_seeds] + [c for c in seeds if c["kernel"] != "triton"]
-    portfolio = seeds
+        triton_list = [c for c in portfolio if c["kernel"] == "triton"][:triton_seeds]
+        portfolio = [c for c in portfolio if c in triton_list or c["kernel"] != "triton"]
     explored = [c for c in explored_configs(problem, spec, explore, seed=problem["m"]) if c not in portfolio]
     tried = [{"config": c, "source": "portfolio"} for c in portfolio] + [{"config": c, "source": "explored"}
                                                                          for c in explored]
@@ -208,8 +207,9 @@ def main(argv=None) -> int:
     ap.add_argument("--all-sizes", action="store_true",
                     help="every Qwen3 dense size's linears at TP 1/2/4/8 and SWEEP_TOKENS, sampled (see above)")
     ap.add_argument("--shapes", type=int, default=SWEEP_SHAPES, help="--all-sizes: (weight, tokens) pairs sampled")
-    ap.add_argument("--triton-seeds", type=int, default=8, metavar="N",
-                    help="--all-sizes: search the first N Triton seeds (the default first) and every Gluon seed")
+    ap.add_argument("--triton-seeds", type=int, default=GW.TRITON_SEEDS_FIRST, metavar="N",
+                    help="--all-sizes: search the first N Triton seeds (the default first) and every Gluon seed "
+                         "(the default N: the head of the tuner's seeds)")
     ap.add_argument("--budget-s", type=float, default=330.0, help="--all-sizes: start no shape past this many seconds")
     args = ap.parse_args(argv)
     if args.quick:

@@ -312,10 +312,16 @@ def family_default(triton_default):
     return default
 
 
+# Triton seeds (the default first) the tuner tries before this family's: a short budget reaches both
+TRITON_SEEDS_FIRST = 8
+
+
 def family_seeds(triton_portfolio):
-    """The template's seeds: the Triton kernel's portfolio, then this family's."""
+    """The template's seeds: the head of the Triton kernel's portfolio, this family's, the rest."""
     def seeds(problem, spec):
-        return [{"kernel": "triton", **c} for c in triton_portfolio(problem, spec)] + portfolio(problem, spec)
+        triton_seeds = [{"kernel": "triton", **c} for c in triton_portfolio(problem, spec)]
+        head = TRITON_SEEDS_FIRST
+        return triton_seeds[:head] + portfolio(problem, spec) + triton_seeds[head:]
     return seeds
 
 
