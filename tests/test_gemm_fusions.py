@@ -1,0 +1,195 @@
+"""GEMM fusions (kernels/gemm_fused.py, gemm's kernel paths): the RMSNorm prologue, the SiLU-mul pair and
+the residual add, each checked under the interpreter against the chain of the unfused ops' references
+(rmsnorm, gemm, silu_mul: fp32/fp64, outputs NaN-poisoned), in fp32 and bf16, at the default config and
+at sampled ones (the residual add in every schedule); their constraints and input errors; the sm_90
+compile of the fused paths; and the engine, whose forward fuses exactly where the table says so and
+matches the unfused forward, also from a database tuned before the fusions existed."""
+import pytest
+import torch
+
+from conftest import compile_for_sm90, input_errors
+from tuneforge.db.environment import Environment
+from tuneforge.db.store import Winner
+from tuneforge.dsl import check, compare, get
+from tuneforge.dsl.check import interpreter_scale
+from tuneforge.engine.dispatch import Ops
+from tuneforge.engine.lookup import DispatchTable
+from tuneforge.kernels import gemm as G
+from tuneforge.kernels import gemm_fused as GF
+from tuneforge.kernels import rmsnorm as RMS
+from tuneforge.kernels import silu_mul as SILU
+from tuneforge.models import problems as P
+
+CPU = torch.device("cpu")
+SPEC = G.launch_spec(CPU)
+# (norm, epilogue): every fusion the engine runs
+FUSIONS = [(True, "none"), (False, "silu_mul"), (True, "silu_mul"), (False, "residual")]
+
+
+def unfused_reference(x, w, norm_weight=None, eps=RMS.QWEN3_EPS, residual=None, silu=False) -> torch.Tensor:
+    """The unfused ops' references one after the other: rmsnorm, gemm, then silu_mul or the add."""
+    h = x if norm_weight is None else RMS.reference(x, norm_weight, eps)
+    y = G.reference(h, w)
+    if silu:
+        y = SILU.reference(y)
+    return y if residual is None else y + residual.double()
+
+
+def checked(problem, config, seed=0):
+    inputs = GF.make_inputs(problem, CPU, seed)
+    ref = unfused_reference(**{k: v for k, v in inputs.items() if k != "out"})
+    return check(GF.TEMPLATE, problem, config, inputs=inputs, reference=ref,
+                 scale=interpreter_scale(problem.torch_dtype))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("norm,epilogue", FUSIONS)
+def test_default_config_matches_the_unfused_ops(dtype, norm, epilogue):
+    # odd m, k not a multiple of any BLOCK_K, n not a multiple of the tile: every edge masked
+    problem = P.gemm_fused(dtype, 5, (96, 72), norm=norm, epilogue=epilogue)
+    config = G.fused_default_config(problem, SPEC)
+    assert GF.TEMPLATE.reject_reason(config, problem, SPEC) is None
+    result = checked(problem, config)
+    assert result, f"{config}: {result.reason}"
+
+
+# Tiles, warps, grouping and persistence other than the default's (hand-picked: enumerating gemm's space
+# takes minutes); the residual add also where K slices meet (split-K, stream-K, hybrid) and on wide tiles.
+VARIANTS = [dict(block_m=32, block_n=16, block_k=32, group_m=4, num_warps=8, programs_per_sm=2),
+            dict(block_m=16, block_n=32, block_k=16, group_m=8, num_stages=2, flatten=True, programs_per_sm=1)]
+RESIDUAL_VARIANTS = [dict(block_m=16, block_n=16, block_k=16, split_k=2),
+                     dict(block_m=16, block_n=16, block_k=16, schedule="stream"),
+                     dict(block_m=16, block_n=16, block_k=16, schedule="hybrid"),
+                     dict(block_m=16, block_n=48, block_k=16, group_m=4)]
+
+
+@pytest.mark.parametrize("norm,epilogue", FUSIONS)
+def test_other_configs_match_the_unfused_ops(norm, epilogue):
+    # 37 x 40 outputs over 4 interpreted programs: several tiles per program, grouping exercised
+    problem = P.gemm_fused("bf16", 37, (80 if epilogue == "silu_mul" else 40, 48), norm=norm, epilogue=epilogue)
+    base = G.fused_default_config(problem, SPEC)
+    for change in VARIANTS + (RESIDUAL_VARIANTS if epilogue == "residual" else []):
+        config = {**base, **change}
+        if config["schedule"] != "tiles":
+            config.pop("split_k", None)
+        assert GF.TEMPLATE.reject_reason(config, problem, SPEC) is None, config
+        result = checked(problem, config, seed=3)
+        assert result, f"{config}: {result.reason}"
+
+
+def test_residual_add_in_place_and_norm_weight_applied():
+    problem = P.gemm_fused("fp32", 3, (32, 40), epilogue="residual")
+    inputs = GF.make_inputs(problem, CPU, 1)
+    x, w, residual = inputs["x"], inputs["w"], inputs["residual"]
+    want = unfused_reference(x, w, residual=residual)
+    assert GF.gemm_fused(x, w, residual=residual, out=residual) is residual
+    assert compare(residual, want)
+    # a norm weight far from 1: the fused prologue must scale x by it, not only by the rows' rsqrt
+    g = torch.linspace(0.2, 3.0, 40)
+    got = GF.gemm_fused(x, w, norm_weight=g)
+    assert compare(got, unfused_reference(x, w, norm_weight=g))
+    assert not compare(got, unfused_reference(x, w, norm_weight=torch.ones(40)))
+
+
+def test_whole_tile_fusions_refuse_split_schedules_and_wide_tiles():
+    norm = P.gemm_fused("bf16", 1, (1024, 4096), norm=True)
+    residual = P.gemm_fused("bf16", 1, (1024, 4096), epilogue="residual")
+    cfg = G.fused_default_config(residual, SPEC)
+    for change, reason in [({"schedule": "stream"}, "whole tiles"), ({"split_k": 4}, "whole tiles"),
+                           ({"block_n": 96}, "power of two")]:
+        bad = {**cfg, "schedule": "tiles", "split_k": 1, "block_n": 64, **change}
+        if change.get("schedule") == "stream":
+            bad.pop("split_k")
+        assert reason in G.fusion_unsupported(bad, norm, SPEC)
+        assert G.fusion_unsupported(bad, residual, SPEC) is None
+    # the pair's two B tiles count against shared memory
+    pair = P.gemm_fused("bf16", 512, (1024, 4096), epilogue="silu_mul")
+    big = dict(G.fused_default_config(pair, SPEC), block_n=256, block_k=128, num_stages=4)
+    assert "shared memory" in G.fusion_unsupported(big, pair, SPEC)
+    for problem in (norm, residual, pair):
+        seeds = GF.seeds(problem, SPEC)
+        assert seeds[0] == G.fused_default_config(problem, SPEC) and len(seeds) > 3
+        assert all(GF.TEMPLATE.reject_reason(c, problem, SPEC) is None for c in seeds)
+
+
+def test_bad_fusion_inputs_are_one_line_errors():
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    assert input_errors([
+        lambda: GF.gemm_fused(x, torch.randn(5, 8), silu=True),
+        lambda: GF.gemm_fused(x, w, norm_weight=torch.ones(6)),
+        lambda: GF.gemm_fused(x, w, residual=torch.randn(4, 3)),
+        lambda: GF.gemm_fused(x, w, silu=True, residual=torch.randn(4, 3)),
+        lambda: GF.gemm_fused(x, w, silu=True, out=torch.empty(4, 6)),
+    ]) == ["gemm: silu_mul needs w's rows as gate | up halves, got 5 rows",
+           "gemm: norm_weight has shape (6,), expected (8,)",
+           "gemm: residual has shape (4, 3), expected (4, 6)",
+           "gemm: silu_mul and a residual add are not fused together",
+           "gemm: out has shape (4, 6), expected (4, 3)"]
+
+
+def test_the_fused_paths_compile_for_sm90():
+    types = dict(x="*bf16", w="*bf16", w_lo="*bf16", y="*bf16", partial="*fp32", counts="*i32", res="*bf16",
+                 norm_w="*bf16", eps="fp32")
+    base = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_N_LO=0, BLOCK_K=128, GROUP_M=1, STREAM=False, FLATTEN=False,
+                USE_TMA=False, EVEN_K=True, UPCAST=False, INPUT_PRECISION="tf32")
+    # one compile holds every fused path: the norm prologue and the pair in whole tiles, the residual add
+    # there and where stream-K's slices meet (the host never asks for the pair and the add together)
+    compile_for_sm90("tuneforge.kernels.gemm", [
+        ("_gemm_kernel", dict(base, STREAM=True, NORM=True, SILU=True, RESIDUAL=True))], types)
+
+
+# --- the engine -------------------------------------------------------------------------------------------
+
+ENV = Environment("interpreter", 4, 0.0, 1, "single-gpu", torch.__version__, "3", "none", False)
+
+
+def _table(the_plan, fused: set) -> DispatchTable:
+    """A table whose gemm_fused winners are the kernel (default config) for the ``fused`` (norm, epi)
+    kinds and the baseline for the others, every other op the baseline; ``fused`` None: no gemm_fused
+    record at all (a database tuned before the fusions)."""
+    hashes = {op: get(op).source_hash for op in {i.problem.op for i in the_plan.tunable}}
+    winners = {}
+    for i in the_plan.tunable:
+        if i.problem.op == "gemm_fused" and fused is None:
+            continue
+        kind = (bool(i.problem["norm"]), P.GEMM_EPILOGUES[i.problem["epi"]]) if i.problem.op == "gemm_fused" else None
+        config = {} if kind in (fused or ()) else {"baseline": True}
+        winners[i.key] = Winner(i.problem, ENV, config, 1e-5, 1e-5, 1.0, 50.0, "measured", hashes[i.problem.op],
+                                "test", 1)
+    return DispatchTable(winners, {}, where="test", model=the_plan.model, tp=1, quiet=True)
+
+
+def test_the_engine_fuses_where_the_table_says_and_matches_the_unfused_forward(tiny_config):
+    from tuneforge.engine.generate import Generator
+    from tuneforge.models.configs import load_config
+    from tuneforge.models.loading import random_weights
+    from tuneforge.models.qwen3 import Qwen3
+    from tuneforge.tune.plan import plan
+    cfg = load_config(tiny_config)
+    model = Qwen3(cfg, dtype=torch.float32)
+    random_weights(model)
+    g = torch.Generator().manual_seed(0)
+    for p in [model.norm] + [n for layer in model.layers for n in (layer.input_norm, layer.post_attention_norm)]:
+        p.copy_(0.5 + torch.rand(p.shape, generator=g))       # norm weights far from 1 (random_weights: 1)
+    the_plan = plan(cfg, tp=1, decode_buckets=(1,), prefill_buckets=(3,), dtype="fp32")
+
+    def run(ops):
+        out = Generator(model, ops, max_batch=1, max_len=6, graphs=False).generate([[3, 1, 4]], 2,
+                                                                                  return_logits=True)
+        ran = {(bool(p["norm"]), P.GEMM_EPILOGUES[p["epi"]]) for p, c in ops._chosen.items()
+               if p.op == "gemm_fused" and c is not None}
+        return torch.stack(out.logits), ran
+
+    want, ran = run(Ops("baseline"))
+    assert ran == set()
+    every = set(FUSIONS)
+    prologue = every - {(False, "silu_mul")}       # the norm + SiLU-mul kernel leaves SiLU-mul alone unused
+    cases = [(every, prologue),
+             # o's and down's residual adds not fused: nothing to norm in a prologue but the first layer's qkv
+             ({(True, "none"), (True, "silu_mul"), (False, "silu_mul")}, {(True, "none"), (False, "silu_mul")}),
+             ({(False, "residual")}, {(False, "residual")}),
+             (None, set())]                       # no gemm_fused record: the unfused ops, as before
+    for fused, expected in cases:
+        got, ran = run(Ops("tuned", _table(the_plan, fused)))
+        assert ran == expected, fused
+        assert compare(got, want, torch.float32, scale=5.0), fused
