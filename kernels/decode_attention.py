@@ -5,12 +5,14 @@ heads (``g(h) = h // (heads / kv_heads)``) and ``len_b = positions[b] + 1`` (a t
 position, sequences right-padded, so the valid keys of sequence b are slots ``[0, positions[b]]``).
 
 Grid: (sequence x KV head, split). A program takes the query heads that share one KV head as the rows
-of its tiles (so K and V are read once per KV head, not once per query head) and one ``chunk`` of the
-keys, and keeps an online softmax over ``BLOCK_N``-key tiles. Splitting the keys gives a short batch
-enough programs to fill the GPU; the splits of a (sequence, KV head) are combined in the same launch:
-each stores its (max, sum, accumulator) in fp32 and the last to finish rescales and sums them
-(``gemm``'s workspace and arrival counters, re-armed for the next launch). Splits past a sequence's
-length find no keys and contribute nothing.
+of its tiles (so K and V are read once per KV head, not once per query head) and one chunk of the
+keys, and keeps an online softmax over ``BLOCK_N``-key tiles. The config's ``splits`` cut every
+(sequence, KV head) into that many chunks of whole tiles (``split_plan``; fewer where the cache view is
+shorter than the tuned context), so one short sequence still has programs for every SM. The splits of
+a (sequence, KV head) are combined in the same launch: each stores its (max, sum, accumulator) in fp32
+and the last to finish (``gemm``'s arrival counters, re-armed for the next launch) rescales and sums
+them a block of splits per load, so the combine costs a few round trips, not two per split. Splits
+past a sequence's length find no keys and contribute nothing.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import InputError
 from tuneforge.kernels import gemm as G
 from tuneforge.kernels._common import check_tensor, launch_spec
-from tuneforge.dsl.roofline import roofline
+from tuneforge.dsl.roofline import kernel_floor, roofline
 
 OP = "decode_attention"
 LOG2E = 1.4426950408889634
@@ -62,10 +64,16 @@ def split_attention(q, k, v, b, h, length, split, chunk, stride_qb, stride_qh, s
     for n0 in tl.range(start, end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         key_ok = keys < end
-        k_tile = tl.load(k_base + keys[None, :].to(tl.int64) * stride_kn + dims[:, None],
-                         mask=key_ok[None, :] & dim_ok[:, None], other=0.0)            # [BLOCK_D, BLOCK_N]
-        v_tile = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vn + dims[None, :],
-                         mask=key_ok[:, None] & dim_ok[None, :], other=0.0)            # [BLOCK_N, BLOCK_D]
+        if HEAD_DIM == BLOCK_D:     # no mask along the contiguous dim: the loads stay vectorized
+            k_mask = key_ok[None, :]
+            v_mask = key_ok[:, None]
+        else:
+            k_mask = key_ok[None, :] & dim_ok[:, None]
+            v_mask = key_ok[:, None] & dim_ok[None, :]
+        k_tile = tl.load(k_base + keys[None, :].to(tl.int64) * stride_kn + dims[:, None], mask=k_mask,
+                         other=0.0)                                                    # [BLOCK_D, BLOCK_N]
+        v_tile = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vn + dims[None, :], mask=v_mask,
+                         other=0.0)                                                    # [BLOCK_N, BLOCK_D]
         if UPCAST:
             k_tile = k_tile.to(tl.float32)
             v_tile = v_tile.to(tl.float32)
@@ -81,37 +89,51 @@ def split_attention(q, k, v, b, h, length, split, chunk, stride_qb, stride_qh, s
 
 
 @triton.jit
-def store_split(part, bh, split, splits, m_i, l_i, acc, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+def store_split(part, bh, split, splits, m_i, l_i, acc, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+                BLOCK_D: tl.constexpr):
     """Store this split's (max, sum, accumulator) in the fp32 workspace of (sequence, KV head) ``bh``:
-    splits x [m | l | acc]."""
+    splits x [m | l | acc]; the accumulator's padding rows (past ``GROUP``) are not stored."""
     rows = tl.arange(0, BLOCK_G)
     tile = rows[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
     mine = part + (bh.to(tl.int64) * splits + split) * (2 * BLOCK_G + BLOCK_G * BLOCK_D)
     tl.store(mine + rows, m_i)
     tl.store(mine + BLOCK_G + rows, l_i)
-    tl.store(mine + 2 * BLOCK_G + tile, acc)
+    tl.store(mine + 2 * BLOCK_G + tile, acc, mask=(rows < GROUP)[:, None])
 
 
 @triton.jit
-def combine_splits(part, bh, splits, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+def combine_splits(part, bh, splits, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     """(max, sum, accumulator) of all ``splits`` of ``bh`` from the workspace; called by the last split
-    to arrive (``G.last_to_arrive``), which sees every other split's stores."""
+    to arrive (``G.last_to_arrive``), which sees every other split's stores. An online softmax over
+    blocks of splits: each block is one load of [splits, rows(, dims)] (about 8k fp32 words), so the
+    combine's latency is a round trip per block, not per split."""
+    BLOCK_S: tl.constexpr = (8192 + BLOCK_G * BLOCK_D - 1) // (BLOCK_G * BLOCK_D)     # a power of 2, >= 1
     rows = tl.arange(0, BLOCK_G)
-    tile = rows[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    dims = tl.arange(0, BLOCK_D)
     slot_size = 2 * BLOCK_G + BLOCK_G * BLOCK_D
     base = part + bh.to(tl.int64) * splits * slot_size
     m_all = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-    for j in range(0, splits):
-        m_all = tl.maximum(m_all, tl.load(base + j * slot_size + rows, cache_modifier=".cg"))
-    # no key in any split (a rank's empty shard in decode_attention_sp): weights 0, not -inf - -inf
-    m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
     total = tl.zeros((BLOCK_G,), tl.float32)
     result = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-    for j in range(0, splits):
-        # a split without keys holds m = -inf, l = 0: weight 0
-        weight = tl.exp2(tl.load(base + j * slot_size + rows, cache_modifier=".cg") - m_ref)
-        total += weight * tl.load(base + j * slot_size + BLOCK_G + rows, cache_modifier=".cg")
-        result += weight[:, None] * tl.load(base + j * slot_size + 2 * BLOCK_G + tile, cache_modifier=".cg")
+    for s0 in range(0, splits, BLOCK_S):
+        block = s0 + tl.arange(0, BLOCK_S)
+        split_ok = block < splits
+        slots = base + block * slot_size
+        # a split without keys (or past ``splits``) holds m = -inf, l = 0, acc = 0: weight 0
+        m = tl.load(slots[:, None] + rows[None, :], mask=split_ok[:, None], other=float("-inf"),
+                    cache_modifier=".cg")                                                  # [S, G]
+        l = tl.load(slots[:, None] + BLOCK_G + rows[None, :], mask=split_ok[:, None], other=0.0, cache_modifier=".cg")
+        acc = tl.load(slots[:, None, None] + 2 * BLOCK_G + rows[None, :, None] * BLOCK_D + dims[None, None, :],
+                      mask=split_ok[:, None, None] & (rows < GROUP)[None, :, None], other=0.0,
+                      cache_modifier=".cg")                                                # [S, G, D]
+        m_new = tl.maximum(m_all, tl.max(m, 0))
+        # no key yet in any split (a rank's empty shard in decode_attention_sp): weights 0, not -inf - -inf
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_all - m_ref)
+        weight = tl.exp2(m - m_ref[None, :])
+        total = total * alpha + tl.sum(weight * l, 0)
+        result = result * alpha[:, None] + tl.sum(weight[:, :, None] * acc, 0)
+        m_all = m_new
     return m_all, total, result
 
 
@@ -137,9 +159,9 @@ def _decode_attention_kernel(q, k, v, pos, out, part, counts, kv_heads, splits, 
     if splits == 1:
         tl.store(o_ptrs, (acc / l_i[:, None]).to(out.dtype.element_ty), mask=o_mask)
     else:
-        store_split(part, bh, split, splits, m_i, l_i, acc, BLOCK_G, BLOCK_D)
+        store_split(part, bh, split, splits, m_i, l_i, acc, GROUP, BLOCK_G, BLOCK_D)
         if G.last_to_arrive(counts, bh, splits):
-            _, total, result = combine_splits(part, bh, splits, BLOCK_G, BLOCK_D)
+            _, total, result = combine_splits(part, bh, splits, GROUP, BLOCK_G, BLOCK_D)
             tl.store(o_ptrs, (result / total[:, None]).to(out.dtype.element_ty), mask=o_mask)
 
 
@@ -180,8 +202,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     problem = Problem.make(OP, DTYPE_NAMES[q.dtype], m=b, heads=heads, kv_heads=kv_heads, head_dim=d, ctx=length)
     cfg = config or default_config(problem, launch_spec(q.device))
     meta = kernel_meta(q, heads // kv_heads, d, cfg)
-    chunk = cfg["chunk"]
-    splits = triton.cdiv(length, chunk)
+    splits, chunk = split_plan(length, cfg)
     part, counts = G.workspace(q.device, workspace_floats(b * kv_heads, splits, meta), b * kv_heads) \
         if splits > 1 else (out, out)
     _decode_attention_kernel[(b * kv_heads, splits)](
@@ -200,6 +221,13 @@ def kernel_meta(q: torch.Tensor, group: int, d: int, cfg: dict) -> dict:
                 UPCAST=interpreted and q.dtype != torch.float32,
                 INPUT_PRECISION="ieee" if q.dtype == torch.float32 or interpreted else "tf32",
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def split_plan(length: int, cfg: dict) -> tuple[int, int]:
+    """(splits, chunk) of a ``length``-slot cache view under ``cfg`` (shared with ``decode_attention_sp``):
+    ``cfg['splits']`` chunks of whole ``block_n`` tiles, fewer where the view is too short for that many."""
+    chunk = max(1, triton.cdiv(triton.cdiv(length, cfg["splits"]), cfg["block_n"])) * cfg["block_n"]
+    return max(1, triton.cdiv(length, chunk)), chunk
 
 
 def workspace_floats(tiles: int, splits: int, meta: dict) -> int:
@@ -240,27 +268,38 @@ def reference(q, k, v, positions) -> torch.Tensor:
 
 # --- the template -------------------------------------------------------------------------------------
 
+SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
 def space(problem: Problem) -> Space:
-    return Space(categorical("chunk", [64, 128, 256, 512, 1024, 2048]),
+    return Space(categorical("splits", list(SPLITS)),
                  categorical("block_n", [16, 32, 64, 128]),
                  categorical("num_warps", [2, 4, 8]),
-                 categorical("num_stages", [1, 2, 3]))
+                 categorical("num_stages", [1, 2, 3, 4]))
 
 
 def default_config(problem: Problem, spec) -> dict:
-    """Enough splits that every SM gets a program (at most one per 64 keys), 64-key tiles."""
+    """About two programs per SM: splits from batch x KV heads against the SM count (the largest of
+    ``SPLITS`` that does not pass 2 x SMs programs, every split a whole 64-key tile); 64-key tiles,
+    3 stages (two tiles of K and V in flight per program)."""
     programs = problem["m"] * problem["kv_heads"]
-    ctx = problem["ctx"]
-    splits = max(1, min(-(-spec.sms // programs), -(-ctx // 64)))
-    chunk = max(64, min(2048, triton.next_power_of_2(-(-ctx // splits))))
-    return dict(chunk=chunk, block_n=64, num_warps=4, num_stages=2)
+    want = max(1, min(2 * spec.sms // programs, problem["ctx"] // 64))
+    block_n = min(64, max(16, triton.next_power_of_2(problem["ctx"])))       # a short cache: a shorter tile
+    return dict(splits=max(s for s in SPLITS if s <= want), block_n=block_n, num_warps=4, num_stages=3)
 
 
 def block_fits(config: dict, problem: Problem, spec) -> str | None:
-    if config["block_n"] > config["chunk"]:
-        return f"block_n={config['block_n']} > chunk={config['chunk']}"
-    if config["chunk"] > max(64, triton.next_power_of_2(problem["ctx"])):
-        return f"chunk={config['chunk']} exceeds ctx={problem['ctx']}"
+    ctx, block_n, splits = problem["ctx"], config["block_n"], config["splits"]
+    if block_n > max(16, triton.next_power_of_2(ctx)):
+        return f"block_n={block_n} exceeds ctx={ctx}"
+    if splits > 1 and splits * block_n > ctx:
+        return f"splits={splits} of block_n={block_n}-key tiles exceed ctx={ctx}"
+    if spec is not None:
+        staged = config["num_stages"] * 2 * block_n * triton.next_power_of_2(problem["head_dim"]) \
+            * problem.torch_dtype.itemsize
+        if staged > spec.smem_per_block:
+            return f"num_stages={config['num_stages']} x K and V tiles of {block_n} keys = {staged} B of shared memory " \
+                   f"> {spec.smem_per_block}"
     return None
 
 
@@ -287,17 +326,28 @@ def work(problem: Problem) -> tuple[float, float]:
 
 def cost(problem: Problem, config: Optional[dict], spec) -> float:
     """Roofline of the KV read; the baseline (SDPA with a mask) reaches less of it and pays a mask
-    read; splits pay for their fp32 partials."""
+    read; splits pay for their fp32 partials and the last split's combine."""
     flops, nbytes = work(problem)
     if config is None:
+        # SDPA runs one program per (sequence, KV head), each streaming its keys at about one SM's share
+        # of HBM (H100: 92 us for 8 programs x 4096 keys at batch 1, 2026-11-23 tunes); the mask is 3 kernels
         mask = problem["m"] * problem["ctx"] * problem.torch_dtype.itemsize
-        return roofline(flops, nbytes + mask, spec, problem.dtype, efficiency=0.4, mem_efficiency=0.6, launches=1)
+        programs = problem["m"] * problem["kv_heads"]
+        per_program = 2 * problem["ctx"] * problem["head_dim"] * problem.torch_dtype.itemsize
+        stream = -(-programs // spec.sms) * per_program * spec.sms / (spec.hbm_bytes_per_s * spec.measured_hbm_fraction)
+        return max(stream, roofline(flops, nbytes + mask, spec, problem.dtype, efficiency=0.4, launches=0)) \
+            + 4 * kernel_floor(spec)
     programs = problem["m"] * problem["kv_heads"]
-    splits = -(-problem["ctx"] // config["chunk"])
-    partials = 2 * programs * splits * MIN_ROWS * (problem["head_dim"] + 2) * 4 if splits > 1 else 0
+    splits, _ = split_plan(problem["ctx"], config)
+    group = problem["heads"] // problem["kv_heads"]
+    partial = group * (problem["head_dim"] + 2) * 4           # one split's fp32 (acc | m, l) per row
+    partials = 2 * programs * splits * partial if splits > 1 else 0
     fill = min(1.0, programs * splits / spec.sms)
+    # the last split of each (sequence, KV head) reads every split's partial alone: one SM's share of
+    # the bandwidth, after the rest
+    combine = splits * partial / (spec.hbm_bytes_per_s / spec.sms) if splits > 1 else 0.0
     return roofline(flops, nbytes + partials, spec, problem.dtype, efficiency=0.4, mem_efficiency=0.85 * fill,
-                    launches=1)
+                    launches=1) + combine
 
 
 TEMPLATE = register(Template(

@@ -179,9 +179,9 @@ def _sp_kernel(q, k, v, pos, out, part, counts, stage, slot_elems, tile_flags, k
         _publish(m_i, l_i, acc, b, h, bh, kv_heads, out, area, tile_flags, counts, epoch, stride_ob, stride_oh,
                  bases, flags, state, rank, world, max_spins, FORM, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D)
     else:
-        DA.store_split(part, bh, split, splits, m_i, l_i, acc, BLOCK_G, BLOCK_D)
+        DA.store_split(part, bh, split, splits, m_i, l_i, acc, GROUP, BLOCK_G, BLOCK_D)
         if G.last_to_arrive(counts, bh, splits):
-            m, l, res = DA.combine_splits(part, bh, splits, BLOCK_G, BLOCK_D)
+            m, l, res = DA.combine_splits(part, bh, splits, GROUP, BLOCK_G, BLOCK_D)
             _publish(m, l, res, b, h, bh, kv_heads, out, area, tile_flags, counts, epoch, stride_ob, stride_oh,
                      bases, flags, state, rank, world, max_spins, FORM, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D)
     if FORM != PARTIAL:
@@ -210,10 +210,10 @@ def _run(q, k, v, positions, ctx, out, cfg, shard_block, form: int, stage, slot_
     b, heads, d = q.shape
     kv_heads, capacity = k.shape[1], k.shape[2]
     meta = DA.kernel_meta(q, heads // kv_heads, d, cfg)
-    splits = triton.cdiv(capacity, cfg["chunk"])
+    splits, chunk = DA.split_plan(capacity, cfg)
     # one counter per (sequence, KV head) for the split combine, one for the rank (fused)
     part, counts = G.workspace(q.device, DA.workspace_floats(b * kv_heads, splits, meta), b * kv_heads + 1)
-    args = (q, k, v, positions, out, part, counts, stage, slot_elems, tile_flags, kv_heads, splits, cfg["chunk"],
+    args = (q, k, v, positions, out, part, counts, stage, slot_elems, tile_flags, kv_heads, splits, chunk,
             shard_block, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
             v.stride(2), out.stride(0), out.stride(1), positions.stride(0), DA.LOG2E / math.sqrt(d))
     grid = (b * kv_heads, splits)
@@ -287,12 +287,24 @@ def reference(q, k, v, positions, ctx, shard_block=SHARD_BLOCK) -> torch.Tensor:
 
 
 def baseline(q, k, v, positions, ctx, shard_block=SHARD_BLOCK) -> torch.Tensor:
-    """The same partials (the PARTIAL launch, the default attention config) gathered through
-    torch.distributed and combined in torch."""
+    """What a torch user runs: the same partials computed in torch over this rank's shard (fp32 scores,
+    slots past the rank's share of each sequence masked; an empty share: o = 0, lse = -inf), gathered
+    through torch.distributed and combined in torch. No host sync."""
     b, heads, d = q.shape
-    problem = _check(q, k, v, positions, ctx, None, shard_block)
-    mine = _partials(q, k, v, positions, ctx, DA.default_config(_local(problem), launch_spec(q.device)), shard_block)
-    parts = AG.baseline(mine, ctx, ctx.size * b * heads).view(ctx.size, b, heads, d + 1)
+    _check(q, k, v, positions, ctx, None, shard_block)
+    kv_heads, capacity = k.shape[1], k.shape[2]
+    length, world = positions + 1, ctx.size
+    whole = length // shard_block           # shard_length, in torch
+    mine = (whole - ctx.rank + world - 1) // world * shard_block + torch.where(
+        whole % world == ctx.rank, length - whole * shard_block, 0)
+    scores = torch.einsum("bhgd,bhnd->bhgn", q.float().view(b, kv_heads, heads // kv_heads, d), k.float())
+    valid = (torch.arange(capacity, device=q.device) < mine[:, None])[:, None, None, :]
+    scores = (scores * (DA.LOG2E / math.sqrt(d))).masked_fill(~valid, float("-inf"))
+    lse = torch.logsumexp(scores * math.log(2), -1) / math.log(2)
+    weights = torch.exp2(scores - torch.where(lse.isinf(), 0.0, lse)[..., None])      # all 0 when empty
+    o = torch.einsum("bhgn,bhnd->bhgd", weights, v.float())
+    partial = torch.cat([o.reshape(b * heads, d), lse.reshape(b * heads, 1)], 1)
+    parts = AG.baseline(partial, ctx, ctx.size * b * heads).view(ctx.size, b, heads, d + 1)
     lse = parts[..., d]
     weight = torch.exp2(lse - lse.amax(0))
     return ((weight[..., None] * parts[..., :d]).sum(0) / weight.sum(0)[..., None]).to(q.dtype)

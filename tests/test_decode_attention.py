@@ -1,4 +1,8 @@
-"""Decode attention (flash-decoding with in-launch split combine) against the fp64 reference."""
+"""Decode attention (flash-decoding with in-launch split combine) against the fp64 reference, outputs
+NaN-poisoned: configs sampled from the space, ragged lengths (1, not multiples of the split chunk or the
+tile), GQA ratios 1/4/8, the split combine over several blocks of splits with empty splits among them,
+a cache view shorter than the tuned context; the kernel compiles for sm_90."""
+import dataclasses
 import random
 
 import pytest
@@ -10,6 +14,8 @@ from tuneforge.errors import InputError
 from tuneforge.kernels import decode_attention as DA
 from tuneforge.kernels import gemm as G
 
+from conftest import compile_for_sm90
+
 CPU = torch.device("cpu")
 TEMPLATE = get("decode_attention")
 
@@ -20,8 +26,12 @@ def _configs(problem: Problem, count: int, seed: int) -> list[dict]:
     valid = [c for c in TEMPLATE.space(problem).enumerate() if TEMPLATE.reject_reason(c, problem, spec) is None]
     rng = random.Random(seed)
     picked = [TEMPLATE.default_config(problem, spec)] + rng.sample(valid, count - 1)
-    picked.append(rng.choice([c for c in valid if c["chunk"] < problem["ctx"]]))
+    picked.append(rng.choice([c for c in valid if c["splits"] > 1]))
     return picked
+
+
+def _config(splits, block_n=16):
+    return dict(splits=splits, block_n=block_n, num_warps=4, num_stages=1)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
@@ -32,9 +42,33 @@ def _configs(problem: Problem, count: int, seed: int) -> list[dict]:
 ])
 def test_configs_match_reference(dtype, dims):
     problem = Problem.make("decode_attention", dtype, **dims)
-    for i, config in enumerate(_configs(problem, 3, seed=len(dtype))):
+    for i, config in enumerate(_configs(problem, 2, seed=len(dtype))):
         result = check(TEMPLATE, problem, config, seed=i)
         assert result, f"{config}: {result.reason}"
+
+
+@pytest.mark.parametrize("group", [1, 8])
+def test_ragged_lengths_and_the_split_combine_over_several_blocks(group):
+    """Lengths 1, 37, 130 and 319 in a 320-slot cache (none a multiple of the 16-key tile); head_dim 64,
+    so the combine loads 8 splits at a time and 20 splits take three blocks (the last partial), the
+    short sequences' splits without keys among them (max -inf, weight 0)."""
+    problem = Problem.make("decode_attention", "fp32", m=4, heads=group, kv_heads=1, head_dim=64, ctx=320)
+    inputs = TEMPLATE.make_inputs(problem, CPU, seed=group)
+    inputs["positions"] = torch.tensor([0, 36, 129, 318])
+    config = _config(20)
+    assert DA.split_plan(320, config) == (20, 16)
+    result = check(TEMPLATE, problem, config, inputs=inputs)
+    assert result, f"{config}: {result.reason}"
+
+
+def test_a_shorter_cache_view_keeps_the_split_count():
+    """The engine's view may be shorter than the tuned context (kv_len 8192 at the 16384 bucket): the
+    chunk shrinks, the programs stay; only a view too short for that many tiles gets fewer splits."""
+    config = _config(32, 64)
+    assert DA.split_plan(16384, config) == (32, 512)
+    assert DA.split_plan(8192, config) == (32, 256)
+    assert DA.split_plan(1000, config) == (16, 64)
+    assert DA.split_plan(1, config) == (1, 64)
 
 
 def test_short_sequences_leave_splits_empty_and_counters_rearmed():
@@ -43,7 +77,7 @@ def test_short_sequences_leave_splits_empty_and_counters_rearmed():
     problem = Problem.make("decode_attention", "fp32", m=3, heads=4, kv_heads=2, head_dim=16, ctx=256)
     inputs = TEMPLATE.make_inputs(problem, CPU, seed=2)
     inputs["positions"] = torch.tensor([0, 4, 255])
-    config = dict(chunk=64, block_n=16, num_warps=4, num_stages=1)
+    config = _config(4)
     for _ in range(2):
         result = check(TEMPLATE, problem, config, inputs=dict(inputs))
         assert result, result.reason
@@ -81,8 +115,22 @@ def test_space_and_constraints():
     problem = Problem.make("decode_attention", "bf16", m=1, heads=64, kv_heads=8, head_dim=128, ctx=256)
     assert isinstance(TEMPLATE.space(problem), Space)
     spec = G.launch_spec(CPU)
-    assert "block_n" in TEMPLATE.reject_reason(dict(chunk=64, block_n=128, num_warps=4, num_stages=2), problem, spec)
-    assert "exceeds ctx" in TEMPLATE.reject_reason(dict(chunk=1024, block_n=64, num_warps=4, num_stages=2), problem, spec)
+    short = problem.with_dims(ctx=40)
+    assert "block_n=128 exceeds ctx=40" in TEMPLATE.reject_reason(dict(_config(1, 128), num_stages=2), short, spec)
+    assert "splits=8 of block_n=64" in TEMPLATE.reject_reason(dict(_config(8, 64), num_stages=2), problem, spec)
+    assert "shared memory" in TEMPLATE.reject_reason(dict(_config(2, 128), num_stages=4), problem, spec)
+    assert TEMPLATE.reject_reason(dict(_config(4, 64), num_stages=3), problem, spec) is None
+
+
+def test_default_config_gives_a_short_batch_programs_for_every_sm():
+    """Qwen3-32B's 8 KV heads on 132 SMs: batch 1 gets 32 splits (256 programs), batch 8 four, batch 32
+    and more none; a short cache never gets more splits than 64-key tiles."""
+    spec = dataclasses.replace(G.launch_spec(CPU), sms=132)
+    splits = {(m, ctx): TEMPLATE.default_config(Problem.make("decode_attention", "bf16", m=m, heads=64, kv_heads=8,
+                                                             head_dim=128, ctx=ctx), spec)["splits"]
+              for m in (1, 8, 32, 128) for ctx in (256, 8192)}
+    assert splits == {(1, 256): 4, (1, 8192): 32, (8, 256): 4, (8, 8192): 4, (32, 256): 1, (32, 8192): 1,
+                      (128, 256): 1, (128, 8192): 1}
 
 
 @pytest.mark.gpu
@@ -90,6 +138,14 @@ def test_space_and_constraints():
 def test_gpu_qwen3_32b_shapes(device, m, ctx):
     problem = Problem.make("decode_attention", "bf16", m=m, heads=64, kv_heads=8, head_dim=128, ctx=ctx)
     spec = G.launch_spec(device)
-    for config in (TEMPLATE.default_config(problem, spec), dict(chunk=64, block_n=32, num_warps=4, num_stages=2)):
+    for config in (TEMPLATE.default_config(problem, spec), dict(_config(16, 32), num_stages=2)):
         result = check(TEMPLATE, problem, config, device=device)
         assert result, f"{config}: {result.reason}"
+
+
+def test_the_kernel_compiles_for_sm90():
+    """Qwen3-32B's group of 8 query heads per KV head in bf16 (cp.async pipelining, the 3-D combine loads)."""
+    types = dict(q="*bf16", k="*bf16", v="*bf16", pos="*i64", out="*bf16", part="*fp32", counts="*i32",
+                 scale_log2="fp32")
+    compile_for_sm90("tuneforge.kernels.decode_attention", [("_decode_attention_kernel", dict(
+        GROUP=8, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, UPCAST=False, INPUT_PRECISION="tf32"))], types)

@@ -20,8 +20,8 @@ OP = "decode_attention_sp"
 FORMS = SP.FORMS
 
 
-def _config(form, chunk, block_n=16):
-    return {"form": form, "chunk": chunk, "block_n": block_n, "num_warps": 4, "num_stages": 1}
+def _config(form, splits, block_n=16):
+    return {"form": form, "splits": splits, "block_n": block_n, "num_warps": 4, "num_stages": 1}
 
 
 def _check_cases(world, cases, heap_bytes=4 << 20):
@@ -32,12 +32,12 @@ def _check_cases(world, cases, heap_bytes=4 << 20):
     ctx = heap.context()
     template = get(OP)
     failures, checked = [], 0
-    for dims, positions, chunks in cases:
+    for dims, positions, splits in cases:
         dims = dict(dims)
         problem = Problem.make(OP, dims.pop("dtype", "fp32"), world.size, **dims)
         inputs = template.make_inputs(problem, ctx.device, 1, ctx)
         inputs["positions"] = torch.tensor(positions, device=ctx.device)
-        for config in [template.default_config(problem, launch_spec(ctx.device))] + [_config(f, c) for f in FORMS for c in chunks]:
+        for config in [template.default_config(problem, launch_spec(ctx.device))] + [_config(f, s) for f in FORMS for s in splits]:
             reason = template.reject_reason(config, problem, None)
             assert reason is None, f"{config}: {reason}"
             for _ in range(2):
@@ -62,19 +62,19 @@ def _assert_world(results):
 
 
 def test_forms_and_baseline_match_sdpa_on_two_ranks():
-    # ctx 150: 10 placement blocks of 16 (the last partial) over 2 ranks, shards of 80 slots; chunk 64
-    # splits a shard in 2, chunk 128 does not split it; lengths 1, 17, 101, 150 (not multiples of 16)
+    # ctx 150: 10 placement blocks of 16 (the last partial) over 2 ranks, shards of 80 slots, split in
+    # 2 chunks of 48 or not split; lengths 1, 17, 101, 150 (not multiples of 16)
     cases = [
-        (dict(m=4, heads=4, kv_heads=1, head_dim=16, ctx=150), [0, 16, 100, 149], (64, 128)),   # GQA 4
-        (dict(m=2, heads=2, kv_heads=2, head_dim=16, ctx=40), [0, 39], (64,)),                  # GQA 1
-        (dict(m=2, heads=8, kv_heads=1, head_dim=8, ctx=40), [5, 33], (64,)),                   # GQA 8
+        (dict(m=4, heads=4, kv_heads=1, head_dim=16, ctx=150), [0, 16, 100, 149], (2, 1)),      # GQA 4
+        (dict(m=2, heads=2, kv_heads=2, head_dim=16, ctx=40), [0, 39], (1,)),                   # GQA 1
+        (dict(m=2, heads=8, kv_heads=1, head_dim=8, ctx=40), [5, 33], (1,)),                    # GQA 8
     ]
     _assert_world(spawn(_check_cases, 2, cases, timeout=300))
 
 
 def test_forms_and_baseline_match_sdpa_on_four_ranks():
     # lengths 1 and 20: ranks 1-3 / 2-3 hold nothing of those sequences; shards of 32 slots
-    cases = [(dict(m=3, heads=4, kv_heads=1, head_dim=16, ctx=100), [0, 19, 99], (64,))]
+    cases = [(dict(m=3, heads=4, kv_heads=1, head_dim=16, ctx=100), [0, 19, 99], (1,))]
     _assert_world(spawn(_check_cases, 4, cases, timeout=300))
 
 
@@ -89,7 +89,7 @@ def _silent_rank(world, silent):
     inputs = get(OP).make_inputs(problem, ctx.device, 0, ctx)
     messages, leftover = {}, {}
     for form in FORMS:
-        config = _config(form, 64)
+        config = _config(form, 1)
         get(OP).launch(**inputs, config=config)
         ctx.synchronize()
         channel = ctx.channel("allgather" if form == "two_step" else OP, 0)
@@ -107,7 +107,7 @@ def _silent_rank(world, silent):
         if form == "fused_tiles":
             leftover[form] = int(channel.tile_flags(world.size * 2).abs().sum())
     # after the resets, the forms work again on every rank
-    ok = [bool(check(get(OP), problem, _config(form, 64), ctx=ctx, inputs=inputs)) for form in FORMS]
+    ok = [bool(check(get(OP), problem, _config(form, 1), ctx=ctx, inputs=inputs)) for form in FORMS]
     heap.close()
     return messages, leftover, ok
 
@@ -163,7 +163,7 @@ def _bad_inputs(world):
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_forms_on_processes_sharing_one_gpu(ranks):
     # Qwen3-32B's heads; lengths 1, 1000 and the whole 4096 (shards of 4096 / ranks slots, split or not)
-    cases = [(dict(dtype="bf16", m=3, heads=64, kv_heads=8, head_dim=128, ctx=4096), [0, 999, 4095], (256, 1024))]
+    cases = [(dict(dtype="bf16", m=3, heads=64, kv_heads=8, head_dim=128, ctx=4096), [0, 999, 4095], (8, 1))]
     _assert_world(spawn(_check_cases, ranks, cases, 64 << 20, device="cuda", share_gpu=True, timeout=540))
 
 
@@ -174,7 +174,7 @@ def _graph_replay(world, replays):
     ctx = heap.context()
     problem = Problem.make(OP, "bf16", world.size, m=4, heads=64, kv_heads=8, head_dim=128, ctx=2048)
     inputs = split_out(get(OP).make_inputs(problem, ctx.device, 0, ctx))
-    configs = [_config(form, 256, 64) for form in FORMS]
+    configs = [_config(form, 2, 64) for form in FORMS]
     outs = [torch.empty_like(inputs["q"]) for _ in configs]
 
     def refill(r):

@@ -263,8 +263,8 @@ def test_decode_attention_is_served_by_the_bucket_of_its_cache_length(store):
     length (256 serves up to 256 slots, 4096 serves longer ones); the kernel then runs with that
     config and matches the baseline (SDPA with the engine's mask)."""
     from tuneforge.kernels import decode_attention as DA
-    short, long = dict(chunk=64, block_n=16, num_warps=4, num_stages=1), dict(chunk=128, block_n=32, num_warps=4,
-                                                                              num_stages=2)
+    short, long = dict(splits=4, block_n=16, num_warps=4, num_stages=1), dict(splits=8, block_n=32, num_warps=4,
+                                                                             num_stages=2)
     for ctx, config in ((256, short), (4096, long)):
         problem = Problem.make("decode_attention", "fp32", m=2, heads=4, kv_heads=2, head_dim=16, ctx=ctx)
         store.record_winner(winner(problem, H100, config))
