@@ -34,11 +34,18 @@ def test_qwen3_32b_tp1_plan_has_every_shape_exactly_once():
                                                            "layer.post_attention_layernorm", "final_norm"]
         _expect(p, "silu_mul", m=m, n=25600)
         _expect(p, "rope_qk_norm", m=m, heads=64, kv_heads=8, head_dim=128)
+        # the fusions, beside the ops they replace
+        assert _expect(p, "gemm_fused", m=m, n=10240, k=5120, norm=1, epi=0).roles == [
+            "layer.attn.qkv_proj+input_layernorm"]
+        _expect(p, "gemm_fused", m=m, n=5120, k=8192, norm=0, epi=1)
+        _expect(p, "gemm_fused", m=m, n=51200, k=5120, norm=0, epi=2)
+        _expect(p, "gemm_fused", m=m, n=51200, k=5120, norm=1, epi=2)
+        _expect(p, "gemm_fused", m=m, n=5120, k=25600, norm=0, epi=1)
     for m in DECODE_BUCKETS:
         _expect(p, "gemm", m=m, n=151936, k=5120)
         for ctx in DECODE_CONTEXTS:
             _expect(p, "decode_attention", m=m, heads=64, kv_heads=8, head_dim=128, ctx=ctx)
-    assert len(p) == 7 * len(ALL_M) + (1 + len(DECODE_CONTEXTS)) * len(DECODE_BUCKETS)
+    assert len(p) == 12 * len(ALL_M) + (1 + len(DECODE_CONTEXTS)) * len(DECODE_BUCKETS)
     assert not {i.problem.op for i in p} & {"allreduce", "tp_attn", "tp_mlp", "moe_gemm"}
     assert len({i.key for i in p}) == len(p)
     assert len(p.pairs()) == sum(len(i.roles) for i in p)
@@ -56,11 +63,12 @@ def test_qwen3_32b_tp8_plan_shards_heads_mlp_and_vocab_and_adds_the_tp_choices()
         assert _expect(p, "allreduce", 8, m=m, n=5120).roles == ["layer.attn.allreduce", "layer.mlp.allreduce"]
         _expect(p, "tp_attn", 8, m=m, hidden=5120, qkv=1280, o_in=1024)
         _expect(p, "tp_mlp", 8, m=m, hidden=5120, inter=3200)
+        _expect(p, "gemm_fused", m=m, n=6400, k=5120, norm=0, epi=2)   # the SiLU-mul only: the rest meet all-reduces
     for m in DECODE_BUCKETS:
         _expect(p, "gemm", m=m, n=151936 // 8, k=5120)
         for ctx in DECODE_CONTEXTS:
             _expect(p, "decode_attention", m=m, heads=8, kv_heads=1, head_dim=128, ctx=ctx)
-    assert len(p) == 10 * len(ALL_M) + (1 + len(DECODE_CONTEXTS)) * len(DECODE_BUCKETS)
+    assert len(p) == 11 * len(ALL_M) + (1 + len(DECODE_CONTEXTS)) * len(DECODE_BUCKETS)
 
 
 def test_kv_heads_are_replicated_when_fewer_than_ranks_and_bad_tp_is_refused():
@@ -99,7 +107,7 @@ def test_shared_expert_model_plans_gate_shared_expert_and_linear_attention():
 def test_ops_without_a_template_stay_in_the_plan_as_baseline_only():
     p = plan("Qwen3-8B", 2, decode_buckets=[1], prefill_buckets=[], registered={"gemm": "x", "rmsnorm": "y"})
     only = {i.problem.op for i in p.baseline_only}
-    assert only == {"silu_mul", "rope_qk_norm", "decode_attention", "allreduce", "tp_attn", "tp_mlp"}
+    assert only == {"silu_mul", "rope_qk_norm", "decode_attention", "allreduce", "tp_attn", "tp_mlp", "gemm_fused"}
     assert all(i.why.startswith("no template registered for op") for i in p.baseline_only)
     assert {i.problem.op for i in p.tunable} == {"gemm", "rmsnorm"}
     assert "baseline-only" in p.summary()
