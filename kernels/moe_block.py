@@ -133,18 +133,17 @@ def sub_configs(config: dict, problem: Problem) -> dict:
 
 
 def space(problem: Problem) -> Space:
-    """strategy; the grouped GEMMs' tiles (shared by gate_up and down); comm_sms (the all-reduce's or the
+    """strategy; the grouped GEMMs' tiles (moe_gemm's, shared by gate_up and down); comm_sms (the all-reduce's or the
     all-to-all's programs); tp: combine, ar_strategy; ep: form, comm_block, signal_rows (staged), chunks."""
     return Space(categorical("strategy", STRATEGIES),
-                 categorical("block_m", MG.BLOCK_MS), pow2("block_n", 32, 256), pow2("block_k", 32, 128),
-                 categorical("group_m", [1, 8]), categorical("num_warps", [4, 8]), categorical("num_stages", [2, 3, 4]),
+                 *(p for p in MG.space(_gemm_problems(problem, "tp")[0]).params if p.name in GEMM_KEYS),
                  categorical("comm_sms", [1, 2, 4, 8, 16, 32]),
                  categorical("combine", ["atomic", "reduce"], when=TP),
                  categorical("ar_strategy", ["one_shot", "two_shot"], when=TP),
                  categorical("form", A2A.FORMS, when=EP),
                  pow2("comm_block", 256, 4096, when=EP),
                  categorical("signal_rows", A2A.SIGNAL_ROWS, when={**EP, "form": ["staged"]}),
-                 categorical("chunks", [1, 2, 4], when=EP))
+                 categorical("chunks", CHUNKS, when=EP))
 
 
 def strategy_fits(config: dict, problem: Problem, spec) -> Optional[str]:
@@ -325,6 +324,28 @@ def _ep(x, topk_ids, topk_weights, gate_up, down, ctx, experts, sub, out) -> tor
         main.wait_stream(comm)
     _READY.add(key)
     return AG.allgather(mine, ctx=ctx, m=x.shape[0], out=out, config=sub["allgather"])
+
+
+CHUNKS = (1, 2, 4)
+
+
+def heap_bytes(max_tokens: int, hidden: int, topk: int, world: int, itemsize: int = 2) -> int:
+    """Symmetric-heap bytes both strategies need for up to ``max_tokens`` tokens per call, whatever the
+    config: tp's all-reduce staging (``world`` x m x hidden per parity, one_shot push); ep's all-gather and,
+    per chunk channel (the largest chunk any ``chunks`` gives it), the dispatch buffers (count matrices,
+    meta and rows of ``world`` x rows x topk received, the staged send areas) and the combine areas, plus
+    signals. Channels grow by reallocation on the bump-allocated heap, so call the layer at the largest
+    token count first (e.g. when warming CUDA graphs)."""
+    m = max(1, max_tokens)
+    share = row_split(m, world)[0][1]
+    total = 2 * world * m * hidden * itemsize + 2 * m * hidden * itemsize
+    for i in range(max(CHUNKS)):
+        tokens = max((row_split(share, c)[i][1] for c in CHUNKS if i < c), default=0)
+        area = max(1, tokens * topk)
+        capacity = world * area
+        total += (2 * world * world + capacity * A2A.META.value + 2 * area * A2A.META.value) * 4 \
+            + (capacity + 2 * area) * hidden * itemsize + 2 * capacity * hidden * itemsize
+    return total + (16 << 20)
 
 
 def _channel(chunk: int) -> str:

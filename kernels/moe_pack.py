@@ -12,7 +12,12 @@ Input: ``topk_ids`` [T, top_k] (any int dtype) from a router. Each flat slot ``s
 
 Nothing is read back to the host: the shapes come from ``max_padded`` (shapes only), so the pack is
 CUDA-graph capturable. Expert ids outside [0, experts) are dropped (not packed), so a rank holding
-some of the experts can pass the others as -1.
+some of the experts can pass the others as -1. A dropped slot has no sorted slot, so ``moe_gemm`` never
+writes its row: whatever sums rows per token must skip it. ``moe_gemm``'s ``combine="atomic"`` does (it
+adds only the rows it computes), ``combine="reduce"`` does not (it sums every slot's row, written or
+not), so the expert-parallel layer (``moe_block`` ep, which packs received rows with -1 past the received
+count) runs its GEMMs without combine and sums in ``moe_alltoall.combine``, which reads only the rows
+received and the ids in range.
 
 Three launches: ``_count`` (per chunk of ``block`` slots, its count per expert; it also fills
 ``sorted_ids`` with the sentinel), ``_offsets`` (one program: each expert's padded start, each chunk's
@@ -169,7 +174,7 @@ def pack(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, out: Optiona
     cfg = config or default(slots, num_experts)
     e_pad = triton.next_power_of_2(num_experts)
     chunks = max(1, triton.cdiv(slots, cfg["block"]))
-    ids = topk_ids.reshape(-1)
+    ids = topk_ids.contiguous().view(-1)       # the kernels index it densely (a strided column would not be)
     counts = torch.empty(chunks, num_experts, dtype=torch.int32, device=buf.device)
     offsets = torch.empty_like(counts)
     fill = triton.cdiv(padded, chunks)

@@ -2,7 +2,8 @@
 interpreter, against a host computation from every rank's gathered inputs: the received rows, their
 meta and counts exactly; the combine of the stand-in experts and of identity experts (y = x gives
 sum of the valid weights times x); uniform and skewed routing (ranks receiving nothing), experts with
-no tokens, dropped (-1) ids, top-k 1/2/8; every call twice (epochs, no clearing). The torch.distributed
+no tokens, dropped (-1) ids, top-k 1/2/8; both forms, each case called twice (low-latency, then staged on the
+same channels: epochs, no clearing). The torch.distributed
 baseline and the template's check; a silent rank gives SignalTimeout naming rank, peer and signal; the
 kernels compile for sm_90 (what the interpreter forgives). On one GPU (``-m gpu``): the same cases with
 2 and 4 processes sharing it."""
@@ -18,7 +19,10 @@ from tuneforge.kernels import moe_alltoall as A2A
 from tuneforge.world import spawn
 
 OP = "moe_alltoall"
-CONFIG = {"block": 16, "num_warps": 4, "comm_sms": 2}     # 16 < hidden 20: two masked chunks per row
+CONFIG = {"form": "low_latency", "block": 16, "num_warps": 4, "comm_sms": 2}   # 16 < hidden 20: two masked chunks
+STAGED = {"form": "staged", "block": 16, "num_warps": 4, "comm_sms": 2, "signal_rows": 16}
+# each case: low_latency, then staged on the same channels (the next case reuses the parity areas)
+CALLS = (CONFIG, STAGED)
 
 
 def _expected(world, me, xs, idss, experts):
@@ -45,7 +49,7 @@ def _cases(world, cases):
         g = torch.Generator().manual_seed(1000 * i + world.rank)
         ids, weights = A2A.routing(tokens, experts, top_k, g, skew)
         x = torch.randn(tokens, 20, generator=g)
-        for call in range(2):
+        for call, config in enumerate(CALLS):
             if drop and call == 1:
                 # an entry for no expert: neither sent nor summed (its combine slot still holds call 0's row)
                 ids[0, -1] = -1
@@ -53,9 +57,9 @@ def _cases(world, cases):
             rows, meta, counts = _expected(world.size, world.rank, xs, idss, experts)
             valid = (ids >= 0) & (ids < experts)
             dx, dids, dweights = (t.to(ctx.device) for t in (x, ids, weights))
-            d = A2A.dispatch(dx, dids, ctx=ctx, experts=experts, config=CONFIG)
+            d = A2A.dispatch(dx, dids, ctx=ctx, experts=experts, config=config)
             n = int(d.count)
-            tag = f"case {i} call {call} rank {world.rank}"
+            tag = f"case {i} call {call} ({config['form']}) rank {world.rank}"
             if n != len(rows) or not torch.equal(d.counts.cpu(), counts):
                 failures.append(f"{tag}: received {n} rows, expected {len(rows)}; counts {d.counts.tolist()}")
                 continue
@@ -63,11 +67,11 @@ def _cases(world, cases):
                 failures.append(f"{tag}: received rows differ")
             if not torch.equal(d.meta[:n].cpu(), meta) or not bool((d.expert[n:] == -1).all()):
                 failures.append(f"{tag}: meta {d.meta[:n].tolist()} != {meta.tolist()} or rows past count not -1")
-            out = A2A.combine(A2A.expert_stand_in(d, world.rank), dweights, d, ctx=ctx, config=CONFIG)
+            out = A2A.combine(A2A.expert_stand_in(d, world.rank), dweights, d, ctx=ctx, config=config)
             ok = compare(out, A2A.reference(x, ids, weights, ctx, experts))
             if not ok:
                 failures.append(f"{tag}: combine of the stand-in experts: {ok.reason}")
-            same = A2A.combine(d.x, dweights, d, ctx=ctx, config=CONFIG)       # identity experts
+            same = A2A.combine(d.x, dweights, d, ctx=ctx, config=config)       # identity experts
             ok = compare(same, x.double() * (weights.double() * valid).sum(1, keepdim=True))
             if not ok:
                 failures.append(f"{tag}: combine of identity experts: {ok.reason}")
@@ -75,7 +79,7 @@ def _cases(world, cases):
     # the template: the round trip checked, and the baseline, on the problem's own inputs
     problem = Problem.make(OP, "fp32", world.size, m=3, hidden=20, experts=2 * world.size, topk=2)
     template = get(OP)
-    for config in (template.default_config(problem), CONFIG):
+    for config in (template.default_config(problem), CONFIG, STAGED):
         result = check(template, problem, config, device=ctx.device, ctx=ctx)
         if not result:
             failures.append(f"template {config}: {result.reason}")
@@ -181,10 +185,13 @@ def test_bad_inputs_give_one_line_errors():
 
 
 def test_the_kernels_compile_for_sm90():
-    types = dict(x="*bf16", y="*bf16", out="*bf16", stage="*bf16", rows="*bf16", weights="*fp32", ids="*i32",
-                 pos="*i32", matrix="*i32", meta="*i32", count="*i32", bases="*i64", flags="*i64", state="*i64",
-                 slot_elems="i64")
+    types = dict(x="*bf16", y="*bf16", out="*bf16", stage="*bf16", rows="*bf16", send_rows="*bf16", weights="*fp32",
+                 ids="*i32", pos="*i32", order="*i32", matrix="*i32", meta="*i32", send_meta="*i32", count="*i32",
+                 counts="*i32", chunk_flags="*i64", bases="*i64", flags="*i64", state="*i64", slot_elems="i64")
     compile_for_sm90("tuneforge.kernels.moe_alltoall",
                      [("_route_kernel", dict(BLOCK_E=1024)), ("_dispatch_kernel", dict(BLOCK=1024)),
-                      ("_combine_push_kernel", dict(BLOCK=1024)), ("_combine_reduce_kernel", dict(BLOCK=1024))],
+                      ("_stage_kernel", dict(SIGNAL_ROWS=64, BLOCK=1024)), ("_pull_kernel", dict(SIGNAL_ROWS=64, BLOCK=1024)),
+                      ("_combine_push_kernel", dict(BLOCK=1024)), ("_combine_reduce_kernel", dict(BLOCK=1024)),
+                      ("_combine_stage_kernel", dict(SIGNAL_ROWS=64, BLOCK=1024)),
+                      ("_combine_pull_kernel", dict(SIGNAL_ROWS=64, BLOCK=1024))],
                      types)

@@ -1,0 +1,241 @@
+"""The MoE layer across ranks (``moe_block``) in real 2- and 4-rank CPU worlds under Triton's interpreter:
+tp (channel-sharded experts + all-reduce) and ep (placed experts + all-to-all, both forms, overlapped in
+chunks) against the fp64 reference, against each other, and against transformers' Qwen3MoeSparseMoeBlock;
+uneven row shares, skewed routing (ranks receiving nothing), dropped (-1) ids, top-k 1/2/8; every layer
+called twice (epochs). The torch baselines (all_reduce; all_to_all_single with the counts exchange); bad
+inputs; the template's space and cost on targets not at hand. On one GPU (``-m gpu``): the layers
+captured in one CUDA graph and replayed on two processes sharing it."""
+
+import pytest
+import torch
+
+from conftest import assert_graph_replays, graph_replays, input_errors
+from tuneforge.dsl import Problem, check, get
+from tuneforge.dsl.check import compare, split_out
+from tuneforge.dsl.devices import SPECS
+from tuneforge.kernels import moe_block as MB
+from tuneforge.models import problems as P
+from tuneforge.world import spawn
+
+OP = "moe_block"
+TILES = dict(block_m=16, block_n=32, block_k=32, group_m=1, num_warps=4, num_stages=2)
+TP_ATOMIC = {"strategy": "tp", **TILES, "comm_sms": 2, "combine": "atomic", "ar_strategy": "one_shot"}
+TP_REDUCE = {**TP_ATOMIC, "combine": "reduce", "ar_strategy": "two_shot"}
+EP_LL = {"strategy": "ep", **TILES, "comm_sms": 2, "form": "low_latency", "comm_block": 256, "chunks": 1}
+EP_STAGED = {**EP_LL, "form": "staged", "signal_rows": 16, "chunks": 2}
+CONFIGS = (TP_ATOMIC, TP_REDUCE, EP_LL, EP_STAGED)
+
+
+def _name(config) -> str:
+    return f"{config['strategy']}/{config.get('combine') or config['form']}"
+
+
+def _layers(world, shapes, drop: bool):
+    """Each (m, experts, topk, skew) problem (hidden = inter = 16, fp32) through every config twice (other
+    inputs the second time), each output against the reference and against the first config's; the
+    baselines; a dropped id through ep."""
+    from tuneforge.dsl.heap import SymmetricHeap
+    from tuneforge.kernels import moe_alltoall as A2A
+    heap = SymmetricHeap(world, 8 << 20)
+    ctx = heap.context()
+    template = get(OP)
+    failures = []
+    for m, experts, topk, skew in shapes:
+        problem = P.moe_block("fp32", world.size, m, 16, 16, experts, topk)
+        for seed in (0, 1):
+            inputs = template.make_inputs(problem, ctx.device, seed, ctx)
+            if skew:     # every token to the first experts: ep's rank 0 receives everything, the others nothing
+                g = torch.Generator().manual_seed(seed)
+                inputs["topk_ids"].copy_(A2A.routing(m, experts, topk, g, skew)[0])
+            ref = template.reference(**split_out(inputs))
+            first = None
+            for config in CONFIGS:
+                tag = f"m={m} E={experts} k={topk} skew={skew} seed={seed} {_name(config)} rank {world.rank}"
+                result = check(template, problem, config, ctx=ctx, inputs=inputs, reference=ref)
+                if not result:
+                    failures.append(f"{tag}: {result.reason}")
+                if first is None:
+                    first = inputs["out"].clone()
+                elif not (same := compare(inputs["out"], first.double())):
+                    failures.append(f"{tag}: differs from {_name(CONFIGS[0])}: {same.reason}")
+        for name, fn in (("tp", MB.baseline), ("ep", MB.baseline_ep)):
+            ok = compare(fn(**split_out(inputs)), ref)
+            if not ok:
+                failures.append(f"m={m} baseline {name}: {ok.reason}")
+    if drop:     # an entry for no expert adds nothing (ep: neither sent nor combined)
+        problem = P.moe_block("fp32", world.size, 5, 16, 16, 4, 2)
+        inputs = template.make_inputs(problem, ctx.device, 2, ctx)
+        inputs["topk_ids"][1, 0] = -1
+        ref = template.reference(**split_out(inputs))
+        for config in (EP_LL, EP_STAGED):
+            result = check(template, problem, config, ctx=ctx, inputs=inputs, reference=ref)
+            if not result:
+                failures.append(f"dropped id, {_name(config)}: {result.reason}")
+    epochs = {name: int(ch.state[0]) for name, ch in ctx.channels.items()}
+    heap.close()
+    return failures, epochs
+
+
+def _assert_world(results):
+    for failures, epochs in results:
+        assert not failures, "\n".join(failures)
+        assert epochs == results[0][1]
+
+
+def test_tp_and_ep_match_the_reference_and_each_other_on_two_ranks():
+    # 5 tokens: row shares of 3 and 2 (ep's buffers sized by the larger); top-2 of 4 experts
+    _assert_world(spawn(_layers, 2, [(5, 4, 2, 0.0)], True, timeout=300))
+
+
+def test_tp_and_ep_on_four_ranks_top1_top8_and_skewed():
+    # top-1 and top-8 of 8 experts; skewed: ep's ranks 1-3 receive nothing
+    _assert_world(spawn(_layers, 4, [(6, 8, 1, 0.0), (4, 8, 8, 0.0), (4, 8, 2, 50.0)], False, timeout=540))
+
+
+def _transformers(world, norm: bool):
+    """Qwen3MoeSparseMoeBlock's output and ours (its router's logits through moe_router's baseline, then
+    moe_block in each config on every rank's shards of its experts)."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+    from tuneforge.dsl.heap import SymmetricHeap
+    from tuneforge.kernels import moe_router
+    torch.manual_seed(0)        # the same block on every rank
+    hf = Qwen3MoeSparseMoeBlock(Qwen3MoeConfig(hidden_size=32, moe_intermediate_size=16, num_experts=8,
+                                               num_experts_per_tok=2, norm_topk_prob=norm)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, p.shape[-1] ** -0.5)
+        x = torch.randn(7, 32)
+        expect = hf(x[None])[0]
+        weights, ids = moe_router.baseline(x @ hf.gate.weight.T, 2, norm)
+    heap = SymmetricHeap(world, 8 << 20)
+    ctx = heap.context()
+    gate_up, down = hf.experts.gate_up_proj.detach(), hf.experts.down_proj.detach()
+    failures = []
+    for config in CONFIGS:
+        part = MB.shard(gate_up, down, config["strategy"], world.rank, world.size)
+        out = MB.moe_block(x, ids.int().contiguous(), weights.float().contiguous(), *part, ctx=ctx, experts=8,
+                           config=config)
+        ctx.synchronize()
+        ok = compare(out, expect.double())
+        if not ok:
+            failures.append(f"{_name(config)} norm={norm}: {ok.reason}")
+    heap.close()
+    return failures
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_the_layer_matches_transformers_qwen3_moe_block(norm):
+    for failures in spawn(_transformers, 2, norm, timeout=300):
+        assert not failures, "\n".join(failures)
+
+
+def _bad_inputs(world):
+    from tuneforge.dsl.heap import SymmetricHeap
+    heap = SymmetricHeap(world, 1 << 20)
+    ctx = heap.context()
+    problem = P.moe_block("fp32", 2, 3, 16, 16, 4, 2)
+    inputs = get(OP).make_inputs(problem, ctx.device, 0, ctx)
+    x, ids, w = inputs["x"], inputs["topk_ids"], inputs["topk_weights"]
+    tp, ep = inputs["shards"]["tp"], inputs["shards"]["ep"]
+    errors = input_errors((lambda: MB.moe_block(x, ids, w, *tp, ctx=ctx, experts=4, config=EP_LL),
+                           lambda: MB.moe_block(x, ids.long(), w, *ep, ctx=ctx, experts=4, config=EP_LL),
+                           lambda: MB.moe_block(x, ids, w[:2], *tp, ctx=ctx, experts=4, config=TP_ATOMIC),
+                           lambda: MB.moe_block(x, ids, w, *ep, ctx=ctx, experts=4, config={"strategy": "dp"}),
+                           lambda: MB.moe_block(x, ids, w, *ep, ctx=ctx, experts=3, config=EP_LL),
+                           lambda: MB.shard(inputs["gate_up"][:3], inputs["down"][:3], "ep", 0, 2)))
+    used = heap.used
+    heap.close()
+    return errors, used
+
+
+def test_bad_inputs_give_one_line_errors():
+    """Checked before anything is launched or allocated on the heap."""
+    for errors, used in spawn(_bad_inputs, 2, timeout=120):
+        assert all(e.startswith(f"{OP}: ") and "\n" not in e for e in errors), errors
+        assert used == 0
+
+
+# --- the template: space and cost -------------------------------------------------------------------
+
+QWEN3_30B = dict(hidden=2048, inter=768, experts=128, topk=8)
+
+
+def test_space_has_each_strategy_with_its_own_parameters():
+    template = get(OP)
+    problem = P.moe_block("bf16", 8, 256, **QWEN3_30B)
+    space = template.space(problem)
+    when = {p.name: p.when for p in space.params}
+    assert when["strategy"] == {} and set(space.params[0].choices) == {"tp", "ep"}
+    assert when["combine"] == when["ar_strategy"] == {"strategy": ("tp",)}
+    assert when["form"] == when["chunks"] == {"strategy": ("ep",)}
+    assert when["signal_rows"] == {"strategy": ("ep",), "form": ("staged",)}
+    for config in CONFIGS:
+        assert space.validate(config) == config
+    with pytest.raises(ValueError, match="not active"):
+        space.validate({**TP_ATOMIC, "form": "staged"})
+    spec = SPECS["H800"]
+    for strategy in MB.STRATEGIES:
+        assert template.reject_reason(template.default_config(problem, spec, strategy), problem, spec) is None
+    # a world that splits neither the experts nor the channels refuses the strategy, with the reason
+    odd = P.moe_block("bf16", 3, 16, 64, 64, 8, 2)
+    why = template.reject_reason(template.default_config(odd, spec, "tp"), odd, spec)
+    assert why and why.startswith("tp: world 3 does not divide")
+    assert template.default_config(P.moe_block("bf16", 4, 16, 64, 66, 8, 2), spec)["strategy"] == "ep"
+
+
+@pytest.mark.parametrize("target", ["H800", "B300", "MI308X"])
+def test_cost_predicts_both_strategies_on_targets_not_at_hand(target):
+    template, spec = get(OP), SPECS[target]
+    times = {}
+    for m in (1, 64, 4096):
+        problem = P.moe_block("bf16", 8, m, **QWEN3_30B)
+        baseline = template.cost(problem, None, spec)
+        for strategy in MB.STRATEGIES:
+            config = template.default_config(problem, spec, strategy)
+            times[m, strategy] = t = template.cost(problem, config, spec)
+            assert 0 < t < 1 and 0 < baseline < 1
+        flops, nbytes = template.work(problem)
+        assert flops > 0 and nbytes > 0
+    for strategy in MB.STRATEGIES:     # more tokens never cost less
+        assert times[1, strategy] <= times[64, strategy] <= times[4096, strategy]
+    # at prefill, overlapping the all-to-all with the experts in chunks is predicted to pay
+    problem = P.moe_block("bf16", 8, 4096, **QWEN3_30B)
+    ep = template.default_config(problem, spec, "ep")
+    assert template.cost(problem, {**ep, "chunks": 2}, spec) < template.cost(problem, {**ep, "chunks": 1}, spec)
+
+
+def test_eta_overlap():
+    assert MB.eta_overlap(2.0, 1.0, 2.0) == 1.0           # the shorter part entirely hidden
+    assert MB.eta_overlap(2.0, 1.0, 3.0) == 0.0           # one after the other
+    assert MB.eta_overlap(1.0, 1.0, 1.5) == 0.5
+
+
+# --- one GPU: CUDA graphs ---------------------------------------------------------------------------
+
+def _graph(world, replays):
+    from tuneforge.dsl.heap import SymmetricHeap
+    heap = SymmetricHeap(world, 64 << 20)
+    ctx = heap.context()
+    template = get(OP)
+    problem = P.moe_block("bf16", world.size, 48, 128, 64, 8, 2)
+    inputs = template.make_inputs(problem, ctx.device, 0, ctx)
+    configs = [{**c, "block_n": 64, "block_k": 64} for c in (TP_ATOMIC, EP_LL, EP_STAGED)]
+    outs = [torch.empty_like(inputs["out"]) for _ in configs]
+
+    def run(out, config):
+        template.launch(**{**inputs, "out": out}, config=config)
+
+    def refill(r):
+        fresh = template.make_inputs(problem, ctx.device, 10 + r, ctx)
+        for name in ("x", "topk_ids", "topk_weights"):
+            inputs[name].copy_(fresh[name])
+    reference = lambda: template.reference(**split_out(inputs))  # noqa: E731
+    return graph_replays(ctx, heap, "moe_alltoall.dispatch", run, outs, configs, replays, refill, reference,
+                         "strategy")
+
+
+@pytest.mark.gpu
+def test_the_layers_replay_in_a_cuda_graph_on_processes_sharing_one_gpu():
+    # the dispatch channel: one epoch per ep layer call (EP_STAGED's first chunk shares it)
+    assert_graph_replays(_graph, 3, launches=2)
