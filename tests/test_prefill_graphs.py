@@ -65,28 +65,23 @@ def test_padded_chunked_prefill_gives_the_eager_logits(cfg, monkeypatch):
     assert_same(eager, padded)
 
 
-def test_padded_prefill_returns_its_own_logits():
-    """Each prefill's logits are a new tensor (a chunk's buffers, and its graph's, are reused)."""
-    model = load_model(DENSE.name, config=DENSE, random=True, dtype=torch.float32)
-    gen = Generator(model, Ops("baseline"), max_batch=2, max_len=32, pad_prefill=True)
-    first = gen.prefill(torch.tensor([[1, 2, 3]]), torch.tensor([3]))
-    kept = first.clone()
-    gen.prefill(torch.tensor([[7, 8, 9]]), torch.tensor([3]))
-    assert torch.equal(first, kept)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg, mode", [(DENSE, "baseline"), (DENSE, "default"), (MOE, "default")],
                          ids=["dense-torch", "dense-triton", "moe-triton"])
 def test_graphed_prefill_matches_eager(cfg, mode, monkeypatch):
     """CUDA-graph prefill chunks (two chunks of one captured graph) == the eager unpadded prefill, and
-    a second generation replays the same graphs to the same tokens."""
+    a second generation replays the same graphs to the same tokens and logits."""
     monkeypatch.setattr(G, "PREFILL_GRAPH_TOKENS", 32)
     eager, padded, gen = runs(cfg, mode, "cuda", graphs=True)
     assert gen.graphs and isinstance(gen._chunks[(2, 16)].graph, tuple)
-    # other token counts than the unpadded run's: cuBLAS / TF32 Triton tiles may sum in another order
+    # other token counts than the unpadded run's: other tiles, other summation orders
     assert_same(eager, padded, tol=1e-3)
     graph = gen._chunks[(2, 16)].graph
     again = gen.generate(PROMPTS, 4, return_logits=True)
     assert gen._chunks[(2, 16)].graph is graph
-    assert_same(padded, again, tol=0)
+    assert_same(padded, again)          # not bit for bit: the MoE combine adds in fp32 atomics
+    # a prefill's logits are its own tensor, not the graph's output buffer the next replay overwrites
+    first = gen.prefill(torch.tensor([[1, 2, 3]]), torch.tensor([3]))
+    kept = first.clone()
+    gen.prefill(torch.tensor([[7, 8, 9]]), torch.tensor([3]))
+    assert torch.equal(first, kept)
