@@ -30,9 +30,9 @@ def _name(config) -> str:
     return f"{config['strategy']}/{config.get('combine') or config['form']}"
 
 
-def _layers(world, shapes, drop: bool):
-    """Each (m, experts, topk, skew) problem (hidden = inter = 16, fp32) through every config twice (other
-    inputs the second time), each output against the reference and against the first config's; the
+def _layers(world, shapes, seeds, configs, drop: bool):
+    """Each (m, experts, topk, skew) problem (hidden = inter = 16, fp32) through every config once per seed
+    (other inputs each time), each output against the reference and against the first config's; the
     baselines; a dropped id through ep."""
     from tuneforge.dsl.heap import SymmetricHeap
     from tuneforge.kernels import moe_alltoall as A2A
@@ -42,14 +42,14 @@ def _layers(world, shapes, drop: bool):
     failures = []
     for m, experts, topk, skew in shapes:
         problem = P.moe_block("fp32", world.size, m, 16, 16, experts, topk)
-        for seed in (0, 1):
+        for seed in seeds:
             inputs = template.make_inputs(problem, ctx.device, seed, ctx)
             if skew:     # every token to the first experts: ep's rank 0 receives everything, the others nothing
                 g = torch.Generator().manual_seed(seed)
                 inputs["topk_ids"].copy_(A2A.routing(m, experts, topk, g, skew)[0])
             ref = template.reference(**split_out(inputs))
             first = None
-            for config in CONFIGS:
+            for config in configs:
                 tag = f"m={m} E={experts} k={topk} skew={skew} seed={seed} {_name(config)} rank {world.rank}"
                 result = check(template, problem, config, ctx=ctx, inputs=inputs, reference=ref)
                 if not result:
@@ -57,7 +57,7 @@ def _layers(world, shapes, drop: bool):
                 if first is None:
                     first = inputs["out"].clone()
                 elif not (same := compare(inputs["out"], first.double())):
-                    failures.append(f"{tag}: differs from {_name(CONFIGS[0])}: {same.reason}")
+                    failures.append(f"{tag}: differs from {_name(configs[0])}: {same.reason}")
         for name, fn in (("tp", MB.baseline), ("ep", MB.baseline_ep)):
             ok = compare(fn(**split_out(inputs)), ref)
             if not ok:
@@ -84,49 +84,50 @@ def _assert_world(results):
 
 def test_tp_and_ep_match_the_reference_and_each_other_on_two_ranks():
     # 5 tokens: row shares of 3 and 2 (ep's buffers sized by the larger); top-2 of 4 experts
-    _assert_world(spawn(_layers, 2, [(5, 4, 2, 0.0)], True, timeout=300))
+    _assert_world(spawn(_layers, 2, [(5, 4, 2, 0.0)], (0, 1), CONFIGS, True, timeout=300))
 
 
-def test_tp_and_ep_on_four_ranks_top1_top8_and_skewed():
-    # top-1 and top-8 of 8 experts; skewed: ep's ranks 1-3 receive nothing
-    _assert_world(spawn(_layers, 4, [(6, 8, 1, 0.0), (4, 8, 8, 0.0), (4, 8, 2, 50.0)], False, timeout=540))
+def test_tp_and_ep_on_four_ranks_top8_and_skewed_top1():
+    # top-8 of 8 experts; top-1 skewed so that ep's ranks 1-3 receive nothing
+    _assert_world(spawn(_layers, 4, [(4, 8, 8, 0.0), (6, 8, 1, 50.0)], (0,), (TP_ATOMIC, EP_LL, EP_STAGED), False,
+                        timeout=540))
 
 
-def _transformers(world, norm: bool):
+def _transformers(world):
     """Qwen3MoeSparseMoeBlock's output and ours (its router's logits through moe_router's baseline, then
-    moe_block in each config on every rank's shards of its experts)."""
+    moe_block in each config on every rank's shards of its experts), with and without norm_topk_prob."""
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
     from tuneforge.dsl.heap import SymmetricHeap
     from tuneforge.kernels import moe_router
-    torch.manual_seed(0)        # the same block on every rank
-    hf = Qwen3MoeSparseMoeBlock(Qwen3MoeConfig(hidden_size=32, moe_intermediate_size=16, num_experts=8,
-                                               num_experts_per_tok=2, norm_topk_prob=norm)).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0.0, p.shape[-1] ** -0.5)
-        x = torch.randn(7, 32)
-        expect = hf(x[None])[0]
-        weights, ids = moe_router.baseline(x @ hf.gate.weight.T, 2, norm)
     heap = SymmetricHeap(world, 8 << 20)
     ctx = heap.context()
-    gate_up, down = hf.experts.gate_up_proj.detach(), hf.experts.down_proj.detach()
     failures = []
-    for config in CONFIGS:
-        part = MB.shard(gate_up, down, config["strategy"], world.rank, world.size)
-        out = MB.moe_block(x, ids.int().contiguous(), weights.float().contiguous(), *part, ctx=ctx, experts=8,
-                           config=config)
-        ctx.synchronize()
-        ok = compare(out, expect.double())
-        if not ok:
-            failures.append(f"{_name(config)} norm={norm}: {ok.reason}")
+    for norm in (True, False):
+        torch.manual_seed(0)        # the same block on every rank
+        hf = Qwen3MoeSparseMoeBlock(Qwen3MoeConfig(hidden_size=32, moe_intermediate_size=16, num_experts=8,
+                                                   num_experts_per_tok=2, norm_topk_prob=norm)).eval()
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+            x = torch.randn(7, 32)
+            expect = hf(x[None])[0]
+            weights, ids = moe_router.baseline(x @ hf.gate.weight.T, 2, norm)
+        gate_up, down = hf.experts.gate_up_proj.detach(), hf.experts.down_proj.detach()
+        for config in (TP_REDUCE, EP_LL, EP_STAGED):
+            part = MB.shard(gate_up, down, config["strategy"], world.rank, world.size)
+            out = MB.moe_block(x, ids.int().contiguous(), weights.float().contiguous(), *part, ctx=ctx, experts=8,
+                               config=config)
+            ctx.synchronize()
+            ok = compare(out, expect.double())
+            if not ok:
+                failures.append(f"{_name(config)} norm={norm}: {ok.reason}")
     heap.close()
     return failures
 
 
-@pytest.mark.parametrize("norm", [True, False])
-def test_the_layer_matches_transformers_qwen3_moe_block(norm):
-    for failures in spawn(_transformers, 2, norm, timeout=300):
+def test_the_layer_matches_transformers_qwen3_moe_block():
+    for failures in spawn(_transformers, 2, timeout=300):
         assert not failures, "\n".join(failures)
 
 
