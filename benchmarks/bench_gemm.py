@@ -61,7 +61,7 @@ LAYERS = {  # layer -> (n, k) per rank at tensor-parallel degree tp
 # --all-sizes: every Qwen3 dense size, token counts on and between the tuned buckets
 QWEN3_DENSE = ("Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B", "Qwen3-14B", "Qwen3-32B")
 SWEEP_TOKENS = (1, 7, 16, 48, 129, 200, 384, 511, 1024, 3000, 8192)
-SWEEP_SHAPES = 55      # sampled (weight, tokens) pairs: ~5 s each on an H200 with the short search
+SWEEP_SHAPES = 48      # sampled (weight, tokens) pairs: ~5-6 s each on an H200 with the short search
 MIN_INPUT_SETS, MAX_INPUT_SETS = 2, 32
 REPLAYS = 20     # timed replays of the graph over all input sets (the median is reported)
 FINALISTS = 3    # fastest candidates of the search re-timed next to cuBLAS
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     ap.add_argument("--triton-seeds", type=int, default=GW.TRITON_SEEDS_FIRST, metavar="N",
                     help="--all-sizes: search the first N Triton seeds (the default first) and every Gluon seed "
                          "(the default N: the head of the tuner's seeds)")
-    ap.add_argument("--budget-s", type=float, default=330.0, help="--all-sizes: start no shape past this many seconds")
+    ap.add_argument("--budget-s", type=float, default=320.0, help="--all-sizes: start no shape past this many seconds")
     args = ap.parse_args(argv)
     if args.quick:
         args.tp, args.tokens = [8], [1, 128, 4096]
