@@ -271,8 +271,9 @@ def forwards(model: ModelConfig, tp: int, pairs: Sequence[tuple[Problem, str]]
                        contexts=contexts, registered={})
             items = [(i.problem, r) for i in one for r in i.roles]
             for ctx in (contexts or [None]) if phase == "decode" else [None]:
-                out.append((phase, m, ctx, [(p, r) for p, r in items
-                                            if p.op != "decode_attention" or p.shape["ctx"] == ctx]))
+                out.append((phase, m, ctx, [(p, r) for p, r in items     # KV split by heads (the default)
+                                            if p.op != "decode_attention_sp"
+                                            and (p.op != "decode_attention" or p.shape["ctx"] == ctx)]))
     return out
 
 

@@ -22,6 +22,8 @@ all-gathered before lm_head.
 
 Attention: torch SDPA for a causal prefill from an empty cache; decode steps through ``ops.decode_attention``
 (the flash-decoding kernel, or SDPA with a mask of each sequence's valid slots) over the first ``kv_len`` slots.
+With the KV cache sharded by sequence (``KVCache`` with a world: ``--kv-shard sequence``) each rank stores every
+KV head of its share of the tokens, and decode runs ``ops.decode_attention_sp`` (partials combined across ranks).
 """
 from __future__ import annotations
 
@@ -112,6 +114,8 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.heads = shard.part(cfg.num_attention_heads, "num_attention_heads")
         self.kv_heads, self.first_kv_head = kv_heads_of(cfg, shard)
+        self.shard = shard
+        self.replicas = max(1, shard.size // cfg.num_key_value_heads)    # ranks holding each KV head
         self.eps, self.theta, self.rope_scaling = cfg.rms_norm_eps, cfg.rope_theta, cfg.rope_scaling
         self.qkv = _param((self.heads + 2 * self.kv_heads) * self.head_dim, cfg.hidden_size, dtype=dtype, device=device)
         self.o = _param(cfg.hidden_size, self.heads * self.head_dim, dtype=dtype, device=device)
@@ -139,17 +143,39 @@ class Attention(nn.Module):
             ops.rope(qkv, step.positions.reshape(-1), heads=hq, kv_heads=hkv, head_dim=d, theta=self.theta,
                      scaling=self.rope_scaling)
         kv = qkv[:, hq * d:].view(b, t, 2, hkv, d)
-        cache.write(layer, step.rows, step.positions, kv)
+        if cache.sharded:
+            q = self._store_sharded(qkv, layer, step, cache, ops)
+        else:
+            cache.write(layer, step.rows, step.positions, kv)
         if step.prefill:   # the cache held nothing before: attend to this chunk's keys, causally
             q = qkv[:, :hq * d].view(b, t, hq, d).transpose(1, 2)        # [b, hq, t, d]
             keys, values = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=hq != hkv)
             out = out.transpose(1, 2).reshape(b * t, hq * d)
+        elif cache.sharded:    # every head over every rank's shard; this rank keeps its heads' rows
+            keys, values = cache.keys_values(layer, b, step.kv_len)
+            out = ops.decode_attention_sp(q, keys, values, step.positions[:, 0], cache.ctx)
+            out = out[:, self.shard.rank * hq:(self.shard.rank + 1) * hq].reshape(b, hq * d)
         else:             # one token per sequence
             keys, values = cache.keys_values(layer, b, step.kv_len)
             out = ops.decode_attention(qkv[:, :hq * d].view(b, hq, d), keys, values, step.positions[:, 0],
                                        step.mask).reshape(b, hq * d)
         return ops.o_proj(out, self.o, tp, x)
+
+    def _store_sharded(self, qkv, layer: int, step: Step, cache: KVCache, ops) -> Optional[torch.Tensor]:
+        """The KV cache sharded by sequence: every rank's heads of the new tokens gathered (k|v in a
+        prefill, whose attention stays on this rank's heads; q|k|v in decode), every KV head of a token
+        stored by the rank owning its position (``KVCache.write``). Returns decode's q of every head
+        [batch, heads, head_dim] (None in a prefill)."""
+        b, t = step.positions.shape
+        d, hq, hkv = self.head_dim, self.heads, self.kv_heads
+        first = hq * d if step.prefill else 0      # the columns gathered: k|v, or q|k|v
+        gathered = ops.all_gather_columns(qkv[:, first:].contiguous(), self.shard, cache.ctx)
+        gathered = gathered.view(b * t, self.shard.size, -1)
+        # a KV head held by several ranks (fewer KV heads than ranks) is taken from the first of them
+        kv = gathered[:, ::self.replicas, hq * d - first:].unflatten(2, (2, hkv, d)).transpose(1, 2)
+        cache.write(layer, step.rows, step.positions, kv.reshape(b, t, 2, -1, d))
+        return None if step.prefill else gathered[:, :, :hq * d].reshape(b, -1, d)
 
 
 class MLP(nn.Module):

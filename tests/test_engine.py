@@ -31,11 +31,12 @@ PROMPTS = [[5, 3, 9, 1, 7], [42, 8], [11, 12, 13, 14, 15, 16, 17, 18, 19]]   # 3
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def tiny_hf(tied: bool = False):
-    """Random weights scaled so activations stay O(1) and greedy tokens vary (HF's 0.02 init repeats one token)."""
+def tiny_hf(tied: bool = False, **dims):
+    """Random weights scaled so activations stay O(1) and greedy tokens vary (HF's 0.02 init repeats one token);
+    ``dims`` override TINY's."""
     from transformers import Qwen3Config, Qwen3ForCausalLM     # here: TP ranks import this module too
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(**TINY, tie_word_embeddings=tied)).eval()
+    model = Qwen3ForCausalLM(Qwen3Config(**{**TINY, **dims}, tie_word_embeddings=tied)).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:

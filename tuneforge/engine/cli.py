@@ -42,6 +42,10 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
                    help="weights and activations (default: the dtype this model's winners were tuned in, "
                         "else bf16)")
     p.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
+    p.add_argument("--kv-shard", choices=("heads", "sequence"), default="heads",
+                   help="how the KV cache splits over TP ranks: heads (each rank its KV heads of every token; "
+                        "default) or sequence (each rank every KV head of 1/tp of the tokens, blocks of 16 "
+                        "positions round-robin; decode combines the ranks' partial attention)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -78,13 +82,16 @@ def _settings(args) -> dict:
     cuda = torch.cuda.is_available()
     if args.tp < 1:
         raise InputError(f"--tp must be >= 1, got {args.tp}")
+    if args.kv_shard == "sequence" and args.tp < 2:
+        raise InputError("--kv-shard sequence shards the KV cache over TP ranks: it needs --tp 2 or more")
     dtype = args.dtype
     if dtype is None:
         tuned = args.dispatch == "tuned" and tuned_dtype(args.db, load_config(args.model).name, args.tp, args.target)
         dtype = tuned or "bf16"
     return dict(model=args.model, tp=args.tp, db=args.db, dispatch=args.dispatch, dtype=dtype,
                 allow_predicted=args.allow_predicted, target=args.target, random=args.random_weights,
-                graphs=cuda and not args.no_graphs, seed=args.seed, device="cuda" if cuda else "cpu")
+                graphs=cuda and not args.no_graphs, seed=args.seed, device="cuda" if cuda else "cpu",
+                kv_shard=args.kv_shard)
 
 
 def build(settings: dict, world=None):
@@ -154,7 +161,8 @@ def _generate_rank(world, settings: dict, prompts: list[list[int]], sampling: di
     model, ops = build(settings, world)
     longest = max(len(p) for p in prompts)
     max_len = min(longest + sampling["max_new_tokens"], model.cfg.max_positions)
-    gen = Generator(model, ops, max_batch=len(prompts), max_len=max_len, graphs=settings["graphs"])
+    gen = Generator(model, ops, max_batch=len(prompts), max_len=max_len, graphs=settings["graphs"],
+                    kv_shard=settings["kv_shard"])
     out = gen.generate(prompts, sampling["max_new_tokens"], temperature=sampling["temperature"],
                        top_p=sampling["top_p"], eos_ids=eos, seed=settings["seed"])
     return dict(tokens=out.tokens, finish=out.finish, prefill_s=out.prefill_s, decode_s=out.decode_s,
@@ -193,10 +201,11 @@ def _bench_rank(world, settings: dict, bsz: int, ctx: int, gen: int) -> dict:
     from tuneforge.engine.generate import Generator, hbm_bandwidth, time_generation
     bandwidth = hbm_bandwidth(world.device if world is not None else settings["device"])
     model, ops = build(settings, world)
-    generator = Generator(model, ops, max_batch=bsz, max_len=ctx + gen, graphs=settings["graphs"])
+    generator = Generator(model, ops, max_batch=bsz, max_len=ctx + gen, graphs=settings["graphs"],
+                          kv_shard=settings["kv_shard"])
     result = time_generation(generator, bsz, ctx, gen, seed=settings["seed"])
     result.update(weight_bytes=model.streamed_weight_bytes(bsz), hbm_bytes_per_s=bandwidth,
-                  dispatch=ops.describe(), graphs=generator.graphs)
+                  dispatch=ops.describe(), graphs=generator.graphs, kv_shard=settings["kv_shard"])
     if bandwidth:
         floor_ms = result["weight_bytes"] / bandwidth * 1e3
         result.update(floor_ms_per_token=floor_ms, pct_floor=100.0 * floor_ms / result["decode_ms_per_token"])
@@ -209,7 +218,8 @@ def cmd_bench_e2e(args) -> int:
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     r = _run(_bench_rank, settings, args.bsz, args.ctx, args.gen)
-    print(format_e2e(f"tuneforge ({settings['dispatch']} dispatch, TP={args.tp})", r))
+    kv = ", KV sharded by sequence" if args.kv_shard == "sequence" else ""
+    print(format_e2e(f"tuneforge ({settings['dispatch']} dispatch, TP={args.tp}{kv})", r))
     return 0
 
 

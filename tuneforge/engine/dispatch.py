@@ -21,6 +21,7 @@ from tuneforge.engine.lookup import (BASELINE, ENGINE_OPS, MODES, TP_OPS, Dispat
 from tuneforge.engine.tp import TPStep
 from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.kernels import decode_attention as k_attn
+from tuneforge.kernels import decode_attention_sp as k_attn_sp
 from tuneforge.kernels import gemm as k_gemm
 from tuneforge.kernels import gemm_fused as k_fused
 from tuneforge.kernels import moe_gemm as k_moe
@@ -194,6 +195,22 @@ class Ops:
                          lambda cfg: k_attn.decode_attention(q, k, v, positions, config=cfg),
                          lambda: k_attn.sdpa(q, k, v, mask))
 
+    def decode_attention_sp(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                            ctx) -> torch.Tensor:
+        """Decode attention over a KV cache sharded by sequence over ``ctx``'s ranks: q [batch, heads,
+        head_dim] of every head (the same on every rank) over this rank's shard k, v [batch, kv_heads,
+        capacity, head_dim] (``kernels/decode_attention_sp.place``); every rank gets every head's output.
+        Tuned per (batch, context bucket, world): the form is the config's categorical."""
+        b, heads, d = q.shape
+
+        def baseline():
+            if q.is_cuda and ctx.world.backend == "gloo":
+                self.uncapturable = "decode_attention_sp's torch baseline gathers through gloo's host copies"
+            return k_attn_sp.baseline(q, k, v, positions, ctx)
+        return self._run(self.problems.decode_attention_sp(q.dtype, ctx.size, b, heads, k.shape[1], d,
+                                                           ctx.size * k.shape[2]),
+                         lambda cfg: k_attn_sp.decode_attention_sp(q, k, v, positions, ctx=ctx, config=cfg), baseline)
+
     def rope_qk_norm(self, qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor,
                      k_weight: torch.Tensor, *, heads: int, kv_heads: int, theta: float, eps: float,
                      scaling=None) -> None:
@@ -363,9 +380,17 @@ class Ops:
             return h
         return allgather(h, ctx=self._heap.ctx, m=tp.m)
 
-    def all_gather_columns(self, x: torch.Tensor, shard) -> torch.Tensor:
-        """[rows, n/tp] on each rank -> [rows, n] on every rank (``tp.Heap.all_gather_columns``)."""
-        return self._heap.all_gather_columns(x, shard)
+    def all_gather_columns(self, x: torch.Tensor, shard, ctx=None) -> torch.Tensor:
+        """[rows, n/tp] on each rank -> [rows, n] on every rank (``tp.Heap.all_gather_columns``), or with
+        ``ctx`` (a sequence-sharded KV cache's heap) through its all-gather; torch.distributed under
+        baseline dispatch."""
+        if ctx is None:
+            return self._heap.all_gather_columns(x, shard)
+        if self.mode != "baseline":
+            return TP.all_gather_columns(x, shard, ctx)
+        if x.is_cuda and ctx.world.backend == "gloo":
+            self.uncapturable = "the torch baseline's all-gather goes through gloo's host copies"
+        return TP.all_gather_columns(x, shard)
 
 
 def open_ops(mode: str, *, db: Optional[str], model: str, tp: int, allow_predicted: bool = False,

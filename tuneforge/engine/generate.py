@@ -33,7 +33,7 @@ import torch
 
 from tuneforge.dsl.problem import bucket
 from tuneforge.errors import InputError
-from tuneforge.models.kv_cache import KVCache
+from tuneforge.models.kv_cache import KV_SHARDS, KVCache
 from tuneforge.models.qwen3 import Qwen3, Step
 
 log = logging.getLogger("tuneforge.engine")
@@ -93,10 +93,11 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Op
 
 
 class Generator:
-    """Runs ``model`` with ``ops`` over a KV cache for up to ``max_batch`` sequences of ``max_len`` tokens."""
+    """Runs ``model`` with ``ops`` over a KV cache for up to ``max_batch`` sequences of ``max_len`` tokens,
+    split over the TP ranks by KV heads or by sequence (``kv_shard``, models/kv_cache.py)."""
 
     def __init__(self, model: Qwen3, ops, *, max_batch: int, max_len: int, graphs: Optional[bool] = None,
-                 pad_prefill: Optional[bool] = None):
+                 kv_shard: str = "heads", pad_prefill: Optional[bool] = None):
         cfg = model.cfg
         if max_len > cfg.max_positions:
             raise InputError(f"max_len {max_len} exceeds the model's {cfg.max_positions} positions")
@@ -109,8 +110,8 @@ class Generator:
         rows = bucket(max_batch, BATCH_BUCKETS)
         # the largest prefill forward: every prompt unpadded, or one padded chunk
         prefill_tokens = max(max_batch * max_len, min(PREFILL_GRAPH_TOKENS, rows * slots))
-        self.cache = KVCache(cfg.num_hidden_layers, rows, model.layers[0].attn.kv_heads, slots, cfg.head_dim,
-                             model.dtype, self.device)
+        self.kv_shard = kv_shard
+        self.cache = self._kv_cache(model, rows, slots, prefill_tokens)
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise InputError("CUDA graphs need the model on a CUDA device")
@@ -124,6 +125,25 @@ class Generator:
         self._static: dict[int, _Static] = {}
         self._chunks: dict[tuple[int, int], _Chunk] = {}
         self._pool = None
+
+    def _kv_cache(self, model: Qwen3, batch: int, slots: int, max_tokens: int) -> KVCache:
+        """The cache in ``self.kv_shard``'s layout; invalid choices refused in one line."""
+        cfg, shard, attn = model.cfg, model.shard, model.layers[0].attn
+        if self.kv_shard not in KV_SHARDS:
+            raise InputError(f"unknown kv_shard {self.kv_shard!r}; expected one of {', '.join(KV_SHARDS)}")
+        if self.kv_shard == "heads":
+            if shard.size > cfg.num_key_value_heads and shard.rank == 0:
+                log.info("KV cache: each of %d KV heads is stored on %d ranks; --kv-shard sequence stores it once",
+                         cfg.num_key_value_heads, shard.size // cfg.num_key_value_heads)
+            return KVCache(cfg.num_hidden_layers, batch, attn.kv_heads, slots, cfg.head_dim, model.dtype, self.device)
+        if shard.size == 1:
+            raise InputError("--kv-shard sequence shards the KV cache over TP ranks: it needs --tp 2 or more")
+        if shard.world is None:
+            raise InputError("--kv-shard sequence needs this rank's World: build the model with Shard.of(world)")
+        d = cfg.head_dim
+        return KVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, slots, d, model.dtype, self.device,
+                       world=shard.world, exchange=dict(tokens=max_tokens, qkv=attn.qkv.shape[0],
+                                                        kv=2 * attn.kv_heads * d, heads=cfg.num_attention_heads))
 
     # --- forward passes ----------------------------------------------------------------------
     @torch.inference_mode()

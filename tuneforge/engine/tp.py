@@ -121,20 +121,25 @@ class Heap:
         ctx.synchronize()
 
     def all_gather_columns(self, x: torch.Tensor, shard) -> torch.Tensor:
-        """[rows, n/tp] on each rank -> [rows, n] on every rank, rank order along the columns: through
-        the heap's all-gather when it is open and warmed for ``rows`` (CUDA-graph safe), else
-        torch.distributed."""
-        if shard.size == 1:
-            return x
-        rows, part = x.shape
-        if self.ctx is not None and rows <= self.logit_rows:
-            stacked = allgather(x.contiguous(), ctx=self.ctx, m=shard.size * rows)   # rank r's block r
-            return stacked.view(shard.size, rows, part).transpose(0, 1).reshape(rows, shard.size * part)
-        host = x.is_cuda and dist.get_backend(shard.group) == "gloo"
-        src = x.cpu() if host else x.contiguous()
-        parts = [torch.empty_like(src) for _ in range(shard.size)]
-        dist.all_gather(parts, src, group=shard.group)
-        return torch.cat(parts, dim=-1).to(x.device)
+        """``all_gather_columns`` through this heap when it is open and warmed for ``x``'s rows."""
+        return all_gather_columns(x, shard, self.ctx if self.ctx is not None and x.shape[0] <= self.logit_rows
+                                  else None)
+
+
+def all_gather_columns(x: torch.Tensor, shard, ctx=None) -> torch.Tensor:
+    """[rows, n/tp] on each rank -> [rows, n] on every rank, rank order along the columns: through the
+    all-gather on ``ctx``'s heap (CUDA-graph safe; its channel warmed for the size), else torch.distributed."""
+    if shard.size == 1:
+        return x
+    rows, part = x.shape
+    if ctx is not None:
+        stacked = allgather(x.contiguous(), ctx=ctx, m=shard.size * rows)   # rank r's block r
+        return stacked.view(shard.size, rows, part).transpose(0, 1).reshape(rows, shard.size * part)
+    host = x.is_cuda and dist.get_backend(shard.group) == "gloo"
+    src = x.cpu() if host else x.contiguous()
+    parts = [torch.empty_like(src) for _ in range(shard.size)]
+    dist.all_gather(parts, src, group=shard.group)
+    return torch.cat(parts, dim=-1).to(x.device)
 
 
 def all_reduce(x: torch.Tensor, shard) -> torch.Tensor:

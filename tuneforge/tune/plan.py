@@ -7,7 +7,10 @@ elementwise ops, decode attention and the MoE expert GEMMs, for every token buck
 fused layouts the engine runs: one ``qkv_proj`` ([q | k | v] rows) and one ``gate_up_proj`` ([gate |
 up] rows). Sharding (Megatron-style): q heads, MLP and expert
 intermediate sizes and the vocabulary split across ranks; KV heads split too, or are replicated
-when there are fewer KV heads than ranks. A problem several roles (or models) share is planned
+when there are fewer KV heads than ranks. At TP > 1 decode attention is planned in both KV-cache
+layouts, split by heads (``decode_attention``) and by sequence (``decode_attention_sp``: every KV
+head, 1 / tp of the tokens, so none is stored twice), so the tuner measures which wins per bucket
+(``tuneforge generate --kv-shard``). A problem several roles (or models) share is planned
 once; ops without a registered template stay in the plan, marked baseline-only. The GEMM fusions
 (``gemm_fused``: the norm before qkv / gate_up, the SiLU-mul after gate_up, the residual add after o /
 down; at TP > 1 only the SiLU-mul, the others meet an all-reduce) are planned beside the unfused ops, so
@@ -159,6 +162,10 @@ def plan(model: str | ModelConfig, tp: int = 1, decode_buckets: Optional[Sequenc
                 for ctx in contexts:
                     b.add("layer.attn.decode", P.decode_attention(dtype, m, d.heads, d.kv_heads, d.head_dim,
                                                                   int(ctx), contexts))
+                    if tp > 1:      # the KV cache sharded by sequence instead (--kv-shard sequence)
+                        b.add("layer.attn.decode_sp", P.decode_attention_sp(dtype, tp, m, d.seq_heads,
+                                                                            d.seq_kv_heads, d.head_dim,
+                                                                            int(ctx), contexts))
             b.add("layer.attn.o_proj", P.gemm(dtype, m, (h, d.o_in)))
             if tp == 1:
                 b.add("layer.attn.o_proj+residual", P.gemm_fused(dtype, m, (h, d.o_in), epilogue="residual"))
