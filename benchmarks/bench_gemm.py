@@ -286,8 +286,9 @@ def summarize(rows: list[dict], seconds: float, complete: bool) -> dict:
         "geomean_cublas_pct_sol": geomean(r["cublas_pct_sol"] for r in rows),
         "dtype": "bf16", "seconds": seconds, "complete": complete,
         "method": "median over CUDA-graph replays of one pass over rotated input sets streaming 3x L2; "
-                  "search: time_calls graph=True; reported: the 3 fastest, the default and the fastest Gluon config re-timed with cuBLAS, "
-                  "replays interleaved (time_interleaved); ratio = triton / cublas time, < 1 is faster",
+                  "search: time_calls graph=True; reported: the 3 fastest, the default and the fastest Gluon config "
+                  "re-timed with cuBLAS, replays interleaved (time_interleaved); ratio = triton / cublas time, "
+                  "< 1 is faster",
     }
 
 
