@@ -248,7 +248,8 @@ def gluon_unavailable(config: dict, problem, spec) -> str | None:
         return f"kernel gluon_ws: {problem.dtype} is not bf16/fp16"
     for dim in ("k", "n"):
         if problem[dim] * ELEM_SIZE[problem.dtype] % 16:
-            return f"kernel gluon_ws: rows of {dim}={problem[dim]} {problem.dtype} elements are not 16-byte aligned (TMA)"
+            return (f"kernel gluon_ws: rows of {dim}={problem[dim]} {problem.dtype} elements are not 16-byte "
+                    f"aligned (TMA)")
     if not GLUON:
         return f"kernel gluon_ws: this triton {triton.__version__} has no Gluon"
     if tuneforge.INTERPRETED:
@@ -267,13 +268,15 @@ def gluon_tiles_unfit(config: dict, problem, spec) -> str | None:
         return "kernel gluon_ws: two consumers run 4 warps each"
     need = smem_bytes(config, problem.dtype)
     if need > spec.smem_per_block:
-        return f"kernel gluon_ws: shared memory: {need} bytes for the ring and output tiles > {spec.smem_per_block} on {spec.name}"
+        return (f"kernel gluon_ws: shared memory: {need} bytes for the ring and output tiles > "
+                f"{spec.smem_per_block} on {spec.name}")
     return register_pressure(config, problem, spec)
 
 
 def gluon_tiles_wasteful(config: dict, problem, spec) -> str | None:
     """Tiles past the problem's (padded) size only add zero-filled work."""
-    for name, dim, floor in (("block_m", "m", BLOCK_MS[0]), ("block_n", "n", BLOCK_NS[0]), ("block_k", "k", BLOCK_KS[0])):
+    for name, dim, floor in (("block_m", "m", BLOCK_MS[0]), ("block_n", "n", BLOCK_NS[0]),
+                             ("block_k", "k", BLOCK_KS[0])):
         limit = max(floor, triton.next_power_of_2(problem[dim]))
         if config[name] > limit:
             return f"kernel gluon_ws: {name}={config[name]} exceeds {dim}={problem[dim]} (at most {limit} is useful)"

@@ -106,7 +106,8 @@ for cfg in json.loads(sys.argv[1]):
     sig = {name: f"tensordesc<bf16[{shape[0]}, {shape[1]}],{layout!r}>" for name, shape, layout in descs}
     sig.update(M="i32", N="i32", K="i32", **{c: "constexpr" for c in consts})
     compiled = triton.compile(GluonASTSource(fn=GW.gemm_ws_kernel, signature=sig, constexprs=consts),
-                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg["num_warps"], maxnreg=maxnreg))
+                              target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=cfg["num_warps"], maxnreg=maxnreg))
     assert compiled.asm["cubin"] and compiled.metadata.shared <= 232448, compiled.metadata.shared
     print(triton.__version__, "compiled", bm, bn, bk, cfg["consumers"], compiled.metadata.shared)
 '''
