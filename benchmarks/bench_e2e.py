@@ -325,7 +325,8 @@ def main(argv=None) -> int:
                        "pct_floor_kv", "prefill_vs_baseline", "decode_vs_baseline", "decode_speedup_vs_hf",
                        "decode_speedup_vs_hf_compile", "skipped"])
     slower = summary["tuned_prefill_slower_than_baseline"]
-    print("tuned prefill slower than baseline at " + ", ".join(f"ctx {s['ctx']} bs {s['bsz']}" for s in slower)
+    print("tuned prefill slower than baseline at " + ", ".join(
+        f"ctx {s['ctx']} bs {s['bsz']} ({s['baseline_ms'] / s['tuned_ms']:.3f}x)" for s in slower)
           if slower else "tuned prefill: never slower than baseline in this run")
     for r in rows:
         if r["impl"].startswith("tuneforge") and "dispatch" in r:
