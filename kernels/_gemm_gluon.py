@@ -15,10 +15,12 @@ y[m, n] = x[m, k] @ w[n, k].T, bf16/fp16 in, fp32 accumulate, through TMA and wg
 Edges: TMA reads past x's / w's rows and k zero-filled and clips the stores to [m, n], so any m, n, k
 runs without masks; row strides must be 16-byte multiples (k and n of 8 two-byte elements).
 
-The family's constraints (``CONSTRAINTS``) keep it off the interpreter, off GPUs without wgmma and
-warp specialization (Hopper only) and off shapes TMA cannot address; there the Triton kernel of
-``kernels/gemm.py`` is the path. ``family_space`` / ``family_constraints`` add the family to that
-kernel's space and constraints for the template.
+The family's constraints (``GLUON_CONSTRAINTS``) keep it off GPUs without wgmma and warp
+specialization (Hopper only), off fp32, off shapes TMA cannot address and off the interpreter; there
+the Triton kernel of ``kernels/gemm.py`` is the path. ``family_space`` / ``family_constraints`` /
+``family_default`` / ``family_seeds`` add the family to that kernel's space, constraints, default and
+portfolio for the template. The mbarrier waits are intra-CTA (TMA bytes, a partition's release):
+unbounded, as the hardware completes them; no cross-rank signal is waited on here.
 """
 from __future__ import annotations
 
