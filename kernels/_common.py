@@ -23,7 +23,7 @@ import triton.language as tl
 import tuneforge
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2
 from tuneforge.errors import ConfigRejected, InputError
-from tuneforge.dsl.roofline import elementwise_time, roofline
+from tuneforge.dsl.roofline import eager_time, elementwise_time
 from tuneforge.dsl.comm import MAX_SLOTS
 from tuneforge.dsl.devices import DEFAULT_TARGET, SPECS, DeviceSpec, local_device
 
@@ -214,25 +214,26 @@ def row_bytes(problem: Problem, passes: int, per_row: int = 0, per_col: int = 0)
     return float((passes * m * n + per_row * m + per_col * n) * problem.torch_dtype.itemsize)
 
 
-def row_tile_cost(work, baseline_bytes, baseline_launches: int):
+def row_tile_cost(work, baseline_bytes, baseline_launches: int, baseline_strided: bool = False):
     """The cost-model entry of a one-pass row-tile op: the fused kernel's tile-aware time, or the
-    torch baseline's ``baseline_launches`` kernels moving ``baseline_bytes`` (config None)."""
+    torch baseline's ``baseline_launches`` kernels moving ``baseline_bytes`` (config None; ``eager_time``,
+    ``baseline_strided``: on strided views)."""
     def cost(problem: Problem, config: Optional[dict], spec) -> float:
         flops, nbytes = work(problem)
         if config is None:
-            return roofline(flops, baseline_bytes(problem), spec, problem.dtype, launches=baseline_launches)
+            return eager_time(flops, baseline_bytes(problem), spec, baseline_launches, baseline_strided, problem.dtype)
         return elementwise_time(problem["m"], problem["n"], nbytes, spec, config, flops, problem.dtype)
     return cost
 
 
 def row_tile_template(op: str, *, launch, make_inputs, reference, baseline, work, baseline_bytes,
-                      baseline_launches: int, doc: str) -> Template:
+                      baseline_launches: int, doc: str, baseline_strided: bool = False) -> Template:
     """The template of a one-pass row-tile op: ``tile_space`` over its n, ``tile_default``,
     ``tile_constraints`` and ``row_tile_cost``; the op gives its launch, inputs, references and traffic."""
     return Template(op=op, space=lambda problem: tile_space(problem["n"]), make_inputs=make_inputs,
                     launch=launch, reference=reference, baseline=baseline,
                     default_config=lambda problem, spec: tile_default(problem["m"], problem["n"], spec),
-                    work=work, cost=row_tile_cost(work, baseline_bytes, baseline_launches),
+                    work=work, cost=row_tile_cost(work, baseline_bytes, baseline_launches, baseline_strided),
                     constraints=(tile_constraints,), doc=doc)
 
 

@@ -32,7 +32,7 @@ from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.errors import InputError
 from tuneforge.kernels._common import (MAX_ELEMENTS_PER_THREAD, MAX_TILE_ELEMENTS, check_tensor, launch_spec,
                                        output_tensor)
-from tuneforge.dsl.roofline import elementwise_time, roofline
+from tuneforge.dsl.roofline import eager_time, elementwise_time
 
 OP = "rope_qk_norm"
 QWEN3_THETA = 1_000_000.0
@@ -298,8 +298,8 @@ def cost(problem: Problem, config: Optional[dict], spec) -> float:
     flops, nbytes = work(problem)
     if config is None:
         size = problem.torch_dtype.itemsize
-        return roofline(flops, BASELINE_PASSES * _qk_elements(problem) * size, spec, problem.dtype,
-                        launches=BASELINE_LAUNCHES)
+        return eager_time(flops, BASELINE_PASSES * _qk_elements(problem) * size, spec, BASELINE_LAUNCHES,
+                          strided=True, dtype=problem.dtype)
     cols = (problem["heads"] + problem["kv_heads"]) * problem["head_dim"]
     tile = {"block_n": config["heads"] * problem["head_dim"], "rows": config["rows"], "num_warps": config["num_warps"]}
     return elementwise_time(problem["m"], cols, nbytes, spec, tile, flops, problem.dtype)

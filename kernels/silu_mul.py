@@ -87,4 +87,4 @@ def baseline_bytes(problem: Problem) -> float:
 
 TEMPLATE = register(row_tile_template(
     OP, launch=silu_mul, make_inputs=make_inputs, reference=reference, baseline=baseline, work=work,
-    baseline_bytes=baseline_bytes, baseline_launches=2, doc=__doc__.split("\n")[0]))
+    baseline_bytes=baseline_bytes, baseline_launches=2, baseline_strided=True, doc=__doc__.split("\n")[0]))

@@ -41,7 +41,7 @@ from tuneforge.kernels import silu_mul as SILU
 from tuneforge.kernels import _fused as FUSED
 from tuneforge.kernels._common import rank_generator
 from tuneforge.kernels._fused import TILE_KEYS, gemm_rejection
-from tuneforge.dsl.roofline import allreduce_time, gemm_config_time, nccl_allreduce_time
+from tuneforge.dsl.roofline import gemm_config_time
 
 STRATEGIES = ("gemm_ar", "ag_rs")
 GEMM_AR = {"strategy": ["gemm_ar"]}
@@ -253,15 +253,14 @@ def block_cost(problem: Problem, config: dict | None, spec, gemms: list[tuple[in
     ``between(config_or_none)``: seconds of the op between the GEMMs."""
     m, w, dtype = problem["m"], problem.world, problem.dtype
     (n1, k1), (n2, k2) = gemms
-    act = m * problem["hidden"] * problem.torch_dtype.itemsize
+    reduce = Problem.make("allreduce", dtype, w, m=m, n=problem["hidden"])    # priced as the allreduce op is
     if config is None:
         return (gemm_config_time(m, n1, k1, None, spec, dtype) + between(None)
-                + gemm_config_time(m, n2, k2, None, spec, dtype) + nccl_allreduce_time(act, w, spec))
+                + gemm_config_time(m, n2, k2, None, spec, dtype) + AR.cost(reduce, None, spec))
     sub = sub_configs(config, w, m, problem["hidden"], problem.torch_dtype)
     if config["strategy"] == "gemm_ar":
         return (gemm_config_time(m, n1, k1, sub["gemm"], spec, dtype) + between(config)
-                + gemm_config_time(m, n2, k2, sub["gemm"], spec, dtype)
-                + allreduce_time(act, w, spec, sub["allreduce"]))
+                + gemm_config_time(m, n2, k2, sub["gemm"], spec, dtype) + AR.cost(reduce, sub["allreduce"], spec))
     return (AG.cost(Problem.make("ag_gemm", dtype, w, m=m, n=n1, k=k1), sub["ag_gemm"], spec) + between(config)
             + RS.cost(Problem.make("gemm_rs", dtype, w, m=m, n=n2, k=k2), sub["gemm_rs"], spec))
 

@@ -85,13 +85,16 @@ def calibration():
             template, config, label = get(p.op), _config(r["config"], p), f"{name} {r['problem']}"
             base = predict(None, p, None, spec)
             times[f"{p.op} baseline (tunes)"].append((label, base, r["baseline_s"]))
-            if config.get("baseline"):    # the model's best first configs: what a predicted tune would try
-                tried = [template.default_config(p, spec)] + (template.seeds(p, spec) if template.seeds else [])
-                choices.append(("tune", label, base / min(predict(template, p, c, spec) for c in tried), 1.0))
+            # what a predicted tune decides: its best of the configs a tune tries first (and the
+            # measured winner), against the baseline
+            tried = [template.default_config(p, spec)] + (template.seeds(p, spec) if template.seeds else [])
+            best = min(predict(template, p, c, spec) for c in tried)
+            if config.get("baseline"):
+                choices.append(("tune", label, base / best, 1.0))
             else:
                 kernel = predict(None, p, config, spec)
                 times[f"{p.op} kernel (tunes)"].append((label, kernel, r["time_s"]))
-                choices.append(("tune", label, base / kernel, r["speedup"]))
+                choices.append(("tune", label, base / min(kernel, best), r["speedup"]))
     return times, choices
 
 
@@ -133,38 +136,35 @@ def test_the_figures():
 
 
 def test_gemm_time_error_within_the_target():
+    """Each GEMM source on its own (the H200's 938 configs, x1.17, count in the whole's figure)."""
     times, _ = calibration()
     for group in ("gemm configs H100", "gemm cuBLAS H100", "gemm cuBLAS H200", "gemm split cost",
                   "gemm kernel (tunes)", "gemm baseline (tunes)"):
         assert _error(times[group]) <= 1.15, group
 
 
-@pytest.mark.xfail(strict=True, reason="open (issue 18 §3): all points x1.157 (H200 GEMM configs x1.19, the row "
-                                       "ops' torch baselines x1.2-1.6, decode attention kernels x1.37)")
 def test_time_error_of_everything_within_the_target():
     times, _ = calibration()
     assert _error([p for points in times.values() for p in points]) <= 1.15
 
 
-@pytest.mark.xfail(strict=True, reason="open (issue 18 §3): ~89 % agree; 1-32-token GEMMs within 2-7 % of cuBLAS, "
-                                       "the 4096-token rmsnorm and the batch-32 decode attention disagree")
+@pytest.mark.xfail(strict=True, reason="open (issue 18 §3): 165/190 agree (87 %): the model keeps cuBLAS on 21 "
+                                       "GEMM problems where the measured tuned kernel won by 2-7 %, and prices the batch-32 "
+                                       "4096-key decode attention kernel at 2x")
 def test_kernel_or_baseline_choice_agrees():
+    """The tuner's decisions: each measured tune's problems and bench_gate's fused ops (bench_gemm's shapes,
+    Triton's best of a short search against cuBLAS, are printed apart: 191/230)."""
     _, choices = calibration()
-    assert sum(_agrees(c[2], c[3]) for c in choices) >= 0.95 * len(choices)
+    tuner = [c for c in choices if c[0] != "bench_gemm"]
+    assert sum(_agrees(c[2], c[3]) for c in tuner) >= 0.95 * len(tuner)
 
 
-@pytest.mark.xfail(strict=True, reason="open (issue 18 §3): 6 bench_gemm shapes (1-128 tokens) predicted 2-4 % Triton "
-                                       "wins measured 4-9 % losses")
 def test_no_predicted_win_where_a_measurement_shows_a_loss():
+    """The issue's case was a predicted tune with Triton 1.24-1.28x faster at 512 tokens, measured 1.20x
+    slower: no choice, tuner's or bench_gemm's, predicts a win beyond the tie tolerance where the
+    measurement shows a loss beyond it."""
     _, choices = calibration()
-    assert not _wrong_wins(choices)
-
-
-def test_no_predicted_win_where_a_measurement_shows_a_loss_beyond_10_percent():
-    """The issue's case: predicted Triton 1.24-1.28x faster at 512 tokens, measured 1.20x slower."""
-    _, choices = calibration()
-    wrong = [c for c in choices if c[2] > 1 + TIE and c[3] < 1 / 1.10]
-    assert not wrong, wrong[:5]
+    assert not _wrong_wins(choices), _wrong_wins(choices)[:5]
 
 
 # --- gemm's default config -----------------------------------------------------------------------------
@@ -197,8 +197,10 @@ def test_default_config_is_within_15_percent_of_the_portfolio_everywhere():
     assert max(worst) <= (1.15, ""), max(worst)
 
 
-@pytest.mark.xfail(strict=True, reason="open (issue 18 §2): measured on the H200 quick runs the default is 1.47x "
-                                       "the best portfolio config at qkv TP 8 128 tokens, 1.22x at lm_head 1 token")
+@pytest.mark.xfail(strict=True, reason="open (issue 18 §2): on the H200 quick runs the default is within 1.15x of the "
+                                       "best measured portfolio config at 14 of 15 shapes; down TP 8 at 128 tokens 1.29-1.31x "
+                                       "(the model's pick, 128x128x64 split 3, over the rule's 64x64x128: predicted 17 % "
+                                       "faster, measured 31 % slower)")
 def test_default_config_measured_on_the_h200_within_15_percent():
     """The measured ground truth where it has the shape: the H200 quick runs timed every portfolio config."""
     gemm, spec = get("gemm"), device_spec("H200")
@@ -206,5 +208,6 @@ def test_default_config_measured_on_the_h200_within_15_percent():
         for r in d["rows"]:
             p = Problem.make("gemm", m=r["m"], n=r["n"], k=r["k"])
             timed = {json.dumps(c["config"], sort_keys=True): c["us"] for c in r["candidates"] if "us" in c}
-            mine = timed[json.dumps(gemm.default_config(p, spec), sort_keys=True)]
+            default = {k: v for k, v in gemm.default_config(p, spec).items() if k != "kernel"}   # the Triton kernel's
+            mine = timed[json.dumps(default, sort_keys=True)]
             assert mine <= 1.15 * min(timed.values()), (name, r["layer"], r["m"], mine / min(timed.values()))

@@ -25,9 +25,13 @@ LINK_EFFICIENCY = 0.80
 # SMs a communication kernel needs to saturate NVLink / xGMI (fewer SMs give proportionally less).
 SMS_TO_SATURATE_LINKS = 16
 # Fraction of peak a well-shaped tensor-core tile reaches (cuBLAS-class kernels on large shapes).
-TILE_PEAK_FRACTION = 0.80
+TILE_PEAK_FRACTION = 0.75
 # Tile arithmetic intensity (BM*BN/(BM+BN)) beyond which operand feeding stops limiting the tile.
 TILE_INTENSITY_SATURATION = 80.0
+# Gain of TMA descriptor loads on a tile's rate, and of a second co-resident program (TMA-fed: few
+# registers for loads) whose main loop overlaps the other's epilogue and pipeline refill.
+TMA_TILE_GAIN = 1.08
+CO_RESIDENT_GAIN = 1.2
 
 
 def _itemsize(dtype: str) -> int:
@@ -107,6 +111,13 @@ def overlap(compute_s: float, comm_s: float, spec, overlap_fraction: float = 0.9
     return max(compute_s, comm_s) + (1.0 - f) * min(compute_s, comm_s) + sync
 
 
+# Fractions of a copy's bandwidth eager torch's elementwise kernels reach (bench_gate on an H100 at
+# 65536 tokens: add + rms_norm 0.84, contiguous; silu on the gate half and the multiply by the up half 0.59,
+# rope_qk_norm's 16 passes over head views 0.52, both strided).
+EAGER_BANDWIDTH = 0.83
+EAGER_STRIDED_BANDWIDTH = 0.55
+
+
 # --- GEMM tiles -------------------------------------------------------------------------------
 
 # Tile shapes a cuBLAS-like heuristic picks from (BM, BN, BK, split_k); the baseline takes the best.
@@ -117,15 +128,15 @@ _LIBRARY_TILES = ((128, 256, 64, 1), (256, 128, 64, 1), (128, 128, 64, 1), (64, 
 _LIBRARY_EFFICIENCY = 1.0
 # cuBLAS's small-M kernels stream the weight at 0.94-0.97 of the bandwidth Triton's stream-K / split-K
 # programs reach (bench_gemm on an H100 at 1-16 tokens: lm_head, gate_up, down, 2026-11-24)
-_LIBRARY_STREAM_EFFICIENCY = 0.94
+_LIBRARY_STREAM_EFFICIENCY = 0.97
 _LIBRARY_SCHEDULES = ("tiles", "hybrid", "stream")
 # One GEMM launch's pipeline ramp and drain: the first tiles wait a full HBM round trip per stage before
 # their first MMA, the last wave's epilogue stores nothing else overlaps (the intercept of time vs bytes
 # of decode GEMMs: ~5 us on an H100 and an H200, launch included).
-GEMM_RAMP_S = 4.0e-6
+GEMM_RAMP_S = 5.0e-6
 # Fraction of HBM bandwidth Triton's fp32 split-K / stream-K slices move at (stored, then read back by
 # one program per tile: few bytes in flight).
-SLICE_EFFICIENCY = 0.5
+SLICE_EFFICIENCY = 0.7
 _LIBRARY_RAMP_S = 2.0e-6
 
 
@@ -169,7 +180,10 @@ def gemm_time(m: int, n: int, k: int, spec, dtype: str = "bf16", *, block_m: int
     ideal_warps = min(8, max(4, block_m * block_n // 4096))
     tile_eff *= max(0.5, 1.0 - 0.12 * abs(math.log2(max(num_warps, 1) / ideal_warps)))
     if tma and "tma" in spec.features:
-        tile_eff *= 1.08                                   # descriptor loads free registers/issue slots
+        tile_eff *= TMA_TILE_GAIN                          # descriptor loads free registers/issue slots
+        live = sms * programs_per_sm if schedule == "stream" else programs
+        if resident > 1 and live > sms:     # ... so a co-resident program's main loop hides the other's epilogue
+            tile_eff *= CO_RESIDENT_GAIN
     tile_eff = min(tile_eff * efficiency, 0.95)
     per_program_flops = 2.0 * block_m * block_n * k_padded
     # programs sharing an SM share its peak, so an SM's busy time is its program count x tile time
@@ -205,8 +219,13 @@ def gemm_time(m: int, n: int, k: int, spec, dtype: str = "bf16", *, block_m: int
     hbm = spec.hbm_bytes_per_s * spec.measured_hbm_fraction * (_LIBRARY_STREAM_EFFICIENCY if library else 1.0)
     # Triton's slices are stored after a program's K loop and summed by the tile's last program: not
     # overlapped with the streaming, and at a fraction of HBM (bench_split_cost: 1-36 % of a split
-    # GEMM's time on an H100); the library's epilogue overlaps them with the next tile's main loop
-    fixup = 0.0 if library else sliced_bytes / (hbm * SLICE_EFFICIENCY)
+    # GEMM's time on an H100); the library's stream-K epilogue overlaps them with the next tile's main loop
+    if not library:
+        fixup = sliced_bytes / (hbm * SLICE_EFFICIENCY)
+    elif split_k > 1:       # cuBLAS's split-K sums its slices in a second kernel
+        fixup = sliced_bytes / hbm + kernel_floor(spec)
+    else:
+        fixup = 0.0
     ramp = _LIBRARY_RAMP_S if library else GEMM_RAMP_S
     return max(compute, nbytes / (hbm * mem_eff)) + fixup + ramp + spec.launch_us * 1e-6
 
@@ -242,22 +261,31 @@ def elementwise_time(rows: int, cols: int, nbytes: float, spec, config: Optional
     """A memory-bound row op over [rows, cols]: ``nbytes`` of minimum traffic moved by programs of
     ``rows`` rows x ``block_n`` columns. Masked lanes (block_n past ``cols``) waste issue slots, and
     few/small programs leave HBM under-fed (Little's law)."""
-    size = _itemsize(dtype)
     block_n = int(_get(config, 1 << max(0, (cols - 1).bit_length()), "block_n"))
     block_m = int(_get(config, 1, "rows"))
     num_warps = int(_get(config, 4, "num_warps"))
     col_tiles = math.ceil(cols / block_n)
     lane_use = cols / (col_tiles * block_n)
     programs = math.ceil(rows / block_m) * col_tiles
-    in_flight = min(programs, spec.sms * 8) * block_m * min(block_n, cols) * size * 2
+    # one pass: a program issues its whole tile's loads at once, so its share of the bytes is in flight
+    in_flight = min(programs, spec.sms * 8) * nbytes / programs
     mem_eff = min(1.0, in_flight / (spec.hbm_bytes_per_s * HBM_LATENCY_S)) * (0.6 + 0.4 * lane_use)
     # a program with too few elements per thread under-issues loads; too many spill registers
     per_thread = block_m * block_n / (32 * max(num_warps, 1))
     mem_eff *= 1.0 if 4 <= per_thread <= 64 else 0.85
-    # at least one dependent round trip (load, then store); Little's law covers the rest
-    memory = max(HBM_LATENCY_S, nbytes / (spec.hbm_bytes_per_s * spec.measured_hbm_fraction * mem_eff))
+    # the first bytes arrive a round trip after the loads issue, then stream at what is kept in flight
+    memory = HBM_LATENCY_S + nbytes / (spec.hbm_bytes_per_s * spec.measured_hbm_fraction * mem_eff)
     compute = flops / (spec.peak_flops(dtype) * 0.5) if flops else 0.0
     return max(compute, memory) + spec.launch_us * 1e-6
+
+
+def eager_time(flops: float, nbytes: float, spec, launches: int, strided: bool = False,
+               dtype: str = "bf16") -> float:
+    """An eager torch sequence of ``launches`` elementwise kernels moving ``nbytes``: its kernels reach
+    EAGER_BANDWIDTH of a copy's bandwidth on contiguous operands, EAGER_STRIDED_BANDWIDTH where an
+    operand is a strided or broadcast view (``strided``: TensorIterator then loads element by element)."""
+    return roofline(flops, nbytes, spec, dtype, mem_efficiency=EAGER_STRIDED_BANDWIDTH if strided else EAGER_BANDWIDTH,
+                    launches=launches)
 
 
 # --- communication -----------------------------------------------------------------------------------
