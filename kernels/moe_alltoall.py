@@ -392,8 +392,8 @@ def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, *, ctx, experts: int, max_
     capacity = world * max_tokens * top_k
     size = x.element_size()
     # [count matrix x 2 parities | meta | rows | staged send meta x 2 | staged send rows x 2]
-    layout = [_round(2 * world * world * 4), _round(max(1, capacity) * META.value * 4), _round(capacity * hidden * size),
-              _round(2 * area * META.value * 4), _round(2 * area * hidden * size)]
+    layout = [_round(2 * world * world * 4), _round(max(1, capacity) * META.value * 4),
+              _round(capacity * hidden * size), _round(2 * area * META.value * 4), _round(2 * area * hidden * size)]
     ch = ctx.channel(OP + ".dispatch" + channel, (sum(layout) + 1) // 2)
     ch.kinds = KINDS
     i32 = ch.staging(torch.int32)
@@ -514,7 +514,8 @@ def reference(x, topk_ids, topk_weights, ctx, experts: int) -> torch.Tensor:
 
 def baseline(x, topk_ids, topk_weights, ctx, experts: int) -> torch.Tensor:
     """torch.distributed's all-to-all round trip (``torch_all_to_all``) around the stand-in experts."""
-    return torch_all_to_all(x, topk_ids, topk_weights, ctx, experts, lambda rows, ids: rows * (ids + 1).to(rows.dtype)[:, None])
+    return torch_all_to_all(x, topk_ids, topk_weights, ctx, experts,
+                            lambda rows, ids: rows * (ids + 1).to(rows.dtype)[:, None])
 
 
 def torch_all_to_all(x, topk_ids, topk_weights, ctx, experts: int, expert_fn) -> torch.Tensor:

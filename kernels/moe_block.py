@@ -34,11 +34,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.dsl.comm import row_split
-from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.dsl.roofline import allreduce_time, nccl_allreduce_time, overlap
 from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.kernels import allgather as AG
@@ -284,11 +282,19 @@ _READY: set = set()       # (context, shape, config) keys whose kernels a first,
 
 
 def _ep(x, topk_ids, topk_weights, gate_up, down, ctx, experts, sub, out) -> torch.Tensor:
+    mine = _ep_rows(x, topk_ids, topk_weights, gate_up, down, ctx, experts, sub)
+    return AG.allgather(mine, ctx=ctx, m=x.shape[0], out=out, config=sub["allgather"])
+
+
+def _ep_rows(x, topk_ids, topk_weights, gate_up, down, ctx, experts, sub, experts_fn=None) -> torch.Tensor:
+    """This rank's rows of the ep layer: dispatch, ``experts_fn`` (default ``local_experts``), combine,
+    chunk by chunk (overlapped on a side stream once warm, see the module doc)."""
+    key = (id(ctx), tuple(x.shape), tuple(topk_ids.shape), x.dtype, tuple(sorted(sub["a2a"].items())),
+           sub["chunks"], experts_fn is None)
+    experts_fn = experts_fn or (lambda d: local_experts(d, gate_up, down, sub))
     pieces = _chunks(x.shape[0], ctx, sub["chunks"])
     row0 = pieces[0][0]
-    rows = sum(n for _, n, _ in pieces)
-    mine = torch.empty((rows, x.shape[1]), dtype=x.dtype, device=x.device)
-    key = (id(ctx), tuple(x.shape), tuple(topk_ids.shape), x.dtype, tuple(sorted(sub["a2a"].items())), len(pieces))
+    mine = torch.empty((sum(n for _, n, _ in pieces), x.shape[1]), dtype=x.dtype, device=x.device)
     side = x.is_cuda and len(pieces) > 1 and key in _READY
     main = torch.cuda.current_stream(x.device) if side else None
     comm = _comm_stream(x.device) if side else None
@@ -306,15 +312,15 @@ def _ep(x, topk_ids, topk_weights, gate_up, down, ctx, experts, sub, out) -> tor
         d = on_comm(lambda: A2A.dispatch(x[r0:r0 + n], topk_ids[r0:r0 + n], ctx=ctx, experts=experts,
                                          max_tokens=cap, channel=_channel(i), config=sub["a2a"]))
         sent.append((d, _event(comm) if side else None))
-    keep = []
+    outputs = []      # held to the end: the side stream still reads them after the loop moves on
     for i, ((r0, n, _), (d, arrived)) in enumerate(zip(pieces, sent)):
         if side:
             main.wait_event(arrived)
-        y = local_experts(d, gate_up, down, sub)
+        y = experts_fn(d)
+        outputs.append(y)
         done = _event(main) if side else None
-        keep.append(y)
 
-        def back(y=y, d=d, r0=r0, n=n, done=done):
+        def back(y=y, d=d, i=i, r0=r0, n=n, done=done):
             if done is not None:
                 comm.wait_event(done)
             A2A.combine(y, topk_weights[r0:r0 + n], d, ctx=ctx, out=mine[r0 - row0:r0 - row0 + n],
@@ -323,7 +329,26 @@ def _ep(x, topk_ids, topk_weights, gate_up, down, ctx, experts, sub, out) -> tor
     if side:
         main.wait_stream(comm)
     _READY.add(key)
-    return AG.allgather(mine, ctx=ctx, m=x.shape[0], out=out, config=sub["allgather"])
+    return mine
+
+
+def ep_parts(x, topk_ids, topk_weights, gate_up, down, *, ctx, experts: int, config: dict) -> dict:
+    """Collective callables timing the parts of the ep layer (``moe_block``'s operands, ep ``config``),
+    for ``eta_overlap``: ``comm`` (dispatch + combine of this rank's row share in the config's chunks,
+    identity experts), ``compute`` (the local experts on rows dispatched once here, on their own
+    channel, ``dispatched``), ``layer`` (dispatch -> experts -> combine, overlapped in the config's chunks).
+    None includes the final all-gather, which nothing overlaps."""
+    if config.get("strategy") != "ep":
+        raise InputError(f"{OP}: ep_parts times the ep strategy, got config strategy {config.get('strategy')!r}")
+    _check(x, topk_ids, topk_weights, gate_up, down, ctx, experts, "ep")
+    sub = sub_configs(config, block_problem(x, topk_ids, gate_up, ctx, experts, "ep"))
+    row0, rows = row_split(x.shape[0], ctx.size)[ctx.rank]
+    d = A2A.dispatch(x[row0:row0 + rows], topk_ids[row0:row0 + rows], ctx=ctx, experts=experts,
+                     max_tokens=row_split(x.shape[0], ctx.size)[0][1], channel=".compute", config=sub["a2a"])
+    args = (x, topk_ids, topk_weights, gate_up, down, ctx, experts, sub)
+    return {"comm": lambda: _ep_rows(*args, experts_fn=lambda got: got.x),
+            "compute": lambda: local_experts(d, gate_up, down, sub), "dispatched": d,
+            "layer": lambda: _ep_rows(*args)}
 
 
 CHUNKS = (1, 2, 4)

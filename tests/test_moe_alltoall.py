@@ -190,7 +190,8 @@ def test_the_kernels_compile_for_sm90():
                  counts="*i32", chunk_flags="*i64", bases="*i64", flags="*i64", state="*i64", slot_elems="i64")
     compile_for_sm90("tuneforge.kernels.moe_alltoall",
                      [("_route_kernel", dict(BLOCK_E=1024)), ("_dispatch_kernel", dict(BLOCK=1024)),
-                      ("_stage_kernel", dict(SIGNAL_ROWS=64, BLOCK=1024)), ("_pull_kernel", dict(SIGNAL_ROWS=64, BLOCK=1024)),
+                      ("_stage_kernel", dict(SIGNAL_ROWS=64, BLOCK=1024)),
+                      ("_pull_kernel", dict(SIGNAL_ROWS=64, BLOCK=1024)),
                       ("_combine_push_kernel", dict(BLOCK=1024)), ("_combine_reduce_kernel", dict(BLOCK=1024)),
                       ("_combine_stage_kernel", dict(SIGNAL_ROWS=64, BLOCK=1024)),
                       ("_combine_pull_kernel", dict(SIGNAL_ROWS=64, BLOCK=1024))],

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from conftest import assert_graph_replays, graph_replays, input_errors
-from tuneforge.dsl import Problem, check, get
+from tuneforge.dsl import check, get
 from tuneforge.dsl.check import compare, split_out
+from tuneforge.dsl.comm import row_split
 from tuneforge.dsl.devices import SPECS
 from tuneforge.kernels import moe_block as MB
+from tuneforge.kernels import moe_gemm as k_moe
 from tuneforge.models import problems as P
 from tuneforge.world import spawn
 
@@ -146,15 +148,27 @@ def _bad_inputs(world):
                            lambda: MB.moe_block(x, ids, w, *ep, ctx=ctx, experts=3, config=EP_LL),
                            lambda: MB.shard(inputs["gate_up"][:3], inputs["down"][:3], "ep", 0, 2)))
     used = heap.used
+    # the parts eta_overlap is measured from: comm (identity experts), compute, layer (this rank's rows)
+    row0, rows = row_split(3, 2)[world.rank]
+    parts = MB.ep_parts(x, ids, w, *ep, ctx=ctx, experts=4, config=EP_STAGED)
+    ref = get(OP).reference(**split_out(inputs))[row0:row0 + rows]
+    d = parts["dispatched"]
+    n = int(d.count)
+    local = d.expert[:n, None].contiguous()
+    h = k_moe.reference(d.x[:n], ep[0], local, gather=True, activation="silu_mul")
+    identity = (x.double() * w.sum(1, keepdim=True))[row0:row0 + rows]
+    checks = [compare(parts["layer"](), ref), compare(parts["comm"](), identity),
+              compare(parts["compute"]()[:n], k_moe.reference(h, ep[1], local, gather=False))]
     heap.close()
-    return errors, used
+    return errors, used, [c.reason for c in checks if not c]
 
 
-def test_bad_inputs_give_one_line_errors():
-    """Checked before anything is launched or allocated on the heap."""
-    for errors, used in spawn(_bad_inputs, 2, timeout=120):
-        assert all(e.startswith(f"{OP}: ") and "\n" not in e for e in errors), errors
+def test_bad_inputs_give_one_line_errors_and_the_parts_time_what_they_say():
+    """Errors are checked before anything is launched or allocated on the heap."""
+    for errors, used, parts in spawn(_bad_inputs, 2, timeout=120):
+        assert len(errors) == 6 and all(e.startswith(f"{OP}: ") and "\n" not in e for e in errors), errors
         assert used == 0
+        assert not parts, parts
 
 
 # --- the template: space and cost -------------------------------------------------------------------
