@@ -286,12 +286,13 @@ def gluon_tiles_wasteful(config: dict, problem, spec) -> str | None:
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, consumers) per token class: up to 64 tokens one
-# 64-row warpgroup streams the weight; up to 256 tiles narrow enough to fill 132 SMs; beyond, the
+# 64-row warpgroup streams the weight; up to 512 tiles small enough that the 129-511-token shapes of
+# the smaller models still make about a wave on 132 SMs, and a 128 x 128 ping-pong; beyond, the
 # 128 x 256 tile of Triton's Hopper tutorials and two 128 x 128 consumers taking turns.
 GLUON_TILES = {
     64: [(64, 64, 128, 4, 4, 1), (64, 128, 128, 4, 4, 1), (64, 128, 64, 5, 4, 1), (64, 64, 128, 4, 4, 2)],
-    256: [(64, 128, 64, 5, 4, 1), (128, 64, 64, 5, 4, 1), (128, 128, 64, 4, 4, 1), (64, 128, 64, 4, 4, 2),
-          (128, 128, 64, 4, 8, 1)],
+    512: [(64, 128, 64, 5, 4, 1), (128, 64, 64, 5, 4, 1), (64, 64, 128, 4, 4, 2), (64, 128, 64, 4, 4, 2),
+          (128, 128, 64, 4, 4, 1), (128, 128, 64, 4, 4, 2), (128, 256, 64, 3, 8, 1)],
     None: [(128, 256, 64, 3, 8, 1), (128, 128, 64, 4, 4, 2), (128, 128, 64, 4, 4, 1), (128, 128, 64, 4, 8, 1),
            (256, 128, 64, 3, 8, 1), (64, 256, 64, 4, 4, 2)],
 }
