@@ -4,7 +4,8 @@ decode) vs Hugging Face transformers in eager mode (SDPA attention, DynamicCache
 forward; its prefill stays eager), measured in the same run on the same model's shapes.
 
 Per context (``--ctx``, prompt tokens) and batch size (``--bsz``): prefill time (tuneforge: the median
-of up to ``--prefill-reps`` prefills after the timed generation), decode ms per step and tokens/s over
+of up to ``--prefill-reps`` prefills after the timed generation; where it runs in CUDA graphs, also
+``prefill_eager_ms``, the same prefill unpadded outside graphs), decode ms per step and tokens/s over
 ``--gen`` new tokens (greedy, no EOS), and the decode step against two floors over the bandwidth a
 large device copy reaches here: the weights one step reads (``Qwen3.streamed_weight_bytes``: all but
 the embedding table; of a MoE layer only the experts the step's tokens touch) and those weights plus
@@ -121,6 +122,12 @@ def bench_tuneforge(cfg, args, device, dtype) -> tuple[list[dict], dict]:
                     r = time_generation(gen, bsz, ctx, args.gen)
                     r["prefill_ms"], r["prefill_reps"] = prefill_median_ms(gen, bsz, ctx, args.prefill_reps,
                                                                            r["prefill_ms"] / 1e3)
+                    if gen.pad_prefill and bsz * ctx <= PREFILL_GRAPH_TOKENS:
+                        # the same prefill unpadded and eager (as before prefill graphs), same generator
+                        gen.pad_prefill = False
+                        r["prefill_eager_ms"] = prefill_median_ms(gen, bsz, ctx, args.prefill_reps,
+                                                                  r["prefill_ms"] / 1e3)[0]
+                        gen.pad_prefill = True
                     rows.append(dict(impl=impl, **r, graphs=gen.graphs, dispatch=ops.describe()))
                     print(f"  {impl} bsz {bsz} ctx {ctx}: prefill {r['prefill_ms']:.2f} ms, decode "
                           f"{r['decode_ms_per_token']:.2f} ms/token", flush=True)
@@ -321,9 +328,9 @@ def main(argv=None) -> int:
           + ("weight-streaming floor " + ", ".join(f"{weights[b] / bandwidth * 1e3:.2f} ms/step at bs {b} "
                                                    f"({weights[b] / 1e9:.1f} GB)" for b in sorted(weights))
              + f" at {bandwidth / 1e12:.2f} TB/s measured copy bandwidth" if bandwidth else "no GPU: no floor"))
-    print_table(rows, ["impl", "ctx", "bsz", "prefill_ms", "decode_ms_per_token", "tokens_per_s", "pct_floor",
-                       "pct_floor_kv", "prefill_vs_baseline", "decode_vs_baseline", "decode_speedup_vs_hf",
-                       "decode_speedup_vs_hf_compile", "skipped"])
+    print_table(rows, ["impl", "ctx", "bsz", "prefill_ms", "prefill_eager_ms", "decode_ms_per_token", "tokens_per_s",
+                       "pct_floor", "pct_floor_kv", "prefill_vs_baseline", "decode_vs_baseline",
+                       "decode_speedup_vs_hf", "decode_speedup_vs_hf_compile", "skipped"])
     slower = summary["tuned_prefill_slower_than_baseline"]
     print("tuned prefill slower than baseline at " + ", ".join(
         f"ctx {s['ctx']} bs {s['bsz']} ({s['baseline_ms'] / s['tuned_ms']:.3f}x)" for s in slower)

@@ -40,6 +40,7 @@ def test_rows_per_context_and_batch_with_transformers_eager_and_static(tmp_path,
         assert "pct_floor" not in r                          # no GPU: no measured bandwidth, no floor
         if impl.startswith("tuneforge"):
             assert r["prefill_reps"] >= 1 and r["graphs"] is False
+            assert "prefill_eager_ms" not in r                # no graphs here: nothing to compare them with
             assert r["decode_speedup_vs_hf"] == pytest.approx(
                 rows[(bench_e2e.HF_EAGER, ctx, bsz)]["decode_ms_per_token"] / r["decode_ms_per_token"])
         if impl == "tuneforge tuned":
