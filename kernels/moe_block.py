@@ -264,8 +264,7 @@ def local_experts(d: A2A.Dispatched, gate_up: torch.Tensor, down: torch.Tensor, 
     """The received rows of ``d`` [R_max, H] through this rank's experts -> [R_max, H]: the local ids
     packed as top-1 routing (rows past the received count hold -1 and are dropped: never written, and
     never combined), the grouped gate_up GEMM (SiLU-mul fused), the grouped down GEMM."""
-    ids = d.expert.contiguous().view(-1, 1)
-    packed = PACK.pack(ids, gate_up.shape[0], sub["up"]["block_m"])
+    packed = PACK.pack(d.expert[:, None], gate_up.shape[0], sub["up"]["block_m"])     # a strided column of meta
     h = MG.moe_gemm(d.x, gate_up, packed, top_k=1, gather=True, activation="silu_mul", config=sub["up"])
     return MG.moe_gemm(h, down, packed, top_k=1, gather=False, config=sub["down"])
 

@@ -2,11 +2,11 @@
 interpreter, against a host computation from every rank's gathered inputs: the received rows, their
 meta and counts exactly; the combine of the stand-in experts and of identity experts (y = x gives
 sum of the valid weights times x); uniform and skewed routing (ranks receiving nothing), experts with
-no tokens, dropped (-1) ids, top-k 1/2/8; both forms, each case called twice (low-latency, then staged on the
-same channels: epochs, no clearing). The torch.distributed
-baseline and the template's check; a silent rank gives SignalTimeout naming rank, peer and signal; the
-kernels compile for sm_90 (what the interpreter forgives). On one GPU (``-m gpu``): the same cases with
-2 and 4 processes sharing it."""
+no tokens, dropped (-1) ids, top-k 1/2/8; both forms, each case called twice (low-latency, then staged
+on the same channels: epochs, no clearing). The torch.distributed baseline and the template's check; a
+silent rank gives SignalTimeout naming rank, peer and signal (a low-latency dispatch, a staged
+combine); the kernels compile for sm_90 (what the interpreter forgives). On one GPU (``-m gpu``): the
+same cases with 2 and 4 processes sharing it."""
 
 import pytest
 import torch
@@ -124,38 +124,49 @@ def test_dispatch_and_combine_on_processes_sharing_one_gpu(ranks):
 
 
 def _silent_rank(world, silent):
-    """All ranks dispatch once together; then every rank but ``silent`` dispatches again, which
-    ``silent`` never does; after a collective reset the op works again."""
+    """All ranks dispatch once together; then every rank but ``silent`` dispatches again (low-latency),
+    which ``silent`` never does. After a collective reset all dispatch again (staged), and every rank
+    but ``silent`` combines (staged), which ``silent`` never does; after a reset the op works again."""
     from tuneforge.dsl.heap import SymmetricHeap
     heap = SymmetricHeap(world, 1 << 20)
     ctx = heap.context()
     g = torch.Generator().manual_seed(world.rank)
-    ids, _ = A2A.routing(3, 4, 2, g)
+    ids, weights = A2A.routing(3, 4, 2, g)
     x = torch.randn(3, 20, generator=g)
     A2A.dispatch(x, ids, ctx=ctx, experts=4, config=CONFIG)
     ctx.synchronize()
-    channel = ctx.channel(OP + ".dispatch", 0)
-    channel.set_timeout(1.0)
-    message = None
-    if world.rank != silent:
-        try:
-            A2A.dispatch(x, ids, ctx=ctx, experts=4, config=CONFIG)
-        except SignalTimeout as e:
-            message = str(e)
-    world.barrier()
-    channel.reset()
-    channel.set_timeout(30.0)
-    count = int(A2A.dispatch(x, ids, ctx=ctx, experts=4, config=CONFIG).count)
+    messages = []
+    for direction, config in (("dispatch", CONFIG), ("combine", STAGED)):
+        d = A2A.dispatch(x, ids, ctx=ctx, experts=4, config=config) if direction == "combine" else None
+        channel = ctx.channel(f"{OP}.{direction}", 0)
+        channel.set_timeout(1.0)
+        if world.rank != silent:
+            try:
+                if d is None:
+                    A2A.dispatch(x, ids, ctx=ctx, experts=4, config=config)
+                else:
+                    A2A.combine(d.x, weights, d, ctx=ctx, config=config)
+            except SignalTimeout as e:
+                messages.append(str(e))
+        world.barrier()
+        channel.reset()
+        channel.set_timeout(30.0)
+    d = A2A.dispatch(x, ids, ctx=ctx, experts=4, config=STAGED)
+    same = A2A.combine(d.x, weights, d, ctx=ctx, config=STAGED)
+    ok = compare(same, x.double() * weights.double().sum(1, keepdim=True))
     heap.close()
-    return message, count
+    return messages, int(d.count), ok.reason
 
 
 def test_a_silent_rank_gives_signal_timeout_naming_rank_peer_and_signal():
-    (message, count0), (silent, count1) = spawn(_silent_rank, 2, 1, timeout=120)
-    assert silent is None
-    assert message is not None and message.startswith(f"rank 0: '{OP}.dispatch' timed out"), message
-    assert "signal 'counts' (slot 0) from peer 1 at epoch 2" in message, message
-    assert count0 + count1 == 2 * 3 * 2
+    (messages, count0, ok0), (silent, count1, ok1) = spawn(_silent_rank, 2, 1, timeout=120)
+    assert silent == []
+    dispatch, combine = messages
+    assert dispatch.startswith(f"rank 0: '{OP}.dispatch' timed out"), dispatch
+    assert "signal 'counts' (slot 0) from peer 1 at epoch 2" in dispatch, dispatch
+    assert combine.startswith(f"rank 0: '{OP}.combine' timed out"), combine
+    assert "signal 'rows' (slot 0) from peer 1 at epoch 1" in combine, combine
+    assert count0 + count1 == 2 * 3 * 2 and ok0 == ok1 == ""
 
 
 def _bad_inputs(world):

@@ -171,6 +171,16 @@ def test_bad_inputs_give_one_line_errors_and_the_parts_time_what_they_say():
         assert not parts, parts
 
 
+def test_pack_reads_a_strided_column_of_ids():
+    """ep packs the expert column of the received meta ([R, 4] int32, -1 past the count): a strided view."""
+    from tuneforge.kernels import moe_pack
+    meta = torch.randint(-1, 4, (37, 4), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    got = moe_pack.pack(meta[:, :1], 4, 16)
+    want = moe_pack.reference(meta[:, :1].contiguous(), 4, 16)
+    for name, a, b in zip(moe_pack.Packed._fields, got, want):
+        assert name == "block_m" or torch.equal(a, b), name
+
+
 # --- the template: space and cost -------------------------------------------------------------------
 
 QWEN3_30B = dict(hidden=2048, inter=768, experts=128, topk=8)
