@@ -106,7 +106,8 @@ def combine_splits(part, bh, splits, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     """(max, sum, accumulator) of all ``splits`` of ``bh`` from the workspace; called by the last split
     to arrive (``G.last_to_arrive``), which sees every other split's stores. An online softmax over
     blocks of splits: each block is one load of [splits, rows(, dims)] (about 8k fp32 words), so the
-    combine's latency is a round trip per block, not per split."""
+    combine's latency is a round trip per block, not per split; the blocks are software-pipelined
+    (``num_stages``: the next blocks' loads are in flight while one is summed)."""
     BLOCK_S: tl.constexpr = (8192 + BLOCK_G * BLOCK_D - 1) // (BLOCK_G * BLOCK_D)     # a power of 2, >= 1
     rows = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, BLOCK_D)
@@ -115,7 +116,7 @@ def combine_splits(part, bh, splits, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     m_all = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     total = tl.zeros((BLOCK_G,), tl.float32)
     result = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-    for s0 in range(0, splits, BLOCK_S):
+    for s0 in tl.range(0, splits, BLOCK_S, num_stages=3):
         block = s0 + tl.arange(0, BLOCK_S)
         split_ok = block < splits
         slots = base + block * slot_size
