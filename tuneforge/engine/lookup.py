@@ -133,8 +133,10 @@ class DispatchTable:
                  buckets: Optional[Sequence[int]] = DEFAULT_BUCKETS, unusable: str = "", quiet: bool = False,
                  dropped: Sequence[tuple] = (), on_lookup: Optional[Callable[[Problem, Optional[dict]], None]] = None):
         self._configs: dict[tuple, dict[int, dict]] = {}
+        self._times: dict[tuple, dict[int, float]] = {}     # the winners' measured (or predicted) seconds
         for w in winners.values():
             self._configs.setdefault(family(w.problem), {})[w.problem.shape.get("m", 0)] = dict(w.config)
+            self._times.setdefault(family(w.problem), {})[w.problem.shape.get("m", 0)] = w.time_s
         self._dtypes = sorted({fam[2] for fam in self._configs})
         self._stale = stale                # family -> reason
         self._dropped = set(dropped)       # families whose configs cannot run here (said at load)
@@ -225,8 +227,13 @@ class DispatchTable:
             self.on_lookup(problem, config)
         return config
 
-    def _find(self, problem: Problem) -> Optional[dict]:
-        by_m = self._configs.get(family(problem))
+    def time(self, problem: Problem) -> Optional[float]:
+        """Seconds the winner serving ``problem`` took when tuned (None: no record); no lookup is recorded
+        (the engine weighs a fusion's winner against the unfused ops' with it)."""
+        return self._find(problem, self._times)
+
+    def _find(self, problem: Problem, table: Optional[dict] = None):
+        by_m = (self._configs if table is None else table).get(family(problem))
         m = problem.shape.get("m", 0)
         if by_m:
             if m in by_m:
