@@ -32,10 +32,10 @@ def _name(config) -> str:
     return f"{config['strategy']}/{config.get('combine') or config['form']}"
 
 
-def _layers(world, shapes, seeds, configs, drop: bool):
+def _layers(world, shapes, seeds, configs, drop: bool, hf: bool):
     """Each (m, experts, topk, skew) problem (hidden = inter = 16, fp32) through every config once per seed
     (other inputs each time), each output against the reference and against the first config's; the
-    baselines; a dropped id through ep."""
+    baselines; a dropped id through ep; transformers' block (``hf``)."""
     from tuneforge.dsl.heap import SymmetricHeap
     from tuneforge.kernels import moe_alltoall as A2A
     heap = SymmetricHeap(world, 8 << 20)
@@ -73,6 +73,8 @@ def _layers(world, shapes, seeds, configs, drop: bool):
             result = check(template, problem, config, ctx=ctx, inputs=inputs, reference=ref)
             if not result:
                 failures.append(f"dropped id, {_name(config)}: {result.reason}")
+    if hf:
+        failures += _transformers(ctx)
     epochs = {name: int(ch.state[0]) for name, ch in ctx.channels.items()}
     heap.close()
     return failures, epochs
@@ -84,26 +86,23 @@ def _assert_world(results):
         assert epochs == results[0][1]
 
 
-def test_tp_and_ep_match_the_reference_and_each_other_on_two_ranks():
+def test_tp_and_ep_match_the_reference_each_other_and_transformers_on_two_ranks():
     # 5 tokens: row shares of 3 and 2 (ep's buffers sized by the larger); top-2 of 4 experts
-    _assert_world(spawn(_layers, 2, [(5, 4, 2, 0.0)], (0, 1), CONFIGS, True, timeout=300))
+    _assert_world(spawn(_layers, 2, [(5, 4, 2, 0.0)], (0, 1), CONFIGS, True, True, timeout=300))
 
 
 def test_tp_and_ep_on_four_ranks_top8_and_skewed_top1():
     # top-8 of 8 experts; top-1 skewed so that ep's ranks 1-3 receive nothing
     _assert_world(spawn(_layers, 4, [(4, 8, 8, 0.0), (6, 8, 1, 50.0)], (0,), (TP_ATOMIC, EP_LL, EP_STAGED), False,
-                        timeout=540))
+                        False, timeout=540))
 
 
-def _transformers(world):
+def _transformers(ctx):
     """Qwen3MoeSparseMoeBlock's output and ours (its router's logits through moe_router's baseline, then
     moe_block in each config on every rank's shards of its experts), with and without norm_topk_prob."""
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
-    from tuneforge.dsl.heap import SymmetricHeap
     from tuneforge.kernels import moe_router
-    heap = SymmetricHeap(world, 8 << 20)
-    ctx = heap.context()
     failures = []
     for norm in (True, False):
         torch.manual_seed(0)        # the same block on every rank
@@ -117,20 +116,14 @@ def _transformers(world):
             weights, ids = moe_router.baseline(x @ hf.gate.weight.T, 2, norm)
         gate_up, down = hf.experts.gate_up_proj.detach(), hf.experts.down_proj.detach()
         for config in (TP_REDUCE, EP_LL, EP_STAGED):
-            part = MB.shard(gate_up, down, config["strategy"], world.rank, world.size)
+            part = MB.shard(gate_up, down, config["strategy"], ctx.rank, ctx.size)
             out = MB.moe_block(x, ids.int().contiguous(), weights.float().contiguous(), *part, ctx=ctx, experts=8,
                                config=config)
             ctx.synchronize()
             ok = compare(out, expect.double())
             if not ok:
-                failures.append(f"{_name(config)} norm={norm}: {ok.reason}")
-    heap.close()
+                failures.append(f"transformers' block, {_name(config)} norm={norm}: {ok.reason}")
     return failures
-
-
-def test_the_layer_matches_transformers_qwen3_moe_block():
-    for failures in spawn(_transformers, 2, timeout=300):
-        assert not failures, "\n".join(failures)
 
 
 def _bad_inputs(world):
