@@ -413,8 +413,9 @@ def fused_default_config(problem: Problem, spec: DeviceSpec) -> dict:
     if not _whole_tile_fusion(problem):
         return cfg
     cfg.pop("split_k", None)
+    # decode-sized tiles stream the weight through pointer loads (TMA gained nothing there: gemm's default)
     cfg.update(schedule="tiles", split_k=1, block_n=split_width(cfg["block_n"])[0],
-               tma=tma_unavailable({**cfg, "tma": True}, problem, spec) is None)
+               tma=problem["m"] > 16 and tma_unavailable({**cfg, "tma": True}, problem, spec) is None)
     tiles = output_tiles(shape, cfg["block_m"], cfg["block_n"])
 
     def fill(pps):
