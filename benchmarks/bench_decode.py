@@ -91,76 +91,87 @@ def sweep_configs(problem: Problem, spec, default: dict) -> list[dict]:
 
 
 def bench(args, device, spec, copy_bps) -> list[dict]:
-    plan_spec = launch_spec(device)          # the launcher's: local_device() on a GPU
-    gpu = device.type == "cuda"
     rows = []
     for ctx in args.ctx:
         for batch in args.batch:
-            size = DTYPES[args.dtype].itemsize
-            cache_bytes = 2 * batch * args.kv_heads * (ctx + 8) * args.head_dim * size
-            row = {"batch": batch, "ctx": ctx, "MB": cache_bytes / 1e6}
-            free = torch.cuda.mem_get_info(device)[0] if gpu else None
-            if gpu and cache_bytes > free // 2:
-                row["check"] = f"skipped: the cache needs {cache_bytes / 2**30:.1f} GiB, {free / 2**30:.1f} free"
-                rows.append(row)
-                print(f"  batch {batch} ctx {ctx}: {row['check']}", flush=True)
-                continue
-            sets = max(1, min(4, -(-2 * (spec.l2_mb if spec else 50) * 2**20 // cache_bytes))) if gpu else 1
-            inputs = make_sets(args, batch, ctx, device, sets)
-            lengths = sum(int(p) + 1 for p in inputs[0]["positions"].tolist())
-            floor_s = 2 * args.kv_heads * args.head_dim * size * lengths / copy_bps
-            problem = Problem.make(DA.OP, args.dtype, m=batch, heads=args.heads, kv_heads=args.kv_heads,
-                                   head_dim=args.head_dim, ctx=ctx)
-            default = DA.default_config(problem, plan_spec)
-            outs = [torch.empty_like(i["q"]) for i in inputs]
-            rep = max(20, 10 * sets) if gpu else 3
-
-            def ours_us(config):
-                first = inputs[0]
-                DA.decode_attention(first["q"], first["k"], first["v"], first["positions"], out=poison(outs[0]),
-                                    config=config)
-                status = checked(outs[0], first)
-                us = time_calls([lambda i=i, o=o: DA.decode_attention(i["q"], i["k"], i["v"], i["positions"], out=o,
-                                                                      config=config)
-                                 for i, o in zip(inputs, outs)], graph=gpu, rep=rep).median_s * 1e6
-                return us, status
-
-            row["default_us"], row["check"] = ours_us(default)
-            row["config"] = default
-            best_us, best = row["default_us"], default
-            for config in sweep_configs(problem, plan_spec, default)[1:args.sweep + 1]:
-                try:
-                    us, status = ours_us(config)
-                except Exception as e:          # a config this GPU cannot compile or run: noted, not fatal
-                    row.setdefault("sweep_errors", []).append(f"{config}: {str(e).splitlines()[0][:200]}")
-                    continue
-                if status != "ok":
-                    row["check"] = f"{config}: {status}"
-                elif us < best_us:
-                    best_us, best = us, config
-            row.update(best_us=best_us, best_config=best)
             try:
-                sdpa_out = DA.sdpa(inputs[0]["q"], inputs[0]["k"], inputs[0]["v"], inputs[0]["mask"])
-                row["sdpa_check"] = checked(sdpa_out, inputs[0])
-                row["sdpa_us"] = time_calls([lambda i=i: DA.sdpa(i["q"], i["k"], i["v"], i["mask"]) for i in inputs],
-                                            graph=gpu, rep=rep).median_s * 1e6
-                del sdpa_out
-            except torch.cuda.OutOfMemoryError as e:
-                row["sdpa_check"] = f"n/a: {str(e).splitlines()[0][:200]}"
-                row["sdpa_us"] = float("nan")
-            row["floor_us"] = floor_s * 1e6
-            row["pct_floor_default"] = 100.0 * floor_s / (row["default_us"] * 1e-6)
-            row["pct_floor_best"] = 100.0 * floor_s / (best_us * 1e-6)
-            row["pct_floor_sdpa"] = 100.0 * floor_s / (row["sdpa_us"] * 1e-6)      # nan without SDPA
-            row["vs_sdpa"] = row["sdpa_us"] / best_us
-            row["target_pct"] = target_pct(batch, ctx)
-            rows.append(row)
-            print(f"  batch {batch} ctx {ctx}: default {row['default_us']:.1f} us, best {best_us:.1f} us "
-                  f"({row['pct_floor_best']:.0f} % of floor), sdpa {row['sdpa_us']:.1f} us", flush=True)
-            del inputs, outs
-            if gpu:
+                row = bench_row(args, device, spec, copy_bps, batch, ctx)
+            except torch.cuda.OutOfMemoryError as e:        # the row's cache fit, its SDPA or reference not
+                row = {"batch": batch, "ctx": ctx, "check": f"skipped: out of memory: {str(e).splitlines()[0][:200]}"}
+            if device.type == "cuda":
                 torch.cuda.empty_cache()
+            rows.append(row)
+            if "best_us" in row:
+                print(f"  batch {batch} ctx {ctx}: default {row['default_us']:.1f} us, best {row['best_us']:.1f} us "
+                      f"({row['pct_floor_best']:.0f} % of floor), sdpa {row['sdpa_us']:.1f} us", flush=True)
+            else:
+                print(f"  batch {batch} ctx {ctx}: {row['check']}", flush=True)
     return rows
+
+
+def bench_row(args, device, spec, copy_bps, batch: int, ctx: int) -> dict:
+    """One (batch, context): the default, the sweep and SDPA, timed and checked."""
+    plan_spec = launch_spec(device)          # the launcher's: local_device() on a GPU
+    gpu = device.type == "cuda"
+    size = DTYPES[args.dtype].itemsize
+    cache_bytes = 2 * batch * args.kv_heads * (ctx + 8) * args.head_dim * size
+    row = {"batch": batch, "ctx": ctx, "MB": cache_bytes / 1e6}
+    free = torch.cuda.mem_get_info(device)[0] if gpu else None
+    if gpu and cache_bytes > free // 2:
+        row["check"] = f"skipped: the cache needs {cache_bytes / 2**30:.1f} GiB, {free / 2**30:.1f} free"
+        return row
+    sets = max(1, min(4, -(-2 * (spec.l2_mb if spec else 50) * 2**20 // cache_bytes))) if gpu else 1
+    inputs = make_sets(args, batch, ctx, device, sets)
+    lengths = sum(int(p) + 1 for p in inputs[0]["positions"].tolist())
+    floor_s = 2 * args.kv_heads * args.head_dim * size * lengths / copy_bps
+    problem = Problem.make(DA.OP, args.dtype, m=batch, heads=args.heads, kv_heads=args.kv_heads,
+                           head_dim=args.head_dim, ctx=ctx)
+    default = DA.default_config(problem, plan_spec)
+    outs = [torch.empty_like(i["q"]) for i in inputs]
+    rep = max(20, 10 * sets) if gpu else 3
+
+    def ours_us(config):
+        first = inputs[0]
+        DA.decode_attention(first["q"], first["k"], first["v"], first["positions"], out=poison(outs[0]),
+                            config=config)
+        status = checked(outs[0], first)
+        us = time_calls([lambda i=i, o=o: DA.decode_attention(i["q"], i["k"], i["v"], i["positions"], out=o,
+                                                              config=config)
+                         for i, o in zip(inputs, outs)], graph=gpu, rep=rep).median_s * 1e6
+        return us, status
+
+    row["default_us"], row["check"] = ours_us(default)
+    row["config"] = default
+    best_us, best = row["default_us"], default
+    for config in sweep_configs(problem, plan_spec, default)[1:args.sweep + 1]:
+        try:
+            us, status = ours_us(config)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:          # a config this GPU cannot compile or run: noted, not fatal
+            row.setdefault("sweep_errors", []).append(f"{config}: {str(e).splitlines()[0][:200]}")
+            continue
+        if status != "ok":
+            row["check"] = f"{config}: {status}"
+        elif us < best_us:
+            best_us, best = us, config
+    row.update(best_us=best_us, best_config=best)
+    try:
+        sdpa_out = DA.sdpa(inputs[0]["q"], inputs[0]["k"], inputs[0]["v"], inputs[0]["mask"])
+        row["sdpa_check"] = checked(sdpa_out, inputs[0])
+        del sdpa_out
+        row["sdpa_us"] = time_calls([lambda i=i: DA.sdpa(i["q"], i["k"], i["v"], i["mask"]) for i in inputs],
+                                    graph=gpu, rep=rep).median_s * 1e6
+    except torch.cuda.OutOfMemoryError as e:
+        row["sdpa_check"] = f"n/a: {str(e).splitlines()[0][:200]}"
+        row["sdpa_us"] = float("nan")
+    row["floor_us"] = floor_s * 1e6
+    row["pct_floor_default"] = 100.0 * floor_s / (row["default_us"] * 1e-6)
+    row["pct_floor_best"] = 100.0 * floor_s / (best_us * 1e-6)
+    row["pct_floor_sdpa"] = 100.0 * floor_s / (row["sdpa_us"] * 1e-6)      # nan without SDPA
+    row["vs_sdpa"] = row["sdpa_us"] / best_us
+    row["target_pct"] = target_pct(batch, ctx)
+    return row
 
 
 # --- --distributed: the sequence-parallel forms, ranks sharing one device -------------------------------

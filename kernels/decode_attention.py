@@ -256,14 +256,15 @@ def baseline(q, k, v, positions) -> torch.Tensor:
 
 
 def reference(q, k, v, positions) -> torch.Tensor:
-    """In fp64, per sequence over its valid keys."""
-    group = q.shape[1] // k.shape[1]
+    """In fp64, per sequence over its valid keys: each KV head against its group of query heads (K and
+    V not repeated per query head, so a 128k-key sequence fits on a GPU)."""
+    heads, d = q.shape[1], q.shape[2]
+    kv_heads = k.shape[1]
     outs = []
     for i, p in enumerate(positions.tolist()):
-        keys = k[i, :, :p + 1].double().repeat_interleave(group, 0)      # [heads, len, d]
-        values = v[i, :, :p + 1].double().repeat_interleave(group, 0)
-        scores = torch.einsum("hd,hnd->hn", q[i].double(), keys) / math.sqrt(q.shape[2])
-        outs.append(torch.einsum("hn,hnd->hd", scores.softmax(-1), values))
+        keys, values = k[i, :, :p + 1].double(), v[i, :, :p + 1].double()          # [kv_heads, len, d]
+        scores = torch.einsum("kgd,knd->kgn", q[i].double().reshape(kv_heads, heads // kv_heads, d), keys)
+        outs.append(torch.einsum("kgn,knd->kgd", (scores / math.sqrt(d)).softmax(-1), values).reshape(heads, d))
     return torch.stack(outs)
 
 
