@@ -126,9 +126,10 @@ _LIBRARY_TILES = ((128, 256, 64, 1), (256, 128, 64, 1), (128, 128, 64, 1), (64, 
 # The hand-tuned library beats a generic Triton config at the same tile by a little (better
 # epilogues, scheduling); a tuned Triton config wins by finding a better tile/split for the shape.
 _LIBRARY_EFFICIENCY = 1.0
-# cuBLAS's small-M kernels stream the weight at 0.94-0.97 of the bandwidth Triton's stream-K / split-K
-# programs reach (bench_gemm on an H100 at 1-16 tokens: lm_head, gate_up, down, 2026-11-24)
-_LIBRARY_STREAM_EFFICIENCY = 0.97
+# cuBLAS's kernels for up to 32 rows stream the weight at 0.88 of the bandwidth Triton's stream-K /
+# split-K programs reach, after a shorter ramp (_LIBRARY_RAMP_S): fit to bench_gemm's and the tunes'
+# 1-32-token GEMMs on an H100 (cuBLAS ahead below ~100 MB of weight, Triton 3-6 % ahead above)
+_LIBRARY_STREAM_EFFICIENCY = 0.88
 _LIBRARY_SCHEDULES = ("tiles", "hybrid", "stream")
 # One GEMM launch's pipeline ramp and drain: the first tiles wait a full HBM round trip per stage before
 # their first MMA, the last wave's epilogue stores nothing else overlaps (the intercept of time vs bytes
@@ -216,7 +217,7 @@ def gemm_time(m: int, n: int, k: int, spec, dtype: str = "bf16", *, block_m: int
     in_flight = min(programs, slots) * num_stages * (block_m + block_n) * block_k * size
     need = spec.hbm_bytes_per_s * HBM_LATENCY_S
     mem_eff = min(1.0, in_flight / need)
-    hbm = spec.hbm_bytes_per_s * spec.measured_hbm_fraction * (_LIBRARY_STREAM_EFFICIENCY if library else 1.0)
+    hbm = spec.hbm_bytes_per_s * spec.measured_hbm_fraction * (_LIBRARY_STREAM_EFFICIENCY if library and m <= 32 else 1.0)
     # Triton's slices are stored after a program's K loop and summed by the tile's last program: not
     # overlapped with the streaming, and at a fraction of HBM (bench_split_cost: 1-36 % of a split
     # GEMM's time on an H100); the library's stream-K epilogue overlaps them with the next tile's main loop
