@@ -3,6 +3,7 @@ experts [r E / N, (r + 1) E / N), whole, from both checkpoint layouts (one tenso
 5's fused tensors) and from random weights; bad layouts refused in one line; a 2-rank EP engine run on a
 tiny Qwen3-MoE checkpoint from save_pretrained equal to TP 1 (prefill logits + 16 greedy tokens)."""
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -60,3 +61,127 @@ def test_bad_ep_layouts_are_refused_in_one_line():
     # at TP 1 the ep layout is the only one there is: every expert whole
     moe = SparseMoE(cfg, Shard(0, 1, moe="ep"), torch.float32, "meta")
     assert (moe.placed, moe.local, moe.first) == (False, 128, 0)
+
+
+# --- the engine ---------------------------------------------------------------------------------------
+
+def _run(model, ops, steps: int):
+    """Prefill logits of every prompt token and ``steps`` greedy tokens with their logits."""
+    from test_engine import PROMPTS
+    from tuneforge.engine.generate import Generator
+    gen = Generator(model, ops, max_batch=len(PROMPTS), max_len=32)
+    lengths = torch.tensor([len(p) for p in PROMPTS])
+    padded = torch.zeros((len(PROMPTS), max(lengths)), dtype=torch.long)
+    for i, p in enumerate(PROMPTS):
+        padded[i, :len(p)] = torch.tensor(p)
+    prefill = gen.prefill(padded, lengths, all_logits=True)
+    out = gen.generate(PROMPTS, steps, return_logits=True)
+    return out.tokens, prefill.cpu(), torch.stack(out.logits).cpu(), ops.describe()
+
+
+def settings(path: str, moe_parallel: str, dispatch: str, db=None) -> dict:
+    """The engine settings `tuneforge generate --tp 2 --moe-parallel ...` gives every rank (fp32)."""
+    from tuneforge.cli import build_parser
+    from tuneforge.engine.cli import _settings
+    argv = ["generate", "--model", path, "--tp", str(EP), "--moe-parallel", moe_parallel, "--dispatch", dispatch,
+            "--dtype", "fp32", "--allow-predicted", "--prompt", "1"] + (["--db", db] if db else [])
+    return _settings(build_parser().parse_args(argv))
+
+
+def _ep_rank(world, settings: dict, steps: int):
+    """The engine as `tuneforge generate` builds it on this rank (engine/cli.build: the MoE layout chosen
+    before the weights load); its runs and the dispatch warnings."""
+    from test_engine import PROMPTS
+    from test_engine_tp import Lines
+    from tuneforge.engine.cli import build
+    lines = Lines()
+    logging.getLogger("tuneforge.engine").addHandler(lines)
+    model, ops = build(settings, world, len(PROMPTS))
+    return (*_run(model, ops, steps), lines.lines)
+
+
+def check_equals_tp1(path: str, settings: dict, steps: int) -> list:
+    """The engine on 2 ranks against the TP 1 engine (torch baseline): the same greedy tokens, the
+    prefill and decode logits within TOL; returns each rank's dispatch description and warnings."""
+    from test_engine import PROMPTS, TOL
+    from tuneforge.engine.dispatch import Ops
+    from tuneforge.world import spawn
+    tokens, prefill, logits, _ = _run(load_model(path, dtype=torch.float32), Ops("baseline"), steps)
+    results = []
+    for ep_tokens, ep_prefill, ep_logits, described, lines in spawn(_ep_rank, EP, settings, steps, timeout=300.0):
+        assert ep_tokens == tokens
+        for i, p in enumerate(PROMPTS):
+            torch.testing.assert_close(ep_prefill[i, :len(p)], prefill[i, :len(p)], **TOL)
+        torch.testing.assert_close(ep_logits, logits, **TOL)
+        results.append((described, lines))
+    return results
+
+
+def test_ep2_engine_equals_tp1_for_16_greedy_steps(checkpoint):
+    """2 ranks, experts placed (4 of 8 each; layer 1 dense), the torch path (all_to_all_single around
+    the per-expert loop, all_gather): TP 1's prefill logits and 16 greedy tokens."""
+    path, _ = checkpoint
+    for described, lines in check_equals_tp1(path, settings(path, "ep", "baseline"), steps=16):
+        assert described == "torch baseline; TP: m=27 torch, m=4 torch; MoE: experts placed (ep)"
+
+
+def ep_store(db: str, path: str, chunks: dict) -> None:
+    """The TP 2 plan's problems in a real store, as this machine's engine reads them (the cost model's
+    environment for the default target): moe_block's ep default config with ``chunks[m]`` chunks at
+    each bucket m (overlapped chunks), every other op the torch baseline."""
+    from tuneforge.db.store import Store, Winner
+    from tuneforge.dsl import get
+    from tuneforge.engine.lookup import environment
+    from tuneforge.kernels import moe_block as K
+    from tuneforge.kernels._common import launch_spec
+    from tuneforge.tune.plan import plan
+    cfg, env = load_config(path), environment(EP)
+    the_plan = plan(cfg, tp=EP, decode_buckets=(4,), prefill_buckets=(32,), dtype="fp32")
+    spec = launch_spec(torch.device("cpu"), persistent=False)
+    with Store(db) as store:
+        store.add_plan(cfg.name, EP, the_plan.pairs())
+        for item in the_plan.tunable:
+            p = item.problem
+            config = {"baseline": True}
+            if p.op == "moe_block":   # tiles the interpreter runs, fit for both GEMMs (down: k = 32)
+                config = {**K.default_config(p, spec, "ep"), "num_stages": 2, "block_k": 32, "chunks": chunks[p["m"]]}
+                assert K.TEMPLATE.reject_reason(config, p, spec) is None, config
+            store.record_winner(Winner(p, env, config, 1e-5, 2e-5, 2.0, 50.0, "predicted", get(p.op).source_hash,
+                                       "test", 1))
+
+
+def test_ep2_tuned_moe_block_kernels_equal_tp1(checkpoint, tmp_path):
+    """--moe-parallel auto with moe_block ep winners: the experts are placed and the stored configs run
+    (dispatch -> local grouped GEMMs -> combine -> all-gather over the heap; the prefill's in 2
+    overlapped chunks), everything else the torch baseline: TP 1's prefill logits and greedy tokens,
+    nothing falling back."""
+    path, _ = checkpoint
+    db = str(tmp_path / "tf.db")
+    ep_store(db, path, {4: 1, 32: 2})
+    for described, lines in check_equals_tp1(path, settings(path, "auto", "tuned", db), steps=2):
+        assert lines == [] and described.endswith("; TP: m=27 torch, m=4 torch; MoE: experts placed (ep)")
+
+
+def test_moe_parallel_auto_reads_the_moe_block_winner_at_the_decode_bucket_and_bad_requests_are_refused():
+    from test_moe_model import stored_table
+    from tuneforge.engine.dispatch import Ops
+    from tuneforge.engine.ep import block_problem, layout
+    cfg = dataclasses.replace(load_config("Qwen3-30B-A3B"), **{**TINY_MOE, "mlp_only_layers": ()})
+    ops = Ops("tuned", stored_table([(block_problem(cfg, 2, 1, torch.bfloat16), {"strategy": "ep", "chunks": 1}),
+                                     (block_problem(cfg, 2, 8, torch.bfloat16), {"strategy": "tp"}),
+                                     (block_problem(cfg, 4, 8, torch.bfloat16), {"baseline": True})]))
+    assert [layout("auto", cfg, 2, ops.choice, batch) for batch in (1, 5, 64)] == ["ep", "tp", "tp"]
+    assert layout("auto", cfg, 4, ops.choice, 8) == "tp"             # the baseline won: tp
+    assert layout("tp", cfg, 2, ops.choice, 1) == layout("auto", cfg, 2, None, 1) == "tp"
+    assert layout("ep", cfg, 2) == "ep"
+    errors = []
+    for request, model, tp in (("ep", cfg, 3), ("ep", cfg, 1), ("ep", load_config("Qwen3-0.6B"), 2),
+                               ("dp", cfg, 2)):
+        with pytest.raises(InputError) as e:
+            layout(request, model, tp)
+        errors.append(str(e.value))
+    assert errors == [
+        "--moe-parallel ep: num_experts=8 of Qwen3-30B-A3B does not split over 3 ranks (use --moe-parallel tp)",
+        "--moe-parallel ep places the experts over the ranks: it needs --tp 2 or more",
+        "--moe-parallel ep: Qwen3-0.6B has no MoE layers",
+        "unknown MoE layout 'dp'; expected one of tp, ep, auto"]

@@ -10,6 +10,7 @@ import os
 import sys
 
 from tuneforge.engine.bench_router import add_parser as add_bench_router
+from tuneforge.engine.ep import LAYOUTS as MOE_LAYOUTS
 from tuneforge.engine.lookup import MODES
 from tuneforge.errors import InputError
 
@@ -46,6 +47,11 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
                    help="how the KV cache splits over TP ranks: heads (each rank its KV heads of every token; "
                         "default) or sequence (each rank every KV head of 1/tp of the tokens, blocks of 16 "
                         "positions round-robin; decode combines the ranks' partial attention)")
+    p.add_argument("--moe-parallel", choices=MOE_LAYOUTS, default="auto",
+                   help="how MoE layers split over TP ranks, a load-time choice: tp (every expert's channels "
+                        "split, outputs all-reduced), ep (experts placed whole, rank r owns experts "
+                        "[r E/tp, (r+1) E/tp), tokens sent to them by all-to-all) or auto (default: the stored "
+                        "moe_block winner's strategy at the batch's decode bucket, tp without one)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -77,6 +83,7 @@ def _settings(args) -> dict:
     """What every rank needs, picklable. The dtype defaults to the one the winners of this model were
     tuned in (so tuned dispatch finds them, on the CPU too), else the tuner's bf16."""
     import torch
+    from tuneforge.engine.ep import layout as moe_layout
     from tuneforge.engine.lookup import tuned_dtype
     from tuneforge.models.configs import load_config
     cuda = torch.cuda.is_available()
@@ -84,6 +91,7 @@ def _settings(args) -> dict:
         raise InputError(f"--tp must be >= 1, got {args.tp}")
     if args.kv_shard == "sequence" and args.tp < 2:
         raise InputError("--kv-shard sequence shards the KV cache over TP ranks: it needs --tp 2 or more")
+    moe_layout(args.moe_parallel, load_config(args.model), args.tp)        # an impossible ep, in one line
     dtype = args.dtype
     if dtype is None:
         tuned = args.dispatch == "tuned" and tuned_dtype(args.db, load_config(args.model).name, args.tp, args.target)
@@ -91,24 +99,32 @@ def _settings(args) -> dict:
     return dict(model=args.model, tp=args.tp, db=args.db, dispatch=args.dispatch, dtype=dtype,
                 allow_predicted=args.allow_predicted, target=args.target, random=args.random_weights,
                 graphs=cuda and not args.no_graphs, seed=args.seed, device="cuda" if cuda else "cpu",
-                kv_shard=args.kv_shard)
+                kv_shard=args.kv_shard, moe_parallel=args.moe_parallel)
 
 
-def build(settings: dict, world=None):
-    """(model, ops) for this rank."""
+def build(settings: dict, world=None, batch: int = 1):
+    """(model, ops) for this rank; ``batch``: the decode rows, whose bucket ``--moe-parallel auto`` reads."""
     import torch
     from tuneforge.dsl.problem import DTYPES
     from tuneforge.engine.dispatch import open_ops
+    from tuneforge.engine.ep import layout as moe_layout
+    from tuneforge.models.configs import load_config
     from tuneforge.models.loading import load_model
     from tuneforge.models.qwen3 import Shard
-    shard = Shard.of(world) if world is not None else Shard()
-    device = world.device if world is not None else torch.device(settings["device"])
-    model = load_model(settings["model"], shard=shard, dtype=DTYPES[settings["dtype"]], device=device,
-                       random=settings["random"], seed=settings["seed"])
-    ops = open_ops(settings["dispatch"], db=settings["db"], model=model.cfg.name, tp=shard.size,
-                   allow_predicted=settings["allow_predicted"], target=settings["target"], quiet=shard.rank != 0)
-    if ops.table is not None and len(ops.table) and shard.rank == 0:    # an empty table has warned why already
+    cfg, dtype = load_config(settings["model"]), DTYPES[settings["dtype"]]
+    tp = world.size if world is not None else 1
+    ops = open_ops(settings["dispatch"], db=settings["db"], model=cfg.name, tp=tp,
+                   allow_predicted=settings["allow_predicted"], target=settings["target"],
+                   quiet=world is not None and world.rank != 0)
+    if ops.table is not None and len(ops.table) and (world is None or world.rank == 0):   # an empty table has warned
         print(ops.table.summary, file=sys.stderr)
+    moe = moe_layout(settings["moe_parallel"], cfg, tp, ops.choice if ops.mode == "tuned" else None, batch, dtype)
+    if settings["moe_parallel"] == "auto" and moe == "ep" and world.rank == 0:
+        print("MoE layout: ep (the stored moe_block winner places the experts)", file=sys.stderr)
+    shard = Shard.of(world, moe) if world is not None else Shard()
+    device = world.device if world is not None else torch.device(settings["device"])
+    model = load_model(settings["model"], shard=shard, dtype=dtype, device=device, random=settings["random"],
+                       seed=settings["seed"], config=cfg)
     return model, ops
 
 
@@ -158,7 +174,7 @@ def eos_ids(model_dir: str, cfg, tokenizer) -> list[int]:
 
 def _generate_rank(world, settings: dict, prompts: list[list[int]], sampling: dict, eos: list[int]) -> dict:
     from tuneforge.engine.generate import Generator
-    model, ops = build(settings, world)
+    model, ops = build(settings, world, len(prompts))
     longest = max(len(p) for p in prompts)
     max_len = min(longest + sampling["max_new_tokens"], model.cfg.max_positions)
     gen = Generator(model, ops, max_batch=len(prompts), max_len=max_len, graphs=settings["graphs"],
@@ -200,7 +216,7 @@ def cmd_generate(args) -> int:
 def _bench_rank(world, settings: dict, bsz: int, ctx: int, gen: int) -> dict:
     from tuneforge.engine.generate import Generator, hbm_bandwidth, time_generation
     bandwidth = hbm_bandwidth(world.device if world is not None else settings["device"])
-    model, ops = build(settings, world)
+    model, ops = build(settings, world, bsz)
     generator = Generator(model, ops, max_batch=bsz, max_len=ctx + gen, graphs=settings["graphs"],
                           kv_shard=settings["kv_shard"])
     result = time_generation(generator, bsz, ctx, gen, seed=settings["seed"])

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from tuneforge.dsl.problem import DEFAULT_BUCKETS, DTYPE_NAMES, Problem
+from tuneforge.engine import ep as EP
 from tuneforge.engine import tp as TP
 from tuneforge.engine.lookup import (BASELINE, ENGINE_OPS, MODES, TP_OPS, DispatchTable,  # noqa: F401
                                      choose, database, environment, kernel_config)  # ENGINE_OPS: for the dashboard
@@ -24,6 +25,7 @@ from tuneforge.kernels import decode_attention as k_attn
 from tuneforge.kernels import decode_attention_sp as k_attn_sp
 from tuneforge.kernels import gemm as k_gemm
 from tuneforge.kernels import gemm_fused as k_fused
+from tuneforge.kernels import moe_block as k_block
 from tuneforge.kernels import moe_gemm as k_moe
 from tuneforge.kernels import moe_pack as k_pack
 from tuneforge.kernels import moe_router as k_router
@@ -68,6 +70,7 @@ class Ops:
         self._proven: set[Problem] = set()      # calls whose stored config has launched once
         self._steps: dict[tuple, TPStep] = {}
         self._heap = TP.Heap()                  # the TP blocks' symmetric heap (open_tp)
+        self._ep = EP.Heap()                    # the placed sparse layers' (open_tp, engine/ep)
         self.uncapturable = ""                  # why a call made so far cannot be captured in a CUDA graph
 
     def describe(self) -> str:
@@ -85,6 +88,8 @@ class Ops:
                 return "ag_rs" if s.sharded else "+".join(sorted({"torch" if c is BASELINE else "gemm_ar"
                                                                   for c in (s.attn, s.mlp)}))
             text += "; TP: " + ", ".join(f"m={s.m} {label(s)}" for s in steps)
+        if self._ep.ctx is not None:
+            text += "; MoE: experts placed (ep)"
         return text
 
     def config(self, op: str, dtype: torch.dtype, world: int = 1, **dims: int) -> Optional[dict]:
@@ -320,19 +325,50 @@ class Ops:
         every expert's intermediate channels; the gate's logits are whole on every rank, so the gated
         partial sums add up)."""
         weights, ids = self.moe_router(self.gemm(x, router), top_k, norm_topk_prob)
-        out = self.moe_experts(x, gate_up, down, weights, ids)
-        if shared is not None:
-            s_gate_up, s_down, s_gate = shared
-            s_out = self.gemm(self.silu_mul(self.gemm(x, s_gate_up)), s_down)
-            out = self.shared_expert_gate(out, self.gemm(x, s_gate), s_out)
+        out = self._shared_expert(x, self.moe_experts(x, gate_up, down, weights, ids), shared)
         return TP.all_reduce(out, tp.shard)
+
+    def moe_ep(self, x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
+               norm_topk_prob: bool, tp: TPStep, shared: Optional[tuple] = None) -> torch.Tensor:
+        """The sparse block in the ep layout (engine/ep; ``gate_up`` / ``down``: this rank's experts, whole):
+        the router on every token as in ``moe``, then moe_block's ep strategy (this rank's row share sent
+        to its experts' owners, through the local experts, combined back weighted, all rows gathered) at
+        its tuned ep config (another strategy's winner: ep's defaults), or the torch path; the shared
+        expert (whole on every rank) on every token. Every rank gets every token's output."""
+        ctx = self._ep.ctx
+        if ctx is None:
+            raise InputError("the ep MoE layout runs on its heap: call Ops.open_tp(model, ...) on every rank "
+                             "first (the Generator does)")
+        weights, ids = self.moe_router(self.gemm(x, router), top_k, norm_topk_prob)
+        experts = router.shape[0]
+        problem = self.problems.moe_block(x.dtype, tp.shard.size, x.shape[0], x.shape[1], down.shape[2], experts,
+                                          top_k)
+        out = self._run(problem,
+                        lambda cfg: k_block.moe_block(x, ids, weights, gate_up, down, ctx=ctx, experts=experts,
+                                                      config=cfg if (cfg or {}).get("strategy") == "ep" else None),
+                        lambda: k_block.baseline_ep(x, ids, weights, None, None, {"ep": (gate_up, down)}, ctx,
+                                                    experts))
+        return self._shared_expert(x, out, shared)
+
+    def _shared_expert(self, x: torch.Tensor, out: torch.Tensor, shared: Optional[tuple]) -> torch.Tensor:
+        """``out`` plus the shared expert ``shared`` = (gate_up, down, gate) of x, gated (none: ``out``)."""
+        if shared is None:
+            return out
+        s_gate_up, s_down, s_gate = shared
+        s_out = self.gemm(self.silu_mul(self.gemm(x, s_gate_up)), s_down)
+        return self.shared_expert_gate(out, self.gemm(x, s_gate), s_out)
 
     # --- tensor parallelism (engine/tp) ----------------------------------------------------------
     def open_tp(self, model, max_tokens: int, logit_rows: int) -> None:
         """Collective (every rank, the same arguments): open the symmetric heap the TP blocks run on
         and warm its channels at ``max_tokens`` tokens (the largest forward) and ``logit_rows``
         gathered rows of logits. Nothing to do at TP 1, under baseline dispatch, when no tuned record
-        runs a block, or when the open heap already covers the sizes."""
+        runs a block, or when the open heap already covers the sizes. The placed sparse layers' heap
+        (engine/ep) opens here too."""
+        if any(getattr(layer.mlp, "placed", False) for layer in model.layers):
+            configs = None if self.mode != "tuned" else [c for c in self.table.configs("moe_block")
+                                                         if c.get("strategy") == "ep"]
+            self._ep.open(model, max_tokens, configs, self.mode == "baseline")
         if model.shard.size == 1 or self.mode == "baseline":
             return
         strategies = {"gemm_ar"} if self.mode == "default" else TP.strategies(
