@@ -22,7 +22,10 @@ from tuneforge.tune.plan import registered_ops
 
 def _registered(op: str):
     """The template registered for ``op``, or None: no template, or its module does not import
-    (the plan marks such ops baseline-only the same way)."""
+    (the plan marks such ops baseline-only the same way). An op already registered skips the module
+    scan (the tuner calls this for every trial)."""
+    if op in registry._REGISTRY:
+        return registry._REGISTRY[op]
     return registry.get(op) if op in registered_ops() else None
 
 
