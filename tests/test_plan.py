@@ -169,3 +169,30 @@ def test_moe_plan_at_tp2_chooses_each_sparse_layers_strategy_per_token_bucket():
     assert len(p.find("moe_block")) == len(ALL_M)
     assert runs_per_forward("Qwen3-30B-A3B", "layer.moe.block") == 48
     assert not plan("Qwen3-30B-A3B", 1, decode_buckets=[1], prefill_buckets=[]).find("moe_block")
+
+
+@pytest.mark.parametrize("target", ["H800", "B300", "MI308X"])
+def test_the_cost_model_predicts_the_moe_block_strategy_of_qwen3_30b_a3b_at_tp8_on_targets_not_at_hand(
+        tmp_path, target):
+    """`tuneforge tune --model Qwen3-30B-A3B --tp 8 --target T` on the planned moe_block problems (a decode,
+    a mid and a prefill bucket): each gets a winner predicted by the cost model for T x8, a config of its
+    template's space on T (a strategy, tp or ep, or the torch baseline)."""
+    from tuneforge.db.store import Store
+    from tuneforge.dsl import get
+    from tuneforge.dsl.devices import spec
+    from tuneforge.tune.plan import Plan
+    from tuneforge.tune.tuner import TuneOptions, Tuner
+    full = plan("Qwen3-30B-A3B", 8, decode_buckets=[1, 64], prefill_buckets=[4096])
+    blocks = full.find("moe_block")
+    assert len(blocks) == 3 and not any(i.baseline_only for i in blocks)
+    with Store(f"sqlite:///{tmp_path / 'predicted.db'}") as store:
+        report = Tuner(store, TuneOptions(target=target, trials=8, verify=False, progress=None)).tune(
+            Plan(full.model, 8, full.dtype, full.decode_buckets, full.prefill_buckets, blocks))
+        winners = store.winners(op="moe_block")
+    assert [(r.status, r.source) for r in report.rows] == [("tuned", "predicted")] * 3
+    assert sorted(w.problem.key for w in winners) == sorted(i.key for i in blocks)
+    template = get("moe_block")
+    for w in winners:
+        assert (w.env.gpu_name, w.env.world_size, w.env.predicted, w.source) == (target, 8, True, "predicted")
+        assert w.config.get("baseline") or template.reject_reason(w.config, w.problem, spec(target)) is None
+        assert w.config.get("baseline") or w.config["strategy"] in ("tp", "ep")
