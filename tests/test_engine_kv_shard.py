@@ -209,7 +209,7 @@ def test_tp2_sequence_sharded_kv_cuda_graphs_on_one_gpu(checkpoint, tmp_path):
         assert lines == []
         (eager, graphed), _ = out[0]
         assert eager[1] == graphed[1]
-        torch.testing.assert_close(eager[2], graphed[2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(eager[2], graphed[2], rtol=1e-4, atol=1e-4)    # graphs pad the prefill
         for i, p in enumerate(prompts):
             hf_tokens, _, hf_logits = hf_greedy(hf, p, steps)
             assert graphed[1][i] == hf_tokens
