@@ -270,9 +270,11 @@ def forwards(model: ModelConfig, tp: int, pairs: Sequence[tuple[Problem, str]]
             one = plan(model, tp, [m] if phase == "decode" else [], [m] if phase == "prefill" else [], dtype,
                        contexts=contexts, registered={})
             items = [(i.problem, r) for i in one for r in i.roles]
+            # KV split by heads (the default); the GEMM fusions not credited (they stand beside the ops
+            # they replace: counting both would count those ops twice)
             for ctx in (contexts or [None]) if phase == "decode" else [None]:
-                out.append((phase, m, ctx, [(p, r) for p, r in items     # KV split by heads (the default)
-                                            if p.op != "decode_attention_sp"
+                out.append((phase, m, ctx, [(p, r) for p, r in items
+                                            if p.op not in ("decode_attention_sp", "gemm_fused")
                                             and (p.op != "decode_attention" or p.shape["ctx"] == ctx)]))
     return out
 
