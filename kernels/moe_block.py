@@ -30,6 +30,7 @@ and torch do so alike); the reference rounds the SiLU-mul output, the one roundi
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.dsl.comm import row_split
-from tuneforge.dsl.roofline import allreduce_time, nccl_allreduce_time, overlap
+from tuneforge.dsl.roofline import allreduce_time, gemm_config_time, nccl_allreduce_time, overlap
 from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.kernels import allgather as AG
 from tuneforge.kernels import allreduce as AR
@@ -485,12 +486,25 @@ def work(problem: Problem) -> tuple[float, float]:
     return 2.0 * m * k * 3 * inter * h, float((active * 3 * inter * h + 2 * m * h) * problem.torch_dtype.itemsize)
 
 
+def grouped_time(gemm: Problem, config: dict, spec) -> float:
+    """One grouped GEMM launch: its tiles over all hit experts run side by side in one grid, so it is
+    priced as one GEMM of the rows per hit expert by the hit experts' stacked weights (gemm's tile
+    model: waves, one ramp, every hit expert's weight streamed once). moe_gemm's own cost sums a GEMM
+    per hit expert, a ramp and a latency-bound tail each, which overprices many small experts."""
+    m, n, k, experts, topk = (gemm[d] for d in ("m", "n", "k", "experts", "topk"))
+    routes = m * topk
+    active = experts * (1.0 - (1.0 - 1.0 / experts) ** routes)
+    rows = max(1, math.ceil(routes / max(active, 1.0)))
+    return gemm_config_time(rows, max(1, round(active * n)), k, config, spec, gemm.dtype)
+
+
 def cost(problem: Problem, config: Optional[dict], spec) -> float:
-    """tp: both grouped GEMMs on the channel slices (moe_gemm's model) + the all-reduce of [m, H]; ep:
+    """tp: both grouped GEMMs on the channel slices (``grouped_time``) + the all-reduce of [m, H]; ep:
     the all-to-all of the row share (moe_alltoall's model, its form), the local experts on the
     expected received rows (m k / W rows over E / W experts), overlapped across ``chunks`` (the hidden
     share 1 - 1 / chunks, a launch set per chunk), then the all-gather of [m, H]. Baseline: tp with
-    transformers' per-expert loop and NCCL's all-reduce."""
+    transformers' per-expert loop (moe_gemm's baseline cost: a GEMM per hit expert) and NCCL's
+    all-reduce."""
     m, h, w = problem["m"], problem["hidden"], problem.world
     act = m * h * problem.torch_dtype.itemsize
     if config is None:
@@ -499,11 +513,11 @@ def cost(problem: Problem, config: Optional[dict], spec) -> float:
     sub = sub_configs(config, problem)
     if config["strategy"] == "tp":
         up, down = _gemm_problems(problem, "tp")
-        return (MG.cost(up, sub["up"], spec) + MG.cost(down, sub["down"], spec)
+        return (grouped_time(up, sub["up"], spec) + grouped_time(down, sub["down"], spec)
                 + allreduce_time(act, w, spec, sub["allreduce"]))
     rows = max(1, row_split(m, w)[0][1] * problem["topk"])          # expected received rows per rank
     up, down = (g.with_dims(m=rows) for g in _gemm_problems(problem, "ep"))
-    compute = MG.cost(up, sub["up"], spec) + MG.cost(down, sub["down"], spec)
+    compute = grouped_time(up, sub["up"], spec) + grouped_time(down, sub["down"], spec)
     comm = A2A.cost(_a2a_problem(problem), sub["a2a"], spec)
     chunks = sub["chunks"]
     layer = overlap(compute, comm, spec, 1.0 - 1.0 / chunks) + (chunks - 1) * 8 * spec.launch_us * 1e-6
