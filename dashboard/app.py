@@ -171,15 +171,18 @@ def page_speedups(snap: data.Snapshot) -> None:
 def page_strategy(snap: data.Snapshot) -> None:
     st.header("Strategy map")
     st.write("The winning strategy of each tensor-parallel block (tp_mlp / tp_attn: gemm+allreduce vs "
-             "allgather-gemm + gemm-reducescatter) and of each all-reduce (one-shot vs two-shot; "
-             "`baseline` = torch / NCCL), by token count. Each cell shows the speedup over the torch baseline.")
+             "allgather-gemm + gemm-reducescatter), of each all-reduce (one-shot vs two-shot) and of each MoE "
+             "layer's experts (moe_block: tp = every expert's channels sharded + all-reduce vs ep = experts "
+             "placed + all-to-all; `baseline` = torch / NCCL), by token count. Each cell shows the speedup "
+             "over the torch baseline.")
     strat = data.strategy_map(snap.winners)
     if strat.empty:
-        st.info("No TP-block or all-reduce winners in this database: they are tuned at TP > 1, e.g. "
-                "`tuneforge tune --model Qwen3-32B --tp 8`.")
+        st.info("No TP-block, all-reduce or MoE-block winners in this database: they are tuned at TP > 1, e.g. "
+                "`tuneforge tune --model Qwen3-32B --tp 8` or `tuneforge tune --model Qwen3-30B-A3B --tp 8`.")
         return
     if not strat["op"].isin(data.TP_BLOCK_OPS).any():
-        st.caption("No tp_mlp / tp_attn winners yet (only all-reduces): their templates were not tuned.")
+        st.caption("No tp_mlp / tp_attn winners yet (only all-reduces or MoE blocks): their templates were not "
+                   "tuned.")
     # one colour per strategy on every device's map; the torch baseline in grey
     names = sorted(strat["strategy"].unique())
     palette = iter(STRATEGY_COLOURS * len(names))

@@ -28,7 +28,7 @@ from tuneforge.tune.plan import plan, runs_per_forward
 
 FILL_COMMAND = "tuneforge tune --model Qwen3-32B"
 TP_BLOCK_OPS = ("tp_mlp", "tp_attn")
-STRATEGY_OPS = TP_BLOCK_OPS + ("allreduce",)
+STRATEGY_OPS = TP_BLOCK_OPS + ("allreduce", "moe_block")
 NO_PLAN = "(no plan)"           # a winner whose problem no recorded plan at its TP degree uses
 
 WINNER_COLUMNS = ["device", "fingerprint", "source", "provenance", "model", "tp", "roles", "op", "shape",
@@ -246,10 +246,15 @@ def overview(snap: Snapshot) -> pd.DataFrame:
 
 # At TP > 1 the engine runs a TP block won by a kernel in place of these roles' problems
 # (kernels/tp_attn: qkv_half -> attention core -> o_half; kernels/tp_mlp: gate_up -> silu_mul -> down),
-# each block with its own all-reduce; otherwise the parts, with torch's all-reduce.
+# each block with its own all-reduce; otherwise the parts, with torch's all-reduce. A sparse layer's
+# moe_block won by its ep strategy runs in place of the pack, the expert GEMMs and the all-reduce (the
+# experts placed: engine/ep; counted per forward as if each forward's winner chose the layout, which the
+# engine makes once, at the decode bucket); a tp winner leaves the parts (the engine's tp layout runs them).
 BLOCK_PARTS = {"layer.attn.tp": ("layer.attn.qkv_proj", "layer.attn.o_proj", "layer.attn.allreduce"),
                "layer.mlp.tp": ("layer.mlp.gate_up_proj", "layer.mlp.silu_mul", "layer.mlp.down_proj",
-                                "layer.mlp.allreduce")}
+                                "layer.mlp.allreduce"),
+               "layer.moe.block": ("layer.moe.pack", "layer.moe.experts.gate_up", "layer.moe.experts.down",
+                                   "layer.moe.allreduce")}
 MODEL_TIME_COLUMNS = ["device", "fingerprint", "source", "provenance", "model", "tp", "phase", "tokens", "ctx",
                       "time_ms", "baseline_ms", "speedup", "tuned", "problems", "layers"]
 
@@ -281,10 +286,11 @@ def forwards(model: ModelConfig, tp: int, pairs: Sequence[tuple[Problem, str]]
 
 def forward_time(model: ModelConfig, pairs: Sequence[tuple[Problem, str]],
                  won: dict[str, tuple[float, float, bool]]) -> tuple[float, float, int, int]:
-    """One forward's time with the winners ``won`` (problem key -> time, baseline time, won by a
-    kernel) as the engine dispatches them, and with the torch baseline: each problem's time times
-    the number of times its role runs (tuneforge.tune.plan.runs_per_forward). Ops the engine does
-    not dispatch (the stand-alone all-reduce, MoE expert GEMMs, ...) count at their torch time.
+    """One forward's time with the winners ``won`` (problem key -> time, baseline time, whether a block
+    winner runs in place of its parts: BLOCK_PARTS) as the engine dispatches them, and with the torch
+    baseline: each problem's time times the number of times its role runs
+    (tuneforge.tune.plan.runs_per_forward). Ops the engine does not dispatch (the stand-alone
+    all-reduce, ...) count at their torch time.
     Returns (tuned s, baseline s, problems with a winner, problems); the sums cover the former."""
     blocks = {r for p, r in pairs if r in BLOCK_PARTS and won.get(p.key, (0, 0, False))[2]}
     skip = {part for b in blocks for part in BLOCK_PARTS[b]} | (set(BLOCK_PARTS) - blocks)
@@ -320,7 +326,8 @@ def model_times(snap: Snapshot) -> pd.DataFrame:
         except TuneforgeError:      # not a built-in model, or its config no longer plans at this TP
             continue
         first = g.iloc[0]
-        won = {r.problem: (r.time_us * 1e-6, r.baseline_us * 1e-6, bool(r.kernel_won))
+        won = {r.problem: (r.time_us * 1e-6, r.baseline_us * 1e-6,
+                           bool(r.kernel_won) and (r.op != "moe_block" or r.strategy.startswith("ep")))
                for r in unique_problems(g).itertuples(index=False)}
         for phase, m, ctx, items in runs:
             tuned, baseline, n_tuned, n_problems = forward_time(cfg, items, won)
@@ -362,7 +369,8 @@ def unique_problems(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def strategy_map(df: pd.DataFrame) -> pd.DataFrame:
-    """The chosen strategy of every TP block and all-reduce by token count, per environment."""
+    """The chosen strategy of every TP block, all-reduce and MoE block (experts tp-sharded + all-reduce or
+    ep-placed + all-to-all) by token count, per environment."""
     rows = unique_problems(df[df["op"].isin(STRATEGY_OPS)]).copy()
     rows["block"] = rows["op"] + " " + rows["shape"]
     rows["label"] = rows["speedup"].map(lambda s: f"{s:.2f}x")

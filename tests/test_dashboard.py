@@ -196,7 +196,8 @@ def test_strategy_map_shows_each_chosen_strategy(monkeypatch, tuned_db, store):
 
     expected = {(w.problem.op, w.problem.shape["m"]): (label(w.config), w.speedup)
                 for op in data.STRATEGY_OPS for w in store.winners(op=op)}
-    assert {op for op, _ in expected} == set(data.STRATEGY_OPS)  # the TP8 run tuned blocks and all-reduces
+    # the TP8 run tuned blocks and all-reduces (a dense model: no MoE blocks)
+    assert {op for op, _ in expected} == set(data.STRATEGY_OPS) - {"moe_block"}
     found = assert_every_chart_says_how(at)
     cells = {}
     for spec, frames in found:
@@ -339,19 +340,22 @@ def test_cli_refuses_a_busy_port(tuned_db, capsys):
 H800 = Environment("H800", 132, 80.0, 1, "nvswitch:400GB/s", "2.13.0", "3.9.0", "cost-model", True)
 
 
-def record_plan(url: str, tp: int, decode=(1,), prefill=(512,), skip=(), baseline_won=()) -> tuple:
-    """A store holding the plan of MODEL at ``tp`` and a winner for each of its problems (but the
+def record_plan(url: str, tp: int, decode=(1,), prefill=(512,), skip=(), baseline_won=(), model: str = MODEL,
+                configs=None) -> tuple:
+    """A store holding the plan of ``model`` at ``tp`` and a winner for each of its problems (but the
     ``skip`` ops and roles): problem i takes (i + 1) us, its baseline 3x that (the ``baseline_won``
-    roles' winners are the baseline, same time). Returns (env, {(role, m, ctx): winner})."""
+    roles' winners are the baseline, same time; ``configs``: role -> the config its winners hold).
+    Returns (env, {(role, m, ctx): winner})."""
     env = replace(H800, world_size=tp)
-    p = plan(MODEL, tp, decode, prefill)
+    p = plan(model, tp, decode, prefill)
     by_role = {}
     with Store(url) as store:
         store.add_plan(p.model, tp, p.pairs())
         for i, item in enumerate(p):
             t = (i + 1) * 1e-6
             base = any(r in baseline_won for r in item.roles)
-            w = Winner(item.problem, env, {"baseline": True} if base else {"x": i}, t, t if base else 3 * t,
+            config = next((c for r, c in (configs or {}).items() if r in item.roles), {"x": i})
+            w = Winner(item.problem, env, {"baseline": True} if base else config, t, t if base else 3 * t,
                        1.0 if base else 3.0, 50.0, "predicted", "h", Store.study_name(item.problem, env), 1)
             if item.problem.op not in skip and not set(item.roles) & set(skip):
                 store.record_winner(w)
@@ -402,6 +406,44 @@ def test_model_time_at_tp_runs_a_kernel_won_block_in_place_of_its_parts(tmp_path
     assert w[("layer.mlp.allreduce", m, None)].time_s < w[("layer.mlp.allreduce", m, None)].baseline_s
     assert row["time_ms"] == pytest.approx(tuned * 1e3)
     assert row["problems"] == row["tuned"] == 9
+
+
+def test_model_time_runs_an_ep_won_moe_block_in_place_of_the_expert_parts(tmp_path):
+    """Qwen3-30B-A3B at TP 2: a moe_block won by ep places the experts (engine/ep): it replaces the pack,
+    both expert GEMMs and the all-reduce of every sparse layer; one won by tp leaves the parts."""
+    moe = "Qwen3-30B-A3B"
+    times, by_role = {}, None
+    for strategy in ("ep", "tp"):
+        url = f"sqlite:///{tmp_path / f'{strategy}.db'}"
+        _, by_role = record_plan(url, 2, prefill=(), model=moe, configs={"layer.moe.block": {"strategy": strategy}})
+        times[strategy] = data.model_times(data.load_snapshot(url)).query("ctx == 256").iloc[0]["time_ms"]
+    parts = ("layer.moe.pack", "layer.moe.experts.gate_up", "layer.moe.experts.down")
+    block = by_role[("layer.moe.block", 1, None)].time_s - sum(by_role[(r, 1, None)].time_s for r in parts) \
+        - by_role[("layer.moe.allreduce", 1, None)].baseline_s      # the engine's all-reduce is torch's
+    layers = load_config(moe).num_hidden_layers
+    assert times["ep"] - times["tp"] == pytest.approx(layers * block * 1e3)
+
+
+def test_strategy_map_shows_the_predicted_moe_strategy_of_qwen3_30b_a3b_at_tp8_on_h800(monkeypatch, tmp_path):
+    """`tuneforge tune --model Qwen3-30B-A3B --tp 8 --target H800` on its moe_block problems: the Strategy
+    map shows, for H800 x8 predicted by the cost model, the strategy the store holds at each bucket."""
+    from tuneforge.tune.plan import Plan
+    from tuneforge.tune.tuner import TuneOptions, Tuner
+    url = f"sqlite:///{tmp_path / 'moe.db'}"
+    full = plan("Qwen3-30B-A3B", 8, decode_buckets=[1, 16], prefill_buckets=[4096])
+    with Store(url) as s:
+        Tuner(s, TuneOptions(target="H800", trials=8, verify=False, progress=None)).tune(
+            Plan(full.model, 8, full.dtype, full.decode_buckets, full.prefill_buckets, full.find("moe_block")))
+        expected = {w.problem.shape["m"]: (data.strategy_label(w.config), w.speedup) for w in s.winners(op="moe_block")}
+    assert sorted(expected) == [1, 16, 4096]
+    at = open_app(monkeypatch, url, "Strategy map")
+    ((spec, frames),) = assert_every_chart_says_how(at)
+    assert "H800 x8" in title_text(spec) and "predicted by the cost model" in title_text(spec)
+    cells = {r["tokens"]: (r["strategy"], r["speedup"]) for r in mark_data(spec, frames, "rect")
+             if r["op"] == "moe_block"}
+    assert cells.keys() == expected.keys()
+    for m, (strategy, speedup) in expected.items():
+        assert cells[m][0] == strategy and cells[m][1] == pytest.approx(speedup)
 
 
 def test_planned_problems_without_a_winner_are_named_and_the_model_time_says_partial(monkeypatch, tmp_path):
