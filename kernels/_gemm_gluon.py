@@ -232,14 +232,6 @@ def family_space(triton_space: Space) -> FamilySpace:
                        categorical("consumers", (1, 2), when={"kernel": ("gluon_ws",)}))
 
 
-def for_triton(constraint):
-    """A Triton-kernel constraint that passes the Gluon family's configs (they have their own)."""
-    @functools.wraps(constraint)
-    def check(config, problem, spec):
-        return constraint(config, problem, spec) if kernel_of(config) == "triton" else None
-    return check
-
-
 def gluon_unavailable(config: dict, problem, spec) -> str | None:
     """Where the Gluon kernel cannot run at all: a GPU without wgmma / warp specialization, a dtype
     other than bf16/fp16, rows TMA cannot address, a triton without Gluon, the interpreter."""
@@ -331,17 +323,16 @@ def family_seeds(triton_portfolio):
     return seeds
 
 
-def for_gluon(constraint):
-    @functools.wraps(constraint)
-    def check(config, problem, spec):
-        return constraint(config, problem, spec) if kernel_of(config) == "gluon_ws" else None
-    return check
-
-
 GLUON_LAUNCH_CONSTRAINTS = (gluon_unavailable, gluon_tiles_unfit)
 GLUON_CONSTRAINTS = GLUON_LAUNCH_CONSTRAINTS + (gluon_tiles_wasteful,)
 
 
 def family_constraints(triton_constraints: tuple, gluon_constraints: tuple) -> tuple:
-    """Each family's constraints, applied to its own configs."""
-    return tuple(map(for_triton, triton_constraints)) + tuple(map(for_gluon, gluon_constraints))
+    """One constraint: the config's own family's (the first reason, or None)."""
+    def family_fit(config, problem, spec):
+        for check in (triton_constraints if kernel_of(config) == "triton" else gluon_constraints):
+            why = check(config, problem, spec)
+            if why:
+                return why
+        return None
+    return (family_fit,)

@@ -624,8 +624,10 @@ def cost(problem: Problem, config: dict | None, spec: DeviceSpec) -> float:
     return gemm_config_time(problem["m"], problem["n"], problem["k"], config, spec, problem.dtype)
 
 
+@functools.lru_cache(maxsize=1024)
 def template_space(problem: Problem):
-    """gemm's space: the Triton kernel's (``space``) and the Gluon family's (``kernels/_gemm_gluon.py``)."""
+    """gemm's space: the Triton kernel's (``space``) and the Gluon family's (``kernels/_gemm_gluon.py``).
+    Cached: the tuner and the tests check many configs per problem."""
     return GW.family_space(space(problem))
 
 
