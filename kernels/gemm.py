@@ -406,15 +406,17 @@ FUSED_CONSTRAINTS = CONSTRAINTS + (fusion_unsupported, fusion_pressure)
 
 def fused_default_config(problem: Problem, spec: DeviceSpec) -> dict:
     """gemm's default for the output's shape; the whole-tile fusions take its tiles as whole tiles
-    (power-of-two wide, the programs per SM that fill the last wave best), shrinking stages and then
-    BLOCK_K until the pair fits."""
+    (power-of-two wide, the pair's halves half as wide, the programs per SM that fill the last wave
+    best), shrinking stages, then BLOCK_K, then BLOCK_N until they fit."""
     shape = Problem.make("gemm", problem.dtype, m=problem["m"], n=out_width(problem), k=problem["k"])
     cfg = default_config(shape, spec)
     if not _whole_tile_fusion(problem):
         return cfg
     cfg.pop("split_k", None)
     # decode-sized tiles stream the weight through pointer loads (TMA gained nothing there: gemm's default)
-    cfg.update(schedule="tiles", split_k=1, block_n=split_width(cfg["block_n"])[0],
+    # the pair: half as wide a tile of each of gate and up, as wide in all as gemm's tile
+    width = split_width(cfg["block_n"])[0] // (2 if fusion_of(problem)[1] == "silu_mul" else 1)
+    cfg.update(schedule="tiles", split_k=1, block_n=max(16, width),
                tma=problem["m"] > 16 and tma_unavailable({**cfg, "tma": True}, problem, spec) is None)
     tiles = output_tiles(shape, cfg["block_m"], cfg["block_n"])
 
