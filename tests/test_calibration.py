@@ -200,12 +200,17 @@ def test_default_config_is_within_15_percent_of_the_portfolio_everywhere():
                                        "(the model's pick, 128x128x64 split 3, over the rule's 64x64x128: predicted 17 % "
                                        "faster, measured 31 % slower)")
 def test_default_config_measured_on_the_h200_within_15_percent():
-    """The measured ground truth where it has the shape: the H200 quick runs timed every portfolio config."""
+    """The measured ground truth where it has the shape: bench_gemm times the default with the portfolio."""
     gemm, spec = get("gemm"), device_spec("H200")
+    ratios = []
     for name, d in _load("bench_gemm-NVIDIA_H200-*.json"):
         for r in d["rows"]:
             p = Problem.make("gemm", m=r["m"], n=r["n"], k=r["k"])
             timed = {json.dumps(c["config"], sort_keys=True): c["us"] for c in r["candidates"] if "us" in c}
             default = {k: v for k, v in gemm.default_config(p, spec).items() if k != "kernel"}   # the Triton kernel's
-            mine = timed[json.dumps(default, sort_keys=True)]
-            assert mine <= 1.15 * min(timed.values()), (name, r["layer"], r["m"], mine / min(timed.values()))
+            mine = timed.get(json.dumps(default, sort_keys=True))
+            if mine is not None:        # a run before this default existed may not have timed it
+                ratios.append((mine / min(timed.values()), name, r["layer"], r["tp"], r["m"]))
+    print(f"\n  default / best portfolio config, measured on the H200: {len(ratios)} shapes, worst {max(ratios)}")
+    assert len(ratios) >= 15
+    assert max(ratios)[0] <= 1.15, max(ratios)
