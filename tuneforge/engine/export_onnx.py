@@ -59,6 +59,7 @@ class ExportOps(Ops):
 
 class _NoCache:
     """A prefill from an empty cache reads nothing back, so the graph keeps no cache."""
+    sharded = False          # KVCache's layout flag: split by heads (nothing gathered)
 
     def write(self, layer, rows, slots, kv) -> None:
         pass
