@@ -545,7 +545,7 @@ def torch_all_to_all(x, topk_ids, topk_weights, ctx, experts: int, expert_fn) ->
     dist.all_to_all_single(back, y, send, recv, group=group)
     full = torch.zeros((tokens * top_k, x.shape[1]), dtype=torch.float32, device=x.device)
     full[order] = back.float() * topk_weights.reshape(-1)[order].float()[:, None]
-    return full.view(tokens, top_k, -1).sum(1).to(x.dtype).to(device)
+    return full.view(tokens, top_k, x.shape[1]).sum(1).to(x.dtype).to(device)
 
 
 def routing(tokens: int, experts: int, top_k: int, g: torch.Generator, skew: float = 0.0):

@@ -87,8 +87,8 @@ def _assert_world(results):
 
 
 def test_tp_and_ep_match_the_reference_each_other_and_transformers_on_two_ranks():
-    # 5 tokens: row shares of 3 and 2 (ep's buffers sized by the larger); top-2 of 4 experts
-    _assert_world(spawn(_layers, 2, [(5, 4, 2, 0.0)], (0, 1), CONFIGS, True, True, timeout=300))
+    # 5 tokens: row shares of 3 and 2 (ep's buffers sized by the larger); 1 token (decode): rank 1 has none
+    _assert_world(spawn(_layers, 2, [(5, 4, 2, 0.0), (1, 4, 2, 0.0)], (0, 1), CONFIGS, True, True, timeout=300))
 
 
 def test_tp_and_ep_on_four_ranks_top8_and_skewed_top1():
