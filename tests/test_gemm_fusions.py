@@ -138,6 +138,25 @@ def test_the_fused_paths_compile_for_sm90():
         ("_gemm_kernel", dict(base, STREAM=True, NORM=True, SILU=True, RESIDUAL=True))], types)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 32, 512])
+@pytest.mark.parametrize("norm,epilogue", FUSIONS)
+def test_gpu_qwen3_32b_shapes(device, m, norm, epilogue):
+    """Each fusion at Qwen3-32B's TP 1 shapes: the default, its pointer / TMA twin and the seeds' first few,
+    against the unfused ops' references (compiled by the GPU's Triton, TMA included)."""
+    weight = {(True, "none"): (10240, 5120), (False, "residual"): (5120, 8192)}.get((norm, epilogue), (51200, 5120))
+    problem = P.gemm_fused("bf16", m, weight, norm=norm, epilogue=epilogue)
+    spec = G.launch_spec(device)
+    default = G.fused_default_config(problem, spec)
+    configs = [default, {**default, "tma": not default["tma"]}] + GF.seeds(problem, spec)[1:4]
+    inputs = GF.make_inputs(problem, device, 0)
+    ref = unfused_reference(**{k: v for k, v in inputs.items() if k != "out"})
+    for config in configs:
+        if GF.TEMPLATE.reject_reason(config, problem, spec) is None:
+            result = check(GF.TEMPLATE, problem, config, device=device, inputs=inputs, reference=ref)
+            assert result, f"{config}: {result.reason}"
+
+
 # --- the engine -------------------------------------------------------------------------------------------
 
 ENV = Environment("interpreter", 4, 0.0, 1, "single-gpu", torch.__version__, "3", "none", False)
