@@ -3,8 +3,8 @@ tp (channel-sharded experts + all-reduce) and ep (placed experts + all-to-all, b
 chunks) against the fp64 reference, against each other, and against transformers' Qwen3MoeSparseMoeBlock;
 uneven row shares, skewed routing (ranks receiving nothing), dropped (-1) ids, top-k 1/2/8; every layer
 called twice (epochs). The torch baselines (all_reduce; all_to_all_single with the counts exchange); bad
-inputs; the template's space and cost on targets not at hand. On one GPU (``-m gpu``): the layers
-captured in one CUDA graph and replayed on two processes sharing it."""
+inputs; the template's space and cost on targets not at hand. On one GPU (``-m gpu``, two processes
+sharing it): the overlapped ep layer eagerly, and the layers captured in one CUDA graph and replayed."""
 
 import pytest
 import torch
@@ -251,6 +251,31 @@ def _graph(world, replays):
     reference = lambda: template.reference(**split_out(inputs))  # noqa: E731
     return graph_replays(ctx, heap, "moe_alltoall.dispatch", run, outs, configs, replays, refill, reference,
                          "strategy")
+
+
+def _overlapped(world):
+    """ep in chunks, called three times eagerly on new inputs each time: the first unoverlapped, the
+    others with the all-to-all on the side stream."""
+    from tuneforge.dsl.heap import SymmetricHeap
+    heap = SymmetricHeap(world, 64 << 20)
+    ctx = heap.context()
+    template = get(OP)
+    problem = P.moe_block("bf16", world.size, 96, 128, 64, 8, 2)
+    failures = []
+    for config in ({**EP_LL, "chunks": 2}, {**EP_STAGED, "chunks": 4}):
+        for call in range(3):
+            inputs = template.make_inputs(problem, ctx.device, call, ctx)
+            result = check(template, problem, {**config, "block_n": 64, "block_k": 64}, ctx=ctx, inputs=inputs)
+            if not result:
+                failures.append(f"{_name(config)} chunks {config['chunks']} call {call}: {result.reason}")
+    heap.close()
+    return failures
+
+
+@pytest.mark.gpu
+def test_the_overlapped_layer_matches_the_reference_on_processes_sharing_one_gpu():
+    for failures in spawn(_overlapped, 2, device="cuda", share_gpu=True, timeout=300):
+        assert not failures, failures
 
 
 @pytest.mark.gpu
