@@ -35,6 +35,7 @@ from tuneforge.dashboard import data
 from tuneforge.dashboard.cli import DEFAULT_PORT
 from tuneforge.db.environment import Environment
 from tuneforge.db.store import Store, Winner
+from tuneforge.dsl.problem import DECODE_CONTEXTS
 from tuneforge.models.configs import load_config
 from tuneforge.tune.plan import plan
 
@@ -369,7 +370,8 @@ def test_model_time_sums_every_op_over_the_layers_it_runs_in(tmp_path):
     env, w = record_plan(url, 1)
     layers = load_config(MODEL).num_hidden_layers
     times = data.model_times(data.load_snapshot(url)).set_index(["phase", "tokens", "ctx"])
-    assert sorted(times.index, key=str) == [("decode", 1, 256), ("decode", 1, 4096), ("prefill", 512, pd.NA)]
+    assert sorted(times.index, key=str) == sorted([("decode", 1, c) for c in DECODE_CONTEXTS] + [("prefill", 512, pd.NA)],
+                                                  key=str)
 
     def total(m, attention, tuned):
         t = (lambda x: x.time_s) if tuned else (lambda x: x.baseline_s)
@@ -451,7 +453,8 @@ def test_planned_problems_without_a_winner_are_named_and_the_model_time_says_par
     record_plan(url, 1, skip=("decode_attention",))
     snap = data.load_snapshot(url)
     (row,) = data.overview(snap).itertuples()
-    assert row.untuned == "decode_attention x2" and row.tuned == row.planned - 2
+    contexts = len(DECODE_CONTEXTS)
+    assert row.untuned == f"decode_attention x{contexts}" and row.tuned == row.planned - contexts
     times = data.model_times(snap)
     decode = times[times["phase"] == "decode"]
     assert (decode["problems"] - decode["tuned"] == 1).all()
