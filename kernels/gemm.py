@@ -112,7 +112,8 @@ def gemm_tile_tma(x_desc, w_desc, off_m, off_n, k_begin, k_end,
 
 
 @triton.jit
-def gemm_tile_wide(x, w, w_lo, g, off_m, off_n, off_lo, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+def gemm_tile_wide(x, w, w_lo, g, off_m, off_n, off_lo, M, N, k_begin, k_end, stride_xm, stride_xk, stride_wn,
+                   stride_wk,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_LO: tl.constexpr, BLOCK_K: tl.constexpr,
                    USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                    LO: tl.constexpr, NORM: tl.constexpr):
@@ -122,9 +123,9 @@ def gemm_tile_wide(x, w, w_lo, g, off_m, off_n, off_lo, M, N, K, stride_xm, stri
     which fill the SMs where power-of-two tiles leave a wave part-empty), or gate column j with its up
     column (``off_lo = off_n + inter``: the fused SiLU-mul). ``NORM``: each x block is scaled by the
     RMSNorm weight ``g[k]`` as it loads, and the third result is its rows' sum of squares (the fused
-    RMSNorm prologue; the caller scales by the rows' rsqrt). TMA: ``w`` and ``w_lo`` are descriptors of
-    w with block rows BLOCK_N and BLOCK_N_LO; pointers: both are w (N: its rows). Edges as in
-    ``gemm_tile`` / ``gemm_tile_tma``."""
+    RMSNorm prologue; the caller scales by the rows' rsqrt). Over K's range [k_begin, k_end). TMA: ``w``
+    and ``w_lo`` are descriptors of w with block rows BLOCK_N and BLOCK_N_LO; pointers: both are w (N: its
+    rows). Edges as in ``gemm_tile`` / ``gemm_tile_tma``."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_lo = tl.zeros((BLOCK_M, BLOCK_N_LO), dtype=tl.float32)
     sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -133,32 +134,47 @@ def gemm_tile_wide(x, w, w_lo, g, off_m, off_n, off_lo, M, N, K, stride_xm, stri
         rows = ((off_m + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
         cols = ((off_n + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
         cols_lo = ((off_lo + tl.arange(0, BLOCK_N_LO)) % N).to(tl.int64)
-        x_ptrs = x + rows[:, None] * stride_xm + ks[None, :] * stride_xk
-        w_ptrs = w + cols[None, :] * stride_wn + ks[:, None] * stride_wk
-        w_lo_ptrs = w_lo + cols_lo[None, :] * stride_wn + ks[:, None] * stride_wk
-    for k in tl.range(0, K, BLOCK_K):
+        x_ptrs = x + rows[:, None] * stride_xm + (k_begin + ks)[None, :] * stride_xk
+        w_ptrs = w + cols[None, :] * stride_wn + (k_begin + ks)[:, None] * stride_wk
+        w_lo_ptrs = w_lo + cols_lo[None, :] * stride_wn + (k_begin + ks)[:, None] * stride_wk
+    for k in tl.range(k_begin, k_end, BLOCK_K):
         if USE_TMA:
             a = x.load([off_m, k])
         else:
-            a = _k_block(x_ptrs, k, ks, K, 1, EVEN_K, UPCAST)
+            a = _k_block(x_ptrs, k, ks, k_end, 1, EVEN_K, UPCAST)
         if NORM:
             a32 = a.to(tl.float32)
             sum_sq += tl.sum(a32 * a32, axis=1)
-            scale = tl.load(g + k + ks, mask=k + ks < K, other=0.0).to(tl.float32)
+            scale = tl.load(g + k + ks, mask=k + ks < k_end, other=0.0).to(tl.float32)
             a = (a32 * scale[None, :]).to(a.dtype)
         if USE_TMA:
             acc = tl.dot(a, w.load([off_n, k]).T, acc, input_precision=INPUT_PRECISION)
             if LO:
                 acc_lo = tl.dot(a, w_lo.load([off_lo, k]).T, acc_lo, input_precision=INPUT_PRECISION)
         else:
-            acc = tl.dot(a, _k_block(w_ptrs, k, ks, K, 0, EVEN_K, UPCAST), acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a, _k_block(w_ptrs, k, ks, k_end, 0, EVEN_K, UPCAST), acc, input_precision=INPUT_PRECISION)
             if LO:
-                acc_lo = tl.dot(a, _k_block(w_lo_ptrs, k, ks, K, 0, EVEN_K, UPCAST), acc_lo,
+                acc_lo = tl.dot(a, _k_block(w_lo_ptrs, k, ks, k_end, 0, EVEN_K, UPCAST), acc_lo,
                                 input_precision=INPUT_PRECISION)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
             w_lo_ptrs += BLOCK_K * stride_wk
     return acc, acc_lo, sum_sq
+
+
+@triton.jit
+def row_rstd(x_ptr, off_m, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """rsqrt(mean(x^2) + eps) of rows off_m .. off_m + BLOCK_M over the whole K (a pass over the rows
+    before a K slice's loop: a slice alone sees part of each row; rows past M give rsqrt(eps))."""
+    rows = off_m + tl.arange(0, BLOCK_M)
+    ks = tl.arange(0, BLOCK_K)
+    ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xk
+    sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k in tl.range(0, K, BLOCK_K):
+        a = tl.load(ptrs, mask=(rows < M)[:, None] & (k + ks < K)[None, :], other=0.0).to(tl.float32)
+        sum_sq += tl.sum(a * a, axis=1)
+        ptrs += BLOCK_K * stride_xk
+    return tl.math.rsqrt(sum_sq / K + eps)
 
 
 @triton.jit
@@ -230,11 +246,19 @@ def _stream_owner(it, per, extra):
 @triton.jit
 def _mn_tile(x, w, pid_m, pid_n, M, N, K, k_begin, k_end, stride_xm, stride_xk, stride_wn, stride_wk,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """(accumulator over [k_begin, k_end), off_m, off_n) of output tile (pid_m, pid_n)."""
+             USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+             x_rows, norm_w, eps, NORM: tl.constexpr):
+    """(accumulator over [k_begin, k_end), off_m, off_n) of output tile (pid_m, pid_n). ``NORM``: of
+    rmsnorm(x) * norm_w (``x_rows``: x's pointer, for the rows' rsqrt over the whole K): each K slice
+    scaled by its rows' rsqrt, so the slices sum to the normed product."""
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
-    if USE_TMA:
+    if NORM:
+        acc, _, _ = gemm_tile_wide(x, w, w, norm_w, off_m, off_n, off_n, M, N, k_begin, k_end, stride_xm, stride_xk,
+                                   stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_N, BLOCK_K, USE_TMA, EVEN_K, UPCAST,
+                                   INPUT_PRECISION, False, True)
+        acc *= row_rstd(x_rows, off_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, BLOCK_K)[:, None]
+    elif USE_TMA:
         acc = gemm_tile_tma(x, w, off_m, off_n, k_begin, k_end, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
     else:
         acc = gemm_tile(x, w, off_m, off_n, M, N, k_begin, k_end, stride_xm, stride_xk, stride_wn, stride_wk,
@@ -245,7 +269,8 @@ def _mn_tile(x, w, pid_m, pid_n, M, N, K, k_begin, k_end, stride_xm, stride_xk, 
 # M changes with every batch: not specialized, so one compile serves all token counts. N stays
 # specialized: its divisibility lets the masked epilogue store vectors instead of scalars.
 @triton.jit(do_not_specialize=["M"])
-def _gemm_kernel(x, w, w_lo, y, partial, counts, res, norm_w, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+def _gemm_kernel(x, w, w_lo, y, partial, counts, res, norm_w, x_rows, M, N, K, stride_xm, stride_xk, stride_wn,
+                 stride_wk,
                  stride_ym, stride_res, eps, split_k, num_programs, whole_tiles,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_LO: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr,
@@ -262,8 +287,9 @@ def _gemm_kernel(x, w, w_lo, y, partial, counts, res, norm_w, M, N, K, stride_xm
     ``stream`` (none whole), ``hybrid`` (the full waves whole, the last wave's tiles split to fill it).
     ``BLOCK_N_LO`` > 0: tiles BLOCK_N + BLOCK_N_LO wide (``gemm_tile_wide``; the tiles schedule unsplit only).
 
-    Fusions (``gemm_fused``): ``NORM`` y = rmsnorm(x) * norm_w @ w.T (each row's rsqrt from the sum of
-    squares its tile accumulates over K, so whole tiles only); ``SILU`` y[:, j] = silu(g_j) * u_j with
+    Fusions (``gemm_fused``): ``NORM`` y = rmsnorm(x) * norm_w @ w.T (a whole tile's rows' rsqrt from the
+    sum of squares it accumulates over K; a K slice's from a pass over its rows, ``x_rows``: x's pointer,
+    before its loop); ``SILU`` y[:, j] = silu(g_j) * u_j with
     g_j, u_j the columns j and N + j of x @ w.T (w has 2N rows, gate then up: two accumulators, whole
     tiles only); ``RESIDUAL`` y = x @ w.T + res, in any schedule (whoever stores the tile adds it)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -277,7 +303,7 @@ def _gemm_kernel(x, w, w_lo, y, partial, counts, res, norm_w, M, N, K, stride_xm
         if NORM or SILU:
             off_m = pid_m * BLOCK_M
             off_n = pid_n * BLOCK_N
-            acc, up, sum_sq = gemm_tile_wide(x, w, w, norm_w, off_m, off_n, off_n + N, M, 2 * N if SILU else N, K,
+            acc, up, sum_sq = gemm_tile_wide(x, w, w, norm_w, off_m, off_n, off_n + N, M, 2 * N if SILU else N, 0, K,
                                              stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_N,
                                              BLOCK_K, USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION, SILU, NORM)
             if NORM:    # x * rstd * norm_w @ w.T = (x * norm_w @ w.T) * rstd: each row's scale after the K loop
@@ -289,12 +315,13 @@ def _gemm_kernel(x, w, w_lo, y, partial, counts, res, norm_w, M, N, K, stride_xm
             epilogue_store(y, acc, off_m, off_n, M, N, stride_ym, res, stride_res, BLOCK_M, BLOCK_N, RESIDUAL)
         elif BLOCK_N_LO == 0:
             acc, off_m, off_n = _mn_tile(x, w, pid_m, pid_n, M, N, K, 0, K, stride_xm, stride_xk, stride_wn,
-                                         stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION)
+                                         stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION,
+                                         x_rows, norm_w, eps, False)
             epilogue_store(y, acc, off_m, off_n, M, N, stride_ym, res, stride_res, BLOCK_M, BLOCK_N, RESIDUAL)
         else:
             off_m = pid_m * BLOCK_M
             off_n = pid_n * (BLOCK_N + BLOCK_N_LO)
-            acc, acc_lo, _ = gemm_tile_wide(x, w, w_lo, norm_w, off_m, off_n, off_n + BLOCK_N, M, N, K, stride_xm,
+            acc, acc_lo, _ = gemm_tile_wide(x, w, w_lo, norm_w, off_m, off_n, off_n + BLOCK_N, M, N, 0, K, stride_xm,
                                             stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_N_LO, BLOCK_K,
                                             USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION, True, False)
             epilogue_store(y, acc, off_m, off_n, M, N, stride_ym, res, stride_res, BLOCK_M, BLOCK_N, RESIDUAL)
@@ -328,7 +355,7 @@ def _gemm_kernel(x, w, w_lo, y, partial, counts, res, norm_w, M, N, K, stride_xm
                 pid_m, pid_n = lane, col
             acc, off_m, off_n = _mn_tile(x, w, pid_m, pid_n, M, N, K, k0 * BLOCK_K, tl.minimum(k1 * BLOCK_K, K),
                                          stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K,
-                                         USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION)
+                                         USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION, x_rows, norm_w, eps, NORM)
             first = _stream_owner(col * k_iters, per, extra)
             last = _stream_owner(col * k_iters + k_iters - 1, per, extra)
             # a set's slots in this lane: 0 the slice of its first column, 1 that of its last; the first
@@ -351,7 +378,7 @@ def _gemm_kernel(x, w, w_lo, y, partial, counts, res, norm_w, M, N, K, stride_xm
             pid_m, pid_n = grouped_tile(whole_tiles + r, num_pid_m, num_pid_n, GROUP_M)
             acc, off_m, off_n = _mn_tile(x, w, pid_m, pid_n, M, N, K, k_begin, tl.minimum(k_begin + k_per_split, K),
                                          stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K,
-                                         USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION)
+                                         USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION, x_rows, norm_w, eps, NORM)
             at = partial + r.to(tl.int64) * slab
             plane = rest.to(tl.int64) * slab
             finish_tile(acc, y, counts, whole_tiles + r, at + split * plane, at, at + plane, plane, split_k,
@@ -373,8 +400,7 @@ def out_width(problem: Problem) -> int:
 
 
 def _whole_tile_fusion(problem: Problem) -> bool:
-    norm, epi = fusion_of(problem)
-    return norm or epi == "silu_mul"
+    return fusion_of(problem)[1] == "silu_mul"
 
 
 def _pair(config: dict, problem: Problem) -> dict:
@@ -383,13 +409,13 @@ def _pair(config: dict, problem: Problem) -> dict:
 
 
 def fusion_unsupported(config: dict, problem: Problem, spec: DeviceSpec) -> str | None:
-    """The norm prologue (each row's rsqrt from the sum of squares its tile sees over the whole K) and the
-    SiLU-mul pair run whole tiles of a power-of-two width; the pair's two B tiles must fit the pipeline."""
-    if not _whole_tile_fusion(problem):
+    """The SiLU-mul pair runs whole tiles (its nonlinearity needs the whole K's sums); the pair and the
+    norm prologue a power-of-two width; the pair's two B tiles must fit the pipeline."""
+    norm, epi = fusion_of(problem)
+    what = "+".join(f for f, on in (("norm", norm), ("silu_mul", epi == "silu_mul")) if on)
+    if not what:
         return None
-    what = "+".join(f for f, on in (("norm", fusion_of(problem)[0]), ("silu_mul", fusion_of(problem)[1] == "silu_mul"))
-                    if on)
-    if config.get("schedule", "tiles") != "tiles" or config.get("split_k", 1) > 1:
+    if epi == "silu_mul" and (config.get("schedule", "tiles") != "tiles" or config.get("split_k", 1) > 1):
         return f"{what}: fused in whole tiles only (schedule tiles, split_k 1), got {config.get('schedule')}"
     if split_width(config["block_n"])[1]:
         return f"{what}: block_n={config['block_n']} is not a power of two (one tile per column block)"
@@ -405,9 +431,9 @@ FUSED_CONSTRAINTS = CONSTRAINTS + (fusion_unsupported, fusion_pressure)
 
 
 def fused_default_config(problem: Problem, spec: DeviceSpec) -> dict:
-    """gemm's default for the output's shape; the whole-tile fusions take its tiles as whole tiles
-    (power-of-two wide, the pair's halves half as wide, the programs per SM that fill the last wave
-    best), shrinking stages, then BLOCK_K, then BLOCK_N until they fit."""
+    """gemm's default for the output's shape (the norm and the add run its schedule); the SiLU-mul pair
+    takes its tiles as whole tiles (power-of-two wide, each half half as wide, the programs per SM that
+    fill the last wave best), shrinking stages, then BLOCK_K, then BLOCK_N until they fit."""
     shape = Problem.make("gemm", problem.dtype, m=problem["m"], n=out_width(problem), k=problem["k"])
     cfg = default_config(shape, spec)
     if not _whole_tile_fusion(problem):
@@ -583,7 +609,7 @@ def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, c
     res = out if residual is None else residual          # unused pointers when not fused
     interpreted = tuneforge.INTERPRETED
     _gemm_kernel[(plan.programs,)](
-        xa, wa, wa_lo, out, slices, counts, res, x if norm_weight is None else norm_weight, m, n_out, k,
+        xa, wa, wa_lo, out, slices, counts, res, x if norm_weight is None else norm_weight, x, m, n_out, k,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), res.stride(0), float(eps),
         plan.split_k, plan.programs, plan.whole_tiles,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_N_LO=bn_lo, BLOCK_K=bk, GROUP_M=config["group_m"], STREAM=config["schedule"] == "stream",

@@ -6,8 +6,10 @@ add after it (epilogue), as one template the tuner accepts or rejects per shape.
 writing the residual stream in place); ``silu_mul``: w is the [gate | up] projection and the tile
 computes gate column j and up column j as two accumulators, ``y[:, j] = silu(gate_j) * up_j``
 (gate_up_proj). The kernel is gemm's (``kernels/gemm.py``, constexpr paths); the norm's row scale
-comes from the sum of squares each tile accumulates as it walks K, so the norm and the pair run whole
-tiles (``fusion_unsupported``); the residual add runs in every schedule.
+comes from the sum of squares a whole tile accumulates as it walks K, or for a K slice (split-K,
+stream-K, hybrid's last wave) from a pass over its rows before its loop (slices scaled alike sum right);
+the pair's nonlinearity needs whole tiles (``fusion_unsupported``); the residual add runs in every
+schedule.
 
 The baseline is the unfused pair a torch user runs (``F.rms_norm`` then ``F.linear``; ``F.linear``
 then ``F.silu`` and a multiply, or an add), so a stored winner says whether fusing paid at that shape:
@@ -103,8 +105,8 @@ def cost(problem: Problem, config: Optional[dict], spec: DeviceSpec) -> float:
 
 
 def seeds(problem: Problem, spec: DeviceSpec) -> list[dict]:
-    """The fused default, then gemm's portfolio at this shape, each as the whole tiles a norm or pair
-    needs (same tiles, unsplit) where the fusion asks for them."""
+    """The fused default, then gemm's portfolio at this shape, each as the whole tiles the pair needs
+    (same tiles, unsplit) where the fusion asks for them."""
     whole = G._whole_tile_fusion(problem)
     configs = [G.fused_default_config(problem, spec)]
     for c in G.portfolio(problem, spec):

@@ -54,13 +54,16 @@ def test_default_config_matches_the_unfused_ops(dtype, norm, epilogue):
 
 
 # Tiles, warps, grouping and persistence other than the default's (hand-picked: enumerating gemm's space
-# takes minutes); the residual add also where K slices meet (split-K, stream-K, hybrid) and on wide tiles.
-VARIANTS = [dict(block_m=32, block_n=16, block_k=32, group_m=4, num_warps=8, programs_per_sm=2),
-            dict(block_m=16, block_n=32, block_k=16, group_m=8, num_stages=2, flatten=True, programs_per_sm=1)]
-RESIDUAL_VARIANTS = [dict(block_m=16, block_n=16, block_k=16, split_k=2),
-                     dict(block_m=16, block_n=16, block_k=16, schedule="stream"),
-                     dict(block_m=16, block_n=16, block_k=16, schedule="hybrid"),
-                     dict(block_m=16, block_n=48, block_k=16, group_m=4)]
+# takes minutes); the norm and the residual add also where K slices meet (split-K, stream-K, hybrid: the
+# norm's rows' rsqrt from a pass over them, the add by the last slice), the add also on wide tiles.
+VARIANTS = [dict(block_m=32, block_n=16, block_k=32, group_m=4, num_warps=8, programs_per_sm=2, schedule="tiles",
+                 split_k=1),
+            dict(block_m=16, block_n=32, block_k=16, group_m=8, num_stages=2, flatten=True, programs_per_sm=1,
+                 schedule="tiles", split_k=1)]
+SPLIT_VARIANTS = [dict(block_m=16, block_n=16, block_k=16, schedule="tiles", split_k=2),
+                  dict(block_m=16, block_n=16, block_k=16, schedule="stream"),
+                  dict(block_m=16, block_n=16, block_k=16, schedule="hybrid", programs_per_sm=1)]
+WIDE = dict(block_m=16, block_n=48, block_k=16, group_m=4, schedule="tiles", split_k=1)
 
 
 @pytest.mark.parametrize("norm,epilogue", FUSIONS)
@@ -68,7 +71,8 @@ def test_other_configs_match_the_unfused_ops(norm, epilogue):
     # 37 x 40 outputs over 4 interpreted programs: several tiles per program, grouping exercised
     problem = P.gemm_fused("bf16", 37, (80 if epilogue == "silu_mul" else 40, 48), norm=norm, epilogue=epilogue)
     base = G.fused_default_config(problem, SPEC)
-    for change in VARIANTS + (RESIDUAL_VARIANTS if epilogue == "residual" else []):
+    extra = SPLIT_VARIANTS + [WIDE] if epilogue == "residual" else SPLIT_VARIANTS if epilogue == "none" else []
+    for change in VARIANTS + extra:
         config = {**base, **change}
         if config["schedule"] != "tiles":
             config.pop("split_k", None)
@@ -91,17 +95,20 @@ def test_residual_add_in_place_and_norm_weight_applied():
     assert not compare(got, unfused_reference(x, w, norm_weight=torch.ones(40)))
 
 
-def test_whole_tile_fusions_refuse_split_schedules_and_wide_tiles():
+def test_the_pair_refuses_split_schedules_and_the_norm_wide_tiles():
+    pair = P.gemm_fused("bf16", 1, (2048, 4096), epilogue="silu_mul")
     norm = P.gemm_fused("bf16", 1, (1024, 4096), norm=True)
     residual = P.gemm_fused("bf16", 1, (1024, 4096), epilogue="residual")
     cfg = G.fused_default_config(residual, SPEC)
-    for change, reason in [({"schedule": "stream"}, "whole tiles"), ({"split_k": 4}, "whole tiles"),
-                           ({"block_n": 96}, "power of two")]:
+    for change, refusing in [({"schedule": "stream"}, (pair,)), ({"split_k": 4}, (pair,)),
+                             ({"block_n": 96}, (pair, norm))]:
         bad = {**cfg, "schedule": "tiles", "split_k": 1, "block_n": 64, **change}
         if change.get("schedule") == "stream":
             bad.pop("split_k")
-        assert reason in G.fusion_unsupported(bad, norm, SPEC)
-        assert G.fusion_unsupported(bad, residual, SPEC) is None
+        for problem in (pair, norm, residual):
+            why = G.fusion_unsupported(bad, problem, SPEC)
+            assert (why is not None) == (problem in refusing), (change, problem.key, why)
+        assert ("power of two" if "block_n" in change else "whole tiles") in G.fusion_unsupported(bad, pair, SPEC)
     # the pair's two B tiles count against shared memory
     pair = P.gemm_fused("bf16", 512, (1024, 4096), epilogue="silu_mul")
     big = dict(G.fused_default_config(pair, SPEC), block_n=256, block_k=128, num_stages=4)
@@ -129,11 +136,12 @@ def test_bad_fusion_inputs_are_one_line_errors():
 
 def test_the_fused_paths_compile_for_sm90():
     types = dict(x="*bf16", w="*bf16", w_lo="*bf16", y="*bf16", partial="*fp32", counts="*i32", res="*bf16",
-                 norm_w="*bf16", eps="fp32")
+                 norm_w="*bf16", x_rows="*bf16", eps="fp32")
     base = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_N_LO=0, BLOCK_K=128, GROUP_M=1, STREAM=False, FLATTEN=False,
                 USE_TMA=False, EVEN_K=True, UPCAST=False, INPUT_PRECISION="tf32")
-    # one compile holds every fused path: the norm prologue and the pair in whole tiles, the residual add
-    # there and where stream-K's slices meet (the host never asks for the pair and the add together)
+    # one compile holds every fused path: the norm prologue and the pair in whole tiles, the norm's rows'
+    # pass and the residual add where stream-K's slices meet (the host never asks for the pair and the add
+    # together)
     compile_for_sm90("tuneforge.kernels.gemm", [
         ("_gemm_kernel", dict(base, STREAM=True, NORM=True, SILU=True, RESIDUAL=True))], types)
 
