@@ -10,7 +10,9 @@ y[m, n] = x[m, k] @ w[n, k].T, bf16/fp16 in, fp32 accumulate, through TMA and wg
   wgmma over the ring (one MMA in flight, a slot released once the MMA after it is issued), then
   the epilogue -- the fp32 accumulator cast into this partition's SMEM tile and stored by TMA, which
   runs on while the next tile's MMAs start. With two consumers one's epilogue also overlaps the
-  other's MMAs (the loader serves their tiles in turn).
+  other's MMAs (ping-pong: the loader serves their tiles in turn, and a consumer starts waiting on
+  the ring for its tile only once the other has waited for all of its previous tile's slots, through
+  a pair of ``turn`` mbarriers; see ``_consumer``).
 
 Edges: TMA reads past x's / w's rows and k zero-filled and clips the stores to [m, n], so any m, n, k
 runs without masks; row strides must be 16-byte multiples (k and n of 8 two-byte elements).
@@ -102,9 +104,15 @@ if GLUON:
                 it += 1
 
     @gluon.jit
-    def _consumer(y_desc, a_bufs, b_bufs, ready, empty, c_smem, M, N, K, GROUP_M: gl.constexpr,
+    def _consumer(y_desc, a_bufs, b_bufs, ready, empty, turn, c_smem, M, N, K, GROUP_M: gl.constexpr,
                   CONSUMER: gl.constexpr, CONSUMERS: gl.constexpr):
-        """MMA + epilogue of the program's tiles CONSUMER, CONSUMER + CONSUMERS, ..."""
+        """MMA + epilogue of the program's tiles CONSUMER, CONSUMER + CONSUMERS, ...
+
+        A parity wait cannot tell a slot's phase from the one two passes earlier, so no consumer may
+        wait on a ring position more than one pass ahead of the slot's last load. One consumer waits
+        position by position; of two, each waits on ``turn`` before a tile until the other has passed
+        all of its previous tile's ready waits (without it, a consumer could take a slot still holding
+        the other's k step, and release it)."""
         BLOCK_M: gl.constexpr = y_desc.block_type.shape[0]
         BLOCK_N: gl.constexpr = y_desc.block_type.shape[1]
         BLOCK_K: gl.constexpr = a_bufs.type.shape[2]
@@ -116,8 +124,11 @@ if GLUON:
         programs = gl.num_programs(0)
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout)
         it = CONSUMER * k_iters     # ring position of this consumer's first k step
+        rounds = 0                  # this consumer's tiles so far
         for tile in range(gl.program_id(0) + CONSUMER * programs, num_pid_m * num_pid_n, CONSUMERS * programs):
             pid_m, pid_n = _tile_at(tile, num_pid_m, num_pid_n, GROUP_M)
+            if CONSUMERS > 1:       # the other's previous tile has waited for its slots (consumer 0 starts)
+                mbarrier.wait(turn.index(CONSUMER), (rounds & 1) ^ (1 - CONSUMER))
             for kk in range(k_iters):
                 s = it % STAGES
                 mbarrier.wait(ready.index(s), (it // STAGES) & 1)
@@ -127,9 +138,12 @@ if GLUON:
                 acc, _, _ = warpgroup_mma_wait(1, deps=(acc, a_bufs.index(s), b_bufs.index(s)))
                 mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=kk > 0)
                 it += 1
+            if CONSUMERS > 1:
+                mbarrier.arrive(turn.index(1 - CONSUMER))
             acc = warpgroup_mma_wait(0, deps=(acc,))
             mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
             it += (CONSUMERS - 1) * k_iters     # the other consumers' tiles
+            rounds += 1
             tma.store_wait(0)                   # this partition's last tile has left c_smem
             c_smem.store(acc.to(y_desc.dtype))
             fence_async_shared()                # the generic-proxy SMEM writes before the TMA store reads
@@ -146,19 +160,22 @@ if GLUON:
         c_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS] + y_desc.block_type.shape, y_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())   # turn[c]: c may start
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(CONSUMERS):
+            mbarrier.init(turn.index(i), count=1)
         if CONSUMERS == 1:
             gl.warp_specialize([
-                (_consumer, (y_desc, a_bufs, b_bufs, ready, empty, c_bufs.index(0), M, N, K, GROUP_M, 0, 1)),
+                (_consumer, (y_desc, a_bufs, b_bufs, ready, empty, turn, c_bufs.index(0), M, N, K, GROUP_M, 0, 1)),
                 (_loader, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, N, K, GROUP_M)),
             ], [_LOADER_WARPS], [_LOADER_REGS])
         else:
             gl.warp_specialize([
-                (_consumer, (y_desc, a_bufs, b_bufs, ready, empty, c_bufs.index(0), M, N, K, GROUP_M, 0, 2)),
+                (_consumer, (y_desc, a_bufs, b_bufs, ready, empty, turn, c_bufs.index(0), M, N, K, GROUP_M, 0, 2)),
                 (_loader, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, N, K, GROUP_M)),
-                (_consumer, (y_desc, a_bufs, b_bufs, ready, empty, c_bufs.index(1), M, N, K, GROUP_M, 1, 2)),
+                (_consumer, (y_desc, a_bufs, b_bufs, ready, empty, turn, c_bufs.index(1), M, N, K, GROUP_M, 1, 2)),
             ], [_LOADER_WARPS, 4], [_LOADER_REGS, CONSUMER_REGS])
 
 

@@ -28,6 +28,7 @@ def gemm_problem(dtype="bf16", m=129, n=1280, k=5120):
 @pytest.mark.parametrize("spec_name,dims,reason", [
     ("H200", {}, "the interpreter runs no Gluon kernels"),
     ("A100", {}, "A100 has no tma, warp_specialize, wgmma"),
+    ("B200", {}, "B200 has no wgmma"),          # Blackwell's MMAs are tcgen05
     ("MI300X", {}, "MI300X has no tma, warp_specialize, wgmma"),
     ("H200", {"dtype": "fp32"}, "fp32 is not bf16/fp16"),
     ("H200", {"k": 5124}, "rows of k=5124 bf16 elements are not 16-byte aligned (TMA)"),

@@ -49,6 +49,7 @@ class DeviceSpec:
 
 
 _H = frozenset({"tma", "wgmma", "warp_specialize"})
+_B = frozenset({"tma", "warp_specialize"})      # Blackwell: its MMAs are tcgen05, it has no wgmma
 SPECS: dict[str, DeviceSpec] = {s.name: s for s in [
     DeviceSpec("H100", "nvidia", 132, 232448, 3350, {"bf16": 989, "fp16": 989, "fp32": 67}, 80, 50,
                450, 2.5, "nvswitch", _H, measured_hbm_fraction=0.90),
@@ -60,9 +61,9 @@ SPECS: dict[str, DeviceSpec] = {s.name: s for s in [
     DeviceSpec("A100", "nvidia", 108, 166912, 2039, {"bf16": 312, "fp16": 312, "fp32": 19.5}, 80, 40,
                300, 3.0, "nvswitch", frozenset(), measured_hbm_fraction=0.88),
     DeviceSpec("B200", "nvidia", 148, 232448, 8000, {"bf16": 2250, "fp16": 2250, "fp32": 80}, 180, 126,
-               900, 2.0, "nvswitch", _H, measured_hbm_fraction=0.90),
+               900, 2.0, "nvswitch", _B, measured_hbm_fraction=0.90),
     DeviceSpec("B300", "nvidia", 148, 232448, 8000, {"bf16": 2250, "fp16": 2250, "fp32": 75}, 288, 126,
-               900, 2.0, "nvswitch", _H, measured_hbm_fraction=0.90),
+               900, 2.0, "nvswitch", _B, measured_hbm_fraction=0.90),
     DeviceSpec("MI300X", "amd", 304, 65536, 5300, {"bf16": 1307, "fp16": 1307, "fp32": 163}, 192, 256,
                64, 3.5, "mesh", frozenset(), measured_hbm_fraction=0.80, launch_us=6.0),
     # MI308X: the export-limited MI300 part (80 CUs); public figures vary, these are estimates.
