@@ -192,18 +192,19 @@ def _sp_rank(world, cases, dtype, heap_bytes, label):
         inputs = template.make_inputs(problem, ctx.device, 0, ctx)
         whole = {n: t.to(ctx.device) for n, t in split_out(DA.make_inputs(problem, torch.device("cpu"), 0)).items()}
         sdpa = DA.baseline(**whole)
+        reference = template.reference(**split_out(inputs))      # gathers the shards once per case
         default = template.default_config(problem, launch_spec(ctx.device))
         for form in (*SP.FORMS, None):
             row = {"ranks": world.size, "batch": batch, "ctx": length, "form": form or "baseline (torch.distributed)",
                    "label": label}
             if form is None:
                 got = SP.baseline(**split_out(inputs))
-                status = compare(got, template.reference(**split_out(inputs)), got.dtype)
+                status = compare(got, reference, got.dtype)
                 call = lambda: SP.baseline(**split_out(inputs))           # noqa: E731
             else:
                 config = dict(default, form=form)
                 row["config"] = config
-                status = check(template, problem, config, ctx=ctx, inputs=inputs)
+                status = check(template, problem, config, ctx=ctx, inputs=inputs, reference=reference)
                 got = inputs["out"]
                 call = lambda c=config: template.launch(**inputs, config=c)   # noqa: E731
             vs_sdpa = compare(got, sdpa.double(), got.dtype, scale=2.0)
