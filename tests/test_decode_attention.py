@@ -133,7 +133,7 @@ def test_default_config_gives_a_short_batch_programs_for_every_sm():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,ctx", [(1, 256), (1, 4096), (32, 256), (32, 4096)])
+@pytest.mark.parametrize("m,ctx", [(1, 256), (1, 4096), (1, 32768), (32, 256), (32, 4096)])
 def test_gpu_qwen3_32b_shapes(device, m, ctx):
     problem = Problem.make("decode_attention", "bf16", m=m, heads=64, kv_heads=8, head_dim=128, ctx=ctx)
     spec = G.launch_spec(device)
