@@ -9,7 +9,8 @@ and the router runs replicated -- and every rank gets the whole output [m, hidde
 - ``tp``: rank r holds channels [r I / W, (r + 1) I / W) of every expert (``gate_up`` [E, 2 I / W, H],
   [gate | up] rows; ``down`` [E, H, I / W]). Pack, the grouped gate_up GEMM (SiLU-mul fused), the grouped
   down GEMM (router-weighted, combined per token: ``combine`` atomic | reduce), then the all-reduce of the
-  partial sums (kernels/allreduce: ``ar_strategy``, ``comm_sms``).
+  partial sums (kernels/allreduce: ``ar_strategy``, ``comm_sms``). Every id must name an expert (the
+  router's do): ``combine="reduce"`` would sum a dropped slot's unwritten row (moe_pack's doc).
 - ``ep``: rank r owns experts [r E / W, (r + 1) E / W) whole (``gate_up`` [E / W, 2 I, H], ``down``
   [E / W, H, I]). It dispatches only its row share ``row_split(m, W)[r]`` of the tokens
   (kernels/moe_alltoall, ``form`` low_latency | staged, ``comm_sms`` programs, ``comm_block``,
@@ -22,7 +23,7 @@ and the router runs replicated -- and every rank gets the whole output [m, hidde
   local experts run on chunk c, and chunk c is combined while the experts run on chunk c + 1 (under the
   interpreter the same launches run in that order on one stream). The first call of a shape runs
   unoverlapped: it compiles and loads every kernel before any spin-wait can meet a lazy module load.
-  How well it overlaps: ``eta_overlap``.
+  How well it overlaps: ``eta_overlap``, from the parts ``ep_parts`` times.
 
 Partial sums and expert rows are rounded to the activation dtype before they are summed (the kernels
 and torch do so alike); the reference rounds the SiLU-mul output, the one rounding point both share.
