@@ -185,3 +185,36 @@ def test_moe_parallel_auto_reads_the_moe_block_winner_at_the_decode_bucket_and_b
         "--moe-parallel ep places the experts over the ranks: it needs --tp 2 or more",
         "--moe-parallel ep: Qwen3-0.6B has no MoE layers",
         "unknown MoE layout 'dp'; expected one of tp, ep, auto"]
+
+
+def _graph_rank(world, path: str, steps: int):
+    """The EP engine (moe_block's ep kernels at their defaults) with and without CUDA graphs on this rank."""
+    from tuneforge.engine.dispatch import Ops
+    from tuneforge.engine.generate import Generator
+    model = load_model(path, shard=Shard.of(world, moe="ep"), dtype=torch.float32, device=world.device)
+    prompts = [[(7 * i + j) % 128 for j in range(40 - 10 * i)] for i in range(3)]
+    runs = []
+    for graphs in (False, True):
+        gen = Generator(model, Ops("default"), max_batch=3, max_len=64, graphs=graphs)
+        out = gen.generate(prompts, steps, return_logits=True)
+        runs.append((out.tokens, torch.stack(out.logits).cpu(), gen.graphs))
+    return prompts, runs
+
+
+@pytest.mark.gpu
+def test_ep2_cuda_graph_decode_on_one_gpu_equals_eager_and_tp1(checkpoint):
+    """2 processes sharing one GPU, experts placed: decode replayed in CUDA graphs (the all-to-all's
+    epochs, no clearing between replays) equals eager decode, and both give TP 1's greedy tokens."""
+    from tuneforge.engine.dispatch import Ops
+    from tuneforge.engine.generate import Generator
+    from tuneforge.world import spawn
+    path, _ = checkpoint
+    steps = 16
+    results = spawn(_graph_rank, EP, path, steps, device="cuda", share_gpu=True, timeout=600.0)
+    prompts = results[0][0]
+    ref = Generator(load_model(path, dtype=torch.float32, device="cuda"), Ops("baseline"), max_batch=3, max_len=64,
+                    graphs=False).generate(prompts, steps, return_logits=True)
+    for _, ((eager_tokens, eager, _), (graph_tokens, graphed, graphs)) in results:
+        assert graphs and eager_tokens == graph_tokens == ref.tokens
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(graphed, torch.stack(ref.logits).cpu(), rtol=1e-3, atol=1e-3)
