@@ -2,9 +2,13 @@
 interpreter, GPUs without wgmma, fp32, rows TMA cannot address), that configs without ``kernel`` stay
 Triton ones, the register budget of its partitions; opt-in, a compile for sm_90 with triton 3.6's Gluon
 (``TUNEFORGE_TRITON36=<site dir>``); on a GPU, its configs against the fp64 reference with
-NaN-poisoned outputs on ragged shapes, in a CUDA graph, and the fallback for rows TMA cannot take."""
+NaN-poisoned outputs on ragged shapes (one and several tiles per program, both consumers busy), in a
+CUDA graph, each config's launches in a fresh process (a crash or hang is that config's verdict, not
+the suite's end), and the fallback for rows TMA cannot take."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -128,7 +132,7 @@ def test_the_kernel_compiles_for_sm90_with_triton_3_6():
     assert [line.split()[:2] for line in r.stdout.splitlines()] == [["3.6.0", "compiled"]] * len(configs)
 
 
-# --- GPU -----------------------------------------------------------------------------------------
+# --- GPU: every Gluon launch in a fresh process, so a crash or hang leaves this one's CUDA context alive ---
 
 def hopper_configs(problem: Problem, device) -> list[dict]:
     spec = G.launch_spec(device)
@@ -137,45 +141,115 @@ def hopper_configs(problem: Problem, device) -> list[dict]:
     return GW.portfolio(problem, spec)
 
 
+def _report(results) -> None:
+    """(child) one config's verdict line: the first failing result's reason, the worst error."""
+    bad = next((r for r in results if not r), None)
+    print(json.dumps({"ok": bad is None, "max_err": max(r.max_abs_err for r in results),
+                      "reason": bad.reason if bad else ""}), flush=True)
+
+
+def gpu_launches(dtype: str, dims: dict, configs: list, seeds: list) -> None:
+    """(child) each config once per seed, on fresh inputs with a NaN-poisoned output, against the fp64
+    reference; one verdict line per config."""
+    device, problem = torch.device("cuda"), Problem.make("gemm", dtype, **dims)
+    for config in configs:
+        results = []
+        for seed in seeds:          # one process, several launches: no barrier state carried between them
+            inputs = G.make_inputs(problem, device, seed)
+            assert all(G._tma_ready(inputs[name]) for name in ("x", "w", "out"))   # the Gluon kernel runs
+            results.append(check(G.TEMPLATE, problem, config, device=device, inputs=inputs))
+        _report(results)
+
+
+def gpu_graph_replays(dtype: str, dims: dict, configs: list, seeds: list) -> None:
+    """(child) each config captured in a CUDA graph (compiled outside the capture), replayed on each seed's
+    x with a NaN-poisoned output; one verdict line per config."""
+    device, problem = torch.device("cuda"), Problem.make("gemm", dtype, **dims)
+    for config in configs:
+        inputs = G.make_inputs(problem, device, seed=0)
+        x, w, out = inputs["x"], inputs["w"], inputs["out"]
+        G.gemm(x, w, out=out, config=config)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            G.gemm(x, w, out=out, config=config)
+        results = []
+        for seed in seeds:
+            x.copy_(G.make_inputs(problem, device, seed=seed)["x"])
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize(device)
+            results.append(compare(out, G.reference(x, w), out.dtype))
+        _report(results)
+
+
+CHILD = "import json, sys; sys.path.insert(0, sys.argv[1]); import test_gemm_gluon as t; " \
+        "name, *args = json.loads(sys.argv[2]); getattr(t, name)(*args)"
+
+
+def _failure_line(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Exit)\b", line)]
+    return (errors or lines or ["(no stderr)"])[-1][:300]
+
+
+def isolated(child, problem: Problem, configs: list, seeds, timeout_each: float = 120) -> list[dict]:
+    """``child(dtype, dims, configs, seeds)`` (a function above) in fresh processes: one verdict per config,
+    ``{"status": "ok" | "wrong" | "crash" | "hang", "detail", "max_err"}``. A crash or hang is the verdict
+    of the config in flight (the first without a line); the configs after it run in a new process."""
+    verdicts = []
+    while len(verdicts) < len(configs):
+        rest = configs[len(verdicts):]
+        args = json.dumps([child.__name__, problem.dtype, dict(problem.dims), rest, list(seeds)])
+        timeout = timeout_each * len(rest)
+        try:
+            r = subprocess.run([sys.executable, "-c", CHILD, os.path.dirname(os.path.abspath(__file__)), args],
+                               capture_output=True, text=True, timeout=timeout)
+            out, err, code = r.stdout, r.stderr, r.returncode
+        except subprocess.TimeoutExpired as e:     # its output so far comes as bytes
+            out, err, code = (e.stdout or b"").decode(errors="replace"), "", None
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        verdicts += [{"status": "ok" if v["ok"] else "wrong", "detail": v["reason"], "max_err": v["max_err"]}
+                     for v in lines]
+        if len(lines) < len(rest):
+            if code is None:
+                detail = f"no verdict within {timeout:g} s"
+            else:
+                signal_name = f" ({signal.Signals(-code).name})" if code < 0 else ""
+                detail = f"rc {code}{signal_name}: {_failure_line(err)}"
+            verdicts.append({"status": "hang" if code is None else "crash", "detail": detail, "max_err": None})
+    return verdicts
+
+
+def assert_all_ok(configs: list, verdicts: list[dict]):
+    bad = [f"{config}: {v['status']} {v['detail']}" for config, v in zip(configs, verdicts) if v["status"] != "ok"]
+    assert not bad, "\n".join(bad)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 129, 511, 4097])
 @pytest.mark.parametrize("n,k", [(1000, 1048), (1280, 5120)])    # 1000 / 1048: no tile divides them
 def test_gpu_gluon_configs_match_reference(device, m, n, k):
+    """From m=4097 on, programs take several tiles and two consumers both have some."""
     problem = gemm_problem(m=m, n=n, k=k)
     configs = hopper_configs(problem, device)
     assert configs
-    for config in configs:
-        result = check(G.TEMPLATE, problem, config, device=device, seed=m)
-        assert result, f"{config}: {result.reason}"
+    assert_all_ok(configs, isolated(gpu_launches, problem, configs, seeds=[m]))
 
 
 @pytest.mark.gpu
 def test_gpu_gluon_fp16_two_consumers_and_repeated_launches(device):
-    problem = gemm_problem("fp16", m=333, n=5120, k=6400)
-    config = {**WS, "consumers": 2}
+    problem = gemm_problem("fp16", m=1333, n=5120, k=6400)     # 440 tiles: 3 or 4 per program, both consumers
     hopper_configs(problem, device)
-    for seed in range(3):      # fresh barriers per launch: no state carried between launches
-        result = check(G.TEMPLATE, problem, config, device=device, seed=seed)
-        assert result, f"{config} launch {seed}: {result.reason}"
+    configs = [{**WS, "consumers": 2}, {**WS, "block_m": 64, "block_n": 256, "consumers": 2}]
+    assert_all_ok(configs, isolated(gpu_launches, problem, configs, seeds=[0, 1, 2]))
 
 
 @pytest.mark.gpu
 def test_gpu_gluon_in_a_cuda_graph(device):
-    problem = gemm_problem(m=200, n=1280, k=5120)
+    problem = gemm_problem(m=2200, n=1280, k=5120)              # 180 tiles of 128 x 128: some programs take two
     hopper_configs(problem, device)
-    inputs = G.make_inputs(problem, device, seed=0)
-    x, w, out = inputs["x"], inputs["w"], inputs["out"]
-    G.gemm(x, w, out=out, config=WS)             # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        G.gemm(x, w, out=out, config=WS)
-    for seed in (1, 2):
-        x.copy_(G.make_inputs(problem, device, seed=seed)["x"])
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize(device)
-        result = compare(out, G.reference(x, w), out.dtype)
-        assert result, f"replay {seed}: {result.reason}"
+    configs = [WS, {**WS, "consumers": 2}]
+    assert_all_ok(configs, isolated(gpu_graph_replays, problem, configs, seeds=[1, 2]))
 
 
 @pytest.mark.gpu
