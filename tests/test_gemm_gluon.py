@@ -7,10 +7,13 @@ CUDA graph, each config's launches in a fresh process (a crash or hang is that c
 the suite's end), and the fallback for rows TMA cannot take."""
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 
 import pytest
 import torch
@@ -192,31 +195,48 @@ def _failure_line(stderr: str) -> str:
     return (errors or lines or ["(no stderr)"])[-1][:300]
 
 
-def isolated(child, problem: Problem, configs: list, seeds, timeout_each: float = 120) -> list[dict]:
+def isolated(child, problem: Problem, configs: list, seeds, timeout_each: float = 90) -> list[dict]:
     """``child(dtype, dims, configs, seeds)`` (a function above) in fresh processes: one verdict per config,
-    ``{"status": "ok" | "wrong" | "crash" | "hang", "detail", "max_err"}``. A crash or hang is the verdict
-    of the config in flight (the first without a line); the configs after it run in a new process."""
+    ``{"status": "ok" | "wrong" | "crash" | "hang", "detail", "max_err"}``. A crash, or no verdict line
+    within ``timeout_each`` s (a hang: the process is killed), is the verdict of the config in flight;
+    the configs after it run in a new process."""
     verdicts = []
     while len(verdicts) < len(configs):
         rest = configs[len(verdicts):]
         args = json.dumps([child.__name__, problem.dtype, dict(problem.dims), rest, list(seeds)])
-        timeout = timeout_each * len(rest)
-        try:
-            r = subprocess.run([sys.executable, "-c", CHILD, os.path.dirname(os.path.abspath(__file__)), args],
-                               capture_output=True, text=True, timeout=timeout)
-            out, err, code = r.stdout, r.stderr, r.returncode
-        except subprocess.TimeoutExpired as e:     # its output so far comes as bytes
-            out, err, code = (e.stdout or b"").decode(errors="replace"), "", None
-        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        verdicts += [{"status": "ok" if v["ok"] else "wrong", "detail": v["reason"], "max_err": v["max_err"]}
-                     for v in lines]
-        if len(lines) < len(rest):
-            if code is None:
-                detail = f"no verdict within {timeout:g} s"
-            else:
-                signal_name = f" ({signal.Signals(-code).name})" if code < 0 else ""
-                detail = f"rc {code}{signal_name}: {_failure_line(err)}"
-            verdicts.append({"status": "hang" if code is None else "crash", "detail": detail, "max_err": None})
+        with tempfile.TemporaryFile("w+") as err:        # a file: a chatty stderr cannot block the child
+            proc = subprocess.Popen([sys.executable, "-c", CHILD, os.path.dirname(os.path.abspath(__file__)), args],
+                                    stdout=subprocess.PIPE, stderr=err, text=True)
+            lines = queue.Queue()
+            threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)],
+                             daemon=True).start()
+            hung = False
+            while len(verdicts) < len(configs):
+                try:
+                    line = lines.get(timeout=timeout_each)
+                except queue.Empty:
+                    hung = True
+                    proc.kill()
+                    break
+                if line is None:
+                    break
+                if line.startswith("{"):
+                    v = json.loads(line)
+                    verdicts.append({"status": "ok" if v["ok"] else "wrong", "detail": v["reason"],
+                                     "max_err": v["max_err"]})
+            try:
+                code = proc.wait(timeout=timeout_each)
+            except subprocess.TimeoutExpired:       # every verdict in, stuck on the way out
+                proc.kill()
+                code = proc.wait()
+            err.seek(0)
+            if len(verdicts) < len(configs):
+                if hung:
+                    verdict = {"status": "hang", "detail": f"no verdict within {timeout_each:g} s"}
+                else:
+                    signal_name = f" ({signal.Signals(-code).name})" if code < 0 else ""
+                    verdict = {"status": "crash", "detail": f"rc {code}{signal_name}: {_failure_line(err.read())}"}
+                verdicts.append({**verdict, "max_err": None})
     return verdicts
 
 
