@@ -125,10 +125,10 @@ def test_ep2_engine_equals_tp1_for_16_greedy_steps(checkpoint):
         assert described == "torch baseline; TP: m=27 torch, m=4 torch; MoE: experts placed (ep)"
 
 
-def ep_store(db: str, path: str, chunks: dict) -> None:
+def moe_store(db: str, path: str, strategy: str, extra: dict) -> None:
     """The TP 2 plan's problems in a real store, as this machine's engine reads them (the cost model's
-    environment for the default target): moe_block's ep default config with ``chunks[m]`` chunks at
-    each bucket m (overlapped chunks), every other op the torch baseline."""
+    environment for the default target): moe_block's default config of ``strategy`` with ``extra[m]``
+    at each bucket m, every other op the torch baseline."""
     from tuneforge.db.store import Store, Winner
     from tuneforge.dsl import get
     from tuneforge.engine.lookup import environment
@@ -144,7 +144,7 @@ def ep_store(db: str, path: str, chunks: dict) -> None:
             p = item.problem
             config = {"baseline": True}
             if p.op == "moe_block":   # tiles the interpreter runs, fit for both GEMMs (down: k = 32)
-                config = {**K.default_config(p, spec, "ep"), "num_stages": 2, "block_k": 32, "chunks": chunks[p["m"]]}
+                config = {**K.default_config(p, spec, strategy), "num_stages": 2, "block_k": 32, **extra[p["m"]]}
                 assert K.TEMPLATE.reject_reason(config, p, spec) is None, config
             store.record_winner(Winner(p, env, config, 1e-5, 2e-5, 2.0, 50.0, "predicted", get(p.op).source_hash,
                                        "test", 1))
@@ -157,9 +157,23 @@ def test_ep2_tuned_moe_block_kernels_equal_tp1(checkpoint, tmp_path):
     nothing falling back."""
     path, _ = checkpoint
     db = str(tmp_path / "tf.db")
-    ep_store(db, path, {4: 1, 32: 2})
+    moe_store(db, path, "ep", {4: {"chunks": 1}, 32: {"chunks": 2}})
     for described, lines in check_equals_tp1(path, settings(path, "auto", "tuned", db), steps=2):
         assert lines == [] and described.endswith("; TP: m=27 torch, m=4 torch; MoE: experts placed (ep)")
+
+
+def test_tp2_tuned_moe_block_tp_winners_run_the_block_and_equal_tp1(tmp_path_factory, tmp_path):
+    """moe_block tp winners (one-shot / two-shot all-reduce): --moe-parallel auto keeps the tp layout and
+    each sparse layer runs the block (pack, grouped GEMMs, the heap's all-reduce) with the stored config:
+    TP 1's logits and tokens, nothing falling back, no experts placed. (moe_intermediate_size 64: each
+    rank's 32 channels fit the GEMMs' smallest block_k.)"""
+    from test_engine import saved
+    from test_moe_model import tiny_hf_moe
+    path, _ = saved(tmp_path_factory, tiny_hf_moe(moe_intermediate_size=64), "tiny-qwen3-moe-i64")
+    db = str(tmp_path / "tf.db")
+    moe_store(db, path, "tp", {4: {"ar_strategy": "one_shot"}, 32: {"ar_strategy": "two_shot"}})
+    for described, lines in check_equals_tp1(path, settings(path, "auto", "tuned", db), steps=2):
+        assert lines == [] and described.endswith("; TP: m=27 torch, m=4 torch; MoE: moe_block tp")
 
 
 def test_moe_parallel_auto_reads_the_moe_block_winner_at_the_decode_bucket_and_bad_requests_are_refused():

@@ -88,8 +88,8 @@ class Ops:
                 return "ag_rs" if s.sharded else "+".join(sorted({"torch" if c is BASELINE else "gemm_ar"
                                                                   for c in (s.attn, s.mlp)}))
             text += "; TP: " + ", ".join(f"m={s.m} {label(s)}" for s in steps)
-        if self._ep.ctx is not None:
-            text += "; MoE: experts placed (ep)"
+        if self._ep.ctx is not None:     # the MoE blocks' heap: placed experts, or tp winners running the block
+            text += "; MoE: experts placed (ep)" if self._ep.placed else "; MoE: moe_block tp"
         return text
 
     def config(self, op: str, dtype: torch.dtype, world: int = 1, **dims: int) -> Optional[dict]:
@@ -323,8 +323,19 @@ class Ops:
         """The sparse block on every token: router logits (gemm) -> select -> experts (+ the shared
         expert ``shared`` = (gate_up, down, gate), gated), summed over ranks (each holds its slice of
         every expert's intermediate channels; the gate's logits are whole on every rank, so the gated
-        partial sums add up)."""
+        partial sums add up). At TP > 1 the experts run as moe_block's tp strategy (pack, grouped GEMMs,
+        the heap's all-reduce) where its stored winner is tp; otherwise, and with a shared expert (whose
+        partial sums share the experts' all-reduce), as the ops above and torch's all-reduce."""
         weights, ids = self.moe_router(self.gemm(x, router), top_k, norm_topk_prob)
+        if tp.shard.size > 1:
+            experts, world = router.shape[0], tp.shard.size
+            problem = self.problems.moe_block(x.dtype, world, x.shape[0], x.shape[1], down.shape[2] * world,
+                                              experts, top_k)
+            config = self.choice(problem)
+            if shared is None and self._ep.ctx is not None and config and config.get("strategy") == "tp":
+                return self._run(problem, lambda cfg: k_block.moe_block(x, ids, weights, gate_up, down,
+                                                                        ctx=self._ep.ctx, experts=experts, config=cfg),
+                                 lambda: TP.all_reduce(self.moe_experts(x, gate_up, down, weights, ids), tp.shard))
         out = self._shared_expert(x, self.moe_experts(x, gate_up, down, weights, ids), shared)
         return TP.all_reduce(out, tp.shard)
 
@@ -365,10 +376,13 @@ class Ops:
         gathered rows of logits. Nothing to do at TP 1, under baseline dispatch, when no tuned record
         runs a block, or when the open heap already covers the sizes. The placed sparse layers' heap
         (engine/ep) opens here too."""
-        if any(getattr(layer.mlp, "placed", False) for layer in model.layers):
+        moe = next((layer.mlp for layer in model.layers if hasattr(layer.mlp, "placed")), None)
+        if moe is not None and model.shard.size > 1:     # the MoE blocks' heap: ep always, tp where a winner runs
+            layout = "ep" if moe.placed else "tp"
             configs = None if self.mode != "tuned" else [c for c in self.table.configs("moe_block")
-                                                         if c.get("strategy") == "ep"]
-            self._ep.open(model, max_tokens, configs, self.mode == "baseline")
+                                                         if c.get("strategy") == layout]
+            if moe.placed or configs:
+                self._ep.open(model, max_tokens, configs, self.mode == "baseline")
         if model.shard.size == 1 or self.mode == "baseline":
             return
         strategies = {"gemm_ar"} if self.mode == "default" else TP.strategies(

@@ -11,9 +11,11 @@ winner runs with its config, a tp winner runs ep at its defaults (the weights ar
 winner or none runs the torch path (all_to_all_single around transformers' per-expert loop, then
 all_gather: ``kernels/moe_block.baseline_ep``).
 
-The placed layers' heap (``Heap``) is the engine's second, beside the TP blocks' (engine/tp.Heap): it is
-opened once, collectively, at the largest forward and warmed there with every chunk count the table's
-ep configs use (channels carved once, every kernel loaded before its first spin-wait). This module
+The MoE blocks' heap (``Heap``) is the engine's second, beside the TP blocks' (engine/tp.Heap): in the ep
+layout always, in the tp layout where a moe_block tp winner runs (pack, grouped GEMMs, the heap's
+all-reduce, instead of the ops and torch's all-reduce). It is opened once, collectively, at the largest
+forward and warmed there with every chunk count (ep) or all-reduce strategy (tp) the table's configs
+use (channels carved once, every kernel loaded before its first spin-wait). This module
 imports no kernel at load (the CLI reads ``LAYOUTS`` and ``layout`` cheaply).
 """
 from __future__ import annotations
@@ -58,24 +60,25 @@ def block_problem(cfg, tp: int, tokens: int, dtype: torch.dtype):
 
 
 class Heap:
-    """The placed sparse layers' symmetric heap, open from ``open`` to the engine's end (``ctx``: what
-    moe_block runs on). Under baseline dispatch only a context without a heap (the torch path needs
-    the world alone)."""
+    """The sparse layers' symmetric heap for moe_block, open from ``open`` to the engine's end (``ctx``:
+    what moe_block runs on; ``placed``: the ep layout's). Under baseline dispatch only a context without
+    a heap (the ep torch path needs the world alone)."""
 
     def __init__(self):
         self.heap = self.ctx = None
         self.tokens = 0
+        self.placed = False
         self._retired: list = []       # heaps a reopen replaced: decode graphs captured on them may replay
 
     def open(self, model, max_tokens: int, configs: Optional[list], baseline: bool) -> None:
-        """Collective: ``configs`` the ep configs the table may serve (None: defaults only)."""
+        """Collective: ``configs`` the configs of the model's layout the table may serve (None: defaults)."""
         from tuneforge.dsl.heap import Context, SymmetricHeap
         from tuneforge.kernels import moe_block as K
-        moe = next(layer.mlp for layer in model.layers if getattr(layer.mlp, "placed", False))
+        moe = next(layer.mlp for layer in model.layers if hasattr(layer.mlp, "placed"))
+        self.placed = moe.placed
         world = model.shard.world
         if world is None:
-            raise InputError("the ep MoE layout needs this rank's World: build the model with "
-                             "Shard.of(world, moe='ep')")
+            raise InputError("moe_block needs this rank's World: build the model with Shard.of(world, ...)")
         if baseline:
             self.ctx = self.ctx or Context(world, None)
             return
@@ -92,9 +95,10 @@ class Heap:
         self.tokens = max_tokens
 
     def _warm_up(self, model, moe, tokens: int, configs: list, chunks: list) -> None:
-        """moe_block at the largest forward with each chunk count, fewest first (each channel carved
-        at its largest size once: the buffers are sized by the token count, not by the routing), every
-        slot unrouted (id -1: nothing sent, nothing computed, every kernel launched)."""
+        """moe_block at the largest forward, every slot unrouted (id -1: nothing sent, nothing computed,
+        every kernel launched; the buffers are sized by the token count, not by the routing): ep with
+        each chunk count, fewest first (each channel carved at its largest size once), tp with each
+        all-reduce strategy."""
         from tuneforge.kernels import moe_block as K
         from tuneforge.kernels._common import launch_spec
         device, h = self.ctx.device, model.cfg.hidden_size
@@ -102,10 +106,14 @@ class Heap:
         ids = torch.full((tokens, moe.top_k), -1, dtype=torch.int32, device=device)
         weights = torch.zeros((tokens, moe.top_k), dtype=torch.float32, device=device)
         problem = block_problem(model.cfg, model.shard.size, tokens, model.dtype)
-        default = K.default_config(problem, launch_spec(device, persistent=False), "ep")
-        for c in chunks:
-            # the defaults at this size, with the channels (chunks) and form of a stored config using them
-            stored = next((cfg for cfg in configs if cfg.get("chunks", 1) == c), {})
-            config = {**default, **{k: stored[k] for k in ("form", "signal_rows") if k in stored}, "chunks": c}
+        default = K.default_config(problem, launch_spec(device, persistent=False), "ep" if moe.placed else "tp")
+        if moe.placed:     # the defaults at this size, with the chunks and form of a stored config using them
+            stored = [next((cfg for cfg in configs if cfg.get("chunks", 1) == c), {}) for c in chunks]
+            warm = [{**default, **{k: s[k] for k in ("form", "signal_rows") if k in s}, "chunks": c}
+                    for c, s in zip(chunks, stored)]
+        else:
+            warm = [{**default, "ar_strategy": ar}
+                    for ar in sorted({c.get("ar_strategy", default["ar_strategy"]) for c in configs})]
+        for config in warm:
             K.moe_block(x, ids, weights, moe.gate_up, moe.down, ctx=self.ctx, experts=moe.experts, config=config)
         self.ctx.synchronize()
