@@ -247,9 +247,9 @@ def overview(snap: Snapshot) -> pd.DataFrame:
 # At TP > 1 the engine runs a TP block won by a kernel in place of these roles' problems
 # (kernels/tp_attn: qkv_half -> attention core -> o_half; kernels/tp_mlp: gate_up -> silu_mul -> down),
 # each block with its own all-reduce; otherwise the parts, with torch's all-reduce. A sparse layer's
-# moe_block won by its ep strategy runs in place of the pack, the expert GEMMs and the all-reduce (the
-# experts placed: engine/ep; counted per forward as if each forward's winner chose the layout, which the
-# engine makes once, at the decode bucket); a tp winner leaves the parts (the engine's tp layout runs them).
+# moe_block won by a kernel runs in place of the pack, the expert GEMMs and the all-reduce: ep (the experts
+# placed, engine/ep; the engine picks the layout once, at the decode bucket, and a forward is counted as
+# its own winner would run) or tp (but with a shared expert, whose partial sums ride the all-reduce).
 BLOCK_PARTS = {"layer.attn.tp": ("layer.attn.qkv_proj", "layer.attn.o_proj", "layer.attn.allreduce"),
                "layer.mlp.tp": ("layer.mlp.gate_up_proj", "layer.mlp.silu_mul", "layer.mlp.down_proj",
                                 "layer.mlp.allreduce"),
@@ -326,8 +326,8 @@ def model_times(snap: Snapshot) -> pd.DataFrame:
         except TuneforgeError:      # not a built-in model, or its config no longer plans at this TP
             continue
         first = g.iloc[0]
-        won = {r.problem: (r.time_us * 1e-6, r.baseline_us * 1e-6,
-                           bool(r.kernel_won) and (r.op != "moe_block" or r.strategy.startswith("ep")))
+        won = {r.problem: (r.time_us * 1e-6, r.baseline_us * 1e-6, bool(r.kernel_won) and (
+                   r.op != "moe_block" or r.strategy.startswith("ep") or not cfg.has_shared_expert))
                for r in unique_problems(g).itertuples(index=False)}
         for phase, m, ctx, items in runs:
             tuned, baseline, n_tuned, n_problems = forward_time(cfg, items, won)

@@ -410,20 +410,23 @@ def test_model_time_at_tp_runs_a_kernel_won_block_in_place_of_its_parts(tmp_path
     assert row["problems"] == row["tuned"] == 9
 
 
-def test_model_time_runs_an_ep_won_moe_block_in_place_of_the_expert_parts(tmp_path):
-    """Qwen3-30B-A3B at TP 2: a moe_block won by ep places the experts (engine/ep): it replaces the pack,
-    both expert GEMMs and the all-reduce of every sparse layer; one won by tp leaves the parts."""
+def test_model_time_runs_a_kernel_won_moe_block_in_place_of_the_expert_parts(tmp_path):
+    """Qwen3-30B-A3B at TP 2: a moe_block won by a kernel, ep (the experts placed, engine/ep) or tp (no
+    shared expert), replaces the pack, both expert GEMMs and the all-reduce of every sparse layer; one
+    won by the baseline leaves the parts."""
     moe = "Qwen3-30B-A3B"
     times, by_role = {}, None
-    for strategy in ("ep", "tp"):
-        url = f"sqlite:///{tmp_path / f'{strategy}.db'}"
-        _, by_role = record_plan(url, 2, prefill=(), model=moe, configs={"layer.moe.block": {"strategy": strategy}})
-        times[strategy] = data.model_times(data.load_snapshot(url)).query("ctx == 256").iloc[0]["time_ms"]
+    for won in ("ep", "tp", "baseline"):
+        url = f"sqlite:///{tmp_path / f'{won}.db'}"
+        _, by_role = record_plan(url, 2, prefill=(), model=moe, configs={"layer.moe.block": {"strategy": won}},
+                                 baseline_won=("layer.moe.block",) if won == "baseline" else ())
+        times[won] = data.model_times(data.load_snapshot(url)).query("ctx == 256").iloc[0]["time_ms"]
     parts = ("layer.moe.pack", "layer.moe.experts.gate_up", "layer.moe.experts.down")
     block = by_role[("layer.moe.block", 1, None)].time_s - sum(by_role[(r, 1, None)].time_s for r in parts) \
         - by_role[("layer.moe.allreduce", 1, None)].baseline_s      # the engine's all-reduce is torch's
     layers = load_config(moe).num_hidden_layers
-    assert times["ep"] - times["tp"] == pytest.approx(layers * block * 1e3)
+    assert times["ep"] == pytest.approx(times["tp"])
+    assert times["ep"] - times["baseline"] == pytest.approx(layers * block * 1e3)
 
 
 def test_strategy_map_shows_the_predicted_moe_strategy_of_qwen3_30b_a3b_at_tp8_on_h800(monkeypatch, tmp_path):
