@@ -165,13 +165,13 @@ def gemm_tile_wide(x, w, w_lo, g, off_m, off_n, off_lo, M, N, k_begin, k_end, st
 @triton.jit
 def row_rstd(x_ptr, off_m, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """rsqrt(mean(x^2) + eps) of rows off_m .. off_m + BLOCK_M over the whole K (a pass over the rows
-    before a K slice's loop: a slice alone sees part of each row; rows past M give rsqrt(eps))."""
-    rows = off_m + tl.arange(0, BLOCK_M)
+    before a K slice's loop: a slice alone sees part of each row; rows past M wrap, as the tile's do)."""
+    rows = ((off_m + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
-    ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xk
+    ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk
     sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k in tl.range(0, K, BLOCK_K):
-        a = tl.load(ptrs, mask=(rows < M)[:, None] & (k + ks < K)[None, :], other=0.0).to(tl.float32)
+        a = tl.load(ptrs, mask=(k + ks < K)[None, :], other=0.0).to(tl.float32)
         sum_sq += tl.sum(a * a, axis=1)
         ptrs += BLOCK_K * stride_xk
     return tl.math.rsqrt(sum_sq / K + eps)
@@ -213,15 +213,28 @@ def last_to_arrive(counts, index, contributors):
 
 
 @triton.jit
+def finish_store(y_ptr, acc, off_m, off_n, M, N, stride_ym, res_ptr, stride_res,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RESIDUAL: tl.constexpr, SILU: tl.constexpr):
+    """``epilogue_store`` of a summed tile; ``SILU``: its columns interleave gate and up (``off_n``, ``N``
+    and ``BLOCK_N`` count both), split and multiplied here, after the K slices were summed."""
+    if SILU:
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+        epilogue_store(y_ptr, gate * tl.sigmoid(gate) * up, off_m, off_n // 2, M, N // 2, stride_ym, res_ptr,
+                       stride_res, BLOCK_M, BLOCK_N // 2, RESIDUAL)
+    else:
+        epilogue_store(y_ptr, acc, off_m, off_n, M, N, stride_ym, res_ptr, stride_res, BLOCK_M, BLOCK_N, RESIDUAL)
+
+
+@triton.jit
 def finish_tile(acc, y, counts, tile, mine, first, rest, rest_stride, contributors, off_m, off_n, M, N,
                 stride_ym, stride_ws, res, stride_res, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                RESIDUAL: tl.constexpr):
+                RESIDUAL: tl.constexpr, SILU: tl.constexpr):
     """Store a tile that ``contributors`` programs computed in K slices, in one launch: each stores its
     fp32 slice at ``mine`` and counts itself in at ``counts[tile]``; the last to arrive sums the slices
-    (``first``, then ``rest + j * rest_stride``; row stride ``stride_ws``) and stores y (``epilogue_store``:
-    the residual added once, by whoever stores)."""
+    (``first``, then ``rest + j * rest_stride``; row stride ``stride_ws``) and stores y (``finish_store``:
+    the residual added once, the SiLU-mul applied once, by whoever stores)."""
     if contributors == 1:
-        epilogue_store(y, acc, off_m, off_n, M, N, stride_ym, res, stride_res, BLOCK_M, BLOCK_N, RESIDUAL)
+        finish_store(y, acc, off_m, off_n, M, N, stride_ym, res, stride_res, BLOCK_M, BLOCK_N, RESIDUAL, SILU)
     else:
         rows = off_m + tl.arange(0, BLOCK_M)
         cols = off_n + tl.arange(0, BLOCK_N)
@@ -232,7 +245,7 @@ def finish_tile(acc, y, counts, tile, mine, first, rest, rest_stride, contributo
             total = tl.load(first + offs, mask=mask, other=0.0, cache_modifier=".cg")   # L2: peers' writes
             for j in range(0, contributors - 1):
                 total += tl.load(rest + j * rest_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            epilogue_store(y, total, off_m, off_n, M, N, stride_ym, res, stride_res, BLOCK_M, BLOCK_N, RESIDUAL)
+            finish_store(y, total, off_m, off_n, M, N, stride_ym, res, stride_res, BLOCK_M, BLOCK_N, RESIDUAL, SILU)
 
 
 @triton.jit
@@ -266,6 +279,32 @@ def _mn_tile(x, w, pid_m, pid_n, M, N, K, k_begin, k_end, stride_xm, stride_xk, 
     return acc, off_m, off_n
 
 
+@triton.jit
+def _mn_slice(x, w, pid_m, pid_n, M, N, K, k_begin, k_end, stride_xm, stride_xk, stride_wn, stride_wk,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+              x_rows, norm_w, eps, NORM: tl.constexpr, SILU: tl.constexpr):
+    """``_mn_tile``'s K slice; ``SILU``: the gate and up slices interleaved column by column ([BLOCK_M,
+    2 BLOCK_N], off_n doubled: ``finish_tile`` sums them as one and splits them at the store)."""
+    if SILU:
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        gate, up, _ = gemm_tile_wide(x, w, w, norm_w, off_m, off_n, off_n + N, M, 2 * N, k_begin, k_end, stride_xm,
+                                     stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_N, BLOCK_K, USE_TMA,
+                                     EVEN_K, UPCAST, INPUT_PRECISION, True, NORM)
+        if NORM:
+            rstd = row_rstd(x_rows, off_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, BLOCK_K)[:, None]
+            gate *= rstd
+            up *= rstd
+        acc = tl.reshape(tl.join(gate, up), (BLOCK_M, 2 * BLOCK_N))
+        off_n = 2 * off_n
+    else:
+        acc, off_m, off_n = _mn_tile(x, w, pid_m, pid_n, M, N, K, k_begin, k_end, stride_xm, stride_xk, stride_wn,
+                                     stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION,
+                                     x_rows, norm_w, eps, NORM)
+    return acc, off_m, off_n
+
+
 # M changes with every batch: not specialized, so one compile serves all token counts. N stays
 # specialized: its divisibility lets the masked epilogue store vectors instead of scalars.
 @triton.jit(do_not_specialize=["M"])
@@ -290,8 +329,8 @@ def _gemm_kernel(x, w, w_lo, y, partial, counts, res, norm_w, x_rows, M, N, K, s
     Fusions (``gemm_fused``): ``NORM`` y = rmsnorm(x) * norm_w @ w.T (a whole tile's rows' rsqrt from the
     sum of squares it accumulates over K; a K slice's from a pass over its rows, ``x_rows``: x's pointer,
     before its loop); ``SILU`` y[:, j] = silu(g_j) * u_j with
-    g_j, u_j the columns j and N + j of x @ w.T (w has 2N rows, gate then up: two accumulators, whole
-    tiles only); ``RESIDUAL`` y = x @ w.T + res, in any schedule (whoever stores the tile adds it)."""
+    g_j, u_j the columns j and N + j of x @ w.T (w has 2N rows, gate then up: two accumulators; a K
+    slice's stored interleaved, summed, split at the store); ``RESIDUAL`` y = x @ w.T + res, in any schedule (whoever stores the tile adds it)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N + BLOCK_N_LO)
     tiles_mn = num_pid_m * num_pid_n
@@ -328,7 +367,10 @@ def _gemm_kernel(x, w, w_lo, y, partial, counts, res, norm_w, x_rows, M, N, K, s
             epilogue_store(y, acc_lo, off_m, off_n + BLOCK_N, M, N, stride_ym, res, stride_res, BLOCK_M, BLOCK_N_LO,
                            RESIDUAL)
     rest = tiles_mn - whole_tiles      # the tiles left are computed in K slices
-    slab = BLOCK_M * BLOCK_N           # one fp32 slice in the workspace (row stride BLOCK_N)
+    # one fp32 slice in the workspace (row stride SLICE_N): the SiLU-mul pair's gate and up interleaved
+    SLICE_N: tl.constexpr = 2 * BLOCK_N if SILU else BLOCK_N
+    slab = BLOCK_M * SLICE_N
+    slice_cols = 2 * N if SILU else N
     if STREAM:
         # The row tiles of a weight column run in lockstep: program p is lane p % lanes (a row tile)
         # of set p // lanes, and the sets share the columns' K iterations evenly, so the row tiles of
@@ -353,9 +395,9 @@ def _gemm_kernel(x, w, w_lo, y, partial, counts, res, norm_w, x_rows, M, N, K, s
                 pid_m, pid_n = grouped_tile(col, num_pid_m, num_pid_n, GROUP_M)
             else:
                 pid_m, pid_n = lane, col
-            acc, off_m, off_n = _mn_tile(x, w, pid_m, pid_n, M, N, K, k0 * BLOCK_K, tl.minimum(k1 * BLOCK_K, K),
-                                         stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K,
-                                         USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION, x_rows, norm_w, eps, NORM)
+            acc, off_m, off_n = _mn_slice(x, w, pid_m, pid_n, M, N, K, k0 * BLOCK_K, tl.minimum(k1 * BLOCK_K, K),
+                                          stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K,
+                                          USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION, x_rows, norm_w, eps, NORM, SILU)
             first = _stream_owner(col * k_iters, per, extra)
             last = _stream_owner(col * k_iters + k_iters - 1, per, extra)
             # a set's slots in this lane: 0 the slice of its first column, 1 that of its last; the first
@@ -364,8 +406,8 @@ def _gemm_kernel(x, w, w_lo, y, partial, counts, res, norm_w, x_rows, M, N, K, s
             finish_tile(acc, y, counts, col * lanes + lane, mine,
                         partial + (2 * (first * lanes + lane) + 1).to(tl.int64) * slab,
                         partial + (2 * ((first + 1) * lanes + lane)).to(tl.int64) * slab, 2 * lanes * slab,
-                        last - first + 1, off_m, off_n, M, N, stride_ym, BLOCK_N, res, stride_res, BLOCK_M, BLOCK_N,
-                        RESIDUAL)
+                        last - first + 1, off_m, off_n, M, slice_cols, stride_ym, SLICE_N, res, stride_res, BLOCK_M,
+                        SLICE_N, RESIDUAL, SILU)
             it += k1 - k0
     else:
         # split-major units: the slices of one split run side by side at the same k, so tiles that
@@ -376,13 +418,15 @@ def _gemm_kernel(x, w, w_lo, y, partial, counts, res, norm_w, x_rows, M, N, K, s
             r = unit - split * rest
             k_begin = tl.multiple_of(split * k_per_split, BLOCK_K)
             pid_m, pid_n = grouped_tile(whole_tiles + r, num_pid_m, num_pid_n, GROUP_M)
-            acc, off_m, off_n = _mn_tile(x, w, pid_m, pid_n, M, N, K, k_begin, tl.minimum(k_begin + k_per_split, K),
-                                         stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K,
-                                         USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION, x_rows, norm_w, eps, NORM)
+            acc, off_m, off_n = _mn_slice(x, w, pid_m, pid_n, M, N, K, k_begin,
+                                          tl.minimum(k_begin + k_per_split, K), stride_xm, stride_xk, stride_wn,
+                                          stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, EVEN_K, UPCAST,
+                                          INPUT_PRECISION, x_rows, norm_w, eps, NORM, SILU)
             at = partial + r.to(tl.int64) * slab
             plane = rest.to(tl.int64) * slab
             finish_tile(acc, y, counts, whole_tiles + r, at + split * plane, at, at + plane, plane, split_k,
-                        off_m, off_n, M, N, stride_ym, BLOCK_N, res, stride_res, BLOCK_M, BLOCK_N, RESIDUAL)
+                        off_m, off_n, M, slice_cols, stride_ym, SLICE_N, res, stride_res, BLOCK_M, SLICE_N, RESIDUAL,
+                        SILU)
 
 
 # --- fusions (the gemm_fused op's kernel paths) ---------------------------------------------------
@@ -399,24 +443,18 @@ def out_width(problem: Problem) -> int:
     return problem["n"] // 2 if fusion_of(problem)[1] == "silu_mul" else problem["n"]
 
 
-def _whole_tile_fusion(problem: Problem) -> bool:
-    return fusion_of(problem)[1] == "silu_mul"
-
-
 def _pair(config: dict, problem: Problem) -> dict:
     """The SiLU-mul pair holds two B tiles per stage and two accumulators: as wide a config."""
     return {**config, "block_n": 2 * config["block_n"]} if fusion_of(problem)[1] == "silu_mul" else config
 
 
 def fusion_unsupported(config: dict, problem: Problem, spec: DeviceSpec) -> str | None:
-    """The SiLU-mul pair runs whole tiles (its nonlinearity needs the whole K's sums); the pair and the
-    norm prologue a power-of-two width; the pair's two B tiles must fit the pipeline."""
+    """The norm prologue and the SiLU-mul pair run power-of-two wide tiles; the pair's two B tiles must fit
+    the pipeline."""
     norm, epi = fusion_of(problem)
     what = "+".join(f for f, on in (("norm", norm), ("silu_mul", epi == "silu_mul")) if on)
     if not what:
         return None
-    if epi == "silu_mul" and (config.get("schedule", "tiles") != "tiles" or config.get("split_k", 1) > 1):
-        return f"{what}: fused in whole tiles only (schedule tiles, split_k 1), got {config.get('schedule')}"
     if split_width(config["block_n"])[1]:
         return f"{what}: block_n={config['block_n']} is not a power of two (one tile per column block)"
     return smem_overflow(_pair(config, problem), problem, spec)
@@ -431,26 +469,13 @@ FUSED_CONSTRAINTS = CONSTRAINTS + (fusion_unsupported, fusion_pressure)
 
 
 def fused_default_config(problem: Problem, spec: DeviceSpec) -> dict:
-    """gemm's default for the output's shape (the norm and the add run its schedule); the SiLU-mul pair
-    takes its tiles as whole tiles (power-of-two wide, each half half as wide, the programs per SM that
-    fill the last wave best), shrinking stages, then BLOCK_K, then BLOCK_N until they fit."""
+    """gemm's default for the output's shape; the SiLU-mul pair's halves each half as wide (as wide in all
+    as gemm's tile), shrinking stages, then BLOCK_K, then BLOCK_N until the pair fits."""
     shape = Problem.make("gemm", problem.dtype, m=problem["m"], n=out_width(problem), k=problem["k"])
     cfg = default_config(shape, spec)
-    if not _whole_tile_fusion(problem):
+    if fusion_of(problem)[1] != "silu_mul":
         return cfg
-    cfg.pop("split_k", None)
-    # decode-sized tiles stream the weight through pointer loads (TMA gained nothing there: gemm's default)
-    # the pair: half as wide a tile of each of gate and up, as wide in all as gemm's tile
-    width = split_width(cfg["block_n"])[0] // (2 if fusion_of(problem)[1] == "silu_mul" else 1)
-    cfg.update(schedule="tiles", split_k=1, block_n=max(16, width),
-               tma=problem["m"] > 16 and tma_unavailable({**cfg, "tma": True}, problem, spec) is None)
-    tiles = output_tiles(shape, cfg["block_m"], cfg["block_n"])
-
-    def fill(pps):
-        slots = spec.sms * pps
-        return tiles / (-(-tiles // slots) * slots)
-    cfg["programs_per_sm"] = max((1, 2, 4), key=lambda pps: (round(fill(pps), 2), -pps))
-    cfg["flatten"] = cfg["flatten"] and cfg["programs_per_sm"] == 1
+    cfg["block_n"] = max(16, split_width(cfg["block_n"])[0] // 2)
     for shrink, floor in (("num_stages", 2), ("block_k", 16), ("block_n", 16)):
         while first_rejection(cfg, problem, spec, FUSED_CONSTRAINTS) is not None and cfg[shrink] > floor:
             cfg[shrink] = cfg[shrink] - 1 if shrink == "num_stages" else cfg[shrink] // 2
@@ -492,11 +517,12 @@ def _plan(config_items: tuple | None, m: int, n: int, k: int, dtype: torch.dtype
                        FUSED_LAUNCH_CONSTRAINTS if fused else LAUNCH_CONSTRAINTS)
     n = out_width(problem)
     bm, bn, slots = config["block_m"], config["block_n"], spec.sms * config["programs_per_sm"]
+    slab = bm * bn * (2 if epi == EPILOGUES.index("silu_mul") else 1)    # the pair's slices: gate and up
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     k_iters = triton.cdiv(k, config["block_k"])
     if config["schedule"] == "stream":
         programs = min(tiles * k_iters, slots)
-        return LaunchPlan(config, programs, 0, 1, 2 * programs * bm * bn, tiles)
+        return LaunchPlan(config, programs, 0, 1, 2 * programs * slab, tiles)
     if config["schedule"] == "hybrid":
         whole = tiles // slots * slots
         split = hybrid_split(tiles - whole, slots, k_iters)
@@ -504,7 +530,7 @@ def _plan(config_items: tuple | None, m: int, n: int, k: int, dtype: torch.dtype
         split = config["split_k"]
         whole = tiles if split == 1 else 0
     programs = min(whole + (tiles - whole) * split, slots)
-    return LaunchPlan(config, programs, whole, split, (split * (tiles - whole) * bm * bn if split > 1 else 0), tiles)
+    return LaunchPlan(config, programs, whole, split, (split * (tiles - whole) * slab if split > 1 else 0), tiles)
 
 
 _WORKSPACES: dict = {}

@@ -8,8 +8,8 @@ computes gate column j and up column j as two accumulators, ``y[:, j] = silu(gat
 (gate_up_proj). The kernel is gemm's (``kernels/gemm.py``, constexpr paths); the norm's row scale
 comes from the sum of squares a whole tile accumulates as it walks K, or for a K slice (split-K,
 stream-K, hybrid's last wave) from a pass over its rows before its loop (slices scaled alike sum right);
-the pair's nonlinearity needs whole tiles (``fusion_unsupported``); the residual add runs in every
-schedule.
+the pair's K slices are stored gate and up interleaved, summed as one and split where the tile is
+stored; the residual add is made by whoever stores the tile. Every fusion runs every schedule.
 
 The baseline is the unfused pair a torch user runs (``F.rms_norm`` then ``F.linear``; ``F.linear``
 then ``F.silu`` and a multiply, or an add), so a stored winner says whether fusing paid at that shape:
@@ -105,14 +105,13 @@ def cost(problem: Problem, config: Optional[dict], spec: DeviceSpec) -> float:
 
 
 def seeds(problem: Problem, spec: DeviceSpec) -> list[dict]:
-    """The fused default, then gemm's portfolio at this shape, each as the whole tiles the pair needs
-    (same tiles, unsplit) where the fusion asks for them."""
-    whole = G._whole_tile_fusion(problem)
+    """The fused default, then gemm's portfolio at this shape: power-of-two tiles, the pair's halves each
+    half as wide (as wide in all as gemm's tile)."""
+    norm, epi = G.fusion_of(problem)
     configs = [G.fused_default_config(problem, spec)]
     for c in G.portfolio(problem, spec):
-        if whole:
-            c = {k: v for k, v in c.items() if k != "split_k"}
-            c.update(schedule="tiles", split_k=1, block_n=G.split_width(c["block_n"])[0])
+        if norm or epi == "silu_mul":
+            c = {**c, "block_n": max(16, G.split_width(c["block_n"])[0] // (2 if epi == "silu_mul" else 1))}
         if c not in configs and TEMPLATE.reject_reason(c, problem, spec) is None:
             configs.append(c)
     return configs
