@@ -186,7 +186,7 @@ def test_the_cost_model_predicts_the_moe_block_strategy_of_qwen3_30b_a3b_at_tp8_
     blocks = full.find("moe_block")
     assert len(blocks) == 3 and not any(i.baseline_only for i in blocks)
     with Store(f"sqlite:///{tmp_path / 'predicted.db'}") as store:
-        report = Tuner(store, TuneOptions(target=target, trials=8, verify=False, progress=None)).tune(
+        report = Tuner(store, TuneOptions(target=target, trials=4, verify=False, progress=None)).tune(
             Plan(full.model, 8, full.dtype, full.decode_buckets, full.prefill_buckets, blocks))
         winners = store.winners(op="moe_block")
     assert [(r.status, r.source) for r in report.rows] == [("tuned", "predicted")] * 3

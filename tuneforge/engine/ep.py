@@ -1,5 +1,5 @@
-"""The engine's expert parallelism: which MoE layout a run loads, and the symmetric heap the placed
-experts' all-to-all runs on.
+"""The engine's expert parallelism: which MoE layout a run loads, and the symmetric heap moe_block runs
+on (the placed experts' all-to-all, or a tp winner's all-reduce).
 
 The layout of the sparse layers at TP > 1 (``models/qwen3.Shard.moe``) is a load-time choice, since the
 two hold different weights: ``tp`` every expert's moe_intermediate / tp channels (outputs all-reduced),
@@ -9,14 +9,15 @@ makes it once, before the weights load: ``tp`` / ``ep`` as asked, ``auto`` the s
 model). Within the ep layout every forward looks its ``moe_block`` problem up (``Ops.moe_ep``): an ep
 winner runs with its config, a tp winner runs ep at its defaults (the weights are placed), a baseline
 winner or none runs the torch path (all_to_all_single around transformers' per-expert loop, then
-all_gather: ``kernels/moe_block.baseline_ep``).
+all_gather: ``kernels/moe_block.baseline_ep``). Within the tp layout (``Ops.moe``) a tp winner runs the
+block; anything else, or a layer with a shared expert, runs the ops and torch's all-reduce.
 
 The MoE blocks' heap (``Heap``) is the engine's second, beside the TP blocks' (engine/tp.Heap): in the ep
 layout always, in the tp layout where a moe_block tp winner runs (pack, grouped GEMMs, the heap's
 all-reduce, instead of the ops and torch's all-reduce). It is opened once, collectively, at the largest
 forward and warmed there with every chunk count (ep) or all-reduce strategy (tp) the table's configs
-use (channels carved once, every kernel loaded before its first spin-wait). This module
-imports no kernel at load (the CLI reads ``LAYOUTS`` and ``layout`` cheaply).
+use (channels carved once, every kernel loaded before its first spin-wait). This module imports no
+kernel at load (the CLI reads ``LAYOUTS`` and ``layout`` cheaply).
 """
 from __future__ import annotations
 
