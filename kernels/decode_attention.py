@@ -8,11 +8,12 @@ Grid: (sequence x KV head, split). A program takes the query heads that share on
 of its tiles (so K and V are read once per KV head, not once per query head) and one chunk of the
 keys, and keeps an online softmax over ``BLOCK_N``-key tiles. The config's ``splits`` cut every
 (sequence, KV head) into that many chunks of whole tiles (``split_plan``; fewer where the cache view is
-shorter than the tuned context), so one short sequence still has programs for every SM. The splits of
-a (sequence, KV head) are combined in the same launch: each stores its (max, sum, accumulator) in fp32
-and the last to finish (``gemm``'s arrival counters, re-armed for the next launch) rescales and sums
-them a block of splits per load, so the combine costs a few round trips, not two per split. Splits
-past a sequence's length find no keys and contribute nothing.
+shorter than the tuned context), so one short sequence still has programs for every SM. Each split
+stores its (max, sum, accumulator) in fp32 and a second, tiny kernel combines them: a program per
+(sequence, query head) loads all its splits at once (one round trip). The H200 showed an in-launch
+combine by the last split to arrive costing about 1.3 us per split (bench_decode, 2026-12-02: 16 -> 32
+splits at batch 1 cost +26 us at every context), far more than the second launch. Splits past a
+sequence's length find no keys and contribute nothing.
 """
 from __future__ import annotations
 
@@ -103,8 +104,9 @@ def store_split(part, bh, split, splits, m_i, l_i, acc, GROUP: tl.constexpr, BLO
 
 @triton.jit
 def combine_splits(part, bh, splits, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(max, sum, accumulator) of all ``splits`` of ``bh`` from the workspace; called by the last split
-    to arrive (``G.last_to_arrive``), which sees every other split's stores. An online softmax over
+    """(max, sum, accumulator) of all ``splits`` of ``bh`` from the workspace, for an in-launch combine
+    (``decode_attention_sp``'s): called by the last split to arrive (``G.last_to_arrive``), which sees
+    every other split's stores. An online softmax over
     blocks of splits: each block is one load of [splits, rows(, dims)] (about 8k fp32 words), so the
     combine's latency is a round trip per block, not per split; the blocks are software-pipelined
     (``num_stages``: the next blocks' loads are in flight while one is summed)."""
@@ -139,7 +141,7 @@ def combine_splits(part, bh, splits, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
 
 
 @triton.jit
-def _decode_attention_kernel(q, k, v, pos, out, part, counts, kv_heads, splits, chunk,
+def _decode_attention_kernel(q, k, v, pos, out, part, kv_heads, splits, chunk,
                              stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
                              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_pos, scale_log2,
                              GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -153,17 +155,37 @@ def _decode_attention_kernel(q, k, v, pos, out, part, counts, kv_heads, splits, 
     m_i, l_i, acc = split_attention(q, k, v, b, h, length, split, chunk, stride_qb, stride_qh, stride_kb, stride_kh,
                                     stride_kn, stride_vb, stride_vh, stride_vn, scale_log2, GROUP, BLOCK_G,
                                     HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION)
-    rows = tl.arange(0, BLOCK_G)
-    dims = tl.arange(0, BLOCK_D)
-    o_ptrs = out + b.to(tl.int64) * stride_ob + (h * GROUP + rows)[:, None] * stride_oh + dims[None, :]
-    o_mask = (rows < GROUP)[:, None] & (dims < HEAD_DIM)[None, :]
-    if splits == 1:
-        tl.store(o_ptrs, (acc / l_i[:, None]).to(out.dtype.element_ty), mask=o_mask)
+    if splits == 1:         # an int argument of 1 is a constant: this branch compiles alone
+        rows = tl.arange(0, BLOCK_G)
+        dims = tl.arange(0, BLOCK_D)
+        o_ptrs = out + b.to(tl.int64) * stride_ob + (h * GROUP + rows)[:, None] * stride_oh + dims[None, :]
+        tl.store(o_ptrs, (acc / l_i[:, None]).to(out.dtype.element_ty),
+                 mask=(rows < GROUP)[:, None] & (dims < HEAD_DIM)[None, :])
     else:
         store_split(part, bh, split, splits, m_i, l_i, acc, GROUP, BLOCK_G, BLOCK_D)
-        if G.last_to_arrive(counts, bh, splits):
-            _, total, result = combine_splits(part, bh, splits, GROUP, BLOCK_G, BLOCK_D)
-            tl.store(o_ptrs, (result / total[:, None]).to(out.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _combine_kernel(part, out, kv_heads, splits, stride_ob, stride_oh, GROUP: tl.constexpr,
+                    BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Query head ``row`` of the group of (sequence, KV head) ``bh``: all ``splits`` of its
+    ``store_split`` partials in one load of [BLOCK_S, BLOCK_D], rescaled to their common max and summed."""
+    bh = tl.program_id(0)
+    row = tl.program_id(1)
+    b = bh // kv_heads
+    h = bh - b * kv_heads
+    block = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    split_ok = block < splits
+    slots = part + (bh.to(tl.int64) * splits + block) * (2 * BLOCK_G + BLOCK_G * BLOCK_D)
+    # a split without keys holds m = -inf, l = 0, acc = 0: weight 0; split 0 holds key 0, so the max is finite
+    m = tl.load(slots + row, mask=split_ok, other=float("-inf"))
+    l = tl.load(slots + BLOCK_G + row, mask=split_ok, other=0.0)
+    acc = tl.load(slots[:, None] + 2 * BLOCK_G + row * BLOCK_D + dims[None, :], mask=split_ok[:, None], other=0.0)
+    weight = tl.exp2(m - tl.max(m, 0))
+    result = tl.sum(weight[:, None] * acc, 0) / tl.sum(weight * l, 0)
+    tl.store(out + b.to(tl.int64) * stride_ob + (h * GROUP + row) * stride_oh + dims,
+             result.to(out.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 def _check(q, k, v, positions, out, op: str = OP) -> tuple[int, int, int, int, int]:
@@ -204,12 +226,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     cfg = config or default_config(problem, launch_spec(q.device))
     meta = kernel_meta(q, heads // kv_heads, d, cfg)
     splits, chunk = split_plan(length, cfg)
-    part, counts = G.workspace(q.device, workspace_floats(b * kv_heads, splits, meta), b * kv_heads) \
-        if splits > 1 else (out, out)
+    part = G.workspace(q.device, workspace_floats(b * kv_heads, splits, meta), 0)[0] if splits > 1 else out
     _decode_attention_kernel[(b * kv_heads, splits)](
-        q, k, v, positions, out, part, counts, kv_heads, splits, chunk,
+        q, k, v, positions, out, part, kv_heads, splits, chunk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), positions.stride(0), LOG2E / math.sqrt(d), **meta)
+    if splits > 1:
+        _combine_kernel[(b * kv_heads, heads // kv_heads)](
+            part, out, kv_heads, splits, out.stride(0), out.stride(1), GROUP=meta["GROUP"], BLOCK_G=meta["BLOCK_G"],
+            HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_S=triton.next_power_of_2(splits), num_warps=4)
     return out
 
 
@@ -328,7 +353,7 @@ def work(problem: Problem) -> tuple[float, float]:
 
 def cost(problem: Problem, config: Optional[dict], spec) -> float:
     """Roofline of the KV read; the baseline (SDPA with a mask) reaches less of it and pays a mask
-    read; splits pay for their fp32 partials and the last split's combine."""
+    read; splits pay for their fp32 partials and the combine's launch."""
     flops, nbytes = work(problem)
     if config is None:
         # SDPA runs one program per (sequence, KV head), each streaming its keys at about one SM's share
@@ -345,9 +370,8 @@ def cost(problem: Problem, config: Optional[dict], spec) -> float:
     partial = group * (problem["head_dim"] + 2) * 4           # one split's fp32 (acc | m, l) per row
     partials = 2 * programs * splits * partial if splits > 1 else 0
     fill = min(1.0, programs * splits / spec.sms)
-    # the last split of each (sequence, KV head) reads every split's partial alone: one SM's share of
-    # the bandwidth, after the rest
-    combine = splits * partial / (spec.hbm_bytes_per_s / spec.sms) if splits > 1 else 0.0
+    # the combine is a second launch whose programs each load their splits' partials once
+    combine = kernel_floor(spec) if splits > 1 else 0.0
     return roofline(flops, nbytes + partials, spec, problem.dtype, efficiency=0.4, mem_efficiency=0.85 * fill,
                     launches=1) + combine
 
