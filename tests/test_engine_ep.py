@@ -232,3 +232,13 @@ def test_ep2_cuda_graph_decode_on_one_gpu_equals_eager_and_tp1(checkpoint):
         assert graphs and eager_tokens == graph_tokens == ref.tokens
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(graphed, torch.stack(ref.logits).cpu(), rtol=1e-3, atol=1e-3)
+
+
+def test_cli_refuses_an_impossible_ep_before_any_rank_starts(capsys):
+    from tuneforge.cli import main
+    for model, tp, why in (("Qwen3-0.6B", 2, "--moe-parallel ep: Qwen3-0.6B has no MoE layers"),
+                           ("Qwen3-30B-A3B", 3, "--moe-parallel ep: num_experts=128 of Qwen3-30B-A3B does not split "
+                                                "over 3 ranks (use --moe-parallel tp)")):
+        assert main(["generate", "--model", model, "--random-weights", "--tp", str(tp), "--moe-parallel", "ep",
+                     "--dispatch", "baseline", "--prompt", "1 2"]) == 2
+        assert capsys.readouterr().err == f"tuneforge: error: {why}\n"
