@@ -5,8 +5,8 @@ the sequence-parallel forms (kernels/decode_attention_sp.py) as a correctness sm
     python benchmarks/bench_decode.py --distributed    # and the SP forms with 2 and 4 ranks sharing the GPU
     python benchmarks/bench_decode.py --quick --distributed     # CPU (interpreter): tiny sizes, end to end
 
-Per (batch, context): the template's default config and the best of a small sweep around it (the split
-count halved / doubled, four tile / stage / warp settings the constraints accept), each timed as the
+Per (batch, context): the template's default config and the best of a sweep around it (the split count
+/4, /2, x1 and x2, each at four tile / stage / warp settings the constraints accept), each timed as the
 engine runs it (CUDA graph replays over input sets rotated past the L2); torch SDPA the engine's way
 (each KV head's query heads as rows, the engine's additive mask built once) in the same run; the floor
 is the K and V bytes the sequences' lengths read over a measured 1 GiB copy's bandwidth. Sequences end
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -77,12 +78,13 @@ def checked(got: torch.Tensor, inputs: dict) -> str:
 
 
 def sweep_configs(problem: Problem, spec, default: dict) -> list[dict]:
-    """The default's split count halved, kept and doubled (the nearest listed), at each of ``TILINGS``;
-    those the constraints accept, the default first."""
+    """The default's split count over 4, over 2, kept and doubled (the nearest listed), at each of
+    ``TILINGS``; those the constraints accept, the default first. The split count matters most at short
+    batches (issue 16: 16 splits beat 32 at batch 1 while the last split combined in-launch)."""
     s = DA.SPLITS
     i = s.index(default["splits"])
     configs = [default]
-    for splits in sorted({s[max(0, i - 2)], s[i], s[min(len(s) - 1, i + 2)]}):
+    for splits in sorted({s[max(0, i - 4)], s[max(0, i - 2)], s[i], s[min(len(s) - 1, i + 2)]}):
         for block_n, stages, warps in TILINGS:
             c = dict(splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
             if c not in configs and get(DA.OP).reject_reason(c, problem, spec) is None:
@@ -103,7 +105,8 @@ def bench(args, device, spec, copy_bps) -> list[dict]:
             rows.append(row)
             if "best_us" in row:
                 print(f"  batch {batch} ctx {ctx}: default {row['default_us']:.1f} us, best {row['best_us']:.1f} us "
-                      f"({row['pct_floor_best']:.0f} % of floor), sdpa {row['sdpa_us']:.1f} us", flush=True)
+                      f"({row['pct_floor_best']:.0f} % of floor, {row['best_config']}), sdpa {row['sdpa_us']:.1f} us",
+                      flush=True)
             else:
                 print(f"  batch {batch} ctx {ctx}: {row['check']}", flush=True)
     return rows
@@ -142,6 +145,7 @@ def bench_row(args, device, spec, copy_bps, batch: int, ctx: int) -> dict:
 
     row["default_us"], row["check"] = ours_us(default)
     row["config"] = default
+    row["sweep"] = [dict(default, us=row["default_us"])]      # every timed config: the split x tiling landscape
     best_us, best = row["default_us"], default
     for config in sweep_configs(problem, plan_spec, default)[1:args.sweep + 1]:
         try:
@@ -151,6 +155,7 @@ def bench_row(args, device, spec, copy_bps, batch: int, ctx: int) -> dict:
         except Exception as e:          # a config this GPU cannot compile or run: noted, not fatal
             row.setdefault("sweep_errors", []).append(f"{config}: {str(e).splitlines()[0][:200]}")
             continue
+        row["sweep"].append(dict(config, us=us))
         if status != "ok":
             row["check"] = f"{config}: {status}"
         elif us < best_us:
@@ -245,7 +250,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    ap.add_argument("--sweep", type=int, default=12, help="configs of the sweep around the default to time")
+    ap.add_argument("--sweep", type=int, default=16, help="configs of the sweep around the default to time")
     ap.add_argument("--distributed", action="store_true", help="also the SP forms with --ranks ranks sharing the GPU")
     ap.add_argument("--ranks", default="2,4")
     ap.add_argument("--sp-batch", default="1,8")
@@ -262,6 +267,7 @@ def main(argv=None) -> int:
     for name in ("batch", "ctx", "ranks", "sp_batch", "sp_ctx"):
         setattr(args, name, [int(x) for x in getattr(args, name).split(",") if x])
     device, spec, copy_bps = bench_device(args.copy_mib)
+    started = time.perf_counter()
     rows = bench(args, device, spec, copy_bps)
     columns = ["batch", "ctx", "MB", "default_us", "best_us", "sdpa_us", "floor_us", "pct_floor_default",
                "pct_floor_best", "pct_floor_sdpa", "vs_sdpa", "target_pct", "check"]
@@ -277,7 +283,7 @@ def main(argv=None) -> int:
                "no_sdpa": [(r["batch"], r["ctx"]) for r in timed if r["sdpa_check"].startswith("n/a")],
                "copy_gbs": copy_bps / 1e9, "dtype": args.dtype,
                "shape": dict(heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim),
-               "target": TARGETS}
+               "target": TARGETS, "seconds": round(time.perf_counter() - started, 1)}
     if args.distributed:
         sp_rows = bench_distributed(args, device)
         print_table(sp_rows, ["ranks", "batch", "ctx", "form", "us", "check", "label"])
