@@ -142,9 +142,10 @@ def test_gpu_qwen3_32b_shapes(device, m, ctx):
 
 
 def test_the_kernels_compile_for_sm90():
-    """Qwen3-32B's group of 8 query heads per KV head in bf16, and the combine of 64 splits."""
+    """Qwen3-32B's group of 8 query heads per KV head in bf16, and the combine of 64 splits, both with the
+    programmatic-dependent-launch instructions the GPU path uses (the interpreter runs without them)."""
     types = dict(q="*bf16", k="*bf16", v="*bf16", pos="*i64", out="*bf16", part="*fp32", scale_log2="fp32")
     compile_for_sm90("tuneforge.kernels.decode_attention", [
         ("_decode_attention_kernel", dict(GROUP=8, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, UPCAST=False,
-                                          INPUT_PRECISION="tf32")),
-        ("_combine_kernel", dict(GROUP=8, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_S=64))], types)
+                                          INPUT_PRECISION="tf32", PDL=True)),
+        ("_combine_kernel", dict(GROUP=8, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_S=64, PDL=True))], types)
