@@ -10,7 +10,8 @@ keys, and keeps an online softmax over ``BLOCK_N``-key tiles. The config's ``spl
 (sequence, KV head) into that many chunks of whole tiles (``split_plan``; fewer where the cache view is
 shorter than the tuned context), so one short sequence still has programs for every SM. Each split
 stores its (max, sum, accumulator) in fp32 and a second, tiny kernel combines them: a program per
-(sequence, query head) loads all its splits at once (one round trip). The H200 showed an in-launch
+(sequence, query head) loads all its splits at once (one round trip); on sm_90+ it is a programmatic
+dependent launch, so its launch overlaps the split kernel's run. The H200 showed an in-launch
 combine by the last split to arrive costing about 1.3 us per split (bench_decode, 2026-12-02: 16 -> 32
 splits at batch 1 cost +26 us at every context), far more than the second launch. Splits past a
 sequence's length find no keys and contribute nothing.
