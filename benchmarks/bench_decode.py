@@ -6,7 +6,7 @@ the sequence-parallel forms (kernels/decode_attention_sp.py) as a correctness sm
     python benchmarks/bench_decode.py --quick --distributed     # CPU (interpreter): tiny sizes, end to end
 
 Per (batch, context): the template's default config and the best of a sweep around it (the split count
-/4, /2, x1 and x2, each at four tile / stage / warp settings the constraints accept), each timed as the
+/4, /2, x1, x1.5 and x2, each at four tile / stage / warp settings the constraints accept), each timed as the
 engine runs it (CUDA graph replays over input sets rotated past the L2); torch SDPA the engine's way
 (each KV head's query heads as rows, the engine's additive mask built once) in the same run; the floor
 is the K and V bytes the sequences' lengths read over a measured 1 GiB copy's bandwidth. Sequences end
@@ -80,13 +80,15 @@ def checked(got: torch.Tensor, inputs: dict) -> str:
 
 
 def sweep_configs(problem: Problem, spec, default: dict) -> list[dict]:
-    """The default's split count over 4, over 2, kept and doubled (the nearest listed), at each of
-    ``TILINGS``; those the constraints accept, the default first. The split count matters most at short
+    """The default's split count over 4, over 2, kept, x1.5 (about 3 programs per SM, which 64-key tiles
+    in 3 stages leave room for) and doubled (the nearest listed), at each of ``TILINGS``; those the
+    constraints accept, the default first. The split count matters most at short
     batches (issue 16: 16 splits beat 32 at batch 1 while the last split combined in-launch)."""
     s = DA.SPLITS
     i = s.index(default["splits"])
     configs = [default]
-    for splits in sorted({s[max(0, i - 4)], s[max(0, i - 2)], s[i], s[min(len(s) - 1, i + 2)]}):
+    for splits in sorted({s[max(0, i - 4)], s[max(0, i - 2)], s[i], s[min(len(s) - 1, i + 1)],
+                          s[min(len(s) - 1, i + 2)]}):
         for block_n, stages, warps in TILINGS:
             c = dict(splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
             if c not in configs and get(DA.OP).reject_reason(c, problem, spec) is None:
@@ -260,7 +262,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    ap.add_argument("--sweep", type=int, default=16, help="configs of the sweep around the default to time")
+    ap.add_argument("--sweep", type=int, default=20, help="configs of the sweep around the default to time")
     ap.add_argument("--distributed", action="store_true", help="also the SP forms with --ranks ranks sharing the GPU")
     ap.add_argument("--ranks", default="2,4")
     ap.add_argument("--sp-batch", default="1,8")
