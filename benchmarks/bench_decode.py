@@ -6,15 +6,15 @@ the sequence-parallel forms (kernels/decode_attention_sp.py) as a correctness sm
     python benchmarks/bench_decode.py --quick --distributed     # CPU (interpreter): tiny sizes, end to end
 
 Per (batch, context): the template's default config and the best of a sweep around it (the split count
-/4, /2, x1, x1.5 and x2, each at four tile / stage / warp settings the constraints accept), each timed as the
-engine runs it (CUDA graph replays over input sets rotated past the L2); torch SDPA the engine's way
-(each KV head's query heads as rows, the engine's additive mask built once) in the same run; the floor
-is the K and V bytes the sequences' lengths read over a measured 1 GiB copy's bandwidth. Sequences end
-in the last 8 slots (the last at ctx - 1). Every timed kernel output and SDPA's are first checked against
-the fp64 reference of the first and last sequence (outputs NaN-poisoned). Where the default splits, it is
-also timed with the combine launched plainly (``default_no_pdl_us``) instead of as a programmatic
-dependent of the split kernel. Shapes whose cache does not
-fit in half the free device memory are skipped (a row says so).
+/4, /2, x1, x1.5 and x2, each at four tile / stage / warp settings the constraints accept; every timed
+config's time in the row's ``sweep``), each timed as the engine runs it (CUDA graph replays over input
+sets rotated past the L2); torch SDPA the engine's way (each KV head's query heads as rows, the engine's
+additive mask built once) in the same run; the floor is the K and V bytes the sequences' lengths read
+over a measured 1 GiB copy's bandwidth. Sequences end in the last 8 slots (the last at ctx - 1). Every
+timed kernel output and SDPA's are first checked against the fp64 reference of the first and last
+sequence (outputs NaN-poisoned). Where the default splits, it is also timed with the combine launched
+plainly (``default_no_pdl_us``) instead of as a programmatic dependent of the split kernel. Shapes whose
+cache does not fit in half the free device memory are skipped (a row says so).
 
 ``--distributed``: for 2 and 4 processes sharing the one GPU (CPU ranks without one), every form of
 decode_attention_sp and its torch.distributed baseline on a cache sharded by sequence, checked against
@@ -82,8 +82,8 @@ def checked(got: torch.Tensor, inputs: dict) -> str:
 def sweep_configs(problem: Problem, spec, default: dict) -> list[dict]:
     """The default's split count over 4, over 2, kept, x1.5 (about 3 programs per SM, which 64-key tiles
     in 3 stages leave room for) and doubled (the nearest listed), at each of ``TILINGS``; those the
-    constraints accept, the default first. The split count matters most at short
-    batches (issue 16: 16 splits beat 32 at batch 1 while the last split combined in-launch)."""
+    constraints accept, the default first. The split count matters most at short batches (issue 16:
+    16 splits beat 32 at batch 1 while the last split combined in-launch)."""
     s = DA.SPLITS
     i = s.index(default["splits"])
     configs = [default]
