@@ -36,7 +36,10 @@ from tuneforge.kernels._common import check_tensor, launch_spec
 from tuneforge.dsl.roofline import kernel_floor, roofline
 
 OP = "decode_attention"
-PDL = True      # the combine kernel as a programmatic dependent launch where the device has it (sm_90+)
+# The combine kernel as a programmatic dependent launch where the device has it (sm_90+). Off until a
+# GPU run has checked it (compiled for sm_90 only; the two-kernel path without it is what ran): opt in
+# with decode_attention.PDL = True.
+PDL = False
 LOG2E = 1.4426950408889634
 MIN_ROWS = 16          # tl.dot's smallest M: the query heads of a group are padded to it
 
