@@ -26,8 +26,7 @@ import torch
 # the repository root, for ``benchmarks.common`` (appended: an installed tuneforge keeps precedence)
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import print_table, write_results  # noqa: E402
-from tuneforge.world import World, spawn  # noqa: E402
+from benchmarks.common import print_table, run_ranks, world_size, write_results  # noqa: E402
 
 OPS = ("allreduce", "allgather", "reducescatter")
 
@@ -137,6 +136,14 @@ def _rank_main(world, args):
     return run(world, args)
 
 
+def _smoke_sizes(args, mode: str, ranks: int) -> None:
+    # the interpreter is slow: keep the CPU smoke to tiny messages
+    if mode == "cpu-interpreter-smoke":
+        args.m, args.n = [m for m in args.m if m <= 8] or [1], min(args.n, 256)
+    else:
+        args.m = [m for m in args.m if m <= 512] or [1]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--world", type=int, default=None, help="ranks (default: the GPUs, at least 2)")
@@ -151,32 +158,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     args.ops = [o for o in args.ops.split(",") if o]
     args.m = [int(v) for v in args.m.split(",") if v]
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-    if "RANK" in os.environ:                           # torchrun: this process is one rank
-        world = World.from_env()
-        rows = run(world, args)
-        mode, ranks = ("shared-gpu-smoke" if world.shared_gpu else "n-gpus"), world.size
-        world.close()
-        if world.rank != 0:
-            return
-    else:
-        ranks = args.world or max(2, gpus)
-        if gpus == 0:
-            # the interpreter is slow: keep the CPU smoke to tiny messages
-            args.m, args.n = [m for m in args.m if m <= 8] or [1], min(args.n, 256)
-            mode = "cpu-interpreter-smoke"
-            rows = spawn(_rank_main, ranks, args, device="cpu", timeout=args.timeout)[0]
-        else:
-            mode = "n-gpus" if gpus >= ranks else "shared-gpu-smoke"
-            if mode != "n-gpus":
-                args.m = [m for m in args.m if m <= 512] or [1]
-            rows = spawn(_rank_main, ranks, args, device="cuda", timeout=args.timeout)[0]
-    note = {"n-gpus": f"{ranks} ranks, one per GPU; times are the slowest rank's median",
-            "shared-gpu-smoke": f"CORRECTNESS SMOKE: {ranks} processes share one GPU (time-sliced); "
-                                "times are not communication figures",
-            "cpu-interpreter-smoke": f"CORRECTNESS SMOKE: {ranks} CPU processes under Triton's interpreter; "
-                                     "times are not GPU figures"}[mode]
+    ranks = world_size(args.world)
+    ran = run_ranks(_rank_main, ranks, args, args.timeout, smoke_sizes=_smoke_sizes)
+    if ran is None:
+        return
+    rows, mode, note = ran
     print(f"\n== bench_comm: {note}")
     cols = ["op", "m", "bytes", "default_us", "best_us", "baseline_us", "symm_mem_us", "speedup", "pct_link"]
     print_table(rows, cols)

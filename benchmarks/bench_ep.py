@@ -41,18 +41,12 @@ import torch
 # the repository root, for ``benchmarks.common`` (appended: an installed tuneforge keeps precedence)
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import print_table, write_results  # noqa: E402
+from benchmarks.common import print_table, run_ranks, world_size, write_results  # noqa: E402
 from tuneforge.errors import InputError  # noqa: E402
-from tuneforge.world import World, spawn  # noqa: E402
 
 STRATEGIES = ("naive", "fused", "sinkhorn")     # the router strategies; masked is dense (no all-to-all)
 # the CPU smoke's sizes (the interpreter runs every program one after another)
 CPU_CAPS = dict(tokens=8, d_model=64, inter=64)
-NOTES = {"n-gpus": "{n} ranks, one per GPU; times are the slowest rank's median",
-         "shared-gpu-smoke": "CORRECTNESS SMOKE: {n} processes share one GPU (time-sliced); times are not "
-                             "communication figures",
-         "cpu-interpreter-smoke": "CORRECTNESS SMOKE: {n} CPU processes under Triton's interpreter; times are "
-                                  "not GPU figures"}
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -96,8 +90,10 @@ def check_args(args, ranks: int) -> None:
         raise InputError(f"--skew-experts must be in [0, {args.experts}], got {args.skew_experts}")
 
 
-def cpu_sizes(args, ranks: int) -> None:
-    """The CPU smoke's sizes: capped (CPU_CAPS), at most 4 experts per rank."""
+def _smoke_sizes(args, mode: str, ranks: int) -> None:
+    """The CPU smoke's sizes: capped (CPU_CAPS), at most 4 experts per rank (a shared GPU keeps them)."""
+    if mode != "cpu-interpreter-smoke":
+        return
     for name, cap in CPU_CAPS.items():
         setattr(args, name, min(getattr(args, name), cap))
     args.experts = min(args.experts, 4 * ranks)
@@ -238,27 +234,12 @@ COLUMNS = ["strategy", "dT_select_us", "T_comm_us", "T_comm_a2a_us", "comm_speed
 
 def main(argv=None) -> None:
     args = parse(argv)
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if "RANK" in os.environ:                           # torchrun: this process is one rank
-        check_args(args, int(os.environ["WORLD_SIZE"]))
-        world = World.from_env()
-        rows = run(world, args)
-        mode, ranks = ("shared-gpu-smoke" if world.shared_gpu else "n-gpus"), world.size
-        world.close()
-        if world.rank != 0:
-            return
-    else:
-        ranks = args.ranks or max(2, gpus)
-        check_args(args, ranks)
-        if gpus == 0:
-            cpu_sizes(args, ranks)
-            mode = "cpu-interpreter-smoke"
-            rows = spawn(_rank_main, ranks, args, device="cpu", timeout=args.timeout)[0]
-        else:
-            share = args.share_gpu or gpus < ranks
-            mode = "shared-gpu-smoke" if share else "n-gpus"
-            rows = spawn(_rank_main, ranks, args, device="cuda", share_gpu=share, timeout=args.timeout)[0]
-    note = NOTES[mode].format(n=ranks)
+    ranks = world_size(args.ranks)
+    check_args(args, ranks)
+    ran = run_ranks(_rank_main, ranks, args, args.timeout, share_gpu=args.share_gpu, smoke_sizes=_smoke_sizes)
+    if ran is None:
+        return
+    rows, mode, note = ran
     print(f"\n== bench_ep: {note}")
     print_table(rows, [c for c in COLUMNS if any(c in row for row in rows)])
     config = {k: getattr(args, k) for k in ("tokens", "d_model", "experts", "top_k", "inter", "skew_experts",

@@ -1,4 +1,5 @@
-"""What every benchmark shares: device/version metadata, the results table, the JSON file."""
+"""What every benchmark shares: device/version metadata, the results table, the JSON file, the ranks of a
+multi-rank run."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,12 +13,51 @@ import tuneforge
 from tuneforge.dsl.devices import local_device
 from tuneforge.results import print_table  # noqa: F401  (re-exported for the scripts)
 from tuneforge.results import write_results as _write_results
+from tuneforge.world import World, spawn
+
+# what a multi-rank run's times are, by how its ranks ran (``run_ranks``'s mode)
+MODE_NOTES = {"n-gpus": "{n} ranks, one per GPU; times are the slowest rank's median",
+              "shared-gpu-smoke": "CORRECTNESS SMOKE: {n} processes share one GPU (time-sliced); times are not "
+                                  "communication figures",
+              "cpu-interpreter-smoke": "CORRECTNESS SMOKE: {n} CPU processes under Triton's interpreter; times are "
+                                       "not GPU figures"}
 
 
 def write_results(name: str, rows: list[dict], summary: dict | None = None, out_dir: str | None = None) -> str:
     """Write ``benchmarks/results/<name>-<device>-<date>.json`` (or under ``out_dir``); returns the path."""
     out_dir = out_dir or os.environ.get("TUNEFORGE_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
     return _write_results(name, rows, summary, out_dir)
+
+
+def world_size(requested: int | None) -> int:
+    """The ranks of a multi-rank run: torchrun's world, else ``requested`` (default: the GPUs, at least 2)."""
+    if "RANK" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return requested or max(2, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def run_ranks(rank_main, ranks: int, args, timeout: float, share_gpu: bool = False, smoke_sizes=None):
+    """``rank_main(world, args)`` on every rank: under torchrun this process is one rank; otherwise ``ranks``
+    processes are spawned, on the CPU under Triton's interpreter without a GPU, sharing GPU 0 where
+    ``share_gpu`` or there are fewer GPUs than ranks. A spawned smoke first calls
+    ``smoke_sizes(args, mode, ranks)`` (the benchmark's smaller sizes). Returns ``(rank 0's rows, mode, note)``
+    (``MODE_NOTES``), None on the other torchrun ranks."""
+    if "RANK" in os.environ:
+        world = World.from_env()
+        rows = rank_main(world, args)
+        mode = "shared-gpu-smoke" if world.shared_gpu else "n-gpus"
+        world.close()
+        if world.rank != 0:
+            return None
+    else:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        share = share_gpu or gpus < ranks
+        mode = "cpu-interpreter-smoke" if gpus == 0 else "shared-gpu-smoke" if share else "n-gpus"
+        if mode != "n-gpus" and smoke_sizes is not None:
+            smoke_sizes(args, mode, ranks)
+        rows = spawn(rank_main, ranks, args, device="cpu" if gpus == 0 else "cuda", share_gpu=share,
+                     timeout=timeout)[0]
+    return rows, mode, MODE_NOTES[mode].format(n=ranks)
 
 
 def copy_bandwidth(device, nbytes: int) -> float:
