@@ -8,6 +8,8 @@ collective's space has.
 Row tiling: ``rows`` x ``block_n`` tiles, one program each in row-major order, so a hidden size wider
 than one tile is covered by more column programs (``tile_space``, ``tile_constraints``, ``tile_default``,
 ``tile_grid`` and the device side ``row_tile``). Powers of two are ``triton.next_power_of_2``.
+
+Device side: ``copy_rows``, a flat copy (``allgather_gemm``'s shares, ``moe_alltoall``'s staged rows).
 """
 from __future__ import annotations
 
@@ -205,6 +207,15 @@ def row_tile(tiles_n, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = (tile // tiles_n) * ROWS + tl.arange(0, ROWS)
     cols = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     return rows, cols
+
+
+@triton.jit
+def copy_rows(src, dst, length, BLOCK: tl.constexpr):
+    """dst[:length] = src[:length] (flat elements)."""
+    offs = tl.arange(0, BLOCK)
+    for o in range(0, length, BLOCK):
+        mask = o + offs < length
+        tl.store(dst + o + offs, tl.load(src + o + offs, mask=mask), mask=mask)
 
 
 def row_bytes(problem: Problem, passes: int, per_row: int = 0, per_col: int = 0) -> float:

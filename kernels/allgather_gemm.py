@@ -38,7 +38,7 @@ from tuneforge.dsl.comm import (epoch_begin, epoch_end_of, release, row_split, r
                                 translate, wait_flag, wait_peers)
 from tuneforge.errors import InputError
 from tuneforge.kernels import gemm as G
-from tuneforge.kernels._common import check_linear, check_tensor, output_tensor, rank_generator
+from tuneforge.kernels._common import check_linear, check_tensor, copy_rows, output_tensor, rank_generator
 from tuneforge.kernels._fused import (COMM_SMS, FLAG_OVERHEAD_S, STARTED, chunk_source, comm_sms_fit,
                                       comm_space, compute_programs, default_comm_sms, descriptor, fused_gemm_time,
                                       fused_constraints, fused_plan, signal_steps, tile_defaults, tile_space)
@@ -49,17 +49,6 @@ COPY_BLOCK = 1024          # elements one communication program moves per step
 # chunks read from staging) and Triton gives each its own shared-memory buffers, so each may use half
 # (measured on an H100: tiles that fit gemm's budget once failed to launch here, 262208 > 232448 bytes).
 AG_PIPELINES = 2
-
-
-# --- device helpers shared with gemm_reducescatter -------------------------------------------------
-
-@triton.jit
-def copy_rows(src, dst, length, BLOCK: tl.constexpr):
-    """dst[:length] = src[:length] (flat elements)."""
-    offs = tl.arange(0, BLOCK)
-    for o in range(0, length, BLOCK):
-        mask = o + offs < length
-        tl.store(dst + o + offs, tl.load(src + o + offs, mask=mask), mask=mask)
 
 
 # --- the kernels -----------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ from tuneforge.dsl.comm import (MAX_SLOTS, epoch_begin, epoch_end_of, release, r
                                 signal_peers, translate, wait_flag, wait_peers)
 from tuneforge.dsl.roofline import alpha_beta, comm_efficiency, nccl_time
 from tuneforge.errors import InputError
-from tuneforge.kernels._common import check_tensor, output_tensor, rank_generator
+from tuneforge.kernels._common import check_tensor, copy_rows, output_tensor, rank_generator
 
 OP = "moe_alltoall"
 FORMS = ("low_latency", "staged")
@@ -177,7 +177,6 @@ def _stage_kernel(x, ids, order, matrix, send_meta, send_rows, chunk_flags, area
         entries += tl.load(matrix + parity * world * world + rank * world + d)
     smeta = send_meta + parity * area_elems * META
     srows = send_rows + tl.cast(parity * area_elems, tl.int64) * hidden
-    offs = tl.arange(0, BLOCK)
     fields = tl.arange(0, META)
     for c in range(pid, tl.cdiv(entries, SIGNAL_ROWS), tl.num_programs(0)):
         for r in range(c * SIGNAL_ROWS, tl.minimum(entries, (c + 1) * SIGNAL_ROWS)):
@@ -185,12 +184,8 @@ def _stage_kernel(x, ids, order, matrix, send_meta, send_rows, chunk_flags, area
             expert = tl.load(ids + e)
             tl.store(smeta + r * META + fields, _meta(fields, expert, _owner(expert, experts, local_experts),
                                                       local_experts, rank, e, top_k))
-            t = e // top_k
-            for h0 in range(0, hidden, BLOCK):
-                h = h0 + offs
-                mask = h < hidden
-                v = tl.load(x + tl.cast(t, tl.int64) * stride_x + h, mask=mask)
-                tl.store(srows + tl.cast(r, tl.int64) * hidden + h, v, mask=mask)
+            copy_rows(x + tl.cast(e // top_k, tl.int64) * stride_x, srows + tl.cast(r, tl.int64) * hidden, hidden,
+                      BLOCK)
         release(chunk_flags + c, epoch)
     epoch_end_of(state, epoch, total_programs)
 
@@ -277,15 +272,10 @@ def _combine_stage_kernel(y, count, stage, slot_elems, chunk_flags, hidden, stri
     pid = tl.program_id(0)
     epoch = epoch_begin(state)
     area = stage + (epoch % 2) * slot_elems
-    offs = tl.arange(0, BLOCK)
     received = tl.load(count)
     for c in range(pid, tl.cdiv(received, SIGNAL_ROWS), tl.num_programs(0)):
         for r in range(c * SIGNAL_ROWS, tl.minimum(received, (c + 1) * SIGNAL_ROWS)):
-            for h0 in range(0, hidden, BLOCK):
-                h = h0 + offs
-                mask = h < hidden
-                v = tl.load(y + tl.cast(r, tl.int64) * stride_y + h, mask=mask)
-                tl.store(area + tl.cast(r, tl.int64) * hidden + h, v, mask=mask)
+            copy_rows(y + tl.cast(r, tl.int64) * stride_y, area + tl.cast(r, tl.int64) * hidden, hidden, BLOCK)
         release(chunk_flags + c, epoch)
     signal_peers(flags, 1, pid, epoch, rank, world, bases)
     epoch_end_of(state, epoch, total_programs)
