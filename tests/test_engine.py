@@ -68,13 +68,25 @@ def hf_greedy(hf, prompt: list[int], steps: int) -> tuple[list[int], torch.Tenso
     return out.sequences[0, len(prompt):].tolist(), prefill, torch.cat(out.logits)
 
 
+def padded(prompts):
+    """(tokens [b, longest prompt] padded with 0 on the right, lengths [b])."""
+    lengths = torch.tensor([len(p) for p in prompts])
+    tokens = torch.zeros((len(prompts), int(lengths.max())), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p)
+    return tokens, lengths
+
+
+def prefill_and_generate(gen: Generator, prompts, steps: int):
+    """(prefill logits of every prompt token [b, T, vocab], ``gen.generate``'s ``steps`` greedy tokens with
+    their logits)."""
+    tokens, lengths = padded(prompts)
+    prefill = gen.prefill(tokens.to(gen.device), lengths.to(gen.device), all_logits=True)
+    return prefill, gen.generate(prompts, steps, return_logits=True)
+
+
 def check_against_hf(hf, gen: Generator, steps: int) -> None:
-    lengths = torch.tensor([len(p) for p in PROMPTS])
-    padded = torch.zeros((len(PROMPTS), max(lengths)), dtype=torch.long)
-    for i, p in enumerate(PROMPTS):
-        padded[i, :len(p)] = torch.tensor(p)
-    prefill = gen.prefill(padded, lengths, all_logits=True)
-    out = gen.generate(PROMPTS, steps, return_logits=True)
+    prefill, out = prefill_and_generate(gen, PROMPTS, steps)
     assert out.decode_steps == steps - 1 and out.finish == ["length"] * len(PROMPTS)
     for i, p in enumerate(PROMPTS):
         tokens, ref_prefill, ref_steps = hf_greedy(hf, p, steps)

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from test_moe_model import TINY_MOE, checkpoint, fused_checkpoint  # noqa: F401  (checkpoint: the fixture)
+from test_moe_model import TINY_MOE, checkpoint, layout_checkpoint  # noqa: F401  (checkpoint: the fixture)
 from tuneforge.errors import InputError
 from tuneforge.models.configs import load_config
 from tuneforge.models.loading import load_model, load_weights, random_weights
@@ -19,10 +19,7 @@ EP = 2
 
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
 def test_each_rank_loads_only_its_experts_whole(checkpoint, tmp_path, layout):
-    path, hf = checkpoint
-    if layout == "fused":
-        path = fused_checkpoint(hf, tmp_path / "fused")
-    cfg, sd = load_config(path), hf.state_dict()
+    path, cfg, sd = layout_checkpoint(checkpoint, tmp_path, layout)
     local = TINY_MOE["num_experts"] // EP
     for r in range(EP):
         model = Qwen3(cfg, Shard(r, EP, moe="ep"), torch.float32)
@@ -67,15 +64,9 @@ def test_bad_ep_layouts_are_refused_in_one_line():
 
 def _run(model, ops, steps: int):
     """Prefill logits of every prompt token and ``steps`` greedy tokens with their logits."""
-    from test_engine import PROMPTS
+    from test_engine import PROMPTS, prefill_and_generate
     from tuneforge.engine.generate import Generator
-    gen = Generator(model, ops, max_batch=len(PROMPTS), max_len=32)
-    lengths = torch.tensor([len(p) for p in PROMPTS])
-    padded = torch.zeros((len(PROMPTS), max(lengths)), dtype=torch.long)
-    for i, p in enumerate(PROMPTS):
-        padded[i, :len(p)] = torch.tensor(p)
-    prefill = gen.prefill(padded, lengths, all_logits=True)
-    out = gen.generate(PROMPTS, steps, return_logits=True)
+    prefill, out = prefill_and_generate(Generator(model, ops, max_batch=len(PROMPTS), max_len=32), PROMPTS, steps)
     return out.tokens, prefill.cpu(), torch.stack(out.logits).cpu(), ops.describe()
 
 

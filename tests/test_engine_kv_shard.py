@@ -28,6 +28,7 @@ from tuneforge.tune.plan import plan
 from tuneforge.world import spawn
 
 from test_engine import TOL, checkpoint, hf_greedy, saved, tiny_hf  # noqa: F401  (checkpoint: the fixture)
+from test_engine import prefill_and_generate
 from test_engine_tp import Lines, block_config
 
 TP = 2
@@ -68,20 +69,10 @@ def write_store(path: str, model_dir: str, env: Environment = ENV, spec=CPU_SPEC
     return cfg.name
 
 
-def padded(prompts):
-    lengths = torch.tensor([len(p) for p in prompts])
-    tokens = torch.zeros((len(prompts), int(lengths.max())), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.tensor(p)
-    return tokens, lengths
-
-
 def run(gen: Generator, prompts, steps: int):
     """(prefill logits [b, T, vocab], tokens, decode logits [steps, b, vocab], the cache's k)."""
-    tokens, lengths = padded(prompts)
-    prefill = gen.prefill(tokens.to(gen.device), lengths.to(gen.device), all_logits=True).cpu()
-    out = gen.generate(prompts, steps, return_logits=True)
-    return prefill, out.tokens, torch.stack(out.logits).cpu(), gen.cache.k.cpu()
+    prefill, out = prefill_and_generate(gen, prompts, steps)
+    return prefill.cpu(), out.tokens, torch.stack(out.logits).cpu(), gen.cache.k.cpu()
 
 
 def _rank(world, cases, db: str, env: Environment, graphs: bool):

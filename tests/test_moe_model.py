@@ -63,6 +63,15 @@ def fused_checkpoint(hf, path) -> str:
     return str(path)
 
 
+def layout_checkpoint(checkpoint, tmp_path, layout: str):
+    """(path, config, state dict) of the ``checkpoint`` fixture's model in ``layout``: ``per_expert`` (as
+    saved) or ``fused`` (``fused_checkpoint``'s, under ``tmp_path``)."""
+    path, hf = checkpoint
+    if layout == "fused":
+        path = fused_checkpoint(hf, tmp_path / "fused")
+    return path, load_config(path), hf.state_dict()
+
+
 def stored_table(problems_configs) -> DispatchTable:
     """A DispatchTable holding ``config`` as the measured winner of each ``problem``."""
     winners = {p.key: Winner(p, ENV, c, 1e-5, 2e-5, 2.0, 50.0, "measured", get(p.op).source_hash, "test", 1)
@@ -179,10 +188,7 @@ def test_fused_expert_checkpoint_loads_the_same(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
 def test_rank_shards_are_slices_of_the_experts(checkpoint, tmp_path, layout):
-    path, hf = checkpoint
-    if layout == "fused":
-        path = fused_checkpoint(hf, tmp_path / "fused")
-    cfg, sd = load_config(path), hf.state_dict()
+    path, cfg, sd = layout_checkpoint(checkpoint, tmp_path, layout)
     p, i = "model.layers.2.mlp.", cfg.moe_intermediate_size // 2
     for r in range(2):
         model = Qwen3(cfg, Shard(r, 2), torch.float32)
