@@ -354,11 +354,15 @@ class Ops:
         experts = router.shape[0]
         problem = self.problems.moe_block(x.dtype, tp.shard.size, x.shape[0], x.shape[1], down.shape[2], experts,
                                           top_k)
+
+        def baseline():
+            self.uncapturable = ("moe_block's ep torch baseline reads the routing back to the host "
+                                 "(all_to_all_single's split sizes, the per-expert loop)")
+            return k_block.baseline_ep(x, ids, weights, None, None, {"ep": (gate_up, down)}, ctx, experts)
         out = self._run(problem,
                         lambda cfg: k_block.moe_block(x, ids, weights, gate_up, down, ctx=ctx, experts=experts,
                                                       config=cfg if (cfg or {}).get("strategy") == "ep" else None),
-                        lambda: k_block.baseline_ep(x, ids, weights, None, None, {"ep": (gate_up, down)}, ctx,
-                                                    experts))
+                        baseline)
         return self._shared_expert(x, out, shared)
 
     def _shared_expert(self, x: torch.Tensor, out: torch.Tensor, shared: Optional[tuple]) -> torch.Tensor:
