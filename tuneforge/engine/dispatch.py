@@ -385,7 +385,7 @@ class Ops:
             layout = "ep" if moe.placed else "tp"
             configs = None if self.mode != "tuned" else [c for c in self.table.configs("moe_block")
                                                          if c.get("strategy") == layout]
-            if moe.placed or configs:
+            if moe.placed or (configs and moe.shared is None):    # Ops.moe runs no block with a shared expert
                 self._ep.open(model, max_tokens, configs, self.mode == "baseline")
         if model.shard.size == 1 or self.mode == "baseline":
             return
