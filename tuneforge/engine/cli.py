@@ -42,7 +42,7 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="weights and activations (default: the dtype this model's winners were tuned in, "
                         "else bf16)")
-    p.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
+    p.add_argument("--no-graphs", action="store_true", help="prefill and decode eagerly (no CUDA graphs)")
     p.add_argument("--kv-shard", choices=("heads", "sequence"), default="heads",
                    help="how the KV cache splits over TP ranks: heads (each rank its KV heads of every token; "
                         "default) or sequence (each rank every KV head of 1/tp of the tokens, blocks of 16 "
