@@ -75,6 +75,14 @@ def assert_graph_replays(fn, replays: int, launches: int):
         assert epoch == launches * (1 + replays)
 
 
+def channel_epochs(ctx, heap) -> dict:
+    """Every channel's device-side epoch by name (its launches: equal on all ranks where every launch ran on
+    every rank); closes the heap."""
+    epochs = {name: int(ch.state[0]) for name, ch in ctx.channels.items()}
+    heap.close()
+    return epochs
+
+
 def input_errors(calls) -> list[str]:
     """Each call's InputError message, or "no error" where it raised none (bad-input checks in a rank)."""
     from tuneforge.errors import InputError

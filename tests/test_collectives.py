@@ -12,7 +12,7 @@ from tuneforge.dsl.check import compare, split_out
 from tuneforge.errors import SignalTimeout
 from tuneforge.world import spawn
 
-from conftest import assert_graph_replays, graph_replays, input_errors
+from conftest import assert_graph_replays, channel_epochs, graph_replays, input_errors
 
 OPS = ("allreduce", "allgather", "reducescatter")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -72,8 +72,7 @@ def _check_all(world, shapes, dtypes, thorough):
                            lambda: get("allreduce").launch(x.to(torch.int32), ctx=ctx),
                            lambda: get("allreduce").launch(x, ctx=ctx, out=x),
                            lambda: get("allgather").launch(x, ctx=ctx, m=1)))
-    epochs = {name: int(ch.state[0]) for name, ch in ctx.channels.items()}
-    heap.close()
+    epochs = channel_epochs(ctx, heap)
     return {"failures": failures, "checked": checked, "errors": errors, "epochs": epochs,
             "allreduce_bytes": [o.view(torch.uint8).numpy().tobytes() for o in outputs]}
 

@@ -14,7 +14,7 @@ from tuneforge.kernels import decode_attention_sp as SP
 from tuneforge.kernels._common import launch_spec
 from tuneforge.world import spawn
 
-from conftest import assert_graph_replays, graph_replays
+from conftest import assert_graph_replays, channel_epochs, graph_replays
 
 OP = "decode_attention_sp"
 FORMS = SP.FORMS
@@ -49,8 +49,7 @@ def _check_cases(world, cases, heap_bytes=4 << 20):
         ok = compare(base, template.reference(**split_out(inputs)), base.dtype)
         if not ok:
             failures.append(f"baseline {problem.key} {positions}: {ok.reason}")
-    epochs = {name: int(ch.state[0]) for name, ch in ctx.channels.items()}
-    heap.close()
+    epochs = channel_epochs(ctx, heap)
     return failures, checked, epochs
 
 

@@ -11,7 +11,7 @@ same cases with 2 and 4 processes sharing it."""
 import pytest
 import torch
 
-from conftest import compile_for_sm90, input_errors
+from conftest import channel_epochs, compile_for_sm90, input_errors
 from tuneforge.dsl import Problem, check, get
 from tuneforge.dsl.check import compare, split_out
 from tuneforge.errors import SignalTimeout
@@ -87,8 +87,7 @@ def _cases(world, cases):
     ok = compare(template.baseline(**inputs), template.reference(**inputs))
     if not ok:
         failures.append(f"baseline: {ok.reason}")
-    epochs = {name: int(ch.state[0]) for name, ch in ctx.channels.items()}
-    heap.close()
+    epochs = channel_epochs(ctx, heap)
     return failures, received, epochs
 
 

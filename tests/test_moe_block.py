@@ -9,7 +9,7 @@ sharing it): the overlapped ep layer eagerly, and the layers captured in one CUD
 import pytest
 import torch
 
-from conftest import assert_graph_replays, graph_replays, input_errors
+from conftest import assert_graph_replays, channel_epochs, graph_replays, input_errors
 from tuneforge.dsl import check, get
 from tuneforge.dsl.check import compare, split_out
 from tuneforge.dsl.comm import row_split
@@ -75,8 +75,7 @@ def _layers(world, shapes, seeds, configs, drop: bool, hf: bool):
                 failures.append(f"dropped id, {_name(config)}: {result.reason}")
     if hf:
         failures += _transformers(ctx)
-    epochs = {name: int(ch.state[0]) for name, ch in ctx.channels.items()}
-    heap.close()
+    epochs = channel_epochs(ctx, heap)
     return failures, epochs
 
 

@@ -16,7 +16,7 @@ from tuneforge.dsl.check import compare, split_out
 from tuneforge.errors import ConfigRejected, InputError, SignalTimeout
 from tuneforge.world import spawn
 
-from conftest import assert_graph_replays, graph_replays
+from conftest import assert_graph_replays, channel_epochs, graph_replays
 
 OPS = ("ag_gemm", "gemm_rs")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -104,8 +104,7 @@ def _check_configs(ctx, template, problem, configs, seed, seen, extra_key):
 def _world_result(ctx, heap, seen: dict) -> dict:
     """What a rank saw (``seen``), its input errors and channel epochs; closes the heap."""
     seen["errors"] = _input_errors(ctx)
-    seen["epochs"] = {name: int(ch.state[0]) for name, ch in ctx.channels.items()}
-    heap.close()
+    seen["epochs"] = channel_epochs(ctx, heap)
     return seen
 
 
