@@ -107,8 +107,11 @@ def read_export(path: Path) -> tuple[list[tuple[int, Winner, list]], list[tuple[
                               str(r["dtype"]), int(r["world"]))
             if Problem.from_key(str(r["problem_key"])) != problem:
                 raise ValueError(f"problem_key {r['problem_key']!r} does not match its op/dims/dtype/world")
-            if problem.dtype not in DTYPES or problem.world < 1 or any(v < 1 for _, v in problem.dims):
-                raise ValueError(f"problem {problem.key} has an unknown dtype or a size below 1")
+            # dims are sizes or 0/1 flags (moe_gemm's act, gemm_fused's norm / epi): none negative, and
+            # a token count of at least 1; the template's own checks judge the rest (import_refusal)
+            if problem.dtype not in DTYPES or problem.world < 1 or any(v < 0 for _, v in problem.dims) \
+                    or problem.shape.get("m", 1) < 1:
+                raise ValueError(f"problem {problem.key} has an unknown dtype, a negative dim or fewer than 1 token")
             env = Environment(str(r["gpu_name"]), int(r["sm_count"]), float(r["memory_gb"]), int(r["world_size"]),
                               str(r["interconnect"]), str(r["torch_version"]), str(r["triton_version"]),
                               str(r["driver_version"]), flag(r["predicted"]))

@@ -221,20 +221,23 @@ def test_stale_records_are_reported_and_never_returned(store):
 
 @pytest.mark.parametrize("ext", ["csv", "json"])
 def test_export_import_round_trip(store, tmp_path, ext):
-    problems = [gemm(1), gemm(16), Problem.make("allreduce", world=8, m=16, n=5120)]
+    # the moe_gemm problem's act=0 is a flag, not a size: it travels like any dim
+    down = Problem.make("moe_gemm", m=4, n=256, k=128, experts=8, topk=2, act=0)
+    problems = [gemm(1), gemm(16), Problem.make("allreduce", world=8, m=16, n=5120), down]
     store.record_winner(winner(problems[0], config=real_config(problems[0], tma=False)))
     store.record_winner(winner(problems[1], env=H100_PREDICTED, config={"baseline": True}))
     store.record_winner(winner(problems[2], config=real_config(problems[2]), time_s=1 / 3 * 1e-5))
+    store.record_winner(winner(down, config=real_config(down)))
     store.add_plan("Qwen3-32B", 8, [(problems[1], "layer.mlp.down"), (problems[2], "layer.attn.o_allreduce")])
     path = tmp_path / f"winners.{ext}"
-    assert store.export(path) == 3
+    assert store.export(path) == 4
 
     with Store(tmp_path / "copy.db") as copy:
-        assert copy.import_(path) == ImportReport(3, 0, [])
+        assert copy.import_(path) == ImportReport(4, 0, [])
         # floats, configs, times: exact; kept apart as imported
         assert copy.winners() == [replace(w, origin="imported") for w in store.winners()]
         assert copy.plan("Qwen3-32B", 8) == store.plan("Qwen3-32B", 8)
-        assert copy.import_(path) == ImportReport(0, 3, [])            # merging the same file again: no change
+        assert copy.import_(path) == ImportReport(0, 4, [])            # merging the same file again: no change
 
         # between imported records a faster one from another cluster's file wins; a slower one does not
         with Store(tmp_path / "other.db") as other:
