@@ -50,6 +50,10 @@ class KVCache:
         if self.sharded:
             if world.size < 2:
                 raise InputError(f"a KV cache sharded by sequence needs a world of 2 or more ranks, got {world.size}")
+            missing = {"tokens", "qkv", "kv", "heads"} - set(exchange or {})
+            if missing:
+                raise InputError(f"a KV cache sharded by sequence needs exchange= with {sorted(missing)} "
+                                 f"(the sizes its heap is carved for)")
             self.ranks, self.rank = world.size, world.rank
             self.capacity = SP.shard_capacity(max_len, world.size)
             slots = self.capacity + 1          # the spill slot

@@ -9,6 +9,7 @@ at bucket 1, two_step at bucket 2). The ranks' shards reassembled
 are TP 1's cache (each token once, every KV head); every lookup is planned; bad combinations are refused
 in one line. GPU (``-m gpu``): 2 processes sharing one GPU, CUDA-graph decode equal to eager decode."""
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from tuneforge.errors import InputError
 from tuneforge.kernels import decode_attention_sp as SP
 from tuneforge.kernels._common import launch_spec
 from tuneforge.models.configs import load_config
+from tuneforge.models.kv_cache import KVCache
 from tuneforge.models.loading import load_model
 from tuneforge.tune.plan import plan
 from tuneforge.world import spawn
@@ -167,6 +169,9 @@ def test_bad_combinations_are_refused_in_one_line(checkpoint, capsys):
     assert capsys.readouterr().err == ("tuneforge: error: --kv-shard sequence shards the KV cache over TP ranks: "
                                        "it needs --tp 2 or more\n")
     assert (SP.shard_capacity(64, 2), SP.shard_capacity(64, 8), SP.shard_capacity(100, 4)) == (32, 16, 32)
+    two_ranks = SimpleNamespace(size=2, rank=0)          # the sizes are checked before the world is used
+    with pytest.raises(InputError, match=r"needs exchange= with \['heads', 'kv', 'qkv', 'tokens'\]"):
+        KVCache(1, 1, 1, 8, 4, torch.float32, "cpu", world=two_ranks)
 
 
 def test_plan_has_both_kv_layouts_at_tp_above_1():

@@ -269,7 +269,9 @@ class DispatchTable:
         else:
             why = (f"no record for {problem.key} on {self.where} "
                    f"(tune it: tuneforge tune --model {self.model} --tp {self.tp})")
-        self.note(f"dispatch: {op} runs the torch baseline: {why}")
+        # a fusion without a winner yields to the ops it fuses, each dispatched on its own (Ops.normed)
+        instead = "the unfused ops, each as tuned" if op == "gemm_fused" else "the torch baseline"
+        self.note(f"dispatch: {op} runs {instead}: {why}")
 
 
 def environment(tp: int, target: Optional[str] = None) -> Environment:
