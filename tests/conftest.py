@@ -2,6 +2,9 @@
 `@pytest.mark.gpu` tests run only where a CUDA GPU is present (`pytest -m gpu`)."""
 import json
 import os
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import tuneforge  # noqa: F401  sets TRITON_INTERPRET=1 on GPU-less machines
 
@@ -118,12 +121,33 @@ def compile_for_sm90(module: str, kernels: list, types: dict) -> None:
     """Compile ``module``'s jitted ``kernels`` ([(name, constexprs)], arguments typed by ``types``, i32 by
     default) for sm_90 through triton.compile on a GPU target, in a subprocess (`import tuneforge` here
     runs kernels in the interpreter): PTX and cubin from Triton's ptxas, no GPU needed."""
-    import json
-    import subprocess
-    import sys
     pytest.importorskip("triton.backends.nvidia")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     r = subprocess.run([sys.executable, "-c", SM90_SCRIPT, json.dumps([module, kernels, types])],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split()[1::2] == [name for name, _ in kernels]
+
+
+# The dashboard tests' database (test_dashboard, test_dashboard_browser): one session fixture here, so
+# both modules share one pair of tuning runs.
+DASHBOARD_MODEL = "Qwen3-0.6B"
+DASHBOARD_TUNE_ARGS = ["--model", DASHBOARD_MODEL, "--buckets", "1,16", "--prefill-buckets", "512", "--trials", "8",
+                       "--no-verify", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def tuned_db(tmp_path_factory):
+    """A database filled by two real tuning runs (H100 x1 and H800 x8, both by the cost model)."""
+    path = tmp_path_factory.mktemp("dashboard_db") / "tuned.db"
+    url = f"sqlite:///{path}"
+    for extra in (["--target", "H100"], ["--target", "H800", "--tp", "8"]):
+        run = subprocess.run([sys.executable, "-m", "tuneforge.cli", "tune", *DASHBOARD_TUNE_ARGS, *extra,
+                              "--db", url], capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, f"tuneforge tune {' '.join(extra)} failed:\n{run.stdout}\n{run.stderr}"
+    from tuneforge.db.store import Store
+    store = Store(url, create=False)
+    envs = {e.gpu_name: e for e in store.environments()}
+    store.close()
+    assert set(envs) == {"H100", "H800"}, envs
+    return SimpleNamespace(url=url, path=path, h100=envs["H100"], h800=envs["H800"])

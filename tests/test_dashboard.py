@@ -19,7 +19,6 @@ import time
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -30,6 +29,7 @@ import optuna
 import pandas as pd
 from streamlit.testing.v1 import AppTest
 
+from conftest import DASHBOARD_MODEL
 from tuneforge.cli import main as tuneforge_main
 from tuneforge.dashboard import data
 from tuneforge.dashboard.cli import DEFAULT_PORT
@@ -41,25 +41,7 @@ from tuneforge.tune.plan import plan
 
 APP = Path(data.__file__).with_name("app.py")
 README = Path(__file__).resolve().parents[1] / "README.md"
-MODEL = "Qwen3-0.6B"
-TUNE_ARGS = ["--model", MODEL, "--buckets", "1,16", "--prefill-buckets", "512", "--trials", "8", "--no-verify",
-             "--quiet"]
-
-
-@pytest.fixture(scope="session")
-def tuned_db(tmp_path_factory):
-    """A database filled by two real tuning runs (H100 x1 and H800 x8, both by the cost model)."""
-    path = tmp_path_factory.mktemp("dashboard_db") / "tuned.db"
-    url = f"sqlite:///{path}"
-    for extra in (["--target", "H100"], ["--target", "H800", "--tp", "8"]):
-        run = subprocess.run([sys.executable, "-m", "tuneforge.cli", "tune", *TUNE_ARGS, *extra, "--db", url],
-                             capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, f"tuneforge tune {' '.join(extra)} failed:\n{run.stdout}\n{run.stderr}"
-    store = Store(url, create=False)
-    envs = {e.gpu_name: e for e in store.environments()}
-    store.close()
-    assert set(envs) == {"H100", "H800"}, envs
-    return SimpleNamespace(url=url, path=path, h100=envs["H100"], h800=envs["H800"])
+MODEL = DASHBOARD_MODEL   # the model conftest.tuned_db tunes
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from test_dashboard import recorded_in, tuned_db  # noqa: F401  (tuned_db: a database filled by the tuner)
+from test_dashboard import recorded_in
 from tuneforge.db.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,14 +180,14 @@ def serving(url: str, log: Path):
 
 
 @pytest.fixture(scope="module")
-def dashboard(tuned_db, tmp_path_factory):  # noqa: F811
+def dashboard(tuned_db, tmp_path_factory):
     """`tuneforge dashboard` over the tuned database; yields (base URL, the CLI's output so far)."""
     log = tmp_path_factory.mktemp("dashboard") / "dashboard.log"
     with serving(tuned_db.url, log) as base:
         yield base, log.read_text()
 
 
-def test_cli_prints_url_and_database(dashboard, tuned_db):  # noqa: F811
+def test_cli_prints_url_and_database(dashboard, tuned_db):
     base, output = dashboard
     assert f"database: {tuned_db.url}" in output
     assert f"dashboard: {base}" in output
@@ -214,7 +214,7 @@ def test_pages_render_without_errors(dashboard, tmp_path):
         browser.close()
 
 
-def test_metric_cards_show_their_titles_whole_with_four_devices(tuned_db, tmp_path):  # noqa: F811
+def test_metric_cards_show_their_titles_whole_with_four_devices(tuned_db, tmp_path):
     """Four devices side by side on the Overview: no card's title, value or delta is cut short."""
     with sqlite3.connect(tuned_db.path) as src, sqlite3.connect(tmp_path / "four.db") as dst:
         src.backup(dst)
