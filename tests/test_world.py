@@ -138,8 +138,8 @@ def test_spawn_kills_the_world_at_the_deadline():
     t = time.monotonic()
     # rank 0 normally finishes; on a crowded machine it may still be starting at the deadline
     with pytest.raises(TimeoutError, match=r"killed ranks \[(0, )?1\]"):
-        spawn(_hang_on_rank, 2, 1, timeout=15)
-    assert time.monotonic() - t < 35
+        spawn(_hang_on_rank, 2, 1, timeout=8)
+    assert time.monotonic() - t < 28
 
 
 @pytest.mark.gpu
