@@ -20,8 +20,6 @@ import math
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run as a script
 import tuneforge  # noqa: E402,F401  (sets TRITON_INTERPRET=1 without a GPU)
 from benchmarks.common import bench_device, print_table, write_results  # noqa: E402
