@@ -36,6 +36,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.dsl.comm import row_split
@@ -179,6 +180,10 @@ def default_config(problem: Problem, spec=None, strategy: Optional[str] = None) 
         raise InputError(f"{OP}: unknown strategy {strategy!r}; expected one of {STRATEGIES}")
     up, down = _gemm_problems(problem, strategy)
     tiles = MG.default_config(up, spec or launch_spec(torch.device("cpu"), persistent=False))
+    # both GEMMs share the tiles: none deeper or wider than the down GEMM's K (inter / world under tp) and
+    # output can use (moe_gemm's tile_exceeds_problem)
+    tiles["block_k"] = min(tiles["block_k"], max(16, triton.next_power_of_2(down["k"])))
+    tiles["block_n"] = min(tiles["block_n"], max(16, triton.next_power_of_2(down["n"])))
     cfg = {"strategy": strategy, **{key: tiles[key] for key in GEMM_KEYS}}
     if strategy == "tp":
         ar = AR.TEMPLATE.default_config(P.allreduce(problem.dtype, problem.world, problem["m"], problem["hidden"]),

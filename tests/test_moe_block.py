@@ -193,8 +193,12 @@ def test_space_has_each_strategy_with_its_own_parameters():
     with pytest.raises(ValueError, match="not active"):
         space.validate({**TP_ATOMIC, "form": "staged"})
     spec = SPECS["H800"]
-    for strategy in MB.STRATEGIES:
-        assert template.reject_reason(template.default_config(problem, spec, strategy), problem, spec) is None
+    # the default runs wherever its strategy fits, also where tp leaves the down GEMM a K (inter / world)
+    # narrower than the gate_up GEMM's tiles: 64 / 4 = 16, 48 / 2 = 24, 128 / 2 = 64
+    small = [P.moe_block("bf16", w, 4, 64, inter, 8, 2) for w, inter in ((4, 64), (2, 48), (2, 128))]
+    for p in (problem, *small):
+        for strategy in MB.STRATEGIES:
+            assert template.reject_reason(template.default_config(p, spec, strategy), p, spec) is None, (p, strategy)
     # a world that splits neither the experts nor the channels refuses the strategy, with the reason
     odd = P.moe_block("bf16", 3, 16, 64, 64, 8, 2)
     why = template.reject_reason(template.default_config(odd, spec, "tp"), odd, spec)
