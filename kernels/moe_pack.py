@@ -24,7 +24,10 @@ Three launches: ``_count`` (per chunk of ``block`` slots, its count per expert; 
 start in its expert's run, ``block_expert``, ``padded_count``; it reads the counts a
 [chunks, experts] tile at a time), ``_scatter`` (each slot's destination:
 its chunk's start plus its rank among the chunk's slots of that expert, a cumulative sum of the
-one-hot [block, experts] tile). The tuned parameters are the chunk size and the warps.
+one-hot [block, experts] tile). When every slot fits one chunk (decode: a few tokens x top_k), config
+``single`` runs the three as one program (``_pack_one``: one launch instead of three, the counts kept in
+registers; a barrier orders its sentinel fill before its scatter). The tuned parameters are the chunk
+size, the warps and ``single``.
 """
 from __future__ import annotations
 
@@ -98,20 +101,44 @@ def _buffer(out, topk_ids, num_experts, block_m) -> torch.Tensor:
 # --- the kernels -------------------------------------------------------------------------------------
 
 @triton.jit
+def _one_hot(ids_ptr, chunk, slots, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    """A chunk's slots, their expert ids (-1 past the end) and its one-hot [BLOCK, E_PAD] tile (an id
+    outside [0, E_PAD) matches no column; one in [experts, E_PAD) is masked by the caller)."""
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + offs, mask=offs < slots, other=-1).to(tl.int32)
+    return offs, ids, (ids[:, None] == tl.arange(0, E_PAD)[None, :]).to(tl.int32)
+
+
+@triton.jit
+def _fill_sentinel(sorted_ptr, start, stop, slots, FILL: tl.constexpr):
+    for i in range(start, stop, FILL):
+        fill = i + tl.arange(0, FILL)
+        tl.store(sorted_ptr + fill, tl.full([FILL], 0, tl.int32) + slots, mask=fill < stop)
+
+
+@triton.jit
+def _store_block_experts(end, e_ok, padded_count, block_expert_ptr, blocks, BLOCK_M: tl.constexpr,
+                         BLOCKS_TILE: tl.constexpr):
+    """A block's expert: how many experts' padded runs end at or before its first slot (-1 past the
+    padded count); ``end``: each expert's padded end (inclusive scan)."""
+    end = tl.where(e_ok, end, padded_count + 1)            # padding columns never count
+    for b0 in range(0, blocks, BLOCKS_TILE):
+        b = b0 + tl.arange(0, BLOCKS_TILE)
+        first = b * BLOCK_M
+        expert = tl.sum((end[None, :] <= first[:, None]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b, tl.where(first < padded_count, expert, -1), mask=b < blocks)
+
+
+@triton.jit
 def _count_kernel(ids_ptr, counts_ptr, sorted_ptr, slots, experts, padded, fill_per_program,
                   BLOCK: tl.constexpr, E_PAD: tl.constexpr, FILL: tl.constexpr):
     chunk = tl.program_id(0)
-    offs = chunk * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + offs, mask=offs < slots, other=-1).to(tl.int32)
+    offs, ids, hot = _one_hot(ids_ptr, chunk, slots, BLOCK, E_PAD)
     experts_range = tl.arange(0, E_PAD)
-    hot = (ids[:, None] == experts_range[None, :]).to(tl.int32)      # out-of-range ids match no column
     tl.store(counts_ptr + chunk * experts + experts_range, tl.sum(hot, axis=0), mask=experts_range < experts)
     # this program's share of the sentinel fill (_scatter, a later launch, overwrites the used slots)
     start = chunk * fill_per_program
-    for i in range(start, start + fill_per_program, FILL):
-        fill = i + tl.arange(0, FILL)
-        tl.store(sorted_ptr + fill, tl.full([FILL], 0, tl.int32) + slots,
-                 mask=(fill < start + fill_per_program) & (fill < padded))
+    _fill_sentinel(sorted_ptr, start, tl.minimum(start + fill_per_program, padded), slots, FILL)
 
 
 @triton.jit
@@ -139,27 +166,37 @@ def _offsets_kernel(counts_ptr, offsets_ptr, block_expert_ptr, padded_count_ptr,
         running += tl.sum(counts, axis=0)
     padded_count = tl.sum(padded, axis=0)
     tl.store(padded_count_ptr, padded_count)
-    # a block's expert: how many experts' padded runs end at or before its first slot
-    end = tl.where(e_ok, end, padded_count + 1)            # padding columns never count
-    for b0 in range(0, blocks, BLOCKS_TILE):
-        b = b0 + tl.arange(0, BLOCKS_TILE)
-        first = b * BLOCK_M
-        expert = tl.sum((end[None, :] <= first[:, None]).to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + b, tl.where(first < padded_count, expert, -1), mask=b < blocks)
+    _store_block_experts(end, e_ok, padded_count, block_expert_ptr, blocks, BLOCK_M, BLOCKS_TILE)
 
 
 @triton.jit
 def _scatter_kernel(ids_ptr, offsets_ptr, sorted_ptr, slots, experts,
                     BLOCK: tl.constexpr, E_PAD: tl.constexpr):
     chunk = tl.program_id(0)
-    offs = chunk * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + offs, mask=offs < slots, other=-1).to(tl.int32)
-    experts_range = tl.arange(0, E_PAD)
-    hot = (ids[:, None] == experts_range[None, :]).to(tl.int32)
+    offs, ids, hot = _one_hot(ids_ptr, chunk, slots, BLOCK, E_PAD)
     rank = tl.sum(tl.cumsum(hot, axis=0) * hot, axis=1) - 1          # earlier slots of the same expert
     valid = (ids >= 0) & (ids < experts)
     start = tl.load(offsets_ptr + chunk * experts + ids, mask=valid, other=0)
     tl.store(sorted_ptr + start + rank, offs, mask=valid)
+
+
+@triton.jit
+def _pack_one_kernel(ids_ptr, sorted_ptr, block_expert_ptr, padded_count_ptr, slots, experts, padded, blocks,
+                     BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, FILL: tl.constexpr,
+                     BLOCKS_TILE: tl.constexpr):
+    """All three launches' work in one program, for ``slots <= BLOCK``: the counts stay in registers."""
+    offs, ids, hot = _one_hot(ids_ptr, 0, slots, BLOCK, E_PAD)
+    e_ok = tl.arange(0, E_PAD) < experts
+    runs = (tl.where(e_ok, tl.sum(hot, axis=0), 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(runs, axis=0)
+    rank = tl.sum(tl.cumsum(hot, axis=0) * hot, axis=1) - 1
+    dest = tl.sum(hot * (end - runs)[None, :], axis=1) + rank           # its expert's start + its rank
+    _fill_sentinel(sorted_ptr, 0, padded, slots, FILL)
+    tl.debug_barrier()                                     # the fill's stores land before the scatter's
+    tl.store(sorted_ptr + dest, offs, mask=(ids >= 0) & (ids < experts))
+    padded_count = tl.sum(runs, axis=0)
+    tl.store(padded_count_ptr, padded_count)
+    _store_block_experts(end, e_ok, padded_count, block_expert_ptr, blocks, BLOCK_M, BLOCKS_TILE)
 
 
 def pack(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, out: Optional[torch.Tensor] = None,
@@ -175,13 +212,20 @@ def pack(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, out: Optiona
     e_pad = triton.next_power_of_2(num_experts)
     chunks = max(1, triton.cdiv(slots, cfg["block"]))
     ids = topk_ids.contiguous().view(-1)       # the kernels index it densely (a strided column would not be)
+    blocks = padded // block_m
+    tile = lambda n: max(1, min(triton.next_power_of_2(n), MAX_TILE_ELEMENTS // e_pad))  # noqa: E731
+    if cfg.get("single"):       # (a config stored before ``single`` existed ran three launches)
+        if chunks > 1:
+            raise InputError(f"{OP}: config single=1 packs in one program: {slots} slots > block {cfg['block']}")
+        _pack_one_kernel[(1,)](ids, packed.sorted_ids, packed.block_expert, packed.padded_count, slots,
+                               num_experts, padded, blocks, BLOCK_M=block_m, BLOCK=cfg["block"], E_PAD=e_pad,
+                               FILL=_FILL, BLOCKS_TILE=tile(blocks), num_warps=cfg["num_warps"])
+        return packed
     counts = torch.empty(chunks, num_experts, dtype=torch.int32, device=buf.device)
     offsets = torch.empty_like(counts)
     fill = triton.cdiv(padded, chunks)
     _count_kernel[(chunks,)](ids, counts, packed.sorted_ids, slots, num_experts, padded, fill,
                              BLOCK=cfg["block"], E_PAD=e_pad, FILL=_FILL, num_warps=cfg["num_warps"])
-    blocks = padded // block_m
-    tile = lambda n: max(1, min(triton.next_power_of_2(n), MAX_TILE_ELEMENTS // e_pad))  # noqa: E731
     _offsets_kernel[(1,)](counts, offsets, packed.block_expert, packed.padded_count, chunks, num_experts, blocks,
                           BLOCK_M=block_m, E_PAD=e_pad, CHUNKS_TILE=tile(chunks), BLOCKS_TILE=tile(blocks),
                           num_warps=4)
@@ -224,21 +268,25 @@ def reference(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, out: Op
 # --- the template -------------------------------------------------------------------------------------
 
 def default(slots: int, experts: int) -> dict:
-    """Chunks of up to 256 slots (fewer when the one-hot tile of many experts would spill)."""
+    """Chunks of up to 256 slots (fewer when the one-hot tile of many experts would spill); one program
+    (``single``) where they all fit one chunk."""
     e_pad = triton.next_power_of_2(experts)
     block = max(16, min(256, triton.next_power_of_2(max(1, slots)), MAX_TILE_ELEMENTS // e_pad))
-    return {"block": block, "num_warps": max(1, min(8, block * e_pad // 2048))}
+    return {"block": block, "num_warps": max(1, min(8, block * e_pad // 2048)), "single": int(slots <= block)}
 
 
 def space(problem: Problem) -> Space:
     slots = problem["m"] * problem["topk"]
     return Space(pow2("block", 16, max(16, min(1024, triton.next_power_of_2(slots)))),
-                 categorical("num_warps", (1, 2, 4, 8)))
+                 categorical("num_warps", (1, 2, 4, 8)), categorical("single", (0, 1)))
 
 
 def tile_fits(config: dict, problem: Problem, spec) -> Optional[str]:
     if problem["topk"] > problem["experts"]:       # a router picks distinct experts
         return f"topk {problem['topk']} > {problem['experts']} experts"
+    slots = problem["m"] * problem["topk"]
+    if config["single"] and slots > config["block"]:
+        return f"single packs in one program: {slots} slots > block {config['block']}"
     elements = config["block"] * triton.next_power_of_2(problem["experts"])
     if elements > 2 * MAX_TILE_ELEMENTS:
         return f"one-hot tile {config['block']}x{problem['experts']} experts > {2 * MAX_TILE_ELEMENTS} elements"

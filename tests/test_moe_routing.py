@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+import triton
 
 from tuneforge.dsl import Problem, check, compare, get, poison
 from tuneforge.errors import InputError
@@ -198,6 +199,9 @@ def test_pack_matches_reference_and_stable_argsort(experts, top_k):
         if top_k < experts // 2:
             assert (load == 0).any() and load[-1] == 1
         assert_packed(ids, experts, block_m, config={"block": 16, "num_warps": 1})     # several chunks
+        one_chunk = max(16, triton.next_power_of_2(tokens * top_k))
+        for single in (0, 1):                          # one chunk: three launches, or one program
+            assert_packed(ids, experts, block_m, config={"block": one_chunk, "num_warps": 4, "single": single})
         assert int(packed.padded_count) % block_m == 0
 
 
@@ -205,6 +209,8 @@ def test_pack_drops_out_of_range_ids_and_handles_zero_tokens():
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(-2, 10, (37, 3), generator=g, dtype=torch.int32)     # -2, -1, 8, 9: not this rank's
     packed = assert_packed(ids, 8, 16, config={"block": 32, "num_warps": 2})
+    assert_packed(ids, 8, 16, config={"block": 128, "num_warps": 2, "single": 1})
+    assert_packed(ids, 6, 16, config={"block": 128, "num_warps": 2, "single": 1})   # ids 6, 7: E_PAD 8's padding
     valid = ((ids >= 0) & (ids < 8)).sum().item()
     assert (packed.sorted_ids < ids.numel()).sum().item() == valid
     assert_packed(ids.long(), 8, 16)                                         # any int dtype
@@ -222,6 +228,8 @@ def test_max_padded_and_pack_errors():
         (lambda: mp.pack(ids[0], 8, 16), r"topk_ids must be a 2-D \[tokens, top_k\] tensor, got \(2,\)"),
         (lambda: mp.pack(ids, 8, 24), r"block_m must be a power of two >= 1, got 24"),
         (lambda: mp.pack(ids, 0, 16), r"num_experts must be an int >= 1, got 0"),
+        (lambda: mp.pack(ids, 8, 16, config={"block": 8, "num_warps": 1, "single": 1}),
+         r"config single=1 packs in one program: 10 slots > block 8"),
         (lambda: mp.pack(ids, 8, 16, out=torch.empty(153, dtype=torch.int32)),
          r"out must be a contiguous int32 \[154\] tensor on cpu \(buffer_size\(5, 2, 8, 16\)\)"),
     ]
