@@ -33,7 +33,7 @@ from tuneforge.db.records import (Winner, add_plan, env_difference, env_from_row
                                   problem_order, stale_reason, upsert_winner, winner_from_rows)
 from tuneforge.db.schema import SCHEMA_VERSION, EnvironmentRow, ModelProblemRow, ProblemRow, WinnerRow
 from tuneforge.db.transfer import ImportReport, file_format, frame, import_refusal, read_export, write_export
-from tuneforge.dsl.problem import DEFAULT_BUCKETS, Problem, bucket
+from tuneforge.dsl.problem import DEFAULT_BUCKETS, Problem, serving_bucket
 from tuneforge.errors import DatabaseError, InputError
 
 log = logging.getLogger("tuneforge.db")
@@ -177,8 +177,9 @@ class Store:
              buckets: Optional[Sequence[int]] = DEFAULT_BUCKETS) -> Optional[Winner]:
         """The winner that serves ``problem`` in ``env``: the exact shape if tuned, else the tuned
         bucket (a tuned m in ``buckets``; all tuned m if ``buckets`` is None) that serves its token
-        count: the smallest tuned bucket >= m, else the largest. Records with another template hash
-        than ``template_hash``, or under an edited environment row, are stale: logged, never returned."""
+        count: the smallest tuned bucket >= m (``serving_bucket``: None above every one). Records with
+        another template hash than ``template_hash``, or under an edited environment row, are stale:
+        logged, never returned."""
         q = (self._select_winners().where(ProblemRow.family == family(problem),
                                           WinnerRow.fingerprint == env.fingerprint))
         with self._read() as s:
@@ -196,8 +197,8 @@ class Store:
             return by_m[m]
         if m is None:
             return None
-        tuned = [t for t in by_m if t is not None and (buckets is None or t in buckets)]
-        return by_m[bucket(m, tuned)] if tuned else None
+        served = serving_bucket(m, [t for t in by_m if t is not None and (buckets is None or t in buckets)])
+        return None if served is None else by_m[served]
 
     def environments(self) -> list[Environment]:
         """The trusted environments (an edited row, whose fields no longer hash to its fingerprint, is left out)."""

@@ -53,8 +53,12 @@ def test_tuned_record_serves_exact_and_nearest_bucket(store, caplog):
     assert table.lookup("gemm", gemm_problem(16))["group_m"] == 4
     assert table.lookup("gemm", gemm_problem(5))["group_m"] == 4       # smallest tuned bucket >= 5
     assert table.lookup("gemm", gemm_problem(33))["group_m"] == 8
-    assert table.lookup("gemm", gemm_problem(4096))["group_m"] == 8    # beyond every bucket: the largest
     assert warnings_for(caplog) == []
+    # beyond every tuned bucket: the torch baseline (a 64-row config says nothing about 4096 rows)
+    assert table.lookup("gemm", gemm_problem(4096)) is None
+    assert warnings_for(caplog) == ["dispatch: gemm runs the torch baseline: tuned up to m=64, not for m=4096 "
+                                    f"({gemm_problem(4096).key}; a bucket >= 4096: tuneforge tune --model "
+                                    "Qwen3-32B --tp 1 --buckets / --prefill-buckets)"]
     # the same shape in another dtype, or another n, is another problem: not tuned
     assert table.lookup("gemm", Problem.make("gemm", "fp16", m=16, n=128, k=64)) is None
     assert table.lookup("gemm", gemm_problem(16, n=256)) is None

@@ -259,6 +259,18 @@ def test_an_exhausted_budget_still_tries_the_default_config_of_every_problem(tin
     store.close()
 
 
+def test_a_spent_total_budget_skips_the_problems_left_and_stores_nothing_for_them(tiny_config, tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'spent.db'}")
+    p = plan(tiny_config, 1, decode_buckets=[1], prefill_buckets=[])
+    report = Tuner(store, TuneOptions(target="H100", trials=50, budget_s=1e-9, progress=None)).tune(p)
+    skipped = [r for r in report.rows if r.status == "skipped"]
+    assert len(skipped) == len(p.tunable) and all(r.config is None and r.n_trials == 0 for r in skipped)
+    assert skipped[0].note == "budget 0s spent: runs the torch baseline"
+    assert report.to_dict()["skipped"] == len(p.tunable) and report.to_dict()["tuned"] == 0
+    assert store.winners() == []
+    store.close()
+
+
 def _row(key: str, config: dict, source: str = "predicted") -> Row:
     p = Problem.from_key(key)
     return Row(key, p.op, ["layer.attn.decode", "layer.other_role"], "tuned", config, 1.2e-5, 2.5e-5, 2.08, 51.0,

@@ -26,7 +26,7 @@ import torch
 
 import tuneforge
 from tuneforge.db.environment import Environment
-from tuneforge.dsl.problem import DEFAULT_BUCKETS, Problem, bucket
+from tuneforge.dsl.problem import DEFAULT_BUCKETS, Problem, serving_bucket
 from tuneforge.errors import InputError
 
 log = logging.getLogger("tuneforge.engine")
@@ -218,7 +218,7 @@ class DispatchTable:
 
     def lookup(self, op: str, problem: Problem) -> Optional[dict]:
         """The tuned config for ``problem`` (the exact token count if tuned, else the tuned bucket that
-        serves it: the smallest >= m, else the largest), or None: run the torch baseline."""
+        serves it: the smallest >= m, ``serving_bucket``), or None: run the torch baseline."""
         if problem.op != op:
             raise InputError(f"dispatch lookup for op {op!r} got a {problem.op!r} problem ({problem.key})")
         config = self._find(problem)
@@ -239,9 +239,9 @@ class DispatchTable:
         if by_m:
             if m in by_m:
                 return by_m[m]
-            tuned = [t for t in by_m if self.buckets is None or t in self.buckets]
-            if tuned:
-                return by_m[bucket(m, tuned)]
+            served = serving_bucket(m, [t for t in by_m if self.buckets is None or t in self.buckets])
+            if served is not None:
+                return by_m[served]
         return None
 
     def fall_back(self, op: str, problem: Problem, config: dict, why: str) -> None:
@@ -266,6 +266,10 @@ class DispatchTable:
                       f"ops without a winner in {problem.dtype} run the torch baseline (pass --dtype "
                       f"{self._dtypes[0]})")
             return
+        elif self._configs.get(family(problem)):
+            most = max(self._configs[family(problem)])
+            why = (f"tuned up to m={most}, not for m={problem['m']} ({problem.key}; a bucket >= {problem['m']}: "
+                   f"tuneforge tune --model {self.model} --tp {self.tp} --buckets / --prefill-buckets)")
         else:
             why = (f"no record for {problem.key} on {self.where} "
                    f"(tune it: tuneforge tune --model {self.model} --tp {self.tp})")

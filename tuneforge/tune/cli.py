@@ -60,7 +60,7 @@ def register(subparsers) -> None:
                                     "default: this GPU, or H100 by the cost model without one")
     p.add_argument("--backend", choices=("measure", "costmodel"),
                    help="force measuring (needs the target's GPU here) or the cost model")
-    p.add_argument("--budget", type=_argument(parse_duration), help="total wall-clock budget, e.g. 20m, 1h, 90s")
+    p.add_argument("--budget", type=_argument(parse_duration), help="total wall-clock budget, e.g. 20m, 1h, 90s (problems reached once it is spent are skipped)")
     p.add_argument("--problem-budget", type=_argument(parse_duration),
                    help="wall-clock budget for any one problem, e.g. 30s (at least one config is always tried)")
     p.add_argument("--trials", type=int, help="configs evaluated per problem (default 40 measured, 16 predicted)")
@@ -122,7 +122,9 @@ def cmd_tune(args) -> int:
     print(format_table(report, wide=args.wide))
     d = report.to_dict()
     print(f"{d['tuned']} problems tuned ({d['kernel_winners']} won by a kernel, the rest by the torch baseline), "
-          f"{d['baseline_only']} baseline-only, {len(report.rows) - d['tuned'] - d['baseline_only']} failed, "
+          f"{d['baseline_only']} baseline-only, "
+          + (f"{d['skipped']} skipped (budget spent: raise --budget), " if d["skipped"] else "")
+          + f"{len(report.rows) - d['tuned'] - d['baseline_only'] - d['skipped']} failed, "
           f"in {report.elapsed_s:.1f}s; {d['n_trials']} trials (+{d['rejected']} rejected), {d['new_trials']} new; "
           f"{d['verifications_run']} configs verified under the interpreter; environment {report.fingerprint}")
     if args.summary_json:

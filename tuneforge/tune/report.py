@@ -18,7 +18,7 @@ class Row:
     problem: str
     op: str
     roles: list
-    status: str                     # tuned | baseline-only | no-winner
+    status: str                     # tuned | baseline-only | skipped (budget spent) | no-winner
     config: Optional[dict]
     time_s: Optional[float]
     baseline_s: Optional[float]
@@ -62,6 +62,7 @@ class Report:
                 "elapsed_s": round(self.elapsed_s, 3),
                 "problems": self.plan_size, "tuned": len(tuned), "kernel_winners": len(beat),
                 "baseline_only": sum(r.status == "baseline-only" for r in self.rows),
+                "skipped": sum(r.status == "skipped" for r in self.rows),
                 "n_trials": sum(r.n_trials for r in self.rows), "new_trials": sum(r.new_trials for r in self.rows),
                 "rejected": sum(r.rejected for r in self.rows), "verifications_run": self.verifications_run,
                 "rows": [dict(problem=r.problem, op=r.op, roles=r.roles, status=r.status, winner=r.winner,
@@ -112,6 +113,8 @@ def trials_text(n_trials: int, rejected: int, new: int) -> str:
 def progress_text(r: Row) -> str:
     if r.status == "baseline-only":
         return "baseline-only (no template)"
+    if r.status == "skipped":
+        return f"skipped: {r.note}"
     if r.status != "tuned":
         return f"NO WINNER: {r.note}"
     return (f"{trials_text(r.n_trials, r.rejected, r.new_trials)}: {describe_config(r.config)} "
@@ -160,6 +163,8 @@ def _table_line(cells, widths, left: int) -> str:
 
 
 def _winner_cell(r: Row) -> str:
+    if r.status == "skipped":
+        return f"skipped: {r.note}"
     return f"FAILED: {r.note}" if r.status == "no-winner" else r.winner
 
 

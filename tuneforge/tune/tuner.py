@@ -19,7 +19,9 @@ For every planned problem with a template:
    worlds of processes as possible, after every problem was searched.
 
 Budgets: ``trials`` per problem (evaluated configs; rejected ones come on top, up to a cap) and
-``budget_s`` in total, shared out over the problems still to tune. Multi-rank problems are measured
+``budget_s`` in total, shared out over the problems still to tune; a problem reached once it is spent
+is skipped (not tuned: dispatch runs its torch baseline), so a tune ends within one problem's search
+of its budget. Multi-rank problems are measured
 only where this machine has a GPU per rank; otherwise (and for every problem under the cost model)
 their times are predicted and stored as source "predicted" in the target's predicted environment.
 The rows, the report and the table are tuneforge.tune.report's.
@@ -184,12 +186,16 @@ class Tuner:
         done_tunable = 0
         for i, item in enumerate(plan.items, 1):
             t0 = time.monotonic()
+            left = None if self.options.budget_s is None else self.options.budget_s - (time.monotonic() - start)
             if item.baseline_only:
                 rows.append(self._baseline_only_row(item))
+            elif left is not None and left <= 0:      # the budget is a promise: the rest stay untuned
+                rows.append(Row(item.key, item.problem.op, list(item.roles), "skipped", None, None, None, None,
+                                None, "measured" if self.measurable(item.problem) else "predicted",
+                                note=f"budget {self.options.budget_s:.0f}s spent: runs the torch baseline"))
             else:
                 deadline = None
-                if self.options.budget_s is not None:
-                    left = self.options.budget_s - (time.monotonic() - start)
+                if left is not None:
                     share = max(MIN_PROBLEM_S, left / max(1, len(todo) - done_tunable))
                     deadline = time.monotonic() + share
                 if self.options.problem_budget_s is not None:
