@@ -36,7 +36,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.dsl.comm import row_split
@@ -179,11 +178,12 @@ def default_config(problem: Problem, spec=None, strategy: Optional[str] = None) 
     if strategy not in STRATEGIES:
         raise InputError(f"{OP}: unknown strategy {strategy!r}; expected one of {STRATEGIES}")
     up, down = _gemm_problems(problem, strategy)
-    tiles = MG.default_config(up, spec or launch_spec(torch.device("cpu"), persistent=False))
-    # both GEMMs share the tiles: none deeper or wider than the down GEMM's K (inter / world under tp) and
-    # output can use (moe_gemm's tile_exceeds_problem)
-    tiles["block_k"] = min(tiles["block_k"], max(16, triton.next_power_of_2(down["k"])))
-    tiles["block_n"] = min(tiles["block_n"], max(16, triton.next_power_of_2(down["n"])))
+    spec = spec or launch_spec(torch.device("cpu"), persistent=False)
+    tiles, down_tiles = MG.default_config(up, spec), MG.default_config(down, spec)
+    # both GEMMs share the tiles: none deeper or wider than either GEMM's own default (the down GEMM's K
+    # is inter / world under tp)
+    for key in ("block_k", "block_n"):
+        tiles[key] = min(tiles[key], down_tiles[key])
     cfg = {"strategy": strategy, **{key: tiles[key] for key in GEMM_KEYS}}
     if strategy == "tp":
         ar = AR.TEMPLATE.default_config(P.allreduce(problem.dtype, problem.world, problem["m"], problem["hidden"]),
