@@ -283,3 +283,16 @@ def test_decode_attention_is_served_by_the_bucket_of_its_cache_length(store):
         mask = DA.valid_slots_mask(positions, length, q.dtype)
         torch.testing.assert_close(ops.decode_attention(q, k, v, positions, mask), DA.sdpa(q, k, v, mask),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_an_untuned_moe_gemm_runs_its_kernel_default_not_the_host_syncing_loop(store, caplog):
+    """moe_gemm's baseline (transformers' per-expert loop) reads the routing back to the host: a tuned
+    table without its winner serves the kernel's default config; other ops keep the torch baseline."""
+    store.record_winner(winner(gemm_problem(1), H100, cfg(1)))
+    ops = Ops("tuned", DispatchTable.load(store, H100, "Qwen3-30B-A3B", 1))
+    moe = Problem.make("moe_gemm", "bf16", m=32, n=1536, k=2048, experts=128, topk=8, act=1)
+    assert ops.choice(moe) == {}                                   # LAUNCHER_DEFAULT
+    assert ops.choice(gemm_problem(64)) is None                    # above m=1: the baseline
+    said = [w for w in warnings_for(caplog) if w.startswith("dispatch: moe_gemm")]
+    assert said and said[0].startswith("dispatch: moe_gemm runs its Triton kernel at the default config, not the "
+                                       "torch baseline (its baseline (transformers' per-expert loop) reads the routing")

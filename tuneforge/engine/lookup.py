@@ -4,7 +4,8 @@ for it; ``dispatch.Ops`` asks ``choose``).
 A call's config is one of three states, named here: ``BASELINE`` (None: the op's torch baseline),
 ``LAUNCHER_DEFAULT`` (``{}``: the Triton kernel at its launcher's own default config) or a stored
 config (a non-empty dict). ``MODES``: ``tuned`` (configs from a ``DispatchTable``; misses run the
-baseline), ``baseline`` (torch everywhere) or ``default`` (every Triton kernel at its default).
+baseline, or the default config where the op's template says why its baseline must not serve),
+``baseline`` (torch everywhere) or ``default`` (every Triton kernel at its default).
 
 ``DispatchTable.load`` reads the database once, at engine start, into a dict; ``lookup`` is then a
 dictionary walk (no SQL on the hot path). Loading says in one line what the table holds (or why it
@@ -55,7 +56,16 @@ def choose(mode: str, table: Optional["DispatchTable"], problem: Problem) -> Opt
     if mode == "default":
         return LAUNCHER_DEFAULT
     config = table.lookup(problem.op, problem)
+    if config is None and _untuned_runs_default(problem.op):
+        return LAUNCHER_DEFAULT
     return BASELINE if config is None or config.get("baseline") else config
+
+
+def _untuned_runs_default(op: str) -> str:
+    """Why ``op`` without a winner runs its kernel's default config ('' : it runs the torch baseline)."""
+    from tuneforge.dsl.template import _REGISTRY
+    template = _REGISTRY.get(op)
+    return template.untuned_runs_default if template is not None else ""
 
 
 def family(problem: Problem) -> tuple:
@@ -275,6 +285,8 @@ class DispatchTable:
                    f"(tune it: tuneforge tune --model {self.model} --tp {self.tp})")
         # a fusion without a winner yields to the ops it fuses, each dispatched on its own (Ops.normed)
         instead = "the unfused ops, each as tuned" if op == "gemm_fused" else "the torch baseline"
+        if _untuned_runs_default(op):
+            instead = f"its Triton kernel at the default config, not the torch baseline ({_untuned_runs_default(op)})"
         self.note(f"dispatch: {op} runs {instead}: {why}")
 
 
