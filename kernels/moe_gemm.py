@@ -421,6 +421,4 @@ def cost(problem: Problem, config: Optional[dict], spec: DeviceSpec) -> float:
 TEMPLATE = register(Template(
     op=OP, space=space, make_inputs=make_inputs, launch=_launch, reference=_reference, baseline=_baseline,
     default_config=default_config, work=work, cost=cost, constraints=CONSTRAINTS,
-    doc="grouped expert GEMM over moe_pack's blocks: gathered rows, fused silu_mul or weighted combine",
-    untuned_runs_default="its baseline (transformers' per-expert loop) reads the routing back to the host: "
-                         "no CUDA graph, 57-111x slower decode on an H200"))
+    doc="grouped expert GEMM over moe_pack's blocks: gathered rows, fused silu_mul or weighted combine"))

@@ -70,8 +70,8 @@ def test_missing_records_fall_back_with_one_warning_per_op(store, caplog):
     caplog.set_level(logging.WARNING, "tuneforge.engine")
     for m in (1, 2, 3, 500):
         assert ops.config("gemm", torch.bfloat16, m=m, n=999, k=64) is None
-        assert ops.config("rmsnorm", torch.bfloat16, m=m, n=64) is None
-        assert ops.config("silu_mul", torch.bfloat16, m=m, n=64) is None
+        assert ops.config("rmsnorm", torch.bfloat16, m=m, n=64) == {}      # row ops: their kernels' defaults
+        assert ops.config("silu_mul", torch.bfloat16, m=m, n=64) == {}
     assert ops.config("gemm", torch.bfloat16, m=16, n=128, k=64) == cfg(1)
     lines = warnings_for(caplog)
     assert len(lines) == 3, lines
@@ -285,14 +285,18 @@ def test_decode_attention_is_served_by_the_bucket_of_its_cache_length(store):
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_an_untuned_moe_gemm_runs_its_kernel_default_not_the_host_syncing_loop(store, caplog):
+def test_an_untuned_moe_gemm_runs_its_kernel_default_not_the_host_syncing_loop(store, caplog, tmp_path):
     """moe_gemm's baseline (transformers' per-expert loop) reads the routing back to the host: a tuned
     table without its winner serves the kernel's default config; other ops keep the torch baseline."""
     store.record_winner(winner(gemm_problem(1), H100, cfg(1)))
     ops = Ops("tuned", DispatchTable.load(store, H100, "Qwen3-30B-A3B", 1))
     moe = Problem.make("moe_gemm", "bf16", m=32, n=1536, k=2048, experts=128, topk=8, act=1)
     assert ops.choice(moe) == {}                                   # LAUNCHER_DEFAULT
-    assert ops.choice(gemm_problem(64)) is None                    # above m=1: the baseline
+    assert ops.choice(Problem.make("rmsnorm", "bf16", m=4, n=2048)) == {}     # a row op: its default too
+    assert ops.choice(gemm_problem(64)) is None                    # above m=1: the baseline (cuBLAS)
+    assert ops.table.fallbacks == ["gemm"]                         # what ran the baseline, said by bench_e2e
+    assert Ops("tuned", DispatchTable.load(Store(f"sqlite:///{tmp_path / 'empty.db'}"), H100, "m", 1)).choice(moe) \
+        is None                                                    # nothing tuned: every op the baseline, as said
     said = [w for w in warnings_for(caplog) if w.startswith("dispatch: moe_gemm")]
     assert said and said[0].startswith("dispatch: moe_gemm runs its Triton kernel at the default config, not the "
                                        "torch baseline (its baseline (transformers' per-expert loop) reads the routing")

@@ -58,9 +58,6 @@ class Template:
     module: str = ""
     # configs the tuner tries first, after the default (a curated portfolio; None: the default only)
     seeds: Optional[Callable[[Problem, Any], list]] = None
-    # why tuned dispatch runs the kernel at its default config, not the torch baseline, for a problem
-    # without a winner (a baseline no engine should serve with: one that breaks CUDA graphs); "" : baseline
-    untuned_runs_default: str = ""
 
     def __post_init__(self):
         if not self.module:
