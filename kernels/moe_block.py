@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -284,7 +285,9 @@ def _chunks(m: int, ctx, chunks: int) -> list[tuple[int, int, int]]:
     return [(row0 + a, n, cap) for (a, n), (_, cap) in zip(row_split(rows, chunks), row_split(largest, chunks))]
 
 
-_READY: set = set()       # (context, shape, config) keys whose kernels a first, unoverlapped call loaded
+# per context (weakly: a new context never inherits a freed one's entries by address), the (shape,
+# config) keys whose kernels a first, unoverlapped call loaded
+_READY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _ep(x, topk_ids, topk_weights, gate_up, down, ctx, experts, sub, out) -> torch.Tensor:
@@ -295,13 +298,14 @@ def _ep(x, topk_ids, topk_weights, gate_up, down, ctx, experts, sub, out) -> tor
 def _ep_rows(x, topk_ids, topk_weights, gate_up, down, ctx, experts, sub, experts_fn=None) -> torch.Tensor:
     """This rank's rows of the ep layer: dispatch, ``experts_fn`` (default ``local_experts``), combine,
     chunk by chunk (overlapped on a side stream once warm, see the module doc)."""
-    key = (id(ctx), tuple(x.shape), tuple(topk_ids.shape), x.dtype, tuple(sorted(sub["a2a"].items())),
+    key = (tuple(x.shape), tuple(topk_ids.shape), x.dtype, tuple(sorted(sub["a2a"].items())),
            sub["chunks"], experts_fn is None)
+    ready = _READY.setdefault(ctx, set())
     experts_fn = experts_fn or (lambda d: local_experts(d, gate_up, down, sub))
     pieces = _chunks(x.shape[0], ctx, sub["chunks"])
     row0 = pieces[0][0]
     mine = torch.empty((sum(n for _, n, _ in pieces), x.shape[1]), dtype=x.dtype, device=x.device)
-    side = x.is_cuda and len(pieces) > 1 and key in _READY
+    side = x.is_cuda and len(pieces) > 1 and key in ready
     main = torch.cuda.current_stream(x.device) if side else None
     comm = _comm_stream(x.device) if side else None
 
@@ -334,7 +338,7 @@ def _ep_rows(x, topk_ids, topk_weights, gate_up, down, ctx, experts, sub, expert
         on_comm(back)
     if side:
         main.wait_stream(comm)
-    _READY.add(key)
+    ready.add(key)
     return mine
 
 
