@@ -82,6 +82,9 @@ def register(subparsers) -> None:
 
 def cmd_tune(args) -> int:
     import os
+    import time
+
+    started = time.monotonic()      # --budget counts the set-up (the GPU, the database) too
 
     from tuneforge.db.store import Store, default_url, display_url, normalize_url
     from tuneforge.tune.plan import plan as make_plan
@@ -107,7 +110,7 @@ def cmd_tune(args) -> int:
     store = Store(url)
     try:
         options = TuneOptions(target=args.target, backend=args.backend, trials=args.trials, budget_s=args.budget,
-                              problem_budget_s=args.problem_budget,
+                              started=started, problem_budget_s=args.problem_budget,
                               seed=args.seed, verify=not args.no_verify,
                               progress=None if args.quiet else sys.stderr)
         tuner = Tuner(store, options)

@@ -63,6 +63,7 @@ class TuneOptions:
     backend: Optional[str] = None         # "measure" | "costmodel" | None: measure where the target is local
     trials: Optional[int] = None          # evaluated configs per problem (default by backend)
     budget_s: Optional[float] = None      # wall-clock budget for the whole plan
+    started: Optional[float] = None       # time.monotonic() the budget counts from (None: tune()'s start)
     problem_budget_s: Optional[float] = None   # and for any one problem
     seed: int = 0
     tie_tolerance: float = 0.02
@@ -174,7 +175,7 @@ class Tuner:
 
     # ---------------------------------------------------------------------- the plan
     def tune(self, plan: Plan) -> Report:
-        start = time.monotonic()
+        start = time.monotonic() if self.options.started is None else self.options.started
         tp = plan.tp
         run_env = self.env(tp, self.backend == "measure")
         self.store.add_plan(plan.model, plan.tp, plan.pairs())
