@@ -300,3 +300,9 @@ def test_an_untuned_moe_gemm_runs_its_kernel_default_not_the_host_syncing_loop(s
     said = [w for w in warnings_for(caplog) if w.startswith("dispatch: moe_gemm")]
     assert said and said[0].startswith("dispatch: moe_gemm runs its Triton kernel at the default config, not the "
                                        "torch baseline (its baseline (transformers' per-expert loop) reads the routing")
+
+
+def test_default_dispatch_runs_every_kernel_at_its_default_but_no_fusion():
+    ops = Ops("default")
+    assert ops.choice(gemm_problem(1)) == {}
+    assert ops.choice(Problem.make("gemm_fused", "bf16", m=1, n=128, k=64, norm=1, epi=0)) is None   # unfused

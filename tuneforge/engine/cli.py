@@ -31,8 +31,9 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", metavar="URL", help="tuning database URL or SQLite path (default: $TUNEFORGE_DB "
                                                "or ~/.local/share/tuneforge/tuneforge.db)")
     p.add_argument("--dispatch", choices=MODES, default="tuned",
-                   help="tuned: winners from the database, torch baseline where none (default); baseline: "
-                        "torch everywhere; default: every Triton kernel with its default config")
+                   help="tuned: winners from the database; without one the torch baseline (the row ops, decode "
+                        "attention and MoE kernels: their default configs) (default); baseline: torch everywhere; "
+                        "default: every Triton kernel with its default config, the GEMM fusions off")
     p.add_argument("--allow-predicted", action="store_true",
                    help="let cost-model predictions serve (on a CPU-only machine the table is the prediction "
                         "for --target)")

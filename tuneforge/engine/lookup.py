@@ -5,7 +5,8 @@ A call's config is one of three states, named here: ``BASELINE`` (None: the op's
 ``LAUNCHER_DEFAULT`` (``{}``: the Triton kernel at its launcher's own default config) or a stored
 config (a non-empty dict). ``MODES``: ``tuned`` (configs from a ``DispatchTable``; misses run the
 baseline, or the kernel's default config for the ops of ``UNTUNED_RUNS_DEFAULT``),
-``baseline`` (torch everywhere) or ``default`` (every Triton kernel at its default).
+``baseline`` (torch everywhere) or ``default`` (every Triton kernel at its default; the fusions of
+``TUNED_ONLY`` left to the unfused ops).
 
 ``DispatchTable.load`` reads the database once, at engine start, into a dict; ``lookup`` is then a
 dictionary walk (no SQL on the hot path). Loading says in one line what the table holds (or why it
@@ -53,13 +54,18 @@ def choose(mode: str, table: Optional["DispatchTable"], problem: Problem) -> Opt
     """The config ``mode`` serves ``problem`` with (a tuned winner that is the baseline: ``BASELINE``)."""
     if mode == "baseline":
         return BASELINE
-    if mode == "default":
-        return LAUNCHER_DEFAULT
+    if mode == "default":       # the fusions only where a tune measured them winning
+        return BASELINE if problem.op in TUNED_ONLY else LAUNCHER_DEFAULT
     config = table.lookup(problem.op, problem)
     if config is None and table.runs_default(problem):
         return LAUNCHER_DEFAULT
     return BASELINE if config is None or config.get("baseline") else config
 
+
+# Ops ``default`` dispatch leaves to their baseline (for a fusion: the unfused ops, each at its default):
+# at default configs the fusions of a Qwen3-32B layer ran 0.92x the unfused ops' speed on the H200
+# (benchmarks/results/bench_fusions-NVIDIA_H200-2026-12-02.json); the tuner accepts them where they win.
+TUNED_ONLY = ("gemm_fused",)
 
 # The ops whose kernel at its default config serves a problem without a winner, and why: their torch
 # baselines are sequences of small kernels (or a host-syncing loop) that the default beats everywhere
