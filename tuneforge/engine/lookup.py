@@ -275,10 +275,14 @@ class DispatchTable:
         if by_m:
             if m in by_m:
                 return by_m[m]
-            served = serving_bucket(m, [t for t in by_m if self.buckets is None or t in self.buckets])
+            served = serving_bucket(m, self._buckets_of(by_m))
             if served is not None:
                 return by_m[served]
         return None
+
+    def _buckets_of(self, by_m: dict) -> list:
+        """The tuned token counts of a family that serve other counts (exact shapes off the buckets do not)."""
+        return [t for t in by_m if self.buckets is None or t in self.buckets]
 
     def fall_back(self, op: str, problem: Problem, config: dict, why: str) -> None:
         """A launcher rejected ``config``, the stored config serving ``problem``: the caller runs the
@@ -303,8 +307,8 @@ class DispatchTable:
                       f"ops without a winner in {problem.dtype} run the torch baseline (pass --dtype "
                       f"{self._dtypes[0]})")
             return
-        elif self._configs.get(family(problem)):
-            most = max(self._configs[family(problem)])
+        elif self._buckets_of(self._configs.get(family(problem), {})):
+            most = max(self._buckets_of(self._configs[family(problem)]))
             why = (f"tuned up to m={most}, not for m={problem['m']} ({problem.key}; a bucket >= {problem['m']}: "
                    f"tuneforge tune --model {self.model} --tp {self.tp} --buckets / --prefill-buckets)")
         else:
