@@ -86,9 +86,6 @@ UNTUNED_RUNS_DEFAULT = {
 }
 
 
-
-
-
 def family(problem: Problem) -> tuple:
     """A problem without its token count: the problems that differ only in ``m`` share it."""
     return (problem.op, tuple(kv for kv in problem.dims if kv[0] != "m"), problem.dtype, problem.world)
