@@ -370,7 +370,7 @@ class Ops:
         if shared is None:
             return out
         s_gate_up, s_down, s_gate = shared
-        s_out = self.gemm(self.silu_mul(self.gemm(x, s_gate_up)), s_down)
+        s_out = self.gemm(self.linear(x, s_gate_up, silu=True), s_down)     # SiLU-mul fused where that won
         return self.shared_expert_gate(out, self.gemm(x, s_gate), s_out)
 
     # --- tensor parallelism (engine/tp) ----------------------------------------------------------

@@ -202,6 +202,8 @@ def plan(model: str | ModelConfig, tp: int = 1, decode_buckets: Optional[Sequenc
                 si = d.shared_inter
                 b.add("layer.shared_expert.gate_up_proj", P.gemm(dtype, m, (2 * si, h)))
                 b.add("layer.shared_expert.silu_mul", P.silu_mul(dtype, m, 2 * si))
+                b.add("layer.shared_expert.gate_up_proj+silu_mul",
+                      P.gemm_fused(dtype, m, (2 * si, h), epilogue="silu_mul"))
                 b.add("layer.shared_expert.down_proj", P.gemm(dtype, m, (h, si)))
                 b.add("layer.shared_expert_gate.proj", P.gemm(dtype, m, (1, h)))
                 b.add("layer.shared_expert_gate", P.shared_expert_gate(dtype, m, h))
