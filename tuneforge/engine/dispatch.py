@@ -386,7 +386,8 @@ class Ops:
             configs = None if self.mode != "tuned" else [c for c in self.table.configs("moe_block")
                                                          if c.get("strategy") == layout]
             if moe.placed or (configs and moe.shared is None):    # Ops.moe runs no block with a shared expert
-                self._ep.open(model, max_tokens, configs, self.mode == "baseline")
+                # no heap where every block runs the torch baseline (tuned without a kernel winner too)
+                self._ep.open(model, max_tokens, configs, self.mode == "baseline" or configs == [])
         if model.shard.size == 1 or self.mode == "baseline":
             return
         strategies = {"gemm_ar"} if self.mode == "default" else TP.strategies(
