@@ -197,7 +197,7 @@ class Store:
             return by_m[m]
         if m is None:
             return None
-        served = serving_bucket(m, [t for t in by_m if t is not None and (buckets is None or t in buckets)])
+        served = serving_bucket(m, [t for t in by_m if t is not None], buckets)
         return None if served is None else by_m[served]
 
     def environments(self) -> list[Environment]:

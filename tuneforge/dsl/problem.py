@@ -67,11 +67,17 @@ class Problem:
         return self.key
 
 
-def serving_bucket(tokens: int, tuned: Sequence[int]) -> Optional[int]:
-    """The tuned token count whose winner serves ``tokens``: the smallest >= tokens; None above every
-    one (the torch baseline serves): a config tuned for fewer rows says nothing about more (a 1-row
+def serving_buckets(tuned: Sequence[int], buckets: Optional[Sequence[int]] = None) -> list[int]:
+    """The tuned token counts whose winners serve other counts: those in ``buckets`` (every one where
+    None); an exact shape off the bucket list serves only itself."""
+    return [t for t in tuned if buckets is None or t in buckets]
+
+
+def serving_bucket(tokens: int, tuned: Sequence[int], buckets: Optional[Sequence[int]] = None) -> Optional[int]:
+    """The tuned token count whose winner serves ``tokens``: the smallest of ``serving_buckets`` >= tokens;
+    None above every one (a miss): a config tuned for fewer rows says nothing about more (a 1-row
     split-K GEMM config ran a 4096-token prefill 4x slower than cuBLAS on an H200)."""
-    above = [t for t in tuned if t >= tokens]
+    above = [t for t in serving_buckets(tuned, buckets) if t >= tokens]
     return min(above) if above else None
 
 

@@ -28,7 +28,7 @@ import torch
 
 import tuneforge
 from tuneforge.db.environment import Environment
-from tuneforge.dsl.problem import DEFAULT_BUCKETS, Problem, serving_bucket
+from tuneforge.dsl.problem import DEFAULT_BUCKETS, Problem, serving_bucket, serving_buckets
 from tuneforge.errors import InputError
 
 log = logging.getLogger("tuneforge.engine")
@@ -272,14 +272,10 @@ class DispatchTable:
         if by_m:
             if m in by_m:
                 return by_m[m]
-            served = serving_bucket(m, self._buckets_of(by_m))
+            served = serving_bucket(m, by_m, self.buckets)
             if served is not None:
                 return by_m[served]
         return None
-
-    def _buckets_of(self, by_m: dict) -> list:
-        """The tuned token counts of a family that serve other counts (exact shapes off the buckets do not)."""
-        return [t for t in by_m if self.buckets is None or t in self.buckets]
 
     def fall_back(self, op: str, problem: Problem, config: dict, why: str) -> None:
         """A launcher rejected ``config``, the stored config serving ``problem``: the caller runs the
@@ -292,7 +288,8 @@ class DispatchTable:
                       f"serves): the launcher rejected that config: {why}")
 
     def _warn_once(self, op: str, problem: Problem) -> None:
-        if not self.runs_default(problem):
+        runs_default = self.runs_default(problem)
+        if not runs_default:
             self._warned.add(op)
         if self._unusable or family(problem) in self._dropped or op in self._told:   # said already
             return
@@ -304,8 +301,8 @@ class DispatchTable:
                       f"ops without a winner in {problem.dtype} run the torch baseline (pass --dtype "
                       f"{self._dtypes[0]})")
             return
-        elif self._buckets_of(self._configs.get(family(problem), {})):
-            most = max(self._buckets_of(self._configs[family(problem)]))
+        elif serving_buckets(self._configs.get(family(problem), {}), self.buckets):
+            most = max(serving_buckets(self._configs[family(problem)], self.buckets))
             why = (f"tuned up to m={most}, not for m={problem['m']} ({problem.key}; a bucket >= {problem['m']}: "
                    f"tuneforge tune --model {self.model} --tp {self.tp} --buckets / --prefill-buckets)")
         else:
@@ -313,8 +310,8 @@ class DispatchTable:
                    f"(tune it: tuneforge tune --model {self.model} --tp {self.tp})")
         # a fusion without a winner yields to the ops it fuses, each dispatched on its own (Ops.normed)
         instead = "the unfused ops, each as tuned" if op == "gemm_fused" else "the torch baseline"
-        if self.runs_default(problem):
-            instead = f"its Triton kernel at the default config, not the torch baseline ({self.runs_default(problem)})"
+        if runs_default:
+            instead = f"its Triton kernel at the default config, not the torch baseline ({runs_default})"
         self.note(f"dispatch: {op} runs {instead}: {why}")
 
 
