@@ -4,8 +4,9 @@
     python benchmarks/bench_moe_gemm.py --tokens 1,16 --sweep 20    # and 20 sampled configs per shape
 
 Per token count and GEMM (gate_up: gathered rows, silu_mul fused; down: router-weighted, combined):
-the template's default config (and with ``--sweep`` the best of that many sampled configs), timed as an
-engine runs it (CUDA graph replays over input sets rotated past the L2); the template's baseline
+the template's default config, each schedule's default (``packed_us``, ``per_slot_us``; ``pack_us``:
+the pack the packed schedule needs first, which per_slot skips) and with ``--sweep`` the best of that many
+sampled configs, timed as an engine runs it (CUDA graph replays over input sets rotated past the L2); the template's baseline
 (transformers' eager loop over the hit experts: it syncs with the host, so it is timed call by call
 with events after an L2 flush, as is the grouped kernel in ``grouped_events_us``); and
 ``torch._grouped_mm`` where this torch has it, on rows already sorted by expert (the GEMM alone: no
@@ -29,6 +30,7 @@ import tuneforge  # noqa: E402,F401  (sets TRITON_INTERPRET=1 without a GPU)
 from benchmarks.common import bench_device, print_table, write_results  # noqa: E402
 from tuneforge.dsl import check, get  # noqa: E402
 from tuneforge.dsl.check import split_out  # noqa: E402
+from tuneforge.kernels import moe_gemm as MG, moe_pack  # noqa: E402
 from tuneforge.kernels._common import launch_spec  # noqa: E402
 from tuneforge.models import problems as P  # noqa: E402
 from tuneforge.tune.measure import time_calls  # noqa: E402
@@ -75,6 +77,15 @@ def bench(args, device, spec, copy_bps) -> list[dict]:
                                   graph=device.type == "cuda", rep=max(50, 20 * sets)).median_s * 1e6
 
             row["grouped_us"] = graph_us(default)
+            # both schedules' defaults, and the pack the packed one needs first (per_slot reads the ids)
+            for schedule in MG.SCHEDULES:
+                config = template.default_config(problem, plan_spec, schedule=schedule)
+                if template.reject_reason(config, problem, plan_spec) is None and check(template, problem, config,
+                                                                                        inputs=first):
+                    row[f"{schedule}_us"] = graph_us(config)
+            block_m = template.default_config(problem, plan_spec, schedule="packed")["block_m"]
+            row["pack_us"] = time_calls([lambda i=i: moe_pack.pack(i["topk_ids"], args.experts, block_m) for i in inputs],
+                                        graph=device.type == "cuda", rep=max(50, 20 * sets)).median_s * 1e6
             row["grouped_events_us"] = time_calls(
                 [lambda i=i: template.launch(**i, config=default) for i in inputs]).median_s * 1e6
             row["torch_loop_us"] = time_calls([lambda i=i: template.baseline(**split_out(i)) for i in inputs]
@@ -122,7 +133,8 @@ def main(argv=None) -> int:
     args.tokens = [int(t) for t in args.tokens.split(",")]
     device, spec, copy_bps = bench_device(args.copy_mib)
     rows = bench(args, device, spec, copy_bps)
-    columns = ["gemm", "tokens", "experts_hit", "MB", "grouped_us", "grouped_events_us", "torch_loop_us",
+    columns = ["gemm", "tokens", "experts_hit", "MB", "grouped_us", "packed_us", "per_slot_us", "pack_us",
+               "grouped_events_us", "torch_loop_us",
                "grouped_mm_us", "vs_torch_loop", "vs_grouped_mm", "pct_floor", "pct_peak_flops"] \
         + (["best_us"] if args.sweep else []) + ["check"]
     print_table(rows, columns)

@@ -30,6 +30,7 @@ and torch do so alike); the reference rounds the SiLU-mul output, the one roundi
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import weakref
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.dsl.comm import row_split
-from tuneforge.dsl.roofline import allreduce_time, gemm_config_time, nccl_allreduce_time, overlap
+from tuneforge.dsl.roofline import allreduce_time, nccl_allreduce_time, overlap
 from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.kernels import allgather as AG
 from tuneforge.kernels import allreduce as AR
@@ -106,7 +107,7 @@ def _a2a_problem(problem: Problem) -> Problem:
 @functools.lru_cache(maxsize=1024)
 def _sub_configs(items: tuple, problem: Problem) -> dict:
     config = dict(items)
-    tiles = {key: config[key] for key in GEMM_KEYS}
+    tiles = {"schedule": "packed", **{key: config[key] for key in GEMM_KEYS}}
     m, h, w = problem["m"], problem["hidden"], problem.world
     if config["strategy"] == "tp":
         ar = AR.TEMPLATE.default_config(P.allreduce(problem.dtype, w, m, h), None)
@@ -137,7 +138,9 @@ def space(problem: Problem) -> Space:
     """strategy; the grouped GEMMs' tiles (moe_gemm's, shared by gate_up and down); comm_sms (the all-reduce's or the
     all-to-all's programs); tp: combine, ar_strategy; ep: form, comm_block, signal_rows (staged), chunks."""
     return Space(categorical("strategy", STRATEGIES),
-                 *(p for p in MG.space(_gemm_problems(problem, "tp")[0]).params if p.name in GEMM_KEYS),
+                 # the packed schedule's tiles (the ep layer packs received rows), unconditional here
+                 *(dataclasses.replace(p, when={}) for p in MG.space(_gemm_problems(problem, "tp")[0]).params
+                   if p.name in GEMM_KEYS),
                  categorical("comm_sms", [1, 2, 4, 8, 16, 32]),
                  categorical("combine", ["atomic", "reduce"], when=TP),
                  categorical("ar_strategy", ["one_shot", "two_shot"], when=TP),
@@ -180,7 +183,7 @@ def default_config(problem: Problem, spec=None, strategy: Optional[str] = None) 
         raise InputError(f"{OP}: unknown strategy {strategy!r}; expected one of {STRATEGIES}")
     up, down = _gemm_problems(problem, strategy)
     spec = spec or launch_spec(torch.device("cpu"), persistent=False)
-    tiles, down_tiles = MG.default_config(up, spec), MG.default_config(down, spec)
+    tiles, down_tiles = (MG.default_config(g, spec, schedule="packed") for g in (up, down))
     # both GEMMs share the tiles: none deeper or wider than either GEMM's own default (the down GEMM's K
     # is inter / world under tp)
     for key in ("block_k", "block_n"):
@@ -496,20 +499,8 @@ def work(problem: Problem) -> tuple[float, float]:
     return 2.0 * m * k * 3 * inter * h, float((active * 3 * inter * h + 2 * m * h) * problem.torch_dtype.itemsize)
 
 
-def grouped_time(gemm: Problem, config: dict, spec) -> float:
-    """One grouped GEMM launch: its tiles over all hit experts run side by side in one grid, so it is
-    priced as one GEMM of the rows per hit expert by the hit experts' stacked weights (gemm's tile
-    model: waves, one ramp, every hit expert's weight streamed once). moe_gemm's own cost sums a GEMM
-    per hit expert, a ramp and a latency-bound tail each, which overprices many small experts."""
-    m, n, k, experts, topk = (gemm[d] for d in ("m", "n", "k", "experts", "topk"))
-    routes = m * topk
-    active = experts * (1.0 - (1.0 - 1.0 / experts) ** routes)
-    rows = max(1, math.ceil(routes / max(active, 1.0)))
-    return gemm_config_time(rows, max(1, round(active * n)), k, config, spec, gemm.dtype)
-
-
 def cost(problem: Problem, config: Optional[dict], spec) -> float:
-    """tp: both grouped GEMMs on the channel slices (``grouped_time``) + the all-reduce of [m, H]; ep:
+    """tp: both grouped GEMMs on the channel slices (``moe_gemm.grouped_time``) + the all-reduce of [m, H]; ep:
     the all-to-all of the row share (moe_alltoall's model, its form), the local experts on the
     expected received rows (m k / W rows over E / W experts), overlapped across ``chunks`` (the hidden
     share 1 - 1 / chunks, a launch set per chunk), then the all-gather of [m, H]. Baseline: tp with
@@ -523,11 +514,11 @@ def cost(problem: Problem, config: Optional[dict], spec) -> float:
     sub = sub_configs(config, problem)
     if config["strategy"] == "tp":
         up, down = _gemm_problems(problem, "tp")
-        return (grouped_time(up, sub["up"], spec) + grouped_time(down, sub["down"], spec)
+        return (MG.grouped_time(up, sub["up"], spec) + MG.grouped_time(down, sub["down"], spec)
                 + allreduce_time(act, w, spec, sub["allreduce"]))
     rows = max(1, row_split(m, w)[0][1] * problem["topk"])          # expected received rows per rank
     up, down = (g.with_dims(m=rows) for g in _gemm_problems(problem, "ep"))
-    compute = grouped_time(up, sub["up"], spec) + grouped_time(down, sub["down"], spec)
+    compute = MG.grouped_time(up, sub["up"], spec) + MG.grouped_time(down, sub["down"], spec)
     comm = A2A.cost(_a2a_problem(problem), sub["a2a"], spec)
     chunks = sub["chunks"]
     layer = overlap(compute, comm, spec, 1.0 - 1.0 / chunks) + (chunks - 1) * 8 * spec.launch_us * 1e-6

@@ -18,6 +18,13 @@ Epilogues, fused:
   choice (config ``combine``): ``atomic`` adds each tile into an fp32 [T, N] accumulator (``out`` itself
   when fp32), then one pass casts it; ``reduce`` stores [T * top_k, N] rows and one pass sums them.
 
+Schedules (config ``schedule``, tuned): ``packed`` is the above. ``per_slot`` (decode: a few tokens, each
+hitting experts no other token hits) takes no pack: one program per (routed slot, ``block_n`` output
+columns) reads its expert from ``topk_ids`` and streams that expert's [block_n, K] weight rows as a
+matrix-vector product (no ``tl.dot``, so no rows padded to 16); with ``combine`` a program takes a
+token's top_k slots in turn and stores their weighted sum, so the down GEMM writes ``out`` directly (no
+fp32 accumulator to zero, no cast pass). Decode's routing then runs no pack at all: route, gate_up, down.
+
 Problems (``models/problems.moe_gemm``): ``m`` tokens, ``n``/``k`` the expert weight's shape,
 ``experts``, ``topk`` and ``act``: 1 is the gate_up GEMM (gathered, silu_mul fused, n = 2 I), 0 the down
 GEMM (routed-weighted and combined into [T, n]); the outputs differ, so ``act`` is part of the problem.
@@ -42,13 +49,17 @@ from tuneforge.kernels._common import check_tensor, checked_config, first_reject
 from tuneforge.kernels.gemm import _k_block, grouped_tile
 from tuneforge.kernels.moe_pack import Packed, max_padded
 from tuneforge.kernels.moe_pack import reference as pack_reference
-from tuneforge.dsl.roofline import gemm_config_time
+from tuneforge.dsl.roofline import gemm_config_time, kernel_floor, roofline
 from tuneforge.dsl.devices import DeviceSpec
 
 OP = "moe_gemm"
 ELEM_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 BLOCK_MS = (16, 32, 64, 128)          # the pack's row block; make_inputs packs once for each
 ACTIVATIONS = (None, "silu_mul")
+SCHEDULES = ("packed", "per_slot")
+PACKED, PER_SLOT = {"schedule": ["packed"]}, {"schedule": ["per_slot"]}
+# per_slot holds its [slot_block_n, slot_block_k] weight tile(s) in registers: elements per thread at most
+MAX_SLOT_TILE_PER_THREAD = 128
 MAX_ACC_REGISTERS = 128               # fp32 accumulator registers per thread before ptxas spills (as gemm)
 SKEW_EXPERTS, SKEW_BIAS = 8, 1.0      # make_inputs' routing: the first experts favoured, as real routers are
 
@@ -101,6 +112,63 @@ def _moe_gemm_kernel(x, w, y, sorted_ids, block_expert, padded_count, routed_wei
 
 
 @triton.jit
+def _row_block(ptrs, k, ks, K, EVEN_K: tl.constexpr):
+    """[BLOCK_K] of a row from column ``k`` in fp32 (zeros past K)."""
+    if EVEN_K:
+        return tl.load(ptrs).to(tl.float32)
+    return tl.load(ptrs, mask=k + ks < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _weight_block(ptrs, k, ks, K, EVEN_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] of weight rows from column ``k`` in fp32 (zeros past K)."""
+    if EVEN_K:
+        return tl.load(ptrs).to(tl.float32)
+    return tl.load(ptrs, mask=(k + ks < K)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _moe_gemv_kernel(x, w, y, topk_ids, routed_weights, experts, N, K, stride_xm, stride_we, stride_wn, stride_wk,
+                     stride_ym, stride_it, stride_ik, TOP_K: tl.constexpr, GATHER: tl.constexpr,
+                     SILU_MUL: tl.constexpr, WEIGHTED: tl.constexpr, COMBINE: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """``per_slot``: [BLOCK_N] output columns of routed slot ``program_id(0)`` (COMBINE: of token
+    ``program_id(0)``, the weighted sum over its TOP_K slots), as sums of [BLOCK_N, BLOCK_K] weight
+    tiles times the slot's row. A slot whose id is outside [0, experts) is not written (COMBINE: adds 0)."""
+    r = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w_rows = (cols % N).to(tl.int64)[:, None] * stride_wn        # wrapped: valid addresses, masked at the store
+    ks = tl.arange(0, BLOCK_K)
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K if COMBINE else 1):     # unrolled: the experts' loads overlap
+        s = r * TOP_K + j if COMBINE else r
+        expert = tl.load(topk_ids + (s // TOP_K) * stride_it + (s % TOP_K) * stride_ik).to(tl.int64)
+        routed = (expert >= 0) & (expert < experts)
+        x_ptrs = x + (s // TOP_K if GATHER else s) * stride_xm + ks
+        w_ptrs = w + tl.where(routed, expert, 0) * stride_we + w_rows + ks[None, :] * stride_wk
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k in tl.range(0, K, BLOCK_K):
+            a = _row_block(x_ptrs, k, ks, K, EVEN_K)[None, :]
+            acc += tl.sum(_weight_block(w_ptrs, k, ks, K, EVEN_K) * a, 1)
+            if SILU_MUL:
+                up += tl.sum(_weight_block(w_ptrs + N * stride_wn, k, ks, K, EVEN_K) * a, 1)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
+        if SILU_MUL:
+            acc = acc * tl.sigmoid(acc) * up
+        if WEIGHTED:
+            acc = acc * tl.load(routed_weights + s).to(tl.float32)
+        if COMBINE:
+            total += tl.where(routed, acc, 0.0)
+        else:
+            tl.store(y + r * stride_ym + cols, acc.to(y.dtype.element_ty), mask=cols < tl.where(routed, N, 0))
+    if COMBINE:
+        tl.store(y + r * stride_ym + cols, total.to(y.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
 def _sum_rows_kernel(src, out, N, stride_src, stride_out, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[t, :] = sum of src[t * ROWS + j, :] over j < ROWS, in fp32 (ROWS 1: a cast)."""
     t = tl.program_id(0).to(tl.int64)
@@ -126,12 +194,21 @@ def _out_n(problem: Problem) -> int:
 
 
 def space(problem: Problem) -> Space:
-    params = [categorical("block_m", BLOCK_MS), pow2("block_n", 16, 256), pow2("block_k", 16, 256),
-              categorical("group_m", [1, 4, 8, 16]), categorical("num_warps", [4, 8]),
-              categorical("num_stages", [2, 3, 4, 5])]
+    """schedule; packed: the tl.dot tiles, group order, stages (down: combine); per_slot: a program's
+    output columns, K step and warps."""
+    params = [categorical("schedule", SCHEDULES),
+              categorical("block_m", BLOCK_MS, when=PACKED), pow2("block_n", 16, 256, when=PACKED),
+              pow2("block_k", 16, 256, when=PACKED), categorical("group_m", [1, 4, 8, 16], when=PACKED),
+              categorical("num_warps", [4, 8], when=PACKED), categorical("num_stages", [2, 3, 4, 5], when=PACKED)]
     if not problem["act"]:
-        params.append(categorical("combine", ["atomic", "reduce"]))
+        params.append(categorical("combine", ["atomic", "reduce"], when=PACKED))
+    params += [pow2("slot_block_n", 4, 64, when=PER_SLOT), pow2("slot_block_k", 64, 2048, when=PER_SLOT),
+               categorical("slot_warps", [1, 2, 4, 8], when=PER_SLOT)]
     return Space(*params)
+
+
+def _packed(config: dict) -> bool:
+    return config["schedule"] == "packed"
 
 
 def routing_invalid(config: dict, problem: Problem, spec: DeviceSpec) -> Optional[str]:
@@ -143,6 +220,8 @@ def routing_invalid(config: dict, problem: Problem, spec: DeviceSpec) -> Optiona
 
 
 def smem_overflow(config: dict, problem: Problem, spec: DeviceSpec) -> Optional[str]:
+    if not _packed(config):
+        return None
     w_rows = config["block_n"] * (2 if problem["act"] else 1)
     need = config["num_stages"] * (config["block_m"] + w_rows) * config["block_k"] * ELEM_SIZE[problem.dtype]
     if need > spec.smem_per_block:
@@ -151,6 +230,12 @@ def smem_overflow(config: dict, problem: Problem, spec: DeviceSpec) -> Optional[
 
 
 def register_pressure(config: dict, problem: Problem, spec: DeviceSpec) -> Optional[str]:
+    if not _packed(config):
+        tile = config["slot_block_n"] * config["slot_block_k"] * (2 if problem["act"] else 1)
+        if tile // (32 * config["slot_warps"]) > MAX_SLOT_TILE_PER_THREAD:
+            return (f"registers: {tile // (32 * config['slot_warps'])} weight elements per thread > "
+                    f"{MAX_SLOT_TILE_PER_THREAD}")
+        return None
     regs = config["block_m"] * config["block_n"] * (2 if problem["act"] else 1) // (32 * config["num_warps"])
     if regs > MAX_ACC_REGISTERS:
         return f"registers: {regs} accumulator registers per thread > {MAX_ACC_REGISTERS}"
@@ -158,9 +243,14 @@ def register_pressure(config: dict, problem: Problem, spec: DeviceSpec) -> Optio
 
 
 def tile_exceeds_problem(config: dict, problem: Problem, spec: DeviceSpec) -> Optional[str]:
-    for name, what, size in (("block_m", "m*topk", problem["m"] * problem["topk"]),
-                             ("block_n", "output n", _out_n(problem)), ("block_k", "k", problem["k"])):
-        limit = max(16, triton.next_power_of_2(size))
+    """No tile past the problem's next power of 2 (nor past the smallest tile: tl.dot's 16, per_slot's
+    smallest choices)."""
+    out_n, k = _out_n(problem), problem["k"]
+    tiles = (("block_m", "m*topk", problem["m"] * problem["topk"], 16), ("block_n", "output n", out_n, 16),
+             ("block_k", "k", k, 16)) if _packed(config) else \
+        (("slot_block_n", "output n", out_n, 4), ("slot_block_k", "k", k, 64))
+    for name, what, size, smallest in tiles:
+        limit = max(smallest, triton.next_power_of_2(size))
         if config[name] > limit:
             return f"{name}={config[name]} exceeds {what}={size} (at most {limit} is useful)"
     return None
@@ -170,18 +260,41 @@ LAUNCH_CONSTRAINTS = (routing_invalid, smem_overflow)
 CONSTRAINTS = LAUNCH_CONSTRAINTS + (register_pressure, tile_exceeds_problem)
 
 
-def default_config(problem: Problem, spec: DeviceSpec, block_m: Optional[int] = None) -> dict:
-    """By rows per hit expert (uniform routing): decode (<= 16 rows) streams the experts' weights with
+PER_SLOT_ROWS = 1.1       # the default runs per_slot while a hit expert gets at most this many slots
+
+
+def default_config(problem: Problem, spec: DeviceSpec, block_m: Optional[int] = None,
+                   schedule: Optional[str] = None) -> dict:
+    """``schedule`` None: per_slot where a hit expert gets about one slot (uniform routing: at most
+    PER_SLOT_ROWS; decode at a token or two: reading an expert once per slot costs nothing then, and
+    no pack runs), else packed; ``block_m`` given (a pack already made): packed at that block.
+
+    packed, by rows per hit expert: decode (<= 16 rows) streams the experts' weights with
     16-row tiles, 64-deep K steps, 8 warps and 5 stages in flight, 128 columns wide where the hit
     experts' tiles still fill every SM and 64 where they would not (one token: 8 experts x 6 tiles
     of 128 leave SMs idle); up to 64 rows 32/64 x 64 x 64; beyond 64/128 x 128 x 64, 8 warps, grouped
     order (the H200 sweep, benchmarks/results/bench_moe_gemm-NVIDIA_H200-2026-12-02-sweep24.json,
     picked these at 1..256 tokens). ``combine``: atomic up to 256 tokens (the fp32 pass is small),
-    reduce beyond. ``block_m`` given (a pack already made): kept. Shrunk like gemm's default until
-    every constraint passes."""
+    reduce beyond. Shrunk like gemm's default until every constraint passes.
+
+    per_slot: the widest column block that still gives every SM two programs (gate_up: slots x column
+    blocks; down: tokens x column blocks), the whole K in one step up to 1024 (down's top_k experts
+    then stream in one load each), 8 warps."""
     m, e, topk = problem["m"], problem["experts"], problem["topk"]
     active = e * (1.0 - (1.0 - 1.0 / e) ** (m * topk))
     rows = m * topk / max(active, 1.0)
+    if schedule is None:
+        schedule = "per_slot" if block_m is None and rows <= PER_SLOT_ROWS else "packed"
+    if schedule == "per_slot":
+        programs = m * topk if problem["act"] else m
+        block_n = 64
+        while block_n > 4 and programs * math.ceil(_out_n(problem) / block_n) < 2 * spec.sms:
+            block_n //= 2
+        cfg = dict(schedule=schedule, slot_block_n=min(block_n, max(4, triton.next_power_of_2(_out_n(problem)))),
+                   slot_block_k=min(1024, max(64, triton.next_power_of_2(problem["k"]))), slot_warps=8)
+        while first_rejection(cfg, problem, spec, CONSTRAINTS) is not None and cfg["slot_block_k"] > 64:
+            cfg["slot_block_k"] //= 2
+        return cfg
     if rows <= 16:
         wide = active * math.ceil(_out_n(problem) / 128) >= spec.sms
         cfg = dict(block_m=16, block_n=128 if wide else 64, block_k=64, group_m=1, num_warps=8, num_stages=5)
@@ -189,6 +302,7 @@ def default_config(problem: Problem, spec: DeviceSpec, block_m: Optional[int] = 
         cfg = dict(block_m=32 if rows <= 32 else 64, block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=4)
     else:
         cfg = dict(block_m=64 if rows <= 128 else 128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+    cfg = dict(schedule=schedule, **cfg)
     cfg["block_n"] = min(cfg["block_n"], max(16, triton.next_power_of_2(_out_n(problem))))
     cfg["block_k"] = min(cfg["block_k"], max(16, triton.next_power_of_2(problem["k"])))
     if block_m is not None:
@@ -225,17 +339,27 @@ def _check_packed(packed, tokens: int, top_k: int, experts: int, device) -> None
                          f"{padded // packed.block_m} and 1 (packed for other tokens or experts?)")
 
 
-def moe_gemm(x: torch.Tensor, w: torch.Tensor, packed: Packed, *, top_k: int, gather: bool,
+def _check_ids(topk_ids, tokens: int, top_k: int, device) -> None:
+    if topk_ids.dim() != 2 or tuple(topk_ids.shape) != (tokens, top_k) or topk_ids.dtype.is_floating_point \
+            or topk_ids.dtype == torch.bool or topk_ids.device != device:
+        raise InputError(f"{OP}: per_slot reads the router's topk_ids: an integer [{tokens}, {top_k}] tensor on "
+                         f"{device}, got {topk_ids.dtype} {tuple(topk_ids.shape)} on {topk_ids.device}")
+
+
+def moe_gemm(x: torch.Tensor, w: torch.Tensor, packed: Packed | torch.Tensor, *, top_k: int, gather: bool,
              activation: Optional[str] = None, routed_weights: Optional[torch.Tensor] = None,
              combine: bool = False, out: Optional[torch.Tensor] = None, config: Optional[dict] = None):
-    """Grouped expert GEMM over the slots of ``packed`` (see the module doc); fp16/bf16/fp32.
+    """Grouped expert GEMM over the routed slots (see the module doc); fp16/bf16/fp32.
+
+    ``packed``: the slots packed by expert (``moe_pack.pack``; schedule packed), or the router's
+    ``topk_ids`` [T, top_k] themselves (schedule per_slot: no pack).
 
     ``x``: [T, K] with ``gather`` (row of slot s: s // top_k), else [T * top_k, K]. ``w``: [E, N, K].
     ``activation="silu_mul"``: w rows [gate | up], output N / 2 columns. ``routed_weights`` [T, top_k]:
     rows scaled by their router weight. ``combine``: rows summed per token into [T, N] (not with an
     activation). Output: ``out`` [T, N] with ``combine``, else [T * top_k, N or N / 2].
-    ``config`` None: the default for this shape with ``packed.block_m``; a config's ``block_m`` must be
-    ``packed.block_m`` (pack with the config's block_m).
+    ``config`` None: the default of the schedule ``packed`` implies (packed: at ``packed.block_m``); a
+    packed config's ``block_m`` must be ``packed.block_m`` (pack with the config's block_m).
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise InputError(f"{OP}: x must be a 2-D tensor, got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -263,7 +387,11 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, packed: Packed, *, top_k: int, ga
     if routed_weights is not None:
         check_tensor(OP, "routed_weights", routed_weights, (tokens, top_k), None, x.device, layout="contiguous")
     slots = tokens * top_k
-    _check_packed(packed, tokens, top_k, experts, x.device)
+    per_slot = isinstance(packed, torch.Tensor)
+    if per_slot:
+        _check_ids(packed, tokens, top_k, x.device)
+    else:
+        _check_packed(packed, tokens, top_k, experts, x.device)
     out_n = n // 2 if activation else n
     out = output_tensor(OP, out, (tokens, out_n) if combine else (slots, out_n), x)
     if tokens == 0 or out_n == 0:
@@ -273,13 +401,27 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, packed: Packed, *, top_k: int, ga
     problem = Problem.make(OP, DTYPE_NAMES[x.dtype], m=tokens, n=n, k=k, experts=experts, topk=top_k,
                            act=int(activation is not None))
     spec = launch_spec(x.device, persistent=False)
+    schedule = "per_slot" if per_slot else "packed"
     if config is None:
-        config = default_config(problem, spec, block_m=packed.block_m)
+        config = default_config(problem, spec, block_m=None if per_slot else packed.block_m, schedule=schedule)
     else:
         checked_config(space(problem), config, problem, spec, LAUNCH_CONSTRAINTS)
-        if config["block_m"] != packed.block_m:
+        if config["schedule"] != schedule:
+            raise InputError(f"{OP}: config schedule={config['schedule']!r} but given "
+                             f"{'topk_ids' if per_slot else 'a pack'} (packed takes a moe_pack.Packed, per_slot the "
+                             f"topk_ids)")
+        if not per_slot and config["block_m"] != packed.block_m:
             raise InputError(f"{OP}: config block_m={config['block_m']} but the pack's block_m={packed.block_m} "
                              f"(pack with the config's block_m)")
+    if per_slot:
+        rows, bn = (tokens if combine else slots), config["slot_block_n"]
+        _moe_gemv_kernel[(rows, triton.cdiv(out_n, bn))](
+            x, w, out, packed, routed_weights if routed_weights is not None else x, experts, out_n, k,
+            x.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0), packed.stride(0), packed.stride(1),
+            TOP_K=top_k, GATHER=bool(gather), SILU_MUL=activation == "silu_mul",
+            WEIGHTED=routed_weights is not None, COMBINE=bool(combine), BLOCK_N=bn, BLOCK_K=config["slot_block_k"],
+            EVEN_K=k % config["slot_block_k"] == 0, num_warps=config["slot_warps"], num_stages=1)
+        return out
     atomic = combine and config["combine"] == "atomic"
     if not combine:
         y = out
@@ -373,13 +515,14 @@ def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
 
 def _launch(x, w, packs: Mapping[int, Packed], topk_ids, routed_weights, act, out=None, config=None):
     """The template's launch: the planned use of each problem (act 1: gate_up; 0: down, combined),
-    with the pack of the config's block_m."""
+    with the pack of the config's block_m (per_slot: the ids)."""
     top_k = topk_ids.shape[1]
     if config is None:
         problem = Problem.make(OP, DTYPE_NAMES[x.dtype], m=topk_ids.shape[0], n=w.shape[1], k=w.shape[2],
                                experts=w.shape[0], topk=top_k, act=act)
         config = default_config(problem, launch_spec(x.device, persistent=False))
-    return moe_gemm(x, w, packs[config["block_m"]], top_k=top_k, gather=bool(act),
+    routing = packs[config["block_m"]] if _packed(config) else topk_ids
+    return moe_gemm(x, w, routing, top_k=top_k, gather=bool(act),
                     activation="silu_mul" if act else None, routed_weights=routed_weights, combine=not act,
                     out=out, config=config)
 
@@ -405,20 +548,43 @@ def work(problem: Problem) -> tuple[float, float]:
 
 def cost(problem: Problem, config: Optional[dict], spec: DeviceSpec) -> float:
     """m tokens x topk routes spread over the experts (uniform routing: the expected number of
-    distinct experts hit); each hit expert streams its whole weight (gemm's tile model). The baseline
-    (an eager loop over experts) launches one GEMM per hit expert; the grouped kernel launches once."""
+    distinct experts hit). packed: ``grouped_time``, plus the down GEMM's combine passes (atomic: the
+    fp32 zeroing and the cast; reduce: the row sums). per_slot: every slot streams its expert's weight
+    (on the CUDA cores, about a tenth of the tensor cores' rate) at the HBM share its programs fill.
+    The baseline (an eager loop over experts) launches one GEMM per hit expert."""
     m, n, k, experts, topk = (problem[d] for d in ("m", "n", "k", "experts", "topk"))
     routes = m * topk
     active = experts * (1.0 - (1.0 - 1.0 / experts) ** routes)
-    rows = max(1, math.ceil(routes / active))
     launch = spec.launch_us * 1e-6
-    per_expert = gemm_config_time(rows, n, k, config, spec, problem.dtype) - launch
+    if config is not None and config.get("schedule") == "per_slot":
+        flops, _ = work(problem)
+        size = ELEM_SIZE[problem.dtype]
+        nbytes = routes * n * k * size + (m if problem["act"] else routes) * k * size + m * _out_n(problem) * size
+        programs = (routes if problem["act"] else m) * math.ceil(_out_n(problem) / config["slot_block_n"])
+        return roofline(flops, nbytes, spec, problem.dtype, efficiency=0.1,
+                        mem_efficiency=0.85 * min(1.0, programs / spec.sms), launches=1)
     if config is None or config.get("baseline"):
+        rows = max(1, math.ceil(routes / active))
+        per_expert = gemm_config_time(rows, n, k, config, spec, problem.dtype) - launch
         return active * (per_expert + 3 * launch)          # index_select, linear, index_add per expert
-    return active * per_expert + launch
+    passes = 0 if problem["act"] else 2 if config.get("combine") == "atomic" else 1
+    return grouped_time(problem, config, spec) + passes * kernel_floor(spec)
+
+
+def grouped_time(problem: Problem, config: dict, spec: DeviceSpec) -> float:
+    """One packed grouped GEMM launch: its tiles over all hit experts run side by side in one grid, so it
+    is priced as one GEMM of the rows per hit expert by the hit experts' stacked weights (gemm's tile
+    model: waves, one ramp, every hit expert's weight streamed once), not as a GEMM per hit expert (a
+    ramp and a latency-bound tail each, which overprices many small experts)."""
+    m, n, k, experts, topk = (problem[d] for d in ("m", "n", "k", "experts", "topk"))
+    routes = m * topk
+    active = experts * (1.0 - (1.0 - 1.0 / experts) ** routes)
+    rows = max(1, math.ceil(routes / max(active, 1.0)))
+    return gemm_config_time(rows, max(1, round(active * n)), k, config, spec, problem.dtype)
 
 
 TEMPLATE = register(Template(
     op=OP, space=space, make_inputs=make_inputs, launch=_launch, reference=_reference, baseline=_baseline,
     default_config=default_config, work=work, cost=cost, constraints=CONSTRAINTS,
-    doc="grouped expert GEMM over moe_pack's blocks: gathered rows, fused silu_mul or weighted combine"))
+    doc="grouped expert GEMM over moe_pack's blocks or per routed slot: gathered rows, fused silu_mul or "
+        "weighted combine"))

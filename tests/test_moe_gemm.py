@@ -70,6 +70,33 @@ def test_grouped_gemm_matches_the_per_expert_loop(tokens, experts, top_k, n, k, 
         got = MG.moe_gemm(h, w, packed, top_k=top_k, gather=False, routed_weights=weights, combine=True,
                           out=_nan((tokens, n), dt), config=config)
         _check(got, want, dt)
+    # per_slot: no pack, the ids themselves (a k tail where k is not a multiple of 64)
+    config = dict(schedule="per_slot", slot_block_n=8, slot_block_k=64, slot_warps=2)
+    got = MG.moe_gemm(x, w, ids, top_k=top_k, gather=True, activation="silu_mul", out=_nan((tokens * top_k, n // 2), dt),
+                      config=config)
+    _check(got, MG.reference(x, w, ids, gather=True, activation="silu_mul"), dt)
+    got = MG.moe_gemm(h, w, ids, top_k=top_k, gather=False, routed_weights=weights, combine=True,
+                      out=_nan((tokens, n), dt), config=config)
+    _check(got, want, dt)
+    got = MG.moe_gemm(h, w, ids, top_k=top_k, gather=False, out=_nan((tokens * top_k, n), dt))
+    _check(got, MG.reference(h, w, ids, gather=False), dt)
+
+
+def test_per_slot_skips_ids_outside_the_experts():
+    """An id outside [0, experts) (a rank's foreign expert, -1): its row is not written without
+    combine, and adds nothing with it, as the packed schedule's atomic combine."""
+    dt, tokens, experts, top_k, n, k = torch.float32, 4, 8, 2, 32, 48
+    x, h, w, _, weights = _inputs(tokens, experts, top_k, n, k, dt, seed=5)
+    ids = torch.tensor([[0, -1], [9, 3], [7, 7 - 8], [2, 5]], dtype=torch.int32)
+    kept = ids.clamp(0, experts - 1)
+    dropped = ((ids < 0) | (ids >= experts)).reshape(-1)
+    rows = MG.moe_gemm(h, w, ids, top_k=top_k, gather=False, out=_nan((tokens * top_k, n), dt))
+    assert rows[dropped].isnan().all()
+    _check(rows[~dropped], MG.reference(h, w, kept, gather=False)[~dropped], dt)
+    got = MG.moe_gemm(h, w, ids, top_k=top_k, gather=False, routed_weights=weights, combine=True,
+                      out=_nan((tokens, n), dt))
+    _check(got, MG.reference(h, w, kept, gather=False, routed_weights=weights * (~dropped).view(tokens, top_k),
+                             combine=True), dt)
 
 
 def test_the_device_pack_feeds_the_gemm_and_fused_epilogues_match_the_unfused_kernels():
@@ -94,9 +121,11 @@ def test_template_configs_pass_the_checker(act):
     spec = MG.launch_spec(CPU, persistent=False)
     template = get("moe_gemm")
     default = template.default_config(problem, spec)
-    configs = [default, {**default, "block_m": 32, "block_n": 16, "block_k": 32, "group_m": 4}]
+    packed = template.default_config(problem, spec, schedule="packed")
+    configs = [default, packed, {**packed, "block_m": 32, "block_n": 16, "block_k": 32, "group_m": 4},
+               dict(schedule="per_slot", slot_block_n=16, slot_block_k=64, slot_warps=4)]
     if not act:
-        configs.append({**configs[1], "combine": "reduce" if default["combine"] == "atomic" else "atomic"})
+        configs.append({**configs[2], "combine": "reduce" if packed["combine"] == "atomic" else "atomic"})
     inputs = template.make_inputs(problem, CPU, seed=2)
     for config in configs:
         assert template.reject_reason(config, problem, spec) is None, config
@@ -126,7 +155,7 @@ def _bad_calls():
     packed = moe_pack.reference(ids, 8, 16)
     other = moe_pack.reference(ids % 4, 4, 16)      # packed for 4 experts, not 8
     config32 = {**MG.default_config(P.moe_gemm("fp32", 4, (32, 16), 8, 2, act=True),
-                                    MG.launch_spec(CPU, persistent=False)), "block_m": 32}
+                                    MG.launch_spec(CPU, persistent=False), schedule="packed"), "block_m": 32}
     g = dict(top_k=2, gather=True)
     return [
         (lambda: MG.moe_gemm(x, w[0], packed, **g), "moe_gemm: w must be a 3-D [experts, n, k] tensor, got (32, 16)"),
@@ -139,7 +168,10 @@ def _bad_calls():
         (lambda: MG.moe_gemm(x[:, :8], w, packed, **g), "moe_gemm: x has shape (4, 8), expected (4, 16)"),
         (lambda: MG.moe_gemm(h, w, packed, top_k=2, gather=False, routed_weights=weights[:3], combine=True),
          "moe_gemm: routed_weights has shape (3, 2), expected (4, 2)"),
-        (lambda: MG.moe_gemm(x, w, ids, **g), "moe_gemm: packed must be a moe_pack.Packed"),
+        (lambda: MG.moe_gemm(x, w, ids.tolist(), **g), "moe_gemm: packed must be a moe_pack.Packed"),
+        (lambda: MG.moe_gemm(x, w, ids[:3], **g), "per_slot reads the router's topk_ids: an integer [4, 2] tensor"),
+        (lambda: MG.moe_gemm(x, w, ids, **g, activation="silu_mul", config=config32),
+         "config schedule='packed' but given topk_ids (packed takes a moe_pack.Packed, per_slot the topk_ids)"),
         (lambda: MG.moe_gemm(x, w, other, **g), "packed has 80 slots, 5 blocks and 1 counts; 4 tokens x top_k 2 over 8 experts in blocks of 16 pack into 128"),
         (lambda: MG.moe_gemm(x, w, packed, **g, activation="silu_mul", config=config32),
          "config block_m=32 but the pack's block_m=16 (pack with the config's block_m)"),
@@ -147,7 +179,7 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("index", range(13))
+@pytest.mark.parametrize("index", range(15))
 def test_bad_inputs_are_one_line_each(index):
     call, message = _bad_calls()[index]
     with pytest.raises(InputError) as e:
@@ -159,8 +191,8 @@ def test_a_config_outside_the_space_is_rejected_in_one_line():
     x, _, w, ids, _ = _inputs(4, 8, 2, 32, 16, torch.float32)
     packed = moe_pack.reference(ids, 8, 16)
     with pytest.raises(ConfigRejected, match=r"block_n=24 is not one of") as e:
-        MG.moe_gemm(x, w, packed, top_k=2, gather=True, config=dict(block_m=16, block_n=24, block_k=16, group_m=1,
-                                                                     num_warps=4, num_stages=2))
+        MG.moe_gemm(x, w, packed, top_k=2, gather=True, config=dict(schedule="packed", block_m=16, block_n=24,
+                                                                     block_k=16, group_m=1, num_warps=4, num_stages=2))
     assert "\n" not in str(e.value)
 
 
@@ -171,7 +203,11 @@ def test_a_config_outside_the_space_is_rejected_in_one_line():
 @pytest.mark.parametrize("act", [1, 0])
 def test_gpu_qwen3_30b_a3b_shapes(device, m, act):
     problem = P.moe_gemm("bf16", m, (2 * 768, 2048) if act else (2048, 768), 128, 8, act=bool(act))
-    config = MG.default_config(problem, MG.launch_spec(device, persistent=False))
-    for extra in ([{}] if act else [{"combine": "atomic"}, {"combine": "reduce"}]):
-        res = check(MG.TEMPLATE, problem, {**config, **extra}, device=device)
-        assert res, f"{config} {extra}: {res.reason}"
+    spec = MG.launch_spec(device, persistent=False)
+    config = MG.default_config(problem, spec, schedule="packed")
+    configs = [{**config, **extra} for extra in ([{}] if act else [{"combine": "atomic"}, {"combine": "reduce"}])]
+    if m <= 32:
+        configs.append(MG.default_config(problem, spec, schedule="per_slot"))
+    for config in configs:
+        res = check(MG.TEMPLATE, problem, config, device=device)
+        assert res, f"{config}: {res.reason}"

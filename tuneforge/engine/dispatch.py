@@ -276,17 +276,21 @@ class Ops:
                     ids: torch.Tensor) -> torch.Tensor:
         """Every token through its ``ids``' experts, the outputs weighted and summed per token: the
         grouped gate_up GEMM (SiLU-mul fused) then the grouped down GEMM (weighted combine fused), each
-        the kernel or transformers' per-expert loop. One pack serves both: at the gate_up config's
-        block_m; a stored down config of another block_m gets its own pack (a launcher-default one
-        takes the pack already made)."""
+        the kernel or transformers' per-expert loop. A per_slot config reads ``ids`` (no pack); packed
+        ones share one pack: at the gate_up config's block_m; a stored down config of another block_m
+        gets its own pack (a launcher-default one takes the pack already made)."""
         tokens, top_k = ids.shape
         experts = gate_up.shape[0]
         packs: dict[int, k_pack.Packed] = {}
 
-        def packed(cfg, problem) -> k_pack.Packed:
+        def routed(cfg, problem) -> k_pack.Packed | torch.Tensor:
+            """What the GEMM reads its slots from: the router's ids (per_slot) or a pack by expert."""
+            chosen = cfg or k_moe.default_config(problem, launch_spec(x.device, persistent=False))
+            if chosen["schedule"] == "per_slot":
+                return ids
             if cfg is None and packs:
                 return next(iter(packs.values()))
-            block_m = (cfg or k_moe.default_config(problem, launch_spec(x.device, persistent=False)))["block_m"]
+            block_m = chosen["block_m"]
             if block_m not in packs:
                 packs[block_m] = self.moe_pack(ids, experts, block_m, x.dtype)
             return packs[block_m]
@@ -303,11 +307,11 @@ class Ops:
             return k_moe.baseline(a, w, ids, **kw)
 
         up = self.problems.moe_gemm(x.dtype, tokens, gate_up.shape[1:], experts, top_k, act=True)
-        h = self._run(up, lambda cfg: k_moe.moe_gemm(x, gate_up, packed(cfg, up), top_k=top_k, gather=True,
+        h = self._run(up, lambda cfg: k_moe.moe_gemm(x, gate_up, routed(cfg, up), top_k=top_k, gather=True,
                                                      activation="silu_mul", config=cfg),
                       lambda: per_expert(x, gate_up, gather=True, activation="silu_mul"))
         dn = self.problems.moe_gemm(x.dtype, tokens, down.shape[1:], experts, top_k, act=False)
-        return self._run(dn, lambda cfg: k_moe.moe_gemm(h, down, packed(cfg, dn), top_k=top_k, gather=False,
+        return self._run(dn, lambda cfg: k_moe.moe_gemm(h, down, routed(cfg, dn), top_k=top_k, gather=False,
                                                         routed_weights=weights, combine=True, config=cfg),
                          lambda: per_expert(h, down, gather=False, routed_weights=weights, combine=True))
 
