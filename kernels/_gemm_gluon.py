@@ -32,7 +32,9 @@ import torch
 import triton
 
 import tuneforge
+from tuneforge.dsl.roofline import gemm_config_time
 from tuneforge.dsl.space import Space, categorical
+from tuneforge.kernels import _gemm_gemv as GV
 from tuneforge.kernels._gemm_space import ELEM_SIZE, register_pressure
 
 try:   # triton >= 3.5 (the GPU image: 3.6)
@@ -45,7 +47,7 @@ try:   # triton >= 3.5 (the GPU image: 3.6)
 except ImportError:    # no Gluon: the family is rejected by its constraints
     GLUON = False
 
-KERNELS = ("triton", "gluon_ws")
+KERNELS = ("triton", "gluon_ws", "gemv")     # gemv: kernels/_gemm_gemv.py
 # parameters both kernels read; the rest of the Triton space only applies to kernel=triton
 SHARED = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
 BLOCK_MS, BLOCK_NS, BLOCK_KS = (64, 128, 256), (64, 128, 256), (32, 64, 128)
@@ -234,19 +236,19 @@ def kernel_of(config: dict) -> str:
 
 class FamilySpace(Space):
     """The Triton kernel's space with a leading ``kernel`` choice: its own parameters apply to
-    kernel=triton only, the shared tile parameters to both, ``consumers`` to gluon_ws. A config
-    without ``kernel`` is a Triton one."""
+    kernel=triton only, the shared tile parameters to it and gluon_ws, ``consumers`` to gluon_ws, the
+    ``gemv_*`` ones to gemv. A config without ``kernel`` is a Triton one."""
 
     def validate(self, config):
         return super().validate(config if "kernel" in config else {"kernel": "triton", **config})
 
 
 def family_space(triton_space: Space) -> FamilySpace:
-    triton_only = {"kernel": ("triton",)}
-    params = [p if p.name in SHARED else categorical(p.name, p.choices, {**triton_only, **p.when})
+    params = [categorical(p.name, p.choices, {"kernel": ("triton", "gluon_ws") if p.name in SHARED else ("triton",),
+                                              **p.when})
               for p in triton_space.params]
     return FamilySpace(categorical("kernel", KERNELS), *params,
-                       categorical("consumers", (1, 2), when={"kernel": ("gluon_ws",)}))
+                       categorical("consumers", (1, 2), when={"kernel": ("gluon_ws",)}), *GV.params())
 
 
 def gluon_unavailable(config: dict, problem, spec) -> str | None:
@@ -320,10 +322,16 @@ def portfolio(problem, spec) -> list[dict]:
 
 def family_default(triton_default):
     """The template's default config: the Triton kernel's, named as such (an enqueued trial without
-    ``kernel`` would have it sampled)."""
+    ``kernel`` would have it sampled); at up to ``GV.GEMV_DEFAULT_M`` rows the first gemv seed where
+    the cost model prices it below that."""
     @functools.wraps(triton_default)
     def default(problem, spec):
-        return {"kernel": "triton", **triton_default(problem, spec)}
+        tiled = {"kernel": "triton", **triton_default(problem, spec)}
+        gemv = GV.seeds(problem, spec)[:1] if problem["m"] <= GV.GEMV_DEFAULT_M and spec is not None else []
+        if gemv and GV.cost(problem, gemv[0], spec) < gemm_config_time(problem["m"], problem["n"], problem["k"], tiled,
+                                                                       spec, problem.dtype):
+            return gemv[0]
+        return tiled
     return default
 
 
@@ -332,11 +340,12 @@ TRITON_SEEDS_FIRST = 8
 
 
 def family_seeds(triton_portfolio):
-    """The template's seeds: the head of the Triton kernel's portfolio, this family's, the rest."""
+    """The template's seeds: at decode's token counts two gemv ones first; the head of the Triton
+    kernel's portfolio, this family's, the other gemv ones, the rest."""
     def seeds(problem, spec):
         triton_seeds = [{"kernel": "triton", **c} for c in triton_portfolio(problem, spec)]
-        head = TRITON_SEEDS_FIRST
-        return triton_seeds[:head] + portfolio(problem, spec) + triton_seeds[head:]
+        head, gemv = TRITON_SEEDS_FIRST, GV.seeds(problem, spec)
+        return gemv[:2] + triton_seeds[:head] + portfolio(problem, spec) + gemv[2:] + triton_seeds[head:]
     return seeds
 
 
@@ -344,10 +353,12 @@ GLUON_LAUNCH_CONSTRAINTS = (gluon_unavailable, gluon_tiles_unfit)
 GLUON_CONSTRAINTS = GLUON_LAUNCH_CONSTRAINTS + (gluon_tiles_wasteful,)
 
 
-def family_constraints(triton_constraints: tuple, gluon_constraints: tuple) -> tuple:
+def family_constraints(triton_constraints: tuple, gluon_constraints: tuple, gemv_constraints: tuple) -> tuple:
     """One constraint: the config's own family's (the first reason, or None)."""
+    families = {"triton": triton_constraints, "gluon_ws": gluon_constraints, "gemv": gemv_constraints}
+
     def family_fit(config, problem, spec):
-        for check in (triton_constraints if kernel_of(config) == "triton" else gluon_constraints):
+        for check in families[kernel_of(config)]:
             why = check(config, problem, spec)
             if why:
                 return why

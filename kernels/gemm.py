@@ -8,7 +8,9 @@ for the full waves, the last wave's tiles split-K'd), programs per SM, a tile lo
 compiler pipelines across tiles, and on Hopper-class devices TMA loads through host-side tensor
 descriptors. Split tiles are summed in the same launch: the last program to finish a slice adds the
 others' fp32 slices (``finish_tile``). The search space, constraints, default config and portfolio are
-``kernels/_gemm_space.py``'s (re-exported here); this file holds the kernel and its launcher.
+``kernels/_gemm_space.py``'s (re-exported here); this file holds the kernel and its launcher. Two more
+config families of the template: ``kernel: gluon_ws`` (``_gemm_gluon.py``, Hopper) and ``kernel: gemv``
+(``_gemm_gemv.py``, decode's few rows).
 
 Building blocks for fused kernels (AllGather-GEMM, GEMM-ReduceScatter) -- call these instead of
 copying the loop:
@@ -34,6 +36,7 @@ from tuneforge.dsl.problem import DTYPE_NAMES, Problem
 from tuneforge.dsl.template import Template, register
 from tuneforge.errors import InputError
 from tuneforge.kernels._common import check_linear, check_tensor, checked_config, first_rejection, launch_spec
+from tuneforge.kernels import _gemm_gemv as GV
 from tuneforge.kernels import _gemm_gluon as GW
 from tuneforge.kernels._gemm_space import (  # noqa: F401  (the policy fused kernels and tests use as gemm's)
     CONSTRAINTS, ELEM_SIZE, LAUNCH_CONSTRAINTS, SPLIT_K_MAX_M, default_config, output_tiles, portfolio,
@@ -509,6 +512,10 @@ def _plan(config_items: tuple | None, m: int, n: int, k: int, dtype: torch.dtype
         config = checked_config(template_space(problem), dict(config_items), problem, spec, FAMILY_LAUNCH_CONSTRAINTS)
         tiles = triton.cdiv(m, config["block_m"]) * triton.cdiv(n, config["block_n"])
         return LaunchPlan(config, min(spec.sms, tiles), tiles, 1, 0, tiles)
+    elif not fused and GW.kernel_of(dict(config_items)) == "gemv":       # a program per column block
+        config = checked_config(template_space(problem), dict(config_items), problem, spec, FAMILY_LAUNCH_CONSTRAINTS)
+        tiles = triton.cdiv(n, config["gemv_block_n"])
+        return LaunchPlan(config, tiles, tiles, 1, 0, tiles)
     else:
         config = dict(config_items)
         config.setdefault("schedule", "tiles")
@@ -616,6 +623,8 @@ def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, c
     norm = norm_weight is not None
     epi = EPILOGUES.index("silu_mul" if silu else "residual" if residual is not None else "none")
     plan = _plan(None if config is None else tuple(sorted(config.items())), m, n, k, x.dtype, x.device, norm, epi)
+    if GW.kernel_of(plan.config) == "gemv":
+        return GV.gemv(x, w, out, plan.config)
     if GW.kernel_of(plan.config) == "gluon_ws":
         if _tma_ready(x) and _tma_ready(w) and _tma_ready(out):
             return GW.gemm_ws(x, w, out, plan.config, plan.programs)
@@ -674,7 +683,10 @@ def work(problem: Problem) -> tuple[float, float]:
 
 
 def cost(problem: Problem, config: dict | None, spec: DeviceSpec) -> float:
-    """The cost model's tile estimate (waves, padding, small-M bandwidth); None: cuBLAS-like baseline."""
+    """The cost model's tile estimate (waves, padding, small-M bandwidth); None: cuBLAS-like baseline;
+    gemv: its streaming estimate."""
+    if config is not None and GW.kernel_of(config) == "gemv":
+        return GV.cost(problem, config, spec)
     return gemm_config_time(problem["m"], problem["n"], problem["k"], config, spec, problem.dtype)
 
 
@@ -685,11 +697,14 @@ def template_space(problem: Problem):
     return GW.family_space(space(problem))
 
 
-FAMILY_LAUNCH_CONSTRAINTS = GW.family_constraints(LAUNCH_CONSTRAINTS, GW.GLUON_LAUNCH_CONSTRAINTS)
+FAMILY_LAUNCH_CONSTRAINTS = GW.family_constraints(LAUNCH_CONSTRAINTS, GW.GLUON_LAUNCH_CONSTRAINTS,
+                                                   GV.GEMV_LAUNCH_CONSTRAINTS)
 
 TEMPLATE = register(Template(
     op="gemm", space=template_space, make_inputs=make_inputs, launch=gemm, reference=reference, baseline=baseline,
     default_config=GW.family_default(default_config), work=work, cost=cost,
-    constraints=GW.family_constraints(CONSTRAINTS, GW.GLUON_CONSTRAINTS), seeds=GW.family_seeds(portfolio),
+    constraints=GW.family_constraints(CONSTRAINTS, GW.GLUON_CONSTRAINTS, GV.GEMV_CONSTRAINTS),
+    seeds=GW.family_seeds(portfolio),
     doc="y = x @ w.T (nn.Linear): persistent grouped tiles, split-K or stream-K, optional TMA loads; "
-        "on Hopper also a warp-specialized Gluon kernel (kernel: gluon_ws)"))
+        "on Hopper also a warp-specialized Gluon kernel (kernel: gluon_ws); at a few rows a matrix-vector "
+        "product (kernel: gemv)"))

@@ -46,6 +46,7 @@ CASES = [
     (6, 8, 2, 32, 32, "fp32", 32, [[0, 5]] * 6),       # six experts without a token, one full block each
     (3, 64, 8, 32, 32, "bf16", 16, None),              # top-8 of 64: most experts empty
     (2, 128, 8, 16, 16, "fp16", 16, None),             # 128 experts, tiny dims
+    (3, 16, 6, 32, 40, "fp32", 16, None),              # top-6: not a power of 2 (per_slot pads its slots)
     (20, 8, 2, 64, 32, "fp32", 16, [[i % 8, (i * 3 + 1) % 8] for i in range(20)]),   # > one block per expert
 ]
 

@@ -1,0 +1,124 @@
+"""The gemm template's ``gemv`` config family: decode's matrix-vector product, and its device tile.
+
+y[m, n] = x[m, k] @ w[n, k].T for a few token rows (m <= GEMV_MAX_M): one program per ``gemv_block_n``
+output columns streams those weight rows in [gemv_block_n, gemv_block_k] tiles and multiplies the m
+rows in on the CUDA cores (fp32 products summed along K). No rows are padded to tl.dot's 16, there
+is no split-K workspace and no persistent loop: the weight streams once through ``n / gemv_block_n``
+programs, which is the whole cost at decode's token counts. It fuses nothing (the fused ops keep the
+Triton kernel) and runs everywhere the Triton kernel does, the interpreter included.
+
+``gemv_tile`` is the device building block: moe_gemm's per_slot schedule runs the same tile per routed
+slot.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tuneforge.dsl.roofline import roofline
+from tuneforge.dsl.space import categorical, pow2
+from tuneforge.kernels._gemm_space import ELEM_SIZE
+
+GEMV_MAX_M = 8                  # rows a program multiplies in; beyond, the weight is better reused by tl.dot
+GEMV_DEFAULT_M = 2              # the template's default runs gemv up to this many rows
+MAX_TILE_PER_THREAD = 128       # fp32 products of a [rows, gemv_block_n, gemv_block_k] step per thread
+GEMV = {"kernel": ("gemv",)}
+
+
+@triton.jit
+def gemv_tile(x_rows, row_ok, w_rows, stride_wk, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N]: x rows (``x_rows`` [BLOCK_M, 1] pointers to their first element, unit
+    stride along K; rows not ``row_ok`` read as 0) times weight rows (``w_rows`` [BLOCK_N, 1] pointers,
+    ``stride_wk`` along K) over all of K."""
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_rows + ks[None, :]
+    w_ptrs = w_rows + ks[None, :] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+            b = tl.load(w_ptrs)
+        else:
+            k_ok = k + ks < K
+            a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+        acc += tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], 2)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    return acc
+
+
+@triton.jit
+def _gemv_kernel(x, w, y, M, N, K, stride_xm, stride_wn, stride_wk, stride_ym, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    w_rows = w + (cols % N).to(tl.int64)[:, None] * stride_wn       # wrapped: valid addresses, masked at the store
+    acc = gemv_tile(x + rows.to(tl.int64)[:, None] * stride_xm, row_ok, w_rows, stride_wk, K, BLOCK_M, BLOCK_N,
+                    BLOCK_K, EVEN_K)
+    tl.store(y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], acc.to(y.dtype.element_ty),
+             mask=row_ok[:, None] & (cols < N)[None, :])
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, config: dict) -> torch.Tensor:
+    """``out = x @ w.T`` (operands checked by gemm's launcher; m <= GEMV_MAX_M, m, n, k > 0; ``config``
+    passed this family's constraints)."""
+    m, k = x.shape
+    n, bn, bk = w.shape[0], config["gemv_block_n"], config["gemv_block_k"]
+    _gemv_kernel[(triton.cdiv(n, bn),)](x, w, out, m, n, k, x.stride(0), w.stride(0), w.stride(1), out.stride(0),
+                                        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, BLOCK_K=bk,
+                                        EVEN_K=k % bk == 0, num_warps=config["gemv_warps"])
+    return out
+
+
+# --- the family in the template's space, constraints, seeds and cost ---------------------------------
+
+def params() -> list:
+    return [pow2("gemv_block_n", 4, 64, when=GEMV), pow2("gemv_block_k", 64, 2048, when=GEMV),
+            categorical("gemv_warps", [1, 2, 4, 8], when=GEMV)]
+
+
+def gemv_unfit(config: dict, problem, spec) -> str | None:
+    """A matrix-vector product of at most GEMV_MAX_M rows whose step fits the registers."""
+    m = problem["m"]
+    if m > GEMV_MAX_M:
+        return f"kernel gemv: m={m} rows > {GEMV_MAX_M} (each program re-reads x per column block; tl.dot reuses w)"
+    step = triton.next_power_of_2(m) * config["gemv_block_n"] * config["gemv_block_k"] // (32 * config["gemv_warps"])
+    if step > MAX_TILE_PER_THREAD:
+        return f"kernel gemv: {step} fp32 products per thread per step > {MAX_TILE_PER_THREAD} (register spills)"
+    return None
+
+
+def gemv_wasteful(config: dict, problem, spec) -> str | None:
+    for name, dim, smallest in (("gemv_block_n", "n", 4), ("gemv_block_k", "k", 64)):
+        limit = max(smallest, triton.next_power_of_2(problem[dim]))
+        if config[name] > limit:
+            return f"kernel gemv: {name}={config[name]} exceeds {dim}={problem[dim]} (at most {limit} is useful)"
+    return None
+
+
+GEMV_LAUNCH_CONSTRAINTS = (gemv_unfit,)
+GEMV_CONSTRAINTS = GEMV_LAUNCH_CONSTRAINTS + (gemv_wasteful,)
+
+
+def seeds(problem, spec) -> list[dict]:
+    """Configs worth trying first at decode's token counts: column blocks that give every SM two or more
+    programs first, K steps of 512-1024, 4 and 8 warps (those the constraints pass)."""
+    if problem["m"] > GEMV_MAX_M:
+        return []
+    configs = [dict(kernel="gemv", gemv_block_n=bn, gemv_block_k=bk, gemv_warps=warps)
+               for bn in (16, 8, 32, 4) for bk in (512, 1024, 256) for warps in (4, 8)]
+    ok = [c for c in configs if gemv_unfit(c, problem, spec) is None and gemv_wasteful(c, problem, spec) is None]
+    return sorted(ok, key=lambda c: triton.cdiv(problem["n"], c["gemv_block_n"]) < 2 * spec.sms)[:6]
+
+
+def cost(problem, config: dict, spec) -> float:
+    """The weight (and x, y) streamed once at the HBM share the programs fill; the products on the CUDA
+    cores (about a tenth of the tensor cores' rate)."""
+    m, n, k = problem["m"], problem["n"], problem["k"]
+    programs = triton.cdiv(n, config["gemv_block_n"])
+    return roofline(2.0 * m * n * k, float((n * k + m * k + m * n) * ELEM_SIZE[problem.dtype]), spec, problem.dtype,
+                    efficiency=0.1, mem_efficiency=0.85 * min(1.0, programs / spec.sms), launches=1)
