@@ -36,6 +36,7 @@ def gemv_tile(x_rows, row_ok, w_rows, stride_wk, K, BLOCK_M: tl.constexpr, BLOCK
     x_ptrs = x_rows + ks[None, :]
     w_ptrs = w_rows + ks[None, :] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row = tl.zeros((BLOCK_N,), dtype=tl.float32)       # one row: 2-D tiles (a [1, K] row broadcast, no 3-D product)
     for k in tl.range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
@@ -44,9 +45,14 @@ def gemv_tile(x_rows, row_ok, w_rows, stride_wk, K, BLOCK_M: tl.constexpr, BLOCK
             k_ok = k + ks < K
             a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
-        acc += tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], 2)
+        if BLOCK_M == 1:
+            row += tl.sum(b.to(tl.float32) * a.to(tl.float32), 1)
+        else:
+            acc += tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], 2)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
+    if BLOCK_M == 1:
+        acc = row[None, :]
     return acc
 
 

@@ -114,69 +114,39 @@ def _moe_gemm_kernel(x, w, y, sorted_ids, block_expert, padded_count, routed_wei
 
 @triton.jit
 def _moe_gemv_kernel(x, w, y, topk_ids, routed_weights, experts, N, K, stride_xm, stride_we, stride_wn, stride_wk,
-                     stride_ym, stride_it, stride_ik, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
-                     GATHER: tl.constexpr, SILU_MUL: tl.constexpr, WEIGHTED: tl.constexpr, COMBINE: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """``per_slot``: [BLOCK_N] output columns of routed slot ``program_id(0)``: gemm's ``gemv_tile`` of
-    the slot's row and its expert's weight rows. COMBINE: of token ``program_id(0)``, the weighted sum
-    over its TOP_K slots, all of whose weight rows stream in one loop (``_slots_dot``). A slot whose id
-    is outside [0, experts) is not written (COMBINE: adds 0)."""
+                     stride_ym, stride_it, stride_ik, TOP_K: tl.constexpr, GATHER: tl.constexpr,
+                     SILU_MUL: tl.constexpr, WEIGHTED: tl.constexpr, COMBINE: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """``per_slot``: [BLOCK_N] output columns of routed slot ``program_id(0)`` (COMBINE: of token
+    ``program_id(0)``, the weighted sum over its TOP_K slots, taken in turn): gemm's ``gemv_tile`` of the
+    slot's row and its expert's weight rows (SILU_MUL: the gate and up rows in one tile). A slot whose
+    id is outside [0, experts) is not written (COMBINE: adds 0)."""
     r = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if COMBINE:
-        # rows (slot j, column c) of a [TOP_K_PAD x BLOCK_N] block: each slot's row against its expert's
-        lane = tl.arange(0, TOP_K_PAD * BLOCK_N)
-        j = lane // BLOCK_N
-        expert = tl.load(topk_ids + r * stride_it + j * stride_ik, mask=j < TOP_K, other=-1).to(tl.int64)
-        routed = (j < TOP_K) & (expert >= 0) & (expert < experts)
-        s = r * TOP_K + j
-        w_rows = w + tl.where(routed, expert, 0) * stride_we \
-            + ((tl.program_id(1) * BLOCK_N + lane % BLOCK_N) % N).to(tl.int64) * stride_wn
-        acc = _slots_dot(x + (s // TOP_K if GATHER else s) * stride_xm, w_rows, stride_wk, K, TOP_K_PAD * BLOCK_N, BLOCK_K,
-                         EVEN_K)
-        if WEIGHTED:
-            acc = acc * tl.load(routed_weights + s, mask=routed, other=0.0).to(tl.float32)
-        total = tl.sum(tl.reshape(tl.where(routed, acc, 0.0), (TOP_K_PAD, BLOCK_N)), 0)
-        tl.store(y + r * stride_ym + cols, total.to(y.dtype.element_ty), mask=cols < N)
-    else:
-        # the weight rows of this column block (SILU_MUL: its gate rows, then its up rows N further on),
-        # wrapped past N: valid addresses, masked at the store
-        W_ROWS: tl.constexpr = 2 * BLOCK_N if SILU_MUL else BLOCK_N
-        row = tl.arange(0, W_ROWS)
-        rows_n = ((tl.program_id(1) * BLOCK_N + row % BLOCK_N) % N + (row // BLOCK_N) * N).to(tl.int64) * stride_wn
-        expert = tl.load(topk_ids + (r // TOP_K) * stride_it + (r % TOP_K) * stride_ik).to(tl.int64)
+    # the weight rows of this column block (SILU_MUL: its gate rows, then its up rows N further on),
+    # wrapped past N: valid addresses, masked at the store
+    W_ROWS: tl.constexpr = 2 * BLOCK_N if SILU_MUL else BLOCK_N
+    row = tl.arange(0, W_ROWS)
+    rows_n = ((tl.program_id(1) * BLOCK_N + row % BLOCK_N) % N + (row // BLOCK_N) * N).to(tl.int64) * stride_wn
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K if COMBINE else 1):     # unrolled: the experts' loads may overlap
+        s = r * TOP_K + j if COMBINE else r
+        expert = tl.load(topk_ids + (s // TOP_K) * stride_it + (s % TOP_K) * stride_ik).to(tl.int64)
         routed = (expert >= 0) & (expert < experts)
-        x_row = x + (r // TOP_K if GATHER else r) * stride_xm + tl.zeros((1, 1), tl.int64)
+        x_row = x + (s // TOP_K if GATHER else s) * stride_xm + tl.zeros((1, 1), tl.int64)
         w_rows = w + tl.where(routed, expert, 0) * stride_we + rows_n[:, None]
         acc = tl.sum(gemv_tile(x_row, tl.full((1,), 1, tl.int1), w_rows, stride_wk, K, 1, W_ROWS, BLOCK_K, EVEN_K), 0)
         if SILU_MUL:
             gate, up = tl.split(tl.trans(tl.reshape(acc, (2, BLOCK_N))))
             acc = gate * tl.sigmoid(gate) * up
         if WEIGHTED:
-            acc = acc * tl.load(routed_weights + r).to(tl.float32)
-        tl.store(y + r * stride_ym + cols, acc.to(y.dtype.element_ty), mask=cols < tl.where(routed, N, 0))
-
-
-@triton.jit
-def _slots_dot(x_rows, w_rows, stride_wk, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """fp32 [ROWS]: row i of x (``x_rows`` [ROWS] pointers, unit stride along K) dotted with weight row i
-    (``w_rows`` [ROWS] pointers) over all of K: every row's loads in flight at once."""
-    ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_rows[:, None] + ks[None, :]
-    w_ptrs = w_rows[:, None] + ks[None, :] * stride_wk
-    acc = tl.zeros((ROWS,), dtype=tl.float32)
-    for k in tl.range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(x_ptrs)
-            b = tl.load(w_ptrs)
+            acc = acc * tl.load(routed_weights + s).to(tl.float32)
+        if COMBINE:
+            total += tl.where(routed, acc, 0.0)
         else:
-            k_ok = (k + ks < K)[None, :]
-            a = tl.load(x_ptrs, mask=k_ok, other=0.0)
-            b = tl.load(w_ptrs, mask=k_ok, other=0.0)
-        acc += tl.sum(a.to(tl.float32) * b.to(tl.float32), 1)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * stride_wk
-    return acc
+            tl.store(y + r * stride_ym + cols, acc.to(y.dtype.element_ty), mask=cols < tl.where(routed, N, 0))
+    if COMBINE:
+        tl.store(y + r * stride_ym + cols, total.to(y.dtype.element_ty), mask=cols < N)
 
 
 @triton.jit
@@ -242,9 +212,7 @@ def smem_overflow(config: dict, problem: Problem, spec: DeviceSpec) -> Optional[
 
 def register_pressure(config: dict, problem: Problem, spec: DeviceSpec) -> Optional[str]:
     if not _packed(config):
-        # gate_up: the gate and up rows; down (combined): every slot's rows and their x rows
-        rows = 2 if problem["act"] else 2 * triton.next_power_of_2(problem["topk"])
-        tile = config["slot_block_n"] * config["slot_block_k"] * rows
+        tile = config["slot_block_n"] * config["slot_block_k"] * (2 if problem["act"] else 1)     # gate_up: gate + up rows
         if tile // (32 * config["slot_warps"]) > MAX_SLOT_TILE_PER_THREAD:
             return (f"registers: {tile // (32 * config['slot_warps'])} weight elements per thread > "
                     f"{MAX_SLOT_TILE_PER_THREAD}")
@@ -431,7 +399,7 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, packed: Packed | torch.Tensor, *,
         _moe_gemv_kernel[(rows, triton.cdiv(out_n, bn))](
             x, w, out, packed, routed_weights if routed_weights is not None else x, experts, out_n, k,
             x.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0), packed.stride(0), packed.stride(1),
-            TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), GATHER=bool(gather), SILU_MUL=activation == "silu_mul",
+            TOP_K=top_k, GATHER=bool(gather), SILU_MUL=activation == "silu_mul",
             WEIGHTED=routed_weights is not None, COMBINE=bool(combine), BLOCK_N=bn, BLOCK_K=config["slot_block_k"],
             EVEN_K=k % config["slot_block_k"] == 0, num_warps=config["slot_warps"], num_stages=1)
         return out
