@@ -33,7 +33,7 @@ from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import InputError
 from tuneforge.kernels import gemm as G
 from tuneforge.kernels._common import check_tensor, launch_spec
-from tuneforge.dsl.roofline import kernel_floor, roofline
+from tuneforge.dsl.roofline import HBM_LATENCY_S, kernel_floor, roofline
 
 OP = "decode_attention"
 # The combine kernel as a programmatic dependent launch where the device has it (sm_90+). Off until a
@@ -369,19 +369,27 @@ def work(problem: Problem) -> tuple[float, float]:
     return 4.0 * b * heads * ctx * d, float((2 * b * kv * ctx * d + 2 * b * heads * d) * size)
 
 
+# SDPA's programs (one per sequence x KV head) each stream at this share of an SM's even share of HBM
+# (the H200 tunes of 2026-12-02: 24-27 GB/s per program against 32 GB/s); its masked call is ~7 kernels
+SDPA_PROGRAM_SHARE, SDPA_LAUNCHES = 0.8, 7
+
+
 def cost(problem: Problem, config: Optional[dict], spec) -> float:
-    """Roofline of the KV read; the baseline (SDPA with a mask) reaches less of it and pays a mask
-    read; splits pay for their fp32 partials and the combine's launch."""
+    """Roofline of the KV read at the share of the SMs the programs fill, plus the dependent round trips
+    (the first tile, the partials' store and the combine's load) and the combine's launch; the baseline
+    (SDPA with a mask) streams a program per (sequence, KV head) at SDPA_PROGRAM_SHARE of one SM's share
+    and pays the mask's kernels."""
     flops, nbytes = work(problem)
     if config is None:
         # SDPA runs one program per (sequence, KV head), each streaming its keys at about one SM's share
-        # of HBM (H100: 92 us for 8 programs x 4096 keys at batch 1, 2026-11-23 tunes); the mask is 3 kernels
+        # of HBM (H100: 92 us for 8 programs x 4096 keys at batch 1, 2026-11-23 tunes)
         mask = problem["m"] * problem["ctx"] * problem.torch_dtype.itemsize
         programs = problem["m"] * problem["kv_heads"]
         per_program = 2 * problem["ctx"] * problem["head_dim"] * problem.torch_dtype.itemsize
-        stream = -(-programs // spec.sms) * per_program * spec.sms / (spec.hbm_bytes_per_s * spec.measured_hbm_fraction)
+        stream = -(-programs // spec.sms) * per_program * spec.sms \
+            / (spec.hbm_bytes_per_s * spec.measured_hbm_fraction * SDPA_PROGRAM_SHARE)
         return max(stream, roofline(flops, nbytes + mask, spec, problem.dtype, efficiency=0.4, launches=0)) \
-            + 4 * kernel_floor(spec)
+            + SDPA_LAUNCHES * kernel_floor(spec)
     programs = problem["m"] * problem["kv_heads"]
     splits, _ = split_plan(problem["ctx"], config)
     group = problem["heads"] // problem["kv_heads"]
@@ -389,9 +397,9 @@ def cost(problem: Problem, config: Optional[dict], spec) -> float:
     partials = 2 * programs * splits * partial if splits > 1 else 0
     fill = min(1.0, programs * splits / spec.sms)
     # the combine is a second launch whose programs each load their splits' partials once
-    combine = kernel_floor(spec) if splits > 1 else 0.0
-    return roofline(flops, nbytes + partials, spec, problem.dtype, efficiency=0.4, mem_efficiency=0.85 * fill,
-                    launches=1) + combine
+    combine = kernel_floor(spec) + 2 * HBM_LATENCY_S if splits > 1 else 0.0
+    return roofline(flops, nbytes + partials, spec, problem.dtype, efficiency=0.4, mem_efficiency=fill,
+                    launches=1) + HBM_LATENCY_S + combine
 
 
 TEMPLATE = register(Template(

@@ -96,8 +96,8 @@ def cost(problem: Problem, config: Optional[dict], spec: DeviceSpec) -> float:
     norm, epi = G.fusion_of(problem)
     size = G.ELEM_SIZE[problem.dtype]
     t = gemm_config_time(m, n, k, None, spec, problem.dtype)
-    if norm:
-        t += roofline(4.0 * m * k, 2.0 * m * k * size, spec, problem.dtype)
+    if norm:    # torch's RMSNorm: fp32 cast, square-mean, rsqrt, two products, cast back (about 3 launches' time)
+        t += roofline(4.0 * m * k, 2.0 * m * k * size, spec, problem.dtype, launches=3)
     if epi != "none":
         t += roofline(5.0 * m * n, 3.0 * m * G.out_width(problem) * size, spec, problem.dtype,
                       launches=2 if epi == "silu_mul" else 1)

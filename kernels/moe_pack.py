@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
+from tuneforge.dsl.roofline import HBM_LATENCY_S, eager_time, roofline
 from tuneforge.errors import InputError
 from tuneforge.kernels._common import MAX_TILE_ELEMENTS, MAX_ELEMENTS_PER_THREAD
 
@@ -321,6 +322,25 @@ def work(problem: Problem) -> tuple[float, float]:
     return 0.0, float(4 * (2 * m * k + buffer_size(m, k, e, bm)))
 
 
+# The torch pack (``reference``): about 40 eager kernels (argsort's, the counts' scatter, cumsums, the
+# index arithmetic, the scatters and copies; the H200 tune of 2026-12-02: 65 us at 1 token)
+BASELINE_LAUNCHES = 36
+# one program's dependent round trips: the ids, the fill before the barrier, the scatter, the block experts
+SINGLE_ROUND_TRIPS = 5
+
+
+def cost(problem: Problem, config: Optional[dict], spec) -> float:
+    """``single``: one launch whose program makes SINGLE_ROUND_TRIPS dependent trips to memory; else the
+    three launches (count, offsets, scatter), the offsets' one program a trip more; the baseline:
+    BASELINE_LAUNCHES eager kernels."""
+    _, nbytes = work(problem)
+    if config is None:
+        return eager_time(0.0, 4 * nbytes, spec, BASELINE_LAUNCHES)
+    if config["single"]:
+        return roofline(0.0, nbytes, spec, mem_efficiency=0.1, launches=1) + SINGLE_ROUND_TRIPS * HBM_LATENCY_S
+    return roofline(0.0, nbytes, spec, mem_efficiency=0.5, launches=3) + HBM_LATENCY_S
+
+
 TEMPLATE = register(Template(
     op=OP,
     space=space,
@@ -330,6 +350,7 @@ TEMPLATE = register(Template(
     baseline=_reference,
     default_config=lambda problem, spec: default(problem["m"] * problem["topk"], problem["experts"]),
     work=work,
+    cost=cost,
     constraints=(tile_fits,),
     doc=__doc__.split("\n")[0],
 ))

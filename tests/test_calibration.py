@@ -81,6 +81,8 @@ def calibration():
             continue
         spec = _spec(d["environment"]["gpu_name"])
         for r in d["rows"]:
+            if r["config"] is None:       # skipped (a spent --budget) or failed: nothing measured
+                continue
             p = Problem.from_key(r["problem"])
             template, config, label = get(p.op), _config(r["config"], p), f"{name} {r['problem']}"
             base = predict(None, p, None, spec)
