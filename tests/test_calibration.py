@@ -5,7 +5,8 @@ config against the portfolio (issue 18 §2). CPU only, closed-form predictions: 
 
 Measured points: every config bench_gemm timed (H100 and H200) and its cuBLAS time, bench_split_cost's
 whole and split GEMMs, bench_gate's fused ops and their torch baselines, and each problem of the
-measured H100 tunes (the winner's time, the baseline's time, kernel-or-baseline). Time error is
+measured tunes, H100 and H200 (their summaries ``tune-*.json`` and database exports ``winners-*.json``:
+the winner's time, the baseline's time, kernel-or-baseline). Time error is
 max(predicted / measured, measured / predicted); a choice is a win when it beats the other side by more
 than the tuner's tie tolerance.
 """
@@ -76,11 +77,15 @@ def calibration():
             times[f"{op} fused"].append((label, fused, r["fused_us"] * 1e-6))
             times[f"{op} torch"].append((label, torch, r["torch_us"] * 1e-6))
             choices.append(("bench_gate", label, torch / fused, r["torch_us"] / r["fused_us"]))
-    for name, d in _load("tune-*.json"):
-        if d["environment"]["predicted"]:
-            continue
-        spec = _spec(d["environment"]["gpu_name"])
-        for r in d["rows"]:
+    tunes = [(name, d["environment"]["gpu_name"], d["rows"]) for name, d in _load("tune-*.json")
+             if not d["environment"]["predicted"]]
+    # the database exports of measured tunes (``tuneforge db export``; a tune cut short writes no summary)
+    tunes += [(name, winners[0]["gpu_name"], [dict(problem=w["problem_key"], config=w["config"], time_s=w["time_s"],
+                                                   baseline_s=w["baseline_s"], speedup=w["speedup"]) for w in winners])
+              for name, winners in _load("winners-*.json") if winners and not winners[0]["predicted"]]
+    for name, gpu_name, rows in tunes:
+        spec = _spec(gpu_name)
+        for r in rows:
             if r["config"] is None:       # skipped (a spent --budget) or failed: nothing measured
                 continue
             p = Problem.from_key(r["problem"])

@@ -74,7 +74,7 @@ def test_fused_gemms_refuse_the_family():
 
 def test_the_default_takes_gemv_where_the_cost_model_prices_it_lower():
     """At 1-2 rows the default is the cheaper of the first gemv seed and the Triton default, by the cost
-    model: gemv for Qwen3-30B-A3B's attention projections, the Triton tiles for Qwen3-32B's MLP."""
+    model (gemv for Qwen3's decode projections, as the H200 measured at one row); Triton's from 16 rows."""
     spec = SPECS["H200"]
     picks = {}
     for m, n, k in ((1, 5120, 2048), (1, 2048, 4096), (2, 2048, 4096), (1, 51200, 5120), (1, 10240, 5120)):
@@ -84,7 +84,7 @@ def test_the_default_takes_gemv_where_the_cost_model_prices_it_lower():
         gemv, tiled = GV.seeds(problem, spec)[0], {"kernel": "triton", **G.default_config(problem, spec)}
         assert GEMM.cost(problem, default, spec) == min(GEMM.cost(problem, gemv, spec), GEMM.cost(problem, tiled, spec))
         picks[(m, n, k)] = default["kernel"]
-    assert picks[(1, 5120, 2048)] == picks[(2, 2048, 4096)] == "gemv" and picks[(1, 51200, 5120)] == "triton"
+    assert picks[(1, 5120, 2048)] == picks[(2, 2048, 4096)] == picks[(1, 51200, 5120)] == "gemv"
     assert GEMM.default_config(Problem.make("gemm", "bf16", m=16, n=5120, k=8192), spec)["kernel"] == "triton"
 
 
