@@ -19,9 +19,10 @@ Epilogues, fused:
   when fp32), then one pass casts it; ``reduce`` stores [T * top_k, N] rows and one pass sums them.
 
 Schedules (config ``schedule``, tuned): ``packed`` is the above. ``per_slot`` (decode: a few tokens, each
-hitting experts no other token hits) takes no pack: one program per (routed slot, ``block_n`` output
-columns) reads its expert from ``topk_ids`` and streams that expert's [block_n, K] weight rows as a
-matrix-vector product (no ``tl.dot``, so no rows padded to 16); with ``combine`` a program takes a
+hitting experts no other token hits) takes no pack: one program per (routed slot, ``slot_block_n`` output
+columns) reads its expert from ``topk_ids`` and streams that expert's weight rows in [rows, ``slot_block_k``]
+tiles as a matrix-vector product (gemm's ``gemv_tile``: no ``tl.dot``, so no rows padded to 16; gate_up's
+gate and up rows in one tile); with ``combine`` a program takes a
 token's top_k slots in turn and stores their weighted sum, so the down GEMM writes ``out`` directly (no
 fp32 accumulator to zero, no cast pass). Decode's routing then runs no pack at all: route, gate_up, down.
 
@@ -245,14 +246,13 @@ CONSTRAINTS = LAUNCH_CONSTRAINTS + (register_pressure, tile_exceeds_problem)
 # gather, linear, activation, weighting and index_add issued from Python, eagerly (the H200 tune of
 # 2026-12-02: 1.2-2.3 ms over 8 experts at 1 token, 14-16 ms over 113 at 32)
 LOOP_HOST_S = 150e-6
-PER_SLOT_ROWS = 1.1       # the default runs per_slot while a hit expert gets at most this many slots
 
 
 def default_config(problem: Problem, spec: DeviceSpec, block_m: Optional[int] = None,
                    schedule: Optional[str] = None) -> dict:
-    """``schedule`` None: per_slot where a hit expert gets about one slot (uniform routing: at most
-    PER_SLOT_ROWS; decode at a token or two: reading an expert once per slot costs nothing then, and
-    no pack runs), else packed; ``block_m`` given (a pack already made): packed at that block.
+    """``schedule`` None: per_slot at one token (each of its top_k slots hits its own expert, and no pack
+    runs; at 2 tokens the packed GEMMs and their pack took 66.7 us on the H200 against per_slot's 67.7,
+    ``bench_moe_gemm-NVIDIA_H200-2026-12-02-schedules-at-3918f36.txt``), else packed; ``block_m`` given (a pack already made): packed at that block.
 
     packed, by rows per hit expert: decode (<= 16 rows) streams the experts' weights with
     16-row tiles, 64-deep K steps, 8 warps and 5 stages in flight, 128 columns wide where the hit
@@ -270,7 +270,7 @@ def default_config(problem: Problem, spec: DeviceSpec, block_m: Optional[int] = 
     active = e * (1.0 - (1.0 - 1.0 / e) ** (m * topk))
     rows = m * topk / max(active, 1.0)
     if schedule is None:
-        schedule = "per_slot" if block_m is None and rows <= PER_SLOT_ROWS else "packed"
+        schedule = "per_slot" if block_m is None and m == 1 else "packed"
     if schedule == "per_slot":
         cfg = dict(schedule=schedule, slot_block_n=4, slot_block_k=min(256 if problem["act"] else 1024,
                                                                         max(64, triton.next_power_of_2(problem["k"]))),
