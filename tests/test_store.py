@@ -23,6 +23,7 @@ from tuneforge.db.transfer import ImportReport
 from tuneforge.dsl import get
 from tuneforge.dsl.problem import Problem
 from tuneforge.errors import DatabaseError, InputError
+from tuneforge.kernels import gemm as G
 from tuneforge.dsl.devices import spec
 
 H100 = Environment("NVIDIA H100 80GB HBM3", 132, 79.1, 8, "nvlink-or-pcie", "2.11.0", "3.6.0", "12.8", False)
@@ -45,7 +46,11 @@ def winner(problem: Problem, env: Environment = H100, time_s: float = 1e-5, temp
 
 
 def real_config(problem: Problem, **changes) -> dict:
-    """The template's default config for ``problem`` on an H100 (the space an import is checked against)."""
+    """The template's default config for ``problem`` on an H100 (the space an import is checked against);
+    for gemm the Triton kernel's tiles at every m (at 1-2 rows the template's default is a gemv config),
+    whose parameters the tests change."""
+    if problem.op == "gemm":
+        return {"kernel": "triton", **G.default_config(problem, spec("H100")), **changes}
     return {**get(problem.op).default_config(problem, spec("H100")), **changes}
 
 
