@@ -4,6 +4,7 @@ bad or corrupt database and bad arguments."""
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -94,3 +95,32 @@ def test_bad_budget_or_buckets_is_an_argument_error(flag, value, message, capsys
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_tune_cut_short_leaves_the_summary_of_the_problems_it_finished(tiny_config, tmp_path, monkeypatch, capsys):
+    """The summary is rewritten whole after every problem: a tune interrupted at its third problem
+    (Ctrl-C, a killed job) leaves the first two, marked incomplete, and no temporary file."""
+    from tuneforge.cli import main
+    from tuneforge.tune.tuner import Tuner
+
+    search, calls = Tuner.search_problem, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(args[0].key)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return search(self, *args, **kwargs)
+
+    monkeypatch.setattr(Tuner, "search_problem", interrupted)
+    summary = tmp_path / "s.json"
+    args = ["tune", "--model", str(tiny_config), "--db", str(tmp_path / "t.db"), "--trials", "2", "--buckets", "4",
+            "--prefill-buckets", "", "--quiet", "--summary-json", str(summary)]
+    assert main(args) == 130 and capsys.readouterr().err.endswith("tuneforge: interrupted\n")
+    report = json.loads(summary.read_text())
+    assert report["complete"] is False and report["model"] == "tiny-qwen3"
+    assert report["command"] == shlex.join(["tuneforge", *args])
+    assert [row["problem"] for row in report["rows"] if row["status"] == "tuned"] == calls[:2]
+    assert list(tmp_path.glob("*.tmp")) == []
+    monkeypatch.setattr(Tuner, "search_problem", search)
+    assert main(args) == 0
+    assert json.loads(summary.read_text())["complete"] is True

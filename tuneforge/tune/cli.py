@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import sys
@@ -71,7 +72,8 @@ def register(subparsers) -> None:
                    help="prefill token buckets (chunk lengths), e.g. 512,2048; '' for none")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--summary-json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--summary-json", metavar="PATH", help="also write the results as JSON (rewritten after every problem: "
+                   "a tune cut short leaves the problems it finished, marked complete: false)")
     p.add_argument("--no-verify", action="store_true", help="store winners without re-checking them")
     p.add_argument("--quiet", action="store_true", help="no per-problem progress lines")
     p.add_argument("--wide", action="store_true",
@@ -81,7 +83,6 @@ def register(subparsers) -> None:
 
 
 def cmd_tune(args) -> int:
-    import os
     import time
 
     started = time.monotonic()      # --budget counts the set-up (the GPU, the database) too
@@ -112,7 +113,9 @@ def cmd_tune(args) -> int:
         options = TuneOptions(target=args.target, backend=args.backend, trials=args.trials, budget_s=args.budget,
                               started=started, problem_budget_s=args.problem_budget,
                               seed=args.seed, verify=not args.no_verify,
-                              progress=None if args.quiet else sys.stderr)
+                              progress=None if args.quiet else sys.stderr,
+                              on_progress=(lambda partial: _write_summary(args.summary_json, partial, args.argv))
+                              if args.summary_json else None)
         tuner = Tuner(store, options)
         how = "measured on this GPU" if tuner.backend == "measure" else "predicted by the cost model"
         print(f"target: {tuner.spec.name} x{plan.tp} ({how}), {tuner.trials} trials per problem "
@@ -131,12 +134,22 @@ def cmd_tune(args) -> int:
           f"in {report.elapsed_s:.1f}s; {d['n_trials']} trials (+{d['rejected']} rejected), {d['new_trials']} new; "
           f"{d['verifications_run']} configs verified under the interpreter; environment {report.fingerprint}")
     if args.summary_json:
-        d.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                 command=" ".join(shlex.quote(a) for a in ["tuneforge"] + sys.argv[1:]))
-        try:
-            with open(args.summary_json, "w") as f:
-                json.dump(d, f, indent=1)
-        except OSError as e:
-            raise InputError(f"cannot write {args.summary_json}: {e.strerror or e}") from None
+        _write_summary(args.summary_json, report, args.argv)
         print(f"wrote {args.summary_json}")
     return 0 if all(r.status != "no-winner" for r in report.rows) else 1
+
+
+def _write_summary(path: str, report, argv: list[str]) -> None:
+    """The report as JSON, with the date and command, replacing ``path`` whole (a temporary file renamed
+    over it): a reader, or a tune killed mid-write, never sees half a file. A running tune writes it after
+    every problem (``complete``: false), so a tune cut short leaves the problems it finished."""
+    d = report.to_dict()
+    d.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             command=" ".join(shlex.quote(a) for a in ["tuneforge"] + argv))
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(d, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None

@@ -53,13 +53,14 @@ class Report:
     plan_size: int
     environment: dict = field(default_factory=dict)   # the fingerprint's fields: GPU, versions, world size
     verifications_run: int = 0      # configs run under the interpreter to verify them (0: all verdicts known)
+    complete: bool = True           # False: the problems finished so far of a tune still running (or cut short)
 
     def to_dict(self) -> dict:
         tuned = [r for r in self.rows if r.status == "tuned"]
         beat = [r for r in tuned if r.config and not r.config.get("baseline")]
         return {"model": self.model, "tp": self.tp, "target": self.target, "backend": self.backend,
                 "database": self.database, "fingerprint": self.fingerprint, "environment": self.environment,
-                "elapsed_s": round(self.elapsed_s, 3),
+                "elapsed_s": round(self.elapsed_s, 3), "complete": self.complete,
                 "problems": self.plan_size, "tuned": len(tuned), "kernel_winners": len(beat),
                 "baseline_only": sum(r.status == "baseline-only" for r in self.rows),
                 "skipped": sum(r.status == "skipped" for r in self.rows),

@@ -69,6 +69,9 @@ class TuneOptions:
     tie_tolerance: float = 0.02
     verify: bool = True
     progress: Optional[TextIO] = field(default_factory=lambda: sys.stderr)
+    # called after each problem with the report of those finished so far (complete=False): the CLI keeps
+    # its summary JSON current, so a tune cut short (killed, Ctrl-C, a device limit) leaves what it measured
+    on_progress: Optional[Callable[[Report], None]] = None
 
 
 @dataclass
@@ -184,6 +187,11 @@ class Tuner:
         deferred: list[tuple[int, Searched]] = []       # multi-rank winners verified together at the end
         todo = plan.tunable
         n = len(plan.items)
+
+        def report(complete: bool) -> Report:      # of the problems finished so far (deferred ones wait)
+            return Report(plan.model, tp, self.spec.name, self.backend, self.store.url, run_env.fingerprint,
+                          [r for r in rows if r is not None], time.monotonic() - start, n, run_env.to_dict(),
+                          self.verdicts.ran, complete=complete)
         done_tunable = 0
         for i, item in enumerate(plan.items, 1):
             t0 = time.monotonic()
@@ -212,14 +220,15 @@ class Tuner:
                     continue
             r = rows[-1]
             self._log(f"[{i:>{len(str(n))}}/{n}] {r.problem}  {progress_text(r)}  {time.monotonic() - t0:.1f}s")
+            if self.options.on_progress is not None:
+                self.options.on_progress(report(complete=False))
         if deferred:
             t0 = time.monotonic()
             for (index, _), row in zip(deferred, self._finish_multirank([found for _, found in deferred])):
                 rows[index] = row
                 self._log(f"[verified] {row.problem}  {progress_text(row)}")
             self._log(f"multi-rank winners verified under the interpreter in {time.monotonic() - t0:.1f}s")
-        return Report(plan.model, tp, self.spec.name, self.backend, self.store.url, run_env.fingerprint, rows,
-                      time.monotonic() - start, n, run_env.to_dict(), self.verdicts.ran)
+        return report(complete=True)
 
     def _baseline_only_row(self, item: PlanItem) -> Row:
         try:
