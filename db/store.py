@@ -52,8 +52,9 @@ class Store:
         self._writer = self.engine.execution_options(tf_write=True)
         where = display_url(self.url)
         try:
-            with self._read() as s:        # a read first: opening a current database writes nothing
-                version = schema_version(s, where)
+            # a read first: opening a current database writes nothing (retried like a write: another
+            # process creating the schema holds SQLite's lock, past the busy timeout when hosts are loaded)
+            version = self._retrying(lambda: self._read_once(lambda s: schema_version(s, where)))
             if version is None:
                 if not create:
                     raise DatabaseError(f"{where} holds no tuneforge tables yet")
@@ -68,11 +69,22 @@ class Store:
     def _write(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in one write transaction; retry while SQLite is locked or a concurrent writer
         inserted the same row first (the retry then sees it)."""
+        def once() -> T:
+            with Session(self._writer, expire_on_commit=False) as s, s.begin():
+                return fn(s)
+        return self._retrying(once)
+
+    def _read_once(self, fn: Callable[[Session], T]) -> T:
+        with Session(self.engine) as s:
+            return fn(s)
+
+    def _retrying(self, once: Callable[[], T]) -> T:
+        """``once()``, again after a growing pause while SQLite is locked (WRITE_ATTEMPTS in all) or a
+        concurrent writer inserted the same row first; any other database error at once, as one line."""
         delay = 0.05
         for attempt in range(WRITE_ATTEMPTS):
             try:
-                with Session(self._writer, expire_on_commit=False) as s, s.begin():
-                    return fn(s)
+                return once()
             except exc.OperationalError as e:
                 locked = "locked" in str(e.orig) or "busy" in str(e.orig)
                 if not locked or attempt == WRITE_ATTEMPTS - 1:
