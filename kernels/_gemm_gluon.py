@@ -243,11 +243,12 @@ class FamilySpace(Space):
         return super().validate(config if "kernel" in config else {"kernel": "triton", **config})
 
 
-def family_space(triton_space: Space) -> FamilySpace:
+def family_space(triton_space: Space, gemv: bool = True) -> FamilySpace:
+    """``gemv``: the problem has few enough rows for the gemv family (else it is not offered)."""
     params = [categorical(p.name, p.choices, {"kernel": ("triton", "gluon_ws") if p.name in SHARED else ("triton",),
                                               **p.when})
               for p in triton_space.params]
-    return FamilySpace(categorical("kernel", KERNELS), *params,
+    return FamilySpace(categorical("kernel", KERNELS if gemv else KERNELS[:2]), *params,
                        categorical("consumers", (1, 2), when={"kernel": ("gluon_ws",)}), *GV.params())
 
 
@@ -339,13 +340,15 @@ def family_default(triton_default):
 TRITON_SEEDS_FIRST = 8
 
 
-def family_seeds(triton_portfolio):
-    """The template's seeds: at decode's token counts two gemv ones first; the head of the Triton
-    kernel's portfolio, this family's, the other gemv ones, the rest."""
+def family_seeds(triton_portfolio, template_default):
+    """The template's seeds: its default first; then at decode's token counts two gemv ones, the head of
+    the Triton kernel's portfolio (its default first), this family's, the other gemv ones, the rest."""
     def seeds(problem, spec):
         triton_seeds = [{"kernel": "triton", **c} for c in triton_portfolio(problem, spec)]
         head, gemv = TRITON_SEEDS_FIRST, GV.seeds(problem, spec)
-        return gemv[:2] + triton_seeds[:head] + portfolio(problem, spec) + gemv[2:] + triton_seeds[head:]
+        first = template_default(problem, spec)
+        ordered = gemv[:2] + triton_seeds[:head] + portfolio(problem, spec) + gemv[2:] + triton_seeds[head:]
+        return [first] + [c for c in ordered if c != first]
     return seeds
 
 

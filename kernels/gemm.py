@@ -506,8 +506,10 @@ def _plan(config_items: tuple | None, m: int, n: int, k: int, dtype: torch.dtype
     problem = (Problem.make("gemm_fused", DTYPE_NAMES[dtype], m=m, n=n, k=k, norm=int(norm), epi=epi) if fused
                else Problem.make("gemm", DTYPE_NAMES[dtype], m=m, n=n, k=k))
     spec = launch_spec(device)
+    if config_items is None and not fused:      # the template's default: gemv at 1-2 rows where it is cheaper
+        config_items = tuple(sorted(TEMPLATE.default_config(problem, spec).items()))
     if config_items is None:
-        config = fused_default_config(problem, spec) if fused else default_config(problem, spec)
+        config = fused_default_config(problem, spec)
     elif not fused and GW.kernel_of(dict(config_items)) == "gluon_ws":   # its persistent programs
         config = checked_config(template_space(problem), dict(config_items), problem, spec, FAMILY_LAUNCH_CONSTRAINTS)
         tiles = triton.cdiv(m, config["block_m"]) * triton.cdiv(n, config["block_n"])
@@ -694,7 +696,7 @@ def cost(problem: Problem, config: dict | None, spec: DeviceSpec) -> float:
 def template_space(problem: Problem):
     """gemm's space: the Triton kernel's (``space``) and the Gluon family's (``kernels/_gemm_gluon.py``).
     Cached: the tuner and the tests check many configs per problem."""
-    return GW.family_space(space(problem))
+    return GW.family_space(space(problem), gemv=problem["m"] <= GV.GEMV_MAX_M)
 
 
 FAMILY_LAUNCH_CONSTRAINTS = GW.family_constraints(LAUNCH_CONSTRAINTS, GW.GLUON_LAUNCH_CONSTRAINTS,
@@ -704,7 +706,7 @@ TEMPLATE = register(Template(
     op="gemm", space=template_space, make_inputs=make_inputs, launch=gemm, reference=reference, baseline=baseline,
     default_config=GW.family_default(default_config), work=work, cost=cost,
     constraints=GW.family_constraints(CONSTRAINTS, GW.GLUON_CONSTRAINTS, GV.GEMV_CONSTRAINTS),
-    seeds=GW.family_seeds(portfolio),
+    seeds=GW.family_seeds(portfolio, GW.family_default(default_config)),
     doc="y = x @ w.T (nn.Linear): persistent grouped tiles, split-K or stream-K, optional TMA loads; "
         "on Hopper also a warp-specialized Gluon kernel (kernel: gluon_ws); at a few rows a matrix-vector "
         "product (kernel: gemv)"))

@@ -62,6 +62,7 @@ SCHEDULES = ("packed", "per_slot")
 PACKED, PER_SLOT = {"schedule": ["packed"]}, {"schedule": ["per_slot"]}
 # per_slot holds its [slot_block_n, slot_block_k] weight tile(s) in registers: elements per thread at most
 MAX_SLOT_TILE_PER_THREAD = 128
+PER_SLOT_MAX_M = 16                   # tokens per_slot takes at most (at 2 the packed schedule already won)
 MAX_ACC_REGISTERS = 128               # fp32 accumulator registers per thread before ptxas spills (as gemm)
 SKEW_EXPERTS, SKEW_BIAS = 8, 1.0      # make_inputs' routing: the first experts favoured, as real routers are
 
@@ -194,6 +195,9 @@ def _packed(config: dict) -> bool:
 
 
 def routing_invalid(config: dict, problem: Problem, spec: DeviceSpec) -> Optional[str]:
+    if not _packed(config) and problem["m"] > PER_SLOT_MAX_M:
+        return (f"per_slot: m={problem['m']} tokens > {PER_SLOT_MAX_M} (each slot re-streams its expert's weight; "
+                f"the packed schedule reads it once)")
     if not 1 <= problem["topk"] <= problem["experts"]:
         return f"topk={problem['topk']} must be in [1, experts={problem['experts']}]"
     if problem["act"] and problem["n"] % 2:

@@ -56,7 +56,7 @@ def test_under_the_interpreter_a_gluon_config_is_refused_in_one_line_and_the_def
     assert default["kernel"] == "triton" and G.TEMPLATE.reject_reason(default, problem, G.launch_spec(CPU)) is None
     assert torch.allclose(G.gemm(x, w, config=default), x @ w.T, atol=1e-5)
     seeds = G.TEMPLATE.seeds(problem, G.launch_spec(CPU))
-    assert seeds and all(c["kernel"] == "triton" for c in seeds)
+    assert seeds and all(c["kernel"] != "gluon_ws" for c in seeds)      # gemv ones run under the interpreter
 
 
 def test_the_family_space_keeps_each_kernels_parameters_apart(monkeypatch):

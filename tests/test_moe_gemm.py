@@ -71,6 +71,8 @@ def test_grouped_gemm_matches_the_per_expert_loop(tokens, experts, top_k, n, k, 
         got = MG.moe_gemm(h, w, packed, top_k=top_k, gather=False, routed_weights=weights, combine=True,
                           out=_nan((tokens, n), dt), config=config)
         _check(got, want, dt)
+    if tokens > MG.PER_SLOT_MAX_M:        # per_slot takes decode counts only
+        return
     # per_slot: no pack, the ids themselves (a k tail where k is not a multiple of 64)
     config = dict(schedule="per_slot", slot_block_n=8, slot_block_k=64, slot_warps=2)
     got = MG.moe_gemm(x, w, ids, top_k=top_k, gather=True, activation="silu_mul", out=_nan((tokens * top_k, n // 2), dt),
@@ -81,6 +83,14 @@ def test_grouped_gemm_matches_the_per_expert_loop(tokens, experts, top_k, n, k, 
     _check(got, want, dt)
     got = MG.moe_gemm(h, w, ids, top_k=top_k, gather=False, out=_nan((tokens * top_k, n), dt))
     _check(got, MG.reference(h, w, ids, gather=False), dt)
+
+
+def test_per_slot_takes_decode_token_counts_only():
+    spec = MG.launch_spec(CPU, persistent=False)
+    config = dict(schedule="per_slot", slot_block_n=4, slot_block_k=64, slot_warps=4)
+    assert MG.TEMPLATE.reject_reason(config, P.moe_gemm("bf16", MG.PER_SLOT_MAX_M, (64, 64), 8, 2, act=True), spec) is None
+    why = MG.TEMPLATE.reject_reason(config, P.moe_gemm("bf16", MG.PER_SLOT_MAX_M + 1, (64, 64), 8, 2, act=True), spec)
+    assert why.startswith(f"per_slot: m={MG.PER_SLOT_MAX_M + 1} tokens > {MG.PER_SLOT_MAX_M}") and "\n" not in why
 
 
 def test_per_slot_skips_ids_outside_the_experts():

@@ -114,8 +114,7 @@ def cmd_tune(args) -> int:
                               started=started, problem_budget_s=args.problem_budget,
                               seed=args.seed, verify=not args.no_verify,
                               progress=None if args.quiet else sys.stderr,
-                              on_progress=(lambda partial: _write_summary(args.summary_json, partial, args.argv))
-                              if args.summary_json else None)
+                              on_progress=_summary_keeper(args.summary_json, args.argv) if args.summary_json else None)
         tuner = Tuner(store, options)
         how = "measured on this GPU" if tuner.backend == "measure" else "predicted by the cost model"
         print(f"target: {tuner.spec.name} x{plan.tp} ({how}), {tuner.trials} trials per problem "
@@ -146,10 +145,28 @@ def _write_summary(path: str, report, argv: list[str]) -> None:
     d = report.to_dict()
     d.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
              command=" ".join(shlex.quote(a) for a in ["tuneforge"] + argv))
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"          # one per process: two tuners never share it
     try:
         with open(tmp, "w") as f:
             json.dump(d, f, indent=1)
         os.replace(tmp, path)
     except OSError as e:
         raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _summary_keeper(path: str, argv: list[str]):
+    """A running tune's summary writer: a failed write is reported once and the tune goes on (the final
+    write reports it as an error)."""
+    warned = []
+
+    def keep(report) -> None:
+        try:
+            _write_summary(path, report, argv)
+        except InputError as e:
+            if not warned:
+                print(f"tuneforge: warning: {e} (the tune goes on)", file=sys.stderr, flush=True)
+                warned.append(e)
+    return keep
