@@ -137,6 +137,17 @@ def first_rejection(config: dict, problem: Problem, spec, constraints) -> Option
     return None
 
 
+def tile_past_problem(config: dict, tiles, prefix: str = "") -> Optional[str]:
+    """The first tile parameter wider than useful: ``tiles`` holds (parameter, dimension's name, its
+    size, the smallest tile); a tile past max(smallest, next power of 2 of the size) only adds
+    zero-filled work."""
+    for name, dim, size, smallest in tiles:
+        limit = max(smallest, triton.next_power_of_2(size))
+        if config[name] > limit:
+            return f"{prefix}{name}={config[name]} exceeds {dim}={size} (at most {limit} is useful)"
+    return None
+
+
 def checked_config(space: Space, config: dict, problem: Problem, spec, launch_constraints) -> dict:
     """``config`` checked against ``space`` and the constraints that make a launch impossible: a
     one-line ConfigRejected naming the op, the config and the reason (``Template.reject_reason``

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from tuneforge.dsl.roofline import HBM_LATENCY_S, roofline
 from tuneforge.dsl.space import categorical, pow2
+from tuneforge.kernels._common import tile_past_problem
 from tuneforge.kernels._gemm_space import ELEM_SIZE
 
 GEMV_MAX_M = 8                  # rows a program multiplies in; beyond, the weight is better reused by tl.dot
@@ -99,11 +100,8 @@ def gemv_unfit(config: dict, problem, spec) -> str | None:
 
 
 def gemv_wasteful(config: dict, problem, spec) -> str | None:
-    for name, dim, smallest in (("gemv_block_n", "n", 4), ("gemv_block_k", "k", 64)):
-        limit = max(smallest, triton.next_power_of_2(problem[dim]))
-        if config[name] > limit:
-            return f"kernel gemv: {name}={config[name]} exceeds {dim}={problem[dim]} (at most {limit} is useful)"
-    return None
+    return tile_past_problem(config, (("gemv_block_n", "n", problem["n"], 4), ("gemv_block_k", "k", problem["k"], 64)),
+                             prefix="kernel gemv: ")
 
 
 GEMV_LAUNCH_CONSTRAINTS = (gemv_unfit,)

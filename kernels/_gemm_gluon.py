@@ -35,6 +35,7 @@ import tuneforge
 from tuneforge.dsl.roofline import gemm_config_time
 from tuneforge.dsl.space import Space, categorical
 from tuneforge.kernels import _gemm_gemv as GV
+from tuneforge.kernels._common import tile_past_problem
 from tuneforge.kernels._gemm_space import ELEM_SIZE, register_pressure
 
 try:   # triton >= 3.5 (the GPU image: 3.6)
@@ -289,12 +290,9 @@ def gluon_tiles_unfit(config: dict, problem, spec) -> str | None:
 
 def gluon_tiles_wasteful(config: dict, problem, spec) -> str | None:
     """Tiles past the problem's (padded) size only add zero-filled work."""
-    for name, dim, floor in (("block_m", "m", BLOCK_MS[0]), ("block_n", "n", BLOCK_NS[0]),
-                             ("block_k", "k", BLOCK_KS[0])):
-        limit = max(floor, triton.next_power_of_2(problem[dim]))
-        if config[name] > limit:
-            return f"kernel gluon_ws: {name}={config[name]} exceeds {dim}={problem[dim]} (at most {limit} is useful)"
-    return None
+    return tile_past_problem(config, ((name, dim, problem[dim], floor) for name, dim, floor in
+                                      (("block_m", "m", BLOCK_MS[0]), ("block_n", "n", BLOCK_NS[0]),
+                                       ("block_k", "k", BLOCK_KS[0]))), prefix="kernel gluon_ws: ")
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, consumers) per token class: up to 64 tokens one

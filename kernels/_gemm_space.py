@@ -6,7 +6,7 @@ import triton
 
 from tuneforge.dsl.problem import Problem
 from tuneforge.dsl.space import Space, categorical, pow2
-from tuneforge.kernels._common import first_rejection
+from tuneforge.kernels._common import first_rejection, tile_past_problem
 from tuneforge.dsl.devices import DeviceSpec
 
 ELEM_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -118,11 +118,8 @@ def flatten_crowds_sm(config: dict, problem: Problem, spec: DeviceSpec) -> str |
 
 
 def tile_exceeds_problem(config: dict, problem: Problem, spec: DeviceSpec) -> str | None:
-    for name, dim in (("block_m", "m"), ("block_n", "n"), ("block_k", "k")):
-        limit = max(16, triton.next_power_of_2(problem[dim]))
-        if config[name] > limit:
-            return f"{name}={config[name]} exceeds {dim}={problem[dim]} (at most {limit} is useful)"
-    return None
+    return tile_past_problem(config, ((name, dim, problem[dim], 16)
+                                      for name, dim in (("block_m", "m"), ("block_n", "n"), ("block_k", "k"))))
 
 
 # Constraints a launch must pass (the kernel could not run otherwise) ...

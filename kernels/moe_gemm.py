@@ -46,7 +46,8 @@ import tuneforge
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import InputError
-from tuneforge.kernels._common import check_tensor, checked_config, first_rejection, launch_spec, output_tensor
+from tuneforge.kernels._common import (check_tensor, checked_config, first_rejection, launch_spec, output_tensor,
+                                       tile_past_problem)
 from tuneforge.kernels._gemm_gemv import gemv_tile
 from tuneforge.kernels.gemm import _k_block, grouped_tile
 from tuneforge.kernels.moe_pack import Packed, max_padded
@@ -235,11 +236,7 @@ def tile_exceeds_problem(config: dict, problem: Problem, spec: DeviceSpec) -> Op
     tiles = (("block_m", "m*topk", problem["m"] * problem["topk"], 16), ("block_n", "output n", out_n, 16),
              ("block_k", "k", k, 16)) if _packed(config) else \
         (("slot_block_n", "output n", out_n, 4), ("slot_block_k", "k", k, 64))
-    for name, what, size, smallest in tiles:
-        limit = max(smallest, triton.next_power_of_2(size))
-        if config[name] > limit:
-            return f"{name}={config[name]} exceeds {what}={size} (at most {limit} is useful)"
-    return None
+    return tile_past_problem(config, tiles)
 
 
 LAUNCH_CONSTRAINTS = (routing_invalid, smem_overflow)
