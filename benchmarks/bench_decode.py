@@ -12,9 +12,9 @@ sets rotated past the L2); torch SDPA the engine's way (each KV head's query hea
 additive mask built once) in the same run; the floor is the K and V bytes the sequences' lengths read
 over a measured 1 GiB copy's bandwidth. Sequences end in the last 8 slots (the last at ctx - 1). Every
 timed kernel output and SDPA's are first checked against the fp64 reference of the first and last
-sequence (outputs NaN-poisoned). Where the default splits, it is also timed with the combine launched
-the other way than served: as a programmatic dependent of the split kernel (``default_pdl_us``, while
-``decode_attention.PDL`` is off) or plainly (``default_no_pdl_us``). Shapes whose
+sequence (outputs NaN-poisoned). Where the default splits, it is also timed with its two kernels
+launched the other way than served: chained as programmatic dependents (``default_pdl_us``, while
+``kernels/_common.CHAINED`` is off) or plainly (``default_no_pdl_us``). Shapes whose
 cache does not fit in half the free device memory are skipped (a row says so).
 
 ``--distributed``: for 2 and 4 processes sharing the one GPU (CPU ranks without one), every form of
@@ -38,6 +38,7 @@ from tuneforge.dsl import Problem, get  # noqa: E402
 from tuneforge.dsl.check import compare, poison, split_out  # noqa: E402
 from tuneforge.dsl.problem import DTYPES  # noqa: E402
 from tuneforge.kernels import decode_attention as DA  # noqa: E402
+from tuneforge.kernels import _common as C  # noqa: E402
 from tuneforge.kernels._common import launch_spec  # noqa: E402
 from tuneforge.tune.measure import time_calls  # noqa: E402
 
@@ -151,12 +152,12 @@ def bench_row(args, device, spec, copy_bps, batch: int, ctx: int) -> dict:
     row["default_us"], row["check"] = ours_us(default)
     row["config"] = default
     if gpu and DA.split_plan(ctx, default)[0] > 1:      # the combine as a dependent launch, or not: the other way
-        served = DA.PDL
-        DA.PDL = not served
+        served = C.CHAINED
+        C.CHAINED = not served
         try:
             row["default_no_pdl_us" if served else "default_pdl_us"], status = ours_us(default)
         finally:
-            DA.PDL = served
+            C.CHAINED = served
         if status != "ok":
             row["check"] = f"with PDL={not served}: {status}"
     row["sweep"] = [dict(default, us=row["default_us"])]      # every timed config: the split x tiling landscape
@@ -283,7 +284,7 @@ def main(argv=None) -> int:
     device, spec, copy_bps = bench_device(args.copy_mib)
     started = time.perf_counter()
     rows = bench(args, device, spec, copy_bps)
-    columns = ["batch", "ctx", "MB", "default_us", "default_pdl_us" if not DA.PDL else "default_no_pdl_us", "best_us", "sdpa_us", "floor_us",
+    columns = ["batch", "ctx", "MB", "default_us", "default_pdl_us" if not C.CHAINED else "default_no_pdl_us", "best_us", "sdpa_us", "floor_us",
                "pct_floor_default", "pct_floor_best", "pct_floor_sdpa", "vs_sdpa", "target_pct", "check"]
     print_table(rows, columns)
     timed = [r for r in rows if "best_us" in r]

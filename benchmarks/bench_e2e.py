@@ -19,6 +19,11 @@ builds its own.
     python benchmarks/bench_e2e.py --bsz 1 32 --hf-compile           # + transformers static cache + compile
     python benchmarks/bench_e2e.py --model Qwen3-30B-A3B --bsz 1 32  # MoE: floor of the touched experts
     python benchmarks/bench_e2e.py --quick                           # Qwen3-0.6B on a GPU; a tiny model on the CPU
+    python benchmarks/bench_e2e.py --bsz 1 --unchained --no-hf       # + tuned with every launch unchained
+
+``--unchained`` adds tuned dispatch with every kernel launched the ordinary way (``TUNEFORGE_PDL=0``;
+``kernels/_common.chained``) beside the chained launches it serves with: the rows ``tuneforge tuned``
+carry ``decode_vs_unchained`` / ``prefill_vs_unchained`` (> 1: chaining is faster).
 
 torch.compile compiles once per (batch, cache length): ~4 minutes each for Qwen3-32B on an H200.
 """
@@ -38,6 +43,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import print_table, write_results  # noqa: E402
 from tuneforge.engine.dispatch import open_ops  # noqa: E402
+from tuneforge.kernels import _common as kernel_common  # noqa: E402
 from tuneforge.engine.generate import (BATCH_BUCKETS, PREFILL_GRAPH_TOKENS, SLOT_ALIGN, Generator,  # noqa: E402
                                        hbm_bandwidth, time_generation)
 from tuneforge.dsl.problem import bucket  # noqa: E402
@@ -48,6 +54,7 @@ TINY = ModelConfig(name="tiny-qwen3", hidden_size=64, intermediate_size=128, num
                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
                    max_position_embeddings=512)
 HF_EAGER, HF_COMPILE = "transformers eager", "transformers static cache + torch.compile"
+UNCHAINED = ", unchained"       # tuned dispatch with no programmatic dependent launch (--unchained)
 
 
 def free_memory() -> None:
@@ -104,8 +111,11 @@ def bench_tuneforge(cfg, args, device, dtype) -> tuple[list[dict], dict]:
     rows = []
     model = load_model(cfg.name, config=cfg, random=True, dtype=dtype, device=device)
     weights = {bsz: model.streamed_weight_bytes(bsz) for bsz in args.bsz}
-    for mode in args.dispatch:
-        impl = f"tuneforge {mode}"
+    served = kernel_common.CHAINED      # TUNEFORGE_PDL=0 serves unchained: --unchained adds nothing then
+    runs = [(f"tuneforge {mode}", mode, served) for mode in args.dispatch]
+    runs += [("tuneforge tuned" + UNCHAINED, "tuned", False)] if args.unchained and served else []
+    for impl, mode, chained in runs:
+        kernel_common.CHAINED = chained       # read at each launch: the generator's graphs capture it
         ops = open_ops(mode, db=args.db, model=cfg.name, tp=1, allow_predicted=args.allow_predicted)
         for ctx in args.ctx:
             for bsz in args.bsz:
@@ -135,6 +145,7 @@ def bench_tuneforge(cfg, args, device, dtype) -> tuple[list[dict], dict]:
                     rows.append(skipped(impl, bsz, ctx, args.gen, f"out of memory: {str(e).splitlines()[0]}"))
                 del gen
                 free_memory()
+    kernel_common.CHAINED = served
     del model
     free_memory()
     return rows, weights
@@ -273,6 +284,10 @@ def compare(rows: list[dict], weights: dict, cfg, args, itemsize: int, bandwidth
             r["pct_floor"] = 100.0 * r["floor_ms_per_token"] / r["decode_ms_per_token"]
             r["pct_floor_kv"] = 100.0 * r["floor_kv_ms_per_token"] / r["decode_ms_per_token"]
         base = by.get(("tuneforge baseline", *key))
+        unchained = by.get(("tuneforge tuned" + UNCHAINED, *key))
+        if r["impl"] == "tuneforge tuned" and unchained:
+            r["prefill_vs_unchained"] = unchained["prefill_ms"] / r["prefill_ms"]
+            r["decode_vs_unchained"] = unchained["decode_ms_per_token"] / r["decode_ms_per_token"]
         if r["impl"] == "tuneforge tuned" and base:
             r["prefill_vs_baseline"] = base["prefill_ms"] / r["prefill_ms"]
             r["decode_vs_baseline"] = base["decode_ms_per_token"] / r["decode_ms_per_token"]
@@ -299,6 +314,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--hf-compile", action="store_true",
                    help="also transformers' static cache + torch.compile (compiles per batch and context: slow)")
+    p.add_argument("--unchained", action="store_true",
+                   help="also tuned dispatch with every kernel launched unchained (no programmatic dependent launch)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: Qwen3-0.6B, bsz 1 and 8, ctx 64, gen 32 (CPU: a tiny model, ctx 8, gen 4)")
     p.add_argument("--tag", help="results file e2e-TAG-<device>-<date>.json (several runs a day)")
@@ -329,7 +346,7 @@ def main(argv=None) -> int:
                                                    f"({weights[b] / 1e9:.1f} GB)" for b in sorted(weights))
              + f" at {bandwidth / 1e12:.2f} TB/s measured copy bandwidth" if bandwidth else "no GPU: no floor"))
     print_table(rows, ["impl", "ctx", "bsz", "prefill_ms", "prefill_eager_ms", "decode_ms_per_token", "tokens_per_s",
-                       "pct_floor", "pct_floor_kv", "prefill_vs_baseline", "decode_vs_baseline",
+                       "pct_floor", "pct_floor_kv", "prefill_vs_baseline", "decode_vs_baseline", "decode_vs_unchained",
                        "decode_speedup_vs_hf", "decode_speedup_vs_hf_compile", "skipped"])
     slower = summary["tuned_prefill_slower_than_baseline"]
     print("tuned prefill slower than baseline at " + ", ".join(

@@ -10,17 +10,22 @@ than one tile is covered by more column programs (``tile_space``, ``tile_constra
 ``tile_grid`` and the device side ``row_tile``). Powers of two are ``triton.next_power_of_2``.
 
 Device side: ``copy_rows``, a flat copy (``allgather_gemm``'s shares, ``moe_alltoall``'s staged rows).
+
+Chained launches: ``chained(t)`` (host, the launch's keyword arguments) and ``await_previous(PDL)``
+(device, a kernel's first step), programmatic dependent launch for the kernels of a decode step.
 """
 from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import replace
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 import tuneforge
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2
@@ -124,6 +129,38 @@ def launch_spec(device: torch.device, persistent: bool = True) -> DeviceSpec:
     if persistent:
         return replace(SPECS[DEFAULT_TARGET], name="interpreter", sms=4, features=frozenset())
     return SPECS[DEFAULT_TARGET]
+
+
+# --- chained launches ------------------------------------------------------------------------------
+# On sm_90+ the one-launch kernels of a decode step (GEMMs, row ops, routing, experts, attention) launch
+# as programmatic dependents of the kernel before them, in CUDA graphs too: a kernel's launch and its
+# programs' start overlap the previous kernel's tail, and each program waits (``await_previous``) for
+# that kernel's stores before it touches memory. Kernels launched the ordinary way (torch's, the
+# collectives) simply start after the one before them ends. TUNEFORGE_PDL=0 launches every kernel the
+# ordinary way; ``CHAINED`` is read at each launch.
+CHAINED = os.environ.get("TUNEFORGE_PDL", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _has_dependent_launch(index: Optional[int]) -> bool:
+    return torch.version.cuda is not None and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def chained(t: torch.Tensor) -> dict:
+    """The launch keywords of a kernel that calls ``await_previous``: a programmatic dependent launch
+    where ``t``'s device has it (Hopper and later; never under the interpreter)."""
+    on = CHAINED and t.is_cuda and not tuneforge.INTERPRETED and _has_dependent_launch(t.device.index)
+    return {"PDL": on, "launch_pdl": on}
+
+
+@triton.jit
+def await_previous(PDL: tl.constexpr):
+    """A chained kernel's first step: wait until the kernel before it has finished and its stores are
+    visible (nothing before this may load what another kernel writes, or store), then let the next
+    kernel launch while this one runs."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 # --- configs at launch ---------------------------------------------------------------------------

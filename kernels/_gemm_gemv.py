@@ -18,7 +18,7 @@ import triton.language as tl
 
 from tuneforge.dsl.roofline import HBM_LATENCY_S, roofline
 from tuneforge.dsl.space import categorical, pow2
-from tuneforge.kernels._common import tile_past_problem
+from tuneforge.kernels._common import await_previous, chained, tile_past_problem
 from tuneforge.kernels._gemm_space import ELEM_SIZE
 
 GEMV_MAX_M = 8                  # rows a program multiplies in; beyond, the weight is better reused by tl.dot
@@ -59,7 +59,8 @@ def gemv_tile(x_rows, row_ok, w_rows, stride_wk, K, BLOCK_M: tl.constexpr, BLOCK
 
 @triton.jit
 def _gemv_kernel(x, w, y, M, N, K, stride_xm, stride_wn, stride_wk, stride_ym, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -77,7 +78,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, config: dict) -> t
     n, bn, bk = w.shape[0], config["gemv_block_n"], config["gemv_block_k"]
     _gemv_kernel[(triton.cdiv(n, bn),)](x, w, out, m, n, k, x.stride(0), w.stride(0), w.stride(1), out.stride(0),
                                         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, BLOCK_K=bk,
-                                        EVEN_K=k % bk == 0, num_warps=config["gemv_warps"])
+                                        EVEN_K=k % bk == 0, num_warps=config["gemv_warps"], **chained(x))
     return out
 
 

@@ -25,21 +25,16 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 import tuneforge
 from tuneforge.dsl import Problem, Space, Template, categorical, register
 from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import InputError
 from tuneforge.kernels import gemm as G
-from tuneforge.kernels._common import check_tensor, launch_spec
+from tuneforge.kernels._common import await_previous, chained, check_tensor, launch_spec
 from tuneforge.dsl.roofline import HBM_LATENCY_S, kernel_floor, roofline
 
 OP = "decode_attention"
-# The combine kernel as a programmatic dependent launch where the device has it (sm_90+). Off until a
-# GPU run has checked it (compiled for sm_90 only; the two-kernel path without it is what ran): opt in
-# with decode_attention.PDL = True.
-PDL = False
 LOG2E = 1.4426950408889634
 MIN_ROWS = 16          # tl.dot's smallest M: the query heads of a group are padded to it
 
@@ -153,8 +148,7 @@ def _decode_attention_kernel(q, k, v, pos, out, part, kv_heads, splits, chunk,
                              GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
                              INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr):
-    if PDL:     # the combine kernel may start launching now: its programs wait for this grid's stores
-        gdc_launch_dependents()
+    await_previous(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // kv_heads
@@ -178,11 +172,8 @@ def _combine_kernel(part, out, kv_heads, splits, stride_ob, stride_oh, GROUP: tl
                     BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                     PDL: tl.constexpr):
     """Query head ``row`` of the group of (sequence, KV head) ``bh``: all ``splits`` of its
-    ``store_split`` partials in one load of [BLOCK_S, BLOCK_D], rescaled to their common max and summed.
-    ``PDL``: launched as a programmatic dependent of the split kernel (its launch overlaps that
-    kernel's run), so it waits for that grid's completion before reading the partials."""
-    if PDL:
-        gdc_wait()
+    ``store_split`` partials in one load of [BLOCK_S, BLOCK_D], rescaled to their common max and summed."""
+    await_previous(PDL)
     bh = tl.program_id(0)
     row = tl.program_id(1)
     b = bh // kv_heads
@@ -241,18 +232,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     meta = kernel_meta(q, heads // kv_heads, d, cfg)
     splits, chunk = split_plan(length, cfg)
     part = G.workspace(q.device, workspace_floats(b * kv_heads, splits, meta), 0)[0] if splits > 1 else out
-    # programmatic dependent launch (sm_90+): the combine's launch latency hides under the split kernel
-    pdl = PDL and splits > 1 and q.is_cuda and not tuneforge.INTERPRETED \
-        and torch.cuda.get_device_capability(q.device)[0] >= 9
     _decode_attention_kernel[(b * kv_heads, splits)](
         q, k, v, positions, out, part, kv_heads, splits, chunk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), positions.stride(0), LOG2E / math.sqrt(d), PDL=pdl, **meta)
+        out.stride(0), out.stride(1), positions.stride(0), LOG2E / math.sqrt(d), **meta, **chained(q))
     if splits > 1:
         _combine_kernel[(b * kv_heads, heads // kv_heads)](
             part, out, kv_heads, splits, out.stride(0), out.stride(1), GROUP=meta["GROUP"], BLOCK_G=meta["BLOCK_G"],
-            HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_S=triton.next_power_of_2(splits), PDL=pdl, num_warps=4,
-            launch_pdl=pdl)
+            HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_S=triton.next_power_of_2(splits), num_warps=4,
+            **chained(q))
     return out
 
 

@@ -35,7 +35,8 @@ import tuneforge
 from tuneforge.dsl.problem import DTYPE_NAMES, Problem
 from tuneforge.dsl.template import Template, register
 from tuneforge.errors import InputError
-from tuneforge.kernels._common import check_linear, check_tensor, checked_config, first_rejection, launch_spec
+from tuneforge.kernels._common import (await_previous, chained, check_linear, check_tensor, checked_config,
+                                       first_rejection, launch_spec)
 from tuneforge.kernels import _gemm_gemv as GV
 from tuneforge.kernels import _gemm_gluon as GW
 from tuneforge.kernels._gemm_space import (  # noqa: F401  (the policy fused kernels and tests use as gemm's)
@@ -318,7 +319,7 @@ def _gemm_kernel(x, w, w_lo, y, partial, counts, res, norm_w, x_rows, M, N, K, s
                  GROUP_M: tl.constexpr,
                  STREAM: tl.constexpr, FLATTEN: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr,
                  UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                 NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr):
+                 NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
     """Persistent. The first ``whole_tiles`` tiles go whole, program p taking tiles p, p + num_programs,
     ...; the rest are computed in K slices that meet in the fp32 workspace ``partial``. ``STREAM``
     (stream-K, no whole tiles): the K iterations of the weight's columns, laid end to end, are cut
@@ -334,6 +335,7 @@ def _gemm_kernel(x, w, w_lo, y, partial, counts, res, norm_w, x_rows, M, N, K, s
     before its loop); ``SILU`` y[:, j] = silu(g_j) * u_j with
     g_j, u_j the columns j and N + j of x @ w.T (w has 2N rows, gate then up: two accumulators; a K
     slice's stored interleaved, summed, split at the store); ``RESIDUAL`` y = x @ w.T + res, in any schedule (whoever stores the tile adds it)."""
+    await_previous(PDL)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N + BLOCK_N_LO)
     tiles_mn = num_pid_m * num_pid_n
@@ -654,7 +656,7 @@ def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, c
         USE_TMA=use_tma, EVEN_K=k % bk == 0, UPCAST=interpreted and x.dtype != torch.float32,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 or interpreted else "tf32",
         NORM=norm, SILU=silu, RESIDUAL=residual is not None,
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **chained(x))
     return out
 
 

@@ -46,7 +46,7 @@ import tuneforge
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import InputError
-from tuneforge.kernels._common import (check_tensor, checked_config, first_rejection, launch_spec, output_tensor,
+from tuneforge.kernels._common import (await_previous, chained, check_tensor, checked_config, first_rejection, launch_spec, output_tensor,
                                        tile_past_problem)
 from tuneforge.kernels._gemm_gemv import gemv_tile
 from tuneforge.kernels.gemm import _k_block, grouped_tile
@@ -77,10 +77,11 @@ def _moe_gemm_kernel(x, w, y, sorted_ids, block_expert, padded_count, routed_wei
                      TOP_K: tl.constexpr, GATHER: tl.constexpr, SILU_MUL: tl.constexpr, WEIGHTED: tl.constexpr,
                      ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-                     INPUT_PRECISION: tl.constexpr):
+                     INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """One [BLOCK_M sorted slots, BLOCK_N output columns] tile; N is the output's width (the gate
     half's with SILU_MUL: its up column j is weight row N + j). ATOMIC: rows added into y [T, N] at
     the slot's token; else stored at the slot."""
+    await_previous(PDL)
     pid_m, pid_n = grouped_tile(tl.program_id(0), blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M < tl.load(padded_count):
         expert = tl.load(block_expert + pid_m).to(tl.int64)
@@ -119,11 +120,12 @@ def _moe_gemm_kernel(x, w, y, sorted_ids, block_expert, padded_count, routed_wei
 def _moe_gemv_kernel(x, w, y, topk_ids, routed_weights, experts, N, K, stride_xm, stride_we, stride_wn, stride_wk,
                      stride_ym, stride_it, stride_ik, TOP_K: tl.constexpr, GATHER: tl.constexpr,
                      SILU_MUL: tl.constexpr, WEIGHTED: tl.constexpr, COMBINE: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
     """``per_slot``: [BLOCK_N] output columns of routed slot ``program_id(0)`` (COMBINE: of token
     ``program_id(0)``, the weighted sum over its TOP_K slots, taken in turn): gemm's ``gemv_tile`` of the
     slot's row and its expert's weight rows (SILU_MUL: the gate and up rows in one tile). A slot whose
     id is outside [0, experts) is not written (COMBINE: adds 0)."""
+    await_previous(PDL)
     r = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     # the weight rows of this column block (SILU_MUL: its gate rows, then its up rows N further on),
@@ -153,8 +155,9 @@ def _moe_gemv_kernel(x, w, y, topk_ids, routed_weights, experts, N, K, stride_xm
 
 
 @triton.jit
-def _sum_rows_kernel(src, out, N, stride_src, stride_out, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _sum_rows_kernel(src, out, N, stride_src, stride_out, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """out[t, :] = sum of src[t * ROWS + j, :] over j < ROWS, in fp32 (ROWS 1: a cast)."""
+    await_previous(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -168,7 +171,7 @@ def _sum_rows(src: torch.Tensor, out: torch.Tensor, rows: int) -> None:
     block_n = min(1024, triton.next_power_of_2(out.shape[1]))
     grid = (out.shape[0], triton.cdiv(out.shape[1], block_n))
     _sum_rows_kernel[grid](src, out, out.shape[1], src.stride(0), out.stride(0), ROWS=rows, BLOCK_N=block_n,
-                           num_warps=max(1, min(8, block_n // 256)))
+                           num_warps=max(1, min(8, block_n // 256)), **chained(src))
 
 
 # --- space, constraints, default config ----------------------------------------------------------
@@ -404,7 +407,7 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, packed: Packed | torch.Tensor, *,
             x.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0), packed.stride(0), packed.stride(1),
             TOP_K=top_k, GATHER=bool(gather), SILU_MUL=activation == "silu_mul",
             WEIGHTED=routed_weights is not None, COMBINE=bool(combine), BLOCK_N=bn, BLOCK_K=config["slot_block_k"],
-            EVEN_K=k % config["slot_block_k"] == 0, num_warps=config["slot_warps"], num_stages=1)
+            EVEN_K=k % config["slot_block_k"] == 0, num_warps=config["slot_warps"], num_stages=1, **chained(x))
         return out
     atomic = combine and config["combine"] == "atomic"
     if not combine:
@@ -426,7 +429,7 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, packed: Packed | torch.Tensor, *,
         ATOMIC=atomic, BLOCK_M=packed.block_m, BLOCK_N=bn, BLOCK_K=config["block_k"], GROUP_M=config["group_m"],
         EVEN_K=k % config["block_k"] == 0, UPCAST=interpreted and x.dtype != torch.float32,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 or interpreted else "tf32",
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **chained(x))
     if combine and y is not out:
         _sum_rows(y, out, 1 if atomic else top_k)
     return out

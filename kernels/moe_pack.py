@@ -40,7 +40,7 @@ import triton.language as tl
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.dsl.roofline import HBM_LATENCY_S, eager_time, roofline
 from tuneforge.errors import InputError
-from tuneforge.kernels._common import MAX_TILE_ELEMENTS, MAX_ELEMENTS_PER_THREAD
+from tuneforge.kernels._common import MAX_ELEMENTS_PER_THREAD, MAX_TILE_ELEMENTS, await_previous, chained
 
 OP = "moe_pack"
 # The template's problem (m, experts, topk) serves every GEMM block_m: the chunk tiles do not depend on
@@ -132,7 +132,8 @@ def _store_block_experts(end, e_ok, padded_count, block_expert_ptr, blocks, BLOC
 
 @triton.jit
 def _count_kernel(ids_ptr, counts_ptr, sorted_ptr, slots, experts, padded, fill_per_program,
-                  BLOCK: tl.constexpr, E_PAD: tl.constexpr, FILL: tl.constexpr):
+                  BLOCK: tl.constexpr, E_PAD: tl.constexpr, FILL: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     chunk = tl.program_id(0)
     offs, ids, hot = _one_hot(ids_ptr, chunk, slots, BLOCK, E_PAD)
     experts_range = tl.arange(0, E_PAD)
@@ -145,7 +146,8 @@ def _count_kernel(ids_ptr, counts_ptr, sorted_ptr, slots, experts, padded, fill_
 @triton.jit
 def _offsets_kernel(counts_ptr, offsets_ptr, block_expert_ptr, padded_count_ptr, chunks, experts, blocks,
                     BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNKS_TILE: tl.constexpr,
-                    BLOCKS_TILE: tl.constexpr):
+                    BLOCKS_TILE: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     experts_range = tl.arange(0, E_PAD)
     e_ok = experts_range < experts
     total = tl.zeros([E_PAD], dtype=tl.int32)
@@ -172,7 +174,8 @@ def _offsets_kernel(counts_ptr, offsets_ptr, block_expert_ptr, padded_count_ptr,
 
 @triton.jit
 def _scatter_kernel(ids_ptr, offsets_ptr, sorted_ptr, slots, experts,
-                    BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+                    BLOCK: tl.constexpr, E_PAD: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     chunk = tl.program_id(0)
     offs, ids, hot = _one_hot(ids_ptr, chunk, slots, BLOCK, E_PAD)
     rank = tl.sum(tl.cumsum(hot, axis=0) * hot, axis=1) - 1          # earlier slots of the same expert
@@ -184,8 +187,9 @@ def _scatter_kernel(ids_ptr, offsets_ptr, sorted_ptr, slots, experts,
 @triton.jit
 def _pack_one_kernel(ids_ptr, sorted_ptr, block_expert_ptr, padded_count_ptr, slots, experts, padded, blocks,
                      BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr, FILL: tl.constexpr,
-                     BLOCKS_TILE: tl.constexpr):
+                     BLOCKS_TILE: tl.constexpr, PDL: tl.constexpr):
     """All three launches' work in one program, for ``slots <= BLOCK``: the counts stay in registers."""
+    await_previous(PDL)
     offs, ids, hot = _one_hot(ids_ptr, 0, slots, BLOCK, E_PAD)
     e_ok = tl.arange(0, E_PAD) < experts
     runs = (tl.where(e_ok, tl.sum(hot, axis=0), 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
@@ -220,18 +224,18 @@ def pack(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, out: Optiona
             raise InputError(f"{OP}: config single=1 packs in one program: {slots} slots > block {cfg['block']}")
         _pack_one_kernel[(1,)](ids, packed.sorted_ids, packed.block_expert, packed.padded_count, slots,
                                num_experts, padded, blocks, BLOCK_M=block_m, BLOCK=cfg["block"], E_PAD=e_pad,
-                               FILL=_FILL, BLOCKS_TILE=tile(blocks), num_warps=cfg["num_warps"])
+                               FILL=_FILL, BLOCKS_TILE=tile(blocks), num_warps=cfg["num_warps"], **chained(ids))
         return packed
     counts = torch.empty(chunks, num_experts, dtype=torch.int32, device=buf.device)
     offsets = torch.empty_like(counts)
     fill = triton.cdiv(padded, chunks)
     _count_kernel[(chunks,)](ids, counts, packed.sorted_ids, slots, num_experts, padded, fill,
-                             BLOCK=cfg["block"], E_PAD=e_pad, FILL=_FILL, num_warps=cfg["num_warps"])
+                             BLOCK=cfg["block"], E_PAD=e_pad, FILL=_FILL, num_warps=cfg["num_warps"], **chained(ids))
     _offsets_kernel[(1,)](counts, offsets, packed.block_expert, packed.padded_count, chunks, num_experts, blocks,
                           BLOCK_M=block_m, E_PAD=e_pad, CHUNKS_TILE=tile(chunks), BLOCKS_TILE=tile(blocks),
-                          num_warps=4)
+                          num_warps=4, **chained(ids))
     _scatter_kernel[(chunks,)](ids, offsets, packed.sorted_ids, slots, num_experts,
-                               BLOCK=cfg["block"], E_PAD=e_pad, num_warps=cfg["num_warps"])
+                               BLOCK=cfg["block"], E_PAD=e_pad, num_warps=cfg["num_warps"], **chained(ids))
     return packed
 
 

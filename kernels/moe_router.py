@@ -37,7 +37,7 @@ import triton.language as tl
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.errors import InputError
 from tuneforge.dsl.roofline import HBM_LATENCY_S, eager_time, roofline
-from tuneforge.kernels._common import check_tensor, tile_reject_reason
+from tuneforge.kernels._common import await_previous, chained, check_tensor, tile_reject_reason
 
 OP = "moe_router"
 STRATEGIES = ("naive", "fused", "masked", "sinkhorn")
@@ -49,7 +49,8 @@ MASKED_MAX_EXPERTS = 16
 @triton.jit
 def _topk_softmax_kernel(logits_ptr, scores_ptr, w_ptr, ids_ptr, m, experts, stride_l, stride_s, stride_w,
                          stride_ids, TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
-                         ROWS: tl.constexpr, RENORM: tl.constexpr, HAS_SCORES: tl.constexpr):
+                         ROWS: tl.constexpr, RENORM: tl.constexpr, HAS_SCORES: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, E_PAD)
     r = rows.to(tl.int64)[:, None]
@@ -114,7 +115,7 @@ def _fused(logits, top_k, norm_topk_prob, out, ids_out, config, scores=None):
     _topk_softmax_kernel[(triton.cdiv(m, cfg["rows"]),)](
         logits, sel, out, ids_out, m, experts, logits.stride(0), sel.stride(0), out.stride(0), ids_out.stride(0),
         TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=e_pad, ROWS=cfg["rows"],
-        RENORM=bool(norm_topk_prob), HAS_SCORES=scores is not None, num_warps=cfg["num_warps"])
+        RENORM=bool(norm_topk_prob), HAS_SCORES=scores is not None, num_warps=cfg["num_warps"], **chained(logits))
 
 
 def sinkhorn_scores(logits: torch.Tensor, iters: int, temperature: float) -> torch.Tensor:

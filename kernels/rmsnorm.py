@@ -25,7 +25,7 @@ import triton.language as tl
 
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.errors import InputError
-from tuneforge.kernels._common import (check_tensor, launch_spec, output_tensor, row_bytes, row_tile_cost, seeded_randn,
+from tuneforge.kernels._common import (await_previous, chained, check_tensor, launch_spec, output_tensor, row_bytes, row_tile_cost, seeded_randn,
                                        tile_constraints)
 from tuneforge.dsl.roofline import elementwise_time
 
@@ -51,7 +51,8 @@ def _load_h(x_ptr, res_ptr, res_out_ptr, r, cols, mask, stride_x, stride_res, st
 def _rmsnorm_kernel(x_ptr, res_ptr, res_out_ptr, w_ptr, y_ptr, m, n,
                     stride_x, stride_res, stride_res_out, stride_y, eps,
                     HAS_RESIDUAL: tl.constexpr, SINGLE_PASS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+                    BLOCK_N: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < m
     r = rows.to(tl.int64)[:, None]  # row offsets overflow int32 past 2^31 elements
@@ -118,7 +119,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = QWEN3_EPS, *,
         x, res, res_out, weight, out, m, n,
         x.stride(0), res.stride(0), res_out.stride(0), out.stride(0), float(eps),
         HAS_RESIDUAL=has_res, SINGLE_PASS=cfg["block_n"] >= n,
-        BLOCK_N=cfg["block_n"], ROWS=cfg["rows"], num_warps=cfg["num_warps"])
+        BLOCK_N=cfg["block_n"], ROWS=cfg["rows"], num_warps=cfg["num_warps"], **chained(x))
     return out
 
 

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.errors import InputError
-from tuneforge.kernels._common import (MAX_ELEMENTS_PER_THREAD, MAX_TILE_ELEMENTS, check_tensor, launch_spec,
+from tuneforge.kernels._common import (MAX_ELEMENTS_PER_THREAD, MAX_TILE_ELEMENTS, await_previous, chained, check_tensor, launch_spec,
                                        output_tensor)
 from tuneforge.dsl.roofline import eager_time, elementwise_time
 
@@ -42,7 +42,8 @@ QWEN3_EPS = 1e-6
 @triton.jit
 def _rope_qk_norm_kernel(qkv_ptr, out_ptr, pos_ptr, inv_freq_ptr, q_w_ptr, k_w_ptr, m, heads, qk_heads,
                          stride_qkv, stride_out, eps, attention_factor,
-                         HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, HEADS: tl.constexpr, ROWS: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, HEADS: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     half = HEAD_DIM // 2
     head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
     col = tl.arange(0, BLOCK_HALF)
@@ -175,7 +176,7 @@ def rope_qk_norm(qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Ten
                                k_weight, m, heads, qk_heads, qkv.stride(0), out.stride(0), float(eps),
                                attention_factor(scaling),
                                HEAD_DIM=head_dim, BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
-                               HEADS=cfg["heads"], ROWS=cfg["rows"], num_warps=cfg["num_warps"])
+                               HEADS=cfg["heads"], ROWS=cfg["rows"], num_warps=cfg["num_warps"], **chained(qkv))
     return out
 
 

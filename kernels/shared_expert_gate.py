@@ -21,7 +21,7 @@ import triton.language as tl
 
 from tuneforge.dsl import Problem, register
 from tuneforge.errors import InputError
-from tuneforge.kernels._common import (check_tensor, launch_spec, output_tensor, row_bytes, row_tile,
+from tuneforge.kernels._common import (await_previous, chained, check_tensor, launch_spec, output_tensor, row_bytes, row_tile,
                                        row_tile_template, seeded_randn, tile_default, tile_grid)
 
 OP = "shared_expert_gate"
@@ -32,7 +32,8 @@ OP = "shared_expert_gate"
 @triton.jit
 def _shared_expert_gate_kernel(final_ptr, gate_ptr, shared_ptr, out_ptr, m, n, tiles_n,
                                stride_final, stride_gate, stride_shared, stride_out,
-                               BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+                               BLOCK_N: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     rows, cols = row_tile(tiles_n, ROWS, BLOCK_N)
     row_ok = rows < m
     mask = row_ok[:, None] & (cols < n)[None, :]
@@ -70,7 +71,7 @@ def shared_expert_gate(final: torch.Tensor, gate_logits: torch.Tensor, shared_ou
     grid, tiles_n = tile_grid(m, n, cfg)
     _shared_expert_gate_kernel[grid](final, gate_logits, shared_out, out, m, n, tiles_n,
                                      final.stride(0), gate_logits.stride(0), shared_out.stride(0), out.stride(0),
-                                     BLOCK_N=cfg["block_n"], ROWS=cfg["rows"], num_warps=cfg["num_warps"])
+                                     BLOCK_N=cfg["block_n"], ROWS=cfg["rows"], num_warps=cfg["num_warps"], **chained(final))
     return out
 
 

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from tuneforge.dsl import Problem, register
 from tuneforge.errors import InputError
-from tuneforge.kernels._common import (check_tensor, launch_spec, output_tensor, row_bytes, row_tile,
+from tuneforge.kernels._common import (await_previous, chained, check_tensor, launch_spec, output_tensor, row_bytes, row_tile,
                                        row_tile_template, seeded_randn, tile_default, tile_grid)
 
 OP = "silu_mul"
@@ -25,7 +25,8 @@ OP = "silu_mul"
 
 @triton.jit
 def _silu_mul_kernel(x_ptr, y_ptr, m, n, tiles_n, stride_x, stride_y,
-                     BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+                     BLOCK_N: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     rows, cols = row_tile(tiles_n, ROWS, BLOCK_N)
     mask = (rows < m)[:, None] & (cols < n)[None, :]
     x_row = x_ptr + rows.to(tl.int64)[:, None] * stride_x   # int64: offsets pass 2^31 on long prefills
@@ -51,7 +52,7 @@ def silu_mul(x: torch.Tensor, *, out: Optional[torch.Tensor] = None, config: Opt
     cfg = config or tile_default(m, n, launch_spec(x.device, persistent=False))
     grid, tiles_n = tile_grid(m, n, cfg)
     _silu_mul_kernel[grid](x, out, m, n, tiles_n, x.stride(0), out.stride(0),
-                           BLOCK_N=cfg["block_n"], ROWS=cfg["rows"], num_warps=cfg["num_warps"])
+                           BLOCK_N=cfg["block_n"], ROWS=cfg["rows"], num_warps=cfg["num_warps"], **chained(x))
     return out
 
 
