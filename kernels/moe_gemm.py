@@ -120,9 +120,10 @@ def _moe_gemm_kernel(x, w, y, sorted_ids, block_expert, padded_count, routed_wei
 def _moe_gemv_kernel(x, w, y, topk_ids, routed_weights, experts, N, K, stride_xm, stride_we, stride_wn, stride_wk,
                      stride_ym, stride_it, stride_ik, TOP_K: tl.constexpr, GATHER: tl.constexpr,
                      SILU_MUL: tl.constexpr, WEIGHTED: tl.constexpr, COMBINE: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr):
     """``per_slot``: [BLOCK_N] output columns of routed slot ``program_id(0)`` (COMBINE: of token
-    ``program_id(0)``, the weighted sum over its TOP_K slots, taken in turn): gemm's ``gemv_tile`` of the
+    ``program_id(0)``, the weighted sum over its TOP_K slots; where K fits one tile their loads are in flight
+    together, else the slots are taken in turn): gemm's ``gemv_tile`` of the
     slot's row and its expert's weight rows (SILU_MUL: the gate and up rows in one tile). A slot whose
     id is outside [0, experts) is not written (COMBINE: adds 0)."""
     await_previous(PDL)
@@ -140,7 +141,8 @@ def _moe_gemv_kernel(x, w, y, topk_ids, routed_weights, experts, N, K, stride_xm
         routed = (expert >= 0) & (expert < experts)
         x_row = x + (s // TOP_K if GATHER else s) * stride_xm + tl.zeros((1, 1), tl.int64)
         w_rows = w + tl.where(routed, expert, 0) * stride_we + rows_n[:, None]
-        acc = tl.sum(gemv_tile(x_row, tl.full((1,), 1, tl.int1), w_rows, stride_wk, K, 1, W_ROWS, BLOCK_K, EVEN_K), 0)
+        acc = tl.sum(gemv_tile(x_row, tl.full((1,), 1, tl.int1), w_rows, stride_wk, K, 1, W_ROWS, BLOCK_K, EVEN_K,
+                                 ONE_TILE), 0)
         if SILU_MUL:
             gate, up = tl.split(tl.trans(tl.reshape(acc, (2, BLOCK_N))))
             acc = gate * tl.sigmoid(gate) * up
@@ -407,7 +409,8 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, packed: Packed | torch.Tensor, *,
             x.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0), packed.stride(0), packed.stride(1),
             TOP_K=top_k, GATHER=bool(gather), SILU_MUL=activation == "silu_mul",
             WEIGHTED=routed_weights is not None, COMBINE=bool(combine), BLOCK_N=bn, BLOCK_K=config["slot_block_k"],
-            EVEN_K=k % config["slot_block_k"] == 0, num_warps=config["slot_warps"], num_stages=1, **chained(x))
+            EVEN_K=k % config["slot_block_k"] == 0, ONE_TILE=k <= config["slot_block_k"], num_warps=config["slot_warps"],
+            num_stages=1, **chained(x))
         return out
     atomic = combine and config["combine"] == "atomic"
     if not combine:

@@ -21,7 +21,12 @@ def test_nothing_is_chained_under_the_interpreter_or_when_switched_off(monkeypat
 def test_chained_kernels_compile_for_sm90_with_pdl_on():
     ptr = {a: "*bf16" for a in ("x", "w", "y", "x_ptr", "y_ptr", "w_ptr", "res_ptr", "res_out_ptr")}
     compile_for_sm90("tuneforge.kernels._gemm_gemv",
-                     [("_gemv_kernel", dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=256, EVEN_K=True, PDL=True))], ptr)
+                     [("_gemv_kernel", dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=256, EVEN_K=True, ONE_TILE=False, PDL=True))],
+                     ptr)
+    compile_for_sm90("tuneforge.kernels.moe_gemm",
+                     [("_moe_gemv_kernel", dict(TOP_K=8, GATHER=False, SILU_MUL=False, WEIGHTED=True, COMBINE=True,
+                                                BLOCK_N=4, BLOCK_K=1024, EVEN_K=False, ONE_TILE=True, PDL=True))],
+                     {**ptr, "topk_ids": "*i32", "routed_weights": "*fp32"})
     compile_for_sm90("tuneforge.kernels.rmsnorm",
                      [("_rmsnorm_kernel", dict(HAS_RESIDUAL=True, SINGLE_PASS=True, BLOCK_N=1024, ROWS=1, PDL=True))],
                      ptr)
