@@ -28,16 +28,20 @@ GEMV = {"kernel": ("gemv",)}
 
 
 @triton.jit
-def _gemv_step(x_ptrs, w_ptrs, row_ok, k, ks, K, BLOCK_M: tl.constexpr, EVEN_K: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_N] product of the K tile at ``k`` (one row: 2-D tiles, a [1, K] row
-    broadcast, no 3-D product)."""
+def _weight_tile(w_ptrs, k, ks, K, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(w_ptrs)
+    return tl.load(w_ptrs, mask=(k + ks < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _times_rows(b, x_ptrs, row_ok, k, ks, K, BLOCK_M: tl.constexpr, EVEN_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] product of the weight tile ``b`` at ``k`` with the x rows' K tile (one
+    row: 2-D tiles, a [1, K] row broadcast, no 3-D product)."""
     if EVEN_K:
         a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-        b = tl.load(w_ptrs)
     else:
-        k_ok = k + ks < K
-        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+        a = tl.load(x_ptrs, mask=row_ok[:, None] & (k + ks < K)[None, :], other=0.0)
     if BLOCK_M == 1:
         return tl.sum(b.to(tl.float32) * a.to(tl.float32), 1)[None, :]
     return tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], 2)
@@ -45,35 +49,37 @@ def _gemv_step(x_ptrs, w_ptrs, row_ok, k, ks, K, BLOCK_M: tl.constexpr, EVEN_K: 
 
 @triton.jit
 def gemv_tile(x_rows, row_ok, w_rows, stride_wk, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr):
+              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr):
     """fp32 [BLOCK_M, BLOCK_N]: x rows (``x_rows`` [BLOCK_M, 1] pointers to their first element, unit
     stride along K; rows not ``row_ok`` read as 0) times weight rows (``w_rows`` [BLOCK_N, 1] pointers,
-    ``stride_wk`` along K) over all of K. ``ONE_TILE`` (K <= BLOCK_K): one step and no loop, so a caller's
-    tiles side by side (per_slot's top-k slots) have their loads in flight together."""
+    ``stride_wk`` along K) over all of K. ``PDL``: the first weight tile's load is issued before
+    ``await_previous`` (the weights are not the producer's), so it is in flight while the kernel
+    before finishes; callers whose weight rows depend on the producer await it themselves and pass
+    False. ``ONE_TILE`` (K <= BLOCK_K): one step and no loop, so a caller's tiles side by side
+    (per_slot's top-k slots) have their loads in flight together."""
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_rows + ks[None, :]
     w_ptrs = w_rows + ks[None, :] * stride_wk
-    if ONE_TILE:
-        acc = _gemv_step(x_ptrs, w_ptrs, row_ok, 0, ks, K, BLOCK_M, EVEN_K)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in tl.range(0, K, BLOCK_K):
-            acc += _gemv_step(x_ptrs, w_ptrs, row_ok, k, ks, K, BLOCK_M, EVEN_K)
+    b = _weight_tile(w_ptrs, 0, ks, K, EVEN_K)
+    await_previous(PDL)
+    acc = _times_rows(b, x_ptrs, row_ok, 0, ks, K, BLOCK_M, EVEN_K)
+    if not ONE_TILE:
+        for k in tl.range(BLOCK_K, K, BLOCK_K):
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
+            acc += _times_rows(_weight_tile(w_ptrs, k, ks, K, EVEN_K), x_ptrs, row_ok, k, ks, K, BLOCK_M, EVEN_K)
     return acc
 
 
 @triton.jit
 def _gemv_kernel(x, w, y, M, N, K, stride_xm, stride_wn, stride_wk, stride_ym, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr):
-    await_previous(PDL)
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     w_rows = w + (cols % N).to(tl.int64)[:, None] * stride_wn       # wrapped: valid addresses, masked at the store
     acc = gemv_tile(x + rows.to(tl.int64)[:, None] * stride_xm, row_ok, w_rows, stride_wk, K, BLOCK_M, BLOCK_N,
-                    BLOCK_K, EVEN_K, ONE_TILE)
+                    BLOCK_K, EVEN_K, ONE_TILE, PDL)
     tl.store(y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], acc.to(y.dtype.element_ty),
              mask=row_ok[:, None] & (cols < N)[None, :])
 

@@ -142,7 +142,7 @@ def _moe_gemv_kernel(x, w, y, topk_ids, routed_weights, experts, N, K, stride_xm
         x_row = x + (s // TOP_K if GATHER else s) * stride_xm + tl.zeros((1, 1), tl.int64)
         w_rows = w + tl.where(routed, expert, 0) * stride_we + rows_n[:, None]
         acc = tl.sum(gemv_tile(x_row, tl.full((1,), 1, tl.int1), w_rows, stride_wk, K, 1, W_ROWS, BLOCK_K, EVEN_K,
-                                 ONE_TILE), 0)
+                                 ONE_TILE, False), 0)
         if SILU_MUL:
             gate, up = tl.split(tl.trans(tl.reshape(acc, (2, BLOCK_N))))
             acc = gate * tl.sigmoid(gate) * up
