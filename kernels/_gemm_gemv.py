@@ -52,22 +52,26 @@ def gemv_tile(x_rows, row_ok, w_rows, stride_wk, K, BLOCK_M: tl.constexpr, BLOCK
               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr):
     """fp32 [BLOCK_M, BLOCK_N]: x rows (``x_rows`` [BLOCK_M, 1] pointers to their first element, unit
     stride along K; rows not ``row_ok`` read as 0) times weight rows (``w_rows`` [BLOCK_N, 1] pointers,
-    ``stride_wk`` along K) over all of K. ``PDL``: the first weight tile's load is issued before
-    ``await_previous`` (the weights are not the producer's), so it is in flight while the kernel
-    before finishes; callers whose weight rows depend on the producer await it themselves and pass
-    False. ``ONE_TILE`` (K <= BLOCK_K): one step and no loop, so a caller's tiles side by side
-    (per_slot's top-k slots) have their loads in flight together."""
+    ``stride_wk`` along K) over all of K, after ``await_previous(PDL)`` (callers whose weight rows
+    depend on the producer await it themselves and pass False). ``ONE_TILE`` (K <= BLOCK_K): one step
+    and no loop, so a caller's tiles side by side (per_slot's top-k slots) have their loads in flight
+    together, and the weight tile's load is issued before the wait (the weights are not the
+    producer's): it streams while the kernel before finishes."""
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_rows + ks[None, :]
     w_ptrs = w_rows + ks[None, :] * stride_wk
-    b = _weight_tile(w_ptrs, 0, ks, K, EVEN_K)
-    await_previous(PDL)
-    acc = _times_rows(b, x_ptrs, row_ok, 0, ks, K, BLOCK_M, EVEN_K)
-    if not ONE_TILE:
-        for k in tl.range(BLOCK_K, K, BLOCK_K):
+    if ONE_TILE:
+        b = _weight_tile(w_ptrs, 0, ks, K, EVEN_K)
+        await_previous(PDL)
+        acc = _times_rows(b, x_ptrs, row_ok, 0, ks, K, BLOCK_M, EVEN_K)
+    else:
+        # awaited first: a tile loaded ahead of the loop would hold back the loop's pipelined loads
+        await_previous(PDL)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in tl.range(0, K, BLOCK_K):
+            acc += _times_rows(_weight_tile(w_ptrs, k, ks, K, EVEN_K), x_ptrs, row_ok, k, ks, K, BLOCK_M, EVEN_K)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
-            acc += _times_rows(_weight_tile(w_ptrs, k, ks, K, EVEN_K), x_ptrs, row_ok, k, ks, K, BLOCK_M, EVEN_K)
     return acc
 
 
