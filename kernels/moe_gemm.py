@@ -268,19 +268,18 @@ def default_config(problem: Problem, spec: DeviceSpec, block_m: Optional[int] = 
     picked these at 1..256 tokens). ``combine``: atomic up to 256 tokens (the fp32 pass is small),
     reduce beyond. Shrunk like gemm's default until every constraint passes.
 
-    per_slot: 4 columns per program (the most programs: 1536 at 1 token for Qwen3-30B-A3B's gate_up), K
-    steps of 256 and 4 warps for gate_up, the whole K in one step up to 1024 and 8 warps for down (the H200
-    tune of 2026-12-02 picked these: 16.5 / 15.8 us at 1 token, where 16 columns, 1024-deep steps and 8
-    warps ran gate_up in 21.7 us)."""
+    per_slot: 4 columns per program (the most programs: 1536 at 1 token for Qwen3-30B-A3B's gate_up), the
+    whole K in one step (up to 2048: every slot's tile in flight at once) and 8 warps: 17.3 / 16.6 us at 1
+    token on the H200 (the tune of 2026-12-03 at 94a3777), where gate_up's former default, 256-deep steps
+    and 4 warps, ran in 29.3 us (bench_moe_gemm-NVIDIA_H200-2026-12-03-at-94a3777.json)."""
     m, e, topk = problem["m"], problem["experts"], problem["topk"]
     active = e * (1.0 - (1.0 - 1.0 / e) ** (m * topk))
     rows = m * topk / max(active, 1.0)
     if schedule is None:
         schedule = "per_slot" if block_m is None and m == 1 else "packed"
     if schedule == "per_slot":
-        cfg = dict(schedule=schedule, slot_block_n=4, slot_block_k=min(256 if problem["act"] else 1024,
-                                                                        max(64, triton.next_power_of_2(problem["k"]))),
-                   slot_warps=4 if problem["act"] else 8)
+        cfg = dict(schedule=schedule, slot_block_n=4,
+                   slot_block_k=min(2048, max(64, triton.next_power_of_2(problem["k"]))), slot_warps=8)
         while first_rejection(cfg, problem, spec, CONSTRAINTS) is not None and cfg["slot_block_k"] > 64:
             cfg["slot_block_k"] //= 2
         return cfg
