@@ -21,9 +21,11 @@ builds its own.
     python benchmarks/bench_e2e.py --quick                           # Qwen3-0.6B on a GPU; a tiny model on the CPU
     python benchmarks/bench_e2e.py --bsz 1 --unchained --no-hf       # + tuned with every launch unchained
 
-``--unchained`` adds tuned dispatch with every kernel launched the ordinary way (``TUNEFORGE_PDL=0``;
-``kernels/_common.chained``) beside the chained launches it serves with: the rows ``tuneforge tuned``
-carry ``decode_vs_unchained`` / ``prefill_vs_unchained`` (> 1: chaining is faster).
+Where launches chain (``kernels/_common.chained``, Hopper and later), the generator captures each decode
+graph chained and unchained and keeps the faster: ``decode_graphs_chained`` counts those kept chained.
+``--unchained`` adds tuned dispatch with every kernel launched the ordinary way (``TUNEFORGE_PDL=0``)
+beside it: the rows ``tuneforge tuned`` carry ``decode_vs_unchained`` / ``prefill_vs_unchained`` (> 1:
+the served launches are faster).
 
 torch.compile compiles once per (batch, cache length): ~4 minutes each for Qwen3-32B on an H200.
 """
@@ -138,7 +140,9 @@ def bench_tuneforge(cfg, args, device, dtype) -> tuple[list[dict], dict]:
                         r["prefill_eager_ms"] = prefill_median_ms(gen, bsz, ctx, args.prefill_reps,
                                                                   r["prefill_ms"] / 1e3)[0]
                         gen.pad_prefill = True
-                    rows.append(dict(impl=impl, **r, graphs=gen.graphs, dispatch=ops.describe()))
+                    kept = list(gen.chained_decode.values())     # empty where nothing was measured
+                    rows.append(dict(impl=impl, **r, graphs=gen.graphs, dispatch=ops.describe(),
+                                     decode_graphs_chained=f"{sum(kept)} of {len(kept)}" if kept else None))
                     print(f"  {impl} bsz {bsz} ctx {ctx}: prefill {r['prefill_ms']:.2f} ms, decode "
                           f"{r['decode_ms_per_token']:.2f} ms/token", flush=True)
                 except torch.cuda.OutOfMemoryError as e:

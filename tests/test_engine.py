@@ -19,6 +19,7 @@ from tuneforge.dsl import get
 from tuneforge.engine.dispatch import DispatchTable, Ops
 from tuneforge.engine.generate import Generator, sample
 from tuneforge.errors import InputError, UnknownModel
+from tuneforge.kernels import _common as kernel_common
 from tuneforge.models.configs import load_config
 from tuneforge.models.loading import load_model, load_weights
 from tuneforge.models.qwen3 import Qwen3, Shard
@@ -339,12 +340,16 @@ def test_cli_errors_are_one_line(checkpoint, capsys, argv, msg):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["baseline", "default"])
 def test_cuda_graph_decode_matches_eager(checkpoint, mode):
-    """Prompts long enough that decode crosses the 256-slot KV bucket: two graphs per batch bucket."""
+    """Prompts long enough that decode crosses the 256-slot KV bucket: two graphs per batch bucket (on
+    Hopper each kept chained or unchained by its replays' time, kernels/_common.chained)."""
     path, hf = checkpoint
     model = load_model(path, dtype=torch.float32, device="cuda")
     prompts = [[(7 * i + j) % 128 for j in range(250 - 40 * i)] for i in range(3)]
-    runs = [Generator(model, Ops(mode), max_batch=3, max_len=280, graphs=g).generate(prompts, 20, return_logits=True)
-            for g in (False, True)]
+    gens = [Generator(model, Ops(mode), max_batch=3, max_len=280, graphs=g) for g in (False, True)]
+    runs = [gen.generate(prompts, 20, return_logits=True) for gen in gens]
+    captured = {(b, kv) for b, st in gens[1]._static.items() for kv in st.graphs}
+    assert len(captured) == 2
+    assert set(gens[1].chained_decode) == (captured if kernel_common.chained(model.embed)["PDL"] else set())
     assert runs[0].tokens == runs[1].tokens
     for a, b in zip(runs[0].logits, runs[1].logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
