@@ -116,40 +116,43 @@ def bench_tuneforge(cfg, args, device, dtype) -> tuple[list[dict], dict]:
     served = kernel_common.CHAINED      # TUNEFORGE_PDL=0 serves unchained: --unchained adds nothing then
     runs = [(f"tuneforge {mode}", mode, served) for mode in args.dispatch]
     runs += [("tuneforge tuned" + UNCHAINED, "tuned", False)] if args.unchained and served else []
-    for impl, mode, chained in runs:
-        kernel_common.CHAINED = chained       # read at each launch: the generator's graphs capture it
-        ops = open_ops(mode, db=args.db, model=cfg.name, tp=1, allow_predicted=args.allow_predicted)
-        for ctx in args.ctx:
-            for bsz in args.bsz:
-                slots = -(-(ctx + args.gen) // SLOT_ALIGN) * SLOT_ALIGN
-                chunk = min(bsz * ctx, max(PREFILL_GRAPH_TOKENS, ctx))
-                why = too_big(bucket(bsz, BATCH_BUCKETS) * slots * kv_token_bytes(cfg, dtype.itemsize)
-                              + activation_bytes(cfg, chunk, dtype.itemsize), device)
-                if why:
-                    rows.append(skipped(impl, bsz, ctx, args.gen, why))
-                    continue
-                gen = None
-                try:
-                    gen = Generator(model, ops, max_batch=bsz, max_len=ctx + args.gen, graphs=device.type == "cuda")
-                    r = time_generation(gen, bsz, ctx, args.gen)
-                    r["prefill_ms"], r["prefill_reps"] = prefill_median_ms(gen, bsz, ctx, args.prefill_reps,
-                                                                           r["prefill_ms"] / 1e3)
-                    if gen.pad_prefill and bsz * ctx <= PREFILL_GRAPH_TOKENS:
-                        # the same prefill unpadded and eager (as before prefill graphs), same generator
-                        gen.pad_prefill = False
-                        r["prefill_eager_ms"] = prefill_median_ms(gen, bsz, ctx, args.prefill_reps,
-                                                                  r["prefill_ms"] / 1e3)[0]
-                        gen.pad_prefill = True
-                    kept = list(gen.chained_decode.values())     # empty where nothing was measured
-                    rows.append(dict(impl=impl, **r, graphs=gen.graphs, dispatch=ops.describe(),
-                                     decode_graphs_chained=f"{sum(kept)} of {len(kept)}" if kept else None))
-                    print(f"  {impl} bsz {bsz} ctx {ctx}: prefill {r['prefill_ms']:.2f} ms, decode "
-                          f"{r['decode_ms_per_token']:.2f} ms/token", flush=True)
-                except torch.cuda.OutOfMemoryError as e:
-                    rows.append(skipped(impl, bsz, ctx, args.gen, f"out of memory: {str(e).splitlines()[0]}"))
-                del gen
-                free_memory()
-    kernel_common.CHAINED = served
+    try:
+        for impl, mode, chained in runs:
+            kernel_common.CHAINED = chained       # read at each launch: the generator's graphs capture it
+            ops = open_ops(mode, db=args.db, model=cfg.name, tp=1, allow_predicted=args.allow_predicted)
+            for ctx in args.ctx:
+                for bsz in args.bsz:
+                    slots = -(-(ctx + args.gen) // SLOT_ALIGN) * SLOT_ALIGN
+                    chunk = min(bsz * ctx, max(PREFILL_GRAPH_TOKENS, ctx))
+                    why = too_big(bucket(bsz, BATCH_BUCKETS) * slots * kv_token_bytes(cfg, dtype.itemsize)
+                                  + activation_bytes(cfg, chunk, dtype.itemsize), device)
+                    if why:
+                        rows.append(skipped(impl, bsz, ctx, args.gen, why))
+                        continue
+                    gen = None
+                    try:
+                        gen = Generator(model, ops, max_batch=bsz, max_len=ctx + args.gen,
+                                        graphs=device.type == "cuda")
+                        r = time_generation(gen, bsz, ctx, args.gen)
+                        r["prefill_ms"], r["prefill_reps"] = prefill_median_ms(gen, bsz, ctx, args.prefill_reps,
+                                                                               r["prefill_ms"] / 1e3)
+                        if gen.pad_prefill and bsz * ctx <= PREFILL_GRAPH_TOKENS:
+                            # the same prefill unpadded and eager (as before prefill graphs), same generator
+                            gen.pad_prefill = False
+                            r["prefill_eager_ms"] = prefill_median_ms(gen, bsz, ctx, args.prefill_reps,
+                                                                      r["prefill_ms"] / 1e3)[0]
+                            gen.pad_prefill = True
+                        kept = list(gen.chained_decode.values())     # empty where nothing was measured
+                        rows.append(dict(impl=impl, **r, graphs=gen.graphs, dispatch=ops.describe(),
+                                         decode_graphs_chained=f"{sum(kept)} of {len(kept)}" if kept else None))
+                        print(f"  {impl} bsz {bsz} ctx {ctx}: prefill {r['prefill_ms']:.2f} ms, decode "
+                              f"{r['decode_ms_per_token']:.2f} ms/token", flush=True)
+                    except torch.cuda.OutOfMemoryError as e:
+                        rows.append(skipped(impl, bsz, ctx, args.gen, f"out of memory: {str(e).splitlines()[0]}"))
+                    del gen
+                    free_memory()
+    finally:
+        kernel_common.CHAINED = served
     del model
     free_memory()
     return rows, weights

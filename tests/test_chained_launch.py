@@ -4,6 +4,8 @@ On a Hopper GPU a decode-like chain (each kernel reading the one before: a long 
 ops, attention, routing and experts) captured in a CUDA graph and replayed on fresh inputs equals the
 same chain launched unchained; a kernel reading before it waits would read the last replay's values.
 On the CPU: nothing is chained, and every chained kernel still compiles for sm_90 with PDL on."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -11,11 +13,23 @@ from conftest import compile_for_sm90
 from tuneforge.kernels import _common as C
 
 
-def test_nothing_is_chained_under_the_interpreter_or_when_switched_off(monkeypatch):
-    t = torch.zeros(1)
-    assert C.chained(t) == {"PDL": False, "launch_pdl": False}
-    monkeypatch.setattr(C, "CHAINED", False)
-    assert C.chained(t) == {"PDL": False, "launch_pdl": False}
+def test_only_a_cuda_tensor_on_a_chaining_device_chains_and_not_when_switched_off(monkeypatch):
+    import tuneforge
+    on = {"PDL": True, "launch_pdl": True}
+    off = {"PDL": False, "launch_pdl": False}
+    cuda = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))    # a tensor's two fields chained reads
+    monkeypatch.setattr(C, "_has_dependent_launch", lambda index: True)
+    monkeypatch.setattr(tuneforge, "INTERPRETED", False)
+    assert C.chained(cuda) == on
+    assert C.chained(torch.zeros(1)) == off                    # a CPU tensor
+    monkeypatch.setattr(C, "CHAINED", False)                  # TUNEFORGE_PDL=0
+    assert C.chained(cuda) == off
+    monkeypatch.setattr(C, "CHAINED", True)
+    monkeypatch.setattr(tuneforge, "INTERPRETED", True)       # Triton's interpreter has no dependent launch
+    assert C.chained(cuda) == off
+    monkeypatch.setattr(tuneforge, "INTERPRETED", False)
+    monkeypatch.setattr(C, "_has_dependent_launch", lambda index: False)    # before Hopper
+    assert C.chained(cuda) == off
 
 
 def test_chained_kernels_compile_for_sm90_with_pdl_on():

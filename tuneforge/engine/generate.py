@@ -288,10 +288,11 @@ class Generator:
 
     def _capture_decode(self, batch: int, kv_len: int, run):
         """``_capture`` of a decode step; where launches chain on one rank (ranks must replay the same
-        graphs), captured chained and unchained (both in the pool: the loser is dropped before anything
+        graphs) and the dispatch runs Triton kernels, captured chained and unchained (both in the pool: the loser is dropped before anything
         else is captured) and the one whose replays are faster kept. Replays redo the warm-up's step:
         the same cache writes."""
-        if self.model.shard.size > 1 or not kernel_common.chained(self._slots)["PDL"]:
+        measured = self.model.shard.size == 1 and self.ops.mode != "baseline"      # the baseline chains nothing
+        if not measured or not kernel_common.chained(self._slots)["PDL"]:
             return self._capture(run)
         captured = {}
         try:
