@@ -39,6 +39,7 @@ from tuneforge.errors import InputError
 from tuneforge.kernels import _common as kernel_common
 from tuneforge.models.kv_cache import KV_SHARDS, KVCache
 from tuneforge.models.qwen3 import Qwen3, Step
+from tuneforge.tune.measure import replay_times
 
 log = logging.getLogger("tuneforge.engine")
 
@@ -48,6 +49,7 @@ PREFILL_LENGTHS = tuple(sorted([2 ** k for k in range(4, 14)] + [3 * 2 ** k for 
 PREFILL_GRAPH_TOKENS = PREFILL_LENGTHS[-1]    # the most padded tokens one prefill chunk (and graph) holds
 MIN_KV_LEN = 256        # smallest decode KV-length bucket
 SLOT_ALIGN = 64         # the cache length is a multiple of this (aligned attention masks)
+DECODE_CHOICE_REPLAYS = 9   # replays of each of a decode graph's chained and unchained captures, interleaved
 
 
 @dataclass
@@ -287,12 +289,13 @@ class Generator:
         return graph, logits
 
     def _capture_decode(self, batch: int, kv_len: int, run):
-        """``_capture`` of a decode step; where launches chain on one rank (ranks must replay the same
-        graphs) and the dispatch runs Triton kernels, captured chained and unchained (both in the pool: the loser is dropped before anything
-        else is captured) and the one whose replays are faster kept. Replays redo the warm-up's step:
-        the same cache writes."""
-        measured = self.model.shard.size == 1 and self.ops.mode != "baseline"      # the baseline chains nothing
-        if not measured or not kernel_common.chained(self._slots)["PDL"]:
+        """``_capture`` of a decode step; where launches chain, the dispatch runs Triton kernels (the
+        baseline chains nothing) and the model runs on one rank (ranks must replay the same graphs),
+        captured chained and unchained (both in the pool: the loser is dropped before anything else is
+        captured) and the one whose interleaved replays are faster kept. Replays redo the warm-up's
+        step: the same cache writes."""
+        if (self.model.shard.size > 1 or self.ops.mode == "baseline"
+                or not kernel_common.chained(self._slots)["PDL"]):
             return self._capture(run)
         captured = {}
         try:
@@ -303,11 +306,11 @@ class Generator:
                     return None
         finally:
             kernel_common.CHAINED = True
-        ms = _replay_ms({chain: graph for chain, (graph, _) in captured.items()})
-        keep = ms[True] <= ms[False]
+        chained, unchained = replay_times([captured[True][0], captured[False][0]], [1, 1], DECODE_CHOICE_REPLAYS)
+        keep = chained.median_s <= unchained.median_s
         self.chained_decode[batch, kv_len] = keep
         log.debug("decode graph (batch %d, kv %d): chained %.3f ms, unchained %.3f ms: kept %s", batch, kv_len,
-                  ms[True], ms[False], "chained" if keep else "unchained")
+                  chained.median_ms, unchained.median_ms, "chained" if keep else "unchained")
         return captured[keep]
 
     # --- the loop ----------------------------------------------------------------------------
@@ -401,24 +404,6 @@ def hbm_bandwidth(device, nbytes: int = 2**30) -> Optional[float]:
         del src, dst
         torch.cuda.empty_cache()
     return 2 * nbytes / t
-
-
-def _replay_ms(graphs: dict, rounds: int = 3, replays: int = 3) -> dict:
-    """Per key, the best over ``rounds`` of the mean ms of ``replays`` back-to-back replays of its
-    graph, the graphs taken in turn each round (after one replay each)."""
-    for graph in graphs.values():
-        graph.replay()
-    best = {}
-    for _ in range(rounds):
-        for key, graph in graphs.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(replays):
-                graph.replay()
-            end.record()
-            end.synchronize()
-            best[key] = min(best.get(key, float("inf")), start.elapsed_time(end) / replays)
-    return best
 
 
 def time_generation(generator: Generator, bsz: int, ctx: int, gen: int, seed: int = 0) -> dict:

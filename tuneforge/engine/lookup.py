@@ -86,6 +86,13 @@ UNTUNED_RUNS_DEFAULT = {
 }
 
 
+def untuned_serving(problem: Problem) -> str:
+    """What dispatch runs for ``problem`` without a winner, in words (``DispatchTable.runs_default``'s rule)."""
+    if problem.op in UNTUNED_RUNS_DEFAULT:
+        return f"runs its kernel's default config (the torch baseline where no {problem.dtype} winner is stored)"
+    return "runs the torch baseline"
+
+
 def family(problem: Problem) -> tuple:
     """A problem without its token count: the problems that differ only in ``m`` share it."""
     return (problem.op, tuple(kv for kv in problem.dims if kv[0] != "m"), problem.dtype, problem.world)

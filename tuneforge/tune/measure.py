@@ -67,7 +67,7 @@ def time_calls(calls: Sequence[Callable[[], object]], *, warmup: int = 10, rep: 
     if barrier is not None:
         barrier()
     if graph:
-        return _replay_times([_capture(calls)], [len(calls)], max(5, rep // len(calls)))[0]
+        return replay_times([_capture(calls)], [len(calls)], max(5, rep // len(calls)))[0]
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
     for i in range(rep):
@@ -101,7 +101,7 @@ def _capture(calls: Sequence[Callable[[], object]]) -> torch.cuda.CUDAGraph:
     return g
 
 
-def _replay_times(graphs: Sequence[torch.cuda.CUDAGraph], calls_per_graph: Sequence[int],
+def replay_times(graphs: Sequence[torch.cuda.CUDAGraph], calls_per_graph: Sequence[int],
                   rounds: int) -> list[Timing]:
     """Per-call time of each graph over ``rounds`` rounds that replay every graph once, in turn."""
     samples = [[] for _ in graphs]
@@ -127,7 +127,7 @@ def time_interleaved(candidates: Sequence[Sequence[Callable[[], object]]], *, ro
         for i in range(warmup):
             calls[i % len(calls)]()
         graphs.append(_capture(calls))
-    return _replay_times(graphs, [len(c) for c in candidates], rounds)
+    return replay_times(graphs, [len(c) for c in candidates], rounds)
 
 
 def speed_of_light(flops: float, nbytes: float, spec, dtype: str = "bf16") -> float:

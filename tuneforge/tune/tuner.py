@@ -41,7 +41,7 @@ from tuneforge.db.store import Store, Winner
 from tuneforge.dsl.devices import DEFAULT_TARGET, DeviceSpec, local_device, spec as lookup_spec
 from tuneforge.dsl.problem import Problem
 from tuneforge.dsl.template import Template
-from tuneforge.engine.lookup import UNTUNED_RUNS_DEFAULT
+from tuneforge.engine.lookup import untuned_serving
 from tuneforge.errors import InputError
 from tuneforge.tune import costmodel
 from tuneforge.tune.bench import Bench, CostModelBench, GpuBench, LockstepBench, first_line
@@ -56,13 +56,6 @@ DEFAULT_TRIALS = {"measure": 40, "costmodel": 16}
 MIN_PROBLEM_S = 1.0        # a problem gets at least this share of a total budget
 VERIFY_PICKS = 1           # multi-rank candidates per problem verified in the first world (a failure queues the next)
 VERIFY_ROUNDS = 3          # worlds started for multi-rank verification before giving up
-
-
-def _untuned_serving(problem: Problem) -> str:
-    """What dispatch runs for ``problem`` with no winner (engine/lookup's rule)."""
-    if problem.op in UNTUNED_RUNS_DEFAULT:
-        return f"runs its kernel's default config (the torch baseline where no {problem.dtype} winner is stored)"
-    return "runs the torch baseline"
 
 
 @dataclass
@@ -209,7 +202,8 @@ class Tuner:
             elif left is not None and left <= 0:      # the budget is a promise: the rest stay untuned
                 rows.append(Row(item.key, item.problem.op, list(item.roles), "skipped", None, None, None, None,
                                 None, "measured" if self.measurable(item.problem) else "predicted",
-                                note=f"budget {self.options.budget_s:.0f}s spent: {_untuned_serving(item.problem)}"))
+                                note=f"budget {self.options.budget_s:.0f}s spent: "
+                                     f"{untuned_serving(item.problem)}"))
             else:
                 deadline = None
                 if left is not None:
