@@ -35,16 +35,29 @@ def _weight_tile(w_ptrs, k, ks, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _times_rows(b, x_ptrs, row_ok, k, ks, K, BLOCK_M: tl.constexpr, EVEN_K: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_N] product of the weight tile ``b`` at ``k`` with the x rows' K tile (one
-    row: 2-D tiles, a [1, K] row broadcast, no 3-D product)."""
+def _products(b, x_ptrs, row_ok, k, ks, K, BLOCK_M: tl.constexpr, EVEN_K: tl.constexpr):
+    """fp32 elementwise products of the weight tile ``b`` [BLOCK_N, BLOCK_K] at ``k`` with the x rows'
+    K tile, not yet summed over K: [BLOCK_N, BLOCK_K] for one row (2-D tiles, the row broadcast, no 3-D
+    product), else [BLOCK_M, BLOCK_N, BLOCK_K]."""
     if EVEN_K:
         a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
     else:
         a = tl.load(x_ptrs, mask=row_ok[:, None] & (k + ks < K)[None, :], other=0.0)
     if BLOCK_M == 1:
-        return tl.sum(b.to(tl.float32) * a.to(tl.float32), 1)[None, :]
-    return tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], 2)
+        products = b.to(tl.float32) * a.to(tl.float32)
+    else:
+        products = a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :]
+    return products
+
+
+@triton.jit
+def _summed(products, BLOCK_M: tl.constexpr):
+    """[BLOCK_M, BLOCK_N]: ``_products`` summed over K."""
+    if BLOCK_M == 1:
+        summed = tl.sum(products, 1)[None, :]
+    else:
+        summed = tl.sum(products, 2)
+    return summed
 
 
 @triton.jit
@@ -56,23 +69,26 @@ def gemv_tile(x_rows, row_ok, w_rows, stride_wk, K, BLOCK_M: tl.constexpr, BLOCK
     depend on the producer await it themselves and pass False). ``ONE_TILE`` (K <= BLOCK_K): one step
     and no loop, so a caller's tiles side by side (per_slot's top-k slots) have their loads in flight
     together, and the weight tile's load is issued before the wait (the weights are not the
-    producer's): it streams while the kernel before finishes."""
+    producer's): it streams while the kernel before finishes. A K loop sums its steps' products
+    elementwise and reduces once at the end: a reduction per step (shuffles and a barrier) held each
+    step's loads back behind the last one's sum (the H200, 2026-12-03: 2-10 % on Qwen3's 1-token
+    linears, ``decode-gemv-sweep-...json``'s gemv rows)."""
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_rows + ks[None, :]
     w_ptrs = w_rows + ks[None, :] * stride_wk
     if ONE_TILE:
         b = _weight_tile(w_ptrs, 0, ks, K, EVEN_K)
         await_previous(PDL)
-        acc = _times_rows(b, x_ptrs, row_ok, 0, ks, K, BLOCK_M, EVEN_K)
+        acc = _products(b, x_ptrs, row_ok, 0, ks, K, BLOCK_M, EVEN_K)
     else:
         # awaited first: a tile loaded ahead of the loop would hold back the loop's pipelined loads
         await_previous(PDL)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_K) if BLOCK_M == 1 else (BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k in tl.range(0, K, BLOCK_K):
-            acc += _times_rows(_weight_tile(w_ptrs, k, ks, K, EVEN_K), x_ptrs, row_ok, k, ks, K, BLOCK_M, EVEN_K)
+            acc += _products(_weight_tile(w_ptrs, k, ks, K, EVEN_K), x_ptrs, row_ok, k, ks, K, BLOCK_M, EVEN_K)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
-    return acc
+    return _summed(acc, BLOCK_M)
 
 
 @triton.jit
@@ -129,7 +145,9 @@ GEMV_CONSTRAINTS = GEMV_LAUNCH_CONSTRAINTS + (gemv_wasteful,)
 
 def seeds(problem, spec) -> list[dict]:
     """Configs worth trying first at decode's token counts: column blocks that give every SM two or more
-    programs first, the whole K in one step where it fits (its load is issued before the chained wait,
+    programs first, narrowest first (4 rows won every 1-token linear of Qwen3-32B and Qwen3-30B-A3B on the
+    H200, 2026-12-03, 2-15 % ahead of cuBLAS, where the tune had kept cuBLAS at 32B's qkv: the 16-row
+    seeds came first), the whole K in one step where it fits (its load is issued before the chained wait,
     and a K loop's steps do not overlap their loads: at 128 x 2048 one 1024-deep step pair ran in 2.7 us
     on the H200, four 512-deep ones in 4.9), then steps of 256-1024 (at most k's next power of 2), 4 and
     8 warps (those the constraints pass)."""
@@ -137,7 +155,7 @@ def seeds(problem, spec) -> list[dict]:
         return []
     steps = dict.fromkeys(min(bk, max(64, triton.next_power_of_2(problem["k"]))) for bk in (2048, 512, 1024, 256))
     configs = [dict(kernel="gemv", gemv_block_n=bn, gemv_block_k=bk, gemv_warps=warps)
-               for bn in (16, 8, 32, 4) for bk in steps for warps in (4, 8)]
+               for bn in (4, 8, 16, 32) for bk in steps for warps in (4, 8)]
     ok = [c for c in configs if gemv_unfit(c, problem, spec) is None and gemv_wasteful(c, problem, spec) is None]
     return sorted(ok, key=lambda c: triton.cdiv(problem["n"], c["gemv_block_n"]) < 2 * spec.sms)[:6]
 

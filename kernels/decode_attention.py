@@ -312,13 +312,18 @@ def space(problem: Problem) -> Space:
 
 
 def default_config(problem: Problem, spec) -> dict:
-    """About two programs per SM: splits from batch x KV heads against the SM count (the largest of
-    ``SPLITS`` that does not pass 2 x SMs programs, every split a whole 64-key tile); 64-key tiles,
-    3 stages (two tiles of K and V in flight per program)."""
-    programs = problem["m"] * problem["kv_heads"]
-    want = max(1, min(2 * spec.sms // programs, problem["ctx"] // 64))
+    """Splits from batch x KV heads against the SM count (the largest of ``SPLITS`` that does not pass
+    that many programs, every split a whole 64-key tile); 64-key tiles. About two programs per SM and 3
+    stages (two tiles of K and V in flight per program), but where (sequence, KV head) pairs are few
+    (a quarter of the SMs or fewer: batch 1-4 at 8 KV heads) about four per SM and 2 stages, smaller
+    programs that fit more to an SM: on the H200 at batch 1 (Qwen3-32B heads, 2026-12-03) 64 splits
+    with 2 stages read the KV cache at 54 / 79 / 98 % of the floor at 8k / 32k / 128k keys, with 3
+    stages at 45 / 68 / 86 % (``decode-gemv-sweep-NVIDIA_H200-2026-12-03.json``)."""
+    pairs = problem["m"] * problem["kv_heads"]
+    few = 4 * pairs <= spec.sms
+    want = max(1, min((4 if few else 2) * spec.sms // pairs, problem["ctx"] // 64))
     block_n = min(64, max(16, triton.next_power_of_2(problem["ctx"])))       # a short cache: a shorter tile
-    return dict(splits=max(s for s in SPLITS if s <= want), block_n=block_n, num_warps=4, num_stages=3)
+    return dict(splits=max(s for s in SPLITS if s <= want), block_n=block_n, num_warps=4, num_stages=2 if few else 3)
 
 
 def block_fits(config: dict, problem: Problem, spec) -> str | None:

@@ -22,9 +22,9 @@ Schedules (config ``schedule``, tuned): ``packed`` is the above. ``per_slot`` (d
 hitting experts no other token hits) takes no pack: one program per (routed slot, ``slot_block_n`` output
 columns) reads its expert from ``topk_ids`` and streams that expert's weight rows in [rows, ``slot_block_k``]
 tiles as a matrix-vector product (gemm's ``gemv_tile``: no ``tl.dot``, so no rows padded to 16; gate_up's
-gate and up rows in one tile); with ``combine`` a program takes a
-token's top_k slots in turn and stores their weighted sum, so the down GEMM writes ``out`` directly (no
-fp32 accumulator to zero, no cast pass). Decode's routing then runs no pack at all: route, gate_up, down.
+gate and up rows in one tile); with ``combine`` a program loads all of a token's top_k slots' tiles at
+once (one round trip for every expert; taken in turn, each slot paid its own) and stores their weighted
+sum, so the down GEMM writes ``out`` directly (no fp32 accumulator to zero, no cast pass). Decode's routing then runs no pack at all: route, gate_up, down.
 
 Problems (``models/problems.moe_gemm``): ``m`` tokens, ``n``/``k`` the expert weight's shape,
 ``experts``, ``topk`` and ``act``: 1 is the gate_up GEMM (gathered, silu_mul fused, n = 2 I), 0 the down
@@ -117,43 +117,72 @@ def _moe_gemm_kernel(x, w, y, sorted_ids, block_expert, padded_count, routed_wei
 
 
 @triton.jit
+def _slot_products(w_tiles, x_rows, scale, routed, k, ks, K, stride_wk, EVEN_K: tl.constexpr):
+    """fp32 [SLOTS, BLOCK_N, BLOCK_K]: the K step at ``k`` of every slot's weight rows (``w_tiles``
+    [SLOTS, BLOCK_N, 1] pointers) times its x row (``x_rows`` [SLOTS, 1]) times ``scale`` [SLOTS],
+    elementwise (summed over K by the caller, once). Slots not ``routed`` read nothing."""
+    w_ptrs = w_tiles + (k + ks)[None, None, :] * stride_wk
+    if EVEN_K:      # a mask constant along K: the loads stay vectorized
+        b = tl.load(w_ptrs, mask=routed[:, None, None], other=0.0)
+        a = tl.load(x_rows + (k + ks)[None, :], mask=routed[:, None], other=0.0)
+    else:
+        b = tl.load(w_ptrs, mask=routed[:, None, None] & (k + ks < K)[None, None, :], other=0.0)
+        a = tl.load(x_rows + (k + ks)[None, :], mask=routed[:, None] & (k + ks < K)[None, :], other=0.0)
+    return b.to(tl.float32) * (a.to(tl.float32) * scale[:, None])[:, None, :]
+
+
+@triton.jit
 def _moe_gemv_kernel(x, w, y, topk_ids, routed_weights, experts, N, K, stride_xm, stride_we, stride_wn, stride_wk,
                      stride_ym, stride_it, stride_ik, TOP_K: tl.constexpr, GATHER: tl.constexpr,
                      SILU_MUL: tl.constexpr, WEIGHTED: tl.constexpr, COMBINE: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr):
-    """``per_slot``: [BLOCK_N] output columns of routed slot ``program_id(0)`` (COMBINE: of token
-    ``program_id(0)``, the weighted sum over its TOP_K slots; where K fits one tile their loads are in flight
-    together, else the slots are taken in turn): gemm's ``gemv_tile`` of the
-    slot's row and its expert's weight rows (SILU_MUL: the gate and up rows in one tile). A slot whose
-    id is outside [0, experts) is not written (COMBINE: adds 0)."""
-    await_previous(PDL)
+                     BLOCK_K: tl.constexpr, BLOCK_SLOTS: tl.constexpr, EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr,
+                     PDL: tl.constexpr):
+    """``per_slot``: [BLOCK_N] output columns of routed slot ``program_id(0)``: gemm's ``gemv_tile`` of the
+    slot's row and its expert's weight rows (SILU_MUL: the gate and up rows in one tile). COMBINE: of token
+    ``program_id(0)``, the weighted sum over its TOP_K slots, all their weight tiles loaded at once
+    ([BLOCK_SLOTS, BLOCK_N, BLOCK_K]: one round trip for every expert, where slots taken in turn paid one
+    each) and their products summed elementwise, reduced once. A slot whose id is outside [0, experts) is
+    not written (COMBINE: adds 0)."""
     r = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    # the weight rows of this column block (SILU_MUL: its gate rows, then its up rows N further on),
-    # wrapped past N: valid addresses, masked at the store
-    W_ROWS: tl.constexpr = 2 * BLOCK_N if SILU_MUL else BLOCK_N
-    row = tl.arange(0, W_ROWS)
-    rows_n = ((tl.program_id(1) * BLOCK_N + row % BLOCK_N) % N + (row // BLOCK_N) * N).to(tl.int64) * stride_wn
-    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for j in tl.static_range(TOP_K if COMBINE else 1):     # unrolled: the experts' loads may overlap
-        s = r * TOP_K + j if COMBINE else r
-        expert = tl.load(topk_ids + (s // TOP_K) * stride_it + (s % TOP_K) * stride_ik).to(tl.int64)
+    if COMBINE:
+        await_previous(PDL)
+        j = tl.arange(0, BLOCK_SLOTS)
+        expert = tl.load(topk_ids + r * stride_it + j * stride_ik, mask=j < TOP_K, other=-1).to(tl.int64)
+        routed = (j < TOP_K) & (expert >= 0) & (expert < experts)
+        scale = tl.where(routed, 1.0, 0.0)
+        if WEIGHTED:
+            scale = scale * tl.load(routed_weights + r * TOP_K + j, mask=routed, other=0.0).to(tl.float32)
+        x_rows = x + (r if GATHER else r * TOP_K + j)[:, None] * stride_xm
+        w_tiles = w + tl.where(routed, expert, 0)[:, None, None] * stride_we \
+            + ((cols % N).to(tl.int64) * stride_wn)[None, :, None]     # wrapped: valid addresses, masked at the store
+        ks = tl.arange(0, BLOCK_K)
+        if ONE_TILE:
+            acc = _slot_products(w_tiles, x_rows, scale, routed, 0, ks, K, stride_wk, EVEN_K)
+        else:
+            acc = tl.zeros((BLOCK_SLOTS, BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for k in tl.range(0, K, BLOCK_K):
+                acc += _slot_products(w_tiles, x_rows, scale, routed, k, ks, K, stride_wk, EVEN_K)
+        tl.store(y + r * stride_ym + cols, tl.sum(tl.sum(acc, 2), 0).to(y.dtype.element_ty), mask=cols < N)
+    else:
+        # the weight rows of this column block (SILU_MUL: its gate rows, then its up rows N further on),
+        # wrapped past N: valid addresses, masked at the store
+        W_ROWS: tl.constexpr = 2 * BLOCK_N if SILU_MUL else BLOCK_N
+        row = tl.arange(0, W_ROWS)
+        rows_n = ((tl.program_id(1) * BLOCK_N + row % BLOCK_N) % N + (row // BLOCK_N) * N).to(tl.int64) * stride_wn
+        await_previous(PDL)
+        expert = tl.load(topk_ids + (r // TOP_K) * stride_it + (r % TOP_K) * stride_ik).to(tl.int64)
         routed = (expert >= 0) & (expert < experts)
-        x_row = x + (s // TOP_K if GATHER else s) * stride_xm + tl.zeros((1, 1), tl.int64)
+        x_row = x + (r // TOP_K if GATHER else r) * stride_xm + tl.zeros((1, 1), tl.int64)
         w_rows = w + tl.where(routed, expert, 0) * stride_we + rows_n[:, None]
         acc = tl.sum(gemv_tile(x_row, tl.full((1,), 1, tl.int1), w_rows, stride_wk, K, 1, W_ROWS, BLOCK_K, EVEN_K,
-                                 ONE_TILE, False), 0)
+                               ONE_TILE, False), 0)
         if SILU_MUL:
             gate, up = tl.split(tl.trans(tl.reshape(acc, (2, BLOCK_N))))
             acc = gate * tl.sigmoid(gate) * up
         if WEIGHTED:
-            acc = acc * tl.load(routed_weights + s).to(tl.float32)
-        if COMBINE:
-            total += tl.where(routed, acc, 0.0)
-        else:
-            tl.store(y + r * stride_ym + cols, acc.to(y.dtype.element_ty), mask=cols < tl.where(routed, N, 0))
-    if COMBINE:
-        tl.store(y + r * stride_ym + cols, total.to(y.dtype.element_ty), mask=cols < N)
+            acc = acc * tl.load(routed_weights + r).to(tl.float32)
+        tl.store(y + r * stride_ym + cols, acc.to(y.dtype.element_ty), mask=cols < tl.where(routed, N, 0))
 
 
 @triton.jit
@@ -223,7 +252,9 @@ def smem_overflow(config: dict, problem: Problem, spec: DeviceSpec) -> Optional[
 
 def register_pressure(config: dict, problem: Problem, spec: DeviceSpec) -> Optional[str]:
     if not _packed(config):
-        tile = config["slot_block_n"] * config["slot_block_k"] * (2 if problem["act"] else 1)     # gate_up: gate + up rows
+        # gate_up: gate + up rows of one slot; down (combined): every slot's tile at once
+        rows = 2 if problem["act"] else triton.next_power_of_2(problem["topk"])
+        tile = config["slot_block_n"] * config["slot_block_k"] * rows
         if tile // (32 * config["slot_warps"]) > MAX_SLOT_TILE_PER_THREAD:
             return (f"registers: {tile // (32 * config['slot_warps'])} weight elements per thread > "
                     f"{MAX_SLOT_TILE_PER_THREAD}")
@@ -269,9 +300,11 @@ def default_config(problem: Problem, spec: DeviceSpec, block_m: Optional[int] = 
     reduce beyond. Shrunk like gemm's default until every constraint passes.
 
     per_slot: 4 columns per program (the most programs: 1536 at 1 token for Qwen3-30B-A3B's gate_up), the
-    whole K in one step (up to 2048: every slot's tile in flight at once) and 8 warps: 17.3 / 16.6 us at 1
-    token on the H200 (the tune of 2026-12-03 at 94a3777), where gate_up's former default, 256-deep steps
-    and 4 warps, ran in 29.3 us (bench_moe_gemm-NVIDIA_H200-2026-12-03-at-94a3777.json)."""
+    whole K in one step (up to 2048, as the registers allow), 4 warps for gate_up and 8 for the combined
+    down (its programs hold top_k tiles). On the H200 at 1 token (2026-12-03, CUDA-graph replays,
+    benchmarks/results/decode-gemv-sweep-NVIDIA_H200-2026-12-03.json): gate_up 15.1 us at 4 warps against
+    17.4 at 8; down 10.8 us with the slots' tiles loaded at once, where taking them in turn ran 13.7-15.0
+    us at its best configs."""
     m, e, topk = problem["m"], problem["experts"], problem["topk"]
     active = e * (1.0 - (1.0 - 1.0 / e) ** (m * topk))
     rows = m * topk / max(active, 1.0)
@@ -279,7 +312,8 @@ def default_config(problem: Problem, spec: DeviceSpec, block_m: Optional[int] = 
         schedule = "per_slot" if block_m is None and m == 1 else "packed"
     if schedule == "per_slot":
         cfg = dict(schedule=schedule, slot_block_n=4,
-                   slot_block_k=min(2048, max(64, triton.next_power_of_2(problem["k"]))), slot_warps=8)
+                   slot_block_k=min(2048, max(64, triton.next_power_of_2(problem["k"]))),
+                   slot_warps=4 if problem["act"] else 8)
         while first_rejection(cfg, problem, spec, CONSTRAINTS) is not None and cfg["slot_block_k"] > 64:
             cfg["slot_block_k"] //= 2
         return cfg
@@ -408,6 +442,7 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, packed: Packed | torch.Tensor, *,
             x.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0), packed.stride(0), packed.stride(1),
             TOP_K=top_k, GATHER=bool(gather), SILU_MUL=activation == "silu_mul",
             WEIGHTED=routed_weights is not None, COMBINE=bool(combine), BLOCK_N=bn, BLOCK_K=config["slot_block_k"],
+            BLOCK_SLOTS=triton.next_power_of_2(top_k),
             EVEN_K=k % config["slot_block_k"] == 0, ONE_TILE=k <= config["slot_block_k"], num_warps=config["slot_warps"],
             num_stages=1, **chained(x))
         return out

@@ -39,7 +39,8 @@ def test_chained_kernels_compile_for_sm90_with_pdl_on():
                      ptr)
     compile_for_sm90("tuneforge.kernels.moe_gemm",
                      [("_moe_gemv_kernel", dict(TOP_K=8, GATHER=False, SILU_MUL=False, WEIGHTED=True, COMBINE=True,
-                                                BLOCK_N=4, BLOCK_K=1024, EVEN_K=False, ONE_TILE=True, PDL=True))],
+                                                BLOCK_N=4, BLOCK_K=1024, BLOCK_SLOTS=8, EVEN_K=False, ONE_TILE=True,
+                                                PDL=True))],
                      {**ptr, "topk_ids": "*i32", "routed_weights": "*fp32"})
     compile_for_sm90("tuneforge.kernels.rmsnorm",
                      [("_rmsnorm_kernel", dict(HAS_RESIDUAL=True, SINGLE_PASS=True, BLOCK_N=1024, ROWS=1, PDL=True))],

@@ -121,14 +121,16 @@ def test_space_and_constraints():
 
 
 def test_default_config_gives_a_short_batch_programs_for_every_sm():
-    """Qwen3-32B's 8 KV heads on 132 SMs: batch 1 gets 32 splits (256 programs), batch 8 four, batch 32
-    and more none; a short cache never gets more splits than 64-key tiles."""
+    """Qwen3-32B's 8 KV heads on 132 SMs: batch 1 gets 64 splits (512 programs, 2 stages), batch 8 four
+    (3 stages), batch 32 and more none; a short cache never gets more splits than 64-key tiles."""
     spec = dataclasses.replace(G.launch_spec(CPU), sms=132)
-    splits = {(m, ctx): TEMPLATE.default_config(Problem.make("decode_attention", "bf16", m=m, heads=64, kv_heads=8,
-                                                             head_dim=128, ctx=ctx), spec)["splits"]
-              for m in (1, 8, 32, 128) for ctx in (256, 8192)}
-    assert splits == {(1, 256): 4, (1, 8192): 32, (8, 256): 4, (8, 8192): 4, (32, 256): 1, (32, 8192): 1,
-                      (128, 256): 1, (128, 8192): 1}
+    configs = {(m, ctx): TEMPLATE.default_config(Problem.make("decode_attention", "bf16", m=m, heads=64, kv_heads=8,
+                                                              head_dim=128, ctx=ctx), spec)
+               for m in (1, 8, 32, 128) for ctx in (256, 8192)}
+    assert {key: c["splits"] for key, c in configs.items()} == {
+        (1, 256): 4, (1, 8192): 64, (8, 256): 4, (8, 8192): 4, (32, 256): 1, (32, 8192): 1, (128, 256): 1, (128, 8192): 1}
+    assert {key: c["num_stages"] for key, c in configs.items() if key[1] == 8192} == {
+        (1, 8192): 2, (8, 8192): 3, (32, 8192): 3, (128, 8192): 3}
 
 
 @pytest.mark.gpu
