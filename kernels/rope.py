@@ -40,15 +40,19 @@ QWEN3_EPS = 1e-6
 
 
 @triton.jit
-def _rope_qk_norm_kernel(qkv_ptr, out_ptr, pos_ptr, inv_freq_ptr, q_w_ptr, k_w_ptr, m, heads, qk_heads,
-                         stride_qkv, stride_out, eps, attention_factor,
-                         HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, HEADS: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+def _rope_qk_norm_kernel(qkv_ptr, out_ptr, pos_ptr, inv_freq_ptr, q_w_ptr, k_w_ptr, cache_ptr, rows_ptr, m, heads,
+                         qk_heads, all_heads, stride_qkv, stride_out, stride_pos, stride_rows, stride_ckv, stride_cb,
+                         stride_ch, stride_cs, eps, attention_factor, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                         HEADS: tl.constexpr, ROWS: tl.constexpr, CACHE: tl.constexpr, PDL: tl.constexpr):
+    """Heads [0, heads) are q, [heads, qk_heads) k, and with CACHE [qk_heads, all_heads) v: q and k are
+    normed, rotated and stored in ``out``; with CACHE k and v (v as it is) are also stored in the KV
+    cache at (``rows_ptr[token]``, slot = the token's position)."""
     await_previous(PDL)
     half = HEAD_DIM // 2
     head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
     col = tl.arange(0, BLOCK_HALF)
     col_ok = col < half
-    mask = (head < qk_heads)[:, None] & col_ok[None, :]
+    mask = (head < all_heads)[:, None] & col_ok[None, :]
     # the norm weight of each head: q_norm for the first `heads`, k_norm for the kv heads after them
     is_q = (head < heads)[:, None]
     w1 = tl.where(is_q, tl.load(q_w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :],
@@ -57,6 +61,10 @@ def _rope_qk_norm_kernel(qkv_ptr, out_ptr, pos_ptr, inv_freq_ptr, q_w_ptr, k_w_p
                   tl.load(k_w_ptr + half + col, mask=col_ok, other=0.0).to(tl.float32)[None, :])
     inv_freq = tl.load(inv_freq_ptr + col, mask=col_ok, other=0.0)
     offs = head[:, None] * HEAD_DIM + col[None, :]
+    is_v = (head >= qk_heads)[:, None]
+    # the cache place of a k or v head: [k | v] plane, then its KV head
+    plane = (head >= qk_heads).to(tl.int64)
+    cache_head = (head - heads - plane * (qk_heads - heads)).to(tl.int64)
     for i in tl.static_range(ROWS):
         row = tl.program_id(0) * ROWS + i
         row_mask = mask & ((head * 0 + row) < m)[:, None]   # a tensor mask (the interpreter rejects scalar & tensor)
@@ -64,15 +72,26 @@ def _rope_qk_norm_kernel(qkv_ptr, out_ptr, pos_ptr, inv_freq_ptr, q_w_ptr, k_w_p
         x1 = tl.load(src, mask=row_mask, other=0.0).to(tl.float32)
         x2 = tl.load(src + half, mask=row_mask, other=0.0).to(tl.float32)
         rstd = tl.math.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HEAD_DIM + eps)
-        x1 = x1 * rstd[:, None] * w1
-        x2 = x2 * rstd[:, None] * w2
+        n1 = x1 * rstd[:, None] * w1
+        n2 = x2 * rstd[:, None] * w2
         # the angle in fp32 exactly as transformers forms it: float(position) * inv_freq
-        angle = tl.load(pos_ptr + row, mask=row < m, other=0).to(tl.float32) * inv_freq
+        position = tl.load(pos_ptr + row * stride_pos, mask=row < m, other=0)
+        angle = position.to(tl.float32) * inv_freq
         cos = (tl.cos(angle) * attention_factor)[None, :]
         sin = (tl.sin(angle) * attention_factor)[None, :]
+        y1 = (n1 * cos - n2 * sin).to(out_ptr.dtype.element_ty)
+        y2 = (n2 * cos + n1 * sin).to(out_ptr.dtype.element_ty)
         dst = out_ptr + row.to(tl.int64) * stride_out + offs
-        tl.store(dst, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=row_mask)
-        tl.store(dst + half, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=row_mask)
+        qk_mask = row_mask & (head < qk_heads)[:, None]
+        tl.store(dst, y1, mask=qk_mask)
+        tl.store(dst + half, y2, mask=qk_mask)
+        if CACHE:
+            cache_row = tl.load(rows_ptr + row * stride_rows, mask=row < m, other=0).to(tl.int64)
+            place = cache_ptr + plane[:, None] * stride_ckv + cache_row * stride_cb + cache_head[:, None] * stride_ch \
+                + position.to(tl.int64) * stride_cs + col[None, :]
+            kv_mask = row_mask & (head >= heads)[:, None]
+            tl.store(place, tl.where(is_v, x1.to(out_ptr.dtype.element_ty), y1), mask=kv_mask)
+            tl.store(place + half, tl.where(is_v, x2.to(out_ptr.dtype.element_ty), y2), mask=kv_mask)
 
 
 @functools.lru_cache(maxsize=64)
@@ -156,28 +175,69 @@ def _check(qkv, positions, q_weight, k_weight, heads, kv_heads) -> tuple[int, in
 
 def rope_qk_norm(qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, *,
                  heads: int, kv_heads: int, theta: float = QWEN3_THETA, eps: float = QWEN3_EPS,
-                 scaling=None, out: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
+                 scaling=None, out: Optional[torch.Tensor] = None, config: Optional[dict] = None,
+                 kv_cache: Optional[torch.Tensor] = None, cache_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Normalized, rotated q | k of ``qkv`` -> ``out`` [tokens, (heads + kv_heads) * head_dim].
 
     In place: ``out=qkv[:, :(heads + kv_heads) * head_dim]``. ``q_weight``/``k_weight`` are the
     [head_dim] q_norm/k_norm weights; ``positions`` the int32/int64 position of every token;
     ``scaling`` the model's RopeScaling (None: default RoPE).
+
+    ``kv_cache`` [2, batch, kv_heads, slots, head_dim] (a layer's k | v planes, unit stride along
+    head_dim) with ``cache_rows`` [tokens]: the same launch also stores each token's rotated k and its v
+    at ``kv_cache[:, cache_rows[t], :, positions[t]]`` (the decode step's cache write, one kernel
+    fewer; ``positions[t] < slots`` is not checked on the device).
     """
     m, head_dim = _check(qkv, positions, q_weight, k_weight, heads, kv_heads)
     qk_heads = heads + kv_heads
     if not eps > 0 or not theta > 0:
         raise InputError(f"{OP}: eps and theta must be > 0, got eps={eps}, theta={theta}")
+    if (kv_cache is None) != (cache_rows is None):
+        raise InputError(f"{OP}: kv_cache and cache_rows go together (the rows say where each token's k and v go)")
+    if kv_cache is not None:
+        _check_cache(kv_cache, cache_rows, m, kv_heads, head_dim, qkv)
     out = output_tensor(OP, out, (m, qk_heads * head_dim), qkv)
     if m == 0:
         return out
     cfg = config or default(m, heads, kv_heads, head_dim, launch_spec(qkv.device, persistent=False))
-    grid = (triton.cdiv(m, cfg["rows"]), triton.cdiv(qk_heads, cfg["heads"]))
+    all_heads = qk_heads + (kv_heads if kv_cache is not None else 0)
+    grid = (triton.cdiv(m, cfg["rows"]), triton.cdiv(all_heads, cfg["heads"]))
+    cache_strides = (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3)) \
+        if kv_cache is not None else (0, 0, 0, 0)
     _rope_qk_norm_kernel[grid](qkv, out, positions, inv_freq(head_dim, float(theta), qkv.device, scaling), q_weight,
-                               k_weight, m, heads, qk_heads, qkv.stride(0), out.stride(0), float(eps),
+                               k_weight, kv_cache if kv_cache is not None else qkv,
+                               cache_rows if cache_rows is not None else positions, m, heads, qk_heads, all_heads,
+                               qkv.stride(0), out.stride(0), positions.stride(0),
+                               cache_rows.stride(0) if cache_rows is not None else 0, *cache_strides, float(eps),
                                attention_factor(scaling),
                                HEAD_DIM=head_dim, BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
-                               HEADS=cfg["heads"], ROWS=cfg["rows"], num_warps=cfg["num_warps"], **chained(qkv))
+                               HEADS=cfg["heads"], ROWS=cfg["rows"], CACHE=kv_cache is not None,
+                               num_warps=cfg["num_warps"], **chained(qkv))
     return out
+
+
+def _check_cache(kv_cache, cache_rows, m: int, kv_heads: int, head_dim: int, qkv) -> None:
+    if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 5 or kv_cache.shape[0] != 2 \
+            or kv_cache.shape[2] != kv_heads or kv_cache.shape[4] != head_dim:
+        got = tuple(kv_cache.shape) if isinstance(kv_cache, torch.Tensor) else type(kv_cache).__name__
+        raise InputError(f"{OP}: kv_cache must be [2, batch, kv_heads={kv_heads}, slots, head_dim={head_dim}], got {got}")
+    if kv_cache.dtype != qkv.dtype or kv_cache.device != qkv.device or kv_cache.stride(4) != 1:
+        raise InputError(f"{OP}: kv_cache must be {qkv.dtype} on {qkv.device} with unit stride along head_dim, got "
+                         f"{kv_cache.dtype} on {kv_cache.device}, strides {kv_cache.stride()}")
+    if not isinstance(cache_rows, torch.Tensor) or tuple(cache_rows.shape) != (m,) or cache_rows.is_floating_point() \
+            or cache_rows.device != qkv.device:
+        got = (tuple(cache_rows.shape), cache_rows.dtype, str(cache_rows.device)) \
+            if isinstance(cache_rows, torch.Tensor) else type(cache_rows).__name__
+        raise InputError(f"{OP}: cache_rows must be an integer [{m}] tensor on {qkv.device} (each token's cache row), "
+                         f"got {got}")
+
+
+def cache_reference(kv_cache: torch.Tensor, cache_rows: torch.Tensor, positions: torch.Tensor, qkv: torch.Tensor,
+                    heads: int, kv_heads: int) -> None:
+    """The fused cache store in torch: ``qkv``'s k | v columns (rotated in place before) into ``kv_cache``
+    at (``cache_rows``, ``positions``), as the engine's ``KVCache.write`` indexes it."""
+    head_dim = kv_cache.shape[-1]
+    kv_cache[:, cache_rows, :, positions] = qkv[:, heads * head_dim:].reshape(qkv.shape[0], 2, kv_heads, head_dim)
 
 
 def _split_heads(qkv, heads, kv_heads, head_dim):

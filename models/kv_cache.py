@@ -86,6 +86,11 @@ class KVCache:
             slots = torch.where(owner == self.rank, slot, self.capacity)
         self.kv[:, layer][:, rows, :, slots] = kv
 
+    def planes(self, layer: int) -> torch.Tensor:
+        """The layer's k | v planes ``[2, batch, kv_heads, slots, head_dim]`` (a view), for a kernel that
+        stores new tokens itself (``rope_qk_norm``'s cache store: slot = position, so not sharded)."""
+        return self.kv[:, layer]
+
     def keys_values(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views ``[batch, kv_heads, n, head_dim]`` of the first ``batch`` rows holding positions
         ``[0, length)``: ``n = length`` slots, or sharded by sequence this rank's shard of them."""

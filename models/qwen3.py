@@ -135,17 +135,21 @@ class Attention(nn.Module):
         qkv = ops.qkv_proj(x, self.qkv, tp)
         if self.qkv_bias is not None:   # a torch add after the GEMM (no GEMM epilogue bias yet)
             qkv.add_(self.qkv_bias)
-        # q|k (normed and) rotated in place: qkv then holds q | k | v, and k | v is one cache write
+        # q|k (normed and) rotated in place: qkv then holds q | k | v, and k | v is one cache write (with
+        # q/k norms, an unsharded cache's write is in the same launch)
+        fused_write = self.q_norm is not None and not cache.sharded
         if self.q_norm is not None:
             ops.rope_qk_norm(qkv, step.positions.reshape(-1), self.q_norm, self.k_norm, heads=hq, kv_heads=hkv,
-                             theta=self.theta, eps=self.eps, scaling=self.rope_scaling)
+                             theta=self.theta, eps=self.eps, scaling=self.rope_scaling,
+                             kv_cache=cache.planes(layer) if fused_write else None,
+                             cache_rows=step.rows.reshape(-1) if fused_write else None)
         else:
             ops.rope(qkv, step.positions.reshape(-1), heads=hq, kv_heads=hkv, head_dim=d, theta=self.theta,
                      scaling=self.rope_scaling)
         kv = qkv[:, hq * d:].view(b, t, 2, hkv, d)
         if cache.sharded:
             q = self._store_sharded(qkv, layer, step, cache, ops)
-        else:
+        elif not fused_write:
             cache.write(layer, step.rows, step.positions, kv)
         if step.prefill:   # the cache held nothing before: attend to this chunk's keys, causally
             q = qkv[:, :hq * d].view(b, t, hq, d).transpose(1, 2)        # [b, hq, t, d]

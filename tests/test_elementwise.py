@@ -243,6 +243,41 @@ def test_rope_decode_batch_with_mixed_positions_rotates_each_token_by_its_own():
     assert torch.equal(moved[0], same[0]) and not torch.allclose(moved[1], same[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_stores_k_and_v_in_the_kv_cache_in_the_same_launch(dtype):
+    """With kv_cache: each token's rotated k and its v land at (cache row, position), the rest of the
+    NaN-poisoned cache stays as it was, and q | k in qkv are as without the cache."""
+    heads, kv_heads, head_dim, slots = 5, 2, 12, 50
+    inputs = _rope_inputs(m=4, dtype=dtype, positions=(0, 7, 49, 7))
+    rows = torch.tensor([1, 0, 2, 2])          # rows 0 and 2 both at position 7: different places
+    def plain_at(positions):
+        plain = inputs["qkv"].clone()
+        rope.rope_qk_norm(**{**inputs, "qkv": plain, "positions": positions}, out=plain[:, :(heads + kv_heads) * head_dim])
+        return plain
+    plain = plain_at(inputs["positions"])
+    cache = torch.full((2, 3, kv_heads, slots, head_dim), float("nan"), dtype=dtype)
+    expected = cache.clone()
+    rope.cache_reference(expected, rows, inputs["positions"], plain, heads, kv_heads)
+    qkv = inputs["qkv"]
+    rope.rope_qk_norm(**inputs, out=qkv[:, :(heads + kv_heads) * head_dim], kv_cache=cache, cache_rows=rows,
+                      config={"heads": 2, "rows": 2, "num_warps": 1})
+    assert torch.equal(qkv, plain)
+    assert torch.equal(cache.isnan(), expected.isnan()) and torch.equal(cache.nan_to_num(), expected.nan_to_num())
+    # index tensors of stride 0 (a prefill's rows, one row expanded over its tokens) read as broadcast
+    one_row, positions = torch.tensor([1]).expand(4), torch.tensor([3, 4, 5, 6])
+    rope.cache_reference(expected, one_row, positions, plain_at(positions), heads, kv_heads)
+    qkv = inputs["qkv"].clone()
+    rope.rope_qk_norm(**{**inputs, "qkv": qkv, "positions": positions}, out=qkv[:, :(heads + kv_heads) * head_dim],
+                      kv_cache=cache, cache_rows=one_row)
+    assert torch.equal(cache.isnan(), expected.isnan()) and torch.equal(cache.nan_to_num(), expected.nan_to_num())
+    with pytest.raises(InputError, match="kv_cache and cache_rows go together"):
+        rope.rope_qk_norm(**inputs, kv_cache=cache)
+    with pytest.raises(InputError, match=r"kv_cache must be \[2, batch, kv_heads=2, slots, head_dim=12\]"):
+        rope.rope_qk_norm(**inputs, kv_cache=cache[:, :, :1], cache_rows=rows)
+    with pytest.raises(InputError, match=r"cache_rows must be an integer \[4\] tensor"):
+        rope.rope_qk_norm(**inputs, kv_cache=cache, cache_rows=rows[:3])
+
+
 def test_rope_zero_tokens_and_errors():
     inputs = _rope_inputs(m=2)
     assert rope.rope_qk_norm(**{**inputs, "qkv": inputs["qkv"][:0], "positions": inputs["positions"][:0]}).shape == (0, 84)
@@ -263,6 +298,28 @@ def test_rope_zero_tokens_and_errors():
 
 
 # --- GPU: real shapes -------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 37])
+def test_gpu_rope_kv_cache(device, m):
+    """Qwen3-32B's heads (64 q, 8 kv, 128), bf16: the fused cache store equals the kernel without it plus
+    the indexed copy, at tokens spread over rows and positions of a NaN-poisoned cache."""
+    heads, kv_heads, d, dtype = 64, 8, 128, torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
+    qkv = torch.randn(m, (heads + 2 * kv_heads) * d, generator=g, device=device).to(dtype)
+    positions = torch.randperm(300, generator=g, device=device)[:m]        # distinct places: no write order to agree on
+    rows = torch.arange(m, device=device) % 3
+    weights = dict(q_weight=torch.ones(d, device=device, dtype=dtype), k_weight=torch.ones(d, device=device, dtype=dtype))
+    plain = qkv.clone()
+    rope.rope_qk_norm(plain, positions, **weights, heads=heads, kv_heads=kv_heads, out=plain[:, :(heads + kv_heads) * d])
+    cache = torch.full((2, 3, kv_heads, 300, d), float("nan"), device=device, dtype=dtype)
+    expected = cache.clone()
+    rope.cache_reference(expected, rows, positions, plain, heads, kv_heads)
+    rope.rope_qk_norm(qkv, positions, **weights, heads=heads, kv_heads=kv_heads, out=qkv[:, :(heads + kv_heads) * d],
+                      kv_cache=cache, cache_rows=rows)
+    assert torch.equal(qkv, plain)
+    assert torch.equal(cache.isnan(), expected.isnan()) and torch.equal(cache.nan_to_num(), expected.nan_to_num())
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)

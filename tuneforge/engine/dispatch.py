@@ -235,16 +235,24 @@ class Ops:
 
     def rope_qk_norm(self, qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor,
                      k_weight: torch.Tensor, *, heads: int, kv_heads: int, theta: float, eps: float,
-                     scaling=None) -> None:
+                     scaling=None, kv_cache: Optional[torch.Tensor] = None,
+                     cache_rows: Optional[torch.Tensor] = None) -> None:
         """In place on ``qkv`` [tokens, (heads + 2 kv_heads) * head_dim]: q and k per-head RMSNorm, then
-        RoPE (``scaling``: the config's rope_scaling) at ``positions`` [tokens]; v untouched."""
+        RoPE (``scaling``: the config's rope_scaling) at ``positions`` [tokens]; v untouched. ``kv_cache``
+        (a layer's [2, batch, kv_heads, slots, head_dim] planes) with ``cache_rows`` [tokens]: k and v also
+        stored there at (row, position), by the kernel in the same launch (the baseline: an indexed copy)."""
         head_dim = q_weight.shape[0]
         qk = qkv[:, :(heads + kv_heads) * head_dim]
+
+        def baseline():
+            qk.copy_(k_rope.baseline(qkv, positions, q_weight, k_weight, heads, kv_heads, theta, eps, scaling))
+            if kv_cache is not None:
+                k_rope.cache_reference(kv_cache, cache_rows, positions, qkv, heads, kv_heads)
         self._run(self.problems.rope_qk_norm(qkv.dtype, qkv.shape[0], heads, kv_heads, head_dim),
                   lambda cfg: k_rope.rope_qk_norm(qkv, positions, q_weight, k_weight, heads=heads, kv_heads=kv_heads,
-                                                  theta=theta, eps=eps, scaling=scaling, out=qk, config=cfg),
-                  lambda: qk.copy_(k_rope.baseline(qkv, positions, q_weight, k_weight, heads, kv_heads, theta, eps,
-                                                   scaling)))
+                                                  theta=theta, eps=eps, scaling=scaling, out=qk, config=cfg,
+                                                  kv_cache=kv_cache, cache_rows=cache_rows),
+                  baseline)
 
     def rope(self, qkv: torch.Tensor, positions: torch.Tensor, *, heads: int, kv_heads: int, head_dim: int,
              theta: float, scaling=None) -> None:
