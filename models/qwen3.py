@@ -139,10 +139,10 @@ class Attention(nn.Module):
         # q/k norms, an unsharded cache's write is in the same launch)
         fused_write = self.q_norm is not None and not cache.sharded
         if self.q_norm is not None:
+            planes = cache.planes(layer) if fused_write else None       # None: a cache that keeps nothing
             ops.rope_qk_norm(qkv, step.positions.reshape(-1), self.q_norm, self.k_norm, heads=hq, kv_heads=hkv,
-                             theta=self.theta, eps=self.eps, scaling=self.rope_scaling,
-                             kv_cache=cache.planes(layer) if fused_write else None,
-                             cache_rows=step.rows.reshape(-1) if fused_write else None)
+                             theta=self.theta, eps=self.eps, scaling=self.rope_scaling, kv_cache=planes,
+                             cache_rows=None if planes is None else step.rows.reshape(-1))
         else:
             ops.rope(qkv, step.positions.reshape(-1), heads=hq, kv_heads=hkv, head_dim=d, theta=self.theta,
                      scaling=self.rope_scaling)

@@ -64,6 +64,9 @@ class _NoCache:
     def write(self, layer, rows, slots, kv) -> None:
         pass
 
+    def planes(self, layer) -> None:
+        return None
+
 
 class Prefill(nn.Module):
     """tokens [1, T] -> logits [1, T, vocab] through ``ops``."""
