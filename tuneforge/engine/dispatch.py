@@ -191,8 +191,7 @@ class Ops:
     def _fusion(self, fused: Problem, unfused: list) -> Problem:
         """``fused``; under tuned dispatch its choice turns to the unfused ops (once) where their own
         winners together took no longer than the fusion's: it won against the torch ops it replaces,
-        and the tuned ones may be faster still. (The residual add is not weighed so: alone it saves
-        only a pass over the residual; what it buys is the next GEMM's norm prologue.)"""
+        and the tuned ones may be faster still."""
         if self.mode == "tuned" and fused not in self._chosen and self.choice(fused) is not BASELINE:
             times = [self.table.time(q) for q in [fused] + unfused]
             if None not in times and times[0] >= sum(times[1:]):
@@ -201,11 +200,17 @@ class Ops:
 
     def linear_residual(self, a: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) -> Optional[torch.Tensor]:
         """``a @ w.T`` added into ``residual`` in place by the GEMM's epilogue where that won (None), else
-        the GEMM's output, for the next norm to add."""
+        the GEMM's output, for the next norm to add. The fusion is weighed against the GEMM alone: the add
+        then rides in the next norm's kernel (add_rmsnorm, the pass over the residual it makes anyway).
+        What the fused add forfeits when it loses is the next GEMM's norm prologue, which gained less on
+        the H200 than a losing residual epilogue cost (Qwen3-30B-A3B bs 1: qkv's norm prologue 0.24 us
+        per layer, o's residual epilogue 2.6 us slower than its GEMM alone; benchmarks/results/
+        decode-fusion-ablation-Qwen3-30B-A3B-NVIDIA_H200-2026-12-03.json)."""
         def fused(cfg):
             k_fused.gemm_fused(a, w, residual=residual, out=residual, config=cfg)
-        return self._run(self.problems.gemm_fused(a.dtype, a.shape[0], w.shape, epilogue="residual"), fused,
-                         lambda: self.gemm(a, w))
+        m, p = a.shape[0], self.problems
+        problem = self._fusion(p.gemm_fused(a.dtype, m, w.shape, epilogue="residual"), [p.gemm(a.dtype, m, w.shape)])
+        return self._run(problem, fused, lambda: self.gemm(a, w))
 
     def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                          mask: torch.Tensor) -> torch.Tensor:
