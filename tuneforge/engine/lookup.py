@@ -21,6 +21,7 @@ leaves its problem to the baseline; one line per op says which. Only rank 0 of a
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Callable, Optional, Sequence
 
@@ -245,6 +246,20 @@ class DispatchTable:
     def configs(self, op: str) -> list[dict]:
         """Every config the table holds for ``op`` (all shapes; baseline winners included)."""
         return [c for fam, by_m in self._configs.items() if fam[0] == op for c in by_m.values()]
+
+    def families(self, m: Optional[int] = None) -> list[tuple]:
+        """The families holding winners (those serving ``m`` tokens, when given)."""
+        return [fam for fam, by_m in self._configs.items()
+                if m is None or m in by_m or serving_bucket(m, by_m, self.buckets) is not None]
+
+    def served_at_default(self, families: Sequence[tuple]) -> "DispatchTable":
+        """A copy in which ``families`` are served as default dispatch serves them (the kernel at its
+        launcher's default; a fusion by the unfused ops): what their winners buy, by taking them away."""
+        table = copy.copy(self)
+        table._warned, table._told, table._said, table._rejected = set(), set(), set(), set()
+        table._configs = {fam: {m: {"baseline": True} if fam[0] in TUNED_ONLY else LAUNCHER_DEFAULT for m in by_m}
+                          if fam in families else by_m for fam, by_m in self._configs.items()}
+        return table
 
     def runs_default(self, problem: Problem) -> str:
         """Why ``problem`` without a winner runs its kernel's default config here ('' : the torch baseline,
