@@ -31,7 +31,7 @@ from tuneforge.dsl import Problem, Space, Template, categorical, register
 from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import InputError
 from tuneforge.kernels import gemm as G
-from tuneforge.kernels._common import await_previous, chained, check_tensor, launch_spec
+from tuneforge.kernels._common import await_previous, chained, check_tensor, launch_spec, seeded_randn
 from tuneforge.dsl.roofline import HBM_LATENCY_S, kernel_floor, roofline
 
 OP = "decode_attention"
@@ -343,14 +343,18 @@ def block_fits(config: dict, problem: Problem, spec) -> str | None:
 
 def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
     """A cache longer than ``ctx`` (its views are strided); sequences end in the last 8 slots of
-    ``ctx`` (the last at ctx - 1), so timings read about ``ctx`` keys per sequence."""
+    ``ctx`` (the last at ctx - 1), so timings read about ``ctx`` keys per sequence. Drawn on ``device``
+    a plane at a time: 32 sequences of 128k keys are 8.6 GB, which a CPU generator took tens of seconds
+    to draw (an H200 tune's one problem ran ~55 s past its budget share, tune-...-at-94a3777.json)."""
     b, heads, kv, d, length = (problem[key] for key in ("m", "heads", "kv_heads", "head_dim", "ctx"))
     dtype = problem.torch_dtype
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    cache = torch.randn(2, b, kv, length + 8, d, generator=g).to(dtype).to(device)
-    positions = length - 1 - torch.randint(0, min(8, length), (b,), generator=g)
+    rand = seeded_randn(device, seed, dtype)
+    cache = torch.empty(2, b, kv, length + 8, d, dtype=dtype, device=device)
+    for plane in cache:
+        plane.copy_(rand(b, kv, length + 8, d))
+    positions = length - 1 - torch.randint(0, min(8, length), (b,), generator=torch.Generator().manual_seed(seed))
     positions[-1] = length - 1
-    q = torch.randn(b, heads, d, generator=g).to(dtype).to(device)
+    q = rand(b, heads, d)
     return {"q": q, "k": cache[0, :, :, :length], "v": cache[1, :, :, :length],
             "positions": positions.to(device), "out": torch.empty_like(q)}
 
