@@ -68,15 +68,14 @@ def main(argv=None) -> int:
     parts = groups(tuned.table.families(m), args.ops)
     if not parts:
         raise SystemExit(f"bench_ablation: no winners serve {m} tokens of {cfg.name} in {tuned.describe()}")
-    variants = {"tuned": lambda: tuned.table, "default": None}
-    variants.update({f"tuned, {name} at default": (lambda fams: lambda: tuned.table.served_at_default(fams))(fams)
-                     for name, fams in parts.items()})
+    # variant -> the families served at their default (None: default dispatch)
+    variants = {"tuned": [], "default": None, **{f"tuned, {name} at default": fams for name, fams in parts.items()}}
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(cfg.name, config=cfg, random=True, dtype=dtype, device=device)
     best: dict[str, dict] = {}
     for rnd in range(args.rounds):
-        for name, table in variants.items():
-            ops = Ops("default") if table is None else Ops("tuned", table())
+        for name, fams in variants.items():
+            ops = Ops("default") if fams is None else Ops("tuned", tuned.table.served_at_default(fams))
             gen = Generator(model, ops, max_batch=args.bsz, max_len=args.ctx + args.gen, graphs=device.type == "cuda")
             ms = time_generation(gen, args.bsz, args.ctx, args.gen)["decode_ms_per_token"]
             if name not in best or ms < best[name]["decode_ms_per_token"]:

@@ -51,12 +51,18 @@ def kernel_config(config: dict) -> Optional[dict]:
     return config or None
 
 
+def default_choice(op: str) -> Optional[dict]:
+    """What default dispatch serves ``op`` with: its kernel at the launcher's default, but a fusion only
+    where a tune measured it winning (``BASELINE``: the unfused ops)."""
+    return BASELINE if op in TUNED_ONLY else LAUNCHER_DEFAULT
+
+
 def choose(mode: str, table: Optional["DispatchTable"], problem: Problem) -> Optional[dict]:
     """The config ``mode`` serves ``problem`` with (a tuned winner that is the baseline: ``BASELINE``)."""
     if mode == "baseline":
         return BASELINE
-    if mode == "default":       # the fusions only where a tune measured them winning
-        return BASELINE if problem.op in TUNED_ONLY else LAUNCHER_DEFAULT
+    if mode == "default":
+        return default_choice(problem.op)
     config = table.lookup(problem.op, problem)
     if config is None and table.runs_default(problem):
         return LAUNCHER_DEFAULT
@@ -249,16 +255,17 @@ class DispatchTable:
 
     def families(self, m: Optional[int] = None) -> list[tuple]:
         """The families holding winners (those serving ``m`` tokens, when given)."""
-        return [fam for fam, by_m in self._configs.items()
-                if m is None or m in by_m or serving_bucket(m, by_m, self.buckets) is not None]
+        return [fam for fam, by_m in self._configs.items() if m is None or self._serving(m, by_m) is not None]
 
     def served_at_default(self, families: Sequence[tuple]) -> "DispatchTable":
         """A copy in which ``families`` are served as default dispatch serves them (the kernel at its
         launcher's default; a fusion by the unfused ops): what their winners buy, by taking them away."""
         table = copy.copy(self)
         table._warned, table._told, table._said, table._rejected = set(), set(), set(), set()
-        table._configs = {fam: {m: {"baseline": True} if fam[0] in TUNED_ONLY else LAUNCHER_DEFAULT for m in by_m}
-                          if fam in families else by_m for fam, by_m in self._configs.items()}
+        def stored(op: str) -> dict:      # a stored config saying what default_choice says
+            return {"baseline": True} if default_choice(op) is BASELINE else LAUNCHER_DEFAULT
+        table._configs = {fam: dict.fromkeys(by_m, stored(fam[0])) if fam in families else by_m
+                          for fam, by_m in self._configs.items()}
         return table
 
     def runs_default(self, problem: Problem) -> str:
@@ -290,14 +297,12 @@ class DispatchTable:
 
     def _find(self, problem: Problem, table: Optional[dict] = None):
         by_m = (self._configs if table is None else table).get(family(problem))
-        m = problem.shape.get("m", 0)
-        if by_m:
-            if m in by_m:
-                return by_m[m]
-            served = serving_bucket(m, by_m, self.buckets)
-            if served is not None:
-                return by_m[served]
-        return None
+        served = self._serving(problem.shape.get("m", 0), by_m) if by_m else None
+        return None if served is None else by_m[served]
+
+    def _serving(self, m: int, by_m: dict) -> Optional[int]:
+        """The tuned token count of ``by_m`` serving ``m`` tokens: ``m`` itself if tuned, else ``serving_bucket``."""
+        return m if m in by_m else serving_bucket(m, by_m, self.buckets)
 
     def fall_back(self, op: str, problem: Problem, config: dict, why: str) -> None:
         """A launcher rejected ``config``, the stored config serving ``problem``: the caller runs the
