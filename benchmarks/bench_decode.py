@@ -151,7 +151,7 @@ def bench_row(args, device, spec, copy_bps, batch: int, ctx: int) -> dict:
 
     row["default_us"], row["check"] = ours_us(default)
     row["config"] = default
-    if gpu and DA.split_plan(ctx, default)[0] > 1:      # the combine as a dependent launch, or not: the other way
+    if gpu and DA.split_count(ctx, default) > 1:      # the combine as a dependent launch, or not: the other way
         served = C.CHAINED
         C.CHAINED = not served
         try:

@@ -7,10 +7,11 @@ position, sequences right-padded, so the valid keys of sequence b are slots ``[0
 Grid: (sequence x KV head, split). A program takes the query heads that share one KV head as the rows
 of its tiles (so K and V are read once per KV head, not once per query head) and one chunk of the
 keys, and keeps an online softmax over ``BLOCK_N``-key tiles. The config's ``splits`` cut every
-(sequence, KV head) into that many chunks of whole tiles (``split_plan``; fewer where the cache view is
-shorter than the tuned context), so one short sequence still has programs for every SM. Each split
-stores its (max, sum, accumulator) in fp32 and a second, tiny kernel combines them: a program per
-(sequence, query head) loads all its splits at once (one round trip); on sm_90+ it is a programmatic
+(sequence, KV head) into that many chunks, sized on the device from the sequence's own length
+(``chunk_bounds``): one short sequence still has programs for every SM, and a sequence shorter than its
+step's cache view (a power-of-two bucket) spreads its keys over all of them, not over the first few.
+Each split stores its (max, sum, accumulator) in fp32 and a second, tiny kernel combines them: a program
+per (sequence, query head) loads all its splits at once (one round trip); on sm_90+ it is a programmatic
 dependent launch, so its launch overlaps the split kernel's run. The H200 showed an in-launch
 combine by the last split to arrive costing about 1.3 us per split (bench_decode, 2026-12-02: 16 -> 32
 splits at batch 1 cost +26 us at every context), far more than the second launch. Splits past a
@@ -37,15 +38,27 @@ from tuneforge.dsl.roofline import HBM_LATENCY_S, kernel_floor, roofline
 OP = "decode_attention"
 LOG2E = 1.4426950408889634
 MIN_ROWS = 16          # tl.dot's smallest M: the query heads of a group are padded to it
+KEY_ALIGN = tl.constexpr(16)     # a split's keys start on a multiple of this
 
 
 @triton.jit
-def split_attention(q, k, v, b, h, length, split, chunk, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+def chunk_bounds(length, split, splits):
+    """Keys ``[start, end)`` of split ``split`` of a sequence's ``length`` keys: ``splits`` chunks of
+    equal whole ``KEY_ALIGN``-key blocks (the last shorter, splits past the length empty). Cut from the
+    sequence's own length on the device, so every split of a sequence shorter than the cache view
+    (a step's view is its batch's power-of-two bucket) still gets keys to read."""
+    chunk = tl.cdiv(tl.cdiv(length, splits), KEY_ALIGN) * KEY_ALIGN
+    start = split * chunk
+    return start, tl.minimum(start + chunk, length)
+
+
+@triton.jit
+def split_attention(q, k, v, b, h, length, split, splits, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn, scale_log2,
                     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """(running max in the log2 domain, sum, fp32 accumulator) of the online softmax of the query heads
-    of KV head ``h`` of sequence ``b`` over keys ``[split * chunk, min((split + 1) * chunk, length))``:
+    of KV head ``h`` of sequence ``b`` over split ``split`` of its ``length`` keys (``chunk_bounds``):
     [BLOCK_G], [BLOCK_G], [BLOCK_G, BLOCK_D]. No key: max -inf, sum 0, accumulator 0."""
     rows = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, BLOCK_D)
@@ -61,8 +74,7 @@ def split_attention(q, k, v, b, h, length, split, chunk, stride_qb, stride_qh, s
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)     # running max, log2 domain
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-    start = split * chunk
-    end = tl.minimum(start + chunk, length)
+    start, end = chunk_bounds(length, split, splits)
     for n0 in tl.range(start, end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         key_ok = keys < end
@@ -142,7 +154,7 @@ def combine_splits(part, bh, splits, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
 
 
 @triton.jit
-def _decode_attention_kernel(q, k, v, pos, out, part, kv_heads, splits, chunk,
+def _decode_attention_kernel(q, k, v, pos, out, part, kv_heads, splits,
                              stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
                              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_pos, scale_log2,
                              GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -154,7 +166,7 @@ def _decode_attention_kernel(q, k, v, pos, out, part, kv_heads, splits, chunk,
     b = bh // kv_heads
     h = bh - b * kv_heads
     length = tl.load(pos + b * stride_pos).to(tl.int32) + 1
-    m_i, l_i, acc = split_attention(q, k, v, b, h, length, split, chunk, stride_qb, stride_qh, stride_kb, stride_kh,
+    m_i, l_i, acc = split_attention(q, k, v, b, h, length, split, splits, stride_qb, stride_qh, stride_kb, stride_kh,
                                     stride_kn, stride_vb, stride_vh, stride_vn, scale_log2, GROUP, BLOCK_G,
                                     HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION)
     if splits == 1:         # an int argument of 1 is a constant: this branch compiles alone
@@ -230,10 +242,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     problem = Problem.make(OP, DTYPE_NAMES[q.dtype], m=b, heads=heads, kv_heads=kv_heads, head_dim=d, ctx=length)
     cfg = config or default_config(problem, launch_spec(q.device))
     meta = kernel_meta(q, heads // kv_heads, d, cfg)
-    splits, chunk = split_plan(length, cfg)
+    splits = split_count(length, cfg)
     part = G.workspace(q.device, workspace_floats(b * kv_heads, splits, meta), 0)[0] if splits > 1 else out
     _decode_attention_kernel[(b * kv_heads, splits)](
-        q, k, v, positions, out, part, kv_heads, splits, chunk,
+        q, k, v, positions, out, part, kv_heads, splits,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), positions.stride(0), LOG2E / math.sqrt(d), **meta, **chained(q))
     if splits > 1:
@@ -255,11 +267,10 @@ def kernel_meta(q: torch.Tensor, group: int, d: int, cfg: dict) -> dict:
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def split_plan(length: int, cfg: dict) -> tuple[int, int]:
-    """(splits, chunk) of a ``length``-slot cache view under ``cfg`` (shared with ``decode_attention_sp``):
-    ``cfg['splits']`` chunks of whole ``block_n`` tiles, fewer where the view is too short for that many."""
-    chunk = max(1, triton.cdiv(triton.cdiv(length, cfg["splits"]), cfg["block_n"])) * cfg["block_n"]
-    return max(1, triton.cdiv(length, chunk)), chunk
+def split_count(length: int, cfg: dict) -> int:
+    """Programs per (sequence, KV head) over a ``length``-slot cache view under ``cfg`` (shared with
+    ``decode_attention_sp``): ``cfg['splits']``, fewer where the view has fewer ``KEY_ALIGN``-key blocks."""
+    return max(1, min(cfg["splits"], triton.cdiv(length, KEY_ALIGN.value)))
 
 
 def workspace_floats(tiles: int, splits: int, meta: dict) -> int:
@@ -328,7 +339,7 @@ def default_config(problem: Problem, spec) -> dict:
 
 def block_fits(config: dict, problem: Problem, spec) -> str | None:
     """A tile within the context and staged K and V tiles within shared memory. More splits than the
-    context has tiles is allowed: ``split_plan`` runs fewer (so a shrunken problem still takes the config)."""
+    context has key blocks is allowed: ``split_count`` runs fewer (so a shrunken problem still takes the config)."""
     ctx, block_n = problem["ctx"], config["block_n"]
     if block_n > max(16, triton.next_power_of_2(ctx)):
         return f"block_n={block_n} exceeds ctx={ctx}"
@@ -388,7 +399,7 @@ def cost(problem: Problem, config: Optional[dict], spec) -> float:
         return max(stream, roofline(flops, nbytes + mask, spec, problem.dtype, efficiency=0.4, launches=0)) \
             + SDPA_LAUNCHES * kernel_floor(spec)
     programs = problem["m"] * problem["kv_heads"]
-    splits, _ = split_plan(problem["ctx"], config)
+    splits = split_count(problem["ctx"], config)
     group = problem["heads"] // problem["kv_heads"]
     partial = group * (problem["head_dim"] + 2) * 4           # one split's fp32 (acc | m, l) per row
     partials = 2 * programs * splits * partial if splits > 1 else 0

@@ -155,7 +155,7 @@ def _publish(m, l, acc, b, h, bh, kv_heads, out, area, tile_flags, counts, epoch
 
 
 @triton.jit(do_not_specialize=["rank", "max_spins"])
-def _sp_kernel(q, k, v, pos, out, part, counts, stage, slot_elems, tile_flags, kv_heads, splits, chunk, shard_block,
+def _sp_kernel(q, k, v, pos, out, part, counts, stage, slot_elems, tile_flags, kv_heads, splits, shard_block,
                stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                stride_ob, stride_oh, stride_pos, scale_log2,
                bases, flags, state, rank, world, max_spins,
@@ -172,7 +172,7 @@ def _sp_kernel(q, k, v, pos, out, part, counts, stage, slot_elems, tile_flags, k
         epoch = epoch_begin(state)
         area = stage + (epoch % 2) * slot_elems
     length = shard_length(tl.load(pos + b * stride_pos).to(tl.int32) + 1, rank, world, shard_block)
-    m_i, l_i, acc = DA.split_attention(q, k, v, b, h, length, split, chunk, stride_qb, stride_qh, stride_kb,
+    m_i, l_i, acc = DA.split_attention(q, k, v, b, h, length, split, splits, stride_qb, stride_qh, stride_kb,
                                        stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, scale_log2, GROUP,
                                        BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION)
     if splits == 1:
@@ -210,10 +210,10 @@ def _run(q, k, v, positions, ctx, out, cfg, shard_block, form: int, stage, slot_
     b, heads, d = q.shape
     kv_heads, capacity = k.shape[1], k.shape[2]
     meta = DA.kernel_meta(q, heads // kv_heads, d, cfg)
-    splits, chunk = DA.split_plan(capacity, cfg)
+    splits = DA.split_count(capacity, cfg)
     # one counter per (sequence, KV head) for the split combine, one for the rank (fused)
     part, counts = G.workspace(q.device, DA.workspace_floats(b * kv_heads, splits, meta), b * kv_heads + 1)
-    args = (q, k, v, positions, out, part, counts, stage, slot_elems, tile_flags, kv_heads, splits, chunk,
+    args = (q, k, v, positions, out, part, counts, stage, slot_elems, tile_flags, kv_heads, splits,
             shard_block, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
             v.stride(2), out.stride(0), out.stride(1), positions.stride(0), DA.LOG2E / math.sqrt(d))
     grid = (b * kv_heads, splits)

@@ -56,19 +56,30 @@ def test_ragged_lengths_and_the_split_combine(group):
     inputs = TEMPLATE.make_inputs(problem, CPU, seed=group)
     inputs["positions"] = torch.tensor([0, 36, 129, 318])
     config = _config(20)
-    assert DA.split_plan(320, config) == (20, 16)
+    assert DA.split_count(320, config) == 20
     result = check(TEMPLATE, problem, config, inputs=inputs)
     assert result, f"{config}: {result.reason}"
 
 
 def test_a_shorter_cache_view_keeps_the_split_count():
     """The engine's view may be shorter than the tuned context (kv_len 8192 at the 16384 bucket): the
-    chunk shrinks, the programs stay; only a view too short for that many tiles gets fewer splits."""
+    programs stay; only a view with fewer 16-key blocks than splits gets fewer."""
     config = _config(32, 64)
-    assert DA.split_plan(16384, config) == (32, 512)
-    assert DA.split_plan(8192, config) == (32, 256)
-    assert DA.split_plan(1000, config) == (16, 64)
-    assert DA.split_plan(1, config) == (1, 64)
+    assert DA.split_count(16384, config) == DA.split_count(8192, config) == DA.split_count(512, config) == 32
+    assert DA.split_count(500, config) == 32 and DA.split_count(200, config) == 13
+    assert DA.split_count(1, config) == 1
+
+
+def test_a_sequence_shorter_than_its_view_spreads_over_every_split():
+    """Chunks are cut from each sequence's own length on the device: 1000 keys in a 4096-slot view
+    over 8 splits are 8 chunks of 128 keys (the last 104), not 2 of 512 and 6 empty; lengths that are
+    no multiple of the 16-key block, of the splits or of the tile; a sequence of one key."""
+    problem = Problem.make("decode_attention", "fp32", m=3, heads=4, kv_heads=2, head_dim=32, ctx=4096)
+    inputs = TEMPLATE.make_inputs(problem, CPU, seed=5)
+    inputs["positions"] = torch.tensor([999, 0, 70])
+    for config in (_config(8, 64), _config(3, 32)):
+        result = check(TEMPLATE, problem, config, inputs=inputs)
+        assert result, f"{config}: {result.reason}"
 
 
 def test_short_sequences_leave_splits_empty_and_launches_share_the_workspace():
