@@ -24,7 +24,10 @@ class Timing:
 
 
 _flush_buf: dict = {}
-_HOST_GAP_CYCLES = 200_000   # ~100 us at GPU clocks: longer than a Python launcher takes
+# ~100 us at GPU clocks: longer than a Python launcher or a graph launch takes. The GPU sleeps this
+# long before each timed call or replay, so the host's launch is hidden, not counted as the calls' time
+# (without it one tiny kernel in a graph timed 9.7 us a replay on an H200, 2026-12-03: the graph launch)
+_HOST_GAP_CYCLES = 200_000
 
 
 def _flush_l2(device) -> None:
@@ -73,7 +76,6 @@ def time_calls(calls: Sequence[Callable[[], object]], *, warmup: int = 10, rep: 
     for i in range(rep):
         if flush_l2:
             _flush_l2(dev)
-        # Keep the GPU busy while the host enqueues the call, so host launch time is not counted.
         torch.cuda._sleep(_HOST_GAP_CYCLES)
         starts[i].record()
         calls[i % len(calls)]()
@@ -108,6 +110,7 @@ def replay_times(graphs: Sequence[torch.cuda.CUDAGraph], calls_per_graph: Sequen
     for _ in range(rounds):
         for g, n, out in zip(graphs, calls_per_graph, samples):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(_HOST_GAP_CYCLES)
             a.record()
             g.replay()
             b.record()
