@@ -24,7 +24,7 @@ from tuneforge.dsl.problem import Problem
 from tuneforge.engine.dispatch import ENGINE_OPS
 from tuneforge.errors import DatabaseError, TuneforgeError
 from tuneforge.models.configs import ModelConfig, load_config
-from tuneforge.tune.plan import plan, runs_per_forward
+from tuneforge.tune.plan import SEQUENCE_KV_ROLES, plan, runs_per_forward
 
 FILL_COMMAND = "tuneforge tune --model Qwen3-32B"
 TP_BLOCK_OPS = ("tp_mlp", "tp_attn")
@@ -279,7 +279,7 @@ def forwards(model: ModelConfig, tp: int, pairs: Sequence[tuple[Problem, str]]
             # they replace: counting both would count those ops twice)
             for ctx in (contexts or [None]) if phase == "decode" else [None]:
                 out.append((phase, m, ctx, [(p, r) for p, r in items
-                                            if p.op not in ("decode_attention_sp", "gemm_fused")
+                                            if r not in SEQUENCE_KV_ROLES and p.op != "gemm_fused"
                                             and (p.op != "decode_attention" or p.shape["ctx"] == ctx)]))
     return out
 

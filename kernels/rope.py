@@ -232,12 +232,12 @@ def _check_cache(kv_cache, cache_rows, m: int, kv_heads: int, head_dim: int, qkv
                          f"got {got}")
 
 
-def cache_reference(kv_cache: torch.Tensor, cache_rows: torch.Tensor, positions: torch.Tensor, qkv: torch.Tensor,
-                    heads: int, kv_heads: int) -> None:
-    """The fused cache store in torch: ``qkv``'s k | v columns (rotated in place before) into ``kv_cache``
-    at (``cache_rows``, ``positions``), as the engine's ``KVCache.write`` indexes it."""
-    head_dim = kv_cache.shape[-1]
-    kv_cache[:, cache_rows, :, positions] = qkv[:, heads * head_dim:].reshape(qkv.shape[0], 2, kv_heads, head_dim)
+def cache_reference(kv_cache: torch.Tensor, cache_rows: torch.Tensor, positions: torch.Tensor,
+                    kv: torch.Tensor) -> None:
+    """The fused cache store in torch: ``kv`` [tokens, 2 * kv_heads * head_dim] (rotated k | v, as
+    ``qkv``'s columns past q hold them after an in-place launch) into ``kv_cache`` at (``cache_rows``,
+    ``positions``), as the engine's ``KVCache.write`` indexes it."""
+    kv_cache[:, cache_rows, :, positions] = kv.reshape(kv.shape[0], 2, kv_cache.shape[2], kv_cache.shape[-1])
 
 
 def _split_heads(qkv, heads, kv_heads, head_dim):
@@ -262,8 +262,9 @@ def _cos_sin(positions, head_dim, theta, scaling, device):
 
 
 def reference(qkv, positions, q_weight, k_weight, heads, kv_heads, theta=QWEN3_THETA, eps=QWEN3_EPS,
-              scaling=None) -> torch.Tensor:
-    """fp32 math with transformers' fp32 angles: q_norm/k_norm, then apply_rotary_pos_emb."""
+              scaling=None, kv_cache=None, cache_rows=None) -> torch.Tensor:
+    """fp32 math with transformers' fp32 angles: q_norm/k_norm, then apply_rotary_pos_emb. The rotated
+    q | k only: the cache store (``kv_cache``) is checked against ``cache_reference``."""
     head_dim = q_weight.shape[0]
     q, k = _split_heads(qkv.float(), heads, kv_heads, head_dim)
     cos, sin = _cos_sin(positions, head_dim, theta, scaling, qkv.device)
@@ -276,9 +277,10 @@ def reference(qkv, positions, q_weight, k_weight, heads, kv_heads, theta=QWEN3_T
 
 
 def baseline(qkv, positions, q_weight, k_weight, heads, kv_heads, theta=QWEN3_THETA, eps=QWEN3_EPS,
-             scaling=None) -> torch.Tensor:
+             scaling=None, kv_cache=None, cache_rows=None) -> torch.Tensor:
     """What a torch Qwen3 runs: ``F.rms_norm`` per head, cos/sin in fp32 cast to the dtype, rotate-half
-    in the dtype, q and k concatenated into one [tokens, (heads + kv_heads) * head_dim] tensor."""
+    in the dtype, q and k concatenated into one [tokens, (heads + kv_heads) * head_dim] tensor; with
+    ``kv_cache``, then the indexed cache write of rotated k and v (the engine's unfused write)."""
     head_dim = q_weight.shape[0]
     q, k = _split_heads(qkv, heads, kv_heads, head_dim)
     cos, sin = (t.to(qkv.dtype) for t in _cos_sin(positions, head_dim, theta, scaling, qkv.device))
@@ -286,7 +288,11 @@ def baseline(qkv, positions, q_weight, k_weight, heads, kv_heads, theta=QWEN3_TH
     k = F.rms_norm(k, (head_dim,), k_weight.to(qkv.dtype), eps)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
-    return torch.cat((q, k), dim=1).reshape(qkv.shape[0], -1)
+    out = torch.cat((q, k), dim=1).reshape(qkv.shape[0], -1)
+    if kv_cache is not None:
+        cache_reference(kv_cache, cache_rows, positions,
+                        torch.cat((out[:, heads * head_dim:], qkv[:, (heads + kv_heads) * head_dim:]), 1))
+    return out
 
 
 # --- the template -------------------------------------------------------------------------------------
@@ -335,33 +341,58 @@ def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
             "positions": torch.randint(0, 32768, (m,), generator=g, device=device, dtype=torch.int64),
             "q_weight": (1.0 + 0.2 * rand(head_dim)).to(dtype), "k_weight": (1.0 + 0.2 * rand(head_dim)).to(dtype),
             "heads": heads, "kv_heads": kv_heads, "theta": QWEN3_THETA, "eps": QWEN3_EPS,
-            "out": torch.empty(m, (heads + kv_heads) * head_dim, dtype=dtype, device=device)}
+            "out": torch.empty(m, (heads + kv_heads) * head_dim, dtype=dtype, device=device),
+            **(cache_inputs(m, kv_heads, head_dim, dtype, device) if problem.shape.get("cache") else {})}
+
+
+CACHE_ROWS = 32     # sequences of a cache problem's inputs
+
+
+def cache_inputs(m: int, kv_heads: int, head_dim: int, dtype, device) -> dict:
+    """A NaN-poisoned cache of up to ``CACHE_ROWS`` sequences that the ``m`` tokens fill slot by slot
+    (token t at row t % rows, slot t // rows: every written slot distinct), and the tokens' positions
+    (their slots) in place of the random ones."""
+    rows = min(m, CACHE_ROWS)
+    t = torch.arange(m, device=device)
+    return {"kv_cache": torch.full((2, rows, kv_heads, -(-m // rows), head_dim), float("nan"), dtype=dtype,
+                                   device=device),
+            "cache_rows": t % rows, "positions": t // rows}
 
 
 def _qk_elements(problem: Problem) -> int:
     return problem["m"] * (problem["heads"] + problem["kv_heads"]) * problem["head_dim"]
 
 
+def _cache_elements(problem: Problem) -> int:
+    """k and v elements a cache problem's launch stores (and v read for it)."""
+    return 2 * problem["m"] * problem["kv_heads"] * problem["head_dim"] if problem.shape.get("cache") else 0
+
+
 def work(problem: Problem) -> tuple[float, float]:
-    """Read q and k, write them rotated; positions (int64) and the weights are noise."""
+    """Read q and k, write them rotated; with the cache, read v and store k and v there; positions
+    (int64) and the weights are noise."""
     size = problem.torch_dtype.itemsize
-    elements = _qk_elements(problem)
-    return 12.0 * elements, float(2 * elements * size + 8 * problem["m"] + 2 * problem["head_dim"] * size)
+    elements, cached = _qk_elements(problem), _cache_elements(problem)
+    return 12.0 * elements, float((2 * elements + 1.5 * cached) * size + 8 * problem["m"]
+                                  + 2 * problem["head_dim"] * size)
 
 
 # Passes over the q|k bytes and kernel launches of the torch baseline: rms_norm q, k (read+write each,
 # plus a copy to make the strided head views contiguous), then per q and k: x*cos, rotate_half (neg +
 # cat), *sin, add; and the final cat. cos/sin of [tokens, head_dim] are noise.
 BASELINE_PASSES, BASELINE_LAUNCHES = 16, 20
+# its cache write: k | v concatenated, then the indexed copy (each a read and a write of the cached elements)
+CACHE_PASSES, CACHE_LAUNCHES = 4, 2
 
 
 def cost(problem: Problem, config: Optional[dict], spec) -> float:
     flops, nbytes = work(problem)
+    cached = _cache_elements(problem)
     if config is None:
         size = problem.torch_dtype.itemsize
-        return eager_time(flops, BASELINE_PASSES * _qk_elements(problem) * size, spec, BASELINE_LAUNCHES,
-                          strided=True, dtype=problem.dtype)
-    cols = (problem["heads"] + problem["kv_heads"]) * problem["head_dim"]
+        return eager_time(flops, (BASELINE_PASSES * _qk_elements(problem) + CACHE_PASSES * cached) * size, spec,
+                          BASELINE_LAUNCHES + (CACHE_LAUNCHES if cached else 0), strided=True, dtype=problem.dtype)
+    cols = (problem["heads"] + problem["kv_heads"] * (2 if cached else 1)) * problem["head_dim"]
     tile = {"block_n": config["heads"] * problem["head_dim"], "rows": config["rows"], "num_warps": config["num_warps"]}
     return elementwise_time(problem["m"], cols, nbytes, spec, tile, flops, problem.dtype)
 

@@ -58,8 +58,11 @@ def silu_mul(dtype: Dtype, m: int, width: int) -> Problem:
     return Problem.make("silu_mul", _name(dtype), m=m, n=width // 2)
 
 
-def rope_qk_norm(dtype: Dtype, m: int, heads: int, kv_heads: int, head_dim: int) -> Problem:
-    return Problem.make("rope_qk_norm", _name(dtype), m=m, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+def rope_qk_norm(dtype: Dtype, m: int, heads: int, kv_heads: int, head_dim: int, cache: bool = False) -> Problem:
+    """``cache``: the launch also stores each token's k and v into the KV cache (the engine's layers
+    with the cache split by heads); the problem then has ``cache=1`` (without it, no such dim)."""
+    return Problem.make("rope_qk_norm", _name(dtype), m=m, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                        **({"cache": 1} if cache else {}))
 
 
 def decode_attention(dtype: Dtype, batch: int, heads: int, kv_heads: int, head_dim: int, kv_len: int,

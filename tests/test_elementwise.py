@@ -18,6 +18,7 @@ from tuneforge.errors import InputError
 from tuneforge.kernels import rmsnorm as rms
 from tuneforge.kernels import rope
 from tuneforge.kernels import silu_mul as sm
+from tuneforge.kernels._common import launch_spec
 from tuneforge.dsl.devices import spec
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -257,7 +258,7 @@ def test_rope_stores_k_and_v_in_the_kv_cache_in_the_same_launch(dtype):
     plain = plain_at(inputs["positions"])
     cache = torch.full((2, 3, kv_heads, slots, head_dim), float("nan"), dtype=dtype)
     expected = cache.clone()
-    rope.cache_reference(expected, rows, inputs["positions"], plain, heads, kv_heads)
+    rope.cache_reference(expected, rows, inputs["positions"], plain[:, heads * head_dim:])
     qkv = inputs["qkv"]
     rope.rope_qk_norm(**inputs, out=qkv[:, :(heads + kv_heads) * head_dim], kv_cache=cache, cache_rows=rows,
                       config={"heads": 2, "rows": 2, "num_warps": 1})
@@ -265,7 +266,7 @@ def test_rope_stores_k_and_v_in_the_kv_cache_in_the_same_launch(dtype):
     assert torch.equal(cache.isnan(), expected.isnan()) and torch.equal(cache.nan_to_num(), expected.nan_to_num())
     # index tensors of stride 0 (a prefill's rows, one row expanded over its tokens) read as broadcast
     one_row, positions = torch.tensor([1]).expand(4), torch.tensor([3, 4, 5, 6])
-    rope.cache_reference(expected, one_row, positions, plain_at(positions), heads, kv_heads)
+    rope.cache_reference(expected, one_row, positions, plain_at(positions)[:, heads * head_dim:])
     qkv = inputs["qkv"].clone()
     rope.rope_qk_norm(**{**inputs, "qkv": qkv, "positions": positions}, out=qkv[:, :(heads + kv_heads) * head_dim],
                       kv_cache=cache, cache_rows=one_row)
@@ -276,6 +277,35 @@ def test_rope_stores_k_and_v_in_the_kv_cache_in_the_same_launch(dtype):
         rope.rope_qk_norm(**inputs, kv_cache=cache[:, :, :1], cache_rows=rows)
     with pytest.raises(InputError, match=r"cache_rows must be an integer \[4\] tensor"):
         rope.rope_qk_norm(**inputs, kv_cache=cache, cache_rows=rows[:3])
+
+
+@pytest.mark.parametrize("m", [5, 37])
+def test_the_tuned_cache_problem_times_what_the_engine_runs(m):
+    """The plan's rope_qk_norm with ``cache=1`` (the engine's layers with the cache split by heads):
+    its inputs carry a NaN-poisoned cache the tokens fill slot by slot (37 tokens: 32 rows, a second
+    slot for 5 of them); sampled configs pass the template check (q | k) and store every token's k and v
+    as ``cache_reference`` does; the baseline stores them too (it is timed against the fused launch)."""
+    problem = Problem.make("rope_qk_norm", "fp32", m=m, heads=5, kv_heads=2, head_dim=12, cache=1)
+    template = get("rope_qk_norm")
+    spec = launch_spec(torch.device("cpu"), persistent=False)
+    configs = [c for c in template.space(problem).enumerate() if template.reject_reason(c, problem, spec) is None]
+    for config in [template.default_config(problem, spec)] + random.Random(m).sample(configs, 2):
+        inputs = template.make_inputs(problem, torch.device("cpu"), seed=m)
+        assert inputs["kv_cache"].shape == (2, min(m, 32), 2, -(-m // 32), 12) and inputs["kv_cache"].isnan().all()
+        expected = inputs["kv_cache"].clone()
+        result = check(template, problem, config, inputs=inputs)
+        assert result, f"{config}: {result.reason}"
+        kv = inputs["out"][:, 5 * 12:].clone()
+        rope.cache_reference(expected, inputs["cache_rows"], inputs["positions"],
+                             torch.cat((kv, inputs["qkv"][:, 7 * 12:]), 1))
+        assert torch.equal(inputs["kv_cache"].isnan(), expected.isnan()), config
+        torch.testing.assert_close(inputs["kv_cache"].nan_to_num(), expected.nan_to_num())
+    written = template.make_inputs(problem, torch.device("cpu"), seed=m)
+    template.baseline(**{k: v for k, v in written.items() if k != "out"})
+    assert torch.equal(written["kv_cache"].isnan(), expected.isnan())
+    torch.testing.assert_close(written["kv_cache"].nan_to_num(), expected.nan_to_num(), atol=1e-5, rtol=1e-5)
+    assert template.cost(problem, None, spec) > template.cost(Problem.make("rope_qk_norm", "fp32", m=m, heads=5,
+                                                                           kv_heads=2, head_dim=12), None, spec)
 
 
 def test_rope_zero_tokens_and_errors():
@@ -314,7 +344,7 @@ def test_gpu_rope_kv_cache(device, m):
     rope.rope_qk_norm(plain, positions, **weights, heads=heads, kv_heads=kv_heads, out=plain[:, :(heads + kv_heads) * d])
     cache = torch.full((2, 3, kv_heads, 300, d), float("nan"), device=device, dtype=dtype)
     expected = cache.clone()
-    rope.cache_reference(expected, rows, positions, plain, heads, kv_heads)
+    rope.cache_reference(expected, rows, positions, plain[:, heads * d:])
     rope.rope_qk_norm(qkv, positions, **weights, heads=heads, kv_heads=kv_heads, out=qkv[:, :(heads + kv_heads) * d],
                       kv_cache=cache, cache_rows=rows)
     assert torch.equal(qkv, plain)

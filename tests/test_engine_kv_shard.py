@@ -184,6 +184,9 @@ def test_plan_has_both_kv_layouts_at_tp_above_1():
             assert p.find("decode_attention", m=m, heads=4, kv_heads=1, head_dim=128, ctx=ctx)
             (item,) = p.find(SP.OP, m=m, heads=32, kv_heads=4, head_dim=128, ctx=ctx)
             assert item.roles == ["layer.attn.decode_sp"] and item.problem.world == 8 and not item.baseline_only
+        # rope_qk_norm stores k and v into a cache split by heads in its launch; one sharded by sequence apart
+        roles = {i.problem.shape.get("cache", 0): i.roles for i in p.find("rope_qk_norm", m=m)}
+        assert roles == {1: ["layer.attn.rope_qk_norm"], 0: ["layer.attn.rope_qk_norm.seq_kv"]}
     assert not plan("Qwen3-30B-A3B", 1, decode_buckets=[1], prefill_buckets=[]).find(SP.OP)
 
 

@@ -33,7 +33,10 @@ def test_qwen3_32b_tp1_plan_has_every_shape_exactly_once():
         assert _expect(p, "rmsnorm", m=m, n=5120).roles == ["layer.input_layernorm",
                                                            "layer.post_attention_layernorm", "final_norm"]
         _expect(p, "silu_mul", m=m, n=25600)
-        _expect(p, "rope_qk_norm", m=m, heads=64, kv_heads=8, head_dim=128)
+        # the KV cache's k and v stored in the same launch, as the engine's layers run it
+        assert _expect(p, "rope_qk_norm", m=m, heads=64, kv_heads=8, head_dim=128, cache=1).roles == [
+            "layer.attn.rope_qk_norm"]
+        assert len(p.find("rope_qk_norm", m=m)) == 1
         # the fusions, beside the ops they replace
         assert _expect(p, "gemm_fused", m=m, n=10240, k=5120, norm=1, epi=0).roles == [
             "layer.attn.qkv_proj+input_layernorm"]
@@ -59,7 +62,9 @@ def test_qwen3_32b_tp8_plan_shards_heads_mlp_and_vocab_and_adds_the_tp_choices()
         _expect(p, "gemm", m=m, n=6400, k=5120)
         _expect(p, "gemm", m=m, n=5120, k=3200)
         _expect(p, "silu_mul", m=m, n=3200)
-        _expect(p, "rope_qk_norm", m=m, heads=8, kv_heads=1, head_dim=128)
+        _expect(p, "rope_qk_norm", m=m, heads=8, kv_heads=1, head_dim=128, cache=1)      # the cache split by heads
+        assert _expect(p, "rope_qk_norm", m=m, heads=8, kv_heads=1, head_dim=128).roles == [
+            "layer.attn.rope_qk_norm.seq_kv"]                                          # by sequence: written apart
         assert _expect(p, "allreduce", 8, m=m, n=5120).roles == ["layer.attn.allreduce", "layer.mlp.allreduce"]
         _expect(p, "tp_attn", 8, m=m, hidden=5120, qkv=1280, o_in=1024)
         _expect(p, "tp_mlp", 8, m=m, hidden=5120, inter=3200)
@@ -69,7 +74,7 @@ def test_qwen3_32b_tp8_plan_shards_heads_mlp_and_vocab_and_adds_the_tp_choices()
         for ctx in DECODE_CONTEXTS:
             _expect(p, "decode_attention", m=m, heads=8, kv_heads=1, head_dim=128, ctx=ctx)
             _expect(p, "decode_attention_sp", 8, m=m, heads=64, kv_heads=8, head_dim=128, ctx=ctx)  # by sequence
-    assert len(p) == 11 * len(ALL_M) + (1 + 2 * len(DECODE_CONTEXTS)) * len(DECODE_BUCKETS)
+    assert len(p) == 12 * len(ALL_M) + (1 + 2 * len(DECODE_CONTEXTS)) * len(DECODE_BUCKETS)
 
 
 def test_kv_heads_are_replicated_when_fewer_than_ranks_and_bad_tp_is_refused():
@@ -102,6 +107,7 @@ def test_shared_expert_model_plans_gate_shared_expert_and_linear_attention():
     _expect(p, "shared_expert_gate", m=8, n=2048)
     _expect(p, "gemm", m=8, n=(2 * 8 * 128 + 2 * 16 * 128), k=2048)  # linear attention in_proj_qkvz
     _expect(p, "gemm", m=8, n=2048, k=16 * 128)                    # linear attention out_proj
+    _expect(p, "rope_qk_norm", m=8, heads=8, kv_heads=1, head_dim=256, cache=1)
     _expect(p, "rope_qk_norm", m=8, heads=8, kv_heads=1, head_dim=256)
 
 

@@ -253,8 +253,9 @@ class Ops:
         def baseline():
             qk.copy_(k_rope.baseline(qkv, positions, q_weight, k_weight, heads, kv_heads, theta, eps, scaling))
             if kv_cache is not None:
-                k_rope.cache_reference(kv_cache, cache_rows, positions, qkv, heads, kv_heads)
-        self._run(self.problems.rope_qk_norm(qkv.dtype, qkv.shape[0], heads, kv_heads, head_dim),
+                k_rope.cache_reference(kv_cache, cache_rows, positions, qkv[:, heads * head_dim:])
+        self._run(self.problems.rope_qk_norm(qkv.dtype, qkv.shape[0], heads, kv_heads, head_dim,
+                                             cache=kv_cache is not None),
                   lambda cfg: k_rope.rope_qk_norm(qkv, positions, q_weight, k_weight, heads=heads, kv_heads=kv_heads,
                                                   theta=theta, eps=eps, scaling=scaling, out=qk, config=cfg,
                                                   kv_cache=kv_cache, cache_rows=cache_rows),

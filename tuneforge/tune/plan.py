@@ -112,6 +112,11 @@ def runs_per_forward(model: str | ModelConfig, role: str) -> int:
     return len(layers) if role.startswith("layer.") else 1
 
 
+# the roles of the KV cache sharded by sequence (--kv-shard sequence), planned beside the default
+# layout (split by heads) at TP > 1: a forward runs one layout's roles, never both
+SEQUENCE_KV_ROLES = ("layer.attn.decode_sp", "layer.attn.rope_qk_norm.seq_kv")
+
+
 class _Builder:
     def __init__(self):
         self.items: dict[str, PlanItem] = {}
@@ -157,13 +162,16 @@ def plan(model: str | ModelConfig, tp: int = 1, decode_buckets: Optional[Sequenc
             if tp == 1:     # the fusions (kernels/gemm_fused), each against the unfused ops it replaces
                 b.add("layer.attn.qkv_proj+input_layernorm", P.gemm_fused(dtype, m, (d.qkv, h), norm=True))
             if cfg.has_qk_norm:     # Qwen2-MoE's norm-less RoPE runs in torch (Ops.rope): nothing to tune
-                b.add("layer.attn.rope_qk_norm", P.rope_qk_norm(dtype, m, d.heads, d.kv_heads, d.head_dim))
+                # the KV cache split by heads takes each token's k and v in the same launch
+                b.add("layer.attn.rope_qk_norm", P.rope_qk_norm(dtype, m, d.heads, d.kv_heads, d.head_dim, cache=True))
+                if tp > 1:      # the cache sharded by sequence (--kv-shard sequence) is written apart
+                    b.add(SEQUENCE_KV_ROLES[1], P.rope_qk_norm(dtype, m, d.heads, d.kv_heads, d.head_dim))
             if is_decode:
                 for ctx in contexts:
                     b.add("layer.attn.decode", P.decode_attention(dtype, m, d.heads, d.kv_heads, d.head_dim,
                                                                   int(ctx), contexts))
                     if tp > 1:      # the KV cache sharded by sequence instead (--kv-shard sequence)
-                        b.add("layer.attn.decode_sp", P.decode_attention_sp(dtype, tp, m, d.seq_heads,
+                        b.add(SEQUENCE_KV_ROLES[0], P.decode_attention_sp(dtype, tp, m, d.seq_heads,
                                                                             d.seq_kv_heads, d.head_dim,
                                                                             int(ctx), contexts))
             b.add("layer.attn.o_proj", P.gemm(dtype, m, (h, d.o_in)))
