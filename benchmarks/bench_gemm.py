@@ -3,7 +3,7 @@
 For every (layer, tp, tokens) shape: a short search over the template's seeds for the shape
 (``TEMPLATE.seeds``: the default config first, the Triton kernel's portfolio, then on Hopper the
 Gluon family's -- the configs the tuner also tries first), each candidate checked against cuBLAS's
-output; the three fastest, the default and the fastest Gluon config are re-timed with cuBLAS
+output; the three fastest, the default and the fastest Gluon and skinny configs are re-timed with cuBLAS
 (torch.nn.functional.linear), their replays interleaved so clock drift reaches all alike, and the
 fastest of that round is reported. Timing: a CUDA graph over
 enough rotated input sets to stream 3x the L2 per pass (tuneforge.tune.measure.time_calls with
@@ -162,8 +162,8 @@ def bench_problem(layer: str, tp: int, problem: Problem, spec, device, explore: 
     # interleaved replays: the reported ratios share the same clocks (back-to-back runs drifted by up to 20 %)
     ranked = sorted((t for t in tried if "us" in t), key=lambda t: t["us"])
     finalists = ranked[:FINALISTS]
-    gluon = [t for t in ranked if GW.kernel_of(t["config"]) == "gluon_ws"][:1]
-    for t in ([tried[0]] if "us" in tried[0] else []) + gluon:
+    families = [next((t for t in ranked if GW.kernel_of(t["config"]) == kind), None) for kind in ("gluon_ws", "skinny")]
+    for t in ([tried[0]] if "us" in tried[0] else []) + [t for t in families if t is not None]:
         if t not in finalists:
             finalists.append(t)
     times = time_interleaved([[lambda s=s, fn=fn: fn(s) for s in sets]
@@ -184,6 +184,7 @@ def bench_problem(layer: str, tp: int, problem: Problem, spec, device, explore: 
         "default_ratio": default["final_us"] * 1e-6 / cublas_s if "final_us" in default else None,
         "triton_ratio": best_of["triton"] * 1e-6 / cublas_s if best_of["triton"] else None,
         "gluon_ratio": best_of["gluon_ws"] * 1e-6 / cublas_s if best_of["gluon_ws"] else None,
+        "skinny_ratio": best_of["skinny"] * 1e-6 / cublas_s if best_of["skinny"] else None,
         "best_kernel": GW.kernel_of(best["config"]),
         "pct_sol": percent_of_light(best_s, flops, nbytes, spec, problem.dtype),
         "cublas_pct_sol": percent_of_light(cublas_s, flops, nbytes, spec, problem.dtype),
@@ -242,7 +243,8 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"[{time.perf_counter() - start:6.1f}s] {model:10s} {layer:8s} {tp} m={m:<5d} n={n:<6d} k={k:<6d} "
               f"best {row['triton_us']:9.1f} us  cublas {row['cublas_us']:9.1f} us  ratio {row['ratio']:.3f} "
-              f"(default {row['default_ratio'] or float('nan'):.3f}, gluon {row['gluon_ratio'] or float('nan'):.3f})  "
+              f"(default {row['default_ratio'] or float('nan'):.3f}, gluon {row['gluon_ratio'] or float('nan'):.3f}, "
+              f"skinny {row['skinny_ratio'] or float('nan'):.3f})  "
               f"{row['best_config']}", flush=True)
         if (i + 1) % 10 == 0:
             write_results(name, rows, summarize(rows, time.perf_counter() - start, complete=False))
@@ -253,11 +255,11 @@ def main(argv=None) -> int:
                        sample="sweep_grid: distinct (n, k) weights sorted by size, token count j of J takes weights "
                               "o, o + stride, ... (o = j * stride // J); run round-robin over the counts")
     print_table(rows, ["model", "layer", "tp", "m", "n", "k", "triton_us", "cublas_us", "ratio", "default_ratio",
-                       "gluon_ratio", "best_kernel", "pct_sol", "cublas_pct_sol"])
+                       "gluon_ratio", "skinny_ratio", "best_kernel", "pct_sol", "cublas_pct_sol"])
     print(f"geomean ratio to cuBLAS {summary['geomean_ratio']:.3f} (default config {summary['geomean_default_ratio']:.3f}), "
           f"max {summary['max_ratio']:.3f}, {summary['shapes_above_1.10']}/{len(rows)} shapes above 1.10 "
           f"(default: max {summary['max_default_ratio']:.3f}, {summary['default_shapes_above_1.10']} above 1.10), "
-          f"Gluon fastest at {summary['gluon_best_shapes']}, "
+          f"Gluon fastest at {summary['gluon_best_shapes']}, skinny at {summary['skinny_best_shapes']}, "
           f"geomean {summary['geomean_pct_sol']:.1f}% of speed of light (cuBLAS {summary['geomean_cublas_pct_sol']:.1f}%), "
           f"{summary['seconds']:.0f} s")
     for m, by in summary["by_tokens"].items():
@@ -278,6 +280,7 @@ def summarize(rows: list[dict], seconds: float, complete: bool) -> dict:
         "geomean_default_ratio": geomean(defaults), "max_default_ratio": max(defaults, default=float("nan")),
         "default_shapes_above_1.10": sum(r > 1.10 for r in defaults),
         "gluon_best_shapes": sum(r.get("best_kernel") == "gluon_ws" for r in rows),
+        "skinny_best_shapes": sum(r.get("best_kernel") == "skinny" for r in rows),
         "by_tokens": {m: {"shapes": len(rs), "geomean_ratio": geomean(r["ratio"] for r in rs),
                           "max_ratio": max(r["ratio"] for r in rs),
                           "geomean_default_ratio": geomean(r["default_ratio"] for r in rs if r["default_ratio"])}

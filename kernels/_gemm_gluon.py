@@ -35,6 +35,7 @@ import tuneforge
 from tuneforge.dsl.roofline import gemm_config_time
 from tuneforge.dsl.space import Space, categorical
 from tuneforge.kernels import _gemm_gemv as GV
+from tuneforge.kernels import _gemm_skinny as SK
 from tuneforge.kernels._common import tile_past_problem
 from tuneforge.kernels._gemm_space import ELEM_SIZE, register_pressure
 
@@ -48,7 +49,7 @@ try:   # triton >= 3.5 (the GPU image: 3.6)
 except ImportError:    # no Gluon: the family is rejected by its constraints
     GLUON = False
 
-KERNELS = ("triton", "gluon_ws", "gemv")     # gemv: kernels/_gemm_gemv.py
+KERNELS = ("triton", "gluon_ws", "gemv", "skinny")     # gemv: kernels/_gemm_gemv.py; skinny: _gemm_skinny.py
 # parameters both kernels read; the rest of the Triton space only applies to kernel=triton
 SHARED = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
 BLOCK_MS, BLOCK_NS, BLOCK_KS = (64, 128, 256), (64, 128, 256), (32, 64, 128)
@@ -238,19 +239,21 @@ def kernel_of(config: dict) -> str:
 class FamilySpace(Space):
     """The Triton kernel's space with a leading ``kernel`` choice: its own parameters apply to
     kernel=triton only, the shared tile parameters to it and gluon_ws, ``consumers`` to gluon_ws, the
-    ``gemv_*`` ones to gemv. A config without ``kernel`` is a Triton one."""
+    ``gemv_*`` ones to gemv, the ``skinny_*`` ones to skinny. A config without ``kernel`` is a Triton one."""
 
     def validate(self, config):
         return super().validate(config if "kernel" in config else {"kernel": "triton", **config})
 
 
-def family_space(triton_space: Space, gemv: bool = True) -> FamilySpace:
-    """``gemv``: the problem has few enough rows for the gemv family (else it is not offered)."""
+def family_space(triton_space: Space, gemv: bool = True, skinny: bool = True) -> FamilySpace:
+    """``gemv`` / ``skinny``: the problem has few enough rows for that family (else it is not offered)."""
     params = [categorical(p.name, p.choices, {"kernel": ("triton", "gluon_ws") if p.name in SHARED else ("triton",),
                                               **p.when})
               for p in triton_space.params]
-    return FamilySpace(categorical("kernel", KERNELS if gemv else KERNELS[:2]), *params,
-                       categorical("consumers", (1, 2), when={"kernel": ("gluon_ws",)}), *GV.params())
+    kernels = KERNELS[:2] + ("gemv",) * gemv + ("skinny",) * skinny
+    return FamilySpace(categorical("kernel", kernels), *params,
+                       categorical("consumers", (1, 2), when={"kernel": ("gluon_ws",)}),
+                       *(GV.params() if gemv else ()), *(SK.params() if skinny else ()))
 
 
 def gluon_unavailable(config: dict, problem, spec) -> str | None:
@@ -321,15 +324,24 @@ def portfolio(problem, spec) -> list[dict]:
 
 def family_default(triton_default):
     """The template's default config: the Triton kernel's, named as such (an enqueued trial without
-    ``kernel`` would have it sampled); at up to ``GV.GEMV_DEFAULT_M`` rows the first gemv seed where
-    the cost model prices it below that."""
+    ``kernel`` would have it sampled); at up to ``GV.GEMV_DEFAULT_M`` rows the first gemv seed, and from
+    ``SK.SKINNY_MIN_SEED_M`` to ``SK.SKINNY_DEFAULT_M`` rows the skinny seed the cost model prices
+    lowest, where the model prices it below that."""
     @functools.wraps(triton_default)
     def default(problem, spec):
         tiled = {"kernel": "triton", **triton_default(problem, spec)}
-        gemv = GV.seeds(problem, spec)[:1] if problem["m"] <= GV.GEMV_DEFAULT_M and spec is not None else []
-        if gemv and GV.cost(problem, gemv[0], spec) < gemm_config_time(problem["m"], problem["n"], problem["k"], tiled,
-                                                                       spec, problem.dtype):
-            return gemv[0]
+        m = problem["m"]
+        if spec is None:
+            return tiled
+        if m <= GV.GEMV_DEFAULT_M:
+            rivals = [(GV.cost(problem, c, spec), c) for c in GV.seeds(problem, spec)[:1]]
+        elif m <= SK.SKINNY_DEFAULT_M:
+            rivals = [(SK.cost(problem, c, spec), c) for c in SK.seeds(problem, spec)]
+        else:
+            rivals = []
+        best = min(rivals, key=lambda t: t[0], default=None)
+        if best and best[0] < gemm_config_time(m, problem["n"], problem["k"], tiled, spec, problem.dtype):
+            return best[1]
         return tiled
     return default
 
@@ -339,13 +351,15 @@ TRITON_SEEDS_FIRST = 8
 
 
 def family_seeds(triton_portfolio, template_default):
-    """The template's seeds: its default first; then at decode's token counts two gemv ones, the head of
-    the Triton kernel's portfolio (its default first), this family's, the other gemv ones, the rest."""
+    """The template's seeds: its default first; then at decode's token counts two gemv ones, from 9 to 64
+    rows the skinny family's, the head of the Triton kernel's portfolio (its default first), this
+    family's, the other gemv ones, the rest."""
     def seeds(problem, spec):
         triton_seeds = [{"kernel": "triton", **c} for c in triton_portfolio(problem, spec)]
         head, gemv = TRITON_SEEDS_FIRST, GV.seeds(problem, spec)
         first = template_default(problem, spec)
-        ordered = gemv[:2] + triton_seeds[:head] + portfolio(problem, spec) + gemv[2:] + triton_seeds[head:]
+        ordered = (gemv[:2] + SK.seeds(problem, spec) + triton_seeds[:head] + portfolio(problem, spec) + gemv[2:]
+                   + triton_seeds[head:])
         return [first] + [c for c in ordered if c != first]
     return seeds
 
@@ -354,9 +368,11 @@ GLUON_LAUNCH_CONSTRAINTS = (gluon_unavailable, gluon_tiles_unfit)
 GLUON_CONSTRAINTS = GLUON_LAUNCH_CONSTRAINTS + (gluon_tiles_wasteful,)
 
 
-def family_constraints(triton_constraints: tuple, gluon_constraints: tuple, gemv_constraints: tuple) -> tuple:
+def family_constraints(triton_constraints: tuple, gluon_constraints: tuple, gemv_constraints: tuple,
+                       skinny_constraints: tuple) -> tuple:
     """One constraint: the config's own family's (the first reason, or None)."""
-    families = {"triton": triton_constraints, "gluon_ws": gluon_constraints, "gemv": gemv_constraints}
+    families = {"triton": triton_constraints, "gluon_ws": gluon_constraints, "gemv": gemv_constraints,
+                "skinny": skinny_constraints}
 
     def family_fit(config, problem, spec):
         for check in families[kernel_of(config)]:

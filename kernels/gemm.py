@@ -8,9 +8,10 @@ for the full waves, the last wave's tiles split-K'd), programs per SM, a tile lo
 compiler pipelines across tiles, and on Hopper-class devices TMA loads through host-side tensor
 descriptors. Split tiles are summed in the same launch: the last program to finish a slice adds the
 others' fp32 slices (``finish_tile``). The search space, constraints, default config and portfolio are
-``kernels/_gemm_space.py``'s (re-exported here); this file holds the kernel and its launcher. Two more
-config families of the template: ``kernel: gluon_ws`` (``_gemm_gluon.py``, Hopper) and ``kernel: gemv``
-(``_gemm_gemv.py``, decode's few rows).
+``kernels/_gemm_space.py``'s (re-exported here); this file holds the kernel and its launcher. Three more
+config families of the template: ``kernel: gluon_ws`` (``_gemm_gluon.py``, Hopper), ``kernel: gemv``
+(``_gemm_gemv.py``, decode's few rows) and ``kernel: skinny`` (up to 64 rows in one block, a plain grid
+of column tiles x K slices, optionally A/B swapped: its policy is ``_gemm_skinny.py``, its kernel here).
 
 Building blocks for fused kernels (AllGather-GEMM, GEMM-ReduceScatter) -- call these instead of
 copying the loop:
@@ -39,6 +40,7 @@ from tuneforge.kernels._common import (await_previous, chained, check_linear, ch
                                        first_rejection, launch_spec)
 from tuneforge.kernels import _gemm_gemv as GV
 from tuneforge.kernels import _gemm_gluon as GW
+from tuneforge.kernels import _gemm_skinny as SK
 from tuneforge.kernels._gemm_space import (  # noqa: F401  (the policy fused kernels and tests use as gemm's)
     CONSTRAINTS, ELEM_SIZE, LAUNCH_CONSTRAINTS, SPLIT_K_MAX_M, default_config, output_tiles, portfolio,
     register_pressure, smem_overflow, space, split_width, tile_exceeds_problem, tma_unavailable, whole_tiles_config)
@@ -434,6 +436,92 @@ def _gemm_kernel(x, w, w_lo, y, partial, counts, res, norm_w, x_rows, M, N, K, s
                         SILU)
 
 
+# --- the skinny family's kernel (its policy: kernels/_gemm_skinny.py) -------------------------------
+
+@triton.jit
+def _skinny_tile(x, w, off_n, M, N, k_begin, k_end, stride_xm, stride_wn,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
+                 USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] = x[:M, k_begin:k_end] @ w[off_n:, k_begin:k_end].T, every row of x in one
+    block. ``SWAP``: computed as w_tile @ x.T ([BLOCK_N, BLOCK_M]) and transposed: the weight's rows fill
+    the MMA's M side (64 rows a warpgroup on Hopper), so 16-32 token rows pad nothing. TMA: x and w are
+    descriptors with blocks [BLOCK_M, BLOCK_K] / [BLOCK_N, BLOCK_K]; pointers: rows and columns wrap (the
+    store masks them), K masked unless ``EVEN_K``."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    if not USE_TMA:
+        rows = (tl.arange(0, BLOCK_M) % M).to(tl.int64)
+        cols = ((off_n + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+        x_ptrs = x + rows[:, None] * stride_xm + (k_begin + ks)[None, :]
+        w_ptrs = w + cols[:, None] * stride_wn + (k_begin + ks)[None, :]
+    for k in tl.range(k_begin, k_end, BLOCK_K):
+        if USE_TMA:
+            a = x.load([0, k])
+            b = w.load([off_n, k])
+        else:
+            a = _k_block(x_ptrs, k, ks, k_end, 1, EVEN_K, UPCAST)
+            b = _k_block(w_ptrs, k, ks, k_end, 1, EVEN_K, UPCAST)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if SWAP:
+            acc = tl.dot(b, a.T, acc, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
+    if SWAP:
+        acc = acc.T
+    return acc
+
+
+# M changes with every batch (not specialized); N stays specialized for the store's vectors.
+@triton.jit(do_not_specialize=["M"])
+def _skinny_kernel(x, w, y, slices, counts, M, N, K, k_per_split, stride_xm, stride_wn, stride_ym,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                   SWAP: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """Program (t, s): output columns t * BLOCK_N.. over K slice s of ``SPLIT_K`` (``k_per_split`` each);
+    the slices of a tile meet in the fp32 workspace ``slices`` ([SPLIT_K, tiles, BLOCK_M, BLOCK_N]) and its
+    last program to arrive sums them and stores (``finish_tile``). Not persistent: the hardware hands
+    each SM the next program as one finishes."""
+    await_previous(PDL)
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    k_begin = split * k_per_split
+    acc = _skinny_tile(x, w, tile * BLOCK_N, M, N, k_begin, tl.minimum(k_begin + k_per_split, K), stride_xm,
+                       stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION)
+    slab = BLOCK_M * BLOCK_N
+    plane = tl.num_programs(0).to(tl.int64) * slab
+    at = slices + tile.to(tl.int64) * slab
+    finish_tile(acc, y, counts, tile, at + split * plane, at, at + plane, plane, SPLIT_K, 0, tile * BLOCK_N, M, N,
+                stride_ym, BLOCK_N, y, stride_ym, BLOCK_M, BLOCK_N, False, False)
+
+
+def skinny(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, config: dict) -> torch.Tensor:
+    """``out = x @ w.T`` through ``_skinny_kernel`` (operands checked by ``gemm``; m <= SK.SKINNY_MAX_M,
+    m, n, k > 0; ``config`` passed the family's constraints). TMA where the device has it and the rows
+    are 16-byte aligned, else pointer loads."""
+    m, k = x.shape
+    n = w.shape[0]
+    bm, bn, bk = SK.block_m(m), config["skinny_block_n"], config["skinny_block_k"]
+    k_per_split = SK.k_per_split(k, bk, config["skinny_split"])
+    splits, tiles = triton.cdiv(k, k_per_split), triton.cdiv(n, bn)
+    slices, counts = workspace(x.device, splits * tiles * bm * bn, tiles) if splits > 1 else (out, out)
+    use_tma = "tma" in launch_spec(x.device).features and _tma_ready(x) and _tma_ready(w)   # none interpreted
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        xa = TensorDescriptor(x, [m, k], [x.stride(0), 1], [bm, bk])
+        wa = TensorDescriptor(w, [n, k], [w.stride(0), 1], [bn, bk])
+    else:
+        xa, wa = x, w
+    interpreted = tuneforge.INTERPRETED
+    _skinny_kernel[(tiles, splits)](
+        xa, wa, out, slices, counts, m, n, k, k_per_split, x.stride(0), w.stride(0), out.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=splits, SWAP=bool(config["skinny_swap"]), USE_TMA=use_tma,
+        EVEN_K=k % bk == 0, UPCAST=interpreted and x.dtype != torch.float32,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 or interpreted else "tf32",
+        num_warps=config["skinny_warps"], num_stages=config["skinny_stages"], **chained(x))
+    return out
+
+
 # --- fusions (the gemm_fused op's kernel paths) ---------------------------------------------------
 
 
@@ -516,10 +604,9 @@ def _plan(config_items: tuple | None, m: int, n: int, k: int, dtype: torch.dtype
         config = checked_config(template_space(problem), dict(config_items), problem, spec, FAMILY_LAUNCH_CONSTRAINTS)
         tiles = triton.cdiv(m, config["block_m"]) * triton.cdiv(n, config["block_n"])
         return LaunchPlan(config, min(spec.sms, tiles), tiles, 1, 0, tiles)
-    elif not fused and GW.kernel_of(dict(config_items)) == "gemv":       # a program per column block
+    elif not fused and GW.kernel_of(dict(config_items)) in ("gemv", "skinny"):   # a plain grid: its own launcher
         config = checked_config(template_space(problem), dict(config_items), problem, spec, FAMILY_LAUNCH_CONSTRAINTS)
-        tiles = triton.cdiv(n, config["gemv_block_n"])
-        return LaunchPlan(config, tiles, tiles, 1, 0, tiles)
+        return LaunchPlan(config, 0, 0, 1, 0, 0)
     else:
         config = dict(config_items)
         config.setdefault("schedule", "tiles")
@@ -629,6 +716,8 @@ def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, c
     plan = _plan(None if config is None else tuple(sorted(config.items())), m, n, k, x.dtype, x.device, norm, epi)
     if GW.kernel_of(plan.config) == "gemv":
         return GV.gemv(x, w, out, plan.config)
+    if GW.kernel_of(plan.config) == "skinny":
+        return skinny(x, w, out, plan.config)
     if GW.kernel_of(plan.config) == "gluon_ws":
         if _tma_ready(x) and _tma_ready(w) and _tma_ready(out):
             return GW.gemm_ws(x, w, out, plan.config, plan.programs)
@@ -688,9 +777,11 @@ def work(problem: Problem) -> tuple[float, float]:
 
 def cost(problem: Problem, config: dict | None, spec: DeviceSpec) -> float:
     """The cost model's tile estimate (waves, padding, small-M bandwidth); None: cuBLAS-like baseline;
-    gemv: its streaming estimate."""
+    gemv / skinny: their streaming estimates."""
     if config is not None and GW.kernel_of(config) == "gemv":
         return GV.cost(problem, config, spec)
+    if config is not None and GW.kernel_of(config) == "skinny":
+        return SK.cost(problem, config, spec)
     return gemm_config_time(problem["m"], problem["n"], problem["k"], config, spec, problem.dtype)
 
 
@@ -698,17 +789,17 @@ def cost(problem: Problem, config: dict | None, spec: DeviceSpec) -> float:
 def template_space(problem: Problem):
     """gemm's space: the Triton kernel's (``space``) and the Gluon family's (``kernels/_gemm_gluon.py``).
     Cached: the tuner and the tests check many configs per problem."""
-    return GW.family_space(space(problem), gemv=problem["m"] <= GV.GEMV_MAX_M)
+    return GW.family_space(space(problem), gemv=problem["m"] <= GV.GEMV_MAX_M, skinny=problem["m"] <= SK.SKINNY_MAX_M)
 
 
 FAMILY_LAUNCH_CONSTRAINTS = GW.family_constraints(LAUNCH_CONSTRAINTS, GW.GLUON_LAUNCH_CONSTRAINTS,
-                                                   GV.GEMV_LAUNCH_CONSTRAINTS)
+                                                   GV.GEMV_LAUNCH_CONSTRAINTS, SK.SKINNY_LAUNCH_CONSTRAINTS)
 
 TEMPLATE = register(Template(
     op="gemm", space=template_space, make_inputs=make_inputs, launch=gemm, reference=reference, baseline=baseline,
     default_config=GW.family_default(default_config), work=work, cost=cost,
-    constraints=GW.family_constraints(CONSTRAINTS, GW.GLUON_CONSTRAINTS, GV.GEMV_CONSTRAINTS),
+    constraints=GW.family_constraints(CONSTRAINTS, GW.GLUON_CONSTRAINTS, GV.GEMV_CONSTRAINTS, SK.SKINNY_CONSTRAINTS),
     seeds=GW.family_seeds(portfolio, GW.family_default(default_config)),
     doc="y = x @ w.T (nn.Linear): persistent grouped tiles, split-K or stream-K, optional TMA loads; "
         "on Hopper also a warp-specialized Gluon kernel (kernel: gluon_ws); at a few rows a matrix-vector "
-        "product (kernel: gemv)"))
+        "product (kernel: gemv); up to 64 rows one row block over column tiles x K slices (kernel: skinny)"))
