@@ -323,8 +323,10 @@ def space(problem: Problem) -> Space:
 
 
 def default_config(problem: Problem, spec) -> dict:
-    """Splits from batch x KV heads against the SM count (the largest of ``SPLITS`` that does not pass
-    that many programs, every split a whole 64-key tile); 64-key tiles. About two programs per SM and 3
+    """Splits from batch x KV heads against the SM count (the largest of ``SPLITS`` that passes neither
+    that many programs nor ``ctx / 64``: at the full context every split but the last gets 64 keys or
+    more, its chunk cut on the device in whole ``KEY_ALIGN``-key blocks by ``chunk_bounds``, not in
+    whole tiles); 64-key tiles. About two programs per SM and 3
     stages (two tiles of K and V in flight per program), but where (sequence, KV head) pairs are few
     (a quarter of the SMs or fewer: batch 1-4 at 8 KV heads) about four per SM and 2 stages, smaller
     programs that fit more to an SM: on the H200 at batch 1 (Qwen3-32B heads, 2026-12-03) 64 splits

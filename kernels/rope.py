@@ -12,10 +12,12 @@ q/k/v GEMM writes it. For every token and every q and k head, in fp32 math:
    factor, as transformers.modeling_rope_utils does.
 
 Output: ``out`` [tokens, (heads + kv_heads) * head_dim] = rotated q | rotated k, rounded once to the
-dtype. v is never read or written. ``out=None`` allocates; for in place, pass the q|k columns of
-``qkv`` itself, ``out=qkv[:, :(heads + kv_heads) * head_dim]`` (a strided view: any row stride is
-accepted), after which ``qkv`` holds rotated q | rotated k | v. A program handles ``heads`` heads of
-``rows`` tokens; ``head_dim`` need not be a power of two (even is required).
+dtype. Without a KV cache v is neither read nor written; with ``kv_cache`` (the fused cache store)
+v is read and stored, as it is, into the cache beside rotated k (``qkv``'s v columns are never
+written). ``out=None`` allocates; for in place, pass the q|k columns of ``qkv`` itself,
+``out=qkv[:, :(heads + kv_heads) * head_dim]`` (a strided view: any row stride is accepted), after
+which ``qkv`` holds rotated q | rotated k | v. A program handles ``heads`` heads of ``rows`` tokens;
+``head_dim`` need not be a power of two (even is required).
 """
 from __future__ import annotations
 
@@ -240,6 +242,20 @@ def cache_reference(kv_cache: torch.Tensor, cache_rows: torch.Tensor, positions:
     kv_cache[:, cache_rows, :, positions] = kv.reshape(kv.shape[0], 2, kv_cache.shape[2], kv_cache.shape[-1])
 
 
+def cache_expected(qkv, positions, q_weight, k_weight, heads, kv_heads, theta=QWEN3_THETA, eps=QWEN3_EPS,
+                   scaling=None, kv_cache=None, cache_rows=None) -> dict:
+    """The template's ``side_outputs``: with ``kv_cache``, the cache the launch leaves (fp32, NaN where
+    nothing is stored): ``reference``'s rotated k and ``qkv``'s v at (``cache_rows``, ``positions``)."""
+    if kv_cache is None:
+        return {}
+    head_dim = q_weight.shape[0]
+    ref = reference(qkv, positions, q_weight, k_weight, heads, kv_heads, theta, eps, scaling)
+    expected = torch.full(kv_cache.shape, float("nan"), dtype=torch.float32, device=kv_cache.device)
+    cache_reference(expected, cache_rows, positions,
+                    torch.cat((ref[:, heads * head_dim:], qkv[:, (heads + kv_heads) * head_dim:].float()), 1))
+    return {"kv_cache": expected}
+
+
 def _split_heads(qkv, heads, kv_heads, head_dim):
     m = qkv.shape[0]
     q = qkv[:, :heads * head_dim].reshape(m, heads, head_dim)
@@ -264,7 +280,7 @@ def _cos_sin(positions, head_dim, theta, scaling, device):
 def reference(qkv, positions, q_weight, k_weight, heads, kv_heads, theta=QWEN3_THETA, eps=QWEN3_EPS,
               scaling=None, kv_cache=None, cache_rows=None) -> torch.Tensor:
     """fp32 math with transformers' fp32 angles: q_norm/k_norm, then apply_rotary_pos_emb. The rotated
-    q | k only: the cache store (``kv_cache``) is checked against ``cache_reference``."""
+    q | k only: the template checks the cache store (``kv_cache``) against ``cache_expected``."""
     head_dim = q_weight.shape[0]
     q, k = _split_heads(qkv.float(), heads, kv_heads, head_dim)
     cos, sin = _cos_sin(positions, head_dim, theta, scaling, qkv.device)
@@ -273,7 +289,8 @@ def reference(qkv, positions, q_weight, k_weight, heads, kv_heads, theta=QWEN3_T
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.float()
         return x * cos + _rotate_half(x) * sin
 
-    return torch.cat((norm_rope(q, q_weight), norm_rope(k, k_weight)), dim=1).reshape(qkv.shape[0], -1)
+    return torch.cat((norm_rope(q, q_weight), norm_rope(k, k_weight)), dim=1).reshape(qkv.shape[0],
+                                                                                      (heads + kv_heads) * head_dim)
 
 
 def baseline(qkv, positions, q_weight, k_weight, heads, kv_heads, theta=QWEN3_THETA, eps=QWEN3_EPS,
@@ -288,7 +305,7 @@ def baseline(qkv, positions, q_weight, k_weight, heads, kv_heads, theta=QWEN3_TH
     k = F.rms_norm(k, (head_dim,), k_weight.to(qkv.dtype), eps)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
-    out = torch.cat((q, k), dim=1).reshape(qkv.shape[0], -1)
+    out = torch.cat((q, k), dim=1).reshape(qkv.shape[0], (heads + kv_heads) * head_dim)
     if kv_cache is not None:
         cache_reference(kv_cache, cache_rows, positions,
                         torch.cat((out[:, heads * head_dim:], qkv[:, (heads + kv_heads) * head_dim:]), 1))
@@ -342,21 +359,25 @@ def make_inputs(problem: Problem, device, seed: int = 0, ctx=None) -> dict:
             "q_weight": (1.0 + 0.2 * rand(head_dim)).to(dtype), "k_weight": (1.0 + 0.2 * rand(head_dim)).to(dtype),
             "heads": heads, "kv_heads": kv_heads, "theta": QWEN3_THETA, "eps": QWEN3_EPS,
             "out": torch.empty(m, (heads + kv_heads) * head_dim, dtype=dtype, device=device),
-            **(cache_inputs(m, kv_heads, head_dim, dtype, device) if problem.shape.get("cache") else {})}
+            **(cache_inputs(m, kv_heads, head_dim, dtype, device, g) if problem.shape.get("cache") else {})}
 
 
 CACHE_ROWS = 32     # sequences of a cache problem's inputs
+CACHE_BASE = 512    # a cache problem's sequences start at a random slot below this (positions past 0 rotate)
 
 
-def cache_inputs(m: int, kv_heads: int, head_dim: int, dtype, device) -> dict:
+def cache_inputs(m: int, kv_heads: int, head_dim: int, dtype, device, generator=None) -> dict:
     """A NaN-poisoned cache of up to ``CACHE_ROWS`` sequences that the ``m`` tokens fill slot by slot
-    (token t at row t % rows, slot t // rows: every written slot distinct), and the tokens' positions
-    (their slots) in place of the random ones."""
-    rows = min(m, CACHE_ROWS)
+    from a random base slot per sequence (below ``CACHE_BASE``, drawn from ``generator``): token t at
+    row t % rows, slot base[row] + t // rows (every written slot distinct), and the tokens' positions
+    (their slots: the kernel stores at the position) in place of the random ones. The slot dimension
+    covers the last written slot: max(base) + ceil(m / rows)."""
+    rows = max(1, min(m, CACHE_ROWS))
     t = torch.arange(m, device=device)
-    return {"kv_cache": torch.full((2, rows, kv_heads, -(-m // rows), head_dim), float("nan"), dtype=dtype,
-                                   device=device),
-            "cache_rows": t % rows, "positions": t // rows}
+    base = torch.randint(0, CACHE_BASE, (rows,), generator=generator, device=device, dtype=torch.int64)
+    slots = int(base.max()) + -(-m // rows)
+    return {"kv_cache": torch.full((2, rows, kv_heads, slots, head_dim), float("nan"), dtype=dtype, device=device),
+            "cache_rows": t % rows, "positions": base[t % rows] + t // rows}
 
 
 def _qk_elements(problem: Problem) -> int:
@@ -403,6 +424,7 @@ TEMPLATE = register(Template(
     make_inputs=make_inputs,
     launch=rope_qk_norm,
     reference=reference,
+    side_outputs=cache_expected,
     baseline=baseline,
     default_config=lambda problem, spec: default(problem["m"], problem["heads"], problem["kv_heads"],
                                                  problem["head_dim"], spec),

@@ -92,6 +92,33 @@ def test_stale_record_falls_back_and_says_why(store, caplog):
     assert "stale record for gemm|m=16,n=128,k=64|bf16|w1" in line and "changed since tuning" in line
 
 
+@pytest.mark.parametrize("stale", [False, True])
+def test_a_record_under_an_older_problem_key_is_named(store, caplog, stale):
+    """A database tuned before rope_qk_norm's key gained ``cache=1`` holds its records without that dim:
+    the lookup of the cache problem finds none, and its one line says records without ``cache`` exist."""
+    old = Problem.make("rope_qk_norm", "bf16", m=16, heads=8, kv_heads=1, head_dim=128)
+    config = get("rope_qk_norm").default_config(old, spec("H100"))
+    store.record_winner(winner(old, H100, config, template_hash="0123456789abcdef" if stale else None))
+    other = Problem.make("rope_qk_norm", "bf16", m=16, heads=8, kv_heads=2, head_dim=128)   # other dims: not named
+    store.record_winner(winner(other, H100, config))
+    table = DispatchTable.load(store, H100, "Qwen3-32B", 8)
+    caplog.set_level(logging.WARNING, "tuneforge.engine")
+    assert table.lookup("rope_qk_norm", old.with_dims(cache=1)) is None
+    (line,) = [x for x in warnings_for(caplog) if x.startswith("dispatch: rope_qk_norm ")]
+    assert f"no record for {old.with_dims(cache=1).key}" in line, line
+    assert f"records of rope_qk_norm at the same dims but without cache{' (stale)' if stale else ''} are there: " \
+           "tuned under an older problem key?" in line, line
+    assert "with" not in line.split("without cache")[1].split("are there")[0]
+    assert table.lookup("rope_qk_norm", old) == (None if stale else config)
+    # a problem that no record agrees with on its shared dims: only that there is none
+    caplog.clear()
+    fresh = DispatchTable.load(store, H100, "Qwen3-32B", 8)
+    assert fresh.lookup("rope_qk_norm", Problem.make("rope_qk_norm", "bf16", m=16, heads=4, kv_heads=1,
+                                                     head_dim=128, cache=1)) is None
+    (line,) = [x for x in warnings_for(caplog) if x.startswith("dispatch: rope_qk_norm ")]
+    assert "no record for" in line and "older problem key" not in line, line
+
+
 def test_record_from_other_versions_is_stale(store, caplog):
     older = Environment(**{**H100.to_dict(), "torch_version": "2.9.0"})
     store.record_winner(winner(gemm_problem(16), older, cfg(1)))

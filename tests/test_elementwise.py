@@ -7,7 +7,9 @@ buffer, strided views, in-place rope on the qkv buffer, zero tokens) and input e
 references against transformers' Qwen3 modules. GPU (``-m gpu``): Qwen3 shapes (hidden 4096/5120,
 64 heads, 8 kv heads, head_dim 128).
 """
+import dataclasses
 import random
+import re
 
 import pytest
 import torch
@@ -282,16 +284,23 @@ def test_rope_stores_k_and_v_in_the_kv_cache_in_the_same_launch(dtype):
 @pytest.mark.parametrize("m", [5, 37])
 def test_the_tuned_cache_problem_times_what_the_engine_runs(m):
     """The plan's rope_qk_norm with ``cache=1`` (the engine's layers with the cache split by heads):
-    its inputs carry a NaN-poisoned cache the tokens fill slot by slot (37 tokens: 32 rows, a second
-    slot for 5 of them); sampled configs pass the template check (q | k) and store every token's k and v
-    as ``cache_reference`` does; the baseline stores them too (it is timed against the fused launch)."""
+    its inputs carry a NaN-poisoned cache the tokens fill slot by slot from a random slot per row (37
+    tokens: 32 rows, a second slot for 5 of them), at positions that are those slots (past 0: rotated);
+    sampled configs pass the template check (q | k and the cache) and store every token's k and v as
+    ``cache_reference`` does; the baseline stores them too (it is timed against the fused launch)."""
     problem = Problem.make("rope_qk_norm", "fp32", m=m, heads=5, kv_heads=2, head_dim=12, cache=1)
     template = get("rope_qk_norm")
     spec = launch_spec(torch.device("cpu"), persistent=False)
     configs = [c for c in template.space(problem).enumerate() if template.reject_reason(c, problem, spec) is None]
     for config in [template.default_config(problem, spec)] + random.Random(m).sample(configs, 2):
         inputs = template.make_inputs(problem, torch.device("cpu"), seed=m)
-        assert inputs["kv_cache"].shape == (2, min(m, 32), 2, -(-m // 32), 12) and inputs["kv_cache"].isnan().all()
+        cache, rows, positions = inputs["kv_cache"], inputs["cache_rows"], inputs["positions"]
+        assert cache.shape[:3] == (2, min(m, 32), 2) and cache.shape[4] == 12 and cache.isnan().all()
+        assert int(positions.max()) < cache.shape[3] <= rope.CACHE_BASE + -(-m // 32)
+        assert len({(int(r), int(p)) for r, p in zip(rows, positions)}) == m        # every written slot distinct
+        assert (positions > 0).all() and len(set(positions.tolist())) > m // 2       # RoPE rotates, at many angles
+        again = template.make_inputs(problem, torch.device("cpu"), seed=m)
+        assert torch.equal(again["positions"], positions) and again["kv_cache"].shape == cache.shape
         expected = inputs["kv_cache"].clone()
         result = check(template, problem, config, inputs=inputs)
         assert result, f"{config}: {result.reason}"
@@ -306,6 +315,70 @@ def test_the_tuned_cache_problem_times_what_the_engine_runs(m):
     torch.testing.assert_close(written["kv_cache"].nan_to_num(), expected.nan_to_num(), atol=1e-5, rtol=1e-5)
     assert template.cost(problem, None, spec) > template.cost(Problem.make("rope_qk_norm", "fp32", m=m, heads=5,
                                                                            kv_heads=2, head_dim=12), None, spec)
+
+
+def _cache_corrupted(template, spoil):
+    """``template`` whose launch runs the real kernel and then ``spoil(kv_cache, inputs)`` (config-independent)."""
+    def launch(**inputs):
+        out = rope.rope_qk_norm(**inputs)
+        spoil(inputs["kv_cache"], inputs)
+        return out
+    return dataclasses.replace(template, launch=launch)
+
+
+def _first_token(inputs):
+    """(cache row, slot) of the token whose slot is lowest (the one above it is unwritten)."""
+    t = int(inputs["positions"].argmin())
+    return int(inputs["cache_rows"][t]), int(inputs["positions"][t])
+
+
+def test_the_template_check_catches_a_wrong_kv_cache_store():
+    """The tuner's check compares the cache=1 problem's KV cache with ``cache_expected``, not only q | k:
+    a wrong k or v value, a store to the wrong slot, a stray store and a missing store fail it, with
+    ``out`` right; the cache is re-poisoned by every check, so a config that stores nothing fails on
+    inputs an earlier config filled (the bench checks every config on one input set)."""
+    problem = Problem.make("rope_qk_norm", "fp32", m=5, heads=5, kv_heads=2, head_dim=12, cache=1)
+    template = get("rope_qk_norm")
+    config = {"heads": 2, "rows": 1, "num_warps": 1}
+    assert check(template, problem, config, seed=3)
+
+    def k_off(cache, inputs):
+        row, slot = _first_token(inputs)
+        cache[0, row, 1, slot, 3] += 0.01
+
+    def v_off(cache, inputs):
+        row, slot = _first_token(inputs)
+        cache[1, row, 0, slot, 0] += 0.01
+
+    def wrong_slot(cache, inputs):
+        row, slot = _first_token(inputs)
+        cache[:, row, :, slot + 1] = cache[:, row, :, slot]
+        cache[:, row, :, slot] = float("nan")
+
+    def stray(cache, inputs):
+        row, slot = _first_token(inputs)
+        cache[:, row, :, slot + 1] = 0.0
+
+    cases = {k_off: "kv_cache: 1/", v_off: "kv_cache: 1/", wrong_slot: "kv_cache: .* NaN",
+             stray: "kv_cache: .* written where nothing should be"}
+    for spoil, reason in cases.items():
+        result = check(_cache_corrupted(template, spoil), problem, config, seed=3)
+        assert not result and re.match(reason, result.reason), (spoil.__name__, result.reason)
+    inputs = template.make_inputs(problem, torch.device("cpu"), seed=3)
+    assert check(template, problem, config, inputs=inputs)
+    uncached = dataclasses.replace(template, launch=lambda kv_cache, cache_rows, **rest: rope.rope_qk_norm(**rest))
+    result = check(uncached, problem, config, inputs=inputs)
+    assert not result and result.reason.startswith("kv_cache: ") and "NaN" in result.reason, result.reason
+    # without the cache dim there is nothing beside out to check
+    plain = Problem.make("rope_qk_norm", "fp32", m=5, heads=5, kv_heads=2, head_dim=12)
+    assert "kv_cache" not in template.make_inputs(plain, torch.device("cpu")) and check(template, plain, config)
+
+
+def test_rope_cache_inputs_at_zero_tokens():
+    made = rope.cache_inputs(0, 2, 12, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert made["kv_cache"].shape[:3] == (2, 1, 2) and made["positions"].shape == made["cache_rows"].shape == (0,)
+    problem = Problem.make("rope_qk_norm", "fp32", m=0, heads=5, kv_heads=2, head_dim=12, cache=1)
+    assert check(get("rope_qk_norm"), problem, {"heads": 2, "rows": 1, "num_warps": 1})
 
 
 def test_rope_zero_tokens_and_errors():

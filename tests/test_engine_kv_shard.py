@@ -26,7 +26,7 @@ from tuneforge.kernels._common import launch_spec
 from tuneforge.models.configs import load_config
 from tuneforge.models.kv_cache import KVCache
 from tuneforge.models.loading import load_model
-from tuneforge.tune.plan import plan
+from tuneforge.tune.plan import DECODE_SP_ROLE, ROPE_SEQ_KV_ROLE, plan
 from tuneforge.world import spawn
 
 from test_engine import TOL, checkpoint, hf_greedy, saved, tiny_hf  # noqa: F401  (checkpoint: the fixture)
@@ -183,10 +183,10 @@ def test_plan_has_both_kv_layouts_at_tp_above_1():
         for ctx in DECODE_CONTEXTS:
             assert p.find("decode_attention", m=m, heads=4, kv_heads=1, head_dim=128, ctx=ctx)
             (item,) = p.find(SP.OP, m=m, heads=32, kv_heads=4, head_dim=128, ctx=ctx)
-            assert item.roles == ["layer.attn.decode_sp"] and item.problem.world == 8 and not item.baseline_only
+            assert item.roles == [DECODE_SP_ROLE] and item.problem.world == 8 and not item.baseline_only
         # rope_qk_norm stores k and v into a cache split by heads in its launch; one sharded by sequence apart
         roles = {i.problem.shape.get("cache", 0): i.roles for i in p.find("rope_qk_norm", m=m)}
-        assert roles == {1: ["layer.attn.rope_qk_norm"], 0: ["layer.attn.rope_qk_norm.seq_kv"]}
+        assert roles == {1: ["layer.attn.rope_qk_norm"], 0: [ROPE_SEQ_KV_ROLE]}
     assert not plan("Qwen3-30B-A3B", 1, decode_buckets=[1], prefill_buckets=[]).find(SP.OP)
 
 

@@ -7,7 +7,7 @@ import pytest
 from tuneforge.errors import InputError, UnknownModel
 from tuneforge.models.configs import known_models, load_config
 from tuneforge.dsl.problem import DECODE_CONTEXTS
-from tuneforge.tune.plan import DECODE_BUCKETS, PREFILL_BUCKETS, plan
+from tuneforge.tune.plan import DECODE_BUCKETS, PREFILL_BUCKETS, ROPE_SEQ_KV_ROLE, plan
 
 ALL_M = DECODE_BUCKETS + PREFILL_BUCKETS
 
@@ -64,7 +64,7 @@ def test_qwen3_32b_tp8_plan_shards_heads_mlp_and_vocab_and_adds_the_tp_choices()
         _expect(p, "silu_mul", m=m, n=3200)
         _expect(p, "rope_qk_norm", m=m, heads=8, kv_heads=1, head_dim=128, cache=1)      # the cache split by heads
         assert _expect(p, "rope_qk_norm", m=m, heads=8, kv_heads=1, head_dim=128).roles == [
-            "layer.attn.rope_qk_norm.seq_kv"]                                          # by sequence: written apart
+            ROPE_SEQ_KV_ROLE]                                                          # by sequence: written apart
         assert _expect(p, "allreduce", 8, m=m, n=5120).roles == ["layer.attn.allreduce", "layer.mlp.allreduce"]
         _expect(p, "tp_attn", 8, m=m, hidden=5120, qkv=1280, o_in=1024)
         _expect(p, "tp_mlp", 8, m=m, hidden=5120, inter=3200)

@@ -78,15 +78,39 @@ def poison(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def compare_written(out: torch.Tensor, ref: torch.Tensor, dtype: Optional[torch.dtype] = None,
+                    scale: float = 1.0) -> CheckResult:
+    """``compare`` of a tensor the launch writes in part (``ref`` NaN where nothing is written): the
+    written elements as ``compare`` judges them, and no value where ``ref`` is NaN (a stray store; in
+    ``compare`` NaN in the reference lets anything pass). Only the written elements leave the device
+    (a KV cache is mostly unwritten: tens of millions of elements at real shapes)."""
+    if out.shape != ref.shape:
+        return CheckResult(False, float("inf"), f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    written = ~torch.isnan(ref)
+    result = compare(out[written], ref[written], dtype or out.dtype, scale)
+    if not result.ok:
+        return compare(out, ref, dtype or out.dtype, scale)     # the same verdict, with the index in ``out``
+    stray = ~written & ~torch.isnan(out)
+    if stray.any():
+        idx = tuple(stray.nonzero()[0].tolist())
+        return CheckResult(False, float("nan"), f"{int(stray.sum())} elements written where nothing should be, "
+                                                f"first at {idx}")
+    return result
+
+
 def check(template, problem: Problem, config: dict, *, device="cpu", seed: int = 0, ctx=None,
           inputs: Optional[dict] = None, reference: Optional[torch.Tensor] = None,
           scale: float = 1.0) -> CheckResult:
     """Run ``config`` once on fresh (or given) inputs with a poisoned output; compare with the reference
     (given, or computed from the inputs after the launch). The one run-and-compare of the tests, the
     tuner's benches and its verifiers; ``scale`` as in ``compare`` (``interpreter_scale`` under the
-    interpreter)."""
+    interpreter). A template with ``side_outputs`` has those inputs poisoned too, and each compared
+    with its expectation (drawn before the launch), written nowhere its expectation is NaN."""
     if inputs is None:
         inputs = template.make_inputs(problem, torch.device(device), seed, ctx)
+    sides = template.side_outputs(**split_out(inputs)) if template.side_outputs is not None else {}
+    for name in sides:
+        poison(inputs[name])
     out = poison(inputs["out"])
     got = template.launch(**inputs, config=config)
     got = out if got is None else got
@@ -96,4 +120,12 @@ def check(template, problem: Problem, config: dict, *, device="cpu", seed: int =
         torch.cuda.synchronize(got.device)
     if reference is None:
         reference = template.reference(**split_out(inputs))
-    return compare(got, reference, got.dtype, scale=scale)
+    result = compare(got, reference, got.dtype, scale=scale)
+    for name, expected in sides.items():
+        if not result.ok:
+            break
+        side = compare_written(inputs[name], expected, inputs[name].dtype, scale=scale)
+        if not side.ok:
+            return CheckResult(False, side.max_abs_err, f"{name}: {side.reason}")
+        result = CheckResult(True, max(result.max_abs_err, side.max_abs_err))
+    return result

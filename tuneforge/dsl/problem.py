@@ -13,7 +13,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # Token buckets tuned by default: decode batch sizes and prefill chunk lengths.
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 # KV-cache lengths decode attention is tuned at; a decode step uses the bucket of its cache length
-# (its split count: a shorter view keeps the programs, kernels/decode_attention.split_plan).
+# (its split count: a shorter view keeps the programs, kernels/decode_attention.split_count).
 DECODE_CONTEXTS = (256, 1024, 4096, 16384, 65536, 131072)
 
 

@@ -8,6 +8,9 @@ Every ``kernels/<op>.py`` builds one ``Template`` and calls ``register``. The co
   every rank can rebuild its peers' inputs for the reference.
 - ``launch(**inputs, config=...)`` writes ``out`` and returns it (the op's public launcher).
 - ``reference(**inputs_without_out)`` -> the expected output in fp32/fp64 math.
+- ``side_outputs(**inputs_without_out)`` (optional) -> ``{input name: expected tensor}``: inputs the
+  launch also writes (a fused store: rope_qk_norm's KV cache), expected in fp32/fp64 with NaN where
+  nothing is written, whatever the tensors hold before the launch (the checker NaN-poisons them).
 - ``baseline(**inputs_without_out)`` -> what a torch user runs today (cuBLAS, NCCL, ...).
 - ``space(problem)`` -> ``Space``; ``default_config(problem, device_spec)`` -> dict.
 - ``constraints``: ``fn(config, problem, device_spec) -> str | None`` (a reason to reject).
@@ -58,6 +61,8 @@ class Template:
     module: str = ""
     # configs the tuner tries first, after the default (a curated portfolio; None: the default only)
     seeds: Optional[Callable[[Problem, Any], list]] = None
+    # inputs the launch writes besides ``out`` and their expected values (None: ``out`` only; see above)
+    side_outputs: Optional[Callable[..., dict]] = None
 
     def __post_init__(self):
         if not self.module:

@@ -314,6 +314,27 @@ class DispatchTable:
             self.note(f"dispatch: {op} runs the torch baseline for {problem.key} (and any shape its stored config "
                       f"serves): the launcher rejected that config: {why}")
 
+    def _other_key_forms(self, problem: Problem) -> str:
+        """'' or, where records (usable or stale) of ``problem``'s op, dtype and world agree with it on
+        every dim they share but have other dim names (a database tuned before the op's key gained or
+        lost a dim, e.g. rope_qk_norm's ``cache``), a clause saying so."""
+        op, dims, dtype, world = family(problem)
+        want = dict(dims)
+        forms: dict[str, str] = {}      # how the key differs -> "" (usable records) or " (stale)"
+        for fam in (*self._configs, *self._stale):
+            have = dict(fam[1])
+            if fam[0] != op or fam[2:] != (dtype, world) or have.keys() == want.keys() \
+                    or any(have[k] != want[k] for k in have.keys() & want.keys()):
+                continue
+            missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+            form = " and ".join(([f"without {', '.join(missing)}"] if missing else [])
+                                + ([f"with {', '.join(extra)}"] if extra else []))
+            forms[form] = "" if fam in self._configs or forms.get(form) == "" else " (stale)"
+        if not forms:
+            return ""
+        said = " / ".join(f"{form}{stale}" for form, stale in sorted(forms.items()))
+        return f"; records of {op} at the same dims but {said} are there: tuned under an older problem key?"
+
     def _warn_once(self, op: str, problem: Problem) -> None:
         runs_default = self.runs_default(problem)
         if not runs_default:
@@ -333,7 +354,8 @@ class DispatchTable:
             why = (f"tuned up to m={most}, not for m={problem['m']} ({problem.key}; a bucket >= {problem['m']}: "
                    f"tuneforge tune --model {self.model} --tp {self.tp} --buckets / --prefill-buckets)")
         else:
-            why = (f"no record for {problem.key} on {self.where} "
+            other = self._other_key_forms(problem)
+            why = (f"no record for {problem.key} on {self.where}{other} "
                    f"(tune it: tuneforge tune --model {self.model} --tp {self.tp})")
         # a fusion without a winner yields to the ops it fuses, each dispatched on its own (Ops.normed)
         instead = "the unfused ops, each as tuned" if op == "gemm_fused" else "the torch baseline"

@@ -114,7 +114,9 @@ def runs_per_forward(model: str | ModelConfig, role: str) -> int:
 
 # the roles of the KV cache sharded by sequence (--kv-shard sequence), planned beside the default
 # layout (split by heads) at TP > 1: a forward runs one layout's roles, never both
-SEQUENCE_KV_ROLES = ("layer.attn.decode_sp", "layer.attn.rope_qk_norm.seq_kv")
+DECODE_SP_ROLE = "layer.attn.decode_sp"                 # decode attention over the sequence-sharded cache
+ROPE_SEQ_KV_ROLE = "layer.attn.rope_qk_norm.seq_kv"     # rope_qk_norm without the fused cache store
+SEQUENCE_KV_ROLES = (DECODE_SP_ROLE, ROPE_SEQ_KV_ROLE)
 
 
 class _Builder:
@@ -165,15 +167,15 @@ def plan(model: str | ModelConfig, tp: int = 1, decode_buckets: Optional[Sequenc
                 # the KV cache split by heads takes each token's k and v in the same launch
                 b.add("layer.attn.rope_qk_norm", P.rope_qk_norm(dtype, m, d.heads, d.kv_heads, d.head_dim, cache=True))
                 if tp > 1:      # the cache sharded by sequence (--kv-shard sequence) is written apart
-                    b.add(SEQUENCE_KV_ROLES[1], P.rope_qk_norm(dtype, m, d.heads, d.kv_heads, d.head_dim))
+                    b.add(ROPE_SEQ_KV_ROLE, P.rope_qk_norm(dtype, m, d.heads, d.kv_heads, d.head_dim))
             if is_decode:
                 for ctx in contexts:
                     b.add("layer.attn.decode", P.decode_attention(dtype, m, d.heads, d.kv_heads, d.head_dim,
                                                                   int(ctx), contexts))
                     if tp > 1:      # the KV cache sharded by sequence instead (--kv-shard sequence)
-                        b.add(SEQUENCE_KV_ROLES[0], P.decode_attention_sp(dtype, tp, m, d.seq_heads,
-                                                                            d.seq_kv_heads, d.head_dim,
-                                                                            int(ctx), contexts))
+                        b.add(DECODE_SP_ROLE, P.decode_attention_sp(dtype, tp, m, d.seq_heads,
+                                                                     d.seq_kv_heads, d.head_dim,
+                                                                     int(ctx), contexts))
             b.add("layer.attn.o_proj", P.gemm(dtype, m, (h, d.o_in)))
             if tp == 1:
                 b.add("layer.attn.o_proj+residual", P.gemm_fused(dtype, m, (h, d.o_in), epilogue="residual"))
