@@ -245,14 +245,15 @@ class FamilySpace(Space):
         return super().validate(config if "kernel" in config else {"kernel": "triton", **config})
 
 
-def family_space(triton_space: Space, gemv: bool = True, skinny: bool = True) -> FamilySpace:
-    """``gemv`` / ``skinny``: the problem has few enough rows for that family (else it is not offered)."""
+def family_space(triton_space: Space, gemv: bool = True, skinny: bool = True, gluon: bool = True) -> FamilySpace:
+    """``gemv`` / ``skinny``: the problem has few enough rows for that family (else it is not offered);
+    ``gluon``: offer gluon_ws (not to gemm_fused: it fuses nothing)."""
     params = [categorical(p.name, p.choices, {"kernel": ("triton", "gluon_ws") if p.name in SHARED else ("triton",),
                                               **p.when})
               for p in triton_space.params]
-    kernels = KERNELS[:2] + ("gemv",) * gemv + ("skinny",) * skinny
+    kernels = ("triton",) + ("gluon_ws",) * gluon + ("gemv",) * gemv + ("skinny",) * skinny
     return FamilySpace(categorical("kernel", kernels), *params,
-                       categorical("consumers", (1, 2), when={"kernel": ("gluon_ws",)}),
+                       *([categorical("consumers", (1, 2), when={"kernel": ("gluon_ws",)})] if gluon else []),
                        *(GV.params() if gemv else ()), *(SK.params() if skinny else ()))
 
 

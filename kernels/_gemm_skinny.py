@@ -14,7 +14,9 @@ linears at 32 tokens: qkv 88.8 % swapped / 83.0 % not / 85.2 % cuBLAS, o_proj 86
 gate_up 95.9 / 90.0 / 90.7, down 95.5 / 93.7 / 88.4; at 64 tokens swapping gained nothing.
 
 The kernel and launcher are ``kernels/gemm.py``'s (``_skinny_kernel``, ``skinny``: it shares gemm's
-split-K finish); this module is the family's policy: parameters, constraints, seeds and cost.
+split-K finish); this module is the family's policy: parameters, constraints, seeds and cost. The
+family is also in gemm_fused's space (``gemm.fused_space``) with its residual and SiLU-mul epilogues;
+not with the RMSNorm prologue.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from tuneforge.dsl.roofline import HBM_LATENCY_S
 from tuneforge.dsl.space import categorical
 from tuneforge.kernels._common import tile_past_problem
 from tuneforge.kernels._gemm_space import ELEM_SIZE, MAX_ACC_REGISTERS
+from tuneforge.models.problems import GEMM_EPILOGUES
 
 SKINNY_MAX_M = 64               # one row block; past it the persistent kernel's 2-D tiles reuse w as well
 SKINNY_MIN_SEED_M = 9           # seeded from here (gemv's range ends at 8 rows); offered from 1 row
@@ -42,6 +45,13 @@ def k_per_split(k: int, bk: int, split: int) -> int:
     return triton.cdiv(triton.cdiv(k, split), bk) * bk
 
 
+def fusion(problem) -> tuple[int, str]:
+    """(output columns, epilogue) of a gemm or gemm_fused problem: the SiLU-mul pair's n is its weight's
+    rows, gate then up, so it stores half as many columns and loads two weight tiles a column tile."""
+    epi = GEMM_EPILOGUES[problem.shape.get("epi", 0)]
+    return (problem["n"] // 2 if epi == "silu_mul" else problem["n"]), epi
+
+
 def params() -> list:
     return [categorical("skinny_block_n", (64, 128), when=SKINNY), categorical("skinny_block_k", (64, 128, 256), when=SKINNY),
             categorical("skinny_stages", (3, 4, 5), when=SKINNY), categorical("skinny_warps", (4, 8), when=SKINNY),
@@ -54,11 +64,14 @@ def skinny_unfit(config: dict, problem, spec) -> str | None:
     m, k = problem["m"], problem["k"]
     if m > SKINNY_MAX_M:
         return f"kernel skinny: m={m} rows > {SKINNY_MAX_M} (one row block)"
+    if problem.shape.get("norm", 0):
+        return "kernel skinny: no RMSNorm prologue (the Triton kernel fuses it)"
+    pairs = 2 if fusion(problem)[1] == "silu_mul" else 1
     bm, bn, bk = block_m(m), config["skinny_block_n"], config["skinny_block_k"]
-    need = config["skinny_stages"] * (bm + bn) * bk * ELEM_SIZE[problem.dtype]
+    need = config["skinny_stages"] * (bm + pairs * bn) * bk * ELEM_SIZE[problem.dtype]
     if need > spec.smem_per_block:
         return f"kernel skinny: shared memory: {need} bytes for the pipeline > {spec.smem_per_block} on {spec.name}"
-    regs = bm * bn // (32 * config["skinny_warps"])
+    regs = pairs * bm * bn // (32 * config["skinny_warps"])
     if regs > MAX_ACC_REGISTERS:
         return f"kernel skinny: registers: {regs} accumulator registers per thread > {MAX_ACC_REGISTERS}"
     split = config["skinny_split"]
@@ -68,8 +81,8 @@ def skinny_unfit(config: dict, problem, spec) -> str | None:
 
 
 def skinny_wasteful(config: dict, problem, spec) -> str | None:
-    return tile_past_problem(config, (("skinny_block_n", "n", problem["n"], 64), ("skinny_block_k", "k", problem["k"], 64)),
-                             prefix="kernel skinny: ")
+    return tile_past_problem(config, (("skinny_block_n", "n", fusion(problem)[0], 64),
+                                      ("skinny_block_k", "k", problem["k"], 64)), prefix="kernel skinny: ")
 
 
 SKINNY_LAUNCH_CONSTRAINTS = (skinny_unfit,)
@@ -79,7 +92,7 @@ SKINNY_CONSTRAINTS = SKINNY_LAUNCH_CONSTRAINTS + (skinny_wasteful,)
 def split_to_fill(problem, bn: int, bk: int, spec) -> int:
     """The smallest split whose programs make two per SM, keeping >= 2 K blocks a slice; 1 when the
     column tiles alone do."""
-    tiles = triton.cdiv(problem["n"], bn)
+    tiles = triton.cdiv(fusion(problem)[0], bn)
     usable = [s for s in SPLITS if s == 1 or problem["k"] // s >= 2 * bk]
     return next((s for s in usable if tiles * s >= 2 * spec.sms), usable[-1])
 
@@ -113,14 +126,17 @@ def cost(problem, config: dict, spec) -> float:
     loads in flight sustain (``LOADED_LATENCY_S``: so a part-empty last wave streams slowly); plus a
     launch, the store's round trip and each wave's ramp. The MMAs at half the tensor cores' rate."""
     m, n, k = problem["m"], problem["n"], problem["k"]
+    n_out, epi = fusion(problem)
+    pairs = 2 if epi == "silu_mul" else 1
     bm, bn, bk, stages = block_m(m), config["skinny_block_n"], config["skinny_block_k"], config["skinny_stages"]
     elem = ELEM_SIZE[problem.dtype]
     splits = triton.cdiv(k, k_per_split(k, bk, config["skinny_split"]))
-    programs = triton.cdiv(n, bn) * splits
+    programs = triton.cdiv(n_out, bn) * splits
     slices = 2 * splits * bm * n * 4 if splits > 1 else 0
-    nbytes = float((n * k + m * k + m * n) * elem + slices)
-    per_sm = max(1, spec.smem_per_block // (stages * (bm + bn) * bk * elem))
-    in_flight = (stages - 1) * (bm + bn) * bk * elem
+    outputs = m * n_out * (2 if epi == "residual" else 1)      # the residual read, y written
+    nbytes = float((n * k + m * k + outputs) * elem + slices)
+    per_sm = max(1, spec.smem_per_block // (stages * (bm + pairs * bn) * bk * elem))
+    in_flight = (stages - 1) * (bm + pairs * bn) * bk * elem
     if bm < 64 and not config["skinny_swap"]:
         in_flight *= UNSWAPPED_SMALL_M_IN_FLIGHT
     hbm = spec.hbm_bytes_per_s * spec.measured_hbm_fraction

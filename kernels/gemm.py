@@ -439,21 +439,25 @@ def _gemm_kernel(x, w, w_lo, y, partial, counts, res, norm_w, x_rows, M, N, K, s
 # --- the skinny family's kernel (its policy: kernels/_gemm_skinny.py) -------------------------------
 
 @triton.jit
-def _skinny_tile(x, w, off_n, M, N, k_begin, k_end, stride_xm, stride_wn,
+def _skinny_tile(x, w, off_n, off_up, M, N, k_begin, k_end, stride_xm, stride_wn,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
-                 USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_N] = x[:M, k_begin:k_end] @ w[off_n:, k_begin:k_end].T, every row of x in one
-    block. ``SWAP``: computed as w_tile @ x.T ([BLOCK_N, BLOCK_M]) and transposed: the weight's rows fill
-    the MMA's M side (64 rows a warpgroup on Hopper), so 16-32 token rows pad nothing. TMA: x and w are
-    descriptors with blocks [BLOCK_M, BLOCK_K] / [BLOCK_N, BLOCK_K]; pointers: rows and columns wrap (the
-    store masks them), K masked unless ``EVEN_K``."""
+                 SILU: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):
+    """(fp32 [BLOCK_M, BLOCK_N] = x[:M, k_begin:k_end] @ w[off_n:, k_begin:k_end].T, the same at w row
+    ``off_up`` with ``SILU``: the up half's tile, sharing each x block), every row of x in one block.
+    ``SWAP``: computed as w_tile @ x.T ([BLOCK_N, BLOCK_M]) and transposed: the weight's rows fill the
+    MMA's M side (64 rows a warpgroup on Hopper), so 16-32 token rows pad nothing. TMA: x and w are
+    descriptors with blocks [BLOCK_M, BLOCK_K] / [BLOCK_N, BLOCK_K]; pointers: rows and columns (of the
+    N output columns) wrap (the store masks them), K masked unless ``EVEN_K``."""
     acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
     if not USE_TMA:
         rows = (tl.arange(0, BLOCK_M) % M).to(tl.int64)
         cols = ((off_n + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
         x_ptrs = x + rows[:, None] * stride_xm + (k_begin + ks)[None, :]
         w_ptrs = w + cols[:, None] * stride_wn + (k_begin + ks)[None, :]
+        up_ptrs = w_ptrs + (off_up - off_n) * stride_wn
     for k in tl.range(k_begin, k_end, BLOCK_K):
         if USE_TMA:
             a = x.load([0, k])
@@ -461,63 +465,87 @@ def _skinny_tile(x, w, off_n, M, N, k_begin, k_end, stride_xm, stride_wn,
         else:
             a = _k_block(x_ptrs, k, ks, k_end, 1, EVEN_K, UPCAST)
             b = _k_block(w_ptrs, k, ks, k_end, 1, EVEN_K, UPCAST)
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
         if SWAP:
             acc = tl.dot(b, a.T, acc, input_precision=INPUT_PRECISION)
         else:
             acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
+        if SILU:
+            if USE_TMA:
+                b_up = w.load([off_up, k])
+            else:
+                b_up = _k_block(up_ptrs, k, ks, k_end, 1, EVEN_K, UPCAST)
+                up_ptrs += BLOCK_K
+            if SWAP:
+                up = tl.dot(b_up, a.T, up, input_precision=INPUT_PRECISION)
+            else:
+                up = tl.dot(a, b_up.T, up, input_precision=INPUT_PRECISION)
+        if not USE_TMA:
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
     if SWAP:
         acc = acc.T
-    return acc
+        up = up.T
+    return acc, up
 
 
 # M changes with every batch (not specialized); N stays specialized for the store's vectors.
 @triton.jit(do_not_specialize=["M"])
-def _skinny_kernel(x, w, y, slices, counts, M, N, K, k_per_split, stride_xm, stride_wn, stride_ym,
+def _skinny_kernel(x, w, y, slices, counts, res, M, N, K, k_per_split, stride_xm, stride_wn, stride_ym, stride_res,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                    SWAP: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """Program (t, s): output columns t * BLOCK_N.. over K slice s of ``SPLIT_K`` (``k_per_split`` each);
-    the slices of a tile meet in the fp32 workspace ``slices`` ([SPLIT_K, tiles, BLOCK_M, BLOCK_N]) and its
-    last program to arrive sums them and stores (``finish_tile``). Not persistent: the hardware hands
-    each SM the next program as one finishes."""
+                   INPUT_PRECISION: tl.constexpr, RESIDUAL: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr):
+    """Program (t, s): output columns t * BLOCK_N.. (of N) over K slice s of ``SPLIT_K`` (``k_per_split``
+    each); the slices of a tile meet in the fp32 workspace ``slices`` ([SPLIT_K, tiles, BLOCK_M, SLICE_N])
+    and its last program to arrive sums them and stores (``finish_tile``). Not persistent: the hardware
+    hands each SM the next program as one finishes. Fusions as the persistent kernel's: ``RESIDUAL``
+    y = x @ w.T + res (added by whoever stores); ``SILU`` y[:, j] = silu(g_j) * u_j, g and u w's rows j
+    and N + j (a slice holds them interleaved, split at the store)."""
     await_previous(PDL)
     tile = tl.program_id(0)
     split = tl.program_id(1)
     k_begin = split * k_per_split
-    acc = _skinny_tile(x, w, tile * BLOCK_N, M, N, k_begin, tl.minimum(k_begin + k_per_split, K), stride_xm,
-                       stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION)
-    slab = BLOCK_M * BLOCK_N
+    off_n = tile * BLOCK_N
+    acc, up = _skinny_tile(x, w, off_n, N + off_n, M, N, k_begin, tl.minimum(k_begin + k_per_split, K), stride_xm,
+                           stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, SILU, USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION)
+    SLICE_N: tl.constexpr = 2 * BLOCK_N if SILU else BLOCK_N
+    if SILU:        # as finish_tile sums and splits a pair: gate and up interleaved, columns doubled
+        acc = tl.reshape(tl.join(acc, up), (BLOCK_M, SLICE_N))
+    slab = BLOCK_M * SLICE_N
     plane = tl.num_programs(0).to(tl.int64) * slab
     at = slices + tile.to(tl.int64) * slab
-    finish_tile(acc, y, counts, tile, at + split * plane, at, at + plane, plane, SPLIT_K, 0, tile * BLOCK_N, M, N,
-                stride_ym, BLOCK_N, y, stride_ym, BLOCK_M, BLOCK_N, False, False)
+    finish_tile(acc, y, counts, tile, at + split * plane, at, at + plane, plane, SPLIT_K, 0,
+                2 * off_n if SILU else off_n, M, 2 * N if SILU else N, stride_ym, SLICE_N, res, stride_res, BLOCK_M,
+                SLICE_N, RESIDUAL, SILU)
 
 
-def skinny(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, config: dict) -> torch.Tensor:
-    """``out = x @ w.T`` through ``_skinny_kernel`` (operands checked by ``gemm``; m <= SK.SKINNY_MAX_M,
-    m, n, k > 0; ``config`` passed the family's constraints). TMA where the device has it and the rows
-    are 16-byte aligned, else pointer loads."""
+def skinny(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, config: dict, residual: torch.Tensor | None = None,
+           silu: bool = False) -> torch.Tensor:
+    """``out = x @ w.T`` (+ ``residual``; or with ``silu`` the SiLU-mul of w's gate and up halves) through
+    ``_skinny_kernel`` (operands checked by ``gemm``; m <= SK.SKINNY_MAX_M, m, n, k > 0; ``config``
+    passed the family's constraints). TMA where the device has it and the rows are 16-byte aligned,
+    else pointer loads."""
     m, k = x.shape
-    n = w.shape[0]
+    n = out.shape[1]
     bm, bn, bk = SK.block_m(m), config["skinny_block_n"], config["skinny_block_k"]
     k_per_split = SK.k_per_split(k, bk, config["skinny_split"])
     splits, tiles = triton.cdiv(k, k_per_split), triton.cdiv(n, bn)
-    slices, counts = workspace(x.device, splits * tiles * bm * bn, tiles) if splits > 1 else (out, out)
+    slab = bm * bn * (2 if silu else 1)
+    slices, counts = workspace(x.device, splits * tiles * slab, tiles) if splits > 1 else (out, out)
     use_tma = "tma" in launch_spec(x.device).features and _tma_ready(x) and _tma_ready(w)   # none interpreted
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         xa = TensorDescriptor(x, [m, k], [x.stride(0), 1], [bm, bk])
-        wa = TensorDescriptor(w, [n, k], [w.stride(0), 1], [bn, bk])
+        wa = TensorDescriptor(w, [w.shape[0], k], [w.stride(0), 1], [bn, bk])
     else:
         xa, wa = x, w
+    res = out if residual is None else residual          # unused pointer when not fused
     interpreted = tuneforge.INTERPRETED
     _skinny_kernel[(tiles, splits)](
-        xa, wa, out, slices, counts, m, n, k, k_per_split, x.stride(0), w.stride(0), out.stride(0),
+        xa, wa, out, slices, counts, res, m, n, k, k_per_split, x.stride(0), w.stride(0), out.stride(0), res.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=splits, SWAP=bool(config["skinny_swap"]), USE_TMA=use_tma,
         EVEN_K=k % bk == 0, UPCAST=interpreted and x.dtype != torch.float32,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 or interpreted else "tf32",
+        RESIDUAL=residual is not None, SILU=silu,
         num_warps=config["skinny_warps"], num_stages=config["skinny_stages"], **chained(x))
     return out
 
@@ -604,14 +632,15 @@ def _plan(config_items: tuple | None, m: int, n: int, k: int, dtype: torch.dtype
         config = checked_config(template_space(problem), dict(config_items), problem, spec, FAMILY_LAUNCH_CONSTRAINTS)
         tiles = triton.cdiv(m, config["block_m"]) * triton.cdiv(n, config["block_n"])
         return LaunchPlan(config, min(spec.sms, tiles), tiles, 1, 0, tiles)
-    elif not fused and GW.kernel_of(dict(config_items)) in ("gemv", "skinny"):   # a plain grid: its own launcher
-        config = checked_config(template_space(problem), dict(config_items), problem, spec, FAMILY_LAUNCH_CONSTRAINTS)
+    elif GW.kernel_of(dict(config_items)) in ("gemv", "skinny"):   # a plain grid: its own launcher
+        config = checked_config(fused_space(problem) if fused else template_space(problem), dict(config_items),
+                                problem, spec, FUSED_FAMILY_LAUNCH_CONSTRAINTS if fused else FAMILY_LAUNCH_CONSTRAINTS)
         return LaunchPlan(config, 0, 0, 1, 0, 0)
     else:
         config = dict(config_items)
         config.setdefault("schedule", "tiles")
         config.setdefault("flatten", False)
-        checked_config(space(problem) if fused else template_space(problem), config, problem, spec,
+        checked_config(fused_space(problem) if fused else template_space(problem), config, problem, spec,
                        FUSED_LAUNCH_CONSTRAINTS if fused else LAUNCH_CONSTRAINTS)
     n = out_width(problem)
     bm, bn, slots = config["block_m"], config["block_n"], spec.sms * config["programs_per_sm"]
@@ -716,8 +745,8 @@ def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, c
     plan = _plan(None if config is None else tuple(sorted(config.items())), m, n, k, x.dtype, x.device, norm, epi)
     if GW.kernel_of(plan.config) == "gemv":
         return GV.gemv(x, w, out, plan.config)
-    if GW.kernel_of(plan.config) == "skinny":
-        return skinny(x, w, out, plan.config)
+    if GW.kernel_of(plan.config) == "skinny":     # its constraints refuse the norm prologue
+        return skinny(x, w, out, plan.config, residual, silu)
     if GW.kernel_of(plan.config) == "gluon_ws":
         if _tma_ready(x) and _tma_ready(w) and _tma_ready(out):
             return GW.gemm_ws(x, w, out, plan.config, plan.programs)
@@ -794,6 +823,19 @@ def template_space(problem: Problem):
 
 FAMILY_LAUNCH_CONSTRAINTS = GW.family_constraints(LAUNCH_CONSTRAINTS, GW.GLUON_LAUNCH_CONSTRAINTS,
                                                    GV.GEMV_LAUNCH_CONSTRAINTS, SK.SKINNY_LAUNCH_CONSTRAINTS)
+
+
+@functools.lru_cache(maxsize=1024)
+def fused_space(problem: Problem):
+    """gemm_fused's space: the Triton kernel's, and where the problem has at most SKINNY_MAX_M rows and
+    no norm prologue the skinny family's (its residual and SiLU-mul epilogues)."""
+    return GW.family_space(space(problem), gemv=False, gluon=False,
+                           skinny=problem["m"] <= SK.SKINNY_MAX_M and not fusion_of(problem)[0])
+
+
+# gemm_fused's constraints by family (the Gluon and gemv ones are outside its space)
+FUSED_FAMILY_LAUNCH_CONSTRAINTS = GW.family_constraints(FUSED_LAUNCH_CONSTRAINTS, (), (), SK.SKINNY_LAUNCH_CONSTRAINTS)
+FUSED_FAMILY_CONSTRAINTS = GW.family_constraints(FUSED_CONSTRAINTS, (), (), SK.SKINNY_CONSTRAINTS)
 
 TEMPLATE = register(Template(
     op="gemm", space=template_space, make_inputs=make_inputs, launch=gemm, reference=reference, baseline=baseline,

@@ -14,6 +14,8 @@ stored; the residual add is made by whoever stores the tile. Every fusion runs e
 The baseline is the unfused pair a torch user runs (``F.rms_norm`` then ``F.linear``; ``F.linear``
 then ``F.silu`` and a multiply, or an add), so a stored winner says whether fusing paid at that shape:
 the engine fuses only where the kernel won, and runs the unfused ops (each tuned on its own) elsewhere.
+At 9-64 rows without the norm the skinny family (``kernels/_gemm_skinny.py``) is in the space too: one
+row block over column tiles x K slices, with the same residual and SiLU-mul epilogues.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from tuneforge.dsl import Problem, Template, register
 from tuneforge.dsl.devices import DeviceSpec
 from tuneforge.dsl.roofline import gemm_config_time, roofline
+from tuneforge.kernels import _gemm_skinny as SK
 from tuneforge.kernels import gemm as G
 from tuneforge.kernels._common import seeded_randn
 from tuneforge.kernels.rmsnorm import QWEN3_EPS
@@ -91,6 +94,8 @@ def cost(problem: Problem, config: Optional[dict], spec: DeviceSpec) -> float:
     """gemm's tile model (the pair: as wide a tile); the baseline adds the unfused ops' kernels: the norm
     (x read, written), the SiLU-mul (y read twice over, written) or the add (two reads, a write)."""
     m, n, k = problem["m"], problem["n"], problem["k"]
+    if config is not None and config.get("kernel") == "skinny":
+        return SK.cost(problem, config, spec)
     if config is not None:
         return gemm_config_time(m, n, k, G._pair(config, problem), spec, problem.dtype)
     norm, epi = G.fusion_of(problem)
@@ -105,10 +110,10 @@ def cost(problem: Problem, config: Optional[dict], spec: DeviceSpec) -> float:
 
 
 def seeds(problem: Problem, spec: DeviceSpec) -> list[dict]:
-    """The fused default, then gemm's portfolio at this shape: power-of-two tiles, the pair's halves each
-    half as wide (as wide in all as gemm's tile)."""
+    """The fused default, the skinny family's seeds (9-64 rows, no norm), then gemm's portfolio at this
+    shape: power-of-two tiles, the pair's halves each half as wide (as wide in all as gemm's tile)."""
     norm, epi = G.fusion_of(problem)
-    configs = [G.fused_default_config(problem, spec)]
+    configs = [G.fused_default_config(problem, spec)] + ([] if norm else SK.seeds(problem, spec))
     for c in G.portfolio(problem, spec):
         if norm or epi == "silu_mul":
             c = {**c, "block_n": max(16, G.split_width(c["block_n"])[0] // (2 if epi == "silu_mul" else 1))}
@@ -118,6 +123,6 @@ def seeds(problem: Problem, spec: DeviceSpec) -> list[dict]:
 
 
 TEMPLATE = register(Template(
-    op=OP, space=G.space, make_inputs=make_inputs, launch=gemm_fused, reference=reference, baseline=baseline,
-    default_config=G.fused_default_config, work=work, cost=cost, constraints=G.FUSED_CONSTRAINTS, seeds=seeds,
+    op=OP, space=G.fused_space, make_inputs=make_inputs, launch=gemm_fused, reference=reference, baseline=baseline,
+    default_config=G.fused_default_config, work=work, cost=cost, constraints=G.FUSED_FAMILY_CONSTRAINTS, seeds=seeds,
     doc=__doc__.split("\n")[0]))

@@ -1,12 +1,14 @@
 """gemm's ``skinny`` family (kernels/_gemm_skinny.py, kernel in kernels/gemm.py): up to 64 rows in one block,
 column tiles x K slices, A/B optionally swapped. Against the fp64 reference under the interpreter (ragged n
 and k, 1..64 rows, split K summed by the last program, every dtype, NaN-poisoned outputs through the
-checker), the split workspace re-armed across launches, constraints in one line, seeds; on a GPU (TMA
-loads) Qwen3-32B's linears at 16-64 tokens."""
+checker), the split workspace re-armed across launches, constraints in one line, seeds, the default;
+gemm_fused's residual and SiLU-mul epilogues through the family (not the norm); on a GPU (TMA loads)
+Qwen3-32B's linears at 16-64 tokens, plain and fused."""
 import re
 
 import pytest
 import torch
+from conftest import compile_for_sm90
 
 from tuneforge.dsl import Problem, check, get
 from tuneforge.dsl.devices import SPECS
@@ -36,6 +38,50 @@ def test_skinny_matches_the_reference(dtype, m, n, k, config):
     assert GEMM.reject_reason(config, problem, spec) is None
     result = check(GEMM, problem, config)
     assert result, result.reason
+
+
+FUSED = get("gemm_fused")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("m,n,k,epi,config", [
+    (16, 96, 200, 1, _skinny(64, 64, 1, True)),     # residual, a ragged column tile
+    (33, 200, 520, 1, _skinny(64, 128, 3, False)),   # residual summed once over three slices
+    (20, 256, 256, 2, _skinny(64, 64, 1, True)),    # SiLU-mul: gate rows 0..127, up rows 128..255
+    (9, 200, 520, 2, _skinny(64, 128, 3, True)),    # the pair split: slices interleaved, split at the store
+])
+def test_fused_epilogues_match_the_reference(dtype, m, n, k, epi, config):
+    problem = Problem.make("gemm_fused", dtype, m=m, n=n, k=k, norm=0, epi=epi)
+    spec = G.launch_spec(CPU)
+    assert FUSED.reject_reason(config, problem, spec) is None
+    result = check(FUSED, problem, config)
+    assert result, result.reason
+
+
+def test_fused_seeds_and_the_norm_refused():
+    spec = SPECS["H200"]
+    for epi, n in ((1, 5120), (2, 51200)):
+        problem = Problem.make("gemm_fused", "bf16", m=32, n=n, k=5120, norm=0, epi=epi)
+        seeds = [c for c in FUSED.seeds(problem, spec) if c.get("kernel") == "skinny"]
+        assert seeds and all(FUSED.reject_reason(c, problem, spec) is None for c in seeds)
+    # the pair loads two weight tiles a stage: 64 + 2 x 64 rows of 256 at 5 stages overflow shared memory
+    pair = Problem.make("gemm_fused", "bf16", m=64, n=51200, k=5120, norm=0, epi=2)
+    assert "shared memory: 491520 bytes" in FUSED.reject_reason(_skinny(64, 256, 1, True, 5), pair, spec)
+    normed = Problem.make("gemm_fused", "bf16", m=32, n=10240, k=5120, norm=1, epi=0)
+    assert "kernel='skinny' is not one of ['triton']" in FUSED.reject_reason(_skinny(), normed, spec)
+    with pytest.raises(ConfigRejected, match=re.escape("kernel='skinny' is not one of ['triton']")):
+        G.gemm(torch.zeros(16, 64), torch.zeros(64, 64), norm_weight=torch.ones(64), config=_skinny())
+
+
+def test_the_skinny_paths_compile_for_sm90():
+    """The swapped pair split three ways and the unswapped residual add, through Triton's Hopper backend
+    (wgmma where the tile allows; pointer loads: the TMA ones are GPU-tested)."""
+    types = dict(x="*bf16", w="*bf16", y="*bf16", slices="*fp32", counts="*i32", res="*bf16")
+    base = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, USE_TMA=False, EVEN_K=True, UPCAST=False,
+                INPUT_PRECISION="tf32", PDL=False)
+    compile_for_sm90("tuneforge.kernels.gemm", [
+        ("_skinny_kernel", dict(base, SPLIT_K=3, SWAP=True, RESIDUAL=False, SILU=True)),
+        ("_skinny_kernel", dict(base, SPLIT_K=1, SWAP=False, RESIDUAL=True, SILU=False))], types)
 
 
 def test_split_counters_rearm_between_launches():
@@ -122,6 +168,16 @@ def test_cost_prices_the_split_and_the_fill():
     assert GEMM.cost(problem, _skinny(64, 128, 4), spec) < GEMM.cost(problem, _skinny(64, 128, 1), spec)
     bigger = Problem.make("gemm", "bf16", m=32, n=51200, k=5120)
     assert GEMM.cost(bigger, _skinny(64, 256, 1), spec) > GEMM.cost(problem, _skinny(64, 128, 4), spec)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [16, 32])
+@pytest.mark.parametrize("n,k,epi", [(5120, 8192, 1), (5120, 25600, 1), (51200, 5120, 2)])
+def test_gpu_qwen3_32b_fused_linears(device, m, n, k, epi):
+    problem = Problem.make("gemm_fused", "bf16", m=m, n=n, k=k, norm=0, epi=epi)
+    for config in SK.seeds(problem, G.launch_spec(device)):
+        result = check(FUSED, problem, config, device=device)
+        assert result, f"{config}: {result.reason}"
 
 
 @pytest.mark.gpu
