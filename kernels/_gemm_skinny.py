@@ -15,8 +15,8 @@ gate_up 95.9 / 90.0 / 90.7, down 95.5 / 93.7 / 88.4; at 64 tokens swapping gaine
 
 The kernel and launcher are ``kernels/gemm.py``'s (``_skinny_kernel``, ``skinny``: it shares gemm's
 split-K finish); this module is the family's policy: parameters, constraints, seeds and cost. The
-family is also in gemm_fused's space (``gemm.fused_space``) with its residual and SiLU-mul epilogues;
-not with the RMSNorm prologue.
+family is also in gemm_fused's space (``gemm.fused_space``) with its RMSNorm prologue (unsplit) and its
+residual and SiLU-mul epilogues.
 """
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ def skinny_unfit(config: dict, problem, spec) -> str | None:
     m, k = problem["m"], problem["k"]
     if m > SKINNY_MAX_M:
         return f"kernel skinny: m={m} rows > {SKINNY_MAX_M} (one row block)"
-    if problem.shape.get("norm", 0):
-        return "kernel skinny: no RMSNorm prologue (the Triton kernel fuses it)"
+    if problem.shape.get("norm", 0) and config["skinny_split"] > 1:
+        return "kernel skinny: the RMSNorm prologue runs unsplit (a K slice sees part of each row's squares)"
     pairs = 2 if fusion(problem)[1] == "silu_mul" else 1
     bm, bn, bk = block_m(m), config["skinny_block_n"], config["skinny_block_k"]
     need = config["skinny_stages"] * (bm + pairs * bn) * bk * ELEM_SIZE[problem.dtype]

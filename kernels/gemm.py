@@ -439,18 +439,21 @@ def _gemm_kernel(x, w, w_lo, y, partial, counts, res, norm_w, x_rows, M, N, K, s
 # --- the skinny family's kernel (its policy: kernels/_gemm_skinny.py) -------------------------------
 
 @triton.jit
-def _skinny_tile(x, w, off_n, off_up, M, N, k_begin, k_end, stride_xm, stride_wn,
+def _skinny_tile(x, w, norm_w, off_n, off_up, M, N, k_begin, k_end, stride_xm, stride_wn,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
-                 SILU: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr):
+                 SILU: tl.constexpr, NORM: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr,
+                 UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """(fp32 [BLOCK_M, BLOCK_N] = x[:M, k_begin:k_end] @ w[off_n:, k_begin:k_end].T, the same at w row
-    ``off_up`` with ``SILU``: the up half's tile, sharing each x block), every row of x in one block.
+    ``off_up`` with ``SILU``: the up half's tile, sharing each x block; the rows' sums of squares),
+    every row of x in one block. ``NORM``: each x block scaled by the RMSNorm weight ``norm_w[k]`` as
+    it loads, its squares summed (the caller scales the product by the rows' rsqrt).
     ``SWAP``: computed as w_tile @ x.T ([BLOCK_N, BLOCK_M]) and transposed: the weight's rows fill the
     MMA's M side (64 rows a warpgroup on Hopper), so 16-32 token rows pad nothing. TMA: x and w are
     descriptors with blocks [BLOCK_M, BLOCK_K] / [BLOCK_N, BLOCK_K]; pointers: rows and columns (of the
     N output columns) wrap (the store masks them), K masked unless ``EVEN_K``."""
     acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
+    sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
     if not USE_TMA:
         rows = (tl.arange(0, BLOCK_M) % M).to(tl.int64)
@@ -465,6 +468,11 @@ def _skinny_tile(x, w, off_n, off_up, M, N, k_begin, k_end, stride_xm, stride_wn
         else:
             a = _k_block(x_ptrs, k, ks, k_end, 1, EVEN_K, UPCAST)
             b = _k_block(w_ptrs, k, ks, k_end, 1, EVEN_K, UPCAST)
+        if NORM:
+            a32 = a.to(tl.float32)
+            sum_sq += tl.sum(a32 * a32, axis=1)
+            scale = tl.load(norm_w + k + ks, mask=k + ks < k_end, other=0.0).to(tl.float32)
+            a = (a32 * scale[None, :]).to(a.dtype)
         if SWAP:
             acc = tl.dot(b, a.T, acc, input_precision=INPUT_PRECISION)
         else:
@@ -485,28 +493,36 @@ def _skinny_tile(x, w, off_n, off_up, M, N, k_begin, k_end, stride_xm, stride_wn
     if SWAP:
         acc = acc.T
         up = up.T
-    return acc, up
+    return acc, up, sum_sq
 
 
 # M changes with every batch (not specialized); N stays specialized for the store's vectors.
 @triton.jit(do_not_specialize=["M"])
-def _skinny_kernel(x, w, y, slices, counts, res, M, N, K, k_per_split, stride_xm, stride_wn, stride_ym, stride_res,
+def _skinny_kernel(x, w, y, slices, counts, res, norm_w, M, N, K, k_per_split, stride_xm, stride_wn, stride_ym,
+                   stride_res, eps,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                    SWAP: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr, RESIDUAL: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr):
+                   INPUT_PRECISION: tl.constexpr, RESIDUAL: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr,
+                   PDL: tl.constexpr):
     """Program (t, s): output columns t * BLOCK_N.. (of N) over K slice s of ``SPLIT_K`` (``k_per_split``
     each); the slices of a tile meet in the fp32 workspace ``slices`` ([SPLIT_K, tiles, BLOCK_M, SLICE_N])
     and its last program to arrive sums them and stores (``finish_tile``). Not persistent: the hardware
     hands each SM the next program as one finishes. Fusions as the persistent kernel's: ``RESIDUAL``
     y = x @ w.T + res (added by whoever stores); ``SILU`` y[:, j] = silu(g_j) * u_j, g and u w's rows j
-    and N + j (a slice holds them interleaved, split at the store)."""
+    and N + j (a slice holds them interleaved, split at the store); ``NORM`` y = rmsnorm(x) * norm_w @ w.T
+    (unsplit only: the rows' rsqrt from the squares the K loop sums)."""
     await_previous(PDL)
     tile = tl.program_id(0)
     split = tl.program_id(1)
     k_begin = split * k_per_split
     off_n = tile * BLOCK_N
-    acc, up = _skinny_tile(x, w, off_n, N + off_n, M, N, k_begin, tl.minimum(k_begin + k_per_split, K), stride_xm,
-                           stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, SILU, USE_TMA, EVEN_K, UPCAST, INPUT_PRECISION)
+    acc, up, sum_sq = _skinny_tile(x, w, norm_w, off_n, N + off_n, M, N, k_begin, tl.minimum(k_begin + k_per_split, K),
+                                   stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, SILU, NORM, USE_TMA, EVEN_K,
+                                   UPCAST, INPUT_PRECISION)
+    if NORM:        # x * rstd * norm_w @ w.T = (x * norm_w @ w.T) * rstd
+        rstd = tl.math.rsqrt(sum_sq / K + eps)[:, None]
+        acc *= rstd
+        up *= rstd
     SLICE_N: tl.constexpr = 2 * BLOCK_N if SILU else BLOCK_N
     if SILU:        # as finish_tile sums and splits a pair: gate and up interleaved, columns doubled
         acc = tl.reshape(tl.join(acc, up), (BLOCK_M, SLICE_N))
@@ -519,8 +535,9 @@ def _skinny_kernel(x, w, y, slices, counts, res, M, N, K, k_per_split, stride_xm
 
 
 def skinny(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, config: dict, residual: torch.Tensor | None = None,
-           silu: bool = False) -> torch.Tensor:
-    """``out = x @ w.T`` (+ ``residual``; or with ``silu`` the SiLU-mul of w's gate and up halves) through
+           silu: bool = False, norm_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """``out = x @ w.T`` (x RMSNorm'd by ``norm_weight`` first; + ``residual``; or with ``silu`` the SiLU-mul
+    of w's gate and up halves) through
     ``_skinny_kernel`` (operands checked by ``gemm``; m <= SK.SKINNY_MAX_M, m, n, k > 0; ``config``
     passed the family's constraints). TMA where the device has it and the rows are 16-byte aligned,
     else pointer loads."""
@@ -541,11 +558,12 @@ def skinny(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, config: dict, re
     res = out if residual is None else residual          # unused pointer when not fused
     interpreted = tuneforge.INTERPRETED
     _skinny_kernel[(tiles, splits)](
-        xa, wa, out, slices, counts, res, m, n, k, k_per_split, x.stride(0), w.stride(0), out.stride(0), res.stride(0),
+        xa, wa, out, slices, counts, res, x if norm_weight is None else norm_weight, m, n, k, k_per_split, x.stride(0),
+        w.stride(0), out.stride(0), res.stride(0), float(eps),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=splits, SWAP=bool(config["skinny_swap"]), USE_TMA=use_tma,
         EVEN_K=k % bk == 0, UPCAST=interpreted and x.dtype != torch.float32,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 or interpreted else "tf32",
-        RESIDUAL=residual is not None, SILU=silu,
+        RESIDUAL=residual is not None, SILU=silu, NORM=norm_weight is not None,
         num_warps=config["skinny_warps"], num_stages=config["skinny_stages"], **chained(x))
     return out
 
@@ -745,8 +763,8 @@ def gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, c
     plan = _plan(None if config is None else tuple(sorted(config.items())), m, n, k, x.dtype, x.device, norm, epi)
     if GW.kernel_of(plan.config) == "gemv":
         return GV.gemv(x, w, out, plan.config)
-    if GW.kernel_of(plan.config) == "skinny":     # its constraints refuse the norm prologue
-        return skinny(x, w, out, plan.config, residual, silu)
+    if GW.kernel_of(plan.config) == "skinny":
+        return skinny(x, w, out, plan.config, residual, silu, norm_weight, eps)
     if GW.kernel_of(plan.config) == "gluon_ws":
         if _tma_ready(x) and _tma_ready(w) and _tma_ready(out):
             return GW.gemm_ws(x, w, out, plan.config, plan.programs)
@@ -827,10 +845,9 @@ FAMILY_LAUNCH_CONSTRAINTS = GW.family_constraints(LAUNCH_CONSTRAINTS, GW.GLUON_L
 
 @functools.lru_cache(maxsize=1024)
 def fused_space(problem: Problem):
-    """gemm_fused's space: the Triton kernel's, and where the problem has at most SKINNY_MAX_M rows and
-    no norm prologue the skinny family's (its residual and SiLU-mul epilogues)."""
-    return GW.family_space(space(problem), gemv=False, gluon=False,
-                           skinny=problem["m"] <= SK.SKINNY_MAX_M and not fusion_of(problem)[0])
+    """gemm_fused's space: the Triton kernel's, and where the problem has at most SKINNY_MAX_M rows the
+    skinny family's (its norm prologue and residual and SiLU-mul epilogues)."""
+    return GW.family_space(space(problem), gemv=False, gluon=False, skinny=problem["m"] <= SK.SKINNY_MAX_M)
 
 
 # gemm_fused's constraints by family (the Gluon and gemv ones are outside its space)

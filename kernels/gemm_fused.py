@@ -14,8 +14,8 @@ stored; the residual add is made by whoever stores the tile. Every fusion runs e
 The baseline is the unfused pair a torch user runs (``F.rms_norm`` then ``F.linear``; ``F.linear``
 then ``F.silu`` and a multiply, or an add), so a stored winner says whether fusing paid at that shape:
 the engine fuses only where the kernel won, and runs the unfused ops (each tuned on its own) elsewhere.
-At 9-64 rows without the norm the skinny family (``kernels/_gemm_skinny.py``) is in the space too: one
-row block over column tiles x K slices, with the same residual and SiLU-mul epilogues.
+At up to 64 rows the skinny family (``kernels/_gemm_skinny.py``) is in the space too: one row block over
+column tiles x K slices (unsplit with the norm), with the same prologue and epilogues.
 """
 from __future__ import annotations
 
@@ -110,10 +110,11 @@ def cost(problem: Problem, config: Optional[dict], spec: DeviceSpec) -> float:
 
 
 def seeds(problem: Problem, spec: DeviceSpec) -> list[dict]:
-    """The fused default, the skinny family's seeds (9-64 rows, no norm), then gemm's portfolio at this
-    shape: power-of-two tiles, the pair's halves each half as wide (as wide in all as gemm's tile)."""
+    """The fused default, the skinny family's seeds (9-64 rows; with the norm the unsplit ones), then gemm's
+    portfolio at this shape: power-of-two tiles, the pair's halves each half as wide (as wide in all as
+    gemm's tile)."""
     norm, epi = G.fusion_of(problem)
-    configs = [G.fused_default_config(problem, spec)] + ([] if norm else SK.seeds(problem, spec))
+    configs = [G.fused_default_config(problem, spec)] + SK.seeds(problem, spec)
     for c in G.portfolio(problem, spec):
         if norm or epi == "silu_mul":
             c = {**c, "block_n": max(16, G.split_width(c["block_n"])[0] // (2 if epi == "silu_mul" else 1))}

@@ -2,7 +2,7 @@
 column tiles x K slices, A/B optionally swapped. Against the fp64 reference under the interpreter (ragged n
 and k, 1..64 rows, split K summed by the last program, every dtype, NaN-poisoned outputs through the
 checker), the split workspace re-armed across launches, constraints in one line, seeds, the default;
-gemm_fused's residual and SiLU-mul epilogues through the family (not the norm); on a GPU (TMA loads)
+gemm_fused's norm prologue (unsplit) and residual and SiLU-mul epilogues through the family; on a GPU (TMA loads)
 Qwen3-32B's linears at 16-64 tokens, plain and fused."""
 import re
 
@@ -44,14 +44,16 @@ FUSED = get("gemm_fused")
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("m,n,k,epi,config", [
-    (16, 96, 200, 1, _skinny(64, 64, 1, True)),     # residual, a ragged column tile
-    (33, 200, 520, 1, _skinny(64, 128, 3, False)),   # residual summed once over three slices
-    (20, 256, 256, 2, _skinny(64, 64, 1, True)),    # SiLU-mul: gate rows 0..127, up rows 128..255
-    (9, 200, 520, 2, _skinny(64, 128, 3, True)),    # the pair split: slices interleaved, split at the store
+@pytest.mark.parametrize("m,n,k,norm,epi,config", [
+    (16, 96, 200, 0, 1, _skinny(64, 64, 1, True)),     # residual, a ragged column tile
+    (33, 200, 520, 0, 1, _skinny(64, 128, 3, False)),   # residual summed once over three slices
+    (20, 256, 256, 0, 2, _skinny(64, 64, 1, True)),    # SiLU-mul: gate rows 0..127, up rows 128..255
+    (9, 200, 520, 0, 2, _skinny(64, 128, 3, True)),    # the pair split: slices interleaved, split at the store
+    (24, 160, 200, 1, 0, _skinny(64, 64, 1, True)),    # the norm: rows' squares over a ragged K
+    (40, 128, 256, 1, 2, _skinny(64, 64, 1, False)),   # the norm and the pair
 ])
-def test_fused_epilogues_match_the_reference(dtype, m, n, k, epi, config):
-    problem = Problem.make("gemm_fused", dtype, m=m, n=n, k=k, norm=0, epi=epi)
+def test_fused_epilogues_match_the_reference(dtype, m, n, k, norm, epi, config):
+    problem = Problem.make("gemm_fused", dtype, m=m, n=n, k=k, norm=norm, epi=epi)
     spec = G.launch_spec(CPU)
     assert FUSED.reject_reason(config, problem, spec) is None
     result = check(FUSED, problem, config)
@@ -68,20 +70,27 @@ def test_fused_seeds_and_the_norm_refused():
     pair = Problem.make("gemm_fused", "bf16", m=64, n=51200, k=5120, norm=0, epi=2)
     assert "shared memory: 491520 bytes" in FUSED.reject_reason(_skinny(64, 256, 1, True, 5), pair, spec)
     normed = Problem.make("gemm_fused", "bf16", m=32, n=10240, k=5120, norm=1, epi=0)
-    assert "kernel='skinny' is not one of ['triton']" in FUSED.reject_reason(_skinny(), normed, spec)
-    with pytest.raises(ConfigRejected, match=re.escape("kernel='skinny' is not one of ['triton']")):
-        G.gemm(torch.zeros(16, 64), torch.zeros(64, 64), norm_weight=torch.ones(64), config=_skinny())
+    seeds = [c for c in FUSED.seeds(normed, spec) if c.get("kernel") == "skinny"]
+    assert seeds and {c["skinny_split"] for c in seeds} == {1}
+    why = "kernel skinny: the RMSNorm prologue runs unsplit (a K slice sees part of each row's squares)"
+    assert FUSED.reject_reason(_skinny(64, 128, 2), normed, spec) == why
+    with pytest.raises(ConfigRejected, match=re.escape(why)):
+        G.gemm(torch.zeros(16, 512), torch.zeros(64, 512), norm_weight=torch.ones(512), config=_skinny(64, 64, 2))
+    with pytest.raises(ConfigRejected, match=re.escape("kernel='skinny' is not one of ['triton']")):   # past 64 rows
+        G.gemm(torch.zeros(65, 64), torch.zeros(64, 64), norm_weight=torch.ones(64), config=_skinny())
 
 
 def test_the_skinny_paths_compile_for_sm90():
-    """The swapped pair split three ways and the unswapped residual add, through Triton's Hopper backend
+    """The swapped pair split three ways, the unswapped residual add and the swapped norm + pair, through
+    Triton's Hopper backend
     (wgmma where the tile allows; pointer loads: the TMA ones are GPU-tested)."""
-    types = dict(x="*bf16", w="*bf16", y="*bf16", slices="*fp32", counts="*i32", res="*bf16")
+    types = dict(x="*bf16", w="*bf16", y="*bf16", slices="*fp32", counts="*i32", res="*bf16", norm_w="*bf16", eps="fp32")
     base = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, USE_TMA=False, EVEN_K=True, UPCAST=False,
                 INPUT_PRECISION="tf32", PDL=False)
     compile_for_sm90("tuneforge.kernels.gemm", [
-        ("_skinny_kernel", dict(base, SPLIT_K=3, SWAP=True, RESIDUAL=False, SILU=True)),
-        ("_skinny_kernel", dict(base, SPLIT_K=1, SWAP=False, RESIDUAL=True, SILU=False))], types)
+        ("_skinny_kernel", dict(base, SPLIT_K=3, SWAP=True, RESIDUAL=False, SILU=True, NORM=False)),
+        ("_skinny_kernel", dict(base, SPLIT_K=1, SWAP=False, RESIDUAL=True, SILU=False, NORM=False)),
+        ("_skinny_kernel", dict(base, SPLIT_K=1, SWAP=True, RESIDUAL=False, SILU=True, NORM=True))], types)
 
 
 def test_split_counters_rearm_between_launches():
@@ -172,9 +181,10 @@ def test_cost_prices_the_split_and_the_fill():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [16, 32])
-@pytest.mark.parametrize("n,k,epi", [(5120, 8192, 1), (5120, 25600, 1), (51200, 5120, 2)])
-def test_gpu_qwen3_32b_fused_linears(device, m, n, k, epi):
-    problem = Problem.make("gemm_fused", "bf16", m=m, n=n, k=k, norm=0, epi=epi)
+@pytest.mark.parametrize("n,k,norm,epi", [(5120, 8192, 0, 1), (5120, 25600, 0, 1), (51200, 5120, 0, 2),
+                                          (10240, 5120, 1, 0), (51200, 5120, 1, 2)])
+def test_gpu_qwen3_32b_fused_linears(device, m, n, k, norm, epi):
+    problem = Problem.make("gemm_fused", "bf16", m=m, n=n, k=k, norm=norm, epi=epi)
     for config in SK.seeds(problem, G.launch_spec(device)):
         result = check(FUSED, problem, config, device=device)
         assert result, f"{config}: {result.reason}"
