@@ -118,6 +118,15 @@ def gemm_tile_tma(x_desc, w_desc, off_m, off_n, k_begin, k_end,
 
 
 @triton.jit
+def normed_block(a, norm_w, k, ks, k_end):
+    """(the x block ``a`` [rows, BLOCK_K] at k scaled by the RMSNorm weight ``norm_w[k + ks]``, in a's dtype;
+    its rows' sums of squares, fp32): the fused norm prologue's step."""
+    a32 = a.to(tl.float32)
+    scale = tl.load(norm_w + k + ks, mask=k + ks < k_end, other=0.0).to(tl.float32)
+    return (a32 * scale[None, :]).to(a.dtype), tl.sum(a32 * a32, axis=1)
+
+
+@triton.jit
 def gemm_tile_wide(x, w, w_lo, g, off_m, off_n, off_lo, M, N, k_begin, k_end, stride_xm, stride_xk, stride_wn,
                    stride_wk,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_LO: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -149,10 +158,8 @@ def gemm_tile_wide(x, w, w_lo, g, off_m, off_n, off_lo, M, N, k_begin, k_end, st
         else:
             a = _k_block(x_ptrs, k, ks, k_end, 1, EVEN_K, UPCAST)
         if NORM:
-            a32 = a.to(tl.float32)
-            sum_sq += tl.sum(a32 * a32, axis=1)
-            scale = tl.load(g + k + ks, mask=k + ks < k_end, other=0.0).to(tl.float32)
-            a = (a32 * scale[None, :]).to(a.dtype)
+            a, squares = normed_block(a, g, k, ks, k_end)
+            sum_sq += squares
         if USE_TMA:
             acc = tl.dot(a, w.load([off_n, k]).T, acc, input_precision=INPUT_PRECISION)
             if LO:
@@ -469,10 +476,8 @@ def _skinny_tile(x, w, norm_w, off_n, off_up, M, N, k_begin, k_end, stride_xm, s
             a = _k_block(x_ptrs, k, ks, k_end, 1, EVEN_K, UPCAST)
             b = _k_block(w_ptrs, k, ks, k_end, 1, EVEN_K, UPCAST)
         if NORM:
-            a32 = a.to(tl.float32)
-            sum_sq += tl.sum(a32 * a32, axis=1)
-            scale = tl.load(norm_w + k + ks, mask=k + ks < k_end, other=0.0).to(tl.float32)
-            a = (a32 * scale[None, :]).to(a.dtype)
+            a, squares = normed_block(a, norm_w, k, ks, k_end)
+            sum_sq += squares
         if SWAP:
             acc = tl.dot(b, a.T, acc, input_precision=INPUT_PRECISION)
         else:

@@ -2,7 +2,6 @@
 interpreter (ragged n and k, 1..8 rows, every dtype, NaN-poisoned outputs through the checker), its
 constraints in one line, the template default choosing it through the cost model; on a GPU, Qwen3
 decode shapes."""
-import re
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from tuneforge.dsl.devices import SPECS
 from tuneforge.errors import ConfigRejected
 from tuneforge.kernels import _gemm_gemv as GV
 from tuneforge.kernels import gemm as G
+from gemm_families import assert_config_checks, assert_one_line_reason
 
 CPU = torch.device("cpu")
 GEMM = get("gemm")
@@ -29,11 +29,7 @@ def _gemv(bn, bk, warps):
     (2, 64, 256, _gemv(64, 64, 8)),       # one column block, even k
 ])
 def test_gemv_matches_the_reference(dtype, m, n, k, config):
-    problem = Problem.make("gemm", dtype, m=m, n=n, k=k)
-    spec = G.launch_spec(CPU)
-    assert GEMM.reject_reason(config, problem, spec) is None
-    result = check(GEMM, problem, config)
-    assert result, result.reason
+    assert_config_checks(Problem.make("gemm", dtype, m=m, n=n, k=k), config)
 
 
 def test_seeds_pass_and_are_checked():
@@ -62,18 +58,7 @@ def test_the_launcher_default_is_the_templates():
     (1, _gemv(4, 4096, 8), "gemv_block_k=4096 is not one of"),
 ])
 def test_constraints_say_why_in_one_line(m, config, reason):
-    problem = Problem.make("gemm", "bf16", m=m, n=5120, k=2048)
-    spec = SPECS["H200"]
-    if reason is None:
-        assert GEMM.reject_reason(config, problem, spec) is None
-        return
-    if "is not one of" in reason:
-        with pytest.raises(ConfigRejected, match=re.escape(reason)) as e:
-            G.gemm(torch.zeros(m, 2048), torch.zeros(5120, 2048), config=config)
-        assert "\n" not in str(e.value)
-        return
-    why = GEMM.reject_reason(config, problem, spec)
-    assert why and reason in why and "\n" not in why
+    assert_one_line_reason(m, config, reason)
 
 
 def test_fused_gemms_refuse_the_family():

@@ -15,6 +15,7 @@ from tuneforge.dsl.devices import SPECS
 from tuneforge.errors import ConfigRejected
 from tuneforge.kernels import _gemm_skinny as SK
 from tuneforge.kernels import gemm as G
+from gemm_families import assert_config_checks, assert_one_line_reason
 
 CPU = torch.device("cpu")
 GEMM = get("gemm")
@@ -33,11 +34,7 @@ def _skinny(bn=64, bk=64, split=1, swap=True, stages=3, warps=4):
     (64, 64, 1024, _skinny(64, 128, 4, False)),   # the most rows the family takes
 ])
 def test_skinny_matches_the_reference(dtype, m, n, k, config):
-    problem = Problem.make("gemm", dtype, m=m, n=n, k=k)
-    spec = G.launch_spec(CPU)
-    assert GEMM.reject_reason(config, problem, spec) is None
-    result = check(GEMM, problem, config)
-    assert result, result.reason
+    assert_config_checks(Problem.make("gemm", dtype, m=m, n=n, k=k), config)
 
 
 FUSED = get("gemm_fused")
@@ -53,11 +50,7 @@ FUSED = get("gemm_fused")
     (40, 128, 256, 1, 2, _skinny(64, 64, 1, False)),   # the norm and the pair
 ])
 def test_fused_epilogues_match_the_reference(dtype, m, n, k, norm, epi, config):
-    problem = Problem.make("gemm_fused", dtype, m=m, n=n, k=k, norm=norm, epi=epi)
-    spec = G.launch_spec(CPU)
-    assert FUSED.reject_reason(config, problem, spec) is None
-    result = check(FUSED, problem, config)
-    assert result, result.reason
+    assert_config_checks(Problem.make("gemm_fused", dtype, m=m, n=n, k=k, norm=norm, epi=epi), config)
 
 
 def test_fused_seeds_and_the_norm_refused():
@@ -130,18 +123,7 @@ def test_seeds_pass_and_are_checked():
     (16, dict(_skinny(), skinny_split=5), "skinny_split=5 is not one of"),
 ])
 def test_constraints_say_why_in_one_line(m, config, reason):
-    problem = Problem.make("gemm", "bf16", m=m, n=5120, k=2048)
-    spec = SPECS["H200"]
-    if reason is None:
-        assert GEMM.reject_reason(config, problem, spec) is None
-        return
-    if "is not one of" in reason:
-        with pytest.raises(ConfigRejected, match=re.escape(reason)) as e:
-            G.gemm(torch.zeros(m, 2048), torch.zeros(5120, 2048), config=config)
-        assert "\n" not in str(e.value)
-        return
-    why = GEMM.reject_reason(config, problem, spec)
-    assert why and reason in why and "\n" not in why
+    assert_one_line_reason(m, config, reason)
 
 
 def test_the_default_takes_the_cheapest_skinny_seed_up_to_32_rows():
