@@ -86,6 +86,13 @@ def allreduce(dtype: Dtype, world: int, m: int, n: int) -> Problem:
     return Problem.make("allreduce", _name(dtype), world, m=m, n=n)
 
 
+def allgather(dtype: Dtype, world: int, rows: int, n: int) -> Problem:
+    """``rows`` rows of ``n`` columns from every one of ``world`` ranks, stacked on each (``m`` =
+    world x rows): the sequence-sharded KV cache's exchange of each rank's head columns
+    (``tp.all_gather_columns``: q|k|v in decode, k|v in a prefill)."""
+    return Problem.make("allgather", _name(dtype), world, m=world * rows, n=n)
+
+
 def tp_attn(dtype: Dtype, world: int, m: int, hidden: int, qkv: int, o_in: int) -> Problem:
     """The attention projection pair as one TP block: qkv ``[qkv, hidden]``, o ``[hidden, o_in]``."""
     return Problem.make("tp_attn", _name(dtype), world, m=m, hidden=hidden, qkv=qkv, o_in=o_in)

@@ -18,7 +18,7 @@ from tuneforge.db.environment import Environment
 from tuneforge.db.store import Store, Winner
 from tuneforge.dsl import get
 from tuneforge.engine.dispatch import DispatchTable, Ops
-from tuneforge.engine.generate import Generator
+from tuneforge.engine.generate import SEQUENCE_WRITE_S, Generator, kv_layout
 from tuneforge.engine.lookup import family
 from tuneforge.errors import InputError
 from tuneforge.kernels import decode_attention_sp as SP
@@ -26,7 +26,7 @@ from tuneforge.kernels._common import launch_spec
 from tuneforge.models.configs import load_config
 from tuneforge.models.kv_cache import KVCache
 from tuneforge.models.loading import load_model
-from tuneforge.tune.plan import DECODE_SP_ROLE, ROPE_SEQ_KV_ROLE, plan
+from tuneforge.tune.plan import DECODE_SP_ROLE, GATHER_SEQ_KV_ROLE, ROPE_SEQ_KV_ROLE, plan
 from tuneforge.world import spawn
 
 from test_engine import TOL, checkpoint, hf_greedy, saved, tiny_hf  # noqa: F401  (checkpoint: the fixture)
@@ -155,6 +155,8 @@ def test_tp2_sequence_sharded_kv_matches_tp1_and_transformers(checkpoint, one_kv
         assert {family(p) for p in lookups} <= planned
         assert not any(p.op == "decode_attention" for p in lookups)
         assert {(p["m"], p["heads"], p["kv_heads"]) for p in lookups if p.op == SP.OP} == {(1, 4, 2), (2, 4, 2)}
+        # every layer's head columns gathered through its tuned record: q|k|v in decode, k|v in the prefills
+        assert {p["n"] for p in lookups if p.op == "allgather"} == {64, 32}
 
 
 def test_bad_combinations_are_refused_in_one_line(checkpoint, capsys):
@@ -187,7 +189,54 @@ def test_plan_has_both_kv_layouts_at_tp_above_1():
         # rope_qk_norm stores k and v into a cache split by heads in its launch; one sharded by sequence apart
         roles = {i.problem.shape.get("cache", 0): i.roles for i in p.find("rope_qk_norm", m=m)}
         assert roles == {1: ["layer.attn.rope_qk_norm"], 0: [ROPE_SEQ_KV_ROLE]}
+        # every rank's head columns gathered: q|k|v (4 q heads and 1 KV head of 128 at TP 8) in decode
+        (gather,) = p.find("allgather", m=8 * m)
+        assert gather.roles == [GATHER_SEQ_KV_ROLE] and gather.problem["n"] == (4 + 2) * 128
+    (prefill_gather,) = plan("Qwen3-30B-A3B", 8, decode_buckets=[], prefill_buckets=[64]).find("allgather")
+    assert prefill_gather.problem.shape == {"m": 8 * 64, "n": 2 * 128}        # k|v in a prefill
     assert not plan("Qwen3-30B-A3B", 1, decode_buckets=[1], prefill_buckets=[]).find(SP.OP)
+    assert not plan("Qwen3-30B-A3B", 1, decode_buckets=[1], prefill_buckets=[64]).find("allgather")
+
+
+def _layout_table(the_plan, seconds) -> DispatchTable:
+    """A dispatch table of ``the_plan``'s problems, each recorded at ``seconds(problem)``."""
+    winners = {item.problem.key: Winner(item.problem, ENV, {"baseline": True}, seconds(item.problem), 1.0, 1.0, 1.0,
+                                        "measured", get(item.problem.op).source_hash, "test", 1)
+               for item in the_plan.tunable}
+    return DispatchTable(winners, {}, where="test", model=the_plan.model, tp=the_plan.tp, quiet=True)
+
+
+def test_kv_shard_auto_takes_the_layout_the_records_price_lower():
+    """--kv-shard auto sums each layout's tuned problems (the plan's own: one missing means heads) over
+    the context buckets a run steps through, each weighted by its steps."""
+    cfg, tp = load_config("Qwen3-30B-A3B"), 8
+    the_plan = plan(cfg, tp, decode_buckets=[8], prefill_buckets=[])
+
+    def seconds(attention_heads, attention_sequence):
+        def at(problem):
+            return {"decode_attention": attention_heads, SP.OP: attention_sequence}.get(problem.op, 1e-6)
+        return _layout_table(the_plan, at).time
+
+    # a layer: heads = rope (with the store) + attention; sequence = gather + rope + write + attention
+    slow_heads = seconds(20e-6, 10e-6)
+    layout, why = kv_layout("auto", cfg, tp, torch.bfloat16, 8, 4096, slow_heads)
+    assert layout == "sequence", why
+    assert why == (f"tuned records price a layer's decode attention work at 21.0 us split by heads, "
+                   f"{12.0 + SEQUENCE_WRITE_S * 1e6:.1f} us by sequence, over 4096 positions at 8 rows")
+    assert kv_layout("auto", cfg, tp, torch.bfloat16, 8, 4096, seconds(10e-6, 10e-6))[0] == "heads"
+    # the contexts a run reaches weigh in: attention cheaper by sequence only past 8k keys
+    by_context = _layout_table(the_plan, lambda p: (30e-6 if p["ctx"] > 8192 else 5e-6)
+                               if p.op == "decode_attention" else 10e-6 if p.op == SP.OP else 1e-6).time
+    assert kv_layout("auto", cfg, tp, torch.bfloat16, 8, 4096, by_context)[0] == "heads"
+    assert kv_layout("auto", cfg, tp, torch.bfloat16, 8, 131072, by_context)[0] == "sequence"
+    partial = _layout_table(plan(cfg, tp, decode_buckets=[1], prefill_buckets=[]), lambda p: 1e-6).time
+    layout, why = kv_layout("auto", cfg, tp, torch.bfloat16, 8, 4096, partial)
+    assert layout == "heads" and why.startswith("no tuned record for decode_attention|m=8,")
+    assert kv_layout("auto", cfg, 1, torch.bfloat16, 8, 4096, slow_heads) == ("heads", "one rank")
+    assert kv_layout("auto", cfg, tp, torch.bfloat16, 8, 4096, None)[0] == "heads"
+    assert kv_layout("sequence", cfg, tp, torch.bfloat16, 8, 4096, None) == ("sequence", "asked for")
+    with pytest.raises(InputError, match="unknown kv_shard 'rows'; expected one of heads, sequence, auto"):
+        kv_layout("rows", cfg, tp, torch.bfloat16, 8, 4096)
 
 
 @pytest.mark.gpu

@@ -7,7 +7,7 @@ import pytest
 from tuneforge.errors import InputError, UnknownModel
 from tuneforge.models.configs import known_models, load_config
 from tuneforge.dsl.problem import DECODE_CONTEXTS
-from tuneforge.tune.plan import DECODE_BUCKETS, PREFILL_BUCKETS, ROPE_SEQ_KV_ROLE, plan
+from tuneforge.tune.plan import DECODE_BUCKETS, GATHER_SEQ_KV_ROLE, PREFILL_BUCKETS, ROPE_SEQ_KV_ROLE, plan
 
 ALL_M = DECODE_BUCKETS + PREFILL_BUCKETS
 
@@ -74,7 +74,11 @@ def test_qwen3_32b_tp8_plan_shards_heads_mlp_and_vocab_and_adds_the_tp_choices()
         for ctx in DECODE_CONTEXTS:
             _expect(p, "decode_attention", m=m, heads=8, kv_heads=1, head_dim=128, ctx=ctx)
             _expect(p, "decode_attention_sp", 8, m=m, heads=64, kv_heads=8, head_dim=128, ctx=ctx)  # by sequence
-    assert len(p) == 12 * len(ALL_M) + (1 + 2 * len(DECODE_CONTEXTS)) * len(DECODE_BUCKETS)
+        assert _expect(p, "allgather", 8, m=8 * m, n=1280).roles == [GATHER_SEQ_KV_ROLE]   # its q|k|v gathered
+    for m in PREFILL_BUCKETS:
+        _expect(p, "allgather", 8, m=8 * m, n=256)                                     # k|v in a prefill
+    assert len(p) == (12 * len(ALL_M) + (1 + 2 * len(DECODE_CONTEXTS)) * len(DECODE_BUCKETS)
+                      + len(DECODE_BUCKETS) + len(PREFILL_BUCKETS))
 
 
 def test_kv_heads_are_replicated_when_fewer_than_ranks_and_bad_tp_is_refused():
@@ -114,8 +118,8 @@ def test_shared_expert_model_plans_gate_shared_expert_and_linear_attention():
 def test_ops_without_a_template_stay_in_the_plan_as_baseline_only():
     p = plan("Qwen3-8B", 2, decode_buckets=[1], prefill_buckets=[], registered={"gemm": "x", "rmsnorm": "y"})
     only = {i.problem.op for i in p.baseline_only}
-    assert only == {"silu_mul", "rope_qk_norm", "decode_attention", "decode_attention_sp", "allreduce", "tp_attn",
-                    "tp_mlp", "gemm_fused"}
+    assert only == {"silu_mul", "rope_qk_norm", "decode_attention", "decode_attention_sp", "allreduce", "allgather",
+                    "tp_attn", "tp_mlp", "gemm_fused"}
     assert all(i.why.startswith("no template registered for op") for i in p.baseline_only)
     assert {i.problem.op for i in p.tunable} == {"gemm", "rmsnorm"}
     assert "baseline-only" in p.summary()

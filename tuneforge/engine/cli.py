@@ -44,10 +44,11 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
                    help="weights and activations (default: the dtype this model's winners were tuned in, "
                         "else bf16)")
     p.add_argument("--no-graphs", action="store_true", help="prefill and decode eagerly (no CUDA graphs)")
-    p.add_argument("--kv-shard", choices=("heads", "sequence"), default="heads",
+    p.add_argument("--kv-shard", choices=("heads", "sequence", "auto"), default="heads",
                    help="how the KV cache splits over TP ranks: heads (each rank its KV heads of every token; "
-                        "default) or sequence (each rank every KV head of 1/tp of the tokens, blocks of 16 "
-                        "positions round-robin; decode combines the ranks' partial attention)")
+                        "default), sequence (each rank every KV head of 1/tp of the tokens, blocks of 16 "
+                        "positions round-robin; decode combines the ranks' partial attention) or auto (the "
+                        "layout the tuned records price lower for the run's batch and length; heads without them)")
     p.add_argument("--moe-parallel", choices=MOE_LAYOUTS, default="auto",
                    help="how MoE layers split over TP ranks, a load-time choice: tp (every expert's channels "
                         "split, outputs all-reduced), ep (experts placed whole, rank r owns experts "

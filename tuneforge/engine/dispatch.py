@@ -477,11 +477,13 @@ class Ops:
         baseline dispatch."""
         if ctx is None:
             return self._heap.all_gather_columns(x, shard)
-        if self.mode != "baseline":
-            return TP.all_gather_columns(x, shard, ctx)
-        if x.is_cuda and ctx.world.backend == "gloo":
-            self.uncapturable = "the torch baseline's all-gather goes through gloo's host copies"
-        return TP.all_gather_columns(x, shard)
+
+        def baseline():
+            if x.is_cuda and ctx.world.backend == "gloo":
+                self.uncapturable = "the torch baseline's all-gather goes through gloo's host copies"
+            return TP.all_gather_columns(x, shard)
+        return self._run(self.problems.allgather(x.dtype, shard.size, x.shape[0], x.shape[1]),
+                         lambda cfg: TP.all_gather_columns(x, shard, ctx, cfg), baseline)
 
 
 def open_ops(mode: str, *, db: Optional[str], model: str, tp: int, allow_predicted: bool = False,

@@ -98,6 +98,61 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Op
     return (probs / noise).argmax(dim=-1)
 
 
+KV_LAYOUTS = KV_SHARDS + ("auto",)     # --kv-shard
+# The sequence layout's KV write, an indexed torch copy per layer outside every tuned problem (the heads
+# layout stores inside rope_qk_norm's launch): 4.0 us a layer on the H200 (Qwen3-30B-A3B bs 1,
+# 2026-12-03, measured before 7a5cff0 fused it into rope for the heads layout).
+SEQUENCE_WRITE_S = 4.0e-6
+
+
+def kv_layout(requested: str, cfg, tp: int, dtype, batch: int, max_len: int, time=None) -> tuple[str, str]:
+    """(the KV cache's layout for ``requested`` -- heads, sequence or auto --, why). ``auto``: sequence
+    where the tuned records (``time``: problem -> seconds or None, ``DispatchTable.time``) price a decode
+    layer's attention work lower that way -- every rank's heads gathered (allgather), rope_qk_norm
+    without the cache store, the cache written apart (``SEQUENCE_WRITE_S``), attention over every head
+    of this rank's shard with the partials combined (decode_attention_sp) -- than split by heads (the
+    store inside rope_qk_norm, decode_attention over this rank's heads), summed over the context buckets
+    a run of ``max_len`` positions steps through, each weighted by its steps, at the decode bucket of
+    ``batch`` rows; heads at TP 1, without tuned records or where one is missing."""
+    from tuneforge.models import problems as P
+    from tuneforge.models.problems import DECODE_CONTEXTS
+    if requested not in KV_LAYOUTS:
+        raise InputError(f"unknown kv_shard {requested!r}; expected one of {', '.join(KV_LAYOUTS)}")
+    if requested != "auto":
+        return requested, "asked for"
+    if tp < 2:
+        return "heads", "one rank"
+    if time is None:
+        return "heads", "no tuned records to compare the layouts by"
+    d, contexts = P.rank_dims(cfg, tp), sorted(DECODE_CONTEXTS)
+    steps, done = {}, 0
+    for ctx in contexts:               # positions 1..max_len by the context bucket serving them
+        upto = max_len if ctx == contexts[-1] else min(ctx, max_len)
+        if upto > done:
+            steps[ctx], done = upto - done, upto
+    totals = {"heads": 0.0, "sequence": 0.0}
+    for ctx, n in steps.items():
+        heads = [P.decode_attention(dtype, batch, d.heads, d.kv_heads, d.head_dim, ctx)]
+        sequence = [P.allgather(dtype, tp, batch, d.qkv),
+                    P.decode_attention_sp(dtype, tp, batch, d.seq_heads, d.seq_kv_heads, d.head_dim, ctx)]
+        write = 0.0
+        if cfg.has_qk_norm:            # else both layouts write the cache apart after torch's RoPE
+            heads.append(P.rope_qk_norm(dtype, batch, d.heads, d.kv_heads, d.head_dim, cache=True))
+            sequence.append(P.rope_qk_norm(dtype, batch, d.heads, d.kv_heads, d.head_dim))
+            write = SEQUENCE_WRITE_S
+        for layout, problems in (("heads", heads), ("sequence", sequence)):
+            for problem in problems:
+                t = time(problem)
+                if t is None:
+                    return "heads", f"no tuned record for {problem.key}"
+                totals[layout] += n * t
+        totals["sequence"] += n * write
+    per_step = {k: v / max_len * 1e6 for k, v in totals.items()}
+    pick = "sequence" if totals["sequence"] < totals["heads"] else "heads"
+    return pick, (f"tuned records price a layer's decode attention work at {per_step['heads']:.1f} us split by "
+                  f"heads, {per_step['sequence']:.1f} us by sequence, over {max_len} positions at {batch} rows")
+
+
 class Generator:
     """Runs ``model`` with ``ops`` over a KV cache for up to ``max_batch`` sequences of ``max_len`` tokens,
     split over the TP ranks by KV heads or by sequence (``kv_shard``, models/kv_cache.py)."""
@@ -116,7 +171,11 @@ class Generator:
         rows = bucket(max_batch, BATCH_BUCKETS)
         # the largest prefill forward: every prompt unpadded, or one padded chunk
         prefill_tokens = max(max_batch * max_len, min(PREFILL_GRAPH_TOKENS, rows * slots))
-        self.kv_shard = kv_shard
+        tuned = getattr(ops, "mode", None) == "tuned" and getattr(ops, "table", None) is not None
+        self.kv_shard, why = kv_layout(kv_shard, cfg, model.shard.size, model.dtype, rows, max_len,
+                                       ops.table.time if tuned else None)
+        if kv_shard == "auto" and model.shard.rank == 0:
+            log.warning("KV cache split by %s (--kv-shard auto: %s)", self.kv_shard, why)
         self.cache = self._kv_cache(model, rows, slots, prefill_tokens)
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":

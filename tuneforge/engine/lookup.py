@@ -35,8 +35,8 @@ from tuneforge.errors import InputError
 log = logging.getLogger("tuneforge.engine")
 
 # The ops the engine dispatches (prefill attention is torch SDPA; a MoE layer's all-reduce is torch's).
-ENGINE_OPS = ("gemm", "rmsnorm", "silu_mul", "rope_qk_norm", "decode_attention", "decode_attention_sp", "tp_attn",
-              "tp_mlp", "moe_router", "moe_pack", "moe_gemm", "shared_expert_gate", "gemm_fused",
+ENGINE_OPS = ("gemm", "rmsnorm", "silu_mul", "rope_qk_norm", "decode_attention", "decode_attention_sp", "allgather",
+              "tp_attn", "tp_mlp", "moe_router", "moe_pack", "moe_gemm", "shared_expert_gate", "gemm_fused",
               "moe_block")
 TP_OPS = ("tp_attn", "tp_mlp")
 MODES = ("tuned", "baseline", "default")

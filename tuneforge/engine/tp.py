@@ -126,14 +126,15 @@ class Heap:
                                   else None)
 
 
-def all_gather_columns(x: torch.Tensor, shard, ctx=None) -> torch.Tensor:
+def all_gather_columns(x: torch.Tensor, shard, ctx=None, config: dict | None = None) -> torch.Tensor:
     """[rows, n/tp] on each rank -> [rows, n] on every rank, rank order along the columns: through the
-    all-gather on ``ctx``'s heap (CUDA-graph safe; its channel warmed for the size), else torch.distributed."""
+    all-gather on ``ctx``'s heap (CUDA-graph safe; its channel warmed for the size; ``config``: the
+    allgather template's, None its default), else torch.distributed."""
     if shard.size == 1:
         return x
     rows, part = x.shape
     if ctx is not None:
-        stacked = allgather(x.contiguous(), ctx=ctx, m=shard.size * rows)   # rank r's block r
+        stacked = allgather(x.contiguous(), ctx=ctx, m=shard.size * rows, config=config)   # rank r's block r
         return stacked.view(shard.size, rows, part).transpose(0, 1).reshape(rows, shard.size * part)
     host = x.is_cuda and dist.get_backend(shard.group) == "gloo"
     src = x.cpu() if host else x.contiguous()

@@ -116,7 +116,8 @@ def runs_per_forward(model: str | ModelConfig, role: str) -> int:
 # layout (split by heads) at TP > 1: a forward runs one layout's roles, never both
 DECODE_SP_ROLE = "layer.attn.decode_sp"                 # decode attention over the sequence-sharded cache
 ROPE_SEQ_KV_ROLE = "layer.attn.rope_qk_norm.seq_kv"     # rope_qk_norm without the fused cache store
-SEQUENCE_KV_ROLES = (DECODE_SP_ROLE, ROPE_SEQ_KV_ROLE)
+GATHER_SEQ_KV_ROLE = "layer.attn.head_gather.seq_kv"    # every rank's head columns to every rank
+SEQUENCE_KV_ROLES = (DECODE_SP_ROLE, ROPE_SEQ_KV_ROLE, GATHER_SEQ_KV_ROLE)
 
 
 class _Builder:
@@ -168,6 +169,10 @@ def plan(model: str | ModelConfig, tp: int = 1, decode_buckets: Optional[Sequenc
                 b.add("layer.attn.rope_qk_norm", P.rope_qk_norm(dtype, m, d.heads, d.kv_heads, d.head_dim, cache=True))
                 if tp > 1:      # the cache sharded by sequence (--kv-shard sequence) is written apart
                     b.add(ROPE_SEQ_KV_ROLE, P.rope_qk_norm(dtype, m, d.heads, d.kv_heads, d.head_dim))
+            if tp > 1:          # ... from every rank's heads: q|k|v in decode, k|v in a prefill
+                widths = ([d.qkv] if is_decode else []) + ([d.qkv - d.heads * d.head_dim] if m in prefill else [])
+                for width in widths:
+                    b.add(GATHER_SEQ_KV_ROLE, P.allgather(dtype, tp, m, width))
             if is_decode:
                 for ctx in contexts:
                     b.add("layer.attn.decode", P.decode_attention(dtype, m, d.heads, d.kv_heads, d.head_dim,
