@@ -132,7 +132,7 @@ def compile_for_sm90(module: str, kernels: list, types: dict) -> None:
 # The dashboard tests' database (test_dashboard, test_dashboard_browser): one session fixture here, so
 # both modules share one pair of tuning runs.
 DASHBOARD_MODEL = "Qwen3-0.6B"
-DASHBOARD_TUNE_ARGS = ["--model", DASHBOARD_MODEL, "--buckets", "1,16", "--prefill-buckets", "512", "--trials", "8",
+DASHBOARD_TUNE_ARGS = ["--model", DASHBOARD_MODEL, "--buckets", "1,16", "--prefill-buckets", "512", "--trials", "4",
                        "--no-verify", "--quiet"]
 
 

@@ -1,7 +1,6 @@
 """GEMM (kernels/gemm.py): the kernel against its fp64 reference under the interpreter (odd tiny
 shapes, default + sampled configs incl. split-K, every dtype, NaN-poisoned outputs), the tile
 helpers fused kernels reuse, constraints, input errors; on a GPU, Qwen3-32B shapes incl. TMA."""
-import functools
 import random
 
 import pytest
@@ -18,20 +17,37 @@ DTYPES = ["fp32", "fp16", "bf16"]
 CPU = torch.device("cpu")
 
 
-@functools.lru_cache(maxsize=None)
-def _valid_configs(problem: Problem) -> list[dict]:
-    spec = G.launch_spec(CPU)
-    return [c for c in G.space(problem).enumerate() if G.TEMPLATE.reject_reason(c, problem, spec) is None]
+# Each path of the persistent kernel for the sampled-configs test: whole tiles a power of two wide (the
+# flattened tile loop), whole tiles a power of two plus a smaller one wide (two accumulators; the loop
+# unflattened), split-K slices, stream-K, hybrid.
+PATHS = {
+    "tiles": lambda c: (c["schedule"] == "tiles" and c["split_k"] == 1 and not G.split_width(c["block_n"])[1]
+                        and c["flatten"]),
+    "wide": lambda c: (c["schedule"] == "tiles" and c["split_k"] == 1 and bool(G.split_width(c["block_n"])[1])
+                       and not c["flatten"]),
+    "split_k": lambda c: c["schedule"] == "tiles" and c["split_k"] > 1,
+    "stream": lambda c: c["schedule"] == "stream",
+    "hybrid": lambda c: c["schedule"] == "hybrid",
+}
 
 
-def _sampled_configs(problem: Problem, count: int, seed: int = 0) -> list[dict]:
-    """Configs drawn from the whole space that pass every constraint for the interpreter's spec,
-    always including a split-K, a stream-K and a hybrid config."""
-    valid = _valid_configs(problem)
-    rng = random.Random(seed)
-    picked = rng.sample(valid, count - 3)
-    picked.append(rng.choice([c for c in valid if c.get("split_k", 1) > 1]))
-    picked += [rng.choice([c for c in valid if c["schedule"] == s]) for s in ("stream", "hybrid")]
+def _sampled_configs(problem: Problem, seed: int = 0) -> list[dict]:
+    """One config per kernel path (``PATHS``), each drawn at random (seeded: the same configs every run)
+    from the configs of the whole space on that path that pass every constraint for the interpreter's
+    spec; drawn by rejection, not by enumerating the space (~10^6 configs, seconds per problem)."""
+    spec, space, rng = G.launch_spec(CPU), G.space(problem), random.Random(seed)
+    picked = []
+    for path, on_path in PATHS.items():
+        for _ in range(100_000):
+            c = {}
+            for p in space.params:
+                if p.active(c):
+                    c[p.name] = rng.choice(p.choices)
+            if on_path(c) and G.TEMPLATE.reject_reason(c, problem, spec) is None:
+                picked.append(c)
+                break
+        else:
+            raise AssertionError(f"no valid {path} config drawn for {problem.key}")
     return picked
 
 
@@ -49,7 +65,7 @@ def test_sampled_configs_match_reference(dtype):
     # 37 rows and 70 columns span several tiles for 16/32-wide blocks, so grouping and the
     # persistent loop (4 programs under the interpreter) are exercised; k=40 is not a block multiple.
     problem = Problem.make("gemm", dtype, m=37, n=70, k=40)
-    configs = _sampled_configs(problem, 5, seed=DTYPES.index(dtype))
+    configs = _sampled_configs(problem, seed=DTYPES.index(dtype))
     inputs = G.make_inputs(problem, CPU, seed=1)
     for config in configs:
         result = check(G.TEMPLATE, problem, config, inputs=inputs)
