@@ -114,8 +114,9 @@ def seeds(problem: Problem, spec: DeviceSpec) -> list[dict]:
     portfolio at this shape: power-of-two tiles, the pair's halves each half as wide (as wide in all as
     gemm's tile)."""
     norm, epi = G.fusion_of(problem)
-    configs = [G.fused_default_config(problem, spec)] + SK.seeds(problem, spec)
+    configs = [default_config(problem, spec)] + SK.seeds(problem, spec)
     for c in G.portfolio(problem, spec):
+        c = {"kernel": "triton", **c}
         if norm or epi == "silu_mul":
             c = {**c, "block_n": max(16, G.split_width(c["block_n"])[0] // (2 if epi == "silu_mul" else 1))}
         if c not in configs and TEMPLATE.reject_reason(c, problem, spec) is None:
@@ -123,7 +124,13 @@ def seeds(problem: Problem, spec: DeviceSpec) -> list[dict]:
     return configs
 
 
+def default_config(problem: Problem, spec: DeviceSpec) -> dict:
+    """The Triton kernel's fused default, named as such (an enqueued trial without ``kernel`` would
+    have the family sampled)."""
+    return {"kernel": "triton", **G.fused_default_config(problem, spec)}
+
+
 TEMPLATE = register(Template(
     op=OP, space=G.fused_space, make_inputs=make_inputs, launch=gemm_fused, reference=reference, baseline=baseline,
-    default_config=G.fused_default_config, work=work, cost=cost, constraints=G.FUSED_FAMILY_CONSTRAINTS, seeds=seeds,
+    default_config=default_config, work=work, cost=cost, constraints=G.FUSED_FAMILY_CONSTRAINTS, seeds=seeds,
     doc=__doc__.split("\n")[0]))

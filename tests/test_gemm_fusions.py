@@ -118,7 +118,7 @@ def test_the_norm_and_the_pair_refuse_wide_tiles_and_the_pair_counts_both_b_tile
     assert "shared memory" in G.fusion_unsupported(big, pair, SPEC)
     for problem in (norm, residual, pair):
         seeds = GF.seeds(problem, SPEC)
-        assert seeds[0] == G.fused_default_config(problem, SPEC) and len(seeds) > 3
+        assert seeds[0] == {"kernel": "triton", **G.fused_default_config(problem, SPEC)} and len(seeds) > 3
         assert all(GF.TEMPLATE.reject_reason(c, problem, SPEC) is None for c in seeds)
 
 
