@@ -25,8 +25,7 @@ import triton
 from tuneforge.dsl.roofline import HBM_LATENCY_S
 from tuneforge.dsl.space import categorical
 from tuneforge.kernels._common import tile_past_problem
-from tuneforge.kernels._gemm_space import ELEM_SIZE, MAX_ACC_REGISTERS
-from tuneforge.models.problems import GEMM_EPILOGUES
+from tuneforge.kernels._gemm_space import ELEM_SIZE, MAX_ACC_REGISTERS, fusion_of, out_width
 
 SKINNY_MAX_M = 64               # one row block; past it the persistent kernel's 2-D tiles reuse w as well
 SKINNY_MIN_SEED_M = 9           # seeded from here (gemv's range ends at 8 rows); offered from 1 row
@@ -45,13 +44,6 @@ def k_per_split(k: int, bk: int, split: int) -> int:
     return triton.cdiv(triton.cdiv(k, split), bk) * bk
 
 
-def fusion(problem) -> tuple[int, str]:
-    """(output columns, epilogue) of a gemm or gemm_fused problem: the SiLU-mul pair's n is its weight's
-    rows, gate then up, so it stores half as many columns and loads two weight tiles a column tile."""
-    epi = GEMM_EPILOGUES[problem.shape.get("epi", 0)]
-    return (problem["n"] // 2 if epi == "silu_mul" else problem["n"]), epi
-
-
 def params() -> list:
     return [categorical("skinny_block_n", (64, 128), when=SKINNY), categorical("skinny_block_k", (64, 128, 256), when=SKINNY),
             categorical("skinny_stages", (3, 4, 5), when=SKINNY), categorical("skinny_warps", (4, 8), when=SKINNY),
@@ -64,9 +56,9 @@ def skinny_unfit(config: dict, problem, spec) -> str | None:
     m, k = problem["m"], problem["k"]
     if m > SKINNY_MAX_M:
         return f"kernel skinny: m={m} rows > {SKINNY_MAX_M} (one row block)"
-    if problem.shape.get("norm", 0) and config["skinny_split"] > 1:
+    if fusion_of(problem)[0] and config["skinny_split"] > 1:
         return "kernel skinny: the RMSNorm prologue runs unsplit (a K slice sees part of each row's squares)"
-    pairs = 2 if fusion(problem)[1] == "silu_mul" else 1
+    pairs = 2 if fusion_of(problem)[1] == "silu_mul" else 1
     bm, bn, bk = block_m(m), config["skinny_block_n"], config["skinny_block_k"]
     need = config["skinny_stages"] * (bm + pairs * bn) * bk * ELEM_SIZE[problem.dtype]
     if need > spec.smem_per_block:
@@ -81,7 +73,7 @@ def skinny_unfit(config: dict, problem, spec) -> str | None:
 
 
 def skinny_wasteful(config: dict, problem, spec) -> str | None:
-    return tile_past_problem(config, (("skinny_block_n", "n", fusion(problem)[0], 64),
+    return tile_past_problem(config, (("skinny_block_n", "n", out_width(problem), 64),
                                       ("skinny_block_k", "k", problem["k"], 64)), prefix="kernel skinny: ")
 
 
@@ -92,7 +84,7 @@ SKINNY_CONSTRAINTS = SKINNY_LAUNCH_CONSTRAINTS + (skinny_wasteful,)
 def split_to_fill(problem, bn: int, bk: int, spec) -> int:
     """The smallest split whose programs make two per SM, keeping >= 2 K blocks a slice; 1 when the
     column tiles alone do."""
-    tiles = triton.cdiv(fusion(problem)[0], bn)
+    tiles = triton.cdiv(out_width(problem), bn)
     usable = [s for s in SPLITS if s == 1 or problem["k"] // s >= 2 * bk]
     return next((s for s in usable if tiles * s >= 2 * spec.sms), usable[-1])
 
@@ -126,7 +118,7 @@ def cost(problem, config: dict, spec) -> float:
     loads in flight sustain (``LOADED_LATENCY_S``: so a part-empty last wave streams slowly); plus a
     launch, the store's round trip and each wave's ramp. The MMAs at half the tensor cores' rate."""
     m, n, k = problem["m"], problem["n"], problem["k"]
-    n_out, epi = fusion(problem)
+    n_out, epi = out_width(problem), fusion_of(problem)[1]
     pairs = 2 if epi == "silu_mul" else 1
     bm, bn, bk, stages = block_m(m), config["skinny_block_n"], config["skinny_block_k"], config["skinny_stages"]
     elem = ELEM_SIZE[problem.dtype]

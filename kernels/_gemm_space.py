@@ -7,6 +7,7 @@ import triton
 from tuneforge.dsl.problem import Problem
 from tuneforge.dsl.space import Space, categorical, pow2
 from tuneforge.kernels._common import first_rejection, tile_past_problem
+from tuneforge.models.problems import GEMM_EPILOGUES
 from tuneforge.dsl.devices import DeviceSpec
 
 ELEM_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -49,6 +50,16 @@ def split_width(block_n: int) -> tuple[int, int]:
     """A tile width as (power of two, the rest): 192 -> (128, 64), 128 -> (128, 0)."""
     high = 1 << (block_n.bit_length() - 1)
     return high, block_n - high
+
+
+def fusion_of(problem: Problem) -> tuple[bool, str]:
+    """(RMSNorm prologue, epilogue name) of a gemm or gemm_fused problem."""
+    return bool(problem.shape.get("norm", 0)), GEMM_EPILOGUES[problem.shape.get("epi", 0)]
+
+
+def out_width(problem: Problem) -> int:
+    """Output columns: the weight's rows, half of them for the SiLU-mul pair (gate rows, then up rows)."""
+    return problem["n"] // 2 if fusion_of(problem)[1] == "silu_mul" else problem["n"]
 
 
 def output_tiles(problem: Problem, block_m: int, block_n: int) -> int:

@@ -42,8 +42,8 @@ from tuneforge.kernels import _gemm_gemv as GV
 from tuneforge.kernels import _gemm_gluon as GW
 from tuneforge.kernels import _gemm_skinny as SK
 from tuneforge.kernels._gemm_space import (  # noqa: F401  (the policy fused kernels and tests use as gemm's)
-    CONSTRAINTS, ELEM_SIZE, LAUNCH_CONSTRAINTS, SPLIT_K_MAX_M, default_config, output_tiles, portfolio,
-    register_pressure, smem_overflow, space, split_width, tile_exceeds_problem, tma_unavailable, whole_tiles_config)
+    CONSTRAINTS, ELEM_SIZE, LAUNCH_CONSTRAINTS, SPLIT_K_MAX_M, default_config, fusion_of, out_width, output_tiles,
+    portfolio, register_pressure, smem_overflow, space, split_width, tile_exceeds_problem, tma_unavailable, whole_tiles_config)
 from tuneforge.dsl.roofline import gemm_config_time, hybrid_split
 from tuneforge.models.problems import GEMM_EPILOGUES as EPILOGUES
 from tuneforge.dsl.devices import DeviceSpec
@@ -575,16 +575,6 @@ def skinny(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, config: dict, re
 
 # --- fusions (the gemm_fused op's kernel paths) ---------------------------------------------------
 
-
-
-def fusion_of(problem: Problem) -> tuple[bool, str]:
-    """(RMSNorm prologue, epilogue name) of a gemm or gemm_fused problem."""
-    return bool(problem.shape.get("norm", 0)), EPILOGUES[problem.shape.get("epi", 0)]
-
-
-def out_width(problem: Problem) -> int:
-    """Output columns: the weight's rows, half of them for the SiLU-mul pair (gate rows, then up rows)."""
-    return problem["n"] // 2 if fusion_of(problem)[1] == "silu_mul" else problem["n"]
 
 
 def _pair(config: dict, problem: Problem) -> dict:
