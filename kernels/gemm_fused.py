@@ -29,6 +29,7 @@ from tuneforge.dsl.devices import DeviceSpec
 from tuneforge.dsl.roofline import gemm_config_time, roofline
 from tuneforge.kernels import _gemm_skinny as SK
 from tuneforge.kernels import gemm as G
+from tuneforge.kernels import silu_mul as SILU
 from tuneforge.kernels._common import seeded_randn
 from tuneforge.kernels.rmsnorm import QWEN3_EPS
 
@@ -54,6 +55,14 @@ def reference(x, w, norm_weight=None, eps=QWEN3_EPS, residual=None, silu=False) 
         gate, up = y.chunk(2, dim=-1)
         y = F.silu(gate) * up
     return y if residual is None else y + residual.double()
+
+
+def propagated_error(atol, x, w, norm_weight=None, eps=QWEN3_EPS, residual=None, silu=False):
+    """The SiLU-mul's carried error (``silu_mul.propagated_error``) from the fp64 gate and up; None for the
+    linear epilogues (the table alone)."""
+    if not silu:
+        return None
+    return SILU.propagated_error(atol, *(_normed(x, norm_weight, eps) @ w.double().T).chunk(2, dim=-1))
 
 
 def baseline(x, w, norm_weight=None, eps=QWEN3_EPS, residual=None, silu=False) -> torch.Tensor:
@@ -133,4 +142,4 @@ def default_config(problem: Problem, spec: DeviceSpec) -> dict:
 TEMPLATE = register(Template(
     op=OP, space=G.fused_space, make_inputs=make_inputs, launch=gemm_fused, reference=reference, baseline=baseline,
     default_config=default_config, work=work, cost=cost, constraints=G.FUSED_FAMILY_CONSTRAINTS, seeds=seeds,
-    doc=__doc__.split("\n")[0]))
+    propagated_error=propagated_error, doc=__doc__.split("\n")[0]))

@@ -52,6 +52,7 @@ from tuneforge.kernels._gemm_gemv import gemv_tile
 from tuneforge.kernels.gemm import _k_block, grouped_tile
 from tuneforge.kernels.moe_pack import Packed, max_padded
 from tuneforge.kernels.moe_pack import reference as pack_reference
+from tuneforge.kernels import silu_mul as SILU
 from tuneforge.dsl.roofline import gemm_config_time, kernel_floor, roofline
 from tuneforge.dsl.devices import DeviceSpec
 
@@ -556,6 +557,14 @@ def _reference(x, w, packs, topk_ids, routed_weights, act):
                      routed_weights=routed_weights, combine=not act)
 
 
+def _propagated_error(atol, x, w, packs, topk_ids, routed_weights, act):
+    """gate_up's SiLU-mul: ``silu_mul.propagated_error`` from the per-expert loop's fp64 gate and up."""
+    if not act:
+        return None
+    gate_up = _per_expert(x, w, topk_ids, True, None, None, False, torch.float64)
+    return SILU.propagated_error(atol, *gate_up.chunk(2, dim=-1))
+
+
 def _baseline(x, w, packs, topk_ids, routed_weights, act):
     return baseline(x, w, topk_ids, gather=bool(act), activation="silu_mul" if act else None,
                     routed_weights=routed_weights, combine=not act)
@@ -610,5 +619,6 @@ def grouped_time(problem: Problem, config: dict, spec: DeviceSpec) -> float:
 TEMPLATE = register(Template(
     op=OP, space=space, make_inputs=make_inputs, launch=_launch, reference=_reference, baseline=_baseline,
     default_config=default_config, work=work, cost=cost, constraints=CONSTRAINTS,
+    propagated_error=_propagated_error,
     doc="grouped expert GEMM over moe_pack's blocks or per routed slot: gathered rows, fused silu_mul or "
         "weighted combine"))

@@ -61,6 +61,19 @@ def reference(x) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def propagated_error(atol: float, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """What ``silu(gate) * up`` may err beyond the checker's table when gate and up are GEMM outputs each
+    off by up to ``atol``: that absolute error carried through the product,
+    ``atol * (|silu'(gate) * up| + |silu(gate)|)``. (The table's rtol already bounds the product's relative
+    error: a factor's rounding, 2^-9 in bf16, sits 8x below it; an absolute error in one factor is what
+    the other amplifies.) bf16 norm + gate_up at Qwen3-32B's K = 5120 exceeds the table alone at ~1
+    element in 10^6, where |up| ~ 5 and silu(gate) ~ 0: the fused kernel and the unfused bf16 chain
+    (``baseline``) alike (H200 2026-12-04; reproduced in fp64 on the host)."""
+    gate, up = gate.double(), up.double()
+    sig = torch.sigmoid(gate)
+    return atol * ((sig * (1 + gate * (1 - sig)) * up).abs() + (gate * sig).abs())
+
+
 def baseline(x) -> torch.Tensor:
     """What Qwen3's MLP runs on a fused gate_up output: ``F.silu`` then a multiply (two kernels)."""
     n = x.shape[-1] // 2

@@ -11,7 +11,7 @@ from conftest import compile_for_sm90, input_errors
 from tuneforge.db.environment import Environment
 from tuneforge.db.store import Winner
 from tuneforge.dsl import check, compare, get
-from tuneforge.dsl.check import interpreter_scale
+from tuneforge.dsl.check import TOLERANCE, interpreter_scale, split_out
 from tuneforge.engine.dispatch import Ops
 from tuneforge.engine.lookup import DispatchTable
 from tuneforge.kernels import gemm as G
@@ -27,12 +27,11 @@ FUSIONS = [(True, "none"), (False, "silu_mul"), (True, "silu_mul"), (False, "res
 
 
 def unfused_reference(x, w, norm_weight=None, eps=RMS.QWEN3_EPS, residual=None, silu=False) -> torch.Tensor:
-    """The unfused ops' references one after the other: rmsnorm, gemm, then silu_mul or the add. The norm's
-    output is rounded to x's dtype, as both paths feed the GEMM (the unfused rmsnorm stores it so, the
-    prologue rounds it for the tensor cores). Unrounded, the H200 run of 2026-12-02 saw 3 of 13.1M bf16
-    elements of norm + SiLU-mul at m=512 just past the table's atol; this rounding is the likely cause
-    (not yet re-run on a GPU)."""
-    h = x if norm_weight is None else RMS.reference(x, norm_weight, eps).to(x.dtype)
+    """The unfused ops' references one after the other, unrounded: rmsnorm, gemm, then silu_mul or the add.
+    (Rounding the norm's output to x's dtype models the unfused rmsnorm, not the prologue, which rounds
+    x * norm_weight and scales by the rows' rsqrt after the GEMM: the two roundings differ, and on the H200
+    2026-12-04 that reference failed 61 of 13.1M correct elements at m=512.)"""
+    h = x if norm_weight is None else RMS.reference(x, norm_weight, eps)
     y = G.reference(h, w)
     if silu:
         y = SILU.reference(y)
@@ -135,6 +134,24 @@ def test_bad_fusion_inputs_are_one_line_errors():
            "gemm: residual has shape (4, 3), expected (4, 6)",
            "gemm: silu_mul and a residual add are not fused together",
            "gemm: out has shape (4, 6), expected (4, 3)"]
+
+
+def test_the_silu_mul_check_carries_its_factors_error_and_still_rejects_a_wrong_element():
+    """Norm + gate_up with Qwen3-scale norm weights (x4): the unfused bf16 chain a torch user runs fails the
+    table alone on many elements (an absolute error in gate, times up); with the SiLU-mul's propagated
+    error it passes, and one element off by 5 % of the output's range still fails."""
+    problem = P.gemm_fused("bf16", 16, (512, 512), norm=True, epilogue="silu_mul")
+    inputs = split_out(GF.make_inputs(problem, CPU, 0))
+    inputs["norm_weight"] = (4.0 * inputs["norm_weight"].float()).bfloat16()
+    ref, unfused = GF.reference(**inputs), GF.baseline(**inputs)
+    slack = GF.TEMPLATE.propagated_error(TOLERANCE[torch.bfloat16][0], **inputs)
+    assert not compare(unfused, ref)
+    assert compare(unfused, ref, slack=slack)
+    wrong = unfused.clone()
+    wrong[3, 5] += 0.05 * ref.abs().max()
+    result = compare(wrong, ref, slack=slack)
+    assert not result and result.reason.startswith("1/4096 elements off, first at (3, 5)")
+    assert GF.TEMPLATE.propagated_error(0.016, **{**inputs, "silu": False}) is None
 
 
 def test_the_fused_paths_compile_for_sm90():

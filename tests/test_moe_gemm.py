@@ -144,6 +144,8 @@ def test_template_configs_pass_the_checker(act):
         assert res, f"{config}: {res.reason}"
     args = {k: v for k, v in inputs.items() if k != "out"}
     _check(template.baseline(**args), template.reference(**args), torch.bfloat16)
+    slack = template.propagated_error(0.016, **args)    # gate_up's SiLU-mul carries its factors' error
+    assert (slack.shape == inputs["out"].shape and bool((slack > 0).any())) if act else slack is None
 
 
 def test_plan_problems_get_valid_defaults_and_constraints_say_why():

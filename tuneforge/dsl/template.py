@@ -63,6 +63,10 @@ class Template:
     seeds: Optional[Callable[[Problem, Any], list]] = None
     # inputs the launch writes besides ``out`` and their expected values (None: ``out`` only; see above)
     side_outputs: Optional[Callable[..., dict]] = None
+    # per output element, the error a correct launch may add beyond the table through a nonlinear epilogue
+    # (None: the table alone): called with the table's atol for the output (times the check's scale) and
+    # the inputs
+    propagated_error: Optional[Callable[..., Optional[torch.Tensor]]] = None
 
     def __post_init__(self):
         if not self.module:
