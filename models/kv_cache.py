@@ -76,14 +76,21 @@ class KVCache:
         self.ctx.channel("allgather", gather)
         self.ctx.channel(SP.OP, partials).tile_flags(world.size * batch * kv_heads)
 
-    def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor) -> None:
-        """Store new keys and values: ``kv[b, t, 2, kv_heads, head_dim]`` of the token at ``positions[b, t]``
-        of cache row ``rows[b, t]`` (index tensors, so the copy is capturable in a CUDA graph). Sharded
-        by sequence: ``kv`` holds every KV head, and only the position's owner keeps it."""
-        slots = positions
-        if self.sharded:
-            owner, slot = SP.place(positions, self.ranks)
-            slots = torch.where(owner == self.rank, slot, self.capacity)
+    def slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """This rank's cache slot of each token at ``positions``: the position itself split by heads;
+        sharded by sequence its shard slot where this rank owns the position, the spill slot elsewhere.
+        The same for every layer: a forward computes it once (``Step.slots``), each layer's write is the
+        indexed copy alone."""
+        if not self.sharded:
+            return positions
+        owner, slot = SP.place(positions, self.ranks)
+        return torch.where(owner == self.rank, slot, self.capacity)
+
+    def write(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """Store new keys and values: ``kv[b, t, 2, kv_heads, head_dim]`` of a token at cache row
+        ``rows[b, t]`` and slot ``slots[b, t]`` (``slots``' answer; index tensors, so the copy is
+        capturable in a CUDA graph). Sharded by sequence: ``kv`` holds every KV head, and the spill slot
+        takes the tokens another rank owns."""
         self.kv[:, layer][:, rows, :, slots] = kv
 
     def planes(self, layer: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ KV head of its share of the tokens, and decode runs ``ops.decode_attention_sp`` 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -90,6 +90,7 @@ class Step:
     prefill: bool
     kv_len: int
     mask: Optional[torch.Tensor] = None
+    slots: Optional[torch.Tensor] = None     # this rank's cache slot of each token (KVCache.slots), per forward
 
 
 def _param(*shape: int, dtype, device) -> nn.Parameter:
@@ -150,7 +151,7 @@ class Attention(nn.Module):
         if cache.sharded:
             q = self._store_sharded(qkv, layer, step, cache, ops)
         elif not fused_write:
-            cache.write(layer, step.rows, step.positions, kv)
+            cache.write(layer, step.rows, step.slots, kv)
         if step.prefill:   # the cache held nothing before: attend to this chunk's keys, causally
             q = qkv[:, :hq * d].view(b, t, hq, d).transpose(1, 2)        # [b, hq, t, d]
             keys, values = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
@@ -178,7 +179,7 @@ class Attention(nn.Module):
         gathered = gathered.view(b * t, self.shard.size, -1)
         # a KV head held by several ranks (fewer KV heads than ranks) is taken from the first of them
         kv = gathered[:, ::self.replicas, hq * d - first:].unflatten(2, (2, hkv, d)).transpose(1, 2)
-        cache.write(layer, step.rows, step.positions, kv.reshape(b, t, 2, -1, d))
+        cache.write(layer, step.rows, step.slots, kv.reshape(b, t, 2, -1, d))
         return None if step.prefill else gathered[:, :, :hq * d].reshape(b, -1, d)
 
 
@@ -374,6 +375,7 @@ class Qwen3(nn.Module):
         """tokens [batch, t] -> logits [rows, vocab] (full vocabulary on every rank), for every token
         or only the flat token indices ``logits_rows``."""
         flat = tokens.reshape(-1)
+        step = replace(step, slots=cache.slots(step.positions))
         a = self.layers[0].attn
         dense = self.dense_mlp
         tp = ops.tp_step(flat.shape[0], self.dtype, self.shard, hidden=self.cfg.hidden_size, qkv=a.qkv.shape[0],

@@ -17,8 +17,9 @@ import torch
 from tuneforge.db.environment import Environment
 from tuneforge.db.store import Store, Winner
 from tuneforge.dsl import get
+from tuneforge.dsl.devices import SPECS
 from tuneforge.engine.dispatch import DispatchTable, Ops
-from tuneforge.engine.generate import SEQUENCE_WRITE_S, Generator, kv_layout
+from tuneforge.engine.generate import Generator, kv_layout, sequence_write_s
 from tuneforge.engine.lookup import family
 from tuneforge.errors import InputError
 from tuneforge.kernels import decode_attention_sp as SP
@@ -211,6 +212,7 @@ def test_kv_shard_auto_takes_the_layout_the_records_price_lower():
     the context buckets a run steps through, each weighted by its steps."""
     cfg, tp = load_config("Qwen3-30B-A3B"), 8
     the_plan = plan(cfg, tp, decode_buckets=[8], prefill_buckets=[])
+    h200 = SPECS["H200"]
 
     def seconds(attention_heads, attention_sequence):
         def at(problem):
@@ -219,20 +221,22 @@ def test_kv_shard_auto_takes_the_layout_the_records_price_lower():
 
     # a layer: heads = rope (with the store) + attention; sequence = gather + rope + write + attention
     slow_heads = seconds(20e-6, 10e-6)
-    layout, why = kv_layout("auto", cfg, tp, torch.bfloat16, 8, 4096, slow_heads)
+    layout, why = kv_layout("auto", cfg, tp, torch.bfloat16, 8, 4096, slow_heads, h200)
     assert layout == "sequence", why
+    write = sequence_write_s(h200, 8, cfg.num_key_value_heads, cfg.head_dim, torch.bfloat16)
+    assert 1e-6 < write < 3e-6      # one small kernel: 32 KiB of k|v read and written, and a launch
     assert why == (f"tuned records price a layer's decode attention work at 21.0 us split by heads, "
-                   f"{12.0 + SEQUENCE_WRITE_S * 1e6:.1f} us by sequence, over 4096 positions at 8 rows")
-    assert kv_layout("auto", cfg, tp, torch.bfloat16, 8, 4096, seconds(10e-6, 10e-6))[0] == "heads"
+                   f"{12.0 + write * 1e6:.1f} us by sequence, over 4096 positions at 8 rows")
+    assert kv_layout("auto", cfg, tp, torch.bfloat16, 8, 4096, seconds(10e-6, 10e-6), h200)[0] == "heads"
     # the contexts a run reaches weigh in: attention cheaper by sequence only past 8k keys
     by_context = _layout_table(the_plan, lambda p: (30e-6 if p["ctx"] > 8192 else 5e-6)
                                if p.op == "decode_attention" else 10e-6 if p.op == SP.OP else 1e-6).time
-    assert kv_layout("auto", cfg, tp, torch.bfloat16, 8, 4096, by_context)[0] == "heads"
-    assert kv_layout("auto", cfg, tp, torch.bfloat16, 8, 131072, by_context)[0] == "sequence"
+    assert kv_layout("auto", cfg, tp, torch.bfloat16, 8, 4096, by_context, h200)[0] == "heads"
+    assert kv_layout("auto", cfg, tp, torch.bfloat16, 8, 131072, by_context, h200)[0] == "sequence"
     partial = _layout_table(plan(cfg, tp, decode_buckets=[1], prefill_buckets=[]), lambda p: 1e-6).time
-    layout, why = kv_layout("auto", cfg, tp, torch.bfloat16, 8, 4096, partial)
+    layout, why = kv_layout("auto", cfg, tp, torch.bfloat16, 8, 4096, partial, h200)
     assert layout == "heads" and why.startswith("no tuned record for decode_attention|m=8,")
-    assert kv_layout("auto", cfg, 1, torch.bfloat16, 8, 4096, slow_heads) == ("heads", "one rank")
+    assert kv_layout("auto", cfg, 1, torch.bfloat16, 8, 4096, slow_heads, h200) == ("heads", "one rank")
     assert kv_layout("auto", cfg, tp, torch.bfloat16, 8, 4096, None)[0] == "heads"
     assert kv_layout("sequence", cfg, tp, torch.bfloat16, 8, 4096, None) == ("sequence", "asked for")
     with pytest.raises(InputError, match="unknown kv_shard 'rows'; expected one of heads, sequence, auto"):

@@ -61,6 +61,9 @@ class _NoCache:
     """A prefill from an empty cache reads nothing back, so the graph keeps no cache."""
     sharded = False          # KVCache's layout flag: split by heads (nothing gathered)
 
+    def slots(self, positions):
+        return positions
+
     def write(self, layer, rows, slots, kv) -> None:
         pass
 

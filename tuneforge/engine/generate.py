@@ -99,17 +99,24 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Op
 
 
 KV_LAYOUTS = KV_SHARDS + ("auto",)     # --kv-shard
-# The sequence layout's KV write, an indexed torch copy per layer outside every tuned problem (the heads
-# layout stores inside rope_qk_norm's launch): 4.0 us a layer on the H200 (Qwen3-30B-A3B bs 1,
-# 2026-12-03, measured before 7a5cff0 fused it into rope for the heads layout).
-SEQUENCE_WRITE_S = 4.0e-6
 
 
-def kv_layout(requested: str, cfg, tp: int, dtype, batch: int, max_len: int, time=None) -> tuple[str, str]:
+def sequence_write_s(spec, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> float:
+    """The sequence layout's KV write in a decode layer, outside every tuned problem (the heads layout
+    stores inside rope_qk_norm's launch): one indexed copy of the batch's new k|v of every KV head, read
+    and written, priced by the cost model (its slots come once per forward, ``KVCache.slots``; the
+    4.0 us a layer measured on the H200 on 2026-12-03 included placing the slots in every layer)."""
+    from tuneforge.dsl.roofline import roofline
+    return roofline(0.0, 2.0 * 2 * batch * kv_heads * head_dim * dtype.itemsize, spec, launches=1)
+
+
+def kv_layout(requested: str, cfg, tp: int, dtype, batch: int, max_len: int, time=None,
+              spec=None) -> tuple[str, str]:
     """(the KV cache's layout for ``requested`` -- heads, sequence or auto --, why). ``auto``: sequence
     where the tuned records (``time``: problem -> seconds or None, ``DispatchTable.time``) price a decode
     layer's attention work lower that way -- every rank's heads gathered (allgather), rope_qk_norm
-    without the cache store, the cache written apart (``SEQUENCE_WRITE_S``), attention over every head
+    without the cache store, the cache written apart (``sequence_write_s`` on ``spec``, the device's
+    DeviceSpec), attention over every head
     of this rank's shard with the partials combined (decode_attention_sp) -- than split by heads (the
     store inside rope_qk_norm, decode_attention over this rank's heads), summed over the context buckets
     a run of ``max_len`` positions steps through, each weighted by its steps, at the decode bucket of
@@ -139,7 +146,7 @@ def kv_layout(requested: str, cfg, tp: int, dtype, batch: int, max_len: int, tim
         if cfg.has_qk_norm:            # else both layouts write the cache apart after torch's RoPE
             heads.append(P.rope_qk_norm(dtype, batch, d.heads, d.kv_heads, d.head_dim, cache=True))
             sequence.append(P.rope_qk_norm(dtype, batch, d.heads, d.kv_heads, d.head_dim))
-            write = SEQUENCE_WRITE_S
+            write = sequence_write_s(spec, batch, d.seq_kv_heads, d.head_dim, dtype)
         for layout, problems in (("heads", heads), ("sequence", sequence)):
             for problem in problems:
                 t = time(problem)
@@ -173,7 +180,7 @@ class Generator:
         prefill_tokens = max(max_batch * max_len, min(PREFILL_GRAPH_TOKENS, rows * slots))
         tuned = getattr(ops, "mode", None) == "tuned" and getattr(ops, "table", None) is not None
         self.kv_shard, why = kv_layout(kv_shard, cfg, model.shard.size, model.dtype, rows, max_len,
-                                       ops.table.time if tuned else None)
+                                       ops.table.time if tuned else None, kernel_common.launch_spec(self.device))
         if kv_shard == "auto" and model.shard.rank == 0:
             log.warning("KV cache split by %s (--kv-shard auto: %s)", self.kv_shard, why)
         self.cache = self._kv_cache(model, rows, slots, prefill_tokens)
