@@ -106,13 +106,22 @@ def compare_written(out: torch.Tensor, ref: torch.Tensor, dtype: Optional[torch.
     return result
 
 
+def propagated(template, inputs: dict, scale: float = 1.0) -> Optional[torch.Tensor]:
+    """The template's ``propagated_error`` on ``inputs`` at the output dtype's atol (x ``scale``), or
+    None where it has none."""
+    if template.propagated_error is None:
+        return None
+    return template.propagated_error(TOLERANCE[inputs["out"].dtype][0] * scale, **split_out(inputs))
+
+
 def check(template, problem: Problem, config: dict, *, device="cpu", seed: int = 0, ctx=None,
           inputs: Optional[dict] = None, reference: Optional[torch.Tensor] = None,
-          scale: float = 1.0) -> CheckResult:
+          scale: float = 1.0, slack: Optional[torch.Tensor] = None) -> CheckResult:
     """Run ``config`` once on fresh (or given) inputs with a poisoned output; compare with the reference
     (given, or computed from the inputs after the launch). The one run-and-compare of the tests, the
     tuner's benches and its verifiers; ``scale`` as in ``compare`` (``interpreter_scale`` under the
-    interpreter). A template with ``side_outputs`` has those inputs poisoned too, and each compared
+    interpreter); ``slack`` as ``propagated`` gives it (computed here unless given: a caller checking
+    many configs on one input set computes it once, as it does the reference). A template with ``side_outputs`` has those inputs poisoned too, and each compared
     with its expectation (drawn before the launch), written nowhere its expectation is NaN."""
     if inputs is None:
         inputs = template.make_inputs(problem, torch.device(device), seed, ctx)
@@ -120,9 +129,8 @@ def check(template, problem: Problem, config: dict, *, device="cpu", seed: int =
     for name in sides:
         poison(inputs[name])
     out = poison(inputs["out"])
-    slack = None
-    if template.propagated_error is not None:
-        slack = template.propagated_error(TOLERANCE[out.dtype][0] * scale, **split_out(inputs))
+    if slack is None:
+        slack = propagated(template, inputs, scale)
     got = template.launch(**inputs, config=config)
     got = out if got is None else got
     if ctx is not None and hasattr(ctx, "synchronize"):

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 from optuna.trial import TrialState
 
-from tuneforge.dsl.check import check, interpreter_scale, split_out
+from tuneforge.dsl.check import check, interpreter_scale, propagated, split_out
 from tuneforge.dsl.problem import Problem, canonical_config
 from tuneforge.dsl.template import Template
 from tuneforge.errors import ConfigRejected
@@ -123,13 +123,14 @@ class GpuBench(Bench):
             sets = max(1, min(8, want, int(0.25 * free // max(set_bytes, 1))))
         self.inputs = [first] + [template.make_inputs(problem, self.device, seed + i, None) for i in range(1, sets)]
         self.reference = template.reference(**split_out(first))
+        self.slack = propagated(template, first)
 
     def _sync(self) -> None:
         if self.cuda:
             self.torch.cuda.synchronize(self.device)
 
-    def _check(self, inputs: dict, reference, config: dict) -> str:
-        res = check(self.template, self.problem, config, inputs=inputs, reference=reference)
+    def _check(self, inputs: dict, reference, config: dict, slack=None) -> str:
+        res = check(self.template, self.problem, config, inputs=inputs, reference=reference, slack=slack)
         return "" if res.ok else res.reason
 
     def _time(self, fn: Callable[[dict], Any]) -> float:
@@ -143,7 +144,7 @@ class GpuBench(Bench):
         return time_calls(calls, graph=False).median_s
 
     def time_config(self, config: dict) -> float:
-        why = self._check(self.inputs[0], self.reference, config)
+        why = self._check(self.inputs[0], self.reference, config, self.slack)
         if why:
             raise WrongResult(why)
         return self._time(lambda inp: self.template.launch(**inp, config=config))
@@ -157,7 +158,7 @@ class GpuBench(Bench):
         return self._check(inputs, self.template.reference(**split_out(inputs)), config)
 
     def close(self) -> None:
-        self.inputs = self.reference = None
+        self.inputs = self.reference = self.slack = None
         if self.cuda:
             self.torch.cuda.empty_cache()
 
@@ -186,13 +187,15 @@ def _lockstep_worker(world, template_op: str, problem_key: str, configs: list, s
         inputs = template.make_inputs(problem, ctx.device, seed, ctx)
         reference = template.reference(**split_out(inputs))
         scale = interpreter_scale(inputs["out"].dtype)
+        slack = propagated(template, inputs, scale)
         out = []
         for config in configs:
             try:
                 if config is None:
                     fn = lambda: template.baseline(**split_out(inputs))  # noqa: E731
                 else:
-                    res = check(template, problem, config, ctx=ctx, inputs=inputs, reference=reference, scale=scale)
+                    res = check(template, problem, config, ctx=ctx, inputs=inputs, reference=reference,
+                                scale=scale, slack=slack)
                     if not res.ok:
                         out.append((None, f"wrong result on rank {world.rank}: {res.reason}"))
                         world.barrier()
