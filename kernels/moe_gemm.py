@@ -295,9 +295,12 @@ def default_config(problem: Problem, spec: DeviceSpec, block_m: Optional[int] = 
     packed, by rows per hit expert: decode (<= 16 rows) streams the experts' weights with
     16-row tiles, 64-deep K steps, 8 warps and 5 stages in flight, 128 columns wide where the hit
     experts' tiles still fill every SM and 64 where they would not (one token: 8 experts x 6 tiles
-    of 128 leave SMs idle); up to 64 rows 32/64 x 64 x 64; beyond 64/128 x 128 x 64, 8 warps, grouped
+    of 128 leave SMs idle); up to 64 rows 32/64 x 64 x 64; up to 128 rows 64 x 128 x 64, 8 warps, grouped
     order (the H200 sweep, benchmarks/results/bench_moe_gemm-NVIDIA_H200-2026-12-02-sweep24.json,
-    picked these at 1..256 tokens). ``combine``: atomic up to 256 tokens (the fp32 pass is small),
+    picked these at 1..256 tokens); beyond (prefill) 128 x 128 x 64 with 4 stages, the down GEMM 256
+    wide (H200, 4096 tokens of Qwen3-30B-A3B, ``moe-gemm-prefill-sweep-NVIDIA_H200-2026-12-05.json``:
+    gate_up 462 against 498 us with 3 stages; down 326 against 456 us 128 wide; a persistent grid,
+    flattened or not, won nowhere). ``combine``: atomic up to 256 tokens (the fp32 pass is small),
     reduce beyond. Shrunk like gemm's default until every constraint passes.
 
     per_slot: 4 columns per program (the most programs: 1536 at 1 token for Qwen3-30B-A3B's gate_up), the
@@ -323,8 +326,10 @@ def default_config(problem: Problem, spec: DeviceSpec, block_m: Optional[int] = 
         cfg = dict(block_m=16, block_n=128 if wide else 64, block_k=64, group_m=1, num_warps=8, num_stages=5)
     elif rows <= 64:
         cfg = dict(block_m=32 if rows <= 32 else 64, block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=4)
-    else:
-        cfg = dict(block_m=64 if rows <= 128 else 128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+    elif rows <= 128:
+        cfg = dict(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+    else:       # prefill: 4 stages; the down GEMM (short K) 256 columns wide, so each tile's loads feed twice the MMAs
+        cfg = dict(block_m=128, block_n=128 if problem["act"] else 256, block_k=64, group_m=8, num_warps=8, num_stages=4)
     cfg = dict(schedule=schedule, **cfg)
     cfg["block_n"] = min(cfg["block_n"], max(16, triton.next_power_of_2(_out_n(problem))))
     cfg["block_k"] = min(cfg["block_k"], max(16, triton.next_power_of_2(problem["k"])))
