@@ -239,6 +239,8 @@ def test_kv_shard_auto_takes_the_layout_the_records_price_lower():
     assert layout == "heads" and why.startswith("no tuned record for decode_attention|m=8,")
     assert kv_layout("auto", cfg, 1, torch.bfloat16, 8, 4096, slow_heads, h200) == ("heads", "one rank")
     assert kv_layout("auto", cfg, tp, torch.bfloat16, 8, 4096, None)[0] == "heads"
+    with pytest.raises(ValueError, match="needs spec"):
+        kv_layout("auto", cfg, tp, torch.bfloat16, 8, 4096, slow_heads)
     assert kv_layout("sequence", cfg, tp, torch.bfloat16, 8, 4096, None) == ("sequence", "asked for")
     with pytest.raises(InputError, match="unknown kv_shard 'rows'; expected one of heads, sequence, auto"):
         kv_layout("rows", cfg, tp, torch.bfloat16, 8, 4096)

@@ -131,6 +131,8 @@ def kv_layout(requested: str, cfg, tp: int, dtype, batch: int, max_len: int, tim
         return "heads", "one rank"
     if time is None:
         return "heads", "no tuned records to compare the layouts by"
+    if spec is None:
+        raise ValueError("kv_layout: pricing the layouts by tuned records needs spec, the device the cache is written on")
     d, contexts = P.rank_dims(cfg, tp), sorted(DECODE_CONTEXTS)
     steps, done = {}, 0
     for ctx in contexts:               # positions 1..max_len by the context bucket serving them
