@@ -30,7 +30,7 @@ import triton.language as tl
 import tuneforge
 from tuneforge.dsl import Problem, Space, Template, categorical, register
 from tuneforge.dsl.problem import DTYPE_NAMES
-from tuneforge.errors import InputError
+from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.kernels import gemm as G
 from tuneforge.kernels._common import await_previous, chained, check_tensor, launch_spec, seeded_randn
 from tuneforge.dsl.roofline import HBM_LATENCY_S, kernel_floor, roofline
@@ -56,10 +56,14 @@ def chunk_bounds(length, split, splits):
 def split_attention(q, k, v, b, h, length, split, splits, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn, scale_log2,
                     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    USE_TMA: tl.constexpr = False, head_rows=0, kv_heads=1):
     """(running max in the log2 domain, sum, fp32 accumulator) of the online softmax of the query heads
     of KV head ``h`` of sequence ``b`` over split ``split`` of its ``length`` keys (``chunk_bounds``):
-    [BLOCK_G], [BLOCK_G], [BLOCK_G, BLOCK_D]. No key: max -inf, sum 0, accumulator 0."""
+    [BLOCK_G], [BLOCK_G], [BLOCK_G, BLOCK_D]. No key: max -inf, sum 0, accumulator 0. ``USE_TMA``: ``k``
+    and ``v`` are tensor descriptors over the cache's rows ([BLOCK_N, BLOCK_D] blocks; KV head ``bh``'s
+    keys start at row ``bh * head_rows``); a tile's rows past the split hold other keys (or TMA's zeros
+    past the last row): their scores are masked and their values zeroed, as the masked loads do."""
     rows = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < GROUP
@@ -67,8 +71,11 @@ def split_attention(q, k, v, b, h, length, split, splits, stride_qb, stride_qh, 
     heads = h * GROUP + rows
     q_tile = tl.load(q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
                      mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    k_base = k + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = v + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    if not USE_TMA:
+        k_base = k + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        v_base = v + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    else:
+        row0 = (b * kv_heads + h) * head_rows
     if UPCAST:
         q_tile = q_tile.to(tl.float32)
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)     # running max, log2 domain
@@ -78,16 +85,20 @@ def split_attention(q, k, v, b, h, length, split, splits, stride_qb, stride_qh, 
     for n0 in tl.range(start, end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         key_ok = keys < end
-        if HEAD_DIM == BLOCK_D:     # no mask along the contiguous dim: the loads stay vectorized
-            k_mask = key_ok[None, :]
-            v_mask = key_ok[:, None]
+        if USE_TMA:
+            k_tile = tl.trans(k.load([row0 + n0, 0]))                                  # [BLOCK_D, BLOCK_N]
+            v_tile = tl.where(key_ok[:, None], v.load([row0 + n0, 0]), 0.0)            # [BLOCK_N, BLOCK_D]
         else:
-            k_mask = key_ok[None, :] & dim_ok[:, None]
-            v_mask = key_ok[:, None] & dim_ok[None, :]
-        k_tile = tl.load(k_base + keys[None, :].to(tl.int64) * stride_kn + dims[:, None], mask=k_mask,
-                         other=0.0)                                                    # [BLOCK_D, BLOCK_N]
-        v_tile = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vn + dims[None, :], mask=v_mask,
-                         other=0.0)                                                    # [BLOCK_N, BLOCK_D]
+            if HEAD_DIM == BLOCK_D:     # no mask along the contiguous dim: the loads stay vectorized
+                k_mask = key_ok[None, :]
+                v_mask = key_ok[:, None]
+            else:
+                k_mask = key_ok[None, :] & dim_ok[:, None]
+                v_mask = key_ok[:, None] & dim_ok[None, :]
+            k_tile = tl.load(k_base + keys[None, :].to(tl.int64) * stride_kn + dims[:, None], mask=k_mask,
+                             other=0.0)                                                # [BLOCK_D, BLOCK_N]
+            v_tile = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vn + dims[None, :], mask=v_mask,
+                             other=0.0)                                                # [BLOCK_N, BLOCK_D]
         if UPCAST:
             k_tile = k_tile.to(tl.float32)
             v_tile = v_tile.to(tl.float32)
@@ -157,9 +168,9 @@ def combine_splits(part, bh, splits, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
 def _decode_attention_kernel(q, k, v, pos, out, part, kv_heads, splits,
                              stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
                              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_pos, scale_log2,
-                             GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             head_rows, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                             INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+                             INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, PDL: tl.constexpr):
     await_previous(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -168,7 +179,7 @@ def _decode_attention_kernel(q, k, v, pos, out, part, kv_heads, splits,
     length = tl.load(pos + b * stride_pos).to(tl.int32) + 1
     m_i, l_i, acc = split_attention(q, k, v, b, h, length, split, splits, stride_qb, stride_qh, stride_kb, stride_kh,
                                     stride_kn, stride_vb, stride_vh, stride_vn, scale_log2, GROUP, BLOCK_G,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION)
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION, USE_TMA, head_rows, kv_heads)
     if splits == 1:         # an int argument of 1 is a constant: this branch compiles alone
         rows = tl.arange(0, BLOCK_G)
         dims = tl.arange(0, BLOCK_D)
@@ -244,16 +255,37 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     meta = kernel_meta(q, heads // kv_heads, d, cfg)
     splits = split_count(length, cfg)
     part = G.workspace(q.device, workspace_floats(b * kv_heads, splits, meta), 0)[0] if splits > 1 else out
+    if cfg.get("tma"):
+        why = tma_unavailable(cfg, problem, launch_spec(q.device))
+        if why:
+            raise ConfigRejected(f"{OP} config {cfg} cannot run {problem.key}: {why}")
+    keys, values, head_rows = (k, v, 0) if not cfg.get("tma") else _descriptors(k, v, cfg["block_n"])
     _decode_attention_kernel[(b * kv_heads, splits)](
-        q, k, v, positions, out, part, kv_heads, splits,
+        q, keys, values, positions, out, part, kv_heads, splits,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), positions.stride(0), LOG2E / math.sqrt(d), **meta, **chained(q))
+        out.stride(0), out.stride(1), positions.stride(0), LOG2E / math.sqrt(d), head_rows, **meta,
+        USE_TMA=bool(cfg.get("tma")), **chained(q))
     if splits > 1:
         _combine_kernel[(b * kv_heads, heads // kv_heads)](
             part, out, kv_heads, splits, out.stride(0), out.stride(1), GROUP=meta["GROUP"], BLOCK_G=meta["BLOCK_G"],
             HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_S=triton.next_power_of_2(splits), num_warps=4,
             **chained(q))
     return out
+
+
+def _descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
+    """(TMA descriptors of ``k`` and ``v`` as rows of head_dim elements, [block_n, head_dim] blocks; the
+    rows of one KV head). The views' sequence and head strides must be whole rows of one layout, as
+    the engine's cache and make_inputs' are: else a one-line ConfigRejected."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    b, kv_heads, length, d = k.shape
+    row = k.stride(2)
+    if v.stride() != k.stride() or k.stride(1) % row or k.stride(0) != kv_heads * k.stride(1):
+        raise ConfigRejected(f"{OP}: tma needs k and v of one layout whose heads and sequences are whole rows, "
+                             f"got strides {k.stride()} and {v.stride()}")
+    head_rows = k.stride(1) // row
+    rows = (b * kv_heads - 1) * head_rows + length      # past the last head's last key: TMA's zeros
+    return (*(TensorDescriptor(t, [rows, d], [row, 1], [block_n, d]) for t in (k, v)), head_rows)
 
 
 def kernel_meta(q: torch.Tensor, group: int, d: int, cfg: dict) -> dict:
@@ -319,7 +351,8 @@ def space(problem: Problem) -> Space:
     return Space(categorical("splits", list(SPLITS)),
                  categorical("block_n", [16, 32, 64, 128]),
                  categorical("num_warps", [2, 4, 8]),
-                 categorical("num_stages", [1, 2, 3, 4]))
+                 categorical("num_stages", [1, 2, 3, 4]),
+                 categorical("tma", [False, True]))
 
 
 def default_config(problem: Problem, spec) -> dict:
@@ -336,7 +369,8 @@ def default_config(problem: Problem, spec) -> dict:
     few = 4 * pairs <= spec.sms
     want = max(1, min((4 if few else 2) * spec.sms // pairs, problem["ctx"] // 64))
     block_n = min(64, max(16, triton.next_power_of_2(problem["ctx"])))       # a short cache: a shorter tile
-    return dict(splits=max(s for s in SPLITS if s <= want), block_n=block_n, num_warps=4, num_stages=2 if few else 3)
+    return dict(splits=max(s for s in SPLITS if s <= want), block_n=block_n, num_warps=4, num_stages=2 if few else 3,
+                tma=False)
 
 
 def block_fits(config: dict, problem: Problem, spec) -> str | None:
@@ -351,6 +385,17 @@ def block_fits(config: dict, problem: Problem, spec) -> str | None:
         if staged > spec.smem_per_block:
             return f"num_stages={config['num_stages']} x K and V tiles of {block_n} keys = {staged} B of shared memory " \
                    f"> {spec.smem_per_block}"
+    return None
+
+
+def tma_unavailable(config: dict, problem: Problem, spec) -> str | None:
+    if not config.get("tma"):
+        return None
+    if spec is None or "tma" not in spec.features:
+        return f"tma: {getattr(spec, 'name', 'this device')} has no TMA"
+    d = problem["head_dim"]
+    if d != triton.next_power_of_2(d) or d * problem.torch_dtype.itemsize % 16:
+        return f"tma: head_dim={d} is not a power of 2 of 16-byte rows"
     return None
 
 
@@ -414,5 +459,5 @@ def cost(problem: Problem, config: Optional[dict], spec) -> float:
 
 TEMPLATE = register(Template(
     op=OP, space=space, make_inputs=make_inputs, launch=decode_attention, reference=reference,
-    baseline=baseline, default_config=default_config, work=work, cost=cost, constraints=(block_fits,),
+    baseline=baseline, default_config=default_config, work=work, cost=cost, constraints=(block_fits, tma_unavailable),
     doc=__doc__.split("\n")[0]))

@@ -330,13 +330,18 @@ def make_inputs(problem: Problem, device, seed: int, ctx) -> dict:
 
 # --- the template ------------------------------------------------------------------------------------------
 
+# decode_attention's tiles; not its TMA loads (this kernel's shard views are read through pointers)
+SPLIT_KEYS = ("splits", "block_n", "num_warps", "num_stages")
+
+
 def space(problem: Problem) -> Space:
-    return Space(categorical("form", list(FORMS)), *DA.space(_local(problem)).params)
+    return Space(categorical("form", list(FORMS)), *(p for p in DA.space(_local(problem)).params if p.name in SPLIT_KEYS))
 
 
 def default_config(problem: Problem, spec) -> dict:
     """Per-tile combine (no rank waits for a whole peer), the attention split of the shard."""
-    return {"form": "fused_tiles", **DA.default_config(_local(problem), spec)}
+    split = DA.default_config(_local(problem), spec)
+    return {"form": "fused_tiles", **{key: split[key] for key in SPLIT_KEYS}}
 
 
 def block_fits(config: dict, problem: Problem, spec) -> str | None:

@@ -10,7 +10,8 @@ import torch
 
 from tuneforge.dsl import Problem, check, get
 from tuneforge.dsl.space import Space
-from tuneforge.errors import InputError
+from tuneforge.dsl.devices import SPECS
+from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.kernels import decode_attention as DA
 from tuneforge.kernels import gemm as G
 
@@ -30,8 +31,8 @@ def _configs(problem: Problem, count: int, seed: int) -> list[dict]:
     return picked
 
 
-def _config(splits, block_n=16):
-    return dict(splits=splits, block_n=block_n, num_warps=4, num_stages=1)
+def _config(splits, block_n=16, tma=False):
+    return dict(splits=splits, block_n=block_n, num_warps=4, num_stages=1, tma=tma)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
@@ -129,6 +130,14 @@ def test_space_and_constraints():
     assert "block_n=128 exceeds ctx=40" in TEMPLATE.reject_reason(dict(_config(1, 128), num_stages=2), short, spec)
     assert "shared memory" in TEMPLATE.reject_reason(dict(_config(2, 128), num_stages=4), problem, spec)
     assert TEMPLATE.reject_reason(dict(_config(4, 64), num_stages=3), problem, spec) is None
+    assert TEMPLATE.reject_reason(_config(4, 64, tma=True), problem, spec) == "tma: interpreter has no TMA"
+    odd = problem.with_dims(head_dim=96)
+    h200 = SPECS["H200"]
+    assert TEMPLATE.reject_reason(_config(4, 64, tma=True), odd, h200) == "tma: head_dim=96 is not a power of 2 of 16-byte rows"
+    assert TEMPLATE.reject_reason(_config(4, 64, tma=True), problem, h200) is None
+    inputs = TEMPLATE.make_inputs(problem.with_dims(ctx=64), CPU)      # the launcher refuses it in one line too
+    with pytest.raises(ConfigRejected, match="tma: interpreter has no TMA"):
+        DA.decode_attention(inputs["q"], inputs["k"], inputs["v"], inputs["positions"], config=_config(4, 64, tma=True))
 
 
 def test_default_config_gives_a_short_batch_programs_for_every_sm():
@@ -149,16 +158,33 @@ def test_default_config_gives_a_short_batch_programs_for_every_sm():
 def test_gpu_qwen3_32b_shapes(device, m, ctx):
     problem = Problem.make("decode_attention", "bf16", m=m, heads=64, kv_heads=8, head_dim=128, ctx=ctx)
     spec = G.launch_spec(device)
-    for config in (TEMPLATE.default_config(problem, spec), dict(_config(16, 32), num_stages=2)):
+    for config in (TEMPLATE.default_config(problem, spec), dict(_config(16, 32), num_stages=2),
+                   dict(TEMPLATE.default_config(problem, spec), tma=True), dict(_config(16, 32, tma=True), num_stages=2)):
         result = check(TEMPLATE, problem, config, device=device)
         assert result, f"{config}: {result.reason}"
 
 
+@pytest.mark.gpu
+def test_gpu_tma_loads_refuse_a_cache_whose_heads_are_not_whole_rows(device):
+    """[batch, length, kv_heads, d] transposed: a head's keys are not consecutive rows of one layout."""
+    q = torch.randn(1, 8, 128, device=device, dtype=torch.bfloat16)
+    k = torch.randn(1, 64, 2, 128, device=device, dtype=torch.bfloat16).transpose(1, 2)
+    positions = torch.tensor([63], device=device)
+    with pytest.raises(ConfigRejected, match="tma needs k and v of one layout whose heads and sequences are whole rows"):
+        DA.decode_attention(q, k, k, positions, config=_config(4, 16, tma=True))
+
+
 def test_the_kernels_compile_for_sm90():
-    """Qwen3-32B's group of 8 query heads per KV head in bf16, and the combine of 64 splits, both with the
-    programmatic-dependent-launch instructions the GPU path uses (the interpreter runs without them)."""
+    """Qwen3-32B's group of 8 query heads per KV head in bf16 (pointer and TMA loads), and the combine of 64
+    splits, with the programmatic-dependent-launch instructions the GPU path uses (the interpreter runs
+    without them)."""
     types = dict(q="*bf16", k="*bf16", v="*bf16", pos="*i64", out="*bf16", part="*fp32", scale_log2="fp32")
     compile_for_sm90("tuneforge.kernels.decode_attention", [
         ("_decode_attention_kernel", dict(GROUP=8, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, UPCAST=False,
-                                          INPUT_PRECISION="tf32", PDL=True)),
+                                          INPUT_PRECISION="tf32", USE_TMA=False, PDL=True)),
         ("_combine_kernel", dict(GROUP=8, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_S=64, PDL=True))], types)
+    # the TMA loads: k and v as descriptors of [64 keys, 128] blocks
+    compile_for_sm90("tuneforge.kernels.decode_attention", [
+        ("_decode_attention_kernel", dict(GROUP=8, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, UPCAST=False,
+                                          INPUT_PRECISION="tf32", USE_TMA=True, PDL=True))],
+        {**types, "k": "tensordesc<bf16[64,128]>", "v": "tensordesc<bf16[64,128]>"})
