@@ -90,8 +90,13 @@ class KVCache:
         """Store new keys and values: ``kv[b, t, 2, kv_heads, head_dim]`` of a token at cache row
         ``rows[b, t]`` and slot ``slots[b, t]`` (``slots``' answer; index tensors, so the copy is
         capturable in a CUDA graph). Sharded by sequence: ``kv`` holds every KV head, and the spill slot
-        takes the tokens another rank owns."""
-        self.kv[:, layer][:, rows, :, slots] = kv
+        takes the tokens another rank owns; its heads may come as [groups, heads] (``kv[b, t, 2, groups,
+        heads, head_dim]``, the ranks' head groups as gathered), written from that strided view as they
+        are (merging the two dims would be a copy)."""
+        planes = self.kv[:, layer]
+        if kv.dim() == 6:
+            planes = planes.unflatten(2, kv.shape[3:5])
+        planes[:, rows, ..., slots, :] = kv
 
     def planes(self, layer: int) -> torch.Tensor:
         """The layer's k | v planes ``[2, batch, kv_heads, slots, head_dim]`` (a view), for a kernel that

@@ -179,7 +179,7 @@ class Attention(nn.Module):
         gathered = gathered.view(b * t, self.shard.size, -1)
         # a KV head held by several ranks (fewer KV heads than ranks) is taken from the first of them
         kv = gathered[:, ::self.replicas, hq * d - first:].unflatten(2, (2, hkv, d)).transpose(1, 2)
-        cache.write(layer, step.rows, step.slots, kv.reshape(b, t, 2, -1, d))
+        cache.write(layer, step.rows, step.slots, kv.unflatten(0, (b, t)))
         return None if step.prefill else gathered[:, :, :hq * d].reshape(b, -1, d)
 
 

@@ -139,18 +139,26 @@ def one_kv_head(tmp_path_factory):
     return saved(tmp_path_factory, tiny_hf(num_key_value_heads=1), "tiny-qwen3-1kv")
 
 
-def test_tp2_sequence_sharded_kv_matches_tp1_and_transformers(checkpoint, one_kv_head, tmp_path):
+@pytest.fixture(scope="module")
+def four_kv_heads(tmp_path_factory):
+    """Two KV heads a rank at TP 2: the gathered heads come as [ranks, heads], written without merging them."""
+    return saved(tmp_path_factory, tiny_hf(num_key_value_heads=4), "tiny-qwen3-4kv")
+
+
+def test_tp2_sequence_sharded_kv_matches_tp1_and_transformers(checkpoint, one_kv_head, four_kv_heads, tmp_path):
     path1, hf1 = one_kv_head
     path, hf = checkpoint
+    path4, hf4 = four_kv_heads
     db = str(tmp_path / "tf.db")
-    cases = [(path1, None, [PROMPTS], 32), (path, write_store(db, path), [PROMPTS[2:], PROMPTS[:2]], 3)]
+    cases = [(path1, None, [PROMPTS], 32), (path, write_store(db, path), [PROMPTS[2:], PROMPTS[:2]], 3),
+             (path4, None, [PROMPTS], 6)]
     results = spawn(_rank, TP, cases, db, ENV, False, timeout=600.0)
     for _, lines in results:
         # no TP block records (the torch path): those two lines only; nothing else falls back
         assert sorted(line.split(":")[1] for line in lines) == [" tp_attn runs the torch baseline",
                                                                 " tp_mlp runs the torch baseline"], lines
     for case, (path_, _, prompt_sets, steps) in enumerate(cases):
-        check_case((hf1, hf)[case], path_, prompt_sets, steps, [r[0][case][0] for r in results])
+        check_case((hf1, hf, hf4)[case], path_, prompt_sets, steps, [r[0][case][0] for r in results])
     planned = {family(i.problem) for i in plan(load_config(path), tp=TP, dtype="fp32")}
     for out, _ in results:
         lookups = out[1][1]
