@@ -45,7 +45,7 @@ import triton.language as tl
 import tuneforge
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.dsl.problem import DTYPE_NAMES
-from tuneforge.errors import InputError
+from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.kernels._common import (await_previous, chained, check_tensor, checked_config, first_rejection, launch_spec, output_tensor,
                                        tile_past_problem)
 from tuneforge.kernels._gemm_gemv import gemv_tile
@@ -78,10 +78,13 @@ def _moe_gemm_kernel(x, w, y, sorted_ids, block_expert, padded_count, routed_wei
                      TOP_K: tl.constexpr, GATHER: tl.constexpr, SILU_MUL: tl.constexpr, WEIGHTED: tl.constexpr,
                      ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-                     INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+                     INPUT_PRECISION: tl.constexpr, W_TMA: tl.constexpr, PDL: tl.constexpr):
     """One [BLOCK_M sorted slots, BLOCK_N output columns] tile; N is the output's width (the gate
     half's with SILU_MUL: its up column j is weight row N + j). ATOMIC: rows added into y [T, N] at
-    the slot's token; else stored at the slot."""
+    the slot's token; else stored at the slot. ``W_TMA``: ``w`` is a tensor descriptor over the
+    experts' stacked rows ([BLOCK_N, BLOCK_K] blocks; expert e's rows start at e * stride_we), the
+    gathered A rows still pointer loads; a column block past N reads the next rows (or TMA's zeros),
+    masked at the store as the wrapped columns are."""
     await_previous(PDL)
     pid_m, pid_n = grouped_tile(tl.program_id(0), blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M < tl.load(padded_count):
@@ -92,17 +95,24 @@ def _moe_gemm_kernel(x, w, y, sorted_ids, block_expert, padded_count, routed_wei
         cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N          # wrapped: valid addresses, masked at the store
         ks = tl.arange(0, BLOCK_K)
         x_ptrs = x + row[:, None] * stride_xm + ks[None, :]
-        w_ptrs = w + expert * stride_we + cols.to(tl.int64)[None, :] * stride_wn + ks[:, None] * stride_wk
+        if not W_TMA:
+            w_ptrs = w + expert * stride_we + cols.to(tl.int64)[None, :] * stride_wn + ks[:, None] * stride_wk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        w_row = (expert * stride_we).to(tl.int32) + pid_n * BLOCK_N       # W_TMA: the tile's first weight row
         for k in tl.range(0, K, BLOCK_K):
             a = _k_block(x_ptrs, k, ks, K, 1, EVEN_K, UPCAST)
-            acc = tl.dot(a, _k_block(w_ptrs, k, ks, K, 0, EVEN_K, UPCAST), acc, input_precision=INPUT_PRECISION)
-            if SILU_MUL:
-                up = tl.dot(a, _k_block(w_ptrs + N * stride_wn, k, ks, K, 0, EVEN_K, UPCAST), up,
-                            input_precision=INPUT_PRECISION)
+            if W_TMA:
+                acc = tl.dot(a, w.load([w_row, k]).T, acc, input_precision=INPUT_PRECISION)
+                if SILU_MUL:
+                    up = tl.dot(a, w.load([w_row + N, k]).T, up, input_precision=INPUT_PRECISION)
+            else:
+                acc = tl.dot(a, _k_block(w_ptrs, k, ks, K, 0, EVEN_K, UPCAST), acc, input_precision=INPUT_PRECISION)
+                if SILU_MUL:
+                    up = tl.dot(a, _k_block(w_ptrs + N * stride_wn, k, ks, K, 0, EVEN_K, UPCAST), up,
+                                input_precision=INPUT_PRECISION)
+                w_ptrs += BLOCK_K * stride_wk
             x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * stride_wk
         if SILU_MUL:
             acc = acc * tl.sigmoid(acc) * up
         if WEIGHTED:
@@ -218,7 +228,8 @@ def space(problem: Problem) -> Space:
     params = [categorical("schedule", SCHEDULES),
               categorical("block_m", BLOCK_MS, when=PACKED), pow2("block_n", 16, 256, when=PACKED),
               pow2("block_k", 16, 256, when=PACKED), categorical("group_m", [1, 4, 8, 16], when=PACKED),
-              categorical("num_warps", [4, 8], when=PACKED), categorical("num_stages", [2, 3, 4, 5], when=PACKED)]
+              categorical("num_warps", [4, 8], when=PACKED), categorical("num_stages", [2, 3, 4, 5], when=PACKED),
+              categorical("tma", [False, True], when=PACKED)]
     if not problem["act"]:
         params.append(categorical("combine", ["atomic", "reduce"], when=PACKED))
     params += [pow2("slot_block_n", 4, 64, when=PER_SLOT), pow2("slot_block_k", 64, 2048, when=PER_SLOT),
@@ -238,6 +249,16 @@ def routing_invalid(config: dict, problem: Problem, spec: DeviceSpec) -> Optiona
         return f"topk={problem['topk']} must be in [1, experts={problem['experts']}]"
     if problem["act"] and problem["n"] % 2:
         return f"act: n={problem['n']} must be even (the [gate | up] rows)"
+    return None
+
+
+def tma_unavailable(config: dict, problem: Problem, spec: DeviceSpec) -> Optional[str]:
+    if not config.get("tma"):
+        return None
+    if "tma" not in spec.features:       # the launcher's interpreter spec has none either
+        return f"tma: {spec.name} has no TMA"
+    if problem["k"] * ELEM_SIZE[problem.dtype] % 16:
+        return f"tma: weight rows of k={problem['k']} {problem.dtype} elements are not 16-byte aligned"
     return None
 
 
@@ -276,7 +297,7 @@ def tile_exceeds_problem(config: dict, problem: Problem, spec: DeviceSpec) -> Op
     return tile_past_problem(config, tiles)
 
 
-LAUNCH_CONSTRAINTS = (routing_invalid, smem_overflow)
+LAUNCH_CONSTRAINTS = (routing_invalid, smem_overflow, tma_unavailable)
 CONSTRAINTS = LAUNCH_CONSTRAINTS + (register_pressure, tile_exceeds_problem)
 
 
@@ -330,7 +351,7 @@ def default_config(problem: Problem, spec: DeviceSpec, block_m: Optional[int] = 
         cfg = dict(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
     else:       # prefill: 4 stages; the down GEMM (short K) 256 columns wide, so each tile's loads feed twice the MMAs
         cfg = dict(block_m=128, block_n=128 if problem["act"] else 256, block_k=64, group_m=8, num_warps=8, num_stages=4)
-    cfg = dict(schedule=schedule, **cfg)
+    cfg = dict(schedule=schedule, **cfg, tma=False)
     cfg["block_n"] = min(cfg["block_n"], max(16, triton.next_power_of_2(_out_n(problem))))
     cfg["block_k"] = min(cfg["block_k"], max(16, triton.next_power_of_2(problem["k"])))
     if block_m is not None:
@@ -433,6 +454,8 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, packed: Packed | torch.Tensor, *,
     if config is None:
         config = default_config(problem, spec, block_m=None if per_slot else packed.block_m, schedule=schedule)
     else:
+        if _packed(config) and "tma" not in config:     # stored before the weight's TMA loads were a choice
+            config = {**config, "tma": False}
         checked_config(space(problem), config, problem, spec, LAUNCH_CONSTRAINTS)
         if config["schedule"] != schedule:
             raise InputError(f"{OP}: config schedule={config['schedule']!r} but given "
@@ -460,19 +483,31 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, packed: Packed | torch.Tensor, *,
     else:
         y = torch.empty((slots, n), dtype=x.dtype, device=x.device)
     bn = config["block_n"]
+    w_tma = bool(config.get("tma"))
+    if w_tma:
+        why = tma_unavailable(config, problem, launch_spec(x.device))
+        if why:
+            raise ConfigRejected(f"{OP} config {config} cannot run {problem.key}: {why}")
+        if w.stride(2) != 1 or w.stride(0) != n * w.stride(1):
+            raise ConfigRejected(f"{OP}: tma needs w's experts stacked as rows of k contiguous elements, got strides "
+                                 f"{w.stride()}")
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        weights, stride_we = TensorDescriptor(w, [experts * n, k], [w.stride(1), 1], [bn, config["block_k"]]), n
+    else:
+        weights, stride_we = w, w.stride(0)
     # the used blocks come first and each holds a slot: at most min(blocks, slots) of them (decode:
     # top_k blocks, not the E * (block_m - 1) padding's worth the pack's size allows)
     blocks = min(packed.block_expert.numel(), slots)
     interpreted = tuneforge.INTERPRETED
     _moe_gemm_kernel[(blocks * triton.cdiv(out_n, bn),)](
-        x, w, y, packed.sorted_ids, packed.block_expert, packed.padded_count,
+        x, weights, y, packed.sorted_ids, packed.block_expert, packed.padded_count,
         routed_weights if routed_weights is not None else x,
-        slots, out_n, k, blocks, x.stride(0), w.stride(0), w.stride(1), w.stride(2), y.stride(0),
+        slots, out_n, k, blocks, x.stride(0), stride_we, w.stride(1), w.stride(2), y.stride(0),
         TOP_K=top_k, GATHER=bool(gather), SILU_MUL=activation == "silu_mul", WEIGHTED=routed_weights is not None,
         ATOMIC=atomic, BLOCK_M=packed.block_m, BLOCK_N=bn, BLOCK_K=config["block_k"], GROUP_M=config["group_m"],
         EVEN_K=k % config["block_k"] == 0, UPCAST=interpreted and x.dtype != torch.float32,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 or interpreted else "tf32",
-        num_warps=config["num_warps"], num_stages=config["num_stages"], **chained(x))
+        W_TMA=w_tma, num_warps=config["num_warps"], num_stages=config["num_stages"], **chained(x))
     if combine and y is not out:
         _sum_rows(y, out, 1 if atomic else top_k)
     return out

@@ -219,8 +219,32 @@ def test_gpu_qwen3_30b_a3b_shapes(device, m, act):
     spec = MG.launch_spec(device, persistent=False)
     config = MG.default_config(problem, spec, schedule="packed")
     configs = [{**config, **extra} for extra in ([{}] if act else [{"combine": "atomic"}, {"combine": "reduce"}])]
+    configs += [{**c, "tma": True} for c in configs]        # the weight's tiles through TMA (k = 768 / 2048)
     if m <= MG.PER_SLOT_MAX_M:
         configs.append(MG.default_config(problem, spec, schedule="per_slot"))
     for config in configs:
         res = check(MG.TEMPLATE, problem, config, device=device)
         assert res, f"{config}: {res.reason}"
+
+
+def test_the_packed_kernel_compiles_for_sm90_with_pointer_and_tma_weights():
+    """Qwen3-30B-A3B's prefill gate_up tile (128 x 128 x 64, SiLU-mul) with w through pointers and through a
+    TMA descriptor of [128, 64] blocks (the interpreter never runs the TMA path: no GPU, no descriptor)."""
+    from conftest import compile_for_sm90
+    consts = dict(TOP_K=8, GATHER=True, SILU_MUL=True, WEIGHTED=False, ATOMIC=False, BLOCK_M=128, BLOCK_N=128,
+                  BLOCK_K=64, GROUP_M=8, EVEN_K=True, UPCAST=False, INPUT_PRECISION="tf32", PDL=True)
+    types = dict(x="*bf16", w="*bf16", y="*bf16", sorted_ids="*i32", block_expert="*i32", padded_count="*i32",
+                 routed_weights="*bf16")
+    for tma in (False, True):
+        compile_for_sm90("tuneforge.kernels.moe_gemm", [("_moe_gemm_kernel", dict(consts, W_TMA=tma))],
+                         {**types, "w": "tensordesc<bf16[128,64]>"} if tma else types)
+
+
+def test_tma_weights_are_refused_where_the_device_has_none():
+    x, h, w, ids, weights = _inputs(4, 8, 2, 32, 16, torch.float32)
+    packed = moe_pack.reference(ids, 8, 16)
+    problem = P.moe_gemm("fp32", 4, (32, 16), 8, 2, act=False)
+    config = {**MG.default_config(problem, MG.launch_spec(CPU, persistent=False), schedule="packed"), "tma": True}
+    assert MG.TEMPLATE.reject_reason(config, problem, MG.launch_spec(CPU)) == "tma: interpreter has no TMA"
+    with pytest.raises(ConfigRejected, match="tma: interpreter has no TMA"):
+        MG.moe_gemm(h, w, packed, top_k=2, gather=False, config=config)
