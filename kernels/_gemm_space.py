@@ -67,7 +67,8 @@ def output_tiles(problem: Problem, block_m: int, block_n: int) -> int:
 
 
 def tma_unavailable(config: dict, problem: Problem, spec: DeviceSpec) -> str | None:
-    if not config["tma"]:
+    """A config's TMA loads (``tma``; moe_gemm's packed schedule's too) need a TMA device and 16-byte rows of k."""
+    if not config.get("tma"):
         return None
     if "tma" not in spec.features:   # the launcher's interpreter spec has none either
         return f"tma: {spec.name} has no TMA"

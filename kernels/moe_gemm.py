@@ -49,6 +49,7 @@ from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.kernels._common import (await_previous, chained, check_tensor, checked_config, first_rejection, launch_spec, output_tensor,
                                        tile_past_problem)
 from tuneforge.kernels._gemm_gemv import gemv_tile
+from tuneforge.kernels._gemm_space import tma_unavailable
 from tuneforge.kernels.gemm import _k_block, grouped_tile
 from tuneforge.kernels.moe_pack import Packed, max_padded
 from tuneforge.kernels.moe_pack import reference as pack_reference
@@ -249,16 +250,6 @@ def routing_invalid(config: dict, problem: Problem, spec: DeviceSpec) -> Optiona
         return f"topk={problem['topk']} must be in [1, experts={problem['experts']}]"
     if problem["act"] and problem["n"] % 2:
         return f"act: n={problem['n']} must be even (the [gate | up] rows)"
-    return None
-
-
-def tma_unavailable(config: dict, problem: Problem, spec: DeviceSpec) -> Optional[str]:
-    if not config.get("tma"):
-        return None
-    if "tma" not in spec.features:       # the launcher's interpreter spec has none either
-        return f"tma: {spec.name} has no TMA"
-    if problem["k"] * ELEM_SIZE[problem.dtype] % 16:
-        return f"tma: weight rows of k={problem['k']} {problem.dtype} elements are not 16-byte aligned"
     return None
 
 
