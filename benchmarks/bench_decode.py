@@ -25,6 +25,7 @@ contend for it, so these rows are a correctness smoke, not multi-GPU figures.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -83,16 +84,16 @@ def checked(got: torch.Tensor, inputs: dict) -> str:
 
 def sweep_configs(problem: Problem, spec, default: dict) -> list[dict]:
     """The default's split count over 4, over 2, kept, x1.5 (about 3 programs per SM, which 64-key tiles
-    in 3 stages leave room for) and doubled (the nearest listed), at each of ``TILINGS``; those the
-    constraints accept, the default first. The split count matters most at short batches (issue 16:
+    in 3 stages leave room for) and doubled (the nearest listed), at each of ``TILINGS``, with pointer and
+    (where the device has it) TMA loads; those the constraints accept, the default first. The split count matters most at short batches (issue 16:
     16 splits beat 32 at batch 1 while the last split combined in-launch)."""
     s = DA.SPLITS
     i = s.index(default["splits"])
     configs = [default]
     for splits in sorted({s[max(0, i - 4)], s[max(0, i - 2)], s[i], s[min(len(s) - 1, i + 1)],
                           s[min(len(s) - 1, i + 2)]}):
-        for block_n, stages, warps in TILINGS:
-            c = dict(splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
+        for (block_n, stages, warps), tma in itertools.product(TILINGS, (False, True)):
+            c = dict(splits=splits, block_n=block_n, num_warps=warps, num_stages=stages, tma=tma)
             if c not in configs and get(DA.OP).reject_reason(c, problem, spec) is None:
                 configs.append(c)
     return configs
