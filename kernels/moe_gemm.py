@@ -45,6 +45,7 @@ import triton.language as tl
 import tuneforge
 from tuneforge.dsl import Problem, Space, Template, categorical, pow2, register
 from tuneforge.dsl.problem import DTYPE_NAMES
+from tuneforge.dsl.template import flags_off_where_absent
 from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.kernels._common import (await_previous, chained, check_tensor, checked_config, first_rejection, launch_spec, output_tensor,
                                        tile_past_problem)
@@ -445,8 +446,7 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, packed: Packed | torch.Tensor, *,
     if config is None:
         config = default_config(problem, spec, block_m=None if per_slot else packed.block_m, schedule=schedule)
     else:
-        if _packed(config) and "tma" not in config:     # stored before the weight's TMA loads were a choice
-            config = {**config, "tma": False}
+        config = flags_off_where_absent(space(problem), config)     # moe_block's tiles carry no tma
         checked_config(space(problem), config, problem, spec, LAUNCH_CONSTRAINTS)
         if config["schedule"] != schedule:
             raise InputError(f"{OP}: config schedule={config['schedule']!r} but given "

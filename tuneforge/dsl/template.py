@@ -44,6 +44,16 @@ def portable(config: dict) -> dict:
     return {k: (False if k in FEATURE_FLAGS else v) for k, v in config.items()}
 
 
+def flags_off_where_absent(space, config: dict) -> dict:
+    """``config`` with the feature flags of ``space`` it lacks set off: a config stored (or built) before
+    a flag existed ran without that hardware path."""
+    out = dict(config)
+    for p in space.params:
+        if p.name in FEATURE_FLAGS and p.name not in out and p.active(out):
+            out[p.name] = False
+    return out
+
+
 @dataclass
 class Template:
     op: str
