@@ -185,6 +185,16 @@ def tile_past_problem(config: dict, tiles, prefix: str = "") -> Optional[str]:
     return None
 
 
+def tma_rows_fit(op: str, tensors, row_stride: int, rows: int) -> None:
+    """A one-line ConfigRejected unless ``tensors`` can be TMA descriptors of ``rows`` rows ``row_stride``
+    elements apart: a 16-byte aligned base and row stride, and a row count Triton's i32 shape holds."""
+    for t in tensors:
+        if t.data_ptr() % 16 or row_stride * t.element_size() % 16 or rows >= 2 ** 31:
+            raise ConfigRejected(f"{op}: tma needs a 16-byte aligned base and row stride and < 2^31 rows, got base "
+                                 f"offset {t.data_ptr() % 16}, a row stride of {row_stride * t.element_size()} bytes, "
+                                 f"{rows} rows")
+
+
 def checked_config(space: Space, config: dict, problem: Problem, spec, launch_constraints) -> dict:
     """``config`` checked against ``space`` and the constraints that make a launch impossible: a
     one-line ConfigRejected naming the op, the config and the reason (``Template.reject_reason``

@@ -32,7 +32,7 @@ from tuneforge.dsl import Problem, Space, Template, categorical, register
 from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.kernels import gemm as G
-from tuneforge.kernels._common import await_previous, chained, check_tensor, launch_spec, seeded_randn
+from tuneforge.kernels._common import await_previous, chained, check_tensor, launch_spec, seeded_randn, tma_rows_fit
 from tuneforge.dsl.roofline import HBM_LATENCY_S, kernel_floor, roofline
 
 OP = "decode_attention"
@@ -53,6 +53,22 @@ def chunk_bounds(length, split, splits):
 
 
 @triton.jit
+def online_softmax_step(q_tile, k_tile, v_tile, n0, end, m_i, l_i, acc, scale_log2, MASKED: tl.constexpr,
+                        BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """The online softmax's (max, sum, accumulator) after the keys ``n0 .. n0 + BLOCK_N`` (K as
+    [BLOCK_D, BLOCK_N], V as [BLOCK_N, BLOCK_D]); ``MASKED``: the keys from ``end`` on score -inf."""
+    s = tl.dot(q_tile, k_tile, input_precision=INPUT_PRECISION) * scale_log2
+    if MASKED:
+        s = tl.where((n0 + tl.arange(0, BLOCK_N) < end)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=INPUT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def split_attention(q, k, v, b, h, length, split, splits, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn, scale_log2,
                     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -62,8 +78,9 @@ def split_attention(q, k, v, b, h, length, split, splits, stride_qb, stride_qh, 
     of KV head ``h`` of sequence ``b`` over split ``split`` of its ``length`` keys (``chunk_bounds``):
     [BLOCK_G], [BLOCK_G], [BLOCK_G, BLOCK_D]. No key: max -inf, sum 0, accumulator 0. ``USE_TMA``: ``k``
     and ``v`` are tensor descriptors over the cache's rows ([BLOCK_N, BLOCK_D] blocks; KV head ``bh``'s
-    keys start at row ``bh * head_rows``); a tile's rows past the split hold other keys (or TMA's zeros
-    past the last row): their scores are masked and their values zeroed, as the masked loads do."""
+    keys start at row ``bh * head_rows``); the split's last tile, if partial, has rows of other keys (or
+    TMA's zeros past the last row): their scores are masked and their values zeroed, as the masked loads
+    do; whole tiles go unmasked."""
     rows = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < GROUP
@@ -82,13 +99,22 @@ def split_attention(q, k, v, b, h, length, split, splits, stride_qb, stride_qh, 
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
     start, end = chunk_bounds(length, split, splits)
-    for n0 in tl.range(start, end, BLOCK_N):
-        keys = n0 + tl.arange(0, BLOCK_N)
-        key_ok = keys < end
-        if USE_TMA:
-            k_tile = tl.trans(k.load([row0 + n0, 0]))                                  # [BLOCK_D, BLOCK_N]
-            v_tile = tl.where(key_ok[:, None], v.load([row0 + n0, 0]), 0.0)            # [BLOCK_N, BLOCK_D]
-        else:
+    if USE_TMA:
+        # whole tiles unmasked (their values go from shared memory to the dot as loaded); the split's
+        # last, partial tile masked
+        whole = start + (end - start) // BLOCK_N * BLOCK_N
+        for n0 in tl.range(start, whole, BLOCK_N):
+            m_i, l_i, acc = online_softmax_step(q_tile, tl.trans(k.load([row0 + n0, 0])), v.load([row0 + n0, 0]),
+                                                n0, end, m_i, l_i, acc, scale_log2, False, BLOCK_N, INPUT_PRECISION)
+        if whole < end:
+            key_ok = whole + tl.arange(0, BLOCK_N) < end
+            v_tile = tl.where(key_ok[:, None], v.load([row0 + whole, 0]), 0.0)
+            m_i, l_i, acc = online_softmax_step(q_tile, tl.trans(k.load([row0 + whole, 0])), v_tile, whole, end,
+                                                m_i, l_i, acc, scale_log2, True, BLOCK_N, INPUT_PRECISION)
+    else:
+        for n0 in tl.range(start, end, BLOCK_N):
+            keys = n0 + tl.arange(0, BLOCK_N)
+            key_ok = keys < end
             if HEAD_DIM == BLOCK_D:     # no mask along the contiguous dim: the loads stay vectorized
                 k_mask = key_ok[None, :]
                 v_mask = key_ok[:, None]
@@ -99,17 +125,11 @@ def split_attention(q, k, v, b, h, length, split, splits, stride_qb, stride_qh, 
                              other=0.0)                                                # [BLOCK_D, BLOCK_N]
             v_tile = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vn + dims[None, :], mask=v_mask,
                              other=0.0)                                                # [BLOCK_N, BLOCK_D]
-        if UPCAST:
-            k_tile = k_tile.to(tl.float32)
-            v_tile = v_tile.to(tl.float32)
-        s = tl.dot(q_tile, k_tile, input_precision=INPUT_PRECISION) * scale_log2
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=INPUT_PRECISION)
-        m_i = m_new
+            if UPCAST:
+                k_tile = k_tile.to(tl.float32)
+                v_tile = v_tile.to(tl.float32)
+            m_i, l_i, acc = online_softmax_step(q_tile, k_tile, v_tile, n0, end, m_i, l_i, acc, scale_log2, True,
+                                                BLOCK_N, INPUT_PRECISION)
     return m_i, l_i, acc
 
 
@@ -285,6 +305,7 @@ def _descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
                              f"got strides {k.stride()} and {v.stride()}")
     head_rows = k.stride(1) // row
     rows = (b * kv_heads - 1) * head_rows + length      # past the last head's last key: TMA's zeros
+    tma_rows_fit(OP, (k, v), row, rows)
     return (*(TensorDescriptor(t, [rows, d], [row, 1], [block_n, d]) for t in (k, v)), head_rows)
 
 

@@ -48,7 +48,7 @@ from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.dsl.template import flags_off_where_absent
 from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.kernels._common import (await_previous, chained, check_tensor, checked_config, first_rejection, launch_spec, output_tensor,
-                                       tile_past_problem)
+                                       tile_past_problem, tma_rows_fit)
 from tuneforge.kernels._gemm_gemv import gemv_tile
 from tuneforge.kernels._gemm_space import tma_unavailable
 from tuneforge.kernels.gemm import _k_block, grouped_tile
@@ -482,6 +482,7 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, packed: Packed | torch.Tensor, *,
         if w.stride(2) != 1 or w.stride(0) != n * w.stride(1):
             raise ConfigRejected(f"{OP}: tma needs w's experts stacked as rows of k contiguous elements, got strides "
                                  f"{w.stride()}")
+        tma_rows_fit(OP, (w,), w.stride(1), experts * n)
         from triton.tools.tensor_descriptor import TensorDescriptor
         weights, stride_we = TensorDescriptor(w, [experts * n, k], [w.stride(1), 1], [bn, config["block_k"]]), n
     else:

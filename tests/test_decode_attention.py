@@ -188,3 +188,17 @@ def test_the_kernels_compile_for_sm90():
         ("_decode_attention_kernel", dict(GROUP=8, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, UPCAST=False,
                                           INPUT_PRECISION="tf32", USE_TMA=True, PDL=True))],
         {**types, "k": "tensordesc<bf16[64,128]>", "v": "tensordesc<bf16[64,128]>"})
+
+
+def test_tma_descriptors_need_aligned_rows_refused_in_one_line():
+    """What a TMA descriptor asserts (a 16-byte base and row stride; an i32 row count) is a one-line
+    ConfigRejected before any descriptor is built (the engine's fallback catches that, not an assert)."""
+    from tuneforge.kernels._common import tma_rows_fit
+    rows = torch.zeros(65, 128, dtype=torch.bfloat16)
+    tma_rows_fit("op", (rows,), 128, 65)                       # aligned: nothing to say
+    with pytest.raises(ConfigRejected, match="op: tma needs a 16-byte aligned base and row stride and < 2"):
+        tma_rows_fit("op", (rows[1:, 1:],), 128, 64)           # a base 258 bytes in
+    with pytest.raises(ConfigRejected, match="a row stride of 198 bytes"):
+        tma_rows_fit("op", (rows,), 99, 65)
+    with pytest.raises(ConfigRejected, match=f"{2 ** 31} rows"):
+        tma_rows_fit("op", (rows,), 128, 2 ** 31)
