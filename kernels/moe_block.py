@@ -108,19 +108,25 @@ def _a2a_problem(problem: Problem) -> Problem:
 def _sub_configs(items: tuple, problem: Problem) -> dict:
     config = dict(items)
     tiles = {"schedule": "packed", **{key: config[key] for key in GEMM_KEYS}}
+    down = {**tiles, "block_n": config["down_block_n"]}
     m, h, w = problem["m"], problem["hidden"], problem.world
     if config["strategy"] == "tp":
         ar = AR.TEMPLATE.default_config(P.allreduce(problem.dtype, w, m, h), None)
         ar.update(strategy=config["ar_strategy"], comm_sms=config["comm_sms"])
-        return {"up": tiles, "down": {**tiles, "combine": config["combine"]}, "allreduce": ar}
+        return {"up": tiles, "down": {**down, "combine": config["combine"]}, "allreduce": ar}
     a2a = {"form": config["form"], "block": config["comm_block"], "comm_sms": config["comm_sms"],
            "num_warps": 8 if config["comm_block"] >= 1024 else 4}
     if config["form"] == "staged":
         a2a["signal_rows"] = config["signal_rows"]
     gather = AG.TEMPLATE.default_config(Problem.make(AG.TEMPLATE.op, problem.dtype, w, m=m, n=h), None)
     gather.update(comm_sms=config["comm_sms"])
-    return {"up": tiles, "down": {**tiles, "combine": "reduce"}, "a2a": a2a, "allgather": gather,
+    return {"up": tiles, "down": {**down, "combine": "reduce"}, "a2a": a2a, "allgather": gather,
             "chunks": config["chunks"]}
+
+
+def upgrade(config: dict) -> dict:
+    """A config from before the down GEMM's own width (``down_block_n``) ran both GEMMs at ``block_n``."""
+    return config if "down_block_n" in config or "block_n" not in config else {**config, "down_block_n": config["block_n"]}
 
 
 def sub_configs(config: dict, problem: Problem) -> dict:
@@ -129,18 +135,21 @@ def sub_configs(config: dict, problem: Problem) -> dict:
     if config.get("strategy") not in STRATEGIES:
         raise ConfigRejected(f"{OP} config {config}: strategy must be one of {STRATEGIES}")
     try:
-        return _sub_configs(tuple(sorted(config.items())), problem)
+        return _sub_configs(tuple(sorted(upgrade(config).items())), problem)
     except KeyError as e:
         raise ConfigRejected(f"{OP} config {config}: missing parameter {e}") from None
 
 
 def space(problem: Problem) -> Space:
-    """strategy; the grouped GEMMs' tiles (moe_gemm's, shared by gate_up and down); comm_sms (the all-reduce's or the
+    """strategy; the grouped GEMMs' tiles (moe_gemm's, shared by gate_up and down, but for down_block_n); comm_sms (the all-reduce's or the
     all-to-all's programs); tp: combine, ar_strategy; ep: form, comm_block, signal_rows (staged), chunks."""
     return Space(categorical("strategy", STRATEGIES),
                  # the packed schedule's tiles (the ep layer packs received rows), unconditional here
                  *(dataclasses.replace(p, when={}) for p in MG.space(_gemm_problems(problem, "tp")[0]).params
                    if p.name in GEMM_KEYS),
+                 # the down GEMM's own width (its K is short: wide tiles feed more MMAs per load)
+                 *(dataclasses.replace(p, name="down_block_n", when={})
+                   for p in MG.space(_gemm_problems(problem, "tp")[1]).params if p.name == "block_n"),
                  categorical("comm_sms", [1, 2, 4, 8, 16, 32]),
                  categorical("combine", ["atomic", "reduce"], when=TP),
                  categorical("ar_strategy", ["one_shot", "two_shot"], when=TP),
@@ -184,11 +193,10 @@ def default_config(problem: Problem, spec=None, strategy: Optional[str] = None) 
     up, down = _gemm_problems(problem, strategy)
     spec = spec or launch_spec(torch.device("cpu"), persistent=False)
     tiles, down_tiles = (MG.default_config(g, spec, schedule="packed") for g in (up, down))
-    # both GEMMs share the tiles: none deeper or wider than either GEMM's own default (the down GEMM's K
-    # is inter / world under tp)
-    for key in ("block_k", "block_n"):
-        tiles[key] = min(tiles[key], down_tiles[key])
-    cfg = {"strategy": strategy, **{key: tiles[key] for key in GEMM_KEYS}}
+    # both GEMMs share the tiles but the down GEMM's width: none deeper than either GEMM's own default (the
+    # down GEMM's K is inter / world under tp)
+    tiles["block_k"] = min(tiles["block_k"], down_tiles["block_k"])
+    cfg = {"strategy": strategy, **{key: tiles[key] for key in GEMM_KEYS}, "down_block_n": down_tiles["block_n"]}
     if strategy == "tp":
         ar = AR.TEMPLATE.default_config(P.allreduce(problem.dtype, problem.world, problem["m"], problem["hidden"]),
                                         spec)
@@ -528,6 +536,6 @@ def cost(problem: Problem, config: Optional[dict], spec) -> float:
 
 TEMPLATE = register(Template(
     op=OP, space=space, make_inputs=make_inputs, launch=_launch, reference=reference, baseline=baseline,
-    default_config=default_config, work=work, cost=cost, constraints=CONSTRAINTS, multi_rank=True,
+    default_config=default_config, work=work, cost=cost, constraints=CONSTRAINTS, multi_rank=True, upgrade=upgrade,
     doc="the routed experts of a sparse layer across ranks: TP-sharded experts + all-reduce or EP-placed "
         "experts + all-to-all (dispatch, grouped GEMMs, combine, all-gather), strategy in the space"))

@@ -20,11 +20,11 @@ from tuneforge.models import problems as P
 from tuneforge.world import spawn
 
 OP = "moe_block"
-TILES = dict(block_m=16, block_n=32, block_k=32, group_m=1, num_warps=4, num_stages=2)
+TILES = dict(block_m=16, block_n=32, block_k=32, group_m=1, num_warps=4, num_stages=2, down_block_n=32)
 TP_ATOMIC = {"strategy": "tp", **TILES, "comm_sms": 2, "combine": "atomic", "ar_strategy": "one_shot"}
 TP_REDUCE = {**TP_ATOMIC, "combine": "reduce", "ar_strategy": "two_shot"}
 EP_LL = {"strategy": "ep", **TILES, "comm_sms": 2, "form": "low_latency", "comm_block": 256, "chunks": 1}
-EP_STAGED = {**EP_LL, "form": "staged", "signal_rows": 16, "chunks": 2}
+EP_STAGED = {**EP_LL, "form": "staged", "signal_rows": 16, "chunks": 2, "down_block_n": 16}   # down narrower
 CONFIGS = (TP_ATOMIC, TP_REDUCE, EP_LL, EP_STAGED)
 
 
@@ -192,6 +192,11 @@ def test_space_has_each_strategy_with_its_own_parameters():
         assert space.validate(config) == config
     with pytest.raises(ValueError, match="not active"):
         space.validate({**TP_ATOMIC, "form": "staged"})
+    # a config stored before the down GEMM had its own width ran it at block_n
+    before = {k: v for k, v in EP_STAGED.items() if k != "down_block_n"}
+    assert template.served(problem, before) == {**before, "down_block_n": 32}
+    assert MB.sub_configs(EP_STAGED, problem)["down"]["block_n"] == 16
+    assert MB.sub_configs(before, problem)["down"]["block_n"] == 32
     spec = SPECS["H800"]
     # the default runs wherever its strategy fits, also where tp leaves the down GEMM a K (inter / world)
     # narrower than the gate_up GEMM's tiles: 64 / 4 = 16, 48 / 2 = 24, 128 / 2 = 64

@@ -77,10 +77,17 @@ class Template:
     # (None: the table alone): called with the table's atol for the output (times the check's scale) and
     # the inputs
     propagated_error: Optional[Callable[..., Optional[torch.Tensor]]] = None
+    # a config stored before parameters were added -> the same config as it ran then (None: the space's
+    # absent feature flags off, ``flags_off_where_absent``, which ``served`` applies after this)
+    upgrade: Optional[Callable[[dict], dict]] = None
 
     def __post_init__(self):
         if not self.module:
             self.module = inspect.getmodule(self.launch).__name__
+
+    def served(self, problem: Problem, config: dict) -> dict:
+        """A stored ``config`` as this template's space serves it: ``upgrade``, then absent flags off."""
+        return flags_off_where_absent(self.space(problem), self.upgrade(config) if self.upgrade else config)
 
     def reject_reason(self, config: dict, problem: Problem, device) -> Optional[str]:
         """The first constraint a config violates, or None. Runs before anything compiles."""

@@ -126,7 +126,7 @@ def runnable(winners: dict, spec, ops: Sequence[str]) -> tuple[dict, list[tuple]
     tiles, feature flags off) when that passes. Returns (winners by key, the families of the dropped
     ones, one note per op that had configs changed or dropped: dropped ones run the torch baseline)."""
     from dataclasses import replace
-    from tuneforge.dsl.template import FEATURE_FLAGS, flags_off_where_absent, get, portable
+    from tuneforge.dsl.template import FEATURE_FLAGS, get, portable
     kept: dict = {}
     dropped: list[tuple] = []
     changed: dict[str, list] = {}      # op -> [(problem key, why, flags turned off or None)]
@@ -136,7 +136,7 @@ def runnable(winners: dict, spec, ops: Sequence[str]) -> tuple[dict, list[tuple]
             continue
         if not w.config.get("baseline"):
             template = get(op)
-            w = replace(w, config=flags_off_where_absent(template.space(w.problem), w.config))
+            w = replace(w, config=template.served(w.problem, w.config))
             why = template.reject_reason(w.config, w.problem, spec)
             if why:
                 run, flags = portable(w.config), [f for f in FEATURE_FLAGS if w.config.get(f)]
