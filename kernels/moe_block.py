@@ -141,8 +141,9 @@ def sub_configs(config: dict, problem: Problem) -> dict:
 
 
 def space(problem: Problem) -> Space:
-    """strategy; the grouped GEMMs' tiles (moe_gemm's, shared by gate_up and down, but for down_block_n); comm_sms (the all-reduce's or the
-    all-to-all's programs); tp: combine, ar_strategy; ep: form, comm_block, signal_rows (staged), chunks."""
+    """strategy; the grouped GEMMs' tiles (moe_gemm's, shared by gate_up and down, but for down_block_n);
+    comm_sms (the all-reduce's or the all-to-all's programs); tp: combine, ar_strategy; ep: form,
+    comm_block, signal_rows (staged), chunks."""
     return Space(categorical("strategy", STRATEGIES),
                  # the packed schedule's tiles (the ep layer packs received rows), unconditional here
                  *(dataclasses.replace(p, when={}) for p in MG.space(_gemm_problems(problem, "tp")[0]).params
