@@ -83,9 +83,10 @@ def checked(got: torch.Tensor, inputs: dict) -> str:
 
 def sweep_configs(problem: Problem, spec, default: dict) -> list[dict]:
     """The default's split count over 4, over 2, kept, x1.5 (about 3 programs per SM, which 64-key tiles
-    in 3 stages leave room for) and doubled (the nearest listed), at each of ``TILINGS`` with pointer loads,
-    then the same with TMA loads where the device has them; those the constraints accept, the default first. The split count matters most at short batches (issue 16:
-    16 splits beat 32 at batch 1 while the last split combined in-launch)."""
+    in 3 stages leave room for) and doubled (the nearest listed), at each of ``TILINGS`` with pointer
+    loads, then the same with TMA loads where the device has them; those the constraints accept, the
+    default first. The split count matters most at short batches (issue 16: 16 splits beat 32 at batch 1
+    while the last split combined in-launch)."""
     s = DA.SPLITS
     i = s.index(default["splits"])
     configs = [default]
@@ -267,7 +268,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    ap.add_argument("--sweep", type=int, default=40, help="configs of the sweep around the default to time (pointer loads, then TMA)")
+    ap.add_argument("--sweep", type=int, default=40,
+                    help="configs of the sweep around the default to time (pointer loads, then TMA)")
     ap.add_argument("--distributed", action="store_true", help="also the SP forms with --ranks ranks sharing the GPU")
     ap.add_argument("--ranks", default="2,4")
     ap.add_argument("--sp-batch", default="1,8")

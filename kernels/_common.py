@@ -203,10 +203,16 @@ def checked_config(space: Space, config: dict, problem: Problem, spec, launch_co
         space.validate(config)
     except ValueError as e:
         raise ConfigRejected(f"{problem.op} config {config}: {e}") from None
-    why = first_rejection(config, problem, spec, launch_constraints)
+    refuse_unrunnable(config, problem, spec, launch_constraints)
+    return config
+
+
+def refuse_unrunnable(config: dict, problem: Problem, spec, constraints) -> None:
+    """A one-line ConfigRejected naming the op, the config and the reason where ``config`` violates one
+    of ``constraints`` on ``spec``."""
+    why = first_rejection(config, problem, spec, constraints)
     if why:
         raise ConfigRejected(f"{problem.op} config {config} cannot run {problem.key}: {why}")
-    return config
 
 
 # --- the shared 2-D row tiling --------------------------------------------------------------------

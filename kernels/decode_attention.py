@@ -32,7 +32,8 @@ from tuneforge.dsl import Problem, Space, Template, categorical, register
 from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.kernels import gemm as G
-from tuneforge.kernels._common import await_previous, chained, check_tensor, launch_spec, seeded_randn, tma_rows_fit
+from tuneforge.kernels._common import (await_previous, chained, check_tensor, launch_spec, refuse_unrunnable, seeded_randn,
+                                       tma_rows_fit)
 from tuneforge.dsl.roofline import HBM_LATENCY_S, kernel_floor, roofline
 
 OP = "decode_attention"
@@ -276,10 +277,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     splits = split_count(length, cfg)
     part = G.workspace(q.device, workspace_floats(b * kv_heads, splits, meta), 0)[0] if splits > 1 else out
     if cfg.get("tma"):
-        why = tma_unavailable(cfg, problem, launch_spec(q.device))
-        if why:
-            raise ConfigRejected(f"{OP} config {cfg} cannot run {problem.key}: {why}")
-    keys, values, head_rows = (k, v, 0) if not cfg.get("tma") else _descriptors(k, v, cfg["block_n"])
+        refuse_unrunnable(cfg, problem, launch_spec(q.device), (tma_unavailable,))
+        keys, values, head_rows = _descriptors(k, v, cfg["block_n"])
+    else:
+        keys, values, head_rows = k, v, 0
     _decode_attention_kernel[(b * kv_heads, splits)](
         q, keys, values, positions, out, part, kv_heads, splits,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),

@@ -48,7 +48,7 @@ from tuneforge.dsl.problem import DTYPE_NAMES
 from tuneforge.dsl.template import flags_off_where_absent
 from tuneforge.errors import ConfigRejected, InputError
 from tuneforge.kernels._common import (await_previous, chained, check_tensor, checked_config, first_rejection, launch_spec, output_tensor,
-                                       tile_past_problem, tma_rows_fit)
+                                       refuse_unrunnable, tile_past_problem, tma_rows_fit)
 from tuneforge.kernels._gemm_gemv import gemv_tile
 from tuneforge.kernels._gemm_space import tma_unavailable
 from tuneforge.kernels.gemm import _k_block, grouped_tile
@@ -97,11 +97,12 @@ def _moe_gemm_kernel(x, w, y, sorted_ids, block_expert, padded_count, routed_wei
         cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N          # wrapped: valid addresses, masked at the store
         ks = tl.arange(0, BLOCK_K)
         x_ptrs = x + row[:, None] * stride_xm + ks[None, :]
-        if not W_TMA:
+        if W_TMA:
+            w_row = (expert * stride_we).to(tl.int32) + pid_n * BLOCK_N       # the tile's first weight row
+        else:
             w_ptrs = w + expert * stride_we + cols.to(tl.int64)[None, :] * stride_wn + ks[:, None] * stride_wk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        w_row = (expert * stride_we).to(tl.int32) + pid_n * BLOCK_N       # W_TMA: the tile's first weight row
         for k in tl.range(0, K, BLOCK_K):
             a = _k_block(x_ptrs, k, ks, K, 1, EVEN_K, UPCAST)
             if W_TMA:
@@ -475,10 +476,8 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, packed: Packed | torch.Tensor, *,
         y = torch.empty((slots, n), dtype=x.dtype, device=x.device)
     bn = config["block_n"]
     w_tma = bool(config.get("tma"))
-    if w_tma:
-        why = tma_unavailable(config, problem, launch_spec(x.device))
-        if why:
-            raise ConfigRejected(f"{OP} config {config} cannot run {problem.key}: {why}")
+    if w_tma:     # the launch's own device: the interpreter's spec has no TMA (``spec`` plans for the target)
+        refuse_unrunnable(config, problem, launch_spec(x.device), (tma_unavailable,))
         if w.stride(2) != 1 or w.stride(0) != n * w.stride(1):
             raise ConfigRejected(f"{OP}: tma needs w's experts stacked as rows of k contiguous elements, got strides "
                                  f"{w.stride()}")
